@@ -1,0 +1,98 @@
+//! Why the program ended a frame the way it did: one counter slot each, one metric label each.
+
+/// Final verdict reasons. The discriminant is the index into [`crate::MAP_STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Public -> guest: translated P -> V and redirected.
+    InboundForwarded = 0,
+    /// Guest -> public: translated V -> P and redirected.
+    OutboundForwarded,
+    /// Arrived on an interface natd did not configure.
+    UnknownIface,
+    /// Not an IPv4 frame (ARP, IPv6, VLAN...).
+    NotIpv4,
+    /// IPv4 header or transport header truncated or inconsistent.
+    Malformed,
+    /// IPv4 header carries options (IHL > 5).
+    IpOptions,
+    /// A fragment (MF set or offset != 0): the kernel reassembles and translates it.
+    Fragment,
+    /// Neither address involves a mapping on this interface's side.
+    Unmapped,
+    /// TTL <= 1: the kernel sends ICMP time exceeded.
+    TtlExpired,
+    /// An ICMP error whose embedded packet is cut short or refers to another address.
+    IcmpErrorUnrelated,
+    /// The route lookup found no neighbour entry yet: the kernel resolves it.
+    NoNeighbour,
+    /// The frame is larger than the egress MTU: the kernel fragments or answers.
+    FragNeeded,
+    /// No route, a local destination, forwarding disabled, or any other lookup result.
+    NoRoute,
+    /// The route leaves through an interface that is not of the opposite role.
+    WrongEgress,
+}
+
+impl Reason {
+    /// Number of reasons, the size of [`crate::MAP_STATS`].
+    pub const COUNT: u32 = Reason::WrongEgress as u32 + 1;
+
+    /// Every reason, in discriminant order.
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::InboundForwarded,
+        Reason::OutboundForwarded,
+        Reason::UnknownIface,
+        Reason::NotIpv4,
+        Reason::Malformed,
+        Reason::IpOptions,
+        Reason::Fragment,
+        Reason::Unmapped,
+        Reason::TtlExpired,
+        Reason::IcmpErrorUnrelated,
+        Reason::NoNeighbour,
+        Reason::FragNeeded,
+        Reason::NoRoute,
+        Reason::WrongEgress,
+    ];
+
+    /// The snake_case name used in `natctl stats` and as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::InboundForwarded => "inbound_forwarded",
+            Reason::OutboundForwarded => "outbound_forwarded",
+            Reason::UnknownIface => "unknown_iface",
+            Reason::NotIpv4 => "not_ipv4",
+            Reason::Malformed => "malformed",
+            Reason::IpOptions => "ip_options",
+            Reason::Fragment => "fragment",
+            Reason::Unmapped => "unmapped",
+            Reason::TtlExpired => "ttl_expired",
+            Reason::IcmpErrorUnrelated => "icmp_error_unrelated",
+            Reason::NoNeighbour => "no_neighbour",
+            Reason::FragNeeded => "frag_needed",
+            Reason::NoRoute => "no_route",
+            Reason::WrongEgress => "wrong_egress",
+        }
+    }
+
+    /// The XDP action this reason ends with: `"redirect"` or `"pass"`.
+    pub const fn action(self) -> &'static str {
+        match self {
+            Reason::InboundForwarded | Reason::OutboundForwarded => "redirect",
+            _ => "pass",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_discriminant_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

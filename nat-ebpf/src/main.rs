@@ -1,0 +1,115 @@
+//! XDP fast path for 1:1 static NAT.
+//!
+//! Stages, each in its own module: [`parse`] (headers, sanity) -> classify (which mapping, in
+//! [`try_nat`]) -> [`forward`] (route lookup on the translated packet) -> [`rewrite`] (addresses,
+//! checksums, TTL, MACs) -> redirect. Every exit is counted exactly once, in [`nat`]. Anything
+//! the program cannot handle is `XDP_PASS`ed untouched; the kernel's nftables mirror (see
+//! natd) translates it the same way.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod parse;
+mod rewrite;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
+    programs::XdpContext,
+};
+use nat_common::{Counter, IfaceConfig, MAX_IFACES, MAX_MAPPINGS, NatEntry, ROLE_PUBLIC, Reason};
+
+use crate::parse::Packet;
+
+/// Public address -> private address + inbound counters (natd writes, we count).
+#[map]
+static NAT_IN: PerCpuHashMap<u32, NatEntry> = PerCpuHashMap::with_max_entries(MAX_MAPPINGS, 0);
+/// Private address -> public address + outbound counters (natd writes, we count).
+#[map]
+static NAT_OUT: PerCpuHashMap<u32, NatEntry> = PerCpuHashMap::with_max_entries(MAX_MAPPINGS, 0);
+/// ifindex -> role of each interface natd attached to (natd writes).
+#[map]
+static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
+/// ifindex -> ifindex, redirect targets; natd keeps it a superset of `IFACES`.
+#[map]
+static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+/// Reason -> frames and bytes, per CPU (we write, natd sums).
+#[map]
+static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[xdp]
+pub fn nat(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    match try_nat(&ctx) {
+        Ok((action, reason)) => {
+            stats::count(reason, len);
+            action
+        }
+        Err(reason) => {
+            stats::count(reason, len);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Returns the action and its reason, or the reason to pass the frame on untouched.
+#[inline(always)]
+fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: a shared read of a value natd only replaces whole.
+    let role = unsafe { IFACES.get(&ifindex) }
+        .ok_or(Reason::UnknownIface)?
+        .role;
+    let pkt = Packet::parse(ctx)?;
+
+    // Classify: DNAT what arrives from the internet for P, SNAT what a guest V sends.
+    let inbound = role == ROLE_PUBLIC;
+    let (old, entry, reason) = if inbound {
+        (
+            pkt.daddr,
+            NAT_IN.get_ptr_mut(&pkt.daddr),
+            Reason::InboundForwarded,
+        )
+    } else {
+        (
+            pkt.saddr,
+            NAT_OUT.get_ptr_mut(&pkt.saddr),
+            Reason::OutboundForwarded,
+        )
+    };
+    let entry = entry.ok_or(Reason::Unmapped)?;
+    // SAFETY: the pointer is this CPU's copy of the value, valid for the program's run.
+    let new = unsafe { (*entry).addr };
+    if pkt.ttl <= 1 {
+        return Err(Reason::TtlExpired);
+    }
+    let l4 = pkt.transport(ctx, inbound, old)?;
+
+    let (src, dst) = if inbound {
+        (pkt.saddr, new)
+    } else {
+        (new, pkt.daddr)
+    };
+    let route = forward::lookup(ctx, &pkt, &l4, src, dst, role)?;
+
+    rewrite::translate(ctx, &pkt, &l4, inbound, old, new)?;
+    rewrite::forward_l2(ctx, &route)?;
+    // SAFETY: as above; per-CPU, so plain increments do not race.
+    unsafe {
+        (*entry).packets += 1;
+        (*entry).bytes += (ctx.data_end() - ctx.data()) as u64;
+    }
+    Ok((forward::redirect(route.ifindex), reason))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,79 @@
+//! natctl: changes and inspects a running natd over its control socket.
+mod mapping;
+mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use nat_userspace::api::{DEFAULT_SOCKET, Reply, Request, Response, client};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Control a running natd (XDP static NAT)")]
+struct Args {
+    /// natd's control socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Static NAT mappings (public IP <-> private IP, all protocols and ports).
+    #[command(subcommand)]
+    Mapping(mapping::Cmd),
+    /// Verdict counters by reason, and per mapping.
+    Stats {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Sends `req`; returns natd's reply, or the message to print for an error.
+fn call(socket: &std::path::Path, req: Request) -> Result<Reply, String> {
+    match client::call(socket, &req) {
+        Ok(Response::Ok(reply)) => Ok(reply),
+        Ok(Response::Error { message }) => Err(message),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Mapping(cmd) => mapping::run(&args.socket, cmd),
+        Command::Stats { json } => stats::run(&args.socket, json),
+    };
+    if let Err(message) = result {
+        eprintln!("natctl: {message}");
+        std::process::exit(1);
+    }
+}
+
+/// Prints `value` as pretty JSON.
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
+    let s = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    println!("{s}");
+    Ok(())
+}
+
+/// Prints mappings and their counters as a table.
+fn print_mappings(mappings: &[nat_userspace::api::MappingStatus]) {
+    println!(
+        "{:<16} {:<16} {:>12} {:>14} {:>12} {:>14}",
+        "PUBLIC", "PRIVATE", "IN_PACKETS", "IN_BYTES", "OUT_PACKETS", "OUT_BYTES"
+    );
+    for m in mappings {
+        let c = m.counters;
+        println!(
+            "{:<16} {:<16} {:>12} {:>14} {:>12} {:>14}",
+            m.public.to_string(),
+            m.private.to_string(),
+            c.inbound_packets,
+            c.inbound_bytes,
+            c.outbound_packets,
+            c.outbound_bytes
+        );
+    }
+}

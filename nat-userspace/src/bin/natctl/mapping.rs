@@ -1,0 +1,35 @@
+//! `natctl mapping add|del|list`.
+use std::{net::Ipv4Addr, path::Path};
+
+use clap::Subcommand;
+use nat_userspace::api::{Reply, Request};
+
+use crate::{call, print_json, print_mappings};
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Map PUBLIC to PRIVATE (one-to-one).
+    Add { public: Ipv4Addr, private: Ipv4Addr },
+    /// Remove the mapping of PUBLIC.
+    Del { public: Ipv4Addr },
+    /// List mappings with their counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+    let (req, json) = match cmd {
+        Cmd::Add { public, private } => (Request::MappingAdd { public, private }, false),
+        Cmd::Del { public } => (Request::MappingDel { public }, false),
+        Cmd::List { json } => (Request::MappingList, json),
+    };
+    match call(socket, req)? {
+        Reply::Done { message } => println!("{message}"),
+        Reply::Mappings { mappings } if json => print_json(&mappings)?,
+        Reply::Mappings { mappings } => print_mappings(&mappings),
+        other => return Err(format!("unexpected answer from natd: {other:?}")),
+    }
+    Ok(())
+}

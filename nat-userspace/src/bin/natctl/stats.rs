@@ -1,0 +1,36 @@
+//! `natctl stats`.
+use std::path::Path;
+
+use nat_userspace::api::{Reply, Request};
+
+use crate::{call, print_json, print_mappings};
+
+pub fn run(socket: &Path, json: bool) -> Result<(), String> {
+    let s = match call(socket, Request::Stats)? {
+        Reply::Stats(s) => s,
+        other => return Err(format!("unexpected answer from natd: {other:?}")),
+    };
+    if json {
+        return print_json(&s);
+    }
+    println!("generation {}", s.generation);
+    for i in &s.interfaces {
+        println!(
+            "interface {} (ifindex {}): {:?}, {} mode",
+            i.name, i.ifindex, i.role, i.mode
+        );
+    }
+    println!(
+        "\n{:<22} {:<9} {:>12} {:>14}",
+        "REASON", "ACTION", "PACKETS", "BYTES"
+    );
+    for r in &s.reasons {
+        println!(
+            "{:<22} {:<9} {:>12} {:>14}",
+            r.reason, r.action, r.packets, r.bytes
+        );
+    }
+    println!();
+    print_mappings(&s.mappings);
+    Ok(())
+}

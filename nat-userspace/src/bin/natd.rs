@@ -1,0 +1,193 @@
+//! natd: loads the XDP static NAT program, attaches it to the public and guest interfaces,
+//! installs the mappings (fast path maps + nftables slow path) and serves natctl.
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use log::{info, warn};
+use nat_userspace::{
+    api::{DEFAULT_SOCKET, server},
+    config::Config,
+    ebpf::{Dataplane, Mode, Role},
+    netfilter::{Nft, SlowPath as _},
+    reconcile::Controller,
+    state::DesiredState,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, watch},
+};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "XDP fast path for 1:1 static NAT: the loader daemon")]
+struct Args {
+    /// Interface facing the internet (CloudStack eth2, eth3...): traffic to a public IP
+    /// arriving here is translated to its private IP. Repeat for several.
+    #[arg(long = "public-iface", value_name = "IF", required = true)]
+    public_ifaces: Vec<String>,
+    /// Interface facing the guests (CloudStack eth0): traffic from a private IP arriving here is
+    /// translated to its public IP. Repeat for several.
+    #[arg(long = "guest-iface", value_name = "IF", required = true)]
+    guest_ifaces: Vec<String>,
+    /// XDP attach mode. natd never falls back from native to generic by itself.
+    #[arg(long, value_enum, default_value_t = Mode::Native)]
+    xdp_mode: Mode,
+    /// Control socket for natctl (root only).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// TOML file with the mappings to install at start.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("natd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(args)) {
+        log::error!("{e:#}");
+        eprintln!("natd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn check_ifaces(args: &Args) -> anyhow::Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for name in args.public_ifaces.iter().chain(&args.guest_ifaces) {
+        if !seen.insert(name) {
+            bail!("interface {name} is given more than once (each interface has one role)");
+        }
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['"', '/', ' ']) {
+            bail!("{name:?} is not a valid interface name");
+        }
+        nat_userspace::ebpf::ifindex(name)?;
+        let fwd = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+        if std::fs::read_to_string(&fwd)
+            .map(|s| s.trim() == "0")
+            .unwrap_or(false)
+        {
+            warn!(
+                "IPv4 forwarding is off on {name}: the kernel will not route translated traffic (sysctl net.ipv4.ip_forward=1)"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        // Kernels >= 5.11 account BPF memory to the cgroup and ignore this limit.
+        warn!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    check_ifaces(&args)?;
+    let initial = match &args.config {
+        Some(path) => Config::load(path)?.desired_state(path)?,
+        None => DesiredState::default(),
+    };
+    raise_memlock();
+    let dataplane = Dataplane::load()?;
+    let mut ctl = Controller::new(
+        dataplane,
+        Nft {
+            public_ifaces: args.public_ifaces.clone(),
+        },
+    );
+    ctl.apply(initial)
+        .context("installing the configured mappings")?;
+    info!(
+        "installed {} mapping(s) and the nftables slow path",
+        ctl.state().len()
+    );
+
+    let roles = args
+        .public_ifaces
+        .iter()
+        .map(|i| (i, Role::Public))
+        .chain(args.guest_ifaces.iter().map(|i| (i, Role::Guest)));
+    for (name, role) in roles {
+        match ctl.fast_mut().attach(name, role, args.xdp_mode) {
+            Ok(a) => info!(
+                "attached XDP to {} (ifindex {}, {:?}) in {} mode",
+                a.name, a.ifindex, a.role, a.mode
+            ),
+            Err(e) => {
+                // Dropping the dataplane detaches what was attached; take the slow path down too.
+                if let Err(e) = ctl.slow_mut().remove() {
+                    warn!("removing the nftables table: {e}");
+                }
+                return Err(e.into());
+            }
+        }
+    }
+
+    let listener = match server::bind(&args.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ctl.slow_mut().remove();
+            return Err(e.into());
+        }
+    };
+    info!("control socket {}", args.socket.display());
+    let ctl = Arc::new(Mutex::new(ctl));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(server::serve(listener, ctl.clone(), stop_rx));
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+
+    let mut ctl = ctl.lock().await;
+    let mut failed = false;
+    match ctl.fast_mut().detach_all() {
+        Ok(list) => {
+            for a in list {
+                info!("detached XDP from {}", a.name);
+            }
+        }
+        Err(e) => {
+            warn!("{e}");
+            failed = true;
+        }
+    }
+    match ctl.slow_mut().remove() {
+        Ok(()) => info!("removed nftables table {}", nat_userspace::netfilter::TABLE),
+        Err(e) => {
+            warn!("{e}");
+            failed = true;
+        }
+    }
+    if let Err(e) = std::fs::remove_file(&args.socket) {
+        warn!("removing {}: {e}", args.socket.display());
+    }
+    if failed {
+        bail!("shutdown was not clean, see the warnings above");
+    }
+    info!("stopped");
+    Ok(())
+}

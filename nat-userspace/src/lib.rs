@@ -1,0 +1,15 @@
+//! natd and natctl: the control plane of the XDP static NAT.
+//!
+//! Library first: the binaries are thin layers over [`daemon`] (request handling),
+//! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
+//! [`netfilter`] (the slow path) and [`api`] (the control socket).
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod ebpf;
+pub mod netfilter;
+pub mod reconcile;
+pub mod state;
+
+/// The compiled XDP object, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf"));

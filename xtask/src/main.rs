@@ -1,0 +1,71 @@
+//! `cargo xtask`: setup, build, test and demo for xdp-static-nat, one command each.
+
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for xdp-static-nat"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian packages, nightly rust-src, bpf-linker).
+    /// Idempotent.
+    Setup,
+    /// Setup, then build the workspace (the eBPF object is built by nat-userspace's build.rs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every check and test: fmt, clippy, build, cargo test. Needs root. What CI runs.
+    Test {
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run natd on a three-namespace demo topology and show NAT at work. Needs root.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => build(release),
+        Task::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Task::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Setup, then `cargo build [--release]`.
+fn build(release: bool) -> Result<()> {
+    setup::run()?;
+    let mut cmd = util::cargo();
+    // Default members: nat-ebpf only builds for the BPF target (nat-userspace's build.rs does it).
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    util::run(&mut cmd)
+}
