@@ -6,9 +6,10 @@
 //! [`u32::from_ne_bytes`] from the four octets), so the program never byte-swaps them.
 #![no_std]
 
+pub mod conntrack;
 pub mod csum;
 pub mod maps;
 pub mod reason;
 
 pub use maps::*;
-pub use reason::Reason;
+pub use reason::{Event, Reason};

@@ -8,6 +8,10 @@ pub enum Reason {
     InboundForwarded = 0,
     /// Guest -> public: translated V -> P and redirected.
     OutboundForwarded,
+    /// Dropped: no ingress rule of the public IP allows it and it belongs to no tracked flow.
+    InboundDenied,
+    /// Dropped: the egress policy forbids it and it belongs to no tracked flow.
+    OutboundDenied,
     /// Arrived on an interface natd did not configure.
     UnknownIface,
     /// Not an IPv4 frame (ARP, IPv6, VLAN...).
@@ -42,6 +46,8 @@ impl Reason {
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::InboundForwarded,
         Reason::OutboundForwarded,
+        Reason::InboundDenied,
+        Reason::OutboundDenied,
         Reason::UnknownIface,
         Reason::NotIpv4,
         Reason::Malformed,
@@ -61,6 +67,8 @@ impl Reason {
         match self {
             Reason::InboundForwarded => "inbound_forwarded",
             Reason::OutboundForwarded => "outbound_forwarded",
+            Reason::InboundDenied => "inbound_denied",
+            Reason::OutboundDenied => "outbound_denied",
             Reason::UnknownIface => "unknown_iface",
             Reason::NotIpv4 => "not_ipv4",
             Reason::Malformed => "malformed",
@@ -76,11 +84,44 @@ impl Reason {
         }
     }
 
-    /// The XDP action this reason ends with: `"redirect"` or `"pass"`.
+    /// The XDP action this reason ends with: `"redirect"`, `"drop"` or `"pass"`.
     pub const fn action(self) -> &'static str {
         match self {
             Reason::InboundForwarded | Reason::OutboundForwarded => "redirect",
+            Reason::InboundDenied | Reason::OutboundDenied => "drop",
             _ => "pass",
+        }
+    }
+}
+
+/// Events counted beside the verdicts, per CPU ([`crate::MAP_EVENTS`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Event {
+    /// A packet found a live flow.
+    ConntrackHit = 0,
+    /// A packet found no live flow (absent or expired).
+    ConntrackMiss,
+    /// A flow was created.
+    ConntrackCreate,
+    /// A flow was found expired and replaced or refused.
+    ConntrackExpired,
+}
+
+impl Event {
+    pub const COUNT: u32 = Event::ConntrackExpired as u32 + 1;
+    pub const ALL: [Event; Event::COUNT as usize] = [
+        Event::ConntrackHit,
+        Event::ConntrackMiss,
+        Event::ConntrackCreate,
+        Event::ConntrackExpired,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::ConntrackHit => "conntrack_hit",
+            Event::ConntrackMiss => "conntrack_miss",
+            Event::ConntrackCreate => "conntrack_create",
+            Event::ConntrackExpired => "conntrack_expired",
         }
     }
 }

@@ -41,8 +41,11 @@ pub fn lookup(
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
-    p.sport = l4.sport;
-    p.dport = l4.dport;
+    // Ports only feed the multipath hash and port-matching policy rules; ICMP has none.
+    if l4.csum_at.is_some() {
+        p.sport = l4.sport;
+        p.dport = l4.dport;
+    }
     p.__bindgen_anon_1.tot_len = pkt.tot_len;
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_2.tos = pkt.tos;

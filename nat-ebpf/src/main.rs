@@ -1,8 +1,9 @@
 //! XDP fast path for 1:1 static NAT.
 //!
 //! Stages, each in its own module: [`parse`] (headers, sanity) -> classify (which mapping, in
-//! [`try_nat`]) -> [`forward`] (route lookup on the translated packet) -> [`rewrite`] (addresses,
-//! checksums, TTL, MACs) -> redirect. Every exit is counted exactly once, in [`nat`]. Anything
+//! [`try_nat`]) -> [`policy`] (connection tracking, firewall, egress) -> [`forward`] (route
+//! lookup on the translated packet) -> [`rewrite`] (addresses, checksums, TTL, MACs) ->
+//! redirect. Every exit is counted exactly once, in [`nat`]. Anything
 //! the program cannot handle is `XDP_PASS`ed untouched; the kernel's nftables mirror (see
 //! natd) translates it the same way.
 #![no_std]
@@ -10,16 +11,21 @@
 
 mod forward;
 mod parse;
+mod policy;
 mod rewrite;
 mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
-use nat_common::{Counter, IfaceConfig, MAX_IFACES, MAX_MAPPINGS, NatEntry, ROLE_PUBLIC, Reason};
+use nat_common::{
+    Counter, DEFAULT_CONNTRACK_SIZE, EgSvcData, Event, FlowKey, FlowState, FwSrcData, FwSvcData,
+    IfaceConfig, MAX_EG, MAX_FW_SRC, MAX_FW_SVC, MAX_IFACES, MAX_MAPPINGS, NatConfig, NatEntry,
+    ROLE_PUBLIC, Reason, RuleBits,
+};
 
 use crate::parse::Packet;
 
@@ -38,6 +44,29 @@ static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 /// Reason -> frames and bytes, per CPU (we write, natd sums).
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+/// Event -> count, per CPU (we write, natd sums).
+#[map]
+static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT, 0);
+/// (public IP, source prefix) -> ingress rules whose CIDRs contain it (natd writes).
+#[map]
+static FW_SRC: LpmTrie<FwSrcData, RuleBits> = LpmTrie::with_max_entries(MAX_FW_SRC, 0);
+/// (public IP, protocol, port/ICMP prefix) -> ingress rules matching it (natd writes).
+#[map]
+static FW_SVC: LpmTrie<FwSvcData, RuleBits> = LpmTrie::with_max_entries(MAX_FW_SVC, 0);
+/// Destination prefix -> egress rules whose CIDRs contain it (natd writes).
+#[map]
+static EG_DST: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(MAX_EG, 0);
+/// (protocol, port/ICMP prefix) -> egress rules matching it (natd writes).
+#[map]
+static EG_SVC: LpmTrie<EgSvcData, RuleBits> = LpmTrie::with_max_entries(MAX_EG, 0);
+/// Flow (guest's view) -> state; shared by all CPUs; natd may resize it at load and collects
+/// expired entries.
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+/// Settings natd writes at start (egress default, timeouts).
+#[map]
+static CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
 
 #[xdp]
 pub fn nat(ctx: XdpContext) -> u32 {
@@ -54,7 +83,8 @@ pub fn nat(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Returns the action and its reason, or the reason to pass the frame on untouched.
+/// Returns the action (redirect or drop) and its reason, or the reason to pass the frame on
+/// untouched.
 #[inline(always)]
 fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let ifindex = ctx.ingress_ifindex() as u32;
@@ -86,6 +116,12 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         return Err(Reason::TtlExpired);
     }
     let l4 = pkt.transport(ctx, inbound, old)?;
+    let (public, private) = if inbound { (old, new) } else { (new, old) };
+    if let Err(denied) = policy::check(&pkt, &l4, inbound, public, private) {
+        // SAFETY: as above; per-CPU.
+        unsafe { (*entry).denied += 1 };
+        return Ok((xdp_action::XDP_DROP, denied));
+    }
 
     let (src, dst) = if inbound {
         (pkt.saddr, new)

@@ -60,15 +60,22 @@ pub struct Packet {
     pub daddr: u32,
 }
 
-/// Where the transport checksums live that depend on the translated address.
+/// Transport facts: checksum locations that depend on the translated address, and the flow
+/// identity for connection tracking and the firewall.
 pub struct Transport {
     /// Offset of the TCP/UDP checksum, if the protocol has a pseudo-header.
     pub csum_at: Option<usize>,
     /// UDP rules apply to that checksum (0 = none).
     pub udp: bool,
-    /// Source and destination port, network byte order (0 without ports), for the FIB hash.
+    /// Source and destination port, network byte order (0 without ports). For ICMP echo the
+    /// identifier is both ports' stand-in: `sport` = `dport` = identifier.
     pub sport: u16,
     pub dport: u16,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// What the firewall matches besides the protocol: destination port (network order bytes)
+    /// for TCP/UDP, `[type, code]` for ICMP, zero otherwise.
+    pub service: [u8; 2],
     /// ICMP error whose embedded packet must be translated too.
     pub icmp_error: Option<Embedded>,
 }
@@ -81,6 +88,12 @@ pub struct Embedded {
     /// Offset of the embedded TCP/UDP checksum, when the error carries it.
     pub csum_at: Option<usize>,
     pub udp: bool,
+    /// The quoted packet's other address (the remote end of the flow) and protocol.
+    pub remote: u32,
+    pub proto: u8,
+    /// The quoted packet's ports seen from the guest (guest's port, remote's port), when the
+    /// first 8 bytes of its transport header are quoted; for ICMP echo the identifier twice.
+    pub ports: Option<(u16, u16)>,
 }
 
 impl Packet {
@@ -136,6 +149,8 @@ impl Packet {
             udp: false,
             sport: 0,
             dport: 0,
+            tcp_flags: 0,
+            service: [0, 0],
             icmp_error: None,
         };
         match self.proto {
@@ -149,6 +164,8 @@ impl Packet {
                 }
                 t.sport = u16::from_ne_bytes([h[0], h[1]]);
                 t.dport = u16::from_ne_bytes([h[2], h[3]]);
+                t.tcp_flags = h[13];
+                t.service = [h[2], h[3]];
                 t.csum_at = Some(L4_OFF + 16);
             }
             PROTO_UDP => {
@@ -161,6 +178,7 @@ impl Packet {
                 }
                 t.sport = u16::from_ne_bytes([h[0], h[1]]);
                 t.dport = u16::from_ne_bytes([h[2], h[3]]);
+                t.service = [h[2], h[3]];
                 t.csum_at = Some(L4_OFF + 6);
                 t.udp = true;
             }
@@ -170,9 +188,14 @@ impl Packet {
                     return Err(Reason::Malformed);
                 }
                 // SAFETY: in bounds per `ptr_at`.
-                let ty = unsafe { (*h)[0] };
+                let h = unsafe { &*h };
+                t.service = [h[0], h[1]];
+                if is_echo(h[0]) {
+                    t.sport = u16::from_ne_bytes([h[4], h[5]]);
+                    t.dport = t.sport;
+                }
                 if matches!(
-                    ty,
+                    h[0],
                     ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
                 ) {
                     t.icmp_error = Some(embedded(ctx, l4_len, inbound, old)?);
@@ -197,10 +220,10 @@ fn embedded(ctx: &XdpContext, l4_len: usize, inbound: bool, old: u32) -> Result<
     }
     // SAFETY: in bounds per `ptr_at`.
     let ip = unsafe { &*ip };
-    let (addr, addr_at) = if inbound {
-        (ip.src_addr, EMB_IP_OFF + 12)
+    let (addr, addr_at, remote) = if inbound {
+        (ip.src_addr, EMB_IP_OFF + 12, ip.dst_addr)
     } else {
-        (ip.dst_addr, EMB_IP_OFF + 16)
+        (ip.dst_addr, EMB_IP_OFF + 16, ip.src_addr)
     };
     if ip.vihl != 0x45 || u32::from_ne_bytes(addr) != old {
         return Err(Reason::IcmpErrorUnrelated);
@@ -212,9 +235,40 @@ fn embedded(ctx: &XdpContext, l4_len: usize, inbound: bool, old: u32) -> Result<
         PROTO_UDP if quoted >= 8 => (Some(EMB_L4_OFF + 6), true),
         _ => (None, false),
     };
+    // The quoted packet went guest -> remote for an inbound error, remote -> guest for an
+    // outbound one; ports are reported as (guest's, remote's).
+    let ports = match ptr_at::<[u8; 8]>(ctx, EMB_L4_OFF) {
+        Some(h) if quoted >= 8 => {
+            // SAFETY: in bounds per `ptr_at`.
+            let h = unsafe { &*h };
+            let (a, b) = (
+                u16::from_ne_bytes([h[0], h[1]]),
+                u16::from_ne_bytes([h[2], h[3]]),
+            );
+            match ip.proto {
+                PROTO_TCP | PROTO_UDP if inbound => Some((a, b)),
+                PROTO_TCP | PROTO_UDP => Some((b, a)),
+                PROTO_ICMP if is_echo(h[0]) => {
+                    let id = u16::from_ne_bytes([h[4], h[5]]);
+                    Some((id, id))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     Ok(Embedded {
         addr_at,
         csum_at,
         udp,
+        remote: u32::from_ne_bytes(remote),
+        proto: ip.proto,
+        ports,
     })
+}
+
+/// ICMP echo request / reply (RFC 792): the identifier names the flow.
+#[inline(always)]
+fn is_echo(ty: u8) -> bool {
+    ty == 0 || ty == 8
 }

@@ -1,7 +1,7 @@
-//! Per-CPU verdict counters, one slot per [`Reason`].
-use nat_common::Reason;
+//! Per-CPU counters: one slot per verdict [`Reason`], one per [`Event`].
+use nat_common::{Event, Reason};
 
-use crate::STATS;
+use crate::{EVENTS, STATS};
 
 #[inline(always)]
 pub fn count(reason: Reason, bytes: u64) {
@@ -11,5 +11,13 @@ pub fn count(reason: Reason, bytes: u64) {
             (*c).packets += 1;
             (*c).bytes += bytes;
         }
+    }
+}
+
+#[inline(always)]
+pub fn event(e: Event) {
+    if let Some(c) = EVENTS.get_ptr_mut(e as u32) {
+        // SAFETY: as above.
+        unsafe { *c += 1 };
     }
 }

@@ -1,21 +1,97 @@
-//! natd's TOML config file: the mappings to install at start.
+//! natd's TOML config file: the state to install at start, and load-time settings.
 //!
 //! ```toml
 //! [[mapping]]
 //! public = "203.0.113.10"
 //! private = "10.0.0.10"
+//!
+//! [[rule]]                      # ingress rule of a public IP
+//! public = "203.0.113.10"
+//! proto = "tcp"                 # tcp | udp | icmp
+//! ports = "22"                  # "N" or "N-M"; absent = every port
+//! cidrs = ["198.51.100.0/24"]   # sources; absent = 0.0.0.0/0
+//!
+//! [egress]
+//! default = "allow"             # allow | deny
+//! [[egress.rule]]
+//! proto = "tcp"                 # tcp | udp | icmp | all
+//! ports = "25"
+//! cidrs = ["0.0.0.0/0"]         # destinations
+//!
+//! [conntrack]
+//! size = 262144
+//! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
+use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::State};
 use serde::Deserialize;
 
-use crate::state::{DesiredState, Mapping, StateError};
+use crate::{
+    api::RuleSpec,
+    cidr::Cidr,
+    firewall::{PortRange, Proto},
+    state::{DesiredState, Mapping, StateError},
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default, rename = "mapping")]
     pub mappings: Vec<Mapping>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<ConfigRule>,
+    #[serde(default)]
+    pub egress: EgressConfig,
+    #[serde(default)]
+    pub conntrack: ConntrackConfig,
+}
+
+/// A rule as written in the file (`public` only for ingress rules).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigRule {
+    #[serde(default)]
+    pub public: Option<std::net::Ipv4Addr>,
+    pub proto: Proto,
+    #[serde(default)]
+    pub ports: Option<String>,
+    #[serde(default)]
+    pub icmp_type: Option<i64>,
+    #[serde(default)]
+    pub icmp_code: Option<i64>,
+    #[serde(default)]
+    pub cidrs: Vec<Cidr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    #[serde(default)]
+    pub default: Option<Policy>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<ConfigRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackConfig {
+    /// Entries in the connection table.
+    #[serde(default)]
+    pub size: Option<u32>,
+    /// Idle timeouts in seconds by state name (see `nat_common::conntrack::State::name`).
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,15 +108,32 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("config file {path}: mapping #{index} ({public} -> {private}): {source}")]
+    #[error("config file {path}: {what}: {source}")]
     Invalid {
         path: PathBuf,
-        index: usize,
-        public: std::net::Ipv4Addr,
-        private: std::net::Ipv4Addr,
+        what: String,
         #[source]
         source: StateError,
     },
+    #[error("config file {path}: {what}")]
+    Setting { path: PathBuf, what: String },
+}
+
+impl ConfigRule {
+    fn spec(&self) -> Result<RuleSpec, StateError> {
+        let ports = self
+            .ports
+            .as_deref()
+            .map(str::parse::<PortRange>)
+            .transpose()?;
+        Ok(RuleSpec {
+            proto: self.proto,
+            ports,
+            icmp_type: self.icmp_type,
+            icmp_code: self.icmp_code,
+            cidrs: self.cidrs.clone(),
+        })
+    }
 }
 
 impl Config {
@@ -59,39 +152,113 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// The desired state this config describes; refuses the first mapping (1-based) that does
+    /// The desired state this config describes; refuses the first entry (1-based) that does
     /// not fit, and so the whole file.
     pub fn desired_state(&self, path: &Path) -> Result<DesiredState, ConfigError> {
-        DesiredState::from_mappings(&self.mappings).map_err(|(i, source)| {
-            let m = self.mappings[i];
-            ConfigError::Invalid {
+        let invalid = |what: String| {
+            let path = path.to_path_buf();
+            move |source| ConfigError::Invalid { path, what, source }
+        };
+        let mut s = DesiredState::default();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let what = format!("mapping #{} ({} -> {})", i + 1, m.public, m.private);
+            s.add_mapping(*m).map_err(invalid(what))?;
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let what = format!("rule #{}", i + 1);
+            let public = r.public.ok_or_else(|| ConfigError::Setting {
                 path: path.into(),
-                index: i + 1,
-                public: m.public,
-                private: m.private,
-                source,
+                what: format!("{what}: an ingress rule needs `public`"),
+            })?;
+            let spec = r.spec().map_err(invalid(what.clone()))?;
+            let service = spec
+                .service()
+                .map_err(|e| invalid(what.clone())(e.into()))?;
+            s.add_ingress(None, public, service, spec.cidrs)
+                .map_err(invalid(what))?;
+        }
+        if let Some(p) = self.egress.default {
+            s.set_egress_default_allow(p == Policy::Allow);
+        }
+        for (i, r) in self.egress.rules.iter().enumerate() {
+            let what = format!("egress rule #{}", i + 1);
+            if r.public.is_some() {
+                return Err(ConfigError::Setting {
+                    path: path.into(),
+                    what: format!("{what}: egress rules have no `public`"),
+                });
             }
-        })
+            let spec = r.spec().map_err(invalid(what.clone()))?;
+            let service = spec
+                .service()
+                .map_err(|e| invalid(what.clone())(e.into()))?;
+            s.add_egress(None, service, spec.cidrs)
+                .map_err(invalid(what))?;
+        }
+        Ok(s)
     }
+
+    /// Connection table size and idle timeouts (ns, by state), netfilter's defaults where unset.
+    pub fn conntrack(&self, path: &Path) -> Result<(u32, [u64; TIMEOUT_SLOTS]), ConfigError> {
+        let setting = |what: String| ConfigError::Setting {
+            path: path.into(),
+            what,
+        };
+        let size = self.conntrack.size.unwrap_or(DEFAULT_CONNTRACK_SIZE);
+        if size == 0 {
+            return Err(setting("conntrack.size must be at least 1".into()));
+        }
+        let mut t = default_timeouts();
+        for (name, secs) in &self.conntrack.timeouts {
+            let state = State::ALL
+                .iter()
+                .find(|s| s.name() == name)
+                .ok_or_else(|| {
+                    let known: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
+                    setting(format!(
+                        "conntrack.timeouts: unknown state {name:?} (known: {})",
+                        known.join(", ")
+                    ))
+                })?;
+            if *secs == 0 {
+                return Err(setting(format!(
+                    "conntrack.timeouts.{name} must be at least 1 second"
+                )));
+            }
+            t[*state as usize] = secs.saturating_mul(1_000_000_000);
+        }
+        Ok((size, t))
+    }
+}
+
+/// netfilter's default idle timeouts, in ns, by state.
+pub fn default_timeouts() -> [u64; TIMEOUT_SLOTS] {
+    State::ALL.map(|s| s.default_timeout_secs() * 1_000_000_000)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn p() -> &'static Path {
+        Path::new("natd.toml")
+    }
+
     #[test]
-    fn parses_and_validates() {
-        let p = Path::new("natd.toml");
+    fn parses_and_validates_mappings() {
         let c = Config::parse(
-            p,
+            p(),
             "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n",
         )
         .unwrap();
-        assert_eq!(c.desired_state(p).unwrap().len(), 1);
+        assert_eq!(c.desired_state(p()).unwrap().len(), 1);
 
         let dup = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n\
                    [[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.11\"\n";
-        let e = Config::parse(p, dup).unwrap().desired_state(p).unwrap_err();
+        let e = Config::parse(p(), dup)
+            .unwrap()
+            .desired_state(p())
+            .unwrap_err();
         assert!(
             e.to_string()
                 .contains("mapping #2 (203.0.113.10 -> 10.0.0.11)"),
@@ -99,18 +266,83 @@ mod tests {
         );
 
         let e = Config::parse(
-            p,
+            p(),
             "[[mapping]]\npublic = \"203.0.113.300\"\nprivate = \"10.0.0.10\"\n",
         )
         .unwrap_err();
         assert!(e.to_string().contains("natd.toml"), "{e}");
         assert!(
             Config::parse(
-                p,
+                p(),
                 "[[mapping]]\npublic = \"203.0.113.1\"\nprivate = \"10.0.0.1\"\nport = 1\n"
             )
             .is_err()
         );
-        assert!(Config::parse(p, "").unwrap().mappings.is_empty());
+        assert!(Config::parse(p(), "").unwrap().mappings.is_empty());
+    }
+
+    #[test]
+    fn rules_egress_and_conntrack() {
+        let text = r#"
+            [[mapping]]
+            public = "203.0.113.10"
+            private = "10.0.0.10"
+            [[rule]]
+            public = "203.0.113.10"
+            proto = "tcp"
+            ports = "5000-5100"
+            cidrs = ["198.51.100.0/24"]
+            [[rule]]
+            public = "203.0.113.10"
+            proto = "icmp"
+            icmp_type = -1
+            [egress]
+            default = "deny"
+            [[egress.rule]]
+            proto = "all"
+            cidrs = ["192.0.2.0/24"]
+            [conntrack]
+            size = 1024
+            timeouts = { udp_unreplied = 5 }
+        "#;
+        let c = Config::parse(p(), text).unwrap();
+        let s = c.desired_state(p()).unwrap();
+        assert_eq!(s.ingress_rules().count(), 2);
+        assert!(!s.egress_default_allow());
+        let (size, t) = c.conntrack(p()).unwrap();
+        assert_eq!(size, 1024);
+        assert_eq!(t[State::UdpUnreplied as usize], 5_000_000_000);
+        assert_eq!(t[State::TcpEstablished as usize], 432_000_000_000_000);
+
+        let bad = text.replace("5000-5100", "5100-5000");
+        let e = Config::parse(p(), &bad)
+            .unwrap()
+            .desired_state(p())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("rule #1") && e.to_string().contains("5100-5000"),
+            "{e}"
+        );
+        let bad = text.replace("udp_unreplied", "udp_forever");
+        assert!(
+            Config::parse(p(), &bad)
+                .unwrap()
+                .conntrack(p())
+                .unwrap_err()
+                .to_string()
+                .contains("udp_forever")
+        );
+        let bad = text.replace(
+            "public = \"203.0.113.10\"\n            proto = \"icmp\"",
+            "public = \"203.0.113.99\"\n            proto = \"icmp\"",
+        );
+        let e = Config::parse(p(), &bad)
+            .unwrap()
+            .desired_state(p())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("rule #2") && e.to_string().contains("203.0.113.99"),
+            "{e}"
+        );
     }
 }

@@ -1,46 +1,312 @@
-//! natd's request handling: turns API requests into controller changes and reports. No I/O of
-//! its own besides the maps, so the API server stays a thin layer.
-use log::warn;
-use nat_common::Reason;
+//! natd's request handling and housekeeping: turns API requests into controller changes and
+//! reports, and collects expired flows. No I/O of its own besides the maps, so the API server
+//! stays a thin layer.
+use std::net::Ipv4Addr;
+
+use log::{info, warn};
+use nat_common::{
+    Event, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::State,
+};
 
 use crate::{
-    api::{MappingStatus, ReasonStat, Reply, Request, Response, StatsReport},
-    ebpf::{Dataplane, MappingCounters},
+    api::{
+        ConntrackStats, FlowInfo, MappingStatus, ReasonStat, Reply, Request, Response, RuleSpec,
+        StatsReport,
+    },
+    ebpf::{Dataplane, DataplaneError},
+    firewall::{RuleError, Service, icmp_field},
     netfilter::Nft,
-    reconcile::Controller,
-    state::Mapping,
+    reconcile::{ApplyError, Controller},
+    state::{Mapping, StateError},
 };
 
 pub type NatController = Controller<Dataplane, Nft>;
 
-/// Answers one request. Every refusal is an `Error` response naming what was wrong.
-pub fn handle(ctl: &mut NatController, req: Request) -> Response {
-    match req {
-        Request::MappingAdd { public, private } => {
-            match ctl.add_mapping(Mapping { public, private }) {
-                Ok(_) => done(format!("mapping added: {public} -> {private}")),
-                Err(e) => refuse(format!("mapping add {public} {private} refused: {e}")),
+/// natd's state: the controller and the housekeeping counters.
+pub struct Daemon {
+    pub ctl: NatController,
+    /// Idle timeouts by `conntrack::State`, as written to the program.
+    timeouts_ns: [u64; TIMEOUT_SLOTS],
+    collected: u64,
+    flushed: u64,
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ip(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+impl RuleSpec {
+    /// The validated service of this spec.
+    pub fn service(&self) -> Result<Service, RuleError> {
+        let s = Service {
+            proto: self.proto,
+            ports: self.ports,
+            icmp_type: icmp_field("icmp type", self.icmp_type)?,
+            icmp_code: icmp_field("icmp code", self.icmp_code)?,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+impl Daemon {
+    pub fn new(ctl: NatController, timeouts_ns: [u64; TIMEOUT_SLOTS]) -> Self {
+        Self {
+            ctl,
+            timeouts_ns,
+            collected: 0,
+            flushed: 0,
+        }
+    }
+
+    fn timeout(&self, state: u8) -> u64 {
+        self.timeouts_ns[State::from_u8(state) as usize]
+    }
+
+    /// Answers one request. Every refusal is an `Error` response naming what was wrong.
+    pub fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::MappingAdd { public, private } => {
+                let what = format!("mapping add {public} {private}");
+                self.change(&what, |s| s.add_mapping(Mapping { public, private }))
+                    .map(|_| done(format!("mapping added: {public} -> {private}")))
+                    .unwrap_or_else(|e| *e)
+            }
+            Request::MappingDel { public } => {
+                let r = self.change(&format!("mapping del {public}"), |s| {
+                    s.remove_mapping(public)
+                });
+                match r {
+                    Ok(m) => {
+                        // A re-added mapping must not inherit the old one's flows.
+                        let n = self
+                            .remove_flows(|k, _| k.kind == FLOW_NAT && ip(k.guest) == m.private);
+                        done(format!(
+                            "mapping removed: {public} -> {} ({n} flows dropped)",
+                            m.private
+                        ))
+                    }
+                    Err(e) => *e,
+                }
+            }
+            Request::MappingList => match self.mappings() {
+                Ok(mappings) => Response::Ok(Reply::Mappings { mappings }),
+                Err(e) => refuse(e),
+            },
+            Request::FirewallAdd { public, rule } => {
+                let what = format!("firewall add {public}");
+                let r = rule.service().map_err(StateError::from);
+                self.change(&what, |s| {
+                    s.add_ingress(None, public, r?, rule.cidrs.clone())
+                })
+                .map(|id| {
+                    Response::Ok(Reply::RuleAdded {
+                        id,
+                        message: format!("ingress rule {id} added"),
+                    })
+                })
+                .unwrap_or_else(|e| *e)
+            }
+            Request::FirewallDel { id } => self
+                .change(&format!("firewall del {id}"), |s| s.remove_ingress(id))
+                .map(|_| done(format!("ingress rule {id} removed")))
+                .unwrap_or_else(|e| *e),
+            Request::FirewallList => Response::Ok(Reply::Firewall {
+                rules: self
+                    .ctl
+                    .state()
+                    .ingress_rules()
+                    .map(|r| r.rule.clone())
+                    .collect(),
+            }),
+            Request::EgressPolicy { allow } => {
+                let p = if allow { "allow" } else { "deny" };
+                self.change(&format!("egress policy {p}"), |s| {
+                    s.set_egress_default_allow(allow);
+                    Ok(())
+                })
+                .map(|_| done(format!("egress default policy: {p}")))
+                .unwrap_or_else(|e| *e)
+            }
+            Request::EgressAdd { rule } => {
+                let r = rule.service().map_err(StateError::from);
+                self.change("egress add", |s| s.add_egress(None, r?, rule.cidrs.clone()))
+                    .map(|id| {
+                        Response::Ok(Reply::RuleAdded {
+                            id,
+                            message: format!("egress rule {id} added"),
+                        })
+                    })
+                    .unwrap_or_else(|e| *e)
+            }
+            Request::EgressDel { id } => self
+                .change(&format!("egress del {id}"), |s| s.remove_egress(id))
+                .map(|_| done(format!("egress rule {id} removed")))
+                .unwrap_or_else(|e| *e),
+            Request::EgressList => Response::Ok(Reply::Egress {
+                default_allow: self.ctl.state().egress_default_allow(),
+                rules: self
+                    .ctl
+                    .state()
+                    .egress_rules()
+                    .map(|r| r.rule.clone())
+                    .collect(),
+            }),
+            Request::ConntrackList => match self.flows() {
+                Ok(r) => Response::Ok(r),
+                Err(e) => refuse(e),
+            },
+            Request::ConntrackFlush => {
+                let n = self.remove_flows(|_, _| true);
+                done(format!("{n} flows flushed"))
+            }
+            Request::Stats => match self.stats() {
+                Ok(s) => Response::Ok(Reply::Stats(s)),
+                Err(e) => refuse(e),
+            },
+        }
+    }
+
+    /// Applies a change through the controller; a refusal becomes the error response.
+    fn change<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut crate::state::DesiredState) -> Result<T, StateError>,
+    ) -> Result<T, Box<Response>> {
+        match self.ctl.change(f) {
+            Ok((out, _)) => Ok(out),
+            Err(ApplyError::Invalid(e)) => Err(Box::new(refuse(format!("{what} refused: {e}")))),
+            Err(e) => Err(Box::new(refuse(format!(
+                "{what} failed, nothing changed: {e}"
+            )))),
+        }
+    }
+
+    fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &FlowState) -> bool) -> usize {
+        match self.ctl.fast_mut().remove_flows(pred) {
+            Ok(n) => {
+                self.flushed += n as u64;
+                n
+            }
+            Err(e) => {
+                warn!("removing flows: {e}");
+                0
             }
         }
-        Request::MappingDel { public } => match ctl.remove_mapping(public) {
-            Ok(d) => {
-                let private = d
-                    .removed
-                    .first()
-                    .map(|m| m.private.to_string())
-                    .unwrap_or_default();
-                done(format!("mapping removed: {public} -> {private}"))
-            }
-            Err(e) => refuse(format!("mapping del {public} refused: {e}")),
-        },
-        Request::MappingList => match mappings(ctl) {
-            Ok(mappings) => Response::Ok(Reply::Mappings { mappings }),
-            Err(e) => refuse(e),
-        },
-        Request::Stats => match stats(ctl) {
-            Ok(s) => Response::Ok(Reply::Stats(s)),
-            Err(e) => refuse(e),
-        },
+    }
+
+    /// Deletes expired flows (the program treats them as absent already); returns how many.
+    pub fn collect_expired(&mut self) -> Result<usize, DataplaneError> {
+        let now = monotonic_ns();
+        let timeouts = self.timeouts_ns;
+        let n = self.ctl.fast_mut().remove_flows(|_, v| {
+            now.saturating_sub(v.last_seen) > timeouts[State::from_u8(v.state) as usize]
+        })?;
+        self.collected += n as u64;
+        if n > 0 {
+            info!("conntrack: collected {n} expired flows");
+        }
+        Ok(n)
+    }
+
+    fn mappings(&mut self) -> Result<Vec<MappingStatus>, String> {
+        let list: Vec<Mapping> = self.ctl.state().mappings().collect();
+        list.into_iter()
+            .map(|m| {
+                let counters = self
+                    .ctl
+                    .fast_mut()
+                    .counters(m)
+                    .map_err(|e| format!("reading counters: {e}"))?;
+                Ok(MappingStatus {
+                    public: m.public,
+                    private: m.private,
+                    counters,
+                })
+            })
+            .collect()
+    }
+
+    fn flows(&mut self) -> Result<Reply, String> {
+        let now = monotonic_ns();
+        let dp = self.ctl.fast_mut();
+        let capacity = dp.conntrack_capacity().map_err(|e| e.to_string())?;
+        let raw = dp.flows().map_err(|e| format!("reading flows: {e}"))?;
+        let flows = raw
+            .into_iter()
+            .map(|(k, v)| {
+                let idle = now.saturating_sub(v.last_seen);
+                FlowInfo {
+                    proto: k.proto,
+                    guest: ip(k.guest),
+                    guest_port: u16::from_be(k.guest_port),
+                    remote: ip(k.remote),
+                    remote_port: u16::from_be(k.remote_port),
+                    state: State::from_u8(v.state).name().to_string(),
+                    origin: if v.origin == ORIGIN_GUEST {
+                        "guest"
+                    } else {
+                        "public"
+                    }
+                    .to_string(),
+                    idle_secs: idle / 1_000_000_000,
+                    expires_in_secs: self.timeout(v.state).saturating_sub(idle) / 1_000_000_000,
+                }
+            })
+            .collect();
+        Ok(Reply::Flows { capacity, flows })
+    }
+
+    fn stats(&mut self) -> Result<StatsReport, String> {
+        let mappings = self.mappings()?;
+        let dp = self.ctl.fast_mut();
+        let counters = dp.stats().map_err(|e| format!("reading counters: {e}"))?;
+        let events = dp.events().map_err(|e| format!("reading counters: {e}"))?;
+        let entries = dp.flows().map_err(|e| format!("reading flows: {e}"))?.len() as u64;
+        let capacity = dp.conntrack_capacity().map_err(|e| e.to_string())?;
+        let ev = |e: Event| events.get(&e).copied().unwrap_or(0);
+        let creates = ev(Event::ConntrackCreate);
+        let reasons = Reason::ALL
+            .iter()
+            .map(|r| {
+                let c = counters.get(r).copied().unwrap_or_default();
+                ReasonStat {
+                    reason: r.name().to_string(),
+                    action: r.action().to_string(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        let conntrack = ConntrackStats {
+            entries,
+            capacity,
+            hits: ev(Event::ConntrackHit),
+            misses: ev(Event::ConntrackMiss),
+            creates,
+            expired_seen: ev(Event::ConntrackExpired),
+            collected: self.collected,
+            flushed: self.flushed,
+            evictions: creates.saturating_sub(self.collected + self.flushed + entries),
+        };
+        Ok(StatsReport {
+            generation: self.ctl.generation(),
+            interfaces: self.ctl.fast_mut().attached().cloned().collect(),
+            reasons,
+            conntrack,
+            mappings,
+        })
     }
 }
 
@@ -51,47 +317,4 @@ fn done(message: String) -> Response {
 fn refuse(message: String) -> Response {
     warn!("{message}");
     Response::Error { message }
-}
-
-fn mappings(ctl: &mut NatController) -> Result<Vec<MappingStatus>, String> {
-    let list: Vec<Mapping> = ctl.state().mappings().collect();
-    list.into_iter()
-        .map(|m| {
-            let counters: MappingCounters = ctl
-                .fast_mut()
-                .counters(m)
-                .map_err(|e| format!("reading counters: {e}"))?;
-            Ok(MappingStatus {
-                public: m.public,
-                private: m.private,
-                counters,
-            })
-        })
-        .collect()
-}
-
-fn stats(ctl: &mut NatController) -> Result<StatsReport, String> {
-    let mappings = mappings(ctl)?;
-    let counters = ctl
-        .fast_mut()
-        .stats()
-        .map_err(|e| format!("reading counters: {e}"))?;
-    let reasons = Reason::ALL
-        .iter()
-        .map(|r| {
-            let c = counters.get(r).copied().unwrap_or_default();
-            ReasonStat {
-                reason: r.name().to_string(),
-                action: r.action().to_string(),
-                packets: c.packets,
-                bytes: c.bytes,
-            }
-        })
-        .collect();
-    Ok(StatsReport {
-        generation: ctl.generation(),
-        interfaces: ctl.fast_mut().attached().cloned().collect(),
-        reasons,
-        mappings,
-    })
 }

@@ -5,16 +5,24 @@ use std::{collections::BTreeMap, ffi::CString};
 
 use aya::{
     Ebpf,
-    maps::{DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues, lpm_trie::Key as LpmKey,
+    },
     programs::{ProgramError, Xdp, XdpMode, links::LinkError, xdp::XdpLinkId},
 };
 use nat_common::{
-    Counter, IfaceConfig, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, MAP_NAT_OUT, MAP_STATS, NatEntry,
-    ROLE_GUEST, ROLE_PUBLIC, Reason,
+    Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowKey,
+    FlowState, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP,
+    MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
+    MAP_NAT_OUT, MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::state::Mapping;
+use crate::{
+    state::Mapping,
+    tables::{Entry, Op},
+};
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "nat";
@@ -120,14 +128,18 @@ pub struct Attached {
 pub struct MappingCounters {
     pub inbound_packets: u64,
     pub inbound_bytes: u64,
+    /// Dropped by the public IP's ingress firewall.
+    pub inbound_denied: u64,
     pub outbound_packets: u64,
     pub outbound_bytes: u64,
+    /// Dropped by the egress policy.
+    pub outbound_denied: u64,
 }
 
-/// Writes mappings into the fast path. A trait so the reconciler can be tested without BPF.
+/// Writes the fast path's maps, one [`Op`] at a time. A trait so the reconciler can be tested
+/// without BPF.
 pub trait FastPath {
-    fn insert(&mut self, m: Mapping) -> Result<(), DataplaneError>;
-    fn remove(&mut self, m: Mapping) -> Result<(), DataplaneError>;
+    fn apply(&mut self, op: &Op) -> Result<(), DataplaneError>;
 }
 
 /// The loaded XDP object and the interfaces it is attached to.
@@ -146,18 +158,58 @@ pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
     }
 }
 
+/// The first IPv4 address of interface `name`, if it has one.
+pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` walks the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: non-null, NUL-terminated per getifaddrs(3).
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        // SAFETY: non-null sockaddr; the family says which struct it is.
+        if ifname.to_bytes() == name.as_bytes()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            break;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
 fn key(addr: std::net::Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
 impl Dataplane {
     /// Loads the embedded object and its program into the kernel (nothing attached yet).
-    pub fn load() -> Result<Self, DataplaneError> {
-        Self::load_object(crate::EBPF_OBJECT)
+    pub fn load(conntrack_size: u32) -> Result<Self, DataplaneError> {
+        Self::load_with(crate::EBPF_OBJECT, conntrack_size)
     }
 
     pub fn load_object(object: &[u8]) -> Result<Self, DataplaneError> {
-        let mut ebpf = Ebpf::load(object)?;
+        Self::load_with(object, nat_common::DEFAULT_CONNTRACK_SIZE)
+    }
+
+    /// Loads `object` with a connection table of `conntrack_size` entries.
+    pub fn load_with(object: &[u8], conntrack_size: u32) -> Result<Self, DataplaneError> {
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(MAP_CONNTRACK, conntrack_size)
+            .load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::MissingProgram)?
@@ -212,7 +264,7 @@ impl Dataplane {
                 ifindex,
                 IfaceConfig {
                     role: role.raw(),
-                    _pad: 0,
+                    addr: iface_ipv4(name).map_or(0, |a| u32::from_ne_bytes(a.octets())),
                 },
                 0,
             )
@@ -300,23 +352,23 @@ impl Dataplane {
     /// Sums the per-CPU counters of one mapping (zero for a direction not installed).
     pub fn counters(&mut self, m: Mapping) -> Result<MappingCounters, DataplaneError> {
         let sum = |v: Result<PerCpuValues<NatEntry>, MapError>, map| match v {
-            Ok(v) => Ok(v
-                .iter()
-                .fold((0, 0), |(p, b), e| (p + e.packets, b + e.bytes))),
-            Err(MapError::KeyNotFound) => Ok((0, 0)),
+            Ok(v) => Ok(v.iter().fold((0, 0, 0), |(p, b, d), e| {
+                (p + e.packets, b + e.bytes, d + e.denied)
+            })),
+            Err(MapError::KeyNotFound) => Ok((0, 0, 0)),
             Err(source) => Err(DataplaneError::Map { map, source }),
         };
-        let (inbound_packets, inbound_bytes) =
-            sum(self.nat_map(MAP_NAT_IN)?.get(&key(m.public), 0), MAP_NAT_IN)?;
-        let (outbound_packets, outbound_bytes) = sum(
-            self.nat_map(MAP_NAT_OUT)?.get(&key(m.private), 0),
-            MAP_NAT_OUT,
-        )?;
+        let inbound = self.nat_map(MAP_NAT_IN)?.get(&key(m.public), 0);
+        let (inbound_packets, inbound_bytes, inbound_denied) = sum(inbound, MAP_NAT_IN)?;
+        let outbound = self.nat_map(MAP_NAT_OUT)?.get(&key(m.private), 0);
+        let (outbound_packets, outbound_bytes, outbound_denied) = sum(outbound, MAP_NAT_OUT)?;
         Ok(MappingCounters {
             inbound_packets,
             inbound_bytes,
+            inbound_denied,
             outbound_packets,
             outbound_bytes,
+            outbound_denied,
         })
     }
 
@@ -341,8 +393,8 @@ impl Dataplane {
     }
 }
 
-impl FastPath for Dataplane {
-    fn insert(&mut self, m: Mapping) -> Result<(), DataplaneError> {
+impl Dataplane {
+    fn insert_mapping(&mut self, m: Mapping) -> Result<(), DataplaneError> {
         self.put(MAP_NAT_OUT, key(m.private), key(m.public))?;
         if let Err(e) = self.put(MAP_NAT_IN, key(m.public), key(m.private)) {
             // Leave nothing half-installed.
@@ -352,8 +404,205 @@ impl FastPath for Dataplane {
         Ok(())
     }
 
-    fn remove(&mut self, m: Mapping) -> Result<(), DataplaneError> {
+    fn remove_mapping(&mut self, m: Mapping) -> Result<(), DataplaneError> {
         self.delete(MAP_NAT_IN, key(m.public))?;
         self.delete(MAP_NAT_OUT, key(m.private))
+    }
+
+    fn lpm<K: aya::Pod>(
+        &mut self,
+        map: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, K, RuleBits>, DataplaneError> {
+        LpmTrie::try_from(self.map(map)?).map_err(|source| DataplaneError::Map { map, source })
+    }
+
+    fn set_entry(&mut self, e: Entry, bits: Option<RuleBits>) -> Result<(), DataplaneError> {
+        fn write<K: aya::Pod>(
+            dp: &mut Dataplane,
+            map: &'static str,
+            k: LpmKey<K>,
+            bits: Option<RuleBits>,
+        ) -> Result<(), DataplaneError> {
+            let mut t = dp.lpm::<K>(map)?;
+            let r = match bits {
+                Some(b) => t.insert(&k, b, 0),
+                None => match t.remove(&k) {
+                    Err(MapError::KeyNotFound) => Ok(()),
+                    r => r,
+                },
+            };
+            r.map_err(|source| DataplaneError::Map { map, source })
+        }
+        match e {
+            Entry::FwSrc(public, cidr) => {
+                let data = FwSrcData {
+                    public: public.octets(),
+                    source: cidr.addr().octets(),
+                };
+                let k = LpmKey::new(FW_SRC_BASE_BITS + u32::from(cidr.prefix_len()), data);
+                write(self, MAP_FW_SRC, k, bits)
+            }
+            Entry::FwSvc(public, proto, value, len) => {
+                let data = FwSvcData {
+                    public: public.octets(),
+                    proto,
+                    service: value.to_be_bytes(),
+                    _pad: 0,
+                };
+                let k = LpmKey::new(FW_SVC_BASE_BITS + u32::from(len), data);
+                write(self, MAP_FW_SVC, k, bits)
+            }
+            Entry::EgDst(cidr) => {
+                let k = LpmKey::new(u32::from(cidr.prefix_len()), cidr.addr().octets());
+                write(self, MAP_EG_DST, k, bits)
+            }
+            Entry::EgSvc(proto, value, len) => {
+                let (plen, data) = match proto {
+                    None => (0, EgSvcData::default()),
+                    Some(proto) => (
+                        EG_SVC_BASE_BITS + u32::from(len),
+                        EgSvcData {
+                            proto,
+                            service: value.to_be_bytes(),
+                            _pad: 0,
+                        },
+                    ),
+                };
+                write(self, MAP_EG_SVC, LpmKey::new(plen, data), bits)
+            }
+        }
+    }
+
+    /// Writes the program's settings (egress default and conntrack timeouts).
+    pub fn write_config(&mut self, cfg: &NatConfig) -> Result<(), DataplaneError> {
+        let mut arr = Array::<_, NatConfig>::try_from(self.map(MAP_CONFIG)?).map_err(|source| {
+            DataplaneError::Map {
+                map: MAP_CONFIG,
+                source,
+            }
+        })?;
+        arr.set(0, cfg, 0).map_err(|source| DataplaneError::Map {
+            map: MAP_CONFIG,
+            source,
+        })
+    }
+
+    pub fn config(&mut self) -> Result<NatConfig, DataplaneError> {
+        let arr = Array::<_, NatConfig>::try_from(self.map(MAP_CONFIG)?).map_err(|source| {
+            DataplaneError::Map {
+                map: MAP_CONFIG,
+                source,
+            }
+        })?;
+        arr.get(&0, 0).map_err(|source| DataplaneError::Map {
+            map: MAP_CONFIG,
+            source,
+        })
+    }
+
+    /// Sums the per-CPU event counters.
+    pub fn events(&mut self) -> Result<BTreeMap<Event, u64>, DataplaneError> {
+        let arr = PerCpuArray::<_, u64>::try_from(self.map(MAP_EVENTS)?).map_err(|source| {
+            DataplaneError::Map {
+                map: MAP_EVENTS,
+                source,
+            }
+        })?;
+        let mut out = BTreeMap::new();
+        for e in Event::ALL {
+            let v = arr
+                .get(&(e as u32), 0)
+                .map_err(|source| DataplaneError::Map {
+                    map: MAP_EVENTS,
+                    source,
+                })?;
+            out.insert(e, v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    fn conntrack(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut MapData, FlowKey, FlowState>, DataplaneError> {
+        aya::maps::HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(|source| {
+            DataplaneError::Map {
+                map: MAP_CONNTRACK,
+                source,
+            }
+        })
+    }
+
+    /// Every flow in the connection table (entries that vanish while we read are skipped).
+    pub fn flows(&mut self) -> Result<Vec<(FlowKey, FlowState)>, DataplaneError> {
+        let ct = self.conntrack()?;
+        let mut out = Vec::new();
+        for item in ct.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        map: MAP_CONNTRACK,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the flows `pred` selects; returns how many went.
+    pub fn remove_flows(
+        &mut self,
+        pred: impl Fn(&FlowKey, &FlowState) -> bool,
+    ) -> Result<usize, DataplaneError> {
+        let doomed: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut ct = self.conntrack()?;
+        let mut n = 0;
+        for k in doomed {
+            match ct.remove(&k) {
+                Ok(()) => n += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        map: MAP_CONNTRACK,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Capacity of the connection table.
+    pub fn conntrack_capacity(&mut self) -> Result<u32, DataplaneError> {
+        let map = self.map(MAP_CONNTRACK)?;
+        Ok(match map {
+            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
+                m.info().map(|i| i.max_entries()).unwrap_or(0)
+            }
+            _ => 0,
+        })
+    }
+}
+
+impl FastPath for Dataplane {
+    fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
+        match *op {
+            Op::AddMapping(m) => self.insert_mapping(m),
+            Op::RemoveMapping(m) => self.remove_mapping(m),
+            Op::Set(e, b) => self.set_entry(e, Some(b)),
+            Op::Unset(e) => self.set_entry(e, None),
+            Op::EgressDefaultDeny(deny) => {
+                let mut cfg = self.config()?;
+                cfg.egress_default_deny = u32::from(deny);
+                self.write_config(&cfg)
+            }
+        }
     }
 }

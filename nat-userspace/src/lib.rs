@@ -4,12 +4,15 @@
 //! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
 //! [`netfilter`] (the slow path) and [`api`] (the control socket).
 pub mod api;
+pub mod cidr;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
+pub mod firewall;
 pub mod netfilter;
 pub mod reconcile;
 pub mod state;
+pub mod tables;
 
 /// The compiled XDP object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf"));

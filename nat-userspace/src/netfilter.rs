@@ -8,7 +8,11 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crate::state::DesiredState;
+use crate::{
+    cidr::Cidr,
+    firewall::{Proto, Service},
+    state::DesiredState,
+};
 
 /// Name of natd's table in the `ip` family.
 pub const TABLE: &str = "xdp_static_nat";
@@ -22,46 +26,139 @@ pub enum NetfilterError {
 }
 
 /// Renders the whole table: DNAT P -> V for what arrives on a public interface, SNAT V -> P for
-/// what leaves through one, the same scope the XDP program uses. Interface names are quoted; natd
-/// checked they exist, so they contain no quote.
-pub fn render(public_ifaces: &[String], state: &DesiredState) -> String {
-    let ifaces = public_ifaces
-        .iter()
-        .map(|i| format!("\"{i}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut dnat = String::new();
-    let mut snat = String::new();
-    for m in state.mappings() {
-        let sep = if dnat.is_empty() { "" } else { ", " };
-        let _ = write!(dnat, "{sep}{} : {}", m.public, m.private);
-        let _ = write!(snat, "{sep}{} : {}", m.private, m.public);
-    }
-    let elements = |e: &str| {
+/// what leaves through one (the scope the XDP program uses), and the same policy in the forward
+/// hook: established and related flows pass, each mapped public IP accepts what its ingress
+/// rules allow and drops the rest, mapped guests' traffic to the public side obeys the egress
+/// policy. The kernel reassembles fragments before these hooks, so a fragmented packet meets
+/// exactly the rules an unfragmented one does. Interface names are quoted; natd checked they
+/// exist, so they contain no quote.
+pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &DesiredState) -> String {
+    let set = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (pubs, guests) = (set(public_ifaces), set(guest_ifaces));
+    let elements = |e: Vec<String>| {
         if e.is_empty() {
             String::new()
         } else {
-            format!(" elements = {{ {e} }};")
+            format!(" elements = {{ {} }};", e.join(", "))
         }
     };
+    let ms: Vec<_> = state.mappings().collect();
+    let dnat = elements(
+        ms.iter()
+            .map(|m| format!("{} : {}", m.public, m.private))
+            .collect(),
+    );
+    let snat = elements(
+        ms.iter()
+            .map(|m| format!("{} : {}", m.private, m.public))
+            .collect(),
+    );
+    let publics = elements(ms.iter().map(|m| m.public.to_string()).collect());
+    let privates = elements(ms.iter().map(|m| m.private.to_string()).collect());
+
+    let mut ingress = String::new();
+    for r in state.ingress_rules() {
+        let r = &r.rule;
+        let _ = writeln!(
+            ingress,
+            "\t\tct original ip daddr {}{}{} accept comment \"rule {}\"",
+            r.public,
+            addr_match("saddr", &r.cidrs),
+            service_match(&r.service),
+            r.id
+        );
+    }
+    let allow = state.egress_default_allow();
+    let (exception, default) = if allow {
+        ("drop", "accept")
+    } else {
+        ("accept", "drop")
+    };
+    let mut egress = String::new();
+    for r in state.egress_rules() {
+        let r = &r.rule;
+        let m = format!(
+            "{}{}",
+            addr_match("daddr", &r.cidrs),
+            service_match(&r.service)
+        );
+        let _ = writeln!(
+            egress,
+            "\t\t{} {exception} comment \"rule {}\"",
+            m.trim_start(),
+            r.id
+        );
+    }
     format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
          table ip {TABLE} {{\n\
-         \tmap dnat_v4 {{ type ipv4_addr : ipv4_addr;{dn} }}\n\
-         \tmap snat_v4 {{ type ipv4_addr : ipv4_addr;{sn} }}\n\
+         \tmap dnat_v4 {{ type ipv4_addr : ipv4_addr;{dnat} }}\n\
+         \tmap snat_v4 {{ type ipv4_addr : ipv4_addr;{snat} }}\n\
+         \tset publics {{ type ipv4_addr;{publics} }}\n\
+         \tset privates {{ type ipv4_addr;{privates} }}\n\
          \tchain prerouting {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-         \t\tiifname {{ {ifaces} }} dnat ip to ip daddr map @dnat_v4\n\
+         \t\tiifname {{ {pubs} }} dnat ip to ip daddr map @dnat_v4\n\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\toifname {{ {ifaces} }} snat ip to ip saddr map @snat_v4\n\
+         \t\toifname {{ {pubs} }} snat ip to ip saddr map @snat_v4\n\
          \t}}\n\
-         }}\n",
-        dn = elements(&dnat),
-        sn = elements(&snat),
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname {{ {pubs} }} ct original ip daddr @publics jump ingress\n\
+         \t\tiifname {{ {pubs} }} ip daddr @publics drop\n\
+         \t\tiifname {{ {guests} }} oifname {{ {pubs} }} ip saddr @privates jump egress\n\
+         \t}}\n\
+         \tchain ingress {{\n\
+         \t\tct state established,related accept\n\
+         {ingress}\
+         \t\tdrop\n\
+         \t}}\n\
+         \tchain egress {{\n\
+         \t\tct state established,related accept\n\
+         {egress}\
+         \t\t{default}\n\
+         \t}}\n\
+         }}\n"
     )
+}
+
+/// ` ip saddr { ... }` for the CIDRs, or nothing when one of them is 0.0.0.0/0.
+fn addr_match(field: &str, cidrs: &[Cidr]) -> String {
+    if cidrs.is_empty() || cidrs.iter().any(Cidr::is_any) {
+        return String::new();
+    }
+    let list = cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(" ip {field} {{ {list} }}")
+}
+
+/// The protocol part of a rule.
+fn service_match(s: &Service) -> String {
+    match s.proto {
+        Proto::Tcp | Proto::Udp => match s.ports {
+            Some(p) if p.first == p.last => format!(" {} dport {}", s.proto, p.first),
+            Some(p) => format!(" {} dport {}-{}", s.proto, p.first, p.last),
+            None => format!(" meta l4proto {}", s.proto),
+        },
+        Proto::Icmp => match (s.icmp_type, s.icmp_code) {
+            (Some(t), Some(c)) => format!(" icmp type {t} icmp code {c}"),
+            (Some(t), None) => format!(" icmp type {t}"),
+            _ => " meta l4proto icmp".to_string(),
+        },
+        Proto::All => String::new(),
+    }
 }
 
 /// Where natd writes its slow-path rules; a trait so the reconciler can be tested without nft.
@@ -75,6 +172,7 @@ pub trait SlowPath {
 /// The real slow path, through the `nft` command.
 pub struct Nft {
     pub public_ifaces: Vec<String>,
+    pub guest_ifaces: Vec<String>,
 }
 
 fn run_nft(script: &str) -> Result<(), NetfilterError> {
@@ -102,7 +200,7 @@ fn run_nft(script: &str) -> Result<(), NetfilterError> {
 
 impl SlowPath for Nft {
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError> {
-        run_nft(&render(&self.public_ifaces, state))
+        run_nft(&render(&self.public_ifaces, &self.guest_ifaces, state))
     }
 
     fn remove(&mut self) -> Result<(), NetfilterError> {
@@ -116,14 +214,19 @@ mod tests {
     use super::*;
     use crate::state::Mapping;
 
-    #[test]
-    fn renders_both_directions_scoped_to_public_ifaces() {
-        let s = DesiredState::from_mappings(&[Mapping {
+    fn state() -> DesiredState {
+        let mut s = DesiredState::default();
+        s.add_mapping(Mapping {
             public: "203.0.113.10".parse().unwrap(),
             private: "10.0.0.10".parse().unwrap(),
-        }])
+        })
         .unwrap();
-        let r = render(&["eth2".into(), "eth3".into()], &s);
+        s
+    }
+
+    #[test]
+    fn renders_both_directions_scoped_to_public_ifaces() {
+        let r = render(&["eth2".into(), "eth3".into()], &["eth0".into()], &state());
         assert!(r.contains("elements = { 203.0.113.10 : 10.0.0.10 }"), "{r}");
         assert!(r.contains("elements = { 10.0.0.10 : 203.0.113.10 }"), "{r}");
         assert!(
@@ -138,8 +241,122 @@ mod tests {
     }
 
     #[test]
+    fn renders_rules() {
+        let mut s = state();
+        let p = "203.0.113.10".parse().unwrap();
+        let tcp = Service {
+            proto: Proto::Tcp,
+            ports: Some("5000-5100".parse().unwrap()),
+            icmp_type: None,
+            icmp_code: None,
+        };
+        s.add_ingress(
+            Some(11),
+            p,
+            tcp.clone(),
+            vec!["198.51.100.0/24".parse().unwrap()],
+        )
+        .unwrap();
+        let icmp = Service {
+            proto: Proto::Icmp,
+            ports: None,
+            icmp_type: Some(8),
+            icmp_code: Some(0),
+        };
+        s.add_ingress(Some(13), p, icmp, vec![]).unwrap();
+        s.set_egress_default_allow(false);
+        s.add_egress(Some(21), tcp, vec![]).unwrap();
+        let r = render(&["eth2".into()], &["eth0".into()], &s);
+        assert!(r.contains("ct original ip daddr 203.0.113.10 ip saddr { 198.51.100.0/24 } tcp dport 5000-5100 accept comment \"rule 11\""), "{r}");
+        assert!(r.contains("ct original ip daddr 203.0.113.10 icmp type 8 icmp code 0 accept comment \"rule 13\""), "{r}");
+        assert!(
+            r.contains("\t\ttcp dport 5000-5100 accept comment \"rule 21\"\n\t\tdrop\n"),
+            "{r}"
+        );
+    }
+
+    /// The kernel's own parser accepts what we render (`nft -c` checks without committing).
+    #[test]
+    fn nft_accepts_the_ruleset() {
+        let mut s = state();
+        let p = "203.0.113.10".parse().unwrap();
+        for (i, svc) in [
+            Service {
+                proto: Proto::Tcp,
+                ports: Some("22".parse().unwrap()),
+                icmp_type: None,
+                icmp_code: None,
+            },
+            Service {
+                proto: Proto::Udp,
+                ports: None,
+                icmp_type: None,
+                icmp_code: None,
+            },
+            Service {
+                proto: Proto::Icmp,
+                ports: None,
+                icmp_type: Some(3),
+                icmp_code: None,
+            },
+            Service {
+                proto: Proto::Icmp,
+                ports: None,
+                icmp_type: None,
+                icmp_code: None,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            s.add_ingress(
+                None,
+                p,
+                svc.clone(),
+                vec![format!("192.0.2.{}/32", i).parse().unwrap()],
+            )
+            .unwrap();
+            s.add_egress(None, svc, vec![]).unwrap();
+        }
+        s.add_egress(
+            None,
+            Service {
+                proto: Proto::All,
+                ports: None,
+                icmp_type: None,
+                icmp_code: None,
+            },
+            vec!["198.51.100.0/24".parse().unwrap()],
+        )
+        .unwrap();
+        for script in [
+            render(&["eth2".into()], &["eth0".into(), "eth1".into()], &s),
+            render(&["x".into()], &["y".into()], &DesiredState::default()),
+        ] {
+            let mut child = Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("nft is installed by `cargo xtask setup`");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(script.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}\n{script}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
     fn empty_state_has_empty_maps() {
-        let r = render(&["eth2".into()], &DesiredState::default());
+        let r = render(&["eth2".into()], &["eth0".into()], &DesiredState::default());
         assert!(!r.contains("elements"), "{r}");
     }
 }

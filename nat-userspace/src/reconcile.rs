@@ -1,12 +1,14 @@
-//! The one path every change takes: validate -> diff against what is installed -> write the fast
-//! path (removals first, each mapping whole) -> replace the slow path. If any step fails, the
-//! steps already done are undone in reverse and the installed state stays what it was.
+//! The one path every change takes: validate (building the new [`DesiredState`]) -> plan the
+//! map writes against what is installed -> write the fast path -> replace the slow path. If
+//! any step fails, the writes already done are undone in reverse and the installed state stays
+//! what it was.
 use log::{error, info};
 
 use crate::{
     ebpf::{DataplaneError, FastPath},
     netfilter::{NetfilterError, SlowPath},
-    state::{DesiredState, Diff, Mapping, StateError},
+    state::{DesiredState, Diff, StateError},
+    tables::{Op, Tables, plan},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -22,22 +24,19 @@ pub enum ApplyError {
 /// Owns the installed state and the two places it is installed.
 pub struct Controller<F, S> {
     state: DesiredState,
+    tables: Tables,
     fast: F,
     slow: S,
     generation: u64,
 }
 
-#[derive(Clone, Copy)]
-enum Step {
-    Removed(Mapping),
-    Added(Mapping),
-}
-
 impl<F: FastPath, S: SlowPath> Controller<F, S> {
-    /// A controller with nothing installed yet.
+    /// A controller with nothing installed yet (the maps are empty, the egress default is the
+    /// program's zeroed default: allow).
     pub fn new(fast: F, slow: S) -> Self {
         Self {
             state: DesiredState::default(),
+            tables: Tables::default(),
             fast,
             slow,
             generation: 0,
@@ -61,89 +60,143 @@ impl<F: FastPath, S: SlowPath> Controller<F, S> {
         &mut self.slow
     }
 
-    pub fn add_mapping(&mut self, m: Mapping) -> Result<Diff, ApplyError> {
+    /// Builds a new state from the current one with `change` (which validates), and applies it.
+    pub fn change<T>(
+        &mut self,
+        change: impl FnOnce(&mut DesiredState) -> Result<T, StateError>,
+    ) -> Result<(T, Diff), ApplyError> {
         let mut new = self.state.clone();
-        new.add_mapping(m)?;
-        self.apply(new)
+        let out = change(&mut new)?;
+        let diff = self.apply(new)?;
+        Ok((out, diff))
     }
 
-    pub fn remove_mapping(&mut self, public: std::net::Ipv4Addr) -> Result<Diff, ApplyError> {
-        let mut new = self.state.clone();
-        new.remove_mapping(public)?;
-        self.apply(new)
-    }
-
-    /// Installs `new` (already valid by construction of [`DesiredState`]) in place of the
-    /// current state, all or nothing.
+    /// Installs `new` in place of the current state, all or nothing.
     pub fn apply(&mut self, new: DesiredState) -> Result<Diff, ApplyError> {
-        let diff = Diff::between(&self.state, &new);
-        let steps = diff
-            .removed
-            .iter()
-            .map(|m| Step::Removed(*m))
-            .chain(diff.added.iter().map(|m| Step::Added(*m)));
-        let mut done = Vec::new();
-        for step in steps {
-            let r = match step {
-                Step::Removed(m) => self.fast.remove(m),
-                Step::Added(m) => self.fast.insert(m),
-            };
-            if let Err(e) = r {
+        let tables = Tables::of(&new);
+        let ops = plan(&self.state, &self.tables, &new, &tables);
+        let mut done: Vec<Op> = Vec::new();
+        for (op, undo) in ops {
+            if let Err(e) = self.fast.apply(&op) {
                 self.undo(&done);
                 return Err(e.into());
             }
-            done.push(step);
+            done.push(undo);
         }
         if let Err(e) = self.slow.replace(&new) {
             self.undo(&done);
             return Err(e.into());
         }
-        self.state = new;
-        self.generation += 1;
+        let diff = Diff::between(&self.state, &new);
         for m in &diff.removed {
             info!("mapping removed: {} -> {}", m.public, m.private);
         }
         for m in &diff.added {
             info!("mapping added: {} -> {}", m.public, m.private);
         }
+        log_rules(&self.state, &new);
+        self.state = new;
+        self.tables = tables;
+        self.generation += 1;
         Ok(diff)
     }
 
-    fn undo(&mut self, done: &[Step]) {
-        for step in done.iter().rev() {
-            let r = match *step {
-                Step::Removed(m) => self.fast.insert(m),
-                Step::Added(m) => self.fast.remove(m),
-            };
-            if let Err(e) = r {
+    fn undo(&mut self, done: &[Op]) {
+        for op in done.iter().rev() {
+            if let Err(e) = self.fast.apply(op) {
                 error!("rollback failed, the fast path may differ from the desired state: {e}");
             }
         }
     }
 }
 
+fn log_rules(old: &DesiredState, new: &DesiredState) {
+    for r in old
+        .ingress_rules()
+        .filter(|r| !new.ingress_rules().any(|n| n == *r))
+    {
+        let r = &r.rule;
+        info!(
+            "ingress rule {} removed: {} to {} from {:?}",
+            r.id, r.service, r.public, r.cidrs
+        );
+    }
+    for r in new
+        .ingress_rules()
+        .filter(|r| !old.ingress_rules().any(|o| o == *r))
+    {
+        let r = &r.rule;
+        info!(
+            "ingress rule {} added: {} to {} from {:?}",
+            r.id, r.service, r.public, r.cidrs
+        );
+    }
+    for r in old
+        .egress_rules()
+        .filter(|r| !new.egress_rules().any(|n| n == *r))
+    {
+        info!(
+            "egress rule {} removed: {} to {:?}",
+            r.rule.id, r.rule.service, r.rule.cidrs
+        );
+    }
+    for r in new
+        .egress_rules()
+        .filter(|r| !old.egress_rules().any(|o| o == *r))
+    {
+        info!(
+            "egress rule {} added: {} to {:?}",
+            r.rule.id, r.rule.service, r.rule.cidrs
+        );
+    }
+    if old.egress_default_allow() != new.egress_default_allow() {
+        let p = if new.egress_default_allow() {
+            "allow"
+        } else {
+            "deny"
+        };
+        info!("egress default policy: {p}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
 
     use super::*;
+    use crate::{
+        firewall::{Proto, Service},
+        state::Mapping,
+        tables::Entry,
+    };
 
     #[derive(Default)]
     struct FakeFast {
         maps: BTreeMap<std::net::Ipv4Addr, std::net::Ipv4Addr>,
-        fail_on_insert: Option<Mapping>,
+        entries: HashMap<Entry, nat_common::RuleBits>,
+        fail_on: Option<Op>,
     }
 
     impl FastPath for FakeFast {
-        fn insert(&mut self, m: Mapping) -> Result<(), DataplaneError> {
-            if self.fail_on_insert == Some(m) {
+        fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
+            if self.fail_on == Some(*op) {
                 return Err(DataplaneError::MissingMap("NAT_IN"));
             }
-            self.maps.insert(m.public, m.private);
-            Ok(())
-        }
-        fn remove(&mut self, m: Mapping) -> Result<(), DataplaneError> {
-            self.maps.remove(&m.public);
+            match *op {
+                Op::AddMapping(m) => {
+                    self.maps.insert(m.public, m.private);
+                }
+                Op::RemoveMapping(m) => {
+                    self.maps.remove(&m.public);
+                }
+                Op::Set(e, b) => {
+                    self.entries.insert(e, b);
+                }
+                Op::Unset(e) => {
+                    self.entries.remove(&e);
+                }
+                Op::EgressDefaultDeny(_) => {}
+            }
             Ok(())
         }
     }
@@ -175,50 +228,90 @@ mod tests {
         }
     }
 
+    fn tcp22() -> Service {
+        Service {
+            proto: Proto::Tcp,
+            ports: Some("22".parse().unwrap()),
+            icmp_type: None,
+            icmp_code: None,
+        }
+    }
+
     #[test]
     fn applies_to_both_paths() {
         let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
-        c.add_mapping(m("203.0.113.1", "10.0.0.1")).unwrap();
+        c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.1")))
+            .unwrap();
         assert_eq!(c.fast.maps.len(), 1);
         assert_eq!(c.slow.installed.as_ref().unwrap().len(), 1);
-        c.remove_mapping("203.0.113.1".parse().unwrap()).unwrap();
+        let (id, _) = c
+            .change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![]))
+            .unwrap();
+        assert!(!c.fast.entries.is_empty());
+        c.change(|s| s.remove_ingress(id)).unwrap();
+        assert!(c.fast.entries.is_empty());
+        c.change(|s| s.remove_mapping("203.0.113.1".parse().unwrap()))
+            .unwrap();
         assert!(c.fast.maps.is_empty());
-        assert_eq!(c.generation(), 2);
+        assert_eq!(c.generation(), 4);
+    }
+
+    #[test]
+    fn deleting_a_mapping_deletes_its_rules() {
+        let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
+        c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.1")))
+            .unwrap();
+        c.change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![]))
+            .unwrap();
+        c.change(|s| s.remove_mapping("203.0.113.1".parse().unwrap()))
+            .unwrap();
+        assert!(c.fast.entries.is_empty());
+        assert_eq!(c.state().ingress_rules().count(), 0);
     }
 
     #[test]
     fn a_failed_step_undoes_everything() {
         let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
-        c.add_mapping(m("203.0.113.1", "10.0.0.1")).unwrap();
-        let before = c.fast.maps.clone();
+        c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.1")))
+            .unwrap();
+        let before = (c.fast.maps.clone(), c.fast.entries.clone());
         let mut new = c.state().clone();
         new.remove_mapping("203.0.113.1".parse().unwrap()).unwrap();
         new.add_mapping(m("203.0.113.2", "10.0.0.2")).unwrap();
+        new.add_ingress(None, "203.0.113.2".parse().unwrap(), tcp22(), vec![])
+            .unwrap();
         new.add_mapping(m("203.0.113.3", "10.0.0.3")).unwrap();
-        c.fast.fail_on_insert = Some(m("203.0.113.3", "10.0.0.3"));
+        c.fast.fail_on = Some(Op::AddMapping(m("203.0.113.3", "10.0.0.3")));
         assert!(c.apply(new.clone()).is_err());
-        assert_eq!(c.fast.maps, before);
+        assert_eq!((c.fast.maps.clone(), c.fast.entries.clone()), before);
         assert_eq!(c.state().len(), 1);
 
-        c.fast.fail_on_insert = None;
+        c.fast.fail_on = None;
         c.slow.fail = true;
         assert!(matches!(c.apply(new), Err(ApplyError::SlowPath(_))));
-        assert_eq!(c.fast.maps, before);
+        assert_eq!((c.fast.maps.clone(), c.fast.entries.clone()), before);
         assert_eq!(c.generation(), 1);
     }
 
     #[test]
     fn invalid_changes_touch_nothing() {
         let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
-        c.add_mapping(m("203.0.113.1", "10.0.0.1")).unwrap();
+        c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.1")))
+            .unwrap();
         assert!(matches!(
-            c.add_mapping(m("203.0.113.1", "10.0.0.2")),
+            c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.2"))),
             Err(ApplyError::Invalid(_))
         ));
         assert!(matches!(
-            c.remove_mapping("203.0.113.2".parse().unwrap()),
-            Err(ApplyError::Invalid(_))
+            c.change(|s| s.add_ingress(None, "203.0.113.9".parse().unwrap(), tcp22(), vec![])),
+            Err(ApplyError::Invalid(StateError::RuleForUnmapped(_)))
         ));
-        assert_eq!(c.generation(), 1);
+        c.change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![]))
+            .unwrap();
+        assert!(matches!(
+            c.change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![])),
+            Err(ApplyError::Invalid(StateError::DuplicateRule { .. }))
+        ));
+        assert_eq!(c.generation(), 2);
     }
 }

@@ -4,6 +4,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::{
+    cidr::Cidr,
+    firewall::{EgressRule, IngressRule, Proto, RuleError, Service, normalize_cidrs},
+};
+
 /// Why a change to the desired state is refused. Each names the offending field and value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -41,6 +46,20 @@ pub enum StateError {
     NotMapped(Ipv4Addr),
     #[error("mapping table is full ({limit} mappings)")]
     TooMany { limit: u32 },
+    #[error("{0}")]
+    Rule(#[from] RuleError),
+    #[error("public IP {0} has no static NAT mapping; add the mapping before its rules")]
+    RuleForUnmapped(Ipv4Addr),
+    #[error("rule {existing} already allows {what}")]
+    DuplicateRule { existing: u64, what: String },
+    #[error("rule id {0} is already in use")]
+    RuleIdInUse(u64),
+    #[error("public IP {public} already has {limit} ingress rules, the most it can have")]
+    TooManyIngressRules { public: Ipv4Addr, limit: usize },
+    #[error("the guest network already has {limit} egress rules, the most it can have")]
+    TooManyEgressRules { limit: usize },
+    #[error("no {kind} rule has id {id}")]
+    NoSuchRule { kind: &'static str, id: u64 },
 }
 
 /// Refuses what is not a host unicast address: RFC 1122 "this network" (0/8), loopback (127/8),
@@ -70,12 +89,50 @@ pub struct Mapping {
     pub private: Ipv4Addr,
 }
 
-/// The whole desired state. One-to-one by construction: every mutation goes through
-/// [`DesiredState::add_mapping`], which keeps the reverse index consistent.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A rule and the bit it owns in the XDP program's rule bitmaps (stable while it exists).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slotted<R> {
+    pub slot: usize,
+    #[serde(flatten)]
+    pub rule: R,
+}
+
+/// The whole desired state. Consistent by construction: every mutation goes through a method
+/// that validates it first (one-to-one mappings, rules only for mapped public IPs, no duplicate
+/// rules, slots within the program's limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredState {
     by_public: BTreeMap<Ipv4Addr, Ipv4Addr>,
     by_private: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    ingress: BTreeMap<u64, Slotted<IngressRule>>,
+    /// CloudStack `default_egress_policy`: true = allow by default.
+    egress_default_allow: bool,
+    egress: BTreeMap<u64, Slotted<EgressRule>>,
+}
+
+impl Default for DesiredState {
+    /// No mappings, no rules, egress allowed by default (until told otherwise, guests reach
+    /// the internet as they did without natd).
+    fn default() -> Self {
+        Self {
+            by_public: BTreeMap::new(),
+            by_private: BTreeMap::new(),
+            ingress: BTreeMap::new(),
+            egress_default_allow: true,
+            egress: BTreeMap::new(),
+        }
+    }
+}
+
+/// Lowest slot not in `used`, if below `limit`.
+fn free_slot(used: impl Iterator<Item = usize>, limit: usize) -> Option<usize> {
+    let mut taken = vec![false; limit];
+    for s in used {
+        if let Some(t) = taken.get_mut(s) {
+            *t = true;
+        }
+    }
+    taken.iter().position(|t| !t)
 }
 
 impl DesiredState {
@@ -150,7 +207,139 @@ impl DesiredState {
             .remove(&public)
             .ok_or(StateError::NotMapped(public))?;
         self.by_private.remove(&private);
+        self.ingress.retain(|_, r| r.rule.public != public);
         Ok(Mapping { public, private })
+    }
+
+    pub fn ingress_rules(&self) -> impl Iterator<Item = &Slotted<IngressRule>> + '_ {
+        self.ingress.values()
+    }
+
+    pub fn egress_rules(&self) -> impl Iterator<Item = &Slotted<EgressRule>> + '_ {
+        self.egress.values()
+    }
+
+    pub fn egress_default_allow(&self) -> bool {
+        self.egress_default_allow
+    }
+
+    pub fn set_egress_default_allow(&mut self, allow: bool) {
+        self.egress_default_allow = allow;
+    }
+
+    fn next_id(&self) -> u64 {
+        let max = self
+            .ingress
+            .keys()
+            .chain(self.egress.keys())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        max + 1
+    }
+
+    fn check_id(&self, id: u64) -> Result<(), StateError> {
+        if self.ingress.contains_key(&id) || self.egress.contains_key(&id) {
+            return Err(StateError::RuleIdInUse(id));
+        }
+        Ok(())
+    }
+
+    /// Adds an ingress rule (`id` None: natd picks the next free one) and returns its id.
+    pub fn add_ingress(
+        &mut self,
+        id: Option<u64>,
+        public: Ipv4Addr,
+        service: Service,
+        cidrs: Vec<Cidr>,
+    ) -> Result<u64, StateError> {
+        service.validate()?;
+        if service.proto == Proto::All {
+            return Err(RuleError::AllInIngress.into());
+        }
+        if !self.by_public.contains_key(&public) {
+            return Err(StateError::RuleForUnmapped(public));
+        }
+        let cidrs = normalize_cidrs(cidrs);
+        if let Some(dup) = self
+            .ingress
+            .values()
+            .find(|r| r.rule.public == public && r.rule.service == service && r.rule.cidrs == cidrs)
+        {
+            return Err(StateError::DuplicateRule {
+                existing: dup.rule.id,
+                what: format!("{service} to {public} from {}", join(&cidrs)),
+            });
+        }
+        let id = id.unwrap_or_else(|| self.next_id());
+        self.check_id(id)?;
+        let limit = nat_common::MAX_RULES_PER_IP;
+        let used = self
+            .ingress
+            .values()
+            .filter(|r| r.rule.public == public)
+            .map(|r| r.slot);
+        let slot =
+            free_slot(used, limit).ok_or(StateError::TooManyIngressRules { public, limit })?;
+        let rule = IngressRule {
+            id,
+            public,
+            service,
+            cidrs,
+        };
+        self.ingress.insert(id, Slotted { slot, rule });
+        Ok(id)
+    }
+
+    pub fn remove_ingress(&mut self, id: u64) -> Result<IngressRule, StateError> {
+        self.ingress
+            .remove(&id)
+            .map(|r| r.rule)
+            .ok_or(StateError::NoSuchRule {
+                kind: "ingress",
+                id,
+            })
+    }
+
+    /// Adds an egress exception rule and returns its id.
+    pub fn add_egress(
+        &mut self,
+        id: Option<u64>,
+        service: Service,
+        cidrs: Vec<Cidr>,
+    ) -> Result<u64, StateError> {
+        service.validate()?;
+        let cidrs = normalize_cidrs(cidrs);
+        if let Some(dup) = self
+            .egress
+            .values()
+            .find(|r| r.rule.service == service && r.rule.cidrs == cidrs)
+        {
+            return Err(StateError::DuplicateRule {
+                existing: dup.rule.id,
+                what: format!("{service} to {}", join(&cidrs)),
+            });
+        }
+        let id = id.unwrap_or_else(|| self.next_id());
+        self.check_id(id)?;
+        let limit = nat_common::MAX_EGRESS_RULES;
+        let slot = free_slot(self.egress.values().map(|r| r.slot), limit)
+            .ok_or(StateError::TooManyEgressRules { limit })?;
+        self.egress.insert(
+            id,
+            Slotted {
+                slot,
+                rule: EgressRule { id, service, cidrs },
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn remove_egress(&mut self, id: u64) -> Result<EgressRule, StateError> {
+        self.egress
+            .remove(&id)
+            .map(|r| r.rule)
+            .ok_or(StateError::NoSuchRule { kind: "egress", id })
     }
 
     /// Builds a state from a list, refusing the first entry that does not fit (by position).
@@ -161,6 +350,14 @@ impl DesiredState {
         }
         Ok(s)
     }
+}
+
+fn join(cidrs: &[Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// What changes between two states: mappings to remove, then mappings to add.

@@ -7,19 +7,66 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ebpf::{Attached, MappingCounters};
+use crate::{
+    cidr::Cidr,
+    ebpf::{Attached, MappingCounters},
+    firewall::{EgressRule, IngressRule, PortRange, Proto},
+};
 
 /// Where natd listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/xdp-static-nat/natd.sock";
 /// Longest request line natd reads; longer ones are refused.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+/// A rule's match as a client states it; natd validates it (CloudStack's -1 = any for ICMP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub proto: Proto,
+    #[serde(default)]
+    pub ports: Option<PortRange>,
+    #[serde(default)]
+    pub icmp_type: Option<i64>,
+    #[serde(default)]
+    pub icmp_code: Option<i64>,
+    /// Source CIDRs (ingress) or destination CIDRs (egress); empty = any.
+    #[serde(default)]
+    pub cidrs: Vec<Cidr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    MappingAdd { public: Ipv4Addr, private: Ipv4Addr },
-    MappingDel { public: Ipv4Addr },
+    MappingAdd {
+        public: Ipv4Addr,
+        private: Ipv4Addr,
+    },
+    MappingDel {
+        public: Ipv4Addr,
+    },
     MappingList,
+    FirewallAdd {
+        public: Ipv4Addr,
+        #[serde(flatten)]
+        rule: RuleSpec,
+    },
+    FirewallDel {
+        id: u64,
+    },
+    FirewallList,
+    EgressPolicy {
+        allow: bool,
+    },
+    EgressAdd {
+        #[serde(flatten)]
+        rule: RuleSpec,
+    },
+    EgressDel {
+        id: u64,
+    },
+    EgressList,
+    ConntrackList,
+    ConntrackFlush,
     Stats,
 }
 
@@ -33,8 +80,27 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Done { message: String },
-    Mappings { mappings: Vec<MappingStatus> },
+    Done {
+        message: String,
+    },
+    RuleAdded {
+        id: u64,
+        message: String,
+    },
+    Mappings {
+        mappings: Vec<MappingStatus>,
+    },
+    Firewall {
+        rules: Vec<IngressRule>,
+    },
+    Egress {
+        default_allow: bool,
+        rules: Vec<EgressRule>,
+    },
+    Flows {
+        capacity: u32,
+        flows: Vec<FlowInfo>,
+    },
     Stats(StatsReport),
 }
 
@@ -47,6 +113,21 @@ pub struct MappingStatus {
     pub counters: MappingCounters,
 }
 
+/// One tracked flow, in the guest's view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowInfo {
+    pub proto: u8,
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+    pub remote: Ipv4Addr,
+    pub remote_port: u16,
+    pub state: String,
+    /// "public" (opened from the internet) or "guest".
+    pub origin: String,
+    pub idle_secs: u64,
+    pub expires_in_secs: u64,
+}
+
 /// One verdict reason's counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReasonStat {
@@ -56,11 +137,30 @@ pub struct ReasonStat {
     pub bytes: u64,
 }
 
+/// Connection table figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackStats {
+    pub entries: u64,
+    pub capacity: u32,
+    pub hits: u64,
+    pub misses: u64,
+    pub creates: u64,
+    /// Entries found expired by the program.
+    pub expired_seen: u64,
+    /// Expired entries natd collected.
+    pub collected: u64,
+    /// Entries natd removed on request or with their mapping.
+    pub flushed: u64,
+    /// Entries the kernel evicted to make room (LRU): created - collected - flushed - entries.
+    pub evictions: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsReport {
     /// Changes applied since natd started.
     pub generation: u64,
     pub interfaces: Vec<Attached>,
     pub reasons: Vec<ReasonStat>,
+    pub conntrack: ConntrackStats,
     pub mappings: Vec<MappingStatus>,
 }

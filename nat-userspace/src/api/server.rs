@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use super::{MAX_REQUEST, Request, Response};
-use crate::daemon::{NatController, handle};
+use crate::daemon::Daemon;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -56,16 +56,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 /// Serves until `shutdown` turns true.
 pub async fn serve(
     listener: UnixListener,
-    ctl: Arc<Mutex<NatController>>,
+    daemon: Arc<Mutex<Daemon>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let ctl = ctl.clone();
+                    let daemon = daemon.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, ctl).await {
+                        if let Err(e) = connection(stream, daemon).await {
                             warn!("control connection: {e}");
                         }
                     });
@@ -86,7 +86,7 @@ async fn reply(
     stream.write_all(line.as_bytes()).await
 }
 
-async fn connection(mut stream: UnixStream, ctl: Arc<Mutex<NatController>>) -> std::io::Result<()> {
+async fn connection(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (rd, mut wr) = stream.split();
     if uid != 0 {
@@ -113,7 +113,7 @@ async fn connection(mut stream: UnixStream, ctl: Arc<Mutex<NatController>>) -> s
                     "control request: {}",
                     serde_json::to_string(&req).unwrap_or_default()
                 );
-                handle(&mut *ctl.lock().await, req)
+                daemon.lock().await.handle(req)
             }
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),

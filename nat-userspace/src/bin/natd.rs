@@ -5,13 +5,14 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use log::{info, warn};
+use nat_common::NatConfig;
 use nat_userspace::{
     api::{DEFAULT_SOCKET, server},
     config::Config,
+    daemon::Daemon,
     ebpf::{Dataplane, Mode, Role},
     netfilter::{Nft, SlowPath as _},
     reconcile::Controller,
-    state::DesiredState,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -55,8 +56,8 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(args)) {
+        // env_logger writes to stderr too: one line, in the log's format.
         log::error!("{e:#}");
-        eprintln!("natd: {e:#}");
         std::process::exit(1);
     }
 }
@@ -101,23 +102,37 @@ fn raise_memlock() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     check_ifaces(&args)?;
-    let initial = match &args.config {
-        Some(path) => Config::load(path)?.desired_state(path)?,
-        None => DesiredState::default(),
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
     };
+    let path = args.config.clone().unwrap_or_default();
+    let initial = config.desired_state(&path)?;
+    let (ct_size, timeouts_ns) = config.conntrack(&path)?;
     raise_memlock();
-    let dataplane = Dataplane::load()?;
-    let mut ctl = Controller::new(
-        dataplane,
-        Nft {
-            public_ifaces: args.public_ifaces.clone(),
-        },
-    );
+    let mut dataplane = Dataplane::load(ct_size)?;
+    dataplane.write_config(&NatConfig {
+        egress_default_deny: 0,
+        _pad: 0,
+        timeouts_ns,
+    })?;
+    let nft = Nft {
+        public_ifaces: args.public_ifaces.clone(),
+        guest_ifaces: args.guest_ifaces.clone(),
+    };
+    let mut ctl = Controller::new(dataplane, nft);
     ctl.apply(initial)
-        .context("installing the configured mappings")?;
+        .context("installing the configured state")?;
     info!(
-        "installed {} mapping(s) and the nftables slow path",
-        ctl.state().len()
+        "installed {} mapping(s), {} ingress rule(s), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
+        ctl.state().len(),
+        ctl.state().ingress_rules().count(),
+        ctl.state().egress_rules().count(),
+        if ctl.state().egress_default_allow() {
+            "allow"
+        } else {
+            "deny"
+        },
     );
 
     let roles = args
@@ -149,9 +164,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     info!("control socket {}", args.socket.display());
-    let ctl = Arc::new(Mutex::new(ctl));
+    let daemon = Arc::new(Mutex::new(Daemon::new(ctl, timeouts_ns)));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, ctl.clone(), stop_rx));
+    let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
+    let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -161,8 +177,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = server.await;
+    let _ = gc.await;
 
-    let mut ctl = ctl.lock().await;
+    let mut daemon = daemon.lock().await;
+    let ctl = &mut daemon.ctl;
     let mut failed = false;
     match ctl.fast_mut().detach_all() {
         Ok(list) => {
@@ -190,4 +208,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// How often expired flows are collected.
+const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Deletes expired flows every [`GC_INTERVAL`] until shutdown.
+async fn collect_expired(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(GC_INTERVAL) => {
+                if let Err(e) = daemon.lock().await.collect_expired() {
+                    warn!("conntrack collection: {e}");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }

@@ -1,5 +1,9 @@
 //! natctl: changes and inspects a running natd over its control socket.
+mod conntrack;
+mod egress;
+mod firewall;
 mod mapping;
+mod rule;
 mod stats;
 
 use std::path::PathBuf;
@@ -22,6 +26,15 @@ enum Command {
     /// Static NAT mappings (public IP <-> private IP, all protocols and ports).
     #[command(subcommand)]
     Mapping(mapping::Cmd),
+    /// Ingress firewall of public IPs (default deny; rules allow).
+    #[command(subcommand)]
+    Firewall(firewall::Cmd),
+    /// Egress policy of the guest network (a default plus exception rules).
+    #[command(subcommand)]
+    Egress(egress::Cmd),
+    /// Connection tracking table.
+    #[command(subcommand)]
+    Conntrack(conntrack::Cmd),
     /// Verdict counters by reason, and per mapping.
     Stats {
         /// Machine-readable output.
@@ -43,6 +56,9 @@ fn main() {
     let args = Args::parse();
     let result = match args.command {
         Command::Mapping(cmd) => mapping::run(&args.socket, cmd),
+        Command::Firewall(cmd) => firewall::run(&args.socket, cmd),
+        Command::Egress(cmd) => egress::run(&args.socket, cmd),
+        Command::Conntrack(cmd) => conntrack::run(&args.socket, cmd),
         Command::Stats { json } => stats::run(&args.socket, json),
     };
     if let Err(message) = result {
@@ -61,19 +77,21 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
 /// Prints mappings and their counters as a table.
 fn print_mappings(mappings: &[nat_userspace::api::MappingStatus]) {
     println!(
-        "{:<16} {:<16} {:>12} {:>14} {:>12} {:>14}",
-        "PUBLIC", "PRIVATE", "IN_PACKETS", "IN_BYTES", "OUT_PACKETS", "OUT_BYTES"
+        "{:<16} {:<16} {:>10} {:>12} {:>9} {:>10} {:>12} {:>9}",
+        "PUBLIC", "PRIVATE", "IN_PKTS", "IN_BYTES", "IN_DENY", "OUT_PKTS", "OUT_BYTES", "OUT_DENY"
     );
     for m in mappings {
         let c = m.counters;
         println!(
-            "{:<16} {:<16} {:>12} {:>14} {:>12} {:>14}",
+            "{:<16} {:<16} {:>10} {:>12} {:>9} {:>10} {:>12} {:>9}",
             m.public.to_string(),
             m.private.to_string(),
             c.inbound_packets,
             c.inbound_bytes,
+            c.inbound_denied,
             c.outbound_packets,
-            c.outbound_bytes
+            c.outbound_bytes,
+            c.outbound_denied
         );
     }
 }

@@ -30,6 +30,19 @@ pub fn run(socket: &Path, json: bool) -> Result<(), String> {
             r.reason, r.action, r.packets, r.bytes
         );
     }
+    let c = &s.conntrack;
+    println!(
+        "\nconntrack: {} of {} entries; hits {}, misses {}, created {}, expired seen {}, collected {}, flushed {}, evicted {}",
+        c.entries,
+        c.capacity,
+        c.hits,
+        c.misses,
+        c.creates,
+        c.expired_seen,
+        c.collected,
+        c.flushed,
+        c.evictions
+    );
     println!();
     print_mappings(&s.mappings);
     Ok(())

@@ -1,0 +1,204 @@
+//! Policy: connection tracking first (ESTABLISHED, RELATED), then the ingress firewall of the
+//! public IP or the egress policy of the guest network for a packet that opens a flow.
+//!
+//! Cost per packet is a fixed number of map lookups whatever the number of rules: two LPM
+//! lookups whose rule bitmaps must intersect (see `nat_common::RuleBits`).
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use nat_common::{
+    EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowKey, FlowState,
+    FwSrcData, FwSvcData, ORIGIN_GUEST, ORIGIN_PUBLIC, Reason,
+    conntrack::{self, State},
+};
+
+use crate::{
+    CONFIG, CONNTRACK, EG_DST, EG_SVC, FW_SRC, FW_SVC,
+    parse::{Packet, Transport},
+    stats,
+};
+
+/// Idle timeout of `state`: natd's setting, or netfilter's default if natd set none.
+#[inline(always)]
+fn timeout_ns(state: State) -> u64 {
+    let configured = CONFIG
+        .get(0)
+        .and_then(|c| c.timeouts_ns.get(state as usize).copied())
+        .unwrap_or(0);
+    if configured != 0 {
+        configured
+    } else {
+        state.default_timeout_secs() * 1_000_000_000
+    }
+}
+
+/// Looks `key` up and, if the flow is live, advances its state. `from_guest`: the packet
+/// travels from the guest side.
+#[inline(always)]
+fn track(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64) -> bool {
+    let Some(st) = CONNTRACK.get_ptr_mut(key) else {
+        stats::event(Event::ConntrackMiss);
+        return false;
+    };
+    // SAFETY: a live map value; concurrent writers on other CPUs only race on plain fields,
+    // which at worst loses a state step that the next packet repeats.
+    let st = unsafe { &mut *st };
+    let state = State::from_u8(st.state);
+    if now.wrapping_sub(st.last_seen) > timeout_ns(state) {
+        stats::event(Event::ConntrackExpired);
+        stats::event(Event::ConntrackMiss);
+        return false;
+    }
+    let reply = (st.origin == ORIGIN_GUEST) != from_guest;
+    let (next, fins) = conntrack::next(state, st.fins, proto, tcp_flags, reply);
+    st.state = next as u8;
+    st.fins = fins;
+    st.last_seen = now;
+    stats::event(Event::ConntrackHit);
+    true
+}
+
+/// Whether a live flow matches `key`, without touching it (for RELATED ICMP errors).
+#[inline(always)]
+fn is_live(key: &FlowKey, now: u64) -> bool {
+    // SAFETY: read-only look at a live map value.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(st) => now.wrapping_sub(st.last_seen) <= timeout_ns(State::from_u8(st.state)),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn create(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64) {
+    if let Some(state) = conntrack::initial(proto, tcp_flags) {
+        let st = FlowState {
+            last_seen: now,
+            state: state as u8,
+            origin: if from_guest {
+                ORIGIN_GUEST
+            } else {
+                ORIGIN_PUBLIC
+            },
+            ..FlowState::default()
+        };
+        if CONNTRACK.insert(key, &st, 0).is_ok() {
+            stats::event(Event::ConntrackCreate);
+        }
+    }
+}
+
+/// Ingress firewall of `public`: allowed if one rule matches both the source and the service.
+#[inline(always)]
+fn firewall_allows(public: u32, pkt: &Packet, l4: &Transport) -> bool {
+    let public = public.to_ne_bytes();
+    let src = Key::new(
+        FW_SRC_BASE_BITS + 32,
+        FwSrcData {
+            public,
+            source: pkt.saddr.to_ne_bytes(),
+        },
+    );
+    let Some(a) = FW_SRC.get(&src) else {
+        return false;
+    };
+    let svc = Key::new(
+        FW_SVC_BASE_BITS + 16,
+        FwSvcData {
+            public,
+            proto: pkt.proto,
+            service: l4.service,
+            _pad: 0,
+        },
+    );
+    match FW_SVC.get(&svc) {
+        Some(b) => a.intersects(b),
+        None => false,
+    }
+}
+
+/// Egress policy: the default, inverted by any matching exception rule.
+#[inline(always)]
+fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
+    let default_allow = CONFIG.get(0).is_none_or(|c| c.egress_default_deny == 0);
+    let dst = Key::new(32, pkt.daddr.to_ne_bytes());
+    let svc = Key::new(
+        EG_SVC_BASE_BITS + 16,
+        EgSvcData {
+            proto: pkt.proto,
+            service: l4.service,
+            _pad: 0,
+        },
+    );
+    let matched = match (EG_DST.get(&dst), EG_SVC.get(&svc)) {
+        (Some(a), Some(b)) => a.intersects(b),
+        _ => false,
+    };
+    default_allow != matched
+}
+
+/// The flow key of this packet, in the guest's view (`guest` is the private address V).
+#[inline(always)]
+pub fn flow_key(pkt: &Packet, l4: &Transport, inbound: bool, guest: u32) -> FlowKey {
+    let (remote, guest_port, remote_port) = if inbound {
+        (pkt.saddr, l4.dport, l4.sport)
+    } else {
+        (pkt.daddr, l4.sport, l4.dport)
+    };
+    FlowKey {
+        guest,
+        remote,
+        guest_port,
+        remote_port,
+        proto: pkt.proto,
+        ..FlowKey::default()
+    }
+}
+
+/// Decides a translated-direction packet. `public`/`private` are the mapping's addresses.
+/// Returns the drop reason if policy forbids it.
+#[inline(always)]
+pub fn check(
+    pkt: &Packet,
+    l4: &Transport,
+    inbound: bool,
+    public: u32,
+    private: u32,
+) -> Result<(), Reason> {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = flow_key(pkt, l4, inbound, private);
+    if track(&key, pkt.proto, l4.tcp_flags, !inbound, now) {
+        return Ok(());
+    }
+    // RELATED: an ICMP error about a tracked flow.
+    if let Some(e) = &l4.icmp_error
+        && let Some((guest_port, remote_port)) = e.ports
+    {
+        let related = FlowKey {
+            guest: private,
+            remote: e.remote,
+            guest_port,
+            remote_port,
+            proto: e.proto,
+            ..FlowKey::default()
+        };
+        if is_live(&related, now) {
+            return Ok(());
+        }
+    }
+    let allowed = if inbound {
+        firewall_allows(public, pkt, l4)
+    } else {
+        egress_allows(pkt, l4)
+    };
+    if !allowed {
+        return Err(if inbound {
+            Reason::InboundDenied
+        } else {
+            Reason::OutboundDenied
+        });
+    }
+    // ICMP errors never open flows (netfilter tracks them only as RELATED).
+    if l4.icmp_error.is_none() {
+        create(&key, pkt.proto, l4.tcp_flags, !inbound, now);
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! `natctl conntrack list|flush`.
+use std::path::Path;
+
+use clap::Subcommand;
+use nat_userspace::api::{Reply, Request};
+
+use crate::{call, print_json};
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// List tracked flows (guest's view: private address first).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget every tracked flow (established connections then need a rule again).
+    Flush,
+}
+
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+    let (req, json) = match cmd {
+        Cmd::List { json } => (Request::ConntrackList, json),
+        Cmd::Flush => (Request::ConntrackFlush, false),
+    };
+    match call(socket, req)? {
+        Reply::Done { message } => println!("{message}"),
+        Reply::Flows { capacity, flows } if json => {
+            print_json(&serde_json::json!({ "capacity": capacity, "flows": flows }))?
+        }
+        Reply::Flows { capacity, flows } => {
+            println!("{} of {capacity} entries", flows.len());
+            println!(
+                "{:<6} {:<22} {:<22} {:<16} {:<7} {:>8} {:>10}",
+                "PROTO", "GUEST", "REMOTE", "STATE", "ORIGIN", "IDLE_S", "EXPIRES_S"
+            );
+            for f in flows {
+                println!(
+                    "{:<6} {:<22} {:<22} {:<16} {:<7} {:>8} {:>10}",
+                    f.proto,
+                    format!("{}:{}", f.guest, f.guest_port),
+                    format!("{}:{}", f.remote, f.remote_port),
+                    f.state,
+                    f.origin,
+                    f.idle_secs,
+                    f.expires_in_secs
+                );
+            }
+        }
+        other => return Err(format!("unexpected answer from natd: {other:?}")),
+    }
+    Ok(())
+}

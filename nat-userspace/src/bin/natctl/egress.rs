@@ -1,0 +1,72 @@
+//! `natctl egress policy|add|del|list`: the guest network's egress policy.
+use std::path::Path;
+
+use clap::{Subcommand, ValueEnum};
+use nat_userspace::api::{Reply, Request};
+
+use crate::{call, print_json, rule::RuleArgs, rule::describe};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Policy {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Default for guest traffic that no exception rule matches.
+    Policy { policy: Policy },
+    /// Add an exception to the default (prints the new rule's id); --cidr is the destination.
+    Add {
+        #[command(flatten)]
+        rule: RuleArgs,
+    },
+    /// Delete exception rule ID.
+    Del { id: u64 },
+    /// Show the default and the exception rules.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+    let (req, json) = match cmd {
+        Cmd::Policy { policy } => (
+            Request::EgressPolicy {
+                allow: matches!(policy, Policy::Allow),
+            },
+            false,
+        ),
+        Cmd::Add { rule } => (Request::EgressAdd { rule: rule.spec() }, false),
+        Cmd::Del { id } => (Request::EgressDel { id }, false),
+        Cmd::List { json } => (Request::EgressList, json),
+    };
+    match call(socket, req)? {
+        Reply::RuleAdded { id, .. } => println!("{id}"),
+        Reply::Done { message } => println!("{message}"),
+        Reply::Egress {
+            default_allow,
+            rules,
+        } if json => {
+            print_json(&serde_json::json!({ "default_allow": default_allow, "rules": rules }))?
+        }
+        Reply::Egress {
+            default_allow,
+            rules,
+        } => {
+            let (d, x) = if default_allow {
+                ("allow", "deny")
+            } else {
+                ("deny", "allow")
+            };
+            println!("default: {d}; exceptions ({x}):");
+            println!("{:<8} RULE (DESTINATIONS)", "ID");
+            for r in rules {
+                println!("{:<8} {}", r.id, describe(&r.service, &r.cidrs));
+            }
+        }
+        other => return Err(format!("unexpected answer from natd: {other:?}")),
+    }
+    Ok(())
+}

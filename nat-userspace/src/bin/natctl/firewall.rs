@@ -1,0 +1,56 @@
+//! `natctl firewall add|del|list`: ingress rules of public IPs.
+use std::{net::Ipv4Addr, path::Path};
+
+use clap::Subcommand;
+use nat_userspace::api::{Reply, Request};
+
+use crate::{call, print_json, rule::RuleArgs, rule::describe};
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Allow traffic to PUBLIC (prints the new rule's id).
+    Add {
+        public: Ipv4Addr,
+        #[command(flatten)]
+        rule: RuleArgs,
+    },
+    /// Delete rule ID (tracked connections it admitted keep working).
+    Del { id: u64 },
+    /// List ingress rules.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+    let (req, json) = match cmd {
+        Cmd::Add { public, rule } => (
+            Request::FirewallAdd {
+                public,
+                rule: rule.spec(),
+            },
+            false,
+        ),
+        Cmd::Del { id } => (Request::FirewallDel { id }, false),
+        Cmd::List { json } => (Request::FirewallList, json),
+    };
+    match call(socket, req)? {
+        Reply::RuleAdded { id, .. } => println!("{id}"),
+        Reply::Done { message } => println!("{message}"),
+        Reply::Firewall { rules } if json => print_json(&rules)?,
+        Reply::Firewall { rules } => {
+            println!("{:<8} {:<16} RULE (SOURCES)", "ID", "PUBLIC");
+            for r in rules {
+                println!(
+                    "{:<8} {:<16} {}",
+                    r.id,
+                    r.public.to_string(),
+                    describe(&r.service, &r.cidrs)
+                );
+            }
+        }
+        other => return Err(format!("unexpected answer from natd: {other:?}")),
+    }
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! Rule options shared by `natctl firewall add` and `natctl egress add`.
+use clap::Args;
+use nat_userspace::{
+    api::RuleSpec,
+    cidr::Cidr,
+    firewall::{PortRange, Proto},
+};
+
+#[derive(Debug, Args)]
+pub struct RuleArgs {
+    /// Protocol.
+    #[arg(long)]
+    pub proto: Proto,
+    /// Destination port or range (tcp/udp only): N or N-M, within 1-65535.
+    #[arg(long)]
+    pub ports: Option<PortRange>,
+    /// A CIDR (repeat for several); none = 0.0.0.0/0.
+    #[arg(long = "cidr")]
+    pub cidrs: Vec<Cidr>,
+    /// ICMP type, -1 = any (icmp only).
+    #[arg(long, allow_negative_numbers = true)]
+    pub icmp_type: Option<i64>,
+    /// ICMP code, -1 = any (icmp only).
+    #[arg(long, allow_negative_numbers = true)]
+    pub icmp_code: Option<i64>,
+}
+
+impl RuleArgs {
+    pub fn spec(self) -> RuleSpec {
+        RuleSpec {
+            proto: self.proto,
+            ports: self.ports,
+            icmp_type: self.icmp_type,
+            icmp_code: self.icmp_code,
+            cidrs: self.cidrs,
+        }
+    }
+}
+
+/// "tcp 22 from 198.51.100.0/24" for listings.
+pub fn describe(service: &nat_userspace::firewall::Service, cidrs: &[Cidr]) -> String {
+    let list: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+    format!("{service} [{}]", list.join(", "))
+}
