@@ -1,0 +1,441 @@
+//! The reference model of the XDP program: the translation spec written out in plain Rust over
+//! a byte slice, independently of `nat-ebpf` (big-endian field reads, its own RFC 1624
+//! arithmetic on big-endian words, its own route table standing in for `bpf_fib_lookup`).
+//!
+//! Invariants it encodes: every frame ends with exactly one [`Reason`]; a pass leaves the frame
+//! byte-for-byte untouched and counts no mapping; a redirect rewrites addresses, every checksum
+//! covering them, TTL and MACs, and counts exactly one mapping.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use nat_common::{ROLE_GUEST, ROLE_PUBLIC, Reason};
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Which mapping table a frame used: `NAT_IN` (inbound) or `NAT_OUT` (outbound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// What happened to one frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// XDP action ([`XDP_PASS`] or [`XDP_REDIRECT`]).
+    pub action: u32,
+    /// The one `STATS` slot the frame bumped.
+    pub reason: Reason,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// The mapping whose counters moved (key of `NAT_IN` or `NAT_OUT`), if any.
+    pub counted: Option<(Direction, Ipv4Addr)>,
+}
+
+/// An interface as the route table sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Iface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RouteKind {
+    /// An address of this host (local table): not forwarded.
+    Local,
+    /// A subnet broadcast address (local table): not forwarded.
+    Broadcast,
+    /// On-link: the next hop is the destination itself.
+    Connected,
+    /// Via a gateway on the route's interface.
+    Gateway(Ipv4Addr),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Route {
+    net: u32,
+    len: u8,
+    kind: RouteKind,
+    dev: u32,
+}
+
+/// Next hop of a forwarded frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// A stand-in for the namespace's FIB and neighbour table, built from the same facts the
+/// harness configures with `ip`, answering as `bpf_fib_lookup` does for IPv4 forwarding:
+/// longest prefix match; non-unicast results are "not forwarded"; the egress MTU is checked
+/// before the neighbour.
+#[derive(Clone, Debug, Default)]
+pub struct Fib {
+    routes: Vec<Route>,
+    neighbours: HashMap<(u32, Ipv4Addr), [u8; 6]>,
+    ifaces: HashMap<u32, Iface>,
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - len) }
+}
+
+impl Fib {
+    pub fn add_iface(&mut self, iface: Iface) {
+        self.ifaces.insert(iface.ifindex, iface);
+    }
+
+    /// `ip addr add ADDR/LEN dev DEV`: local and broadcast routes plus the subnet route.
+    pub fn add_address(&mut self, dev: u32, addr: Ipv4Addr, len: u8) {
+        let a = u32::from(addr);
+        self.routes.push(Route {
+            net: a,
+            len: 32,
+            kind: RouteKind::Local,
+            dev,
+        });
+        if len < 31 {
+            let bcast = a | !mask(len);
+            self.routes.push(Route {
+                net: bcast,
+                len: 32,
+                kind: RouteKind::Broadcast,
+                dev,
+            });
+        }
+        self.routes.push(Route {
+            net: a & mask(len),
+            len,
+            kind: RouteKind::Connected,
+            dev,
+        });
+    }
+
+    /// `ip route add NET/LEN via GW` (GW reachable on `dev`).
+    pub fn add_gateway_route(&mut self, dev: u32, net: Ipv4Addr, len: u8, gw: Ipv4Addr) {
+        let net = u32::from(net) & mask(len);
+        self.routes.push(Route {
+            net,
+            len,
+            kind: RouteKind::Gateway(gw),
+            dev,
+        });
+    }
+
+    /// `ip neigh add IP lladdr MAC dev DEV nud permanent`.
+    pub fn add_neighbour(&mut self, dev: u32, ip: Ipv4Addr, mac: [u8; 6]) {
+        self.neighbours.insert((dev, ip), mac);
+    }
+
+    pub fn lookup(&self, dst: Ipv4Addr, tot_len: u16) -> Result<Hop, Reason> {
+        let d = u32::from(dst);
+        let route = self
+            .routes
+            .iter()
+            .filter(|r| d & mask(r.len) == r.net)
+            .max_by_key(|r| r.len)
+            .ok_or(Reason::NoRoute)?;
+        let nh = match route.kind {
+            RouteKind::Local | RouteKind::Broadcast => return Err(Reason::NoRoute),
+            RouteKind::Connected => dst,
+            RouteKind::Gateway(gw) => gw,
+        };
+        let iface = self.ifaces.get(&route.dev).ok_or(Reason::NoRoute)?;
+        if tot_len > iface.mtu {
+            return Err(Reason::FragNeeded);
+        }
+        let dmac = self
+            .neighbours
+            .get(&(route.dev, nh))
+            .ok_or(Reason::NoNeighbour)?;
+        Ok(Hop {
+            ifindex: iface.ifindex,
+            smac: iface.mac,
+            dmac: *dmac,
+        })
+    }
+}
+
+/// The program's configuration (its maps) plus the environment's route table.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    /// `IFACES`: ifindex -> role.
+    pub roles: HashMap<u32, u32>,
+    /// `NAT_IN`: public -> private.
+    pub nat_in: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// `NAT_OUT`: private -> public.
+    pub nat_out: HashMap<Ipv4Addr, Ipv4Addr>,
+    pub fib: Fib,
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn addr_at(b: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+/// RFC 1624 eqn. 3, `HC' = ~(~HC + ~m + m')`, over the big-endian words of `old` -> `new`.
+fn update(check: u16, old: &[u8], new: &[u8]) -> u16 {
+    let mut sum = u32::from(!check);
+    for w in old.chunks(2) {
+        sum += u32::from(!u16::from_be_bytes([w[0], w[1]]));
+    }
+    for w in new.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// [`update`] with the UDP rules of RFC 768: 0 (no checksum) stays 0, a computed 0 is 0xFFFF.
+fn update_udp(check: u16, old: &[u8], new: &[u8]) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match update(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// A checksum (big-endian offset) covering the translated address and whether UDP rules apply.
+#[derive(Clone, Copy, Debug)]
+struct Csum {
+    at: usize,
+    udp: bool,
+}
+
+/// What the transport layer of a translated frame needs rewritten.
+#[derive(Debug)]
+enum L4Edit {
+    None,
+    Pseudo(Csum),
+    IcmpError { addr: usize, inner: Option<Csum> },
+}
+
+const ETH: usize = 14;
+const L4: usize = ETH + 20;
+const EMB_IP: usize = L4 + 8;
+const EMB_L4: usize = EMB_IP + 20;
+
+impl Model {
+    /// Runs one frame arriving on `ingress` through the spec.
+    pub fn run(&self, ingress: u32, frame: &[u8]) -> Outcome {
+        self.translate(ingress, frame)
+            .unwrap_or_else(|reason| Outcome {
+                action: XDP_PASS,
+                reason,
+                frame: frame.to_vec(),
+                counted: None,
+            })
+    }
+
+    /// Steps 1 to 7 of the spec; `Err` is the reason to pass the frame untouched.
+    fn translate(&self, ingress: u32, f: &[u8]) -> Result<Outcome, Reason> {
+        // 1. Interface.
+        let role = *self.roles.get(&ingress).ok_or(Reason::UnknownIface)?;
+        // 2. Ethernet and IPv4 sanity.
+        if f.len() < ETH || be16(f, 12) != 0x0800 {
+            return Err(Reason::NotIpv4);
+        }
+        if f.len() < L4 {
+            return Err(Reason::Malformed);
+        }
+        let (version, ihl) = (f[ETH] >> 4, (f[ETH] & 0x0f) as usize);
+        if version != 4 || ihl < 5 {
+            return Err(Reason::Malformed);
+        }
+        let tot_len = be16(f, ETH + 2) as usize;
+        if tot_len < ihl * 4 || ETH + tot_len > f.len() {
+            return Err(Reason::Malformed);
+        }
+        if ihl > 5 {
+            return Err(Reason::IpOptions);
+        }
+        if be16(f, ETH + 6) & 0x3fff != 0 {
+            return Err(Reason::Fragment);
+        }
+        let (ttl, proto) = (f[ETH + 8], f[ETH + 9]);
+        let (saddr, daddr) = (addr_at(f, ETH + 12), addr_at(f, ETH + 16));
+
+        // 3. Classify.
+        let inbound = role == ROLE_PUBLIC;
+        let (dir, old, new) = if inbound {
+            (
+                Direction::Inbound,
+                daddr,
+                *self.nat_in.get(&daddr).ok_or(Reason::Unmapped)?,
+            )
+        } else {
+            (
+                Direction::Outbound,
+                saddr,
+                *self.nat_out.get(&saddr).ok_or(Reason::Unmapped)?,
+            )
+        };
+        // 4. TTL.
+        if ttl <= 1 {
+            return Err(Reason::TtlExpired);
+        }
+        // 5. Transport.
+        let edit = transport(f, proto, tot_len - 20, inbound, old)?;
+        // 6. Route.
+        // The lookup also gets the (translated) source, which only multipath hashing and policy
+        // rules would look at; the test namespace has neither.
+        let dst = if inbound { new } else { daddr };
+        let hop = self.fib.lookup(dst, tot_len as u16)?;
+        let want = if inbound { ROLE_GUEST } else { ROLE_PUBLIC };
+        if self.roles.get(&hop.ifindex) != Some(&want) {
+            return Err(Reason::WrongEgress);
+        }
+        // 7. Rewrite.
+        let mut out = f.to_vec();
+        rewrite(&mut out, &edit, inbound, old, new, &hop);
+        let reason = if inbound {
+            Reason::InboundForwarded
+        } else {
+            Reason::OutboundForwarded
+        };
+        let key = if inbound { daddr } else { saddr };
+        Ok(Outcome {
+            action: XDP_REDIRECT,
+            reason,
+            frame: out,
+            counted: Some((dir, key)),
+        })
+    }
+}
+
+/// Step 5 of the spec: transport sanity and which checksums the translation touches.
+fn transport(
+    f: &[u8],
+    proto: u8,
+    l4_len: usize,
+    inbound: bool,
+    old: Ipv4Addr,
+) -> Result<L4Edit, Reason> {
+    let holds = |at: usize, n: usize| f.len() >= at + n;
+    match proto {
+        6 => {
+            if !holds(L4, 20) || l4_len < 20 {
+                return Err(Reason::Malformed);
+            }
+            let doff = (f[L4 + 12] >> 4) as usize * 4;
+            if doff < 20 || doff > l4_len {
+                return Err(Reason::Malformed);
+            }
+            Ok(L4Edit::Pseudo(Csum {
+                at: L4 + 16,
+                udp: false,
+            }))
+        }
+        17 => {
+            if !holds(L4, 8) || l4_len < 8 {
+                return Err(Reason::Malformed);
+            }
+            let ulen = be16(f, L4 + 4) as usize;
+            if ulen < 8 || ulen > l4_len {
+                return Err(Reason::Malformed);
+            }
+            Ok(L4Edit::Pseudo(Csum {
+                at: L4 + 6,
+                udp: true,
+            }))
+        }
+        1 => {
+            if !holds(L4, 8) || l4_len < 8 {
+                return Err(Reason::Malformed);
+            }
+            if !matches!(f[L4], 3 | 11 | 12) {
+                return Ok(L4Edit::None);
+            }
+            if !holds(EMB_IP, 20) || l4_len < 28 {
+                return Err(Reason::IcmpErrorUnrelated);
+            }
+            let (emb, addr) = if inbound {
+                (addr_at(f, EMB_IP + 12), EMB_IP + 12)
+            } else {
+                (addr_at(f, EMB_IP + 16), EMB_IP + 16)
+            };
+            if f[EMB_IP] != 0x45 || emb != old {
+                return Err(Reason::IcmpErrorUnrelated);
+            }
+            let quoted = l4_len - 28;
+            let inner = match f[EMB_IP + 9] {
+                6 if quoted >= 18 => Some(Csum {
+                    at: EMB_L4 + 16,
+                    udp: false,
+                }),
+                17 if quoted >= 8 => Some(Csum {
+                    at: EMB_L4 + 6,
+                    udp: true,
+                }),
+                _ => None,
+            };
+            Ok(L4Edit::IcmpError { addr, inner })
+        }
+        _ => Ok(L4Edit::None),
+    }
+}
+
+/// Step 7 of the spec on a frame every check accepted.
+fn rewrite(out: &mut [u8], edit: &L4Edit, inbound: bool, old: Ipv4Addr, new: Ipv4Addr, hop: &Hop) {
+    let (o, n) = (old.octets(), new.octets());
+    match *edit {
+        L4Edit::None => {}
+        L4Edit::Pseudo(c) => {
+            let v = be16(out, c.at);
+            let v2 = if c.udp {
+                update_udp(v, &o, &n)
+            } else {
+                update(v, &o, &n)
+            };
+            put16(out, c.at, v2);
+        }
+        L4Edit::IcmpError { addr, inner } => {
+            let icmp_at = L4 + 2;
+            let mut icmp = be16(out, icmp_at);
+            out[addr..addr + 4].copy_from_slice(&n);
+            icmp = update(icmp, &o, &n);
+            let ip_at = EMB_IP + 10;
+            let c = be16(out, ip_at);
+            let c2 = update(c, &o, &n);
+            put16(out, ip_at, c2);
+            icmp = update(icmp, &c.to_be_bytes(), &c2.to_be_bytes());
+            if let Some(ic) = inner {
+                let c = be16(out, ic.at);
+                let c2 = if ic.udp {
+                    update_udp(c, &o, &n)
+                } else {
+                    update(c, &o, &n)
+                };
+                put16(out, ic.at, c2);
+                icmp = update(icmp, &c.to_be_bytes(), &c2.to_be_bytes());
+            }
+            put16(out, icmp_at, icmp);
+        }
+    }
+    let csum_at = ETH + 10;
+    let mut ip = be16(out, csum_at);
+    let addr = if inbound { ETH + 16 } else { ETH + 12 };
+    out[addr..addr + 4].copy_from_slice(&n);
+    ip = update(ip, &o, &n);
+    let ttl_word = [out[ETH + 8], out[ETH + 9]];
+    let ttl_word2 = [ttl_word[0] - 1, ttl_word[1]];
+    out[ETH + 8] = ttl_word2[0];
+    ip = update(ip, &ttl_word, &ttl_word2);
+    put16(out, csum_at, ip);
+    out[0..6].copy_from_slice(&hop.dmac);
+    out[6..12].copy_from_slice(&hop.smac);
+}

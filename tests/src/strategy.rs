@@ -1,0 +1,485 @@
+//! Random frames for the differential property test: mostly well-formed frames aimed at the
+//! harness's mappings and routes (so every reason, including both forwarded ones, is reached),
+//! then optionally damaged: truncated, bytes flipped or overwritten in the headers, total length
+//! rewritten. A [`FrameSpec`] is the shrinkable description; [`FrameSpec::build`] the bytes.
+use std::net::Ipv4Addr;
+
+use proptest::{collection::vec, prelude::*, sample::select};
+
+use crate::{
+    harness::*,
+    packet::{self, DF, Ip, MF},
+};
+
+/// Where a frame arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingress {
+    Public,
+    Guest,
+    /// `oth0`: exists, not in `IFACES`.
+    Other,
+    /// `lo`: exists in every namespace, not in `IFACES`.
+    Loopback,
+}
+
+/// The quoted packet of an ICMP error.
+#[derive(Clone, Debug)]
+pub struct Inner {
+    /// Quote the reverse of the outer packet (inner src = outer dst, inner dst = outer src),
+    /// which is what a real error about a translated flow looks like in either direction.
+    pub related: bool,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub udp_csum: bool,
+    pub payload: usize,
+    /// Option words in the inner IP header (nonzero makes it unrelated).
+    pub options: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        option_words: usize,
+        payload: usize,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: usize,
+        csum: bool,
+    },
+    Echo {
+        ty: u8,
+        payload: usize,
+    },
+    /// `quote` bytes of the inner packet (clamped to its length).
+    Error {
+        ty: u8,
+        code: u8,
+        inner: Inner,
+        quote: usize,
+    },
+    Other {
+        proto: u8,
+        payload: usize,
+    },
+}
+
+/// Damage applied to the built frame, in order.
+#[derive(Clone, Debug)]
+pub enum Mutation {
+    /// Cut to `14 + n % (len - 13)` bytes (`BPF_PROG_TEST_RUN` refuses frames under 14 bytes).
+    Truncate(usize),
+    Xor {
+        at: usize,
+        mask: u8,
+    },
+    Set {
+        at: usize,
+        value: u8,
+    },
+    TotLen(u16),
+    /// Add to the total length (wrapping), for values just around the real one.
+    TotLenDelta(i16),
+    /// Overwrite the 16-bit word at `at` (a checksum field) with `value`, e.g. 0 or 0xFFFF.
+    Word {
+        at: usize,
+        value: u16,
+    },
+}
+
+/// Frame offsets of every checksum the program may update: outer IP, ICMP, UDP, TCP, quoted IP,
+/// quoted UDP, quoted TCP.
+const CSUM_OFFSETS: [usize; 7] = [24, 36, 40, 50, 52, 68, 78];
+
+#[derive(Clone, Debug)]
+pub struct FrameSpec {
+    pub ingress: Ingress,
+    pub ethertype: u16,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub tos: u8,
+    pub ttl: u8,
+    pub frag: u16,
+    pub option_words: usize,
+    pub transport: Transport,
+    /// Grow the payload so the IP packet is this long (around the 1400/1500 MTUs).
+    pub big: Option<usize>,
+    /// Ethernet padding after the IP packet.
+    pub padding: usize,
+    pub mutations: Vec<Mutation>,
+}
+
+/// `NAT_IN` keys, the forwardable ones twice as likely.
+const NAT_IN_KEYS: [Ipv4Addr; 12] = [
+    P1,
+    P1,
+    P2,
+    P2,
+    P1,
+    P3,
+    P_TO_REMOTE,
+    P_TO_UNROUTED,
+    P_TO_OTHER,
+    P_TO_LOCAL,
+    P_TO_BCAST,
+    P2,
+];
+/// `NAT_OUT` keys.
+const NAT_OUT_KEYS: [Ipv4Addr; 4] = [V1, V2, V3, V4];
+/// Destinations with every kind of route answer.
+const DESTINATIONS: [Ipv4Addr; 20] = [
+    Ipv4Addr::new(10, 0, 0, 0),
+    Ipv4Addr::new(198, 51, 100, 0),
+    Ipv4Addr::UNSPECIFIED,
+    Ipv4Addr::BROADCAST,
+    Ipv4Addr::new(224, 0, 0, 1),
+    Ipv4Addr::LOCALHOST,
+    REMOTE,
+    REMOTE,
+    REMOTE,
+    Ipv4Addr::new(192, 0, 2, 200),
+    PUB_GW,
+    PUB_NO_NEIGH,
+    PUB_ADDR,
+    Ipv4Addr::new(198, 51, 100, 255),
+    UNROUTED,
+    OTH_HOST,
+    GST_ADDR,
+    V1,
+    V2,
+    P1,
+];
+
+fn addr(pool: &'static [Ipv4Addr]) -> BoxedStrategy<Ipv4Addr> {
+    prop_oneof![
+        8 => select(pool),
+        1 => select(&DESTINATIONS[..]),
+        1 => any::<[u8; 4]>().prop_map(Ipv4Addr::from),
+    ]
+    .boxed()
+}
+
+fn ingress() -> impl Strategy<Value = Ingress> {
+    prop_oneof![
+        45 => Just(Ingress::Public),
+        45 => Just(Ingress::Guest),
+        5 => Just(Ingress::Other),
+        5 => Just(Ingress::Loopback),
+    ]
+}
+
+fn addresses(ing: Ingress) -> BoxedStrategy<(Ipv4Addr, Ipv4Addr)> {
+    match ing {
+        Ingress::Guest => {
+            let dst = prop_oneof![1 => Just(REMOTE), 2 => addr(&DESTINATIONS)];
+            (addr(&NAT_OUT_KEYS), dst).boxed()
+        }
+        _ => (addr(&DESTINATIONS), addr(&NAT_IN_KEYS)).boxed(),
+    }
+}
+
+fn small() -> impl Strategy<Value = usize> {
+    prop_oneof![3 => 0usize..=8, 2 => 0usize..=48]
+}
+
+fn inner() -> impl Strategy<Value = Inner> {
+    (
+        prop::bool::weighted(0.7),
+        addr(&DESTINATIONS),
+        addr(&NAT_OUT_KEYS),
+        prop_oneof![3 => select(&[6u8, 17, 1][..]), 1 => any::<u8>()],
+        any::<bool>(),
+        small(),
+        prop_oneof![9 => Just(0usize), 1 => 1usize..=3],
+    )
+        .prop_map(
+            |(related, src, dst, proto, udp_csum, payload, options)| Inner {
+                related,
+                src,
+                dst,
+                proto,
+                udp_csum,
+                payload,
+                options,
+            },
+        )
+}
+
+fn tcp() -> impl Strategy<Value = Transport> {
+    let option_words = prop_oneof![4 => Just(0usize), 1 => 0usize..=10];
+    (any::<u16>(), any::<u16>(), option_words, small()).prop_map(|(sport, dport, w, payload)| {
+        Transport::Tcp {
+            sport,
+            dport,
+            option_words: w,
+            payload,
+        }
+    })
+}
+
+fn udp() -> impl Strategy<Value = Transport> {
+    (
+        any::<u16>(),
+        any::<u16>(),
+        small(),
+        prop::bool::weighted(0.8),
+    )
+        .prop_map(|(sport, dport, payload, csum)| Transport::Udp {
+            sport,
+            dport,
+            payload,
+            csum,
+        })
+}
+
+fn echo() -> impl Strategy<Value = Transport> {
+    (select(&[0u8, 8][..]), small()).prop_map(|(ty, payload)| Transport::Echo { ty, payload })
+}
+
+fn icmp_error() -> impl Strategy<Value = Transport> {
+    let ty = prop_oneof![7 => select(&[3u8, 11, 12][..]), 3 => any::<u8>()];
+    let quote = prop_oneof![2 => Just(usize::MAX), 3 => 0usize..=64];
+    (ty, 0u8..16, inner(), quote).prop_map(|(ty, code, inner, quote)| Transport::Error {
+        ty,
+        code,
+        inner,
+        quote,
+    })
+}
+
+fn other() -> impl Strategy<Value = Transport> {
+    let proto = prop_oneof![select(&[47u8, 50, 132][..]), any::<u8>()];
+    (proto, small()).prop_map(|(proto, payload)| Transport::Other { proto, payload })
+}
+
+fn transport() -> impl Strategy<Value = Transport> {
+    prop_oneof![30 => tcp(), 30 => udp(), 10 => echo(), 25 => icmp_error(), 5 => other()]
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let word = prop_oneof![select(&[0u16, 0xffff, 0xfffe, 1][..]), any::<u16>()];
+    prop_oneof![
+        3 => any::<usize>().prop_map(Mutation::Truncate),
+        3 => (0usize..96, any::<u8>()).prop_map(|(at, mask)| Mutation::Xor { at, mask }),
+        2 => (0usize..96, any::<u8>()).prop_map(|(at, value)| Mutation::Set { at, value }),
+        1 => any::<u16>().prop_map(Mutation::TotLen),
+        2 => (-48i16..48).prop_map(Mutation::TotLenDelta),
+        2 => (select(&CSUM_OFFSETS[..]), word).prop_map(|(at, value)| Mutation::Word { at, value }),
+    ]
+}
+
+fn ethertype() -> impl Strategy<Value = u16> {
+    let other = prop_oneof![select(&[0x0806u16, 0x86dd, 0x8100][..]), any::<u16>()];
+    prop_oneof![19 => Just(packet::ETH_P_IP), 1 => other]
+}
+
+fn ttl() -> impl Strategy<Value = u8> {
+    prop_oneof![6 => Just(64u8), 3 => select(&[0u8, 1, 2, 255][..]), 1 => any::<u8>()]
+}
+
+fn frag() -> impl Strategy<Value = u16> {
+    let offset = (1u16..0x2000).prop_map(|o| o | DF);
+    let fragment = prop_oneof![select(&[MF, MF | DF][..]), offset, any::<u16>()];
+    prop_oneof![16 => select(&[0u16, DF][..]), 4 => fragment]
+}
+
+/// A random frame description.
+pub fn frame_spec() -> impl Strategy<Value = FrameSpec> {
+    let mutations = prop_oneof![Just(Vec::new()), vec(mutation(), 1..=2)];
+    frame_spec_with(transport(), mutations)
+}
+
+/// A random frame description carrying an ICMP message with an error type or not, quoting
+/// (mostly) a packet of the flow: the deepest translation path.
+/// Damage is limited to checksum fields set to edge values, so most frames get translated.
+pub fn icmp_error_frame_spec() -> impl Strategy<Value = FrameSpec> {
+    let word = prop_oneof![select(&[0u16, 0xffff, 0xfffe, 1][..]), any::<u16>()];
+    let word =
+        (select(&CSUM_OFFSETS[..]), word).prop_map(|(at, value)| Mutation::Word { at, value });
+    let mutations = prop_oneof![2 => Just(Vec::new()), 1 => vec(word, 1..=2)];
+    frame_spec_with(icmp_error(), mutations)
+}
+
+fn frame_spec_with(
+    transport: impl Strategy<Value = Transport>,
+    mutations: impl Strategy<Value = Vec<Mutation>>,
+) -> impl Strategy<Value = FrameSpec> {
+    let ip = (
+        any::<u8>(),
+        ttl(),
+        frag(),
+        prop_oneof![19 => Just(0usize), 1 => 1usize..=10],
+    );
+    let size = (
+        prop_oneof![9 => Just(None), 1 => (1380usize..=1520).prop_map(Some)],
+        prop_oneof![3 => Just(0usize), 1 => 1usize..=20],
+    );
+    let ends = ingress().prop_flat_map(|ing| (Just(ing), addresses(ing)));
+    (ends, ethertype(), ip, transport, size, mutations).prop_map(
+        |((ingress, (src, dst)), ethertype, ip, transport, (big, padding), mutations)| {
+            let (tos, ttl, frag, option_words) = ip;
+            FrameSpec {
+                ingress,
+                ethertype,
+                src,
+                dst,
+                tos,
+                ttl,
+                frag,
+                option_words,
+                transport,
+                big,
+                padding,
+                mutations,
+            }
+        },
+    )
+}
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
+        .collect()
+}
+
+/// `n` bytes of NOP options ending with EOL (for IP and TCP).
+fn options(words: usize) -> Vec<u8> {
+    let mut o = vec![1u8; words * 4];
+    if let Some(last) = o.last_mut() {
+        *last = 0;
+    }
+    o
+}
+
+impl Inner {
+    fn packet(&self, outer_src: Ipv4Addr, outer_dst: Ipv4Addr) -> Vec<u8> {
+        let (src, dst) = if self.related {
+            (outer_dst, outer_src)
+        } else {
+            (self.src, self.dst)
+        };
+        let body = match self.proto {
+            6 => packet::tcp(src, dst, 40000, 443, &[], &payload(self.payload)),
+            17 => packet::udp(src, dst, 5000, 53, &payload(self.payload), self.udp_csum),
+            1 => packet::icmp_echo(8, 7, 1, &payload(self.payload)),
+            _ => payload(self.payload),
+        };
+        Ip::new(self.proto, src, dst)
+            .ttl(1)
+            .options(&options(self.options))
+            .packet(&body)
+    }
+}
+
+impl FrameSpec {
+    /// The frame's bytes. `big` grows the transport payload (not for ICMP errors).
+    pub fn build(&self) -> Vec<u8> {
+        let ip = Ip {
+            tos: self.tos,
+            id: 0x4242,
+            frag: self.frag,
+            ttl: self.ttl,
+            proto: 0,
+            src: self.src,
+            dst: self.dst,
+            options: options(self.option_words),
+        };
+        let overhead = 20 + self.option_words * 4;
+        let grow = |fixed: usize, n: usize| match self.big {
+            Some(total) => total.saturating_sub(overhead + fixed).max(n),
+            None => n,
+        };
+        let (proto, l4) = match &self.transport {
+            Transport::Tcp {
+                sport,
+                dport,
+                option_words,
+                payload: n,
+            } => {
+                let n = grow(20 + option_words * 4, *n);
+                let seg = packet::tcp(
+                    self.src,
+                    self.dst,
+                    *sport,
+                    *dport,
+                    &options(*option_words),
+                    &payload(n),
+                );
+                (packet::PROTO_TCP, seg)
+            }
+            Transport::Udp {
+                sport,
+                dport,
+                payload: n,
+                csum,
+            } => {
+                let n = grow(8, *n);
+                (
+                    packet::PROTO_UDP,
+                    packet::udp(self.src, self.dst, *sport, *dport, &payload(n), *csum),
+                )
+            }
+            Transport::Echo { ty, payload: n } => (
+                packet::PROTO_ICMP,
+                packet::icmp_echo(*ty, 0x77, 3, &payload(grow(8, *n))),
+            ),
+            Transport::Error {
+                ty,
+                code,
+                inner,
+                quote,
+            } => {
+                let q = inner.packet(self.src, self.dst);
+                (
+                    packet::PROTO_ICMP,
+                    packet::icmp_error(*ty, *code, 1400, &q, *quote),
+                )
+            }
+            Transport::Other { proto, payload: n } => (*proto, payload(grow(0, *n))),
+        };
+        let l3 = Ip { proto, ..ip }.packet(&l4);
+        let mut f = packet::ether(
+            [2, 0, 0, 0, 0, 0xee],
+            [2, 0, 0, 0, 0, 0xdd],
+            self.ethertype,
+            &l3,
+        );
+        f.extend(std::iter::repeat_n(0xa5u8, self.padding));
+        for m in &self.mutations {
+            match *m {
+                Mutation::Truncate(n) => f.truncate(14 + n % (f.len() - 13)),
+                Mutation::Xor { at, mask } => {
+                    if let Some(b) = f.get_mut(at) {
+                        *b ^= mask;
+                    }
+                }
+                Mutation::Set { at, value } => {
+                    if let Some(b) = f.get_mut(at) {
+                        *b = value;
+                    }
+                }
+                Mutation::TotLen(v) => {
+                    if f.len() >= 18 {
+                        f[16..18].copy_from_slice(&v.to_be_bytes());
+                    }
+                }
+                Mutation::Word { at, value } => {
+                    if let Some(w) = f.get_mut(at..at + 2) {
+                        w.copy_from_slice(&value.to_be_bytes());
+                    }
+                }
+                Mutation::TotLenDelta(d) => {
+                    if f.len() >= 18 {
+                        let v = u16::from_be_bytes([f[16], f[17]]).wrapping_add_signed(d);
+                        f[16..18].copy_from_slice(&v.to_be_bytes());
+                    }
+                }
+            }
+        }
+        f
+    }
+}

@@ -1,0 +1,327 @@
+//! Processes the end-to-end tests start: natd in the router namespace (stopped on drop: SIGTERM,
+//! a bounded wait, then SIGKILL), natctl, and any other command, each with a bounded run time
+//! so a hung child fails the test instead of hanging it.
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use nat_userspace::api::{MappingStatus, StatsReport};
+
+use super::{COMMAND_TIMEOUT, ROUTER_GUEST_IF, ROUTER_PUBLIC_IF, Topology};
+
+/// How long natd may take to create its control socket: loading (verifying) the XDP program
+/// costs about a second of CPU, much more when many tests load it at once on a small machine.
+pub const NATD_START: Duration = Duration::from_secs(60);
+/// How long natd may take to exit after SIGTERM before it is killed.
+pub const NATD_STOP: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A finished command's exit status and output.
+#[derive(Debug)]
+pub struct CmdOutput {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    /// Stdout if the command exited 0, else an error quoting the command and its stderr.
+    pub fn ok(self) -> anyhow::Result<String> {
+        ensure!(
+            self.status.success(),
+            "`{}` failed ({}): {}",
+            self.command,
+            self.status,
+            self.stderr.trim()
+        );
+        Ok(self.stdout)
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits up to `timeout` for `child` to exit; `None` if it is still running.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for a child")? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Runs `cmd` (stdin closed) to completion, killing it if it takes longer than `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<CmdOutput> {
+    let command = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{command}`"))?;
+    let reader = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let Some(status) = wait_timeout(&mut child, timeout)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("`{command}` did not finish within {timeout:?}; killed it");
+    };
+    let join = |h: std::thread::JoinHandle<String>| h.join().unwrap_or_default();
+    Ok(CmdOutput {
+        command,
+        status,
+        stdout: join(out),
+        stderr: join(err),
+    })
+}
+
+/// natd or natctl: `$NATD_BIN` / `$NATCTL_BIN` if set (`cargo xtask test` sets them), else next
+/// to the test binary's `deps/` directory (`target/debug/natd`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let var = format!("{}_BIN", name.to_uppercase());
+    let path = match std::env::var_os(&var) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().context("locating the test binary")?;
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|dir| dir.join(name))
+                .with_context(|| format!("no target directory above {}", exe.display()))?
+        }
+    };
+    ensure!(
+        path.is_file(),
+        "{name} not found at {} (set {var}, or build it first: `cargo build --bins`)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A running natd in the router namespace; stopped on drop.
+pub struct Natd {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Natd {
+    /// The natd command for `topo` with `args`; its output goes to `log`. `nsenter`, not
+    /// `ip netns exec`: natd keeps the host's mount namespace. nsenter execs natd (no fork for
+    /// a network namespace), so the child's pid is natd's.
+    fn command(topo: &Topology, args: &[&str], log: &Path) -> anyhow::Result<Command> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", topo.router.path().display()))
+            .arg(binary("natd")?)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().context("duplicating the log handle")?)
+            .stderr(file);
+        Ok(cmd)
+    }
+
+    /// Starts natd on pub0/gst0 with `config` (TOML text, written to a file) or none, and waits
+    /// until its control socket exists.
+    pub fn start(topo: &Topology, config: Option<&str>) -> anyhow::Result<Self> {
+        let dir = topo.dir.path();
+        let socket = dir.join("natd.sock");
+        let log = dir.join("natd.log");
+        let mut args = vec![
+            "--public-iface",
+            ROUTER_PUBLIC_IF,
+            "--guest-iface",
+            ROUTER_GUEST_IF,
+        ];
+        let socket_arg = socket.to_string_lossy().into_owned();
+        args.extend(["--socket", &socket_arg]);
+        let config_path = dir.join("natd.toml");
+        let config_arg = config_path.to_string_lossy().into_owned();
+        if let Some(text) = config {
+            std::fs::write(&config_path, text)
+                .with_context(|| format!("writing {}", config_path.display()))?;
+            args.extend(["--config", &config_arg]);
+        }
+        let mut cmd = Self::command(topo, &args, &log)?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
+        let mut natd = Self {
+            child,
+            socket,
+            log,
+            exited: None,
+        };
+        let deadline = Instant::now() + NATD_START;
+        while !natd.socket.exists() {
+            if let Some(status) = natd.child.try_wait().context("waiting for natd")? {
+                natd.exited = Some(status);
+                bail!(
+                    "natd exited ({status}) before serving:\n{}",
+                    natd.log_text()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "natd did not create {} within {NATD_START:?}:\n{}",
+                natd.socket.display(),
+                natd.log_text()
+            );
+            std::thread::sleep(POLL);
+        }
+        Ok(natd)
+    }
+
+    /// Runs natd with `args` in the router namespace, expecting it to exit by itself within
+    /// `timeout`; returns its status and output (stdout and stderr interleaved).
+    pub fn run_to_exit(
+        topo: &Topology,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, String)> {
+        let log = topo.dir.path().join("natd-run.log");
+        let mut cmd = Self::command(topo, args, &log)?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
+        let Some(status) = wait_timeout(&mut child, timeout)? else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "`{}` still ran after {timeout:?}; killed it",
+                describe(&cmd)
+            );
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok((status, text))
+    }
+
+    /// True while natd has not exited.
+    pub fn is_running(&mut self) -> anyhow::Result<bool> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().context("waiting for natd")?;
+        }
+        Ok(self.exited.is_none())
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// natctl bound to this natd's socket.
+    pub fn natctl(&self) -> anyhow::Result<Natctl> {
+        Natctl::new(&self.socket)
+    }
+
+    /// Everything natd printed so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to [`NATD_STOP`]; then SIGKILL. Returns the exit status, or
+    /// an error if SIGKILL was needed.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
+        if let Some(status) = self.child.try_wait().context("waiting for natd")? {
+            self.exited = Some(status);
+            return Ok(status);
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).context("natd's pid")?;
+        // SAFETY: plain syscall; `pid` is our own child, not yet reaped, so it is natd.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        if let Some(status) = wait_timeout(&mut self.child, NATD_STOP)? {
+            self.exited = Some(status);
+            return Ok(status);
+        }
+        self.child.kill().context("killing natd")?;
+        let status = self.child.wait().context("waiting for natd")?;
+        self.exited = Some(status);
+        bail!("natd did not exit within {NATD_STOP:?} of SIGTERM; killed it ({status})")
+    }
+}
+
+impl Drop for Natd {
+    fn drop(&mut self) {
+        if let Err(e) = self.terminate() {
+            eprintln!("cleanup: {e:#}");
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- natd log ----\n{}---- end of natd log ----",
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// natctl talking to one socket.
+pub struct Natctl {
+    bin: PathBuf,
+    socket: PathBuf,
+}
+
+impl Natctl {
+    pub fn new(socket: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            bin: binary("natctl")?,
+            socket: socket.into(),
+        })
+    }
+
+    /// Runs `natctl --socket S ARGS...` whatever its exit status.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<CmdOutput> {
+        run_bounded(
+            Command::new(&self.bin)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args),
+            COMMAND_TIMEOUT,
+        )
+    }
+
+    /// Runs natctl; its stdout, or an error unless it exited 0.
+    pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.run(args)?.ok()
+    }
+
+    /// `natctl stats --json`, parsed.
+    pub fn stats(&self) -> anyhow::Result<StatsReport> {
+        let out = self.ok(&["stats", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("parsing `natctl stats --json`: {out}"))
+    }
+
+    /// `natctl mapping list --json`, parsed.
+    pub fn mappings(&self) -> anyhow::Result<Vec<MappingStatus>> {
+        let out = self.ok(&["mapping", "list", "--json"])?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("parsing `natctl mapping list --json`: {out}"))
+    }
+}

@@ -1,0 +1,118 @@
+//! Differential property test: random, often damaged frames (see `nat_tests::strategy`)
+//! through the program and the model must agree on verdict, reason, output bytes and the
+//! mapping counted; a translated undamaged frame must also have every checksum valid.
+//! `NAT_PROPTEST_CASES` sets the number of frames (default 20 000, plus a quarter of that
+//! again aimed at ICMP errors).
+use std::{cell::RefCell, time::Instant};
+
+use nat_common::Reason;
+use nat_tests::{
+    harness::Harness,
+    model::XDP_REDIRECT,
+    packet::{PROTO_ICMP, verify_checksums},
+    strategy::{FrameSpec, Ingress, frame_spec, icmp_error_frame_spec},
+};
+use proptest::{
+    strategy::Strategy,
+    test_runner::{Config, TestCaseError, TestRunner},
+};
+
+use crate::common::*;
+
+const DEFAULT_CASES: u32 = 20_000;
+
+fn cases_from_env() -> u32 {
+    match std::env::var("NAT_PROPTEST_CASES") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("NAT_PROPTEST_CASES={v}: {e}")),
+        Err(_) => DEFAULT_CASES,
+    }
+}
+
+/// What the generator reached, so a strategy that drifts away from a path fails loudly.
+#[derive(Default)]
+struct Coverage {
+    reasons: [u32; Reason::COUNT as usize],
+    icmp_errors_translated: u32,
+}
+
+/// One case: program and model agree; an undamaged translated frame has valid checksums.
+fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), TestCaseError> {
+    let t = h.topo;
+    let ingress = match spec.ingress {
+        Ingress::Public => t.pub0.ifindex,
+        Ingress::Guest => t.gst0.ifindex,
+        Ingress::Other => t.oth0.ifindex,
+        Ingress::Loopback => t.lo.ifindex,
+    };
+    let frame = spec.build();
+    let got = h
+        .run(ingress, &frame)
+        .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+    let want = h.model.run(ingress, &frame);
+    let mut c = cov.borrow_mut();
+    c.reasons[got.reason as usize] += 1;
+    // Only a redirected frame is sure to hold an ICMP header.
+    let redirected = got.action == XDP_REDIRECT;
+    if redirected && frame[23] == PROTO_ICMP && matches!(frame[34], 3 | 11 | 12) {
+        c.icmp_errors_translated += 1;
+    }
+    if redirected && spec.mutations.is_empty() {
+        verify_checksums(&got.frame)
+            .map_err(|e| TestCaseError::fail(format!("{e} after translating {}", hex(&frame))))?;
+    }
+    if got != want {
+        let (g, w) = (describe(&got), describe(&want));
+        return Err(TestCaseError::fail(format!(
+            "ingress {ingress}, frame {}\nprogram: {g}\nmodel:   {w}\n{}",
+            hex(&frame),
+            diff(&got.frame, &want.frame)
+        )));
+    }
+    Ok(())
+}
+
+fn run(h: &Harness, cov: &RefCell<Coverage>, cases: u32, s: impl Strategy<Value = FrameSpec>) {
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if let Err(e) = TestRunner::new(config).run(&s, |spec| check(h, cov, &spec)) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn program_matches_model() {
+    let h = harness();
+    let cases = cases_from_env();
+    let cov = RefCell::new(Coverage::default());
+    let start = Instant::now();
+    run(&h, &cov, cases, frame_spec());
+    run(&h, &cov, cases / 4, icmp_error_frame_spec());
+    let elapsed = start.elapsed();
+
+    let cov = cov.into_inner();
+    let seen = |r: Reason| cov.reasons[r as usize];
+    let report: Vec<_> = Reason::ALL
+        .iter()
+        .map(|r| format!("{}={}", r.name(), seen(*r)))
+        .collect();
+    eprintln!(
+        "{} random frames in {elapsed:.1?}, {} translated ICMP errors; {}",
+        cases + cases / 4,
+        cov.icmp_errors_translated,
+        report.join(" ")
+    );
+    if cases >= 5_000 {
+        let missed: Vec<_> = Reason::ALL.iter().filter(|r| seen(**r) < 10).collect();
+        assert!(missed.is_empty(), "the generator rarely reached {missed:?}");
+        let icmp = cov.icmp_errors_translated;
+        assert!(
+            icmp >= cases / 50,
+            "the generator translated only {icmp} ICMP errors"
+        );
+    }
+}
