@@ -8,10 +8,12 @@ use std::{
     process::{Command, Stdio},
 };
 
+use log::warn;
+
 use crate::{
     cidr::Cidr,
     firewall::{Proto, Service},
-    state::DesiredState,
+    state::{DesiredState, Mapping},
 };
 
 /// Name of natd's table in the `ip` family.
@@ -167,6 +169,9 @@ pub trait SlowPath {
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError>;
     /// Removes natd's table, if present.
     fn remove(&mut self) -> Result<(), NetfilterError>;
+    /// Forgets the kernel's connection-tracking entries of removed mappings, so flows the
+    /// slow path translated stop being translated with them (best effort, logged).
+    fn forget(&mut self, removed: &[Mapping]);
 }
 
 /// The real slow path, through the `nft` command.
@@ -207,12 +212,40 @@ impl SlowPath for Nft {
         // Declaring the table first makes the delete succeed whether or not it exists.
         run_nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
     }
+
+    fn forget(&mut self, removed: &[Mapping]) {
+        for m in removed {
+            // Inbound flows were DNATed from P, outbound ones SNATed from V.
+            let (p, v) = (m.public.to_string(), m.private.to_string());
+            for args in [
+                ["-D", "--orig-dst", p.as_str()],
+                ["-D", "--orig-src", v.as_str()],
+            ] {
+                match Command::new("conntrack")
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .output()
+                {
+                    Ok(out) => {
+                        let msg = String::from_utf8_lossy(&out.stderr);
+                        // conntrack exits 1 when nothing matched.
+                        if !out.status.success() && !msg.contains("0 flow entries") {
+                            warn!("conntrack {}: {}", args.join(" "), msg.trim());
+                        }
+                    }
+                    Err(e) => {
+                        warn!("cannot run conntrack (is the conntrack package installed?): {e}")
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Mapping;
 
     fn state() -> DesiredState {
         let mut s = DesiredState::default();

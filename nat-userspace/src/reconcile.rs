@@ -88,6 +88,7 @@ impl<F: FastPath, S: SlowPath> Controller<F, S> {
             return Err(e.into());
         }
         let diff = Diff::between(&self.state, &new);
+        self.slow.forget(&diff.removed);
         for m in &diff.removed {
             info!("mapping removed: {} -> {}", m.public, m.private);
         }
@@ -219,6 +220,7 @@ mod tests {
             self.installed = None;
             Ok(())
         }
+        fn forget(&mut self, _: &[Mapping]) {}
     }
 
     fn m(p: &str, v: &str) -> Mapping {

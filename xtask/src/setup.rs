@@ -12,6 +12,7 @@ use crate::util::{self, command};
 /// Debian packages the tests and the demo call.
 const DEB_PACKAGES: &[&str] = &[
     "nftables",
+    "conntrack",
     "iproute2",
     "iputils-ping",
     "netcat-openbsd",

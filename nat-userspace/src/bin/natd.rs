@@ -193,8 +193,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             failed = true;
         }
     }
+    let mappings: Vec<_> = ctl.state().mappings().collect();
     match ctl.slow_mut().remove() {
-        Ok(()) => info!("removed nftables table {}", nat_userspace::netfilter::TABLE),
+        Ok(()) => {
+            info!("removed nftables table {}", nat_userspace::netfilter::TABLE);
+            ctl.slow_mut().forget(&mappings);
+        }
         Err(e) => {
             warn!("{e}");
             failed = true;
