@@ -8,6 +8,8 @@ pub enum Reason {
     InboundForwarded = 0,
     /// Guest -> public: translated V -> P and redirected.
     OutboundForwarded,
+    /// Guest -> mapped public IP of a guest (or its reply): translated both ways and redirected.
+    HairpinForwarded,
     /// Dropped: no ingress rule of the public IP allows it and it belongs to no tracked flow.
     InboundDenied,
     /// Dropped: the egress policy forbids it and it belongs to no tracked flow.
@@ -34,18 +36,23 @@ pub enum Reason {
     FragNeeded,
     /// No route, a local destination, forwarding disabled, or any other lookup result.
     NoRoute,
-    /// The route leaves through an interface that is not of the opposite role.
+    /// The route leaves through an interface that is not of the opposite role (or, for
+    /// hairpin, not a guest interface with an address).
     WrongEgress,
+    /// A hairpin flow whose reply binding is taken by another flow: the kernel translates it
+    /// (its NAT can pick another port).
+    HairpinCollision,
 }
 
 impl Reason {
     /// Number of reasons, the size of [`crate::MAP_STATS`].
-    pub const COUNT: u32 = Reason::WrongEgress as u32 + 1;
+    pub const COUNT: u32 = Reason::HairpinCollision as u32 + 1;
 
     /// Every reason, in discriminant order.
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::InboundForwarded,
         Reason::OutboundForwarded,
+        Reason::HairpinForwarded,
         Reason::InboundDenied,
         Reason::OutboundDenied,
         Reason::UnknownIface,
@@ -60,6 +67,7 @@ impl Reason {
         Reason::FragNeeded,
         Reason::NoRoute,
         Reason::WrongEgress,
+        Reason::HairpinCollision,
     ];
 
     /// The snake_case name used in `natctl stats` and as a metric label.
@@ -67,6 +75,7 @@ impl Reason {
         match self {
             Reason::InboundForwarded => "inbound_forwarded",
             Reason::OutboundForwarded => "outbound_forwarded",
+            Reason::HairpinForwarded => "hairpin_forwarded",
             Reason::InboundDenied => "inbound_denied",
             Reason::OutboundDenied => "outbound_denied",
             Reason::UnknownIface => "unknown_iface",
@@ -81,13 +90,16 @@ impl Reason {
             Reason::FragNeeded => "frag_needed",
             Reason::NoRoute => "no_route",
             Reason::WrongEgress => "wrong_egress",
+            Reason::HairpinCollision => "hairpin_collision",
         }
     }
 
     /// The XDP action this reason ends with: `"redirect"`, `"drop"` or `"pass"`.
     pub const fn action(self) -> &'static str {
         match self {
-            Reason::InboundForwarded | Reason::OutboundForwarded => "redirect",
+            Reason::InboundForwarded | Reason::OutboundForwarded | Reason::HairpinForwarded => {
+                "redirect"
+            }
             Reason::InboundDenied | Reason::OutboundDenied => "drop",
             _ => "pass",
         }

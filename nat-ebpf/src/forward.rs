@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use nat_common::{ROLE_GUEST, ROLE_PUBLIC, Reason};
+use nat_common::Reason;
 
 use crate::{
     DEVMAP, IFACES,
@@ -19,6 +19,8 @@ const AF_INET: u8 = 2;
 
 /// Where a translated frame goes.
 pub struct Route {
+    /// The router's own address on the egress interface (0 if none).
+    pub addr: u32,
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
@@ -26,7 +28,7 @@ pub struct Route {
 
 /// Looks up the route for the translated addresses, as the kernel would forward it (policy
 /// rules included, with the ingress interface as input device). Only a complete answer whose
-/// egress interface has the opposite role is used; everything else is left to the kernel,
+/// egress interface has role `want` is used; everything else is left to the kernel,
 /// which resolves neighbours and sends "fragmentation needed" itself.
 #[inline(always)]
 pub fn lookup(
@@ -35,7 +37,7 @@ pub fn lookup(
     l4: &Transport,
     src: u32,
     dst: u32,
-    role: u32,
+    want: u32,
 ) -> Result<Route, Reason> {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
@@ -66,17 +68,13 @@ pub fn lookup(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Reason::FragNeeded),
         _ => return Err(Reason::NoRoute),
     }
-    let want = if role == ROLE_PUBLIC {
-        ROLE_GUEST
-    } else {
-        ROLE_PUBLIC
-    };
     // SAFETY: a shared read of a value natd only replaces whole.
-    match unsafe { IFACES.get(&p.ifindex) } {
-        Some(cfg) if cfg.role == want => {}
+    let cfg_addr = match unsafe { IFACES.get(&p.ifindex) } {
+        Some(cfg) if cfg.role == want => cfg.addr,
         _ => return Err(Reason::WrongEgress),
-    }
+    };
     Ok(Route {
+        addr: cfg_addr,
         ifindex: p.ifindex,
         smac: p.smac,
         dmac: p.dmac,

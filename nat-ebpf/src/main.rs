@@ -10,6 +10,7 @@
 #![no_main]
 
 mod forward;
+mod hairpin;
 mod parse;
 mod policy;
 mod rewrite;
@@ -24,7 +25,7 @@ use aya_ebpf::{
 use nat_common::{
     Counter, DEFAULT_CONNTRACK_SIZE, EgSvcData, Event, FlowKey, FlowState, FwSrcData, FwSvcData,
     IfaceConfig, MAX_EG, MAX_FW_SRC, MAX_FW_SVC, MAX_IFACES, MAX_MAPPINGS, NatConfig, NatEntry,
-    ROLE_PUBLIC, Reason, RuleBits,
+    ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
 };
 
 use crate::parse::Packet;
@@ -89,27 +90,38 @@ pub fn nat(ctx: XdpContext) -> u32 {
 fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: a shared read of a value natd only replaces whole.
-    let role = unsafe { IFACES.get(&ifindex) }
-        .ok_or(Reason::UnknownIface)?
-        .role;
+    let iface = unsafe { IFACES.get(&ifindex) }.ok_or(Reason::UnknownIface)?;
+    let (role, own_addr) = (iface.role, iface.addr);
     let pkt = Packet::parse(ctx)?;
+    if role == ROLE_PUBLIC {
+        let entry = NAT_IN.get_ptr_mut(&pkt.daddr).ok_or(Reason::Unmapped)?;
+        return translate(ctx, &pkt, true, entry);
+    }
+    // Guest side: to a mapped public IP is hairpin; to the router itself may be a hairpin
+    // reply; otherwise a mapped private source goes out.
+    if let Some(entry) = NAT_IN.get_ptr_mut(&pkt.daddr) {
+        return hairpin::forward(ctx, &pkt, entry);
+    }
+    if own_addr != 0
+        && pkt.daddr == own_addr
+        && let Some(done) = hairpin::reply(ctx, &pkt)?
+    {
+        return Ok(done);
+    }
+    let entry = NAT_OUT.get_ptr_mut(&pkt.saddr).ok_or(Reason::Unmapped)?;
+    translate(ctx, &pkt, false, entry)
+}
 
-    // Classify: DNAT what arrives from the internet for P, SNAT what a guest V sends.
-    let inbound = role == ROLE_PUBLIC;
-    let (old, entry, reason) = if inbound {
-        (
-            pkt.daddr,
-            NAT_IN.get_ptr_mut(&pkt.daddr),
-            Reason::InboundForwarded,
-        )
-    } else {
-        (
-            pkt.saddr,
-            NAT_OUT.get_ptr_mut(&pkt.saddr),
-            Reason::OutboundForwarded,
-        )
-    };
-    let entry = entry.ok_or(Reason::Unmapped)?;
+/// Inbound (P -> V) or outbound (V -> P) translation with `entry` the mapping's value in the
+/// direction's map.
+#[inline(always)]
+fn translate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    inbound: bool,
+    entry: *mut NatEntry,
+) -> Result<(u32, Reason), Reason> {
+    let old = if inbound { pkt.daddr } else { pkt.saddr };
     // SAFETY: the pointer is this CPU's copy of the value, valid for the program's run.
     let new = unsafe { (*entry).addr };
     if pkt.ttl <= 1 {
@@ -117,26 +129,35 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     }
     let l4 = pkt.transport(ctx, inbound, old)?;
     let (public, private) = if inbound { (old, new) } else { (new, old) };
-    if let Err(denied) = policy::check(&pkt, &l4, inbound, public, private) {
-        // SAFETY: as above; per-CPU.
-        unsafe { (*entry).denied += 1 };
-        return Ok((xdp_action::XDP_DROP, denied));
-    }
-
-    let (src, dst) = if inbound {
-        (pkt.saddr, new)
-    } else {
-        (new, pkt.daddr)
+    let admit = match policy::check(pkt, &l4, inbound, public, private) {
+        Ok(a) => a,
+        Err(denied) => {
+            // SAFETY: as above; per-CPU.
+            unsafe { (*entry).denied += 1 };
+            return Ok((xdp_action::XDP_DROP, denied));
+        }
     };
-    let route = forward::lookup(ctx, &pkt, &l4, src, dst, role)?;
-
-    rewrite::translate(ctx, &pkt, &l4, inbound, old, new)?;
+    let (src, dst, want) = if inbound {
+        (pkt.saddr, new, ROLE_GUEST)
+    } else {
+        (new, pkt.daddr, ROLE_PUBLIC)
+    };
+    let route = forward::lookup(ctx, pkt, &l4, src, dst, want)?;
+    if let policy::Admit::Open(key) = admit {
+        let _ = policy::create(&key, pkt.proto, l4.tcp_flags, !inbound, policy::now());
+    }
+    rewrite::translate(ctx, pkt, &l4, inbound, old, new)?;
     rewrite::forward_l2(ctx, &route)?;
     // SAFETY: as above; per-CPU, so plain increments do not race.
     unsafe {
         (*entry).packets += 1;
         (*entry).bytes += (ctx.data_end() - ctx.data()) as u64;
     }
+    let reason = if inbound {
+        Reason::InboundForwarded
+    } else {
+        Reason::OutboundForwarded
+    };
     Ok((forward::redirect(route.ifindex), reason))
 }
 

@@ -49,6 +49,7 @@ pub fn store16(ctx: &XdpContext, offset: usize, v: u16) -> Result<(), Reason> {
 }
 
 /// The IPv4 facts every later stage needs.
+#[derive(Clone, Copy)]
 pub struct Packet {
     /// IPv4 total length (host order).
     pub tot_len: u16,

@@ -18,7 +18,7 @@ use crate::{
 
 /// Idle timeout of `state`: natd's setting, or netfilter's default if natd set none.
 #[inline(always)]
-fn timeout_ns(state: State) -> u64 {
+pub fn timeout_ns(state: State) -> u64 {
     let configured = CONFIG
         .get(0)
         .and_then(|c| c.timeouts_ns.get(state as usize).copied())
@@ -33,7 +33,7 @@ fn timeout_ns(state: State) -> u64 {
 /// Looks `key` up and, if the flow is live, advances its state. `from_guest`: the packet
 /// travels from the guest side.
 #[inline(always)]
-fn track(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64) -> bool {
+pub fn track(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64) -> bool {
     let Some(st) = CONNTRACK.get_ptr_mut(key) else {
         stats::event(Event::ConntrackMiss);
         return false;
@@ -66,28 +66,35 @@ fn is_live(key: &FlowKey, now: u64) -> bool {
     }
 }
 
+/// Opens a flow for `key` if this packet may open one; returns its initial state.
 #[inline(always)]
-fn create(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64) {
-    if let Some(state) = conntrack::initial(proto, tcp_flags) {
-        let st = FlowState {
-            last_seen: now,
-            state: state as u8,
-            origin: if from_guest {
-                ORIGIN_GUEST
-            } else {
-                ORIGIN_PUBLIC
-            },
-            ..FlowState::default()
-        };
-        if CONNTRACK.insert(key, &st, 0).is_ok() {
-            stats::event(Event::ConntrackCreate);
-        }
+pub fn create(
+    key: &FlowKey,
+    proto: u8,
+    tcp_flags: u8,
+    from_guest: bool,
+    now: u64,
+) -> Option<State> {
+    let state = conntrack::initial(proto, tcp_flags)?;
+    let st = FlowState {
+        last_seen: now,
+        state: state as u8,
+        origin: if from_guest {
+            ORIGIN_GUEST
+        } else {
+            ORIGIN_PUBLIC
+        },
+        ..FlowState::default()
+    };
+    if CONNTRACK.insert(key, &st, 0).is_ok() {
+        stats::event(Event::ConntrackCreate);
     }
+    Some(state)
 }
 
 /// Ingress firewall of `public`: allowed if one rule matches both the source and the service.
 #[inline(always)]
-fn firewall_allows(public: u32, pkt: &Packet, l4: &Transport) -> bool {
+pub fn firewall_allows(public: u32, pkt: &Packet, l4: &Transport) -> bool {
     let public = public.to_ne_bytes();
     let src = Key::new(
         FW_SRC_BASE_BITS + 32,
@@ -152,6 +159,15 @@ pub fn flow_key(pkt: &Packet, l4: &Transport, inbound: bool, guest: u32) -> Flow
     }
 }
 
+/// What policy made of a packet it lets through.
+pub enum Admit {
+    /// Part of a tracked flow (state advanced) or an ICMP error about one.
+    Tracked,
+    /// Allowed by a rule and opens this flow once the packet is known to be forwarded (so
+    /// traffic to the router itself or without a route leaves no trace).
+    Open(FlowKey),
+}
+
 /// Decides a translated-direction packet. `public`/`private` are the mapping's addresses.
 /// Returns the drop reason if policy forbids it.
 #[inline(always)]
@@ -161,12 +177,11 @@ pub fn check(
     inbound: bool,
     public: u32,
     private: u32,
-) -> Result<(), Reason> {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+) -> Result<Admit, Reason> {
+    let now = now();
     let key = flow_key(pkt, l4, inbound, private);
     if track(&key, pkt.proto, l4.tcp_flags, !inbound, now) {
-        return Ok(());
+        return Ok(Admit::Tracked);
     }
     // RELATED: an ICMP error about a tracked flow.
     if let Some(e) = &l4.icmp_error
@@ -181,7 +196,7 @@ pub fn check(
             ..FlowKey::default()
         };
         if is_live(&related, now) {
-            return Ok(());
+            return Ok(Admit::Tracked);
         }
     }
     let allowed = if inbound {
@@ -197,8 +212,15 @@ pub fn check(
         });
     }
     // ICMP errors never open flows (netfilter tracks them only as RELATED).
-    if l4.icmp_error.is_none() {
-        create(&key, pkt.proto, l4.tcp_flags, !inbound, now);
+    if l4.icmp_error.is_some() {
+        return Ok(Admit::Tracked);
     }
-    Ok(())
+    Ok(Admit::Open(key))
+}
+
+/// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, the clock natd's collector compares with.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
 }

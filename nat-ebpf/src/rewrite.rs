@@ -69,15 +69,47 @@ pub fn translate(
         store16(ctx, icmp_csum_at, icmp)?;
     }
     // IPv4 header: the address, then the TTL (RFC 1812 §5.3.1), each folded into the checksum.
-    let mut ip = load16(ctx, IP_CSUM)?;
+    let ip = load16(ctx, IP_CSUM)?;
     store32(ctx, if inbound { IP_DST } else { IP_SRC }, new)?;
-    ip = csum::replace4(ip, old, new);
+    let ip = csum::replace4(ip, old, new);
+    let ip = decrement_ttl(ctx, pkt, ip)?;
+    store16(ctx, IP_CSUM, ip)
+}
+
+/// Decrements the TTL; returns the IP checksum `ip` updated for it.
+#[inline(always)]
+fn decrement_ttl(ctx: &XdpContext, pkt: &Packet, ip: u16) -> Result<u16, Reason> {
     let ttl_word = load16(ctx, IP_TTL)?;
     let ttl_word2 = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
     store16(ctx, IP_TTL, ttl_word2)?;
-    ip = csum::replace2(ip, ttl_word, ttl_word2);
-    store16(ctx, IP_CSUM, ip)?;
-    Ok(())
+    Ok(csum::replace2(ip, ttl_word, ttl_word2))
+}
+
+/// Hairpin: replaces both addresses (source `src.0 -> src.1`, destination `dst.0 -> dst.1`)
+/// with the transport and IP checksums, and decrements the TTL. ICMP errors never get here.
+#[inline(always)]
+pub fn translate_both(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    l4: &Transport,
+    src: (u32, u32),
+    dst: (u32, u32),
+) -> Result<(), Reason> {
+    if let Some(at) = l4.csum_at {
+        let c = load16(ctx, at)?;
+        let c = if l4.udp {
+            csum::replace4_udp(csum::replace4_udp(c, src.0, src.1), dst.0, dst.1)
+        } else {
+            csum::replace4(csum::replace4(c, src.0, src.1), dst.0, dst.1)
+        };
+        store16(ctx, at, c)?;
+    }
+    let ip = load16(ctx, IP_CSUM)?;
+    store32(ctx, IP_SRC, src.1)?;
+    store32(ctx, IP_DST, dst.1)?;
+    let ip = csum::replace4(csum::replace4(ip, src.0, src.1), dst.0, dst.1);
+    let ip = decrement_ttl(ctx, pkt, ip)?;
+    store16(ctx, IP_CSUM, ip)
 }
 
 /// Writes the next hop's MAC addresses from the route lookup.

@@ -28,7 +28,9 @@ pub enum NetfilterError {
 }
 
 /// Renders the whole table: DNAT P -> V for what arrives on a public interface, SNAT V -> P for
-/// what leaves through one (the scope the XDP program uses), and the same policy in the forward
+/// what leaves through one (the scope the XDP program uses), hairpin (a guest to a mapped P:
+/// DNAT, and the source masqueraded to the router's guest-side address), and the same policy
+/// in the forward
 /// hook: established and related flows pass, each mapped public IP accepts what its ingress
 /// rules allow and drops the rest, mapped guests' traffic to the public side obeys the egress
 /// policy. The kernel reassembles fragments before these hooks, so a fragmented packet meets
@@ -108,15 +110,18 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
          \tchain prerouting {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\tiifname {{ {pubs} }} dnat ip to ip daddr map @dnat_v4\n\
+         \t\tiifname {{ {guests} }} dnat ip to ip daddr map @dnat_v4\n\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\toifname {{ {pubs} }} snat ip to ip saddr map @snat_v4\n\
+         \t\tiifname {{ {guests} }} oifname {{ {guests} }} ct original ip daddr @publics masquerade\n\
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tiifname {{ {pubs} }} ct original ip daddr @publics jump ingress\n\
          \t\tiifname {{ {pubs} }} ip daddr @publics drop\n\
+         \t\tiifname {{ {guests} }} ct original ip daddr @publics jump ingress\n\
          \t\tiifname {{ {guests} }} oifname {{ {pubs} }} ip saddr @privates jump egress\n\
          \t}}\n\
          \tchain ingress {{\n\
