@@ -92,9 +92,10 @@ fn raise_memlock() {
     };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        // Kernels >= 5.11 account BPF memory to the cgroup and ignore this limit.
-        warn!(
-            "cannot raise RLIMIT_MEMLOCK: {}",
+        // Kernels >= 5.11 account BPF memory to the cgroup and ignore this limit; on older
+        // ones map creation would fail with its own clear error.
+        log::debug!(
+            "RLIMIT_MEMLOCK left as is ({}); kernels since 5.11 do not need it",
             std::io::Error::last_os_error()
         );
     }
