@@ -14,6 +14,22 @@ pub const MAP_DEVMAP: &str = "DEVMAP";
 /// [`crate::Reason`] -> [`Counter`], per CPU. Written by the program, summed by natd.
 pub const MAP_STATS: &str = "STATS";
 
+/// Every map of the program, for pinning and adoption by name.
+pub const ALL_MAPS: [&str; 12] = [
+    MAP_NAT_IN,
+    MAP_NAT_OUT,
+    MAP_IFACES,
+    MAP_DEVMAP,
+    MAP_STATS,
+    MAP_FW_SRC,
+    MAP_FW_SVC,
+    MAP_EG_DST,
+    MAP_EG_SVC,
+    MAP_CONNTRACK,
+    MAP_CONFIG,
+    MAP_EVENTS,
+];
+
 /// Most mappings the maps hold (each of [`MAP_NAT_IN`] and [`MAP_NAT_OUT`]).
 pub const MAX_MAPPINGS: u32 = 1 << 20;
 /// Most interfaces natd can attach to.

@@ -16,11 +16,12 @@ use crate::{
     ebpf::{Dataplane, DataplaneError},
     firewall::{RuleError, Service, icmp_field},
     netfilter::Nft,
+    persist::StateDir,
     reconcile::{ApplyError, Controller},
     state::{Mapping, StateError},
 };
 
-pub type NatController = Controller<Dataplane, Nft>;
+pub type NatController = Controller<Dataplane, Nft, StateDir>;
 
 /// natd's state: the controller and the housekeeping counters.
 pub struct Daemon {

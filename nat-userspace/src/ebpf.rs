@@ -1,27 +1,38 @@
 //! Typed wrapper over the loaded XDP object: the only place that knows map layouts on the
 //! userspace side. Write order keeps a mapping whole at every instant: the reverse (private ->
 //! public) entry goes in before the forward one, and comes out after it.
-use std::{collections::BTreeMap, ffi::CString};
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
+    maps::MapInfo,
     maps::{
         Array, DevMapHash, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
         PerCpuValues, lpm_trie::Key as LpmKey,
     },
-    programs::{ProgramError, Xdp, XdpMode, links::LinkError, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use nat_common::{
-    Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowKey,
-    FlowState, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP,
+    ALL_MAPS, Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS,
+    FlowKey, FlowState, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP,
     MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
     MAP_NAT_OUT, MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    state::Mapping,
-    tables::{Entry, Op},
+    cidr::Cidr,
+    pins::PinDir,
+    state::{DesiredState, Mapping},
+    tables::{Entry, Op, Tables},
 };
 
 /// Name of the XDP program in the object.
@@ -72,6 +83,29 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("cannot replace the program attached to {iface}: {source}")]
+    Replace {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot remove pin {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot adopt pinned map {path}: {why}; stop the old natd with --detach-on-exit or \
+         remove the pins to start afresh (connection tracking is then lost)"
+    )]
+    Adopt { path: PathBuf, why: String },
     #[error("cannot count possible CPUs ({0}): {1}")]
     Cpus(&'static str, std::io::Error),
     #[error("link: {0}")]
@@ -121,6 +155,9 @@ pub struct Attached {
     pub ifindex: u32,
     pub role: Role,
     pub mode: Mode,
+    /// The attachment was taken over from an earlier natd (its link updated in place).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// Frames and bytes a mapping translated, per direction.
@@ -146,7 +183,18 @@ pub trait FastPath {
 pub struct Dataplane {
     ebpf: Ebpf,
     nr_cpus: usize,
-    attached: Vec<(Attached, XdpLinkId)>,
+    attached: Vec<(Attached, Held)>,
+    pins: Option<PinDir>,
+    /// Whether the maps existed before (adopted from an earlier natd).
+    adopted: bool,
+}
+
+/// How natd holds an interface's XDP attachment.
+enum Held {
+    /// Owned by the program object: detached when natd exits.
+    Owned(XdpLinkId),
+    /// A pinned bpf_link: stays attached when natd exits, until its pin is removed.
+    Pinned(FdLink, PathBuf),
 }
 
 pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
@@ -191,6 +239,49 @@ pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     found
 }
 
+/// Key and value sizes of each map, as this natd's program declares them.
+fn expected_layout(name: &str) -> Option<(usize, usize)> {
+    use std::mem::size_of;
+    let lpm = |data: usize| 4 + data;
+    Some(match name {
+        MAP_NAT_IN | MAP_NAT_OUT => (size_of::<u32>(), size_of::<NatEntry>()),
+        MAP_IFACES => (size_of::<u32>(), size_of::<IfaceConfig>()),
+        MAP_STATS => (size_of::<u32>(), size_of::<Counter>()),
+        MAP_EVENTS => (size_of::<u32>(), size_of::<u64>()),
+        MAP_FW_SRC => (lpm(size_of::<FwSrcData>()), size_of::<RuleBits>()),
+        MAP_FW_SVC => (lpm(size_of::<FwSvcData>()), size_of::<RuleBits>()),
+        MAP_EG_DST => (lpm(4), size_of::<RuleBits>()),
+        MAP_EG_SVC => (lpm(size_of::<EgSvcData>()), size_of::<RuleBits>()),
+        MAP_CONNTRACK => (size_of::<FlowKey>(), size_of::<FlowState>()),
+        MAP_CONFIG => (size_of::<u32>(), size_of::<NatConfig>()),
+        _ => return None,
+    })
+}
+
+/// Checks that a pinned map left by an earlier natd has the layout this natd's program uses;
+/// adopting one that does not would corrupt it.
+fn check_pinned(name: &str, path: &Path) -> Result<(), DataplaneError> {
+    let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::Adopt {
+        path: path.to_path_buf(),
+        why: source.to_string(),
+    })?;
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    match expected_layout(name) {
+        Some(want) if want != found => Err(DataplaneError::Adopt {
+            path: path.to_path_buf(),
+            why: format!(
+                "key/value size {}/{} but this natd's program needs {}/{}",
+                found.0, found.1, want.0, want.1
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn addr(raw: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(raw.to_ne_bytes())
+}
+
 fn key(addr: std::net::Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
@@ -207,9 +298,30 @@ impl Dataplane {
 
     /// Loads `object` with a connection table of `conntrack_size` entries.
     pub fn load_with(object: &[u8], conntrack_size: u32) -> Result<Self, DataplaneError> {
-        let mut ebpf = aya::EbpfLoader::new()
-            .map_max_entries(MAP_CONNTRACK, conntrack_size)
-            .load(object)?;
+        Self::open(object, conntrack_size, None)
+    }
+
+    /// Loads `object`; with `pins`, every map is adopted from its pin if one exists (an earlier
+    /// natd's state, connection table and counters) and pinned otherwise.
+    pub fn open(
+        object: &[u8],
+        conntrack_size: u32,
+        pins: Option<PinDir>,
+    ) -> Result<Self, DataplaneError> {
+        let mut loader = aya::EbpfLoader::new();
+        loader.map_max_entries(MAP_CONNTRACK, conntrack_size);
+        let mut adopted = false;
+        if let Some(p) = &pins {
+            for name in ALL_MAPS {
+                let path = p.map(name);
+                if path.exists() {
+                    adopted = true;
+                    check_pinned(name, &path)?;
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::MissingProgram)?
@@ -221,7 +333,18 @@ impl Dataplane {
             ebpf,
             nr_cpus,
             attached: Vec::new(),
+            pins,
+            adopted,
         })
+    }
+
+    /// Whether the maps were adopted from pins left by an earlier natd.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -269,12 +392,37 @@ impl Dataplane {
                 0,
             )
             .map_err(map_err(MAP_IFACES))?;
+        let pin = self.pins.as_ref().map(|p| p.link(name));
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::MissingProgram)?
             .try_into()
             .map_err(DataplaneError::Program)?;
+        // An earlier natd's link: swap our program in atomically (bpf_link_update), so the
+        // interface never runs without one.
+        if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
+            let link = PinnedLink::from_pin(path).map_err(DataplaneError::Link)?;
+            let link = XdpLink::try_from(FdLink::from(link)).map_err(DataplaneError::Link)?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(|source| DataplaneError::Replace {
+                    iface: name.to_string(),
+                    source,
+                })?;
+            let fd = FdLink::try_from(prog.take_link(id).map_err(DataplaneError::Program)?)
+                .map_err(DataplaneError::Link)?;
+            let a = Attached {
+                name: name.to_string(),
+                ifindex,
+                role,
+                mode,
+                adopted: true,
+            };
+            self.attached
+                .push((a.clone(), Held::Pinned(fd, path.clone())));
+            return Ok(a);
+        }
         let link = match mode {
             Mode::Native => {
                 prog.attach_to_if_index(ifindex, XdpMode::Driver)
@@ -290,13 +438,26 @@ impl Dataplane {
                     source,
                 })?,
         };
+        let held = match pin {
+            Some(path) => {
+                let fd = FdLink::try_from(prog.take_link(link).map_err(DataplaneError::Program)?)
+                    .map_err(DataplaneError::Link)?;
+                let pinned = fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                Held::Pinned(FdLink::from(pinned), path)
+            }
+            None => Held::Owned(link),
+        };
         let a = Attached {
             name: name.to_string(),
             ifindex,
             role,
             mode,
+            adopted: false,
         };
-        self.attached.push((a.clone(), link));
+        self.attached.push((a.clone(), held));
         Ok(a)
     }
 
@@ -313,14 +474,129 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram)?
             .try_into()
             .map_err(DataplaneError::Program)?;
-        for (a, link) in self.attached.drain(..) {
-            prog.detach(link).map_err(|source| DataplaneError::Detach {
-                iface: a.name.clone(),
-                source,
-            })?;
+        for (a, held) in self.attached.drain(..) {
+            match held {
+                Held::Owned(link) => {
+                    prog.detach(link).map_err(|source| DataplaneError::Detach {
+                        iface: a.name.clone(),
+                        source,
+                    })?
+                }
+                // Without its pin, closing the last fd detaches the link.
+                Held::Pinned(fd, path) => {
+                    std::fs::remove_file(&path).map_err(|source| DataplaneError::Unpin {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    drop(fd);
+                }
+            }
             done.push(a);
         }
         Ok(done)
+    }
+
+    /// Reads back what the maps hold: the mappings (repairing a half-written one left by a
+    /// natd killed mid-change, which it removes) and every firewall entry, so a new natd can
+    /// reconcile them with the desired state instead of starting from empty maps.
+    pub fn installed(&mut self) -> Result<(DesiredState, Tables), DataplaneError> {
+        let read = |dp: &mut Self, map| -> Result<BTreeMap<u32, u32>, DataplaneError> {
+            let m = dp.nat_map(map)?;
+            let mut out = BTreeMap::new();
+            for kv in m.iter() {
+                match kv {
+                    Ok((k, v)) => {
+                        if let Some(e) = v.first() {
+                            out.insert(k, e.addr);
+                        }
+                    }
+                    Err(MapError::KeyNotFound) => {}
+                    Err(source) => return Err(DataplaneError::Map { map, source }),
+                }
+            }
+            Ok(out)
+        };
+        let nat_in = read(self, MAP_NAT_IN)?;
+        let nat_out = read(self, MAP_NAT_OUT)?;
+        let mut state = DesiredState::default();
+        for (&p, &v) in &nat_in {
+            let m = Mapping {
+                public: addr(p),
+                private: addr(v),
+            };
+            if nat_out.get(&v) == Some(&p) && state.add_mapping(m).is_ok() {
+                continue;
+            }
+            log::warn!(
+                "removing half-installed mapping {} -> {}",
+                m.public,
+                m.private
+            );
+            self.delete(MAP_NAT_IN, p)?;
+        }
+        for (&v, &p) in &nat_out {
+            if nat_in.get(&p) != Some(&v) {
+                log::warn!("removing half-installed mapping {} -> {}", addr(p), addr(v));
+                self.delete(MAP_NAT_OUT, v)?;
+            }
+        }
+        let mut entries = std::collections::HashMap::new();
+        for (k, b) in self.lpm_entries::<FwSrcData>(MAP_FW_SRC)? {
+            let len = k.prefix_len().saturating_sub(FW_SRC_BASE_BITS) as u8;
+            if let Some(c) = Cidr::new(k.data().source.into(), len) {
+                entries.insert(Entry::FwSrc(k.data().public.into(), c), b);
+            }
+        }
+        for (k, b) in self.lpm_entries::<FwSvcData>(MAP_FW_SVC)? {
+            let d = k.data();
+            let len = k.prefix_len().saturating_sub(FW_SVC_BASE_BITS) as u8;
+            entries.insert(
+                Entry::FwSvc(d.public.into(), d.proto, u16::from_be_bytes(d.service), len),
+                b,
+            );
+        }
+        for (k, b) in self.lpm_entries::<[u8; 4]>(MAP_EG_DST)? {
+            if let Some(c) = Cidr::new(k.data().into(), k.prefix_len() as u8) {
+                entries.insert(Entry::EgDst(c), b);
+            }
+        }
+        for (k, b) in self.lpm_entries::<EgSvcData>(MAP_EG_SVC)? {
+            let d = k.data();
+            let e = match k.prefix_len() {
+                0 => Entry::EgSvc(None, 0, 0),
+                p => Entry::EgSvc(
+                    Some(d.proto),
+                    u16::from_be_bytes(d.service),
+                    (p - EG_SVC_BASE_BITS) as u8,
+                ),
+            };
+            entries.insert(e, b);
+        }
+        let egress_default_deny = self.config()?.egress_default_deny != 0;
+        state.set_egress_default_allow(!egress_default_deny);
+        Ok((
+            state,
+            Tables {
+                entries,
+                egress_default_deny,
+            },
+        ))
+    }
+
+    fn lpm_entries<K: aya::Pod>(
+        &mut self,
+        map: &'static str,
+    ) -> Result<Vec<(LpmKey<K>, RuleBits)>, DataplaneError> {
+        let t = self.lpm::<K>(map)?;
+        let mut out = Vec::new();
+        for kv in t.iter() {
+            match kv {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DataplaneError::Map { map, source }),
+            }
+        }
+        Ok(out)
     }
 
     /// Sums the per-CPU verdict counters.

@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod ebpf;
 pub mod firewall;
 pub mod netfilter;
+pub mod persist;
+pub mod pins;
 pub mod reconcile;
 pub mod state;
 pub mod tables;

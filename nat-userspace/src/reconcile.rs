@@ -7,6 +7,7 @@ use log::{error, info};
 use crate::{
     ebpf::{DataplaneError, FastPath},
     netfilter::{NetfilterError, SlowPath},
+    persist::{PersistError, Snapshot, StateDir, unix_now},
     state::{DesiredState, Diff, StateError},
     tables::{Op, Tables, plan},
 };
@@ -19,28 +20,81 @@ pub enum ApplyError {
     FastPath(#[from] DataplaneError),
     #[error("slow path: {0}")]
     SlowPath(#[from] NetfilterError),
+    #[error("persisting: {0}")]
+    Persist(#[from] PersistError),
 }
 
-/// Owns the installed state and the two places it is installed.
-pub struct Controller<F, S> {
+/// Where accepted states are persisted; a trait so tests can run without a state directory.
+pub trait Store {
+    fn save(&mut self, state: &DesiredState, generation: u64) -> Result<(), PersistError>;
+}
+
+/// No persistence.
+pub struct NoStore;
+
+impl Store for NoStore {
+    fn save(&mut self, _: &DesiredState, _: u64) -> Result<(), PersistError> {
+        Ok(())
+    }
+}
+
+impl Store for StateDir {
+    fn save(&mut self, state: &DesiredState, generation: u64) -> Result<(), PersistError> {
+        StateDir::save(self, &Snapshot::of(state, generation, unix_now()))
+    }
+}
+
+/// Owns the installed state, the two places it is installed and where it is persisted.
+pub struct Controller<F, S, P = NoStore> {
     state: DesiredState,
     tables: Tables,
     fast: F,
     slow: S,
+    store: P,
     generation: u64,
+    applied_at: u64,
 }
 
-impl<F: FastPath, S: SlowPath> Controller<F, S> {
+impl<F: FastPath, S: SlowPath> Controller<F, S, NoStore> {
     /// A controller with nothing installed yet (the maps are empty, the egress default is the
-    /// program's zeroed default: allow).
+    /// program's zeroed default: allow) and no persistence.
     pub fn new(fast: F, slow: S) -> Self {
-        Self {
-            state: DesiredState::default(),
-            tables: Tables::default(),
+        Controller::with_store(
             fast,
             slow,
-            generation: 0,
+            NoStore,
+            DesiredState::default(),
+            Tables::default(),
+            0,
+        )
+    }
+}
+
+impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
+    /// A controller whose fast path currently holds `installed` (mappings) and `tables`
+    /// (firewall entries), e.g. read back from pinned maps, persisting to `store`.
+    pub fn with_store(
+        fast: F,
+        slow: S,
+        store: P,
+        installed: DesiredState,
+        tables: Tables,
+        generation: u64,
+    ) -> Self {
+        Self {
+            state: installed,
+            tables,
+            fast,
+            slow,
+            store,
+            generation,
+            applied_at: 0,
         }
+    }
+
+    /// When the last change was applied (seconds since the epoch; 0 = none since start).
+    pub fn applied_at(&self) -> u64 {
+        self.applied_at
     }
 
     pub fn state(&self) -> &DesiredState {
@@ -75,6 +129,9 @@ impl<F: FastPath, S: SlowPath> Controller<F, S> {
     pub fn apply(&mut self, new: DesiredState) -> Result<Diff, ApplyError> {
         let tables = Tables::of(&new);
         let ops = plan(&self.state, &self.tables, &new, &tables);
+        // Every change to the desired state changes some map entry; no writes means the fast
+        // path already holds `new` (e.g. a restart adopting pinned maps).
+        let unchanged = ops.is_empty();
         let mut done: Vec<Op> = Vec::new();
         for (op, undo) in ops {
             if let Err(e) = self.fast.apply(&op) {
@@ -87,6 +144,19 @@ impl<F: FastPath, S: SlowPath> Controller<F, S> {
             self.undo(&done);
             return Err(e.into());
         }
+        let generation = if unchanged {
+            self.generation
+        } else {
+            self.generation + 1
+        };
+        if let Err(e) = self.store.save(&new, generation) {
+            // Installed but not persisted would be lost at restart: take it back.
+            self.undo(&done);
+            if let Err(e) = self.slow.replace(&self.state) {
+                error!("restoring the slow path failed: {e}");
+            }
+            return Err(e.into());
+        }
         let diff = Diff::between(&self.state, &new);
         self.slow.forget(&diff.removed);
         for m in &diff.removed {
@@ -95,10 +165,15 @@ impl<F: FastPath, S: SlowPath> Controller<F, S> {
         for m in &diff.added {
             info!("mapping added: {} -> {}", m.public, m.private);
         }
-        log_rules(&self.state, &new);
+        if !unchanged {
+            log_rules(&self.state, &new);
+        }
         self.state = new;
         self.tables = tables;
-        self.generation += 1;
+        if !unchanged {
+            self.generation = generation;
+            self.applied_at = unix_now();
+        }
         Ok(diff)
     }
 
@@ -111,6 +186,14 @@ impl<F: FastPath, S: SlowPath> Controller<F, S> {
     }
 }
 
+fn list(cidrs: &[crate::cidr::Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn log_rules(old: &DesiredState, new: &DesiredState) {
     for r in old
         .ingress_rules()
@@ -118,8 +201,11 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
     {
         let r = &r.rule;
         info!(
-            "ingress rule {} removed: {} to {} from {:?}",
-            r.id, r.service, r.public, r.cidrs
+            "ingress rule {} removed: {} to {} from {}",
+            r.id,
+            r.service,
+            r.public,
+            list(&r.cidrs)
         );
     }
     for r in new
@@ -128,8 +214,11 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
     {
         let r = &r.rule;
         info!(
-            "ingress rule {} added: {} to {} from {:?}",
-            r.id, r.service, r.public, r.cidrs
+            "ingress rule {} added: {} to {} from {}",
+            r.id,
+            r.service,
+            r.public,
+            list(&r.cidrs)
         );
     }
     for r in old
@@ -137,8 +226,10 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
         .filter(|r| !new.egress_rules().any(|n| n == *r))
     {
         info!(
-            "egress rule {} removed: {} to {:?}",
-            r.rule.id, r.rule.service, r.rule.cidrs
+            "egress rule {} removed: {} to {}",
+            r.rule.id,
+            r.rule.service,
+            list(&r.rule.cidrs)
         );
     }
     for r in new
@@ -146,8 +237,10 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
         .filter(|r| !old.egress_rules().any(|o| o == *r))
     {
         info!(
-            "egress rule {} added: {} to {:?}",
-            r.rule.id, r.rule.service, r.rule.cidrs
+            "egress rule {} added: {} to {}",
+            r.rule.id,
+            r.rule.service,
+            list(&r.rule.cidrs)
         );
     }
     if old.egress_default_allow() != new.egress_default_allow() {

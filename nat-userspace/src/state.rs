@@ -58,6 +58,8 @@ pub enum StateError {
     TooManyIngressRules { public: Ipv4Addr, limit: usize },
     #[error("the guest network already has {limit} egress rules, the most it can have")]
     TooManyEgressRules { limit: usize },
+    #[error("rule {id} cannot have slot {slot} (taken or out of range)")]
+    BadSlot { id: u64, slot: usize },
     #[error("no {kind} rule has id {id}")]
     NoSuchRule { kind: &'static str, id: u64 },
 }
@@ -340,6 +342,70 @@ impl DesiredState {
             .remove(&id)
             .map(|r| r.rule)
             .ok_or(StateError::NoSuchRule { kind: "egress", id })
+    }
+
+    /// Rebuilds a state from its persisted parts, validating everything as a change would and
+    /// keeping each rule's id and slot (the pinned maps were written with them).
+    pub fn from_parts(
+        mappings: &[Mapping],
+        ingress: &[Slotted<IngressRule>],
+        egress_default_allow: bool,
+        egress: &[Slotted<EgressRule>],
+    ) -> Result<Self, StateError> {
+        let mut s = Self::default();
+        for m in mappings {
+            s.add_mapping(*m)?;
+        }
+        for r in ingress {
+            let id = s.add_ingress(
+                Some(r.rule.id),
+                r.rule.public,
+                r.rule.service.clone(),
+                r.rule.cidrs.clone(),
+            )?;
+            s.move_slot(true, id, r.slot)?;
+        }
+        s.egress_default_allow = egress_default_allow;
+        for r in egress {
+            let id = s.add_egress(
+                Some(r.rule.id),
+                r.rule.service.clone(),
+                r.rule.cidrs.clone(),
+            )?;
+            s.move_slot(false, id, r.slot)?;
+        }
+        Ok(s)
+    }
+
+    /// Gives rule `id` the slot `slot` if it is free among its peers (same public IP for
+    /// ingress, all egress rules) and below the limit.
+    fn move_slot(&mut self, ingress: bool, id: u64, slot: usize) -> Result<(), StateError> {
+        let bad = StateError::BadSlot { id, slot };
+        if ingress {
+            let public = self
+                .ingress
+                .get(&id)
+                .map(|r| r.rule.public)
+                .ok_or(bad.clone())?;
+            let taken = self
+                .ingress
+                .values()
+                .any(|r| r.rule.id != id && r.rule.public == public && r.slot == slot);
+            match self.ingress.get_mut(&id) {
+                Some(r) if !taken && slot < nat_common::MAX_RULES_PER_IP => r.slot = slot,
+                _ => return Err(bad),
+            }
+        } else {
+            let taken = self
+                .egress
+                .values()
+                .any(|r| r.rule.id != id && r.slot == slot);
+            match self.egress.get_mut(&id) {
+                Some(r) if !taken && slot < nat_common::MAX_EGRESS_RULES => r.slot = slot,
+                _ => return Err(bad),
+            }
+        }
+        Ok(())
     }
 
     /// Builds a state from a list, refusing the first entry that does not fit (by position).

@@ -12,7 +12,11 @@ use nat_userspace::{
     daemon::Daemon,
     ebpf::{Dataplane, Mode, Role},
     netfilter::{Nft, SlowPath as _},
+    persist::{DEFAULT_STATE_DIR, StateDir},
+    pins::{DEFAULT_BPFFS, PinDir},
     reconcile::Controller,
+    state::DesiredState,
+    tables::Tables,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -36,9 +40,20 @@ struct Args {
     /// Control socket for natctl (root only).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// TOML file with the mappings to install at start.
+    /// TOML file with the state to install on a first start (mappings, rules, egress) and
+    /// load-time settings (connection table size and timeouts).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where natd persists the desired state (state.json) and restores it at start.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// bpffs directory for the pinned maps and XDP links (mounted at /sys/fs/bpf if needed).
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// On SIGINT/SIGTERM detach XDP and remove the pins and the nftables table. Without it
+    /// natd leaves the fast path running on exit, for the next natd to adopt.
+    #[arg(long)]
+    detach_on_exit: bool,
 }
 
 fn main() {
@@ -108,12 +123,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let path = args.config.clone().unwrap_or_default();
-    let initial = config.desired_state(&path)?;
     let (ct_size, timeouts_ns) = config.conntrack(&path)?;
+    let store = StateDir::new(&args.state_dir);
+    store.ensure()?;
+    let (desired, generation) = match store.load()? {
+        Some((snap, state)) => {
+            info!(
+                "restored state generation {} from {} ({} mapping(s))",
+                snap.generation,
+                store.file().display(),
+                state.len()
+            );
+            if args.config.is_some() {
+                info!("the state file takes precedence over the config file's mappings and rules");
+            }
+            (state, snap.generation)
+        }
+        None => (config.desired_state(&path)?, 0),
+    };
     raise_memlock();
-    let mut dataplane = Dataplane::load(ct_size)?;
+    let pins = PinDir::prepare(&args.bpffs)?;
+    let mut dataplane = Dataplane::open(nat_userspace::EBPF_OBJECT, ct_size, Some(pins))?;
+    let (installed, tables) = if dataplane.adopted() {
+        let (s, t) = dataplane.installed()?;
+        info!(
+            "adopted the pinned fast path under {} ({} mapping(s) installed); connection tracking and counters carry over",
+            args.bpffs.display(),
+            s.len()
+        );
+        (s, t)
+    } else {
+        (DesiredState::default(), Tables::default())
+    };
     dataplane.write_config(&NatConfig {
-        egress_default_deny: 0,
+        egress_default_deny: u32::from(tables.egress_default_deny),
         _pad: 0,
         timeouts_ns,
     })?;
@@ -121,9 +164,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         public_ifaces: args.public_ifaces.clone(),
         guest_ifaces: args.guest_ifaces.clone(),
     };
-    let mut ctl = Controller::new(dataplane, nft);
-    ctl.apply(initial)
-        .context("installing the configured state")?;
+    let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
+    ctl.apply(desired).context("installing the desired state")?;
     info!(
         "installed {} mapping(s), {} ingress rule(s), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
         ctl.state().len(),
@@ -143,14 +185,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .chain(args.guest_ifaces.iter().map(|i| (i, Role::Guest)));
     for (name, role) in roles {
         match ctl.fast_mut().attach(name, role, args.xdp_mode) {
+            Ok(a) if a.adopted => info!(
+                "replaced the program on {} (ifindex {}, {:?}) atomically, keeping its attachment",
+                a.name, a.ifindex, a.role
+            ),
             Ok(a) => info!(
                 "attached XDP to {} (ifindex {}, {:?}) in {} mode",
                 a.name, a.ifindex, a.role, a.mode
             ),
             Err(e) => {
-                // Dropping the dataplane detaches what was attached; take the slow path down too.
-                if let Err(e) = ctl.slow_mut().remove() {
-                    warn!("removing the nftables table: {e}");
+                // A fast path we created ourselves goes entirely; an adopted one keeps running.
+                if !ctl.fast_mut().adopted() {
+                    let _ = ctl.fast_mut().detach_all();
+                    if let Err(e) = ctl.slow_mut().remove() {
+                        warn!("removing the nftables table: {e}");
+                    }
+                    if let Some(p) = ctl.fast_mut().pins()
+                        && let Err(e) = p.remove_all()
+                    {
+                        warn!("removing the pins: {e}");
+                    }
                 }
                 return Err(e.into());
             }
@@ -183,26 +237,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut daemon = daemon.lock().await;
     let ctl = &mut daemon.ctl;
     let mut failed = false;
-    match ctl.fast_mut().detach_all() {
-        Ok(list) => {
-            for a in list {
-                info!("detached XDP from {}", a.name);
+    if !args.detach_on_exit {
+        info!(
+            "leaving the fast path attached and pinned under {} and the nftables table in place; the next natd adopts them (--detach-on-exit removes them)",
+            args.bpffs.display()
+        );
+    } else {
+        match ctl.fast_mut().detach_all() {
+            Ok(list) => {
+                for a in list {
+                    info!("detached XDP from {}", a.name);
+                }
+            }
+            Err(e) => {
+                warn!("{e}");
+                failed = true;
             }
         }
-        Err(e) => {
-            warn!("{e}");
-            failed = true;
+        let mappings: Vec<_> = ctl.state().mappings().collect();
+        match ctl.slow_mut().remove() {
+            Ok(()) => {
+                info!("removed nftables table {}", nat_userspace::netfilter::TABLE);
+                ctl.slow_mut().forget(&mappings);
+            }
+            Err(e) => {
+                warn!("{e}");
+                failed = true;
+            }
         }
-    }
-    let mappings: Vec<_> = ctl.state().mappings().collect();
-    match ctl.slow_mut().remove() {
-        Ok(()) => {
-            info!("removed nftables table {}", nat_userspace::netfilter::TABLE);
-            ctl.slow_mut().forget(&mappings);
-        }
-        Err(e) => {
-            warn!("{e}");
-            failed = true;
+        if let Some(p) = ctl.fast_mut().pins() {
+            match p.remove_all() {
+                Ok(()) => info!("removed the pins under {}", p.root().display()),
+                Err(e) => {
+                    warn!("{e}");
+                    failed = true;
+                }
+            }
         }
     }
     if let Err(e) = std::fs::remove_file(&args.socket) {

@@ -1,0 +1,125 @@
+//! bpffs layout and mounting. natd pins every map under `DIR/maps/NAME` and the XDP link of
+//! every interface under `DIR/links/IFNAME`, so the fast path outlives natd and a new natd
+//! adopts it (hitless restart and upgrade).
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+/// Default `--bpffs`.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xdp-static-nat";
+/// Where bpffs is conventionally mounted.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not on a bpf filesystem (mount one there: mount -t bpf bpf {0})")]
+    NotBpffs(PathBuf),
+}
+
+/// Pin locations under one directory.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: valid path and out-pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+impl PinDir {
+    /// Prepares `root`: mounts bpffs on /sys/fs/bpf if `root` is under it and nothing is
+    /// mounted there, then creates `root/maps` and `root/links` (0700).
+    pub fn prepare(root: &Path) -> Result<Self, PinError> {
+        let io = |source| PinError::Io {
+            path: root.to_path_buf(),
+            source,
+        };
+        let base = Path::new(BPFFS_ROOT);
+        if root.starts_with(base) && !is_bpffs(base) {
+            let (src, fstype, target) = (
+                c"bpf",
+                c"bpf",
+                CString::new(BPFFS_ROOT).map_err(|e| io(e.into()))?,
+            );
+            // SAFETY: valid NUL-terminated strings; no data argument.
+            let r = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if r != 0 {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+            log::info!("mounted bpffs on {BPFFS_ROOT}");
+        }
+        let dir = Self {
+            root: root.to_path_buf(),
+        };
+        for d in [dir.root.clone(), dir.maps(), dir.links()] {
+            std::fs::create_dir_all(&d).map_err(|source| PinError::Io {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        if !is_bpffs(&dir.root) {
+            return Err(PinError::NotBpffs(dir.root));
+        }
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn link(&self, iface: &str) -> PathBuf {
+        self.links().join(iface)
+    }
+
+    /// Removes every pin and the directories (natd --detach-on-exit).
+    pub fn remove_all(&self) -> Result<(), PinError> {
+        for d in [self.links(), self.maps()] {
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    std::fs::remove_file(&p).map_err(|source| PinError::Io {
+                        path: p.clone(),
+                        source,
+                    })?;
+                }
+            }
+            let _ = std::fs::remove_dir(&d);
+        }
+        let _ = std::fs::remove_dir(&self.root);
+        Ok(())
+    }
+}
