@@ -118,15 +118,21 @@ pub enum Event {
     ConntrackCreate,
     /// A flow was found expired and replaced or refused.
     ConntrackExpired,
+    /// Expired flows natd collected (written by natd, so the count survives restarts).
+    ConntrackCollected,
+    /// Flows natd removed on request or with their mapping (written by natd).
+    ConntrackFlushed,
 }
 
 impl Event {
-    pub const COUNT: u32 = Event::ConntrackExpired as u32 + 1;
+    pub const COUNT: u32 = Event::ConntrackFlushed as u32 + 1;
     pub const ALL: [Event; Event::COUNT as usize] = [
         Event::ConntrackHit,
         Event::ConntrackMiss,
         Event::ConntrackCreate,
         Event::ConntrackExpired,
+        Event::ConntrackCollected,
+        Event::ConntrackFlushed,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -134,6 +140,8 @@ impl Event {
             Event::ConntrackMiss => "conntrack_miss",
             Event::ConntrackCreate => "conntrack_create",
             Event::ConntrackExpired => "conntrack_expired",
+            Event::ConntrackCollected => "conntrack_collected",
+            Event::ConntrackFlushed => "conntrack_flushed",
         }
     }
 }

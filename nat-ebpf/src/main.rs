@@ -30,12 +30,18 @@ use nat_common::{
 
 use crate::parse::Packet;
 
+/// Mappings are allocated as added (`BPF_F_NO_PREALLOC`): a preallocated per-CPU table of
+/// `MAX_MAPPINGS` would cost `MAX_MAPPINGS * 32 B * CPUs` up front and seconds to create.
+const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// Public address -> private address + inbound counters (natd writes, we count).
 #[map]
-static NAT_IN: PerCpuHashMap<u32, NatEntry> = PerCpuHashMap::with_max_entries(MAX_MAPPINGS, 0);
+static NAT_IN: PerCpuHashMap<u32, NatEntry> =
+    PerCpuHashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
 /// Private address -> public address + outbound counters (natd writes, we count).
 #[map]
-static NAT_OUT: PerCpuHashMap<u32, NatEntry> = PerCpuHashMap::with_max_entries(MAX_MAPPINGS, 0);
+static NAT_OUT: PerCpuHashMap<u32, NatEntry> =
+    PerCpuHashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
 /// ifindex -> role of each interface natd attached to (natd writes).
 #[map]
 static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);

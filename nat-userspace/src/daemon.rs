@@ -28,8 +28,10 @@ pub struct Daemon {
     pub ctl: NatController,
     /// Idle timeouts by `conntrack::State`, as written to the program.
     timeouts_ns: [u64; TIMEOUT_SLOTS],
-    collected: u64,
-    flushed: u64,
+    /// Live flows and evictions as of the last collection (metrics read these instead of
+    /// walking the table on every scrape).
+    entries: u64,
+    evictions: u64,
 }
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
@@ -66,8 +68,8 @@ impl Daemon {
         Self {
             ctl,
             timeouts_ns,
-            collected: 0,
-            flushed: 0,
+            entries: 0,
+            evictions: 0,
         }
     }
 
@@ -172,7 +174,7 @@ impl Daemon {
                 let n = self.remove_flows(|_, _| true);
                 done(format!("{n} flows flushed"))
             }
-            Request::Stats => match self.stats() {
+            Request::Stats => match self.stats(true) {
                 Ok(s) => Response::Ok(Reply::Stats(s)),
                 Err(e) => refuse(e),
             },
@@ -196,8 +198,14 @@ impl Daemon {
 
     fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &FlowState) -> bool) -> usize {
         match self.ctl.fast_mut().remove_flows(pred) {
-            Ok(n) => {
-                self.flushed += n as u64;
+            Ok((n, _)) => {
+                if let Err(e) = self
+                    .ctl
+                    .fast_mut()
+                    .bump_event(Event::ConntrackFlushed, n as u64)
+                {
+                    warn!("counting flushed flows: {e}");
+                }
                 n
             }
             Err(e) => {
@@ -211,10 +219,15 @@ impl Daemon {
     pub fn collect_expired(&mut self) -> Result<usize, DataplaneError> {
         let now = monotonic_ns();
         let timeouts = self.timeouts_ns;
-        let n = self.ctl.fast_mut().remove_flows(|_, v| {
+        let (n, seen) = self.ctl.fast_mut().remove_flows(|_, v| {
             now.saturating_sub(v.last_seen) > timeouts[State::from_u8(v.state) as usize]
         })?;
-        self.collected += n as u64;
+        self.ctl
+            .fast_mut()
+            .bump_event(Event::ConntrackCollected, n as u64)?;
+        self.entries = (seen - n) as u64;
+        let events = self.ctl.fast_mut().events()?;
+        self.evictions = self.evictions.max(evictions(&events, self.entries));
         if n > 0 {
             info!("conntrack: collected {n} expired flows");
         }
@@ -269,12 +282,18 @@ impl Daemon {
         Ok(Reply::Flows { capacity, flows })
     }
 
-    fn stats(&mut self) -> Result<StatsReport, String> {
+    /// Every counter natd reports. `walk_flows`: count live flows now (natctl) rather than
+    /// use the last collection's count (metrics, every scrape).
+    pub fn stats(&mut self, walk_flows: bool) -> Result<StatsReport, String> {
         let mappings = self.mappings()?;
         let dp = self.ctl.fast_mut();
         let counters = dp.stats().map_err(|e| format!("reading counters: {e}"))?;
         let events = dp.events().map_err(|e| format!("reading counters: {e}"))?;
-        let entries = dp.flows().map_err(|e| format!("reading flows: {e}"))?.len() as u64;
+        let entries = if walk_flows {
+            dp.flows().map_err(|e| format!("reading flows: {e}"))?.len() as u64
+        } else {
+            self.entries
+        };
         let capacity = dp.conntrack_capacity().map_err(|e| e.to_string())?;
         let ev = |e: Event| events.get(&e).copied().unwrap_or(0);
         let creates = ev(Event::ConntrackCreate);
@@ -297,9 +316,13 @@ impl Daemon {
             misses: ev(Event::ConntrackMiss),
             creates,
             expired_seen: ev(Event::ConntrackExpired),
-            collected: self.collected,
-            flushed: self.flushed,
-            evictions: creates.saturating_sub(self.collected + self.flushed + entries),
+            collected: ev(Event::ConntrackCollected),
+            flushed: ev(Event::ConntrackFlushed),
+            evictions: if walk_flows {
+                evictions(&events, entries)
+            } else {
+                self.evictions
+            },
         };
         Ok(StatsReport {
             generation: self.ctl.generation(),
@@ -309,6 +332,15 @@ impl Daemon {
             mappings,
         })
     }
+}
+
+/// Flows the kernel evicted (LRU) to make room: every flow ever created is either still there,
+/// collected, flushed or evicted. All counters live in the pinned maps, so this holds across
+/// restarts.
+fn evictions(events: &std::collections::BTreeMap<Event, u64>, entries: u64) -> u64 {
+    let ev = |e| events.get(&e).copied().unwrap_or(0);
+    ev(Event::ConntrackCreate)
+        .saturating_sub(ev(Event::ConntrackCollected) + ev(Event::ConntrackFlushed) + entries)
 }
 
 fn done(message: String) -> Response {

@@ -797,6 +797,35 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Adds `n` to a natd-written event counter (CPU 0's slot; the program never writes it).
+    pub fn bump_event(&mut self, e: Event, n: u64) -> Result<(), DataplaneError> {
+        let mut arr = PerCpuArray::<_, u64>::try_from(self.map(MAP_EVENTS)?).map_err(|source| {
+            DataplaneError::Map {
+                map: MAP_EVENTS,
+                source,
+            }
+        })?;
+        let v = arr
+            .get(&(e as u32), 0)
+            .map_err(|source| DataplaneError::Map {
+                map: MAP_EVENTS,
+                source,
+            })?;
+        let mut v: Vec<u64> = v.iter().copied().collect();
+        if let Some(first) = v.first_mut() {
+            *first += n;
+        }
+        let v = PerCpuValues::try_from(v).map_err(|source| DataplaneError::Map {
+            map: MAP_EVENTS,
+            source: MapError::IoError(source),
+        })?;
+        arr.set(e as u32, v, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: MAP_EVENTS,
+                source,
+            })
+    }
+
     fn conntrack(
         &mut self,
     ) -> Result<aya::maps::HashMap<&mut MapData, FlowKey, FlowState>, DataplaneError> {
@@ -827,13 +856,14 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Deletes the flows `pred` selects; returns how many went.
+    /// Deletes the flows `pred` selects; returns how many went and how many were looked at.
     pub fn remove_flows(
         &mut self,
         pred: impl Fn(&FlowKey, &FlowState) -> bool,
-    ) -> Result<usize, DataplaneError> {
-        let doomed: Vec<FlowKey> = self
-            .flows()?
+    ) -> Result<(usize, usize), DataplaneError> {
+        let all = self.flows()?;
+        let seen = all.len();
+        let doomed: Vec<FlowKey> = all
             .into_iter()
             .filter(|(k, v)| pred(k, v))
             .map(|(k, _)| k)
@@ -852,7 +882,7 @@ impl Dataplane {
                 }
             }
         }
-        Ok(n)
+        Ok((n, seen))
     }
 
     /// Capacity of the connection table.

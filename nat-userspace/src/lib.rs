@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod firewall;
+pub mod metrics;
 pub mod netfilter;
 pub mod persist;
 pub mod pins;

@@ -11,6 +11,7 @@ use nat_userspace::{
     config::Config,
     daemon::Daemon,
     ebpf::{Dataplane, Mode, Role},
+    metrics::{self, DEFAULT_METRICS_ADDR},
     netfilter::{Nft, SlowPath as _},
     persist::{DEFAULT_STATE_DIR, StateDir},
     pins::{DEFAULT_BPFFS, PinDir},
@@ -54,6 +55,9 @@ struct Args {
     /// natd leaves the fast path running on exit, for the next natd to adopt.
     #[arg(long)]
     detach_on_exit: bool,
+    /// Where to serve Prometheus metrics (GET /metrics). Loopback unless told otherwise.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    metrics_addr: std::net::SocketAddr,
 }
 
 fn main() {
@@ -118,6 +122,10 @@ fn raise_memlock() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     check_ifaces(&args)?;
+    // Bound before anything is installed, so a taken port changes nothing.
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -222,7 +230,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Arc::new(Mutex::new(Daemon::new(ctl, timeouts_ns)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
-    let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx));
+    let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone()));
+    let metrics = tokio::spawn(metrics::serve(metrics_listener, daemon.clone(), stop_rx));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -233,6 +242,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = server.await;
     let _ = gc.await;
+    let _ = metrics.await;
 
     let mut daemon = daemon.lock().await;
     let ctl = &mut daemon.ctl;
@@ -288,8 +298,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// How often expired flows are collected.
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Deletes expired flows every [`GC_INTERVAL`] until shutdown.
+/// Deletes expired flows now and every [`GC_INTERVAL`] until shutdown.
 async fn collect_expired(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+    if let Err(e) = daemon.lock().await.collect_expired() {
+        warn!("conntrack collection: {e}");
+    }
     loop {
         tokio::select! {
             _ = tokio::time::sleep(GC_INTERVAL) => {
