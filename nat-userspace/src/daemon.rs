@@ -11,7 +11,7 @@ use nat_common::{
 use crate::{
     api::{
         ConntrackStats, FlowInfo, MappingStatus, ReasonStat, Reply, Request, Response, RuleSpec,
-        StatsReport,
+        StatsReport, StatusReport,
     },
     ebpf::{Dataplane, DataplaneError},
     firewall::{RuleError, Service, icmp_field},
@@ -174,6 +174,10 @@ impl Daemon {
                 let n = self.remove_flows(|_, _| true);
                 done(format!("{n} flows flushed"))
             }
+            Request::Status => match self.status() {
+                Ok(s) => Response::Ok(Reply::Status(s)),
+                Err(e) => refuse(e),
+            },
             Request::Stats => match self.stats(true) {
                 Ok(s) => Response::Ok(Reply::Stats(s)),
                 Err(e) => refuse(e),
@@ -280,6 +284,40 @@ impl Daemon {
             })
             .collect();
         Ok(Reply::Flows { capacity, flows })
+    }
+
+    fn status(&mut self) -> Result<StatusReport, String> {
+        let st = self.ctl.state();
+        let (mappings, ingress_rules, egress_rules, egress_default_allow) = (
+            st.len(),
+            st.ingress_rules().count(),
+            st.egress_rules().count(),
+            st.egress_default_allow(),
+        );
+        let state_file = self.ctl.store().file().display().to_string();
+        let dp = self.ctl.fast_mut();
+        Ok(StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            interfaces: dp.attached().cloned().collect(),
+            mappings,
+            ingress_rules,
+            egress_rules,
+            egress_default_allow,
+            flows: self.entries,
+            flow_capacity: self
+                .ctl
+                .fast_mut()
+                .conntrack_capacity()
+                .map_err(|e| e.to_string())?,
+            generation: self.ctl.generation(),
+            applied_at: self.ctl.applied_at(),
+            state_file,
+            bpffs: self
+                .ctl
+                .fast_mut()
+                .pins()
+                .map(|p| p.root().display().to_string()),
+        })
     }
 
     /// Every counter natd reports. `walk_flows`: count live flows now (natctl) rather than

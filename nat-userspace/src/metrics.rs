@@ -356,4 +356,43 @@ mod tests {
         assert!(t.contains("xdp_nat_conntrack_capacity 10\n"), "{t}");
         assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
+
+    /// The shipped Grafana dashboard only queries metrics natd exports.
+    #[test]
+    fn dashboard_uses_exported_names() {
+        let dash = include_str!("../../dist/grafana-dashboard.json");
+        let exported = render(
+            &StatsReport {
+                generation: 0,
+                interfaces: vec![],
+                reasons: vec![],
+                conntrack: ConntrackStats {
+                    entries: 0,
+                    capacity: 0,
+                    hits: 0,
+                    misses: 0,
+                    creates: 0,
+                    expired_seen: 0,
+                    collected: 0,
+                    flushed: 0,
+                    evictions: 0,
+                },
+                mappings: vec![],
+            },
+            0,
+        );
+        let mut checked = 0;
+        for (i, _) in dash.match_indices("xdp_nat_") {
+            let name: String = dash[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(&format!("# TYPE {name} ")),
+                "dashboard uses {name}, which natd does not export"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10);
+    }
 }

@@ -92,6 +92,10 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
         }
     }
 
+    pub fn store(&self) -> &P {
+        &self.store
+    }
+
     /// When the last change was applied (seconds since the epoch; 0 = none since start).
     pub fn applied_at(&self) -> u64 {
         self.applied_at

@@ -68,6 +68,7 @@ pub enum Request {
     ConntrackList,
     ConntrackFlush,
     Stats,
+    Status,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +103,26 @@ pub enum Reply {
         flows: Vec<FlowInfo>,
     },
     Stats(StatsReport),
+    Status(StatusReport),
+}
+
+/// natd at a glance (`natctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub interfaces: Vec<Attached>,
+    pub mappings: usize,
+    pub ingress_rules: usize,
+    pub egress_rules: usize,
+    pub egress_default_allow: bool,
+    /// Live flows as of the last collection, and the table's size.
+    pub flows: u64,
+    pub flow_capacity: u32,
+    pub generation: u64,
+    /// Seconds since the epoch of the last applied change (0: none since start).
+    pub applied_at: u64,
+    pub state_file: String,
+    pub bpffs: Option<String>,
 }
 
 /// A mapping and what it translated.

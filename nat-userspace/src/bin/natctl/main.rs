@@ -5,6 +5,7 @@ mod firewall;
 mod mapping;
 mod rule;
 mod stats;
+mod status;
 
 use std::path::PathBuf;
 
@@ -35,6 +36,14 @@ enum Command {
     /// Connection tracking table.
     #[command(subcommand)]
     Conntrack(conntrack::Cmd),
+    /// natd at a glance: interfaces and modes, counts of mappings, rules and flows, state
+    /// generation.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
     /// Verdict counters by reason, and per mapping.
     Stats {
         /// Machine-readable output.
@@ -60,6 +69,17 @@ fn main() {
         Command::Egress(cmd) => egress::run(&args.socket, cmd),
         Command::Conntrack(cmd) => conntrack::run(&args.socket, cmd),
         Command::Stats { json } => stats::run(&args.socket, json),
+        Command::Status { json } => status::run(&args.socket, json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "natctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     if let Err(message) = result {
         eprintln!("natctl: {message}");
