@@ -2,9 +2,11 @@
 //!
 //! Library first: the binaries are thin layers over [`daemon`] (request handling),
 //! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
-//! [`netfilter`] (the slow path) and [`api`] (the control socket).
+//! [`netfilter`] (the slow path) and [`api`] (the control socket). [`cloudstack`] turns CloudStack
+//! virtual-router payloads into desired-state changes.
 pub mod api;
 pub mod cidr;
+pub mod cloudstack;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;

@@ -1,0 +1,365 @@
+//! Applies a parsed payload to a desired state the way CloudStack's router scripts merge it
+//! (`cs_staticnatrules` / `cs_firewallrules` merged by rule, then `CsAcl`): rules in order,
+//! static NAT by public IP, firewall rules by id.
+use std::net::Ipv4Addr;
+
+use super::{
+    CloudStackError, Field, Problem, RuleRef,
+    model::{FirewallRule, Payload, StaticNatRule},
+    summary::{Change, RuleKind, Summary},
+};
+use crate::{
+    cidr::Cidr,
+    firewall::{PortRange, Proto, RuleError, Service, normalize_cidrs},
+    state::{DesiredState, Mapping, StateError},
+};
+
+/// Applies `payload` to `state`, rule by rule, and says what each rule did.
+///
+/// `state` must be a copy the caller owns: on error this returns at the first refused rule and
+/// leaves `state` as far as it got (half-modified). The caller discards it and keeps the
+/// original, so a refused payload changes nothing:
+///
+/// ```ignore
+/// let mut new = current.clone();
+/// let summary = cloudstack::apply(&payload, &mut new)?; // on error `current` is untouched
+/// controller.apply(new)?;
+/// ```
+pub fn apply(payload: &Payload, state: &mut DesiredState) -> Result<Summary, CloudStackError> {
+    let mut summary = Summary::default();
+    match payload {
+        Payload::StaticNat { rules } => {
+            for (i, r) in rules.iter().enumerate() {
+                let at = RuleRef {
+                    position: i + 1,
+                    id: None,
+                };
+                static_nat(at, r, state, &mut summary)?;
+            }
+        }
+        Payload::Firewall { rules } => {
+            let mut policy = None;
+            for (i, r) in rules.iter().enumerate() {
+                let at = RuleRef {
+                    position: i + 1,
+                    id: r.id,
+                };
+                firewall(at, r, state, &mut policy, &mut summary)?;
+            }
+        }
+    }
+    Ok(summary)
+}
+
+fn refuse(at: RuleRef, field: &str, problem: Problem) -> CloudStackError {
+    CloudStackError::rule(at, Some(Field::new(field)), problem)
+}
+
+fn ipv4(at: RuleRef, field: &str, value: Option<&str>) -> Result<Ipv4Addr, CloudStackError> {
+    let s = value.ok_or_else(|| refuse(at, field, Problem::Missing))?;
+    s.parse()
+        .map_err(|_| refuse(at, field, Problem::NotIpv4(s.to_string())))
+}
+
+/// Which field a refused mapping is the fault of.
+fn mapping_field(e: &StateError) -> &'static str {
+    match e {
+        StateError::PrivateInUse { .. } => "destination_ip_address",
+        StateError::NotUnicast { field, .. } | StateError::CrossUse { field, .. }
+            if *field == "private IP" =>
+        {
+            "destination_ip_address"
+        }
+        _ => "source_ip_address",
+    }
+}
+
+/// Static NAT: `P -> V` by public IP. Other fields of the rule do not apply to static NAT.
+fn static_nat(
+    at: RuleRef,
+    r: &StaticNatRule,
+    state: &mut DesiredState,
+    summary: &mut Summary,
+) -> Result<(), CloudStackError> {
+    let public = ipv4(at, "source_ip_address", r.source_ip_address.as_deref())?;
+    let field = "destination_ip_address";
+    if r.revoke.unwrap_or(false) {
+        // The router removes the public IP's mapping whatever private IP the revoke names;
+        // a present one must still be an address.
+        if let Some(d) = r.destination_ip_address.as_deref() {
+            ipv4(at, field, Some(d))?;
+        }
+        if state.private_of(public).is_none() {
+            summary.push(at, Change::MappingAbsent(public));
+            return Ok(());
+        }
+        let ingress_removed = state
+            .ingress_rules()
+            .filter(|s| s.rule.public == public)
+            .map(|s| s.rule.id)
+            .collect();
+        let mapping = state
+            .remove_mapping(public)
+            .map_err(|e| refuse(at, "source_ip_address", Problem::State(e)))?;
+        summary.push(
+            at,
+            Change::MappingRemoved {
+                mapping,
+                ingress_removed,
+            },
+        );
+        return Ok(());
+    }
+    let private = ipv4(at, field, r.destination_ip_address.as_deref())?;
+    let m = Mapping { public, private };
+    if state.private_of(public) == Some(private) {
+        summary.push(at, Change::MappingPresent(m));
+        return Ok(());
+    }
+    state
+        .add_mapping(m)
+        .map_err(|e| refuse(at, mapping_field(&e), Problem::State(e)))?;
+    summary.push(at, Change::MappingAdded(m));
+    Ok(())
+}
+
+/// Firewall rules by id: unknown id added, known id kept, `revoked` deleted.
+fn firewall(
+    at: RuleRef,
+    r: &FirewallRule,
+    state: &mut DesiredState,
+    policy: &mut Option<(bool, usize)>,
+    summary: &mut Summary,
+) -> Result<(), CloudStackError> {
+    let id = r.id.ok_or_else(|| refuse(at, "id", Problem::Missing))?;
+    let kind = match r.traffic_type.as_deref() {
+        None => return Err(refuse(at, "traffic_type", Problem::Missing)),
+        Some(t) if t.eq_ignore_ascii_case("Ingress") => RuleKind::Ingress,
+        Some(t) if t.eq_ignore_ascii_case("Egress") => RuleKind::Egress,
+        Some(t) => {
+            let problem = Problem::TrafficType(t.to_string());
+            return Err(refuse(at, "traffic_type", problem));
+        }
+    };
+    if holds(state, kind.other(), id) {
+        let problem = Problem::IdOfOtherKind {
+            id,
+            other: kind.other(),
+        };
+        return Err(refuse(at, "id", problem));
+    }
+    if r.revoked.unwrap_or(false) {
+        // Like the router, a revoke needs nothing but the id.
+        let change = if holds(state, kind, id) {
+            let removed = match kind {
+                RuleKind::Ingress => state.remove_ingress(id).map(drop),
+                RuleKind::Egress => state.remove_egress(id).map(drop),
+            };
+            removed.map_err(|e| refuse(at, "id", Problem::State(e)))?;
+            Change::RuleRemoved { kind, id }
+        } else {
+            Change::RuleAbsent { kind, id }
+        };
+        summary.push(at, change);
+        return Ok(());
+    }
+    match kind {
+        RuleKind::Ingress => ingress(at, id, r, state, summary),
+        RuleKind::Egress => egress(at, id, r, state, policy, summary),
+    }
+}
+
+fn holds(state: &DesiredState, kind: RuleKind, id: u64) -> bool {
+    match kind {
+        RuleKind::Ingress => state.ingress_rules().any(|s| s.rule.id == id),
+        RuleKind::Egress => state.egress_rules().any(|s| s.rule.id == id),
+    }
+}
+
+fn ingress(
+    at: RuleRef,
+    id: u64,
+    r: &FirewallRule,
+    state: &mut DesiredState,
+    summary: &mut Summary,
+) -> Result<(), CloudStackError> {
+    let service = service(at, r, RuleKind::Ingress)?;
+    let cidrs = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
+    let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
+    if let Some(s) = state.ingress_rules().find(|s| s.rule.id == id) {
+        let differs = s.rule.public != public
+            || s.rule.service != service
+            || s.rule.cidrs != normalize_cidrs(cidrs);
+        let kind = RuleKind::Ingress;
+        summary.push(at, Change::RuleKept { kind, id, differs });
+        return Ok(());
+    }
+    if state.private_of(public).is_none() {
+        return Err(refuse(at, "src_ip", Problem::Unmapped(public)));
+    }
+    state
+        .add_ingress(Some(id), public, service, cidrs)
+        .map_err(|e| {
+            let field =
+                matches!(e, StateError::TooManyIngressRules { .. }).then(|| Field::new("src_ip"));
+            CloudStackError::rule(at, field, Problem::State(e))
+        })?;
+    let kind = RuleKind::Ingress;
+    summary.push(at, Change::RuleAdded { kind, id });
+    Ok(())
+}
+
+fn egress(
+    at: RuleRef,
+    id: u64,
+    r: &FirewallRule,
+    state: &mut DesiredState,
+    policy: &mut Option<(bool, usize)>,
+    summary: &mut Summary,
+) -> Result<(), CloudStackError> {
+    let proto = protocol(at, r, RuleKind::Egress)?;
+    let field = "default_egress_policy";
+    let allow = r
+        .default_egress_policy
+        .ok_or_else(|| refuse(at, field, Problem::Missing))?;
+    match *policy {
+        None => {
+            let was = state.egress_default_allow();
+            state.set_egress_default_allow(allow);
+            *policy = Some((allow, at.position));
+            summary.push(at, Change::EgressDefault { allow, was });
+        }
+        Some((first, first_position)) if first != allow => {
+            let problem = Problem::PolicyConflict {
+                value: allow,
+                first,
+                first_position,
+            };
+            return Err(refuse(at, field, problem));
+        }
+        Some(_) => {}
+    }
+    let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
+    if proto == Proto::All && sources.is_empty() {
+        summary.push(at, Change::EgressDefaultRule { id });
+        return Ok(());
+    }
+    let service = service(at, r, RuleKind::Egress)?;
+    let mut dests = cidr_list(at, "dest_cidr_list", r.dest_cidr_list.as_deref())?;
+    if dests.iter().any(Cidr::is_any) {
+        dests.clear();
+    }
+    if let (false, Some(g)) = (sources.is_empty(), r.guest_cidr.as_deref()) {
+        let guest: Cidr = g
+            .parse()
+            .map_err(|e| refuse(at, "guest_cidr", Problem::Cidr(e)))?;
+        if !sources.iter().any(|s| s.contains(&guest)) {
+            let problem = Problem::NarrowSource { guest };
+            return Err(refuse(at, "source_cidr_list", problem));
+        }
+    }
+    let kind = RuleKind::Egress;
+    if let Some(s) = state.egress_rules().find(|s| s.rule.id == id) {
+        let differs = s.rule.service != service || s.rule.cidrs != normalize_cidrs(dests);
+        summary.push(at, Change::RuleKept { kind, id, differs });
+        return Ok(());
+    }
+    state
+        .add_egress(Some(id), service, dests)
+        .map_err(|e| CloudStackError::rule(at, None, Problem::State(e)))?;
+    summary.push(at, Change::RuleAdded { kind, id });
+    Ok(())
+}
+
+fn protocol(at: RuleRef, r: &FirewallRule, kind: RuleKind) -> Result<Proto, CloudStackError> {
+    let p = r
+        .protocol
+        .as_deref()
+        .ok_or_else(|| refuse(at, "protocol", Problem::Missing))?;
+    let proto = match p.to_ascii_lowercase().as_str() {
+        "tcp" => Some(Proto::Tcp),
+        "udp" => Some(Proto::Udp),
+        "icmp" => Some(Proto::Icmp),
+        "all" if kind == RuleKind::Egress => Some(Proto::All),
+        _ => None,
+    };
+    proto.ok_or_else(|| {
+        let problem = Problem::UnsupportedProtocol {
+            protocol: p.to_string(),
+            kind,
+        };
+        refuse(at, "protocol", problem)
+    })
+}
+
+/// The rule's service. As on the router, ports apply to tcp/udp only and ICMP type/code to
+/// icmp only; the other protocol's fields are ignored.
+fn service(at: RuleRef, r: &FirewallRule, kind: RuleKind) -> Result<Service, CloudStackError> {
+    let proto = protocol(at, r, kind)?;
+    let mut s = Service {
+        proto,
+        ports: None,
+        icmp_type: None,
+        icmp_code: None,
+    };
+    match proto {
+        Proto::Tcp | Proto::Udp => {
+            s.ports = r
+                .src_port_range
+                .as_deref()
+                .map(|range| ports(at, range))
+                .transpose()?;
+        }
+        Proto::Icmp => {
+            s.icmp_type = icmp(at, "icmp_type", r.icmp_type)?;
+            s.icmp_code = icmp(at, "icmp_code", r.icmp_code)?;
+            if s.icmp_code.is_some() && s.icmp_type.is_none() {
+                let problem = Problem::Rule(RuleError::CodeWithoutType);
+                return Err(refuse(at, "icmp_code", problem));
+            }
+        }
+        Proto::All => {}
+    }
+    Ok(s)
+}
+
+fn ports(at: RuleRef, range: &[i64]) -> Result<PortRange, CloudStackError> {
+    let field = "src_port_range";
+    let &[first, last] = range else {
+        return Err(refuse(at, field, Problem::PortRangeLength(range.len())));
+    };
+    let port = |n: i64| {
+        u16::try_from(n)
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| refuse(at, field, Problem::Port(n)))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    PortRange::new(first.into(), last.into()).map_err(|e| refuse(at, field, Problem::Rule(e)))
+}
+
+/// CloudStack's ICMP type/code: -1 or absent = any.
+fn icmp(at: RuleRef, field: &str, v: Option<i64>) -> Result<Option<u8>, CloudStackError> {
+    match v {
+        None | Some(-1) => Ok(None),
+        Some(n) => u8::try_from(n)
+            .map(Some)
+            .map_err(|_| refuse(at, field, Problem::Icmp(n))),
+    }
+}
+
+/// CIDRs of a list field; empty or absent is an empty list (callers decide what that means).
+fn cidr_list(
+    at: RuleRef,
+    field: &str,
+    list: Option<&[String]>,
+) -> Result<Vec<Cidr>, CloudStackError> {
+    list.unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse()
+                .map_err(|e| CloudStackError::rule(at, Some(Field::at(field, i)), Problem::Cidr(e)))
+        })
+        .collect()
+}

@@ -1,0 +1,200 @@
+//! Random sequences of well-formed payloads: whatever is accepted or refused, the state stays
+//! one-to-one, has no rules for unmapped IPs, keeps ingress and egress ids apart, and ends up
+//! with each rule's last word in the payload.
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::state::DesiredState;
+
+fn public(i: u8) -> String {
+    format!("203.0.113.{i}")
+}
+
+fn private(i: u8) -> String {
+    format!("10.0.0.{i}")
+}
+
+fn static_nat_rule() -> impl Strategy<Value = StaticNatRule> {
+    (prop::bool::weighted(0.3), 1u8..=4, 1u8..=4).prop_map(|(revoke, p, v)| StaticNatRule {
+        revoke: Some(revoke),
+        source_ip_address: Some(public(p)),
+        destination_ip_address: Some(private(v)),
+    })
+}
+
+fn cidr() -> impl Strategy<Value = String> {
+    prop::sample::select(vec![
+        "0.0.0.0/0",
+        "198.51.100.0/24",
+        "198.51.100.0/25",
+        "192.0.2.7/32",
+        "10.1.1.0/24",
+    ])
+    .prop_map(str::to_string)
+}
+
+fn firewall_rule(default_allow: bool) -> impl Strategy<Value = FirewallRule> {
+    (
+        1u64..=8,
+        prop::bool::ANY,
+        prop::bool::weighted(0.25),
+        prop::sample::select(vec!["tcp", "udp", "icmp", "all"]),
+        prop::option::of((1i64..100, 0i64..10)),
+        prop::option::of((-1i64..4, -1i64..2)),
+        1u8..=4,
+        prop::collection::vec(cidr(), 0..3),
+        prop::collection::vec(cidr(), 0..3),
+    )
+        .prop_map(
+            move |(id, ingress, revoked, proto, ports, icmp, ip, sources, dests)| {
+                // Ingress rules never say `all`; egress sources are the guest network.
+                let (proto, src_ip, sources) = if ingress {
+                    let proto = if proto == "all" { "tcp" } else { proto };
+                    (proto, public(ip), sources)
+                } else {
+                    let sources = if sources.is_empty() {
+                        vec![]
+                    } else {
+                        vec!["10.1.1.0/24".to_string()]
+                    };
+                    (proto, String::new(), sources)
+                };
+                let icmp_type = icmp.map(|(t, _)| t);
+                FirewallRule {
+                    id: Some(id),
+                    traffic_type: Some(if ingress { "Ingress" } else { "Egress" }.to_string()),
+                    revoked: Some(revoked),
+                    src_ip: Some(src_ip),
+                    protocol: Some(proto.to_string()),
+                    src_port_range: ports.map(|(a, n)| vec![a, a + n]),
+                    icmp_type,
+                    icmp_code: icmp.and_then(|(t, c)| (t >= 0).then_some(c)),
+                    source_cidr_list: Some(sources),
+                    dest_cidr_list: Some(dests),
+                    guest_cidr: Some("10.1.1.0/24".to_string()),
+                    default_egress_policy: Some(default_allow),
+                }
+            },
+        )
+}
+
+fn payload() -> impl Strategy<Value = Payload> {
+    prop_oneof![
+        prop::collection::vec(static_nat_rule(), 1..4)
+            .prop_map(|rules| Payload::StaticNat { rules }),
+        prop::bool::ANY
+            .prop_flat_map(|allow| prop::collection::vec(firewall_rule(allow), 1..5))
+            .prop_map(|rules| Payload::Firewall { rules }),
+    ]
+}
+
+fn check_invariants(s: &DesiredState) -> Result<(), TestCaseError> {
+    let publics: BTreeSet<_> = s.mappings().map(|m| m.public).collect();
+    let privates: BTreeSet<_> = s.mappings().map(|m| m.private).collect();
+    prop_assert_eq!(publics.len(), s.len());
+    prop_assert_eq!(privates.len(), s.len(), "a private IP is mapped twice");
+    prop_assert!(
+        publics.is_disjoint(&privates),
+        "an IP is public and private"
+    );
+    for r in s.ingress_rules() {
+        prop_assert!(
+            publics.contains(&r.rule.public),
+            "ingress rule {} for unmapped {}",
+            r.rule.id,
+            r.rule.public
+        );
+    }
+    let ingress: BTreeSet<_> = s.ingress_rules().map(|r| r.rule.id).collect();
+    let egress: BTreeSet<_> = s.egress_rules().map(|r| r.rule.id).collect();
+    prop_assert!(
+        ingress.is_disjoint(&egress),
+        "an id is both ingress and egress"
+    );
+    Ok(())
+}
+
+/// After an accepted payload each public IP / rule id ends as the payload's last rule for it
+/// says.
+fn check_last_word(p: &Payload, s: &DesiredState) -> Result<(), TestCaseError> {
+    match p {
+        Payload::StaticNat { rules } => {
+            let mut last = BTreeMap::new();
+            for r in rules {
+                last.insert(r.source_ip_address.clone(), r);
+            }
+            for r in last.values() {
+                let public = r
+                    .source_ip_address
+                    .as_deref()
+                    .unwrap_or_default()
+                    .parse()
+                    .unwrap();
+                let want = if r.revoke == Some(true) {
+                    None
+                } else {
+                    r.destination_ip_address
+                        .as_deref()
+                        .map(|d| d.parse().unwrap())
+                };
+                prop_assert_eq!(s.private_of(public), want);
+            }
+        }
+        Payload::Firewall { rules } => {
+            let mut last = BTreeMap::new();
+            for r in rules {
+                last.insert(r.id, r);
+            }
+            for (id, r) in last {
+                let id = id.unwrap_or_default();
+                let ingress = s.ingress_rules().any(|x| x.rule.id == id);
+                let egress = s.egress_rules().any(|x| x.rule.id == id);
+                let default_rule = r.protocol.as_deref() == Some("all")
+                    && r.source_cidr_list.as_ref().is_none_or(Vec::is_empty);
+                if r.revoked == Some(true) {
+                    prop_assert!(!ingress && !egress, "revoked id {} still there", id);
+                } else if r.traffic_type.as_deref() == Some("Ingress") {
+                    prop_assert!(ingress, "ingress id {} missing", id);
+                } else if !default_rule {
+                    prop_assert!(egress, "egress id {} missing", id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn random_payload_sequences_keep_the_state_consistent(
+        payloads in prop::collection::vec(payload(), 1..12),
+    ) {
+        let mut state = DesiredState::default();
+        for p in &payloads {
+            // Through JSON, as natd receives it.
+            let text = serde_json::to_string(p).unwrap();
+            let parsed = parse(&text).unwrap();
+            prop_assert_eq!(&parsed, p);
+            let mut new = state.clone();
+            match apply(&parsed, &mut new) {
+                Ok(_) => {
+                    check_invariants(&new)?;
+                    check_last_word(p, &new)?;
+                    // Re-applying an accepted payload, if accepted again, changes nothing.
+                    let mut again = new.clone();
+                    if apply(&parsed, &mut again).is_ok() {
+                        prop_assert_eq!(&again, &new);
+                    }
+                    state = new;
+                }
+                Err(e) => {
+                    prop_assert!(matches!(e, CloudStackError::Rule { .. }), "{}", e);
+                    prop_assert!(e.to_string().starts_with("rule #"), "{}", e);
+                }
+            }
+            check_invariants(&state)?;
+        }
+    }
+}

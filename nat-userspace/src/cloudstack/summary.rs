@@ -1,0 +1,222 @@
+//! What applying a payload did, rule by rule, for natd's log and natctl's answer.
+use std::{fmt, net::Ipv4Addr};
+
+use super::RuleRef;
+use crate::state::Mapping;
+
+/// Ingress rules belong to a public IP, egress rules to the guest network. natd keeps both in
+/// one id space, as CloudStack does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleKind {
+    Ingress,
+    Egress,
+}
+
+impl RuleKind {
+    pub(super) fn other(self) -> Self {
+        match self {
+            RuleKind::Ingress => RuleKind::Egress,
+            RuleKind::Egress => RuleKind::Ingress,
+        }
+    }
+
+    /// The protocols a rule of this kind may name.
+    pub(super) fn protocols(self) -> &'static str {
+        match self {
+            RuleKind::Ingress => "tcp, udp or icmp",
+            RuleKind::Egress => "tcp, udp, icmp or all",
+        }
+    }
+}
+
+impl fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RuleKind::Ingress => "ingress",
+            RuleKind::Egress => "egress",
+        })
+    }
+}
+
+/// What one rule of a payload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    MappingAdded(Mapping),
+    /// A revoke removed the mapping and, with it, the ingress rules of its public IP.
+    MappingRemoved {
+        mapping: Mapping,
+        ingress_removed: Vec<u64>,
+    },
+    /// No-op: exactly this mapping was already there.
+    MappingPresent(Mapping),
+    /// No-op: a revoke of a public IP that has no mapping.
+    MappingAbsent(Ipv4Addr),
+    RuleAdded {
+        kind: RuleKind,
+        id: u64,
+    },
+    RuleRemoved {
+        kind: RuleKind,
+        id: u64,
+    },
+    /// No-op: the id is known and stays as it is; `differs` says the payload's fields differ
+    /// from the installed rule (worth a warning: CloudStack never changes a rule in place).
+    RuleKept {
+        kind: RuleKind,
+        id: u64,
+        differs: bool,
+    },
+    /// No-op: a revoke of an id natd does not have.
+    RuleAbsent {
+        kind: RuleKind,
+        id: u64,
+    },
+    /// The guest network's default egress policy, set by the payload's first egress rule.
+    EgressDefault {
+        allow: bool,
+        was: bool,
+    },
+    /// The default egress rule (protocol `all`, no source CIDRs) stands for the default
+    /// policy itself and is not an exception rule.
+    EgressDefaultRule {
+        id: u64,
+    },
+}
+
+impl Change {
+    /// Whether this left the state as it was.
+    pub fn is_noop(&self) -> bool {
+        match self {
+            Change::MappingAdded(_) | Change::MappingRemoved { .. } => false,
+            Change::RuleAdded { .. } | Change::RuleRemoved { .. } => false,
+            Change::EgressDefault { allow, was } => allow == was,
+            Change::MappingPresent(_)
+            | Change::MappingAbsent(_)
+            | Change::RuleKept { .. }
+            | Change::RuleAbsent { .. }
+            | Change::EgressDefaultRule { .. } => true,
+        }
+    }
+}
+
+fn policy(allow: bool) -> &'static str {
+    if allow { "allow" } else { "deny" }
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::MappingAdded(m) => write!(f, "mapping added: {} -> {}", m.public, m.private),
+            Change::MappingRemoved {
+                mapping: m,
+                ingress_removed,
+            } => {
+                write!(f, "mapping removed: {} -> {}", m.public, m.private)?;
+                if !ingress_removed.is_empty() {
+                    write!(f, " with its ingress rules {ingress_removed:?}")?;
+                }
+                Ok(())
+            }
+            Change::MappingPresent(m) => {
+                write!(f, "mapping {} -> {} already present", m.public, m.private)
+            }
+            Change::MappingAbsent(p) => write!(f, "revoke: {p} has no mapping, nothing to do"),
+            Change::RuleAdded { kind, id } => write!(f, "{kind} rule {id} added"),
+            Change::RuleRemoved { kind, id } => write!(f, "{kind} rule {id} removed"),
+            Change::RuleKept { kind, id, differs } => {
+                write!(f, "{kind} rule {id} already present, kept as it is")?;
+                if *differs {
+                    f.write_str(" (the payload's fields differ from it)")?;
+                }
+                Ok(())
+            }
+            Change::RuleAbsent { kind, id } => {
+                write!(f, "revoke: no {kind} rule {id}, nothing to do")
+            }
+            Change::EgressDefault { allow, was } if allow == was => {
+                write!(f, "egress default policy {} (unchanged)", policy(*allow))
+            }
+            Change::EgressDefault { allow, was } => write!(
+                f,
+                "egress default policy: {} -> {}",
+                policy(*was),
+                policy(*allow)
+            ),
+            Change::EgressDefaultRule { id } => {
+                write!(f, "egress rule {id} is the default rule, not an exception")
+            }
+        }
+    }
+}
+
+/// Every rule's effect, in payload order, for logging.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub changes: Vec<(RuleRef, Change)>,
+}
+
+impl Summary {
+    /// Whether anything changed.
+    pub fn changed(&self) -> bool {
+        self.changes.iter().any(|(_, c)| !c.is_noop())
+    }
+
+    /// One line per rule: `rule #1 (id 11): ingress rule 11 added`.
+    pub fn lines(&self) -> impl Iterator<Item = String> + '_ {
+        self.changes.iter().map(|(r, c)| format!("{r}: {c}"))
+    }
+
+    pub(super) fn push(&mut self, rule: RuleRef, change: Change) {
+        self.changes.push((rule, change));
+    }
+}
+
+/// Counter labels of [`Summary`]'s `Display`, singular and plural.
+const TALLY: [(&str, &str); 9] = [
+    ("mapping added", "mappings added"),
+    ("mapping removed", "mappings removed"),
+    ("mapping already present", "mappings already present"),
+    ("revoke of an unmapped IP", "revokes of unmapped IPs"),
+    ("rule added", "rules added"),
+    ("rule removed", "rules removed"),
+    ("rule kept", "rules kept"),
+    ("revoke of an unknown rule", "revokes of unknown rules"),
+    ("egress default changed", "egress default changed"),
+];
+
+/// Which counter of [`TALLY`] a change adds to.
+fn tally(c: &Change) -> Option<usize> {
+    Some(match c {
+        Change::MappingAdded(_) => 0,
+        Change::MappingRemoved { .. } => 1,
+        Change::MappingPresent(_) => 2,
+        Change::MappingAbsent(_) => 3,
+        Change::RuleAdded { .. } => 4,
+        Change::RuleRemoved { .. } => 5,
+        Change::RuleKept { .. } => 6,
+        Change::RuleAbsent { .. } => 7,
+        Change::EgressDefault { allow, was } if allow != was => 8,
+        Change::EgressDefault { .. } | Change::EgressDefaultRule { .. } => return None,
+    })
+}
+
+impl fmt::Display for Summary {
+    /// Counts: `2 mappings added, 1 rule kept`, or `no change`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut n = [0usize; TALLY.len()];
+        for i in self.changes.iter().filter_map(|(_, c)| tally(c)) {
+            n[i] += 1;
+        }
+        let parts: Vec<String> = n
+            .iter()
+            .zip(TALLY)
+            .filter(|(n, _)| **n > 0)
+            .map(|(n, (one, many))| format!("{n} {}", if *n == 1 { one } else { many }))
+            .collect();
+        if parts.is_empty() {
+            f.write_str("no change")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The example payloads in sequence, idempotence, no-ops, and what each kind of rule does.
+//! Refusals are in `refusals.rs`.
+use std::net::Ipv4Addr;
+
+use super::*;
+use crate::{
+    cidr::Cidr,
+    firewall::{EgressRule, IngressRule, PortRange, Proto, Service},
+    state::{DesiredState, Mapping},
+};
+
+pub(super) const STATICNAT: &str = include_str!("../../tests/data/cloudstack/staticnat_rules.json");
+pub(super) const FIREWALL: &str = include_str!("../../tests/data/cloudstack/firewall_rules.json");
+pub(super) const EGRESS: &str = include_str!("../../tests/data/cloudstack/egress_rules.json");
+const FIREWALL_REVOKE: &str =
+    include_str!("../../tests/data/cloudstack/firewall_rules_revoke.json");
+const STATICNAT_REVOKE: &str =
+    include_str!("../../tests/data/cloudstack/staticnat_rules_revoke.json");
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn map(p: &str, v: &str) -> Mapping {
+    Mapping {
+        public: ip(p),
+        private: ip(v),
+    }
+}
+
+fn cidrs(list: &[&str]) -> Vec<Cidr> {
+    list.iter().map(|c| c.parse().unwrap()).collect()
+}
+
+fn svc(proto: Proto, ports: Option<(u16, u16)>, icmp: Option<(u8, Option<u8>)>) -> Service {
+    Service {
+        proto,
+        ports: ports.map(|(first, last)| PortRange { first, last }),
+        icmp_type: icmp.map(|(t, _)| t),
+        icmp_code: icmp.and_then(|(_, c)| c),
+    }
+}
+
+fn ing(id: u64, public: &str, service: Service, from: &[&str]) -> IngressRule {
+    IngressRule {
+        id,
+        public: ip(public),
+        service,
+        cidrs: cidrs(from),
+    }
+}
+
+fn egr(id: u64, service: Service, to: &[&str]) -> EgressRule {
+    EgressRule {
+        id,
+        service,
+        cidrs: cidrs(to),
+    }
+}
+
+/// Everything CloudStack's router would have: mappings, ingress rules, egress default and
+/// egress exception rules.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    mappings: Vec<Mapping>,
+    ingress: Vec<IngressRule>,
+    egress_default_allow: bool,
+    egress: Vec<EgressRule>,
+}
+
+fn seen(s: &DesiredState) -> Seen {
+    Seen {
+        mappings: s.mappings().collect(),
+        ingress: s.ingress_rules().map(|r| r.rule.clone()).collect(),
+        egress_default_allow: s.egress_default_allow(),
+        egress: s.egress_rules().map(|r| r.rule.clone()).collect(),
+    }
+}
+
+/// The caller's pattern: apply to a clone, keep it only on success.
+pub(super) fn step(state: &mut DesiredState, text: &str) -> Result<Summary, CloudStackError> {
+    let payload = parse(text)?;
+    let mut new = state.clone();
+    let summary = apply(&payload, &mut new)?;
+    *state = new;
+    Ok(summary)
+}
+
+/// Applies `text` through the caller's pattern, checks the state is untouched, and returns
+/// the error message.
+pub(super) fn refused(state: &DesiredState, text: &str) -> String {
+    let mut s = state.clone();
+    let e = step(&mut s, text).unwrap_err();
+    assert_eq!(&s, state, "a refused payload changed the state");
+    e.to_string()
+}
+
+/// A firewall payload of `rules` (JSON objects, comma-separated).
+pub(super) fn fw(rules: &str) -> String {
+    format!(r#"{{"type":"firewallrules","rules":[{rules}]}}"#)
+}
+
+fn lines(s: &Summary) -> Vec<String> {
+    s.lines().collect()
+}
+
+pub(super) fn state_after(texts: &[&str]) -> DesiredState {
+    let mut s = DesiredState::default();
+    for t in texts {
+        step(&mut s, t).unwrap();
+    }
+    s
+}
+
+#[test]
+fn example_payloads_in_sequence_give_the_routers_state() {
+    let mut s = DesiredState::default();
+    let tcp22 = svc(Proto::Tcp, Some((22, 22)), None);
+    let udp5000 = svc(Proto::Udp, Some((5000, 5100)), None);
+    let echo = svc(Proto::Icmp, None, Some((8, Some(0))));
+    let any_icmp = svc(Proto::Icmp, None, None);
+    let smtp = svc(Proto::Tcp, Some((25, 25)), None);
+
+    let sum = step(&mut s, STATICNAT).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1: mapping added: 203.0.113.100 -> 10.1.1.10",
+            "rule #2: mapping added: 203.0.113.101 -> 10.1.1.11"
+        ]
+    );
+    let after_nat = Seen {
+        mappings: vec![
+            map("203.0.113.100", "10.1.1.10"),
+            map("203.0.113.101", "10.1.1.11"),
+        ],
+        ingress: vec![],
+        egress_default_allow: true,
+        egress: vec![],
+    };
+    assert_eq!(seen(&s), after_nat);
+
+    let sum = step(&mut s, FIREWALL).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 11): ingress rule 11 added",
+            "rule #2 (id 12): ingress rule 12 added",
+            "rule #3 (id 13): ingress rule 13 added",
+            "rule #4 (id 14): ingress rule 14 added"
+        ]
+    );
+    let after_fw = Seen {
+        ingress: vec![
+            ing(11, "203.0.113.100", tcp22.clone(), &["198.51.100.0/24"]),
+            ing(12, "203.0.113.100", udp5000.clone(), &["0.0.0.0/0"]),
+            ing(13, "203.0.113.100", echo.clone(), &["0.0.0.0/0"]),
+            ing(
+                14,
+                "203.0.113.101",
+                any_icmp.clone(),
+                &["192.0.2.0/25", "192.0.2.128/25"],
+            ),
+        ],
+        ..after_nat
+    };
+    assert_eq!(seen(&s), after_fw);
+
+    let sum = step(&mut s, EGRESS).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 21): egress default policy allow (unchanged)",
+            "rule #1 (id 21): egress rule 21 added",
+            "rule #2 (id 22): egress rule 22 is the default rule, not an exception"
+        ]
+    );
+    // Default allow, so rule 21 is a DENY exception: tcp/25 to anywhere.
+    let after_egress = Seen {
+        egress_default_allow: true,
+        egress: vec![egr(21, smtp.clone(), &["0.0.0.0/0"])],
+        ..after_fw
+    };
+    assert_eq!(seen(&s), after_egress);
+
+    let sum = step(&mut s, FIREWALL_REVOKE).unwrap();
+    assert_eq!(lines(&sum), ["rule #1 (id 11): ingress rule 11 removed"]);
+    let mut after_revoke = after_egress;
+    after_revoke.ingress.remove(0);
+    assert_eq!(seen(&s), after_revoke);
+
+    let sum = step(&mut s, STATICNAT_REVOKE).unwrap();
+    assert_eq!(
+        lines(&sum),
+        ["rule #1: mapping removed: 203.0.113.101 -> 10.1.1.11 with its ingress rules [14]"]
+    );
+    let last = Seen {
+        mappings: vec![map("203.0.113.100", "10.1.1.10")],
+        ingress: vec![
+            ing(12, "203.0.113.100", udp5000, &["0.0.0.0/0"]),
+            ing(13, "203.0.113.100", echo, &["0.0.0.0/0"]),
+        ],
+        egress_default_allow: true,
+        egress: vec![egr(21, smtp, &["0.0.0.0/0"])],
+    };
+    assert_eq!(seen(&s), last);
+    assert_eq!(sum.to_string(), "1 mapping removed");
+}
+
+#[test]
+fn reapplying_each_example_changes_nothing() {
+    let files = [
+        STATICNAT,
+        FIREWALL,
+        EGRESS,
+        FIREWALL_REVOKE,
+        STATICNAT_REVOKE,
+    ];
+    let mut s = DesiredState::default();
+    for f in files {
+        step(&mut s, f).unwrap();
+        let before = s.clone();
+        let again = step(&mut s, f).unwrap();
+        assert_eq!(s, before, "re-applying {f}");
+        assert!(!again.changed(), "{again}: {:?}", again.changes);
+    }
+    // Replaying the whole history onto its result is a no-op as well.
+    let end = s.clone();
+    for f in files {
+        step(&mut s, f).unwrap();
+    }
+    assert_eq!(s, end);
+}
+
+#[test]
+fn no_ops_are_reported() {
+    let mut s = state_after(&[STATICNAT, FIREWALL]);
+    let sum = step(&mut s, STATICNAT).unwrap();
+    assert_eq!(
+        lines(&sum)[0],
+        "rule #1: mapping 203.0.113.100 -> 10.1.1.10 already present"
+    );
+    assert_eq!(sum.to_string(), "2 mappings already present");
+    let sum = step(&mut s, FIREWALL).unwrap();
+    assert_eq!(
+        lines(&sum)[0],
+        "rule #1 (id 11): ingress rule 11 already present, kept as it is"
+    );
+    step(&mut s, STATICNAT_REVOKE).unwrap();
+    let sum = step(&mut s, STATICNAT_REVOKE).unwrap();
+    assert_eq!(
+        lines(&sum),
+        ["rule #1: revoke: 203.0.113.101 has no mapping, nothing to do"]
+    );
+    let gone =
+        r#"{"type":"firewallrules","rules":[{"id":14,"revoked":true,"traffic_type":"Ingress"}]}"#;
+    let sum = step(&mut s, gone).unwrap();
+    assert_eq!(
+        lines(&sum),
+        ["rule #1 (id 14): revoke: no ingress rule 14, nothing to do"]
+    );
+    assert_eq!(sum.to_string(), "1 revoke of an unknown rule");
+    assert!(!sum.changed());
+}
+
+#[test]
+fn a_known_id_is_kept_even_when_its_fields_differ() {
+    let mut s = state_after(&[STATICNAT, FIREWALL]);
+    let before = s.clone();
+    let other = FIREWALL.replace("[22,22]", "[2222,2222]");
+    let sum = step(&mut s, &other).unwrap();
+    assert_eq!(s, before);
+    assert_eq!(
+        sum.changes[0].1,
+        Change::RuleKept {
+            kind: RuleKind::Ingress,
+            id: 11,
+            differs: true
+        }
+    );
+    assert_eq!(
+        lines(&sum)[0],
+        "rule #1 (id 11): ingress rule 11 already present, kept as it is \
+         (the payload's fields differ from it)"
+    );
+    assert_eq!(
+        sum.changes[1].1,
+        Change::RuleKept {
+            kind: RuleKind::Ingress,
+            id: 12,
+            differs: false
+        }
+    );
+}
+
+#[test]
+fn unknown_fields_absent_rules_and_nulls_are_accepted() {
+    let mut s = DesiredState::default();
+    let text = r#"{"type":"staticnatrules","new_field":{"x":1},"rules":[{"revoke":false,
+        "source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.10",
+        "protocol":null,"source_port_range":"0:0","should_apply_cross_network_snat":false}]}"#;
+    step(&mut s, text).unwrap();
+    assert_eq!(s.private_of(ip("203.0.113.100")), Some(ip("10.1.1.10")));
+    let before = s.clone();
+    let sum = step(&mut s, r#"{"type":"firewallrules"}"#).unwrap();
+    assert!(sum.changes.is_empty());
+    assert_eq!(sum.to_string(), "no change");
+    assert_eq!(s, before);
+}
+
+#[test]
+fn egress_default_deny_makes_the_rules_allow_exceptions() {
+    let mut s = state_after(&[STATICNAT]);
+    let text = fw(r#"
+        {"id":41,"src_ip":"","protocol":"udp","src_port_range":[53,53],"source_cidr_list":["10.1.1.0/24"],
+         "dest_cidr_list":["198.51.100.53/32","0.0.0.0/0"],"traffic_type":"Egress","guest_cidr":"10.1.1.0/24","default_egress_policy":false},
+        {"id":42,"src_ip":"","protocol":"icmp","icmp_type":-1,"icmp_code":-1,"source_cidr_list":["0.0.0.0/0"],
+         "dest_cidr_list":["198.51.100.0/24"],"traffic_type":"Egress","guest_cidr":"10.1.1.0/24","default_egress_policy":false},
+        {"id":43,"protocol":"all","source_cidr_list":["10.1.0.0/16"],"dest_cidr_list":["192.0.2.0/24"],
+         "traffic_type":"Egress","guest_cidr":"10.1.1.0/24","default_egress_policy":false},
+        {"id":44,"protocol":"all","source_cidr_list":[],"traffic_type":"Egress","default_egress_policy":false}"#);
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 41): egress default policy: allow -> deny",
+            "rule #1 (id 41): egress rule 41 added",
+            "rule #2 (id 42): egress rule 42 added",
+            "rule #3 (id 43): egress rule 43 added",
+            "rule #4 (id 44): egress rule 44 is the default rule, not an exception"
+        ]
+    );
+    assert_eq!(sum.to_string(), "3 rules added, 1 egress default changed");
+    let got = seen(&s);
+    assert!(!got.egress_default_allow);
+    assert_eq!(
+        got.egress,
+        [
+            // 0.0.0.0/0 among the destinations means any destination.
+            egr(41, svc(Proto::Udp, Some((53, 53)), None), &["0.0.0.0/0"]),
+            egr(42, svc(Proto::Icmp, None, None), &["198.51.100.0/24"]),
+            egr(43, svc(Proto::All, None, None), &["192.0.2.0/24"]),
+        ]
+    );
+    // Without guest_cidr the source list cannot be checked and is accepted.
+    let text = fw(
+        r#"{"id":45,"protocol":"tcp","source_cidr_list":["10.1.1.10/32"],
+        "traffic_type":"Egress","default_egress_policy":false}"#,
+    );
+    step(&mut s, &text).unwrap();
+    assert_eq!(s.egress_rules().count(), 4);
+    // Revoking by id, then the rule is gone.
+    let text = fw(r#"{"id":43,"revoked":true,"traffic_type":"Egress"}"#);
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(lines(&sum), ["rule #1 (id 43): egress rule 43 removed"]);
+    assert!(s.egress_rules().all(|r| r.rule.id != 43));
+}
+
+#[test]
+fn a_revoke_needs_only_id_and_traffic_type() {
+    let mut s = state_after(&[STATICNAT, FIREWALL]);
+    let text = fw(
+        r#"{"id":12,"revoked":true,"traffic_type":"Ingress","protocol":"gre","src_port_range":[0]}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(lines(&sum), ["rule #1 (id 12): ingress rule 12 removed"]);
+    let text = r#"{"type":"staticnatrules","rules":[{"revoke":true,"source_ip_address":"203.0.113.100"}]}"#;
+    let sum = step(&mut s, text).unwrap();
+    assert_eq!(
+        lines(&sum),
+        ["rule #1: mapping removed: 203.0.113.100 -> 10.1.1.10 with its ingress rules [11, 13]"]
+    );
+}
+
+#[test]
+fn rules_apply_in_order_within_a_payload() {
+    let mut s = DesiredState::default();
+    let text = r#"{"type":"staticnatrules","rules":[
+        {"source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.10"},
+        {"revoke":true,"source_ip_address":"203.0.113.100"},
+        {"source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.20"}]}"#;
+    step(&mut s, text).unwrap();
+    assert_eq!(
+        s.mappings().collect::<Vec<_>>(),
+        [map("203.0.113.100", "10.1.1.20")]
+    );
+    // A rule id seen twice: the second is kept.
+    let text = fw(
+        r#"{"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp"},
+                     {"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"udp"}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(
+        lines(&sum)[1],
+        "rule #2 (id 11): ingress rule 11 already present, kept as it is \
+         (the payload's fields differ from it)"
+    );
+    assert_eq!(
+        s.ingress_rules()
+            .map(|r| r.rule.service.proto)
+            .collect::<Vec<_>>(),
+        [Proto::Tcp]
+    );
+}
+
+#[test]
+fn payload_serialises_back_to_the_same_shape() {
+    for text in [
+        STATICNAT,
+        FIREWALL,
+        EGRESS,
+        FIREWALL_REVOKE,
+        STATICNAT_REVOKE,
+    ] {
+        let p = parse(text).unwrap();
+        let back = serde_json::to_string(&p).unwrap();
+        assert_eq!(parse(&back).unwrap(), p);
+        assert_eq!(p.type_name(), &text[9..9 + p.type_name().len()]);
+    }
+    assert_eq!(parse(FIREWALL).unwrap().len(), 4);
+}
