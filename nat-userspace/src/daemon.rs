@@ -91,15 +91,7 @@ impl Daemon {
                     s.remove_mapping(public)
                 });
                 match r {
-                    Ok(m) => {
-                        // A re-added mapping must not inherit the old one's flows.
-                        let n = self
-                            .remove_flows(|k, _| k.kind == FLOW_NAT && ip(k.guest) == m.private);
-                        done(format!(
-                            "mapping removed: {public} -> {} ({n} flows dropped)",
-                            m.private
-                        ))
-                    }
+                    Ok(m) => done(format!("mapping removed: {public} -> {}", m.private)),
                     Err(e) => *e,
                 }
             }
@@ -174,6 +166,7 @@ impl Daemon {
                 let n = self.remove_flows(|_, _| true);
                 done(format!("{n} flows flushed"))
             }
+            Request::CloudstackApply { name, payload } => self.apply_cloudstack(&name, &payload),
             Request::Status => match self.status() {
                 Ok(s) => Response::Ok(Reply::Status(s)),
                 Err(e) => refuse(e),
@@ -192,12 +185,61 @@ impl Daemon {
         f: impl FnOnce(&mut crate::state::DesiredState) -> Result<T, StateError>,
     ) -> Result<T, Box<Response>> {
         match self.ctl.change(f) {
-            Ok((out, _)) => Ok(out),
+            Ok((out, diff)) => {
+                self.forget_flows(&diff.removed);
+                Ok(out)
+            }
             Err(ApplyError::Invalid(e)) => Err(Box::new(refuse(format!("{what} refused: {e}")))),
             Err(e) => Err(Box::new(refuse(format!(
                 "{what} failed, nothing changed: {e}"
             )))),
         }
+    }
+
+    /// A re-added mapping must not inherit a removed one's flows (its own, and hairpin legs
+    /// that involve its addresses).
+    fn forget_flows(&mut self, removed: &[Mapping]) {
+        if removed.is_empty() {
+            return;
+        }
+        let gone: std::collections::BTreeSet<u32> = removed
+            .iter()
+            .flat_map(|m| {
+                [
+                    u32::from_ne_bytes(m.public.octets()),
+                    u32::from_ne_bytes(m.private.octets()),
+                ]
+            })
+            .collect();
+        let n = self.remove_flows(|k, v| {
+            gone.contains(&k.guest)
+                || gone.contains(&k.remote)
+                || (k.kind != FLOW_NAT && gone.contains(&v.peer_addr))
+        });
+        if n > 0 {
+            info!("dropped {n} flows of removed mappings");
+        }
+    }
+
+    /// Applies one CloudStack payload file, all or nothing.
+    pub fn apply_cloudstack(&mut self, name: &str, text: &str) -> Response {
+        let payload = match crate::cloudstack::parse(text) {
+            Ok(p) => p,
+            Err(e) => return refuse(format!("{name} refused: {e}")),
+        };
+        let mut new = self.ctl.state().clone();
+        let summary = match crate::cloudstack::apply(&payload, &mut new) {
+            Ok(s) => s,
+            Err(e) => return refuse(format!("{name} refused: {e}")),
+        };
+        match self.ctl.apply(new) {
+            Ok(diff) => self.forget_flows(&diff.removed),
+            Err(e) => return refuse(format!("{name} failed, nothing changed: {e}")),
+        }
+        for line in summary.lines() {
+            info!("{name}: {line}");
+        }
+        done(format!("{name}: {summary}"))
     }
 
     fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &FlowState) -> bool) -> usize {

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cidr;
 pub mod cloudstack;
+pub mod cloudstack_dir;
 pub mod config;
 pub mod daemon;
 pub mod ebpf;

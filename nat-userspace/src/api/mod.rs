@@ -16,7 +16,8 @@ use crate::{
 /// Where natd listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/xdp-static-nat/natd.sock";
 /// Longest request line natd reads; longer ones are refused.
-pub const MAX_REQUEST: usize = 64 * 1024;
+/// (A CloudStack payload of 100,000 static NAT rules is about 10 MB.)
+pub const MAX_REQUEST: usize = 64 * 1024 * 1024;
 
 /// A rule's match as a client states it; natd validates it (CloudStack's -1 = any for ICMP).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +70,11 @@ pub enum Request {
     ConntrackFlush,
     Stats,
     Status,
+    /// One CloudStack payload file (`staticnatrules` or `firewallrules` JSON), all or nothing.
+    CloudstackApply {
+        name: String,
+        payload: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use log::{info, warn};
 use nat_common::NatConfig;
 use nat_userspace::{
     api::{DEFAULT_SOCKET, server},
+    cloudstack_dir,
     config::Config,
     daemon::Daemon,
     ebpf::{Dataplane, Mode, Role},
@@ -55,6 +56,9 @@ struct Args {
     /// natd leaves the fast path running on exit, for the next natd to adopt.
     #[arg(long)]
     detach_on_exit: bool,
+    /// Apply each CloudStack payload file dropped in this directory once, in name order.
+    #[arg(long)]
+    cloudstack_dir: Option<PathBuf>,
     /// Where to serve Prometheus metrics (GET /metrics). Loopback unless told otherwise.
     #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
     metrics_addr: std::net::SocketAddr,
@@ -134,6 +138,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (ct_size, timeouts_ns) = config.conntrack(&path)?;
     let store = StateDir::new(&args.state_dir);
     store.ensure()?;
+    if let Some(dir) = &args.cloudstack_dir
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--cloudstack-dir {} is not a directory", dir.display());
+    }
+    let cs_record = cloudstack_dir::Record::load(&args.state_dir)?;
     let (desired, generation) = match store.load()? {
         Some((snap, state)) => {
             info!(
@@ -231,7 +241,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
     let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone()));
-    let metrics = tokio::spawn(metrics::serve(metrics_listener, daemon.clone(), stop_rx));
+    let metrics = tokio::spawn(metrics::serve(
+        metrics_listener,
+        daemon.clone(),
+        stop_rx.clone(),
+    ));
+    let cloudstack = match &args.cloudstack_dir {
+        Some(dir) => Some(tokio::spawn(cloudstack_dir::watch_dir(
+            dir.clone(),
+            args.state_dir.clone(),
+            cs_record,
+            daemon.clone(),
+            stop_rx,
+        ))),
+        None => None,
+    };
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -243,6 +267,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = gc.await;
     let _ = metrics.await;
+    if let Some(c) = cloudstack {
+        let _ = c.await;
+    }
 
     let mut daemon = daemon.lock().await;
     let ctl = &mut daemon.ctl;

@@ -194,8 +194,11 @@ fn ingress(
         summary.push(at, Change::RuleKept { kind, id, differs });
         return Ok(());
     }
+    // CloudStack sends the rules of every public IP of the network, port-forwarding and
+    // source-NAT IPs included: those are the router's own business, not natd's.
     if state.private_of(public).is_none() {
-        return Err(refuse(at, "src_ip", Problem::Unmapped(public)));
+        summary.push(at, Change::RuleSkipped { id, public });
+        return Ok(());
     }
     state
         .add_ingress(Some(id), public, service, cidrs)

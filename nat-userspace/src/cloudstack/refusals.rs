@@ -13,13 +13,13 @@ fn refused_payload_leaves_the_original_untouched_but_the_clone_half_done() {
     let text = r#"{"type":"firewallrules","rules":[
         {"id":31,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp","src_port_range":[80,80]},
         {"id":32,"traffic_type":"Ingress","src_ip":"203.0.113.101","protocol":"tcp","src_port_range":[443,443]},
-        {"id":33,"traffic_type":"Ingress","src_ip":"203.0.113.99","protocol":"tcp"}]}"#;
+        {"id":33,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp","src_port_range":[1,70000]}]}"#;
     let payload = parse(text).unwrap();
     let mut clone = original.clone();
     let e = apply(&payload, &mut clone).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "rule #3 (id 33): src_ip: 203.0.113.99 has no static NAT mapping"
+        "rule #3 (id 33): src_port_range: port 70000 is outside 1-65535"
     );
     assert_eq!(
         clone.ingress_rules().count(),
@@ -31,7 +31,7 @@ fn refused_payload_leaves_the_original_untouched_but_the_clone_half_done() {
     // Through the caller's pattern the state stays as it was.
     assert_eq!(
         refused(&original, text),
-        "rule #3 (id 33): src_ip: 203.0.113.99 has no static NAT mapping"
+        "rule #3 (id 33): src_port_range: port 70000 is outside 1-65535"
     );
 }
 
@@ -210,10 +210,6 @@ fn invalid_firewall_rules_name_the_rule_and_field() {
             "rule #1 (id 16): icmp_code: an icmp code needs an icmp type".into(),
         ),
         (
-            fw(r#"{"id":16,"traffic_type":"Ingress","src_ip":"203.0.113.99","protocol":"tcp"}"#),
-            "rule #1 (id 16): src_ip: 203.0.113.99 has no static NAT mapping".into(),
-        ),
-        (
             fw(r#"{"id":16,"traffic_type":"Ingress","protocol":"tcp"}"#),
             "rule #1 (id 16): src_ip: missing".into(),
         ),
@@ -295,4 +291,23 @@ fn firewall_error_is_structured() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Not a refusal: CloudStack sends the rules of every public IP of the network, and those of
+/// IPs without static NAT (port forwarding, source NAT) are the router's own business.
+#[test]
+fn rules_of_ips_without_static_nat_are_skipped_and_the_rest_applied() {
+    let original = state_after(&[STATICNAT]);
+    let text = r#"{"type":"firewallrules","rules":[
+        {"id":31,"traffic_type":"Ingress","src_ip":"203.0.113.99","protocol":"tcp"},
+        {"id":32,"traffic_type":"Ingress","src_ip":"203.0.113.101","protocol":"tcp","src_port_range":[443,443]}]}"#;
+    let mut new = original.clone();
+    let summary = apply(&parse(text).unwrap(), &mut new).unwrap();
+    let ids: Vec<u64> = new.ingress_rules().map(|r| r.rule.id).collect();
+    assert_eq!(ids, vec![32]);
+    let lines: Vec<String> = summary.lines().collect();
+    assert!(
+        lines[0].contains("ingress rule 31 skipped: 203.0.113.99 has no static NAT here"),
+        "{lines:?}"
+    );
 }

@@ -66,6 +66,12 @@ pub enum Change {
         id: u64,
         differs: bool,
     },
+    /// No-op: an ingress rule of a public IP without static NAT (a port-forwarding or source
+    /// NAT IP), which the router's own firewall handles.
+    RuleSkipped {
+        id: u64,
+        public: Ipv4Addr,
+    },
     /// No-op: a revoke of an id natd does not have.
     RuleAbsent {
         kind: RuleKind,
@@ -94,6 +100,7 @@ impl Change {
             | Change::MappingAbsent(_)
             | Change::RuleKept { .. }
             | Change::RuleAbsent { .. }
+            | Change::RuleSkipped { .. }
             | Change::EgressDefaultRule { .. } => true,
         }
     }
@@ -133,6 +140,10 @@ impl fmt::Display for Change {
             Change::RuleAbsent { kind, id } => {
                 write!(f, "revoke: no {kind} rule {id}, nothing to do")
             }
+            Change::RuleSkipped { id, public } => write!(
+                f,
+                "ingress rule {id} skipped: {public} has no static NAT here (the router's own firewall handles it)"
+            ),
             Change::EgressDefault { allow, was } if allow == was => {
                 write!(f, "egress default policy {} (unchanged)", policy(*allow))
             }
@@ -172,7 +183,7 @@ impl Summary {
 }
 
 /// Counter labels of [`Summary`]'s `Display`, singular and plural.
-const TALLY: [(&str, &str); 9] = [
+const TALLY: [(&str, &str); 10] = [
     ("mapping added", "mappings added"),
     ("mapping removed", "mappings removed"),
     ("mapping already present", "mappings already present"),
@@ -182,6 +193,10 @@ const TALLY: [(&str, &str); 9] = [
     ("rule kept", "rules kept"),
     ("revoke of an unknown rule", "revokes of unknown rules"),
     ("egress default changed", "egress default changed"),
+    (
+        "rule of a non-static-NAT IP skipped",
+        "rules of non-static-NAT IPs skipped",
+    ),
 ];
 
 /// Which counter of [`TALLY`] a change adds to.
@@ -196,6 +211,7 @@ fn tally(c: &Change) -> Option<usize> {
         Change::RuleKept { .. } => 6,
         Change::RuleAbsent { .. } => 7,
         Change::EgressDefault { allow, was } if allow != was => 8,
+        Change::RuleSkipped { .. } => 9,
         Change::EgressDefault { .. } | Change::EgressDefaultRule { .. } => return None,
     })
 }

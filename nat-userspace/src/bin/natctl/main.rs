@@ -1,4 +1,5 @@
 //! natctl: changes and inspects a running natd over its control socket.
+mod apply;
 mod conntrack;
 mod egress;
 mod firewall;
@@ -42,6 +43,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply CloudStack virtual-router payloads (staticnat_rules.json, firewall_rules.json
+    /// shapes), in order; each file is applied whole or refused whole.
+    Apply {
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Verdict counters by reason, and per mapping.
@@ -70,6 +77,7 @@ fn main() {
         Command::Conntrack(cmd) => conntrack::run(&args.socket, cmd),
         Command::Stats { json } => stats::run(&args.socket, json),
         Command::Status { json } => status::run(&args.socket, json),
+        Command::Apply { files } => apply::run(&args.socket, &files),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(
