@@ -1,6 +1,8 @@
 //! The test bench: a namespace with the topology below, the XDP program loaded from
 //! `nat_userspace::EBPF_OBJECT` with its maps filled, a runner over `BPF_PROG_TEST_RUN`, and the
-//! [`Model`] configured from the same facts.
+//! [`Model`] configured from the same facts. Firewall rules and the egress policy come from a
+//! natd [`DesiredState`] ([`Harness::set_policy`]): natd's compile step fills the program's LPM
+//! maps, the model gets the rules themselves.
 //!
 //! ```text
 //!  pub0 198.51.100.1/24 (PUBLIC)  -- pub1     neighbour 198.51.100.2 (gateway to 192.0.2.0/24)
@@ -9,9 +11,18 @@
 //!  lo   (down, not in IFACES)
 //! ```
 //!
-//! Each run reads `STATS` and every mapping's counters (summed over CPUs) and turns the deltas
-//! into the [`Outcome`]'s reason and counted mapping, failing unless exactly one reason slot
-//! moved by one frame of the frame's length and at most one mapping did.
+//! Each run reads `STATS`, `EVENTS` and every mapping's counters (summed over CPUs) and turns
+//! the deltas into the [`Outcome`]'s reason, events and counted mapping, failing unless exactly
+//! one reason slot moved by one frame of the frame's length and at most one mapping did.
+//!
+//! Connection-tracking timeouts are [`TEST_TIMEOUT_NS`] for every state unless a test sets
+//! others, so no flow expires while a test runs. Rules, timeouts and the connection tables of
+//! program and model are set and read through the methods in `policy`.
+pub mod maps;
+mod policy;
+
+pub use self::policy::{allow_all, base_state, service};
+
 use std::{cell::RefCell, collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
@@ -21,12 +32,13 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use nat_common::{
-    Counter, IfaceConfig, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, MAP_NAT_OUT, MAP_STATS, NatEntry,
-    ROLE_GUEST, ROLE_PUBLIC, Reason,
+    Counter, IfaceConfig, MAP_CONNTRACK, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, MAP_NAT_OUT,
+    MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
 };
+use nat_userspace::{state::DesiredState, tables::Tables};
 
 use crate::{
-    model::{Direction, Fib, Iface, Model, Outcome},
+    model::{Direction, Events, Fib, Iface, Model, Outcome, Path},
     netns::NetnsGuard,
 };
 
@@ -87,6 +99,11 @@ pub const NAT_OUT: [(Ipv4Addr, Ipv4Addr); 4] = [(V1, P1), (V2, P2), (V3, P3), (V
 
 /// Capacity of `NAT_IN` and `NAT_OUT` in tests (natd uses `nat_common::MAX_MAPPINGS`).
 pub const TEST_MAX_MAPPINGS: u32 = 1024;
+/// Capacity of `CONNTRACK` in tests: far above the flows any test keeps at once (tests that
+/// send many frames clear the table regularly), so the LRU never evicts.
+pub const TEST_CONNTRACK_SIZE: u32 = 16_384;
+/// Idle timeout of every conntrack state in tests (one hour): nothing expires by itself.
+pub const TEST_TIMEOUT_NS: u64 = 3_600_000_000_000;
 
 /// An interface of the namespace.
 #[derive(Clone, Copy, Debug)]
@@ -103,17 +120,36 @@ pub struct Topology {
     pub lo: Link,
 }
 
+/// Mapping counters (packets, bytes, denied) summed over CPUs, by table and key.
+type MappingCounters = BTreeMap<(Direction, Ipv4Addr), (u64, u64, u64)>;
+
 /// The loaded program in its namespace. Not `Send`: runs must happen on the creating thread.
 pub struct Harness {
-    ebpf: Ebpf,
+    ebpf: RefCell<Ebpf>,
     pub topo: Topology,
-    pub model: Model,
+    model: RefCell<Model>,
+    /// The desired state whose rules are installed, and natd's image of it.
+    policy: RefCell<(DesiredState, Tables)>,
     /// Last seen `STATS`, summed over CPUs.
     stats: RefCell<Vec<Counter>>,
-    /// Last seen mapping counters (packets, bytes), summed over CPUs.
-    mappings: RefCell<BTreeMap<(Direction, Ipv4Addr), (u64, u64)>>,
+    /// Last seen `EVENTS`, summed over CPUs.
+    events: RefCell<Events>,
+    /// Last seen mapping counters.
+    mappings: RefCell<MappingCounters>,
     /// Dropped last: leaves and deletes the namespace.
     _netns: NetnsGuard,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the program's `bpf_ktime_get_ns` clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and pointer to a live timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn topology_script() -> String {
@@ -207,12 +243,15 @@ fn model_for(t: &Topology) -> Model {
     fib.add_neighbour(t.gst0.ifindex, V2, V2_MAC);
     fib.add_neighbour(t.oth0.ifindex, OTH_HOST, OTH_HOST_MAC);
     fib.add_gateway_route(t.pub0.ifindex, REMOTE_NET, 24, PUB_GW);
-    Model {
+    let mut m = Model {
         roles: [(t.pub0.ifindex, ROLE_PUBLIC), (t.gst0.ifindex, ROLE_GUEST)].into(),
         nat_in: NAT_IN.into(),
         nat_out: NAT_OUT.into(),
         fib,
-    }
+        ..Model::default()
+    };
+    m.policy.conntrack.timeouts_ns = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
+    m
 }
 
 fn key(a: Ipv4Addr) -> u32 {
@@ -249,6 +288,7 @@ impl Harness {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_NAT_IN, TEST_MAX_MAPPINGS)
             .map_max_entries(MAP_NAT_OUT, TEST_MAX_MAPPINGS)
+            .map_max_entries(MAP_CONNTRACK, TEST_CONNTRACK_SIZE)
             .load(nat_userspace::EBPF_OBJECT)
             .context("load EBPF_OBJECT")?;
         let prog: &mut Xdp = ebpf
@@ -259,19 +299,23 @@ impl Harness {
         prog.load().context("verifier rejected nat")?;
 
         let ncpu = nr_cpus()?;
-        let links = [(topo.pub0, ROLE_PUBLIC), (topo.gst0, ROLE_GUEST)];
+        let links = [
+            (topo.pub0, ROLE_PUBLIC, PUB_ADDR),
+            (topo.gst0, ROLE_GUEST, GST_ADDR),
+        ];
         let mut ifaces: HashMap<_, u32, IfaceConfig> = ebpf
             .map_mut(MAP_IFACES)
             .context("no map IFACES")?
             .try_into()?;
-        for (l, role) in links {
-            ifaces.insert(l.ifindex, IfaceConfig { role, _pad: 0 }, 0)?;
+        for (l, role, addr) in links {
+            let addr = key(addr);
+            ifaces.insert(l.ifindex, IfaceConfig { role, addr }, 0)?;
         }
         let mut devmap: DevMapHash<_> = ebpf
             .map_mut(MAP_DEVMAP)
             .context("no map DEVMAP")?
             .try_into()?;
-        for (l, _) in links {
+        for (l, _, _) in links {
             devmap.insert(l.ifindex, l.ifindex, None, 0)?;
         }
         for (name, table) in [(MAP_NAT_IN, &NAT_IN[..]), (MAP_NAT_OUT, &NAT_OUT[..])] {
@@ -285,25 +329,45 @@ impl Harness {
             }
         }
 
+        let config = NatConfig {
+            egress_default_deny: 0,
+            _pad: 0,
+            timeouts_ns: [TEST_TIMEOUT_NS; TIMEOUT_SLOTS],
+        };
+        maps::write_config(&mut ebpf, &config)?;
+
+        let base = base_state();
+        let tables = Tables::of(&base);
+        ensure!(tables.entries.is_empty() && !tables.egress_default_deny);
         let h = Self {
-            ebpf,
+            ebpf: RefCell::new(ebpf),
             topo,
-            model: model_for(&topo),
+            model: RefCell::new(model_for(&topo)),
+            policy: RefCell::new((base, tables)),
             stats: RefCell::new(Vec::new()),
+            events: RefCell::new(Events::default()),
             mappings: RefCell::new(BTreeMap::new()),
             _netns: netns,
         };
         *h.stats.borrow_mut() = h.read_stats()?;
+        *h.events.borrow_mut() = maps::read_events(&h.ebpf.borrow())?;
         *h.mappings.borrow_mut() = h.read_mappings()?;
         Ok(h)
     }
 
+    /// Runs `frame` through the model, now.
+    pub fn run_model(&self, ingress: u32, frame: &[u8]) -> Outcome {
+        self.model.borrow_mut().run(ingress, frame, monotonic_ns())
+    }
+
+    /// Which part of the policy decided the model's last frame.
+    pub fn model_path(&self) -> Option<Path> {
+        self.model.borrow().last_path
+    }
+
     fn read_stats(&self) -> anyhow::Result<Vec<Counter>> {
-        let m: PerCpuArray<_, Counter> = self
-            .ebpf
-            .map(MAP_STATS)
-            .context("no map STATS")?
-            .try_into()?;
+        let ebpf = self.ebpf.borrow();
+        let m: PerCpuArray<_, Counter> = ebpf.map(MAP_STATS).context("no map STATS")?.try_into()?;
         (0..Reason::COUNT)
             .map(|i| {
                 let v = m.get(&i, 0)?;
@@ -315,26 +379,26 @@ impl Harness {
             .collect()
     }
 
-    fn read_mappings(&self) -> anyhow::Result<BTreeMap<(Direction, Ipv4Addr), (u64, u64)>> {
+    fn read_mappings(&self) -> anyhow::Result<MappingCounters> {
+        let ebpf = self.ebpf.borrow();
         let mut out = BTreeMap::new();
         for (dir, name, table) in [
             (Direction::Inbound, MAP_NAT_IN, &NAT_IN[..]),
             (Direction::Outbound, MAP_NAT_OUT, &NAT_OUT[..]),
         ] {
-            let m: PerCpuHashMap<_, u32, NatEntry> = self
-                .ebpf
+            let m: PerCpuHashMap<_, u32, NatEntry> = ebpf
                 .map(name)
                 .with_context(|| format!("no map {name}"))?
                 .try_into()?;
             for (from, to) in table {
                 let v = m.get(&key(*from), 0)?;
-                let mut sum = (0, 0);
+                let mut sum = (0, 0, 0);
                 for e in v.iter() {
                     ensure!(
                         e.addr == key(*to) && e._pad == 0,
                         "{name}[{from}] changed: {e:?}"
                     );
-                    sum = (sum.0 + e.packets, sum.1 + e.bytes);
+                    sum = (sum.0 + e.packets, sum.1 + e.bytes, sum.2 + e.denied);
                 }
                 out.insert((dir, *from), sum);
             }
@@ -350,19 +414,17 @@ impl Harness {
             .flat_map(|v: &u32| v.to_ne_bytes())
             .collect();
         let mut out = vec![0u8; len + 256];
-        let prog: &Xdp = self
-            .ebpf
-            .program("nat")
-            .context("no program nat")?
-            .try_into()?;
-        let res = prog
-            .test_run(TestRunOptions {
+        let res = {
+            let ebpf = self.ebpf.borrow();
+            let prog: &Xdp = ebpf.program("nat").context("no program nat")?.try_into()?;
+            prog.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
                 ..Default::default()
             })
-            .with_context(|| format!("BPF_PROG_TEST_RUN on ifindex {ingress}, {len} bytes"))?;
+            .with_context(|| format!("BPF_PROG_TEST_RUN on ifindex {ingress}, {len} bytes"))?
+        };
         out.truncate(res.data_size_out as usize);
 
         let stats = self.read_stats()?;
@@ -385,6 +447,14 @@ impl Harness {
             _ => bail!("STATS must move by exactly one frame of {len} bytes, moved {moved:?}"),
         };
 
+        let events = maps::read_events(&self.ebpf.borrow())?;
+        let mut before = self.events.borrow_mut();
+        let mut delta = Events::default();
+        for (d, (a, b)) in delta.0.iter_mut().zip(events.0.iter().zip(before.0.iter())) {
+            *d = a.wrapping_sub(*b);
+        }
+        *before = events;
+
         let mappings = self.read_mappings()?;
         let mut before = self.mappings.borrow_mut();
         let moved: Vec<_> = mappings
@@ -395,20 +465,27 @@ impl Harness {
                     *k,
                     v.0.wrapping_sub(before[k].0),
                     v.1.wrapping_sub(before[k].1),
+                    v.2.wrapping_sub(before[k].2),
                 )
             })
             .collect();
         *before = mappings;
-        let counted = match moved[..] {
-            [] => None,
-            [(k, 1, bytes)] if bytes == len as u64 => Some(k),
-            _ => bail!("mapping counters must move by at most one frame of {len} bytes: {moved:?}"),
+        let (counted, denied) = match moved[..] {
+            [] => (None, None),
+            [(k, 1, bytes, 0)] if bytes == len as u64 => (Some(k), None),
+            [(k, 0, 0, 1)] => (None, Some(k)),
+            _ => bail!(
+                "mapping counters must move by at most one frame of {len} bytes or one denied \
+                 frame: {moved:?}"
+            ),
         };
         Ok(Outcome {
             action: res.return_value,
             reason,
             frame: out,
             counted,
+            denied,
+            events: delta,
         })
     }
 }

@@ -1,8 +1,10 @@
-//! Test support for the XDP static NAT: namespaces, a frame builder, the reference model and
-//! the `BPF_PROG_TEST_RUN` harness. The tests themselves live in `tests/tests/`.
+//! Test support for the XDP static NAT: namespaces, a frame builder, the reference model, the
+//! `BPF_PROG_TEST_RUN` harness and the random frame and firewall-scenario strategies. The
+//! tests themselves live in `tests/tests/`.
 pub mod harness;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod scenario;
 pub mod strategy;
 pub mod topology;

@@ -3,12 +3,19 @@
 //! arithmetic on big-endian words, its own route table standing in for `bpf_fib_lookup`).
 //!
 //! Invariants it encodes: every frame ends with exactly one [`Reason`]; a pass leaves the frame
-//! byte-for-byte untouched and counts no mapping; a redirect rewrites addresses, every checksum
-//! covering them, TTL and MACs, and counts exactly one mapping.
+//! byte-for-byte untouched and counts no mapping; a drop (policy) leaves it untouched and counts
+//! the mapping's `denied`; a redirect rewrites addresses, every checksum covering them, TTL and
+//! MACs, and counts exactly one mapping. The policy stage (firewall, egress, connection
+//! tracking) is in [`policy`].
+pub mod policy;
+
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use nat_common::{ROLE_GUEST, ROLE_PUBLIC, Reason};
 
+pub use self::policy::{Events, Facts, Flow, Path, PolicyModel, Quoted, Rules, Tracked};
+
+pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
 
@@ -22,14 +29,28 @@ pub enum Direction {
 /// What happened to one frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
-    /// XDP action ([`XDP_PASS`] or [`XDP_REDIRECT`]).
+    /// XDP action ([`XDP_PASS`], [`XDP_DROP`] or [`XDP_REDIRECT`]).
     pub action: u32,
     /// The one `STATS` slot the frame bumped.
     pub reason: Reason,
     /// The frame as the program left it.
     pub frame: Vec<u8>,
-    /// The mapping whose counters moved (key of `NAT_IN` or `NAT_OUT`), if any.
+    /// The mapping whose packet and byte counters moved (key of `NAT_IN` or `NAT_OUT`), if any.
     pub counted: Option<(Direction, Ipv4Addr)>,
+    /// The mapping whose `denied` counter moved, if any.
+    pub denied: Option<(Direction, Ipv4Addr)>,
+    /// The conntrack events the frame caused.
+    pub events: Events,
+}
+
+impl Outcome {
+    /// Equal but for the events (golden cases that leave them to the model comparison).
+    pub fn same_verdict(&self, other: &Outcome) -> bool {
+        Outcome {
+            events: other.events,
+            ..self.clone()
+        } == *other
+    }
 }
 
 /// An interface as the route table sees it.
@@ -159,7 +180,8 @@ impl Fib {
     }
 }
 
-/// The program's configuration (its maps) plus the environment's route table.
+/// The program's configuration (its maps) plus the environment's route table, and the state
+/// the program keeps (connection table).
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// `IFACES`: ifindex -> role.
@@ -169,6 +191,10 @@ pub struct Model {
     /// `NAT_OUT`: private -> public.
     pub nat_out: HashMap<Ipv4Addr, Ipv4Addr>,
     pub fib: Fib,
+    /// Rules, connection table and timeouts.
+    pub policy: PolicyModel,
+    /// Which part of the policy decided the last frame (`None`: it did not get that far).
+    pub last_path: Option<Path>,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -230,19 +256,32 @@ const EMB_IP: usize = L4 + 8;
 const EMB_L4: usize = EMB_IP + 20;
 
 impl Model {
-    /// Runs one frame arriving on `ingress` through the spec.
-    pub fn run(&self, ingress: u32, frame: &[u8]) -> Outcome {
-        self.translate(ingress, frame)
+    /// Runs one frame arriving on `ingress` at time `now` (CLOCK_MONOTONIC, ns) through the spec.
+    pub fn run(&mut self, ingress: u32, frame: &[u8], now: u64) -> Outcome {
+        let mut events = Events::default();
+        self.last_path = None;
+        let mut out = self
+            .translate(ingress, frame, now, &mut events)
             .unwrap_or_else(|reason| Outcome {
                 action: XDP_PASS,
                 reason,
                 frame: frame.to_vec(),
                 counted: None,
-            })
+                denied: None,
+                events: Events::default(),
+            });
+        out.events = events;
+        out
     }
 
-    /// Steps 1 to 7 of the spec; `Err` is the reason to pass the frame untouched.
-    fn translate(&self, ingress: u32, f: &[u8]) -> Result<Outcome, Reason> {
+    /// Steps 1 to 8 of the spec; `Err` is the reason to pass the frame untouched.
+    fn translate(
+        &mut self,
+        ingress: u32,
+        f: &[u8],
+        now: u64,
+        events: &mut Events,
+    ) -> Result<Outcome, Reason> {
         // 1. Interface.
         let role = *self.roles.get(&ingress).ok_or(Reason::UnknownIface)?;
         // 2. Ethernet and IPv4 sanity.
@@ -289,8 +328,25 @@ impl Model {
             return Err(Reason::TtlExpired);
         }
         // 5. Transport.
-        let edit = transport(f, proto, tot_len - 20, inbound, old)?;
-        // 6. Route.
+        let (edit, facts) = transport(f, proto, tot_len - 20, inbound, old)?;
+        let key = if inbound { daddr } else { saddr };
+        // 6. Policy, before the route: a denied frame is dropped untouched.
+        let (public, private) = if inbound { (old, new) } else { (new, old) };
+        let (path, verdict) = self
+            .policy
+            .check(&facts, inbound, public, private, now, events);
+        self.last_path = Some(path);
+        if let Err(reason) = verdict {
+            return Ok(Outcome {
+                action: XDP_DROP,
+                reason,
+                frame: f.to_vec(),
+                counted: None,
+                denied: Some((dir, key)),
+                events: Events::default(),
+            });
+        }
+        // 7. Route.
         // The lookup also gets the (translated) source, which only multipath hashing and policy
         // rules would look at; the test namespace has neither.
         let dst = if inbound { new } else { daddr };
@@ -299,7 +355,7 @@ impl Model {
         if self.roles.get(&hop.ifindex) != Some(&want) {
             return Err(Reason::WrongEgress);
         }
-        // 7. Rewrite.
+        // 8. Rewrite.
         let mut out = f.to_vec();
         rewrite(&mut out, &edit, inbound, old, new, &hop);
         let reason = if inbound {
@@ -307,26 +363,38 @@ impl Model {
         } else {
             Reason::OutboundForwarded
         };
-        let key = if inbound { daddr } else { saddr };
         Ok(Outcome {
             action: XDP_REDIRECT,
             reason,
             frame: out,
             counted: Some((dir, key)),
+            denied: None,
+            events: Events::default(),
         })
     }
 }
 
-/// Step 5 of the spec: transport sanity and which checksums the translation touches.
+/// Step 5 of the spec: transport sanity, which checksums the translation touches, and what
+/// the policy looks at (ports, TCP flags, ICMP type/code, the quoted packet of an error).
 fn transport(
     f: &[u8],
     proto: u8,
     l4_len: usize,
     inbound: bool,
     old: Ipv4Addr,
-) -> Result<L4Edit, Reason> {
+) -> Result<(L4Edit, Facts), Reason> {
     let holds = |at: usize, n: usize| f.len() >= at + n;
-    match proto {
+    let mut facts = Facts {
+        proto,
+        saddr: addr_at(f, ETH + 12),
+        daddr: addr_at(f, ETH + 16),
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp: None,
+        quoted: None,
+    };
+    let edit = match proto {
         6 => {
             if !holds(L4, 20) || l4_len < 20 {
                 return Err(Reason::Malformed);
@@ -335,10 +403,12 @@ fn transport(
             if doff < 20 || doff > l4_len {
                 return Err(Reason::Malformed);
             }
-            Ok(L4Edit::Pseudo(Csum {
+            (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
+            facts.tcp_flags = f[L4 + 13];
+            L4Edit::Pseudo(Csum {
                 at: L4 + 16,
                 udp: false,
-            }))
+            })
         }
         17 => {
             if !holds(L4, 8) || l4_len < 8 {
@@ -348,48 +418,97 @@ fn transport(
             if ulen < 8 || ulen > l4_len {
                 return Err(Reason::Malformed);
             }
-            Ok(L4Edit::Pseudo(Csum {
+            (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
+            L4Edit::Pseudo(Csum {
                 at: L4 + 6,
                 udp: true,
-            }))
+            })
         }
         1 => {
             if !holds(L4, 8) || l4_len < 8 {
                 return Err(Reason::Malformed);
             }
-            if !matches!(f[L4], 3 | 11 | 12) {
-                return Ok(L4Edit::None);
+            facts.icmp = Some((f[L4], f[L4 + 1]));
+            // Echo request / reply (RFC 792): the identifier stands in for both ports.
+            if matches!(f[L4], 0 | 8) {
+                facts.sport = be16(f, L4 + 4);
+                facts.dport = facts.sport;
             }
-            if !holds(EMB_IP, 20) || l4_len < 28 {
-                return Err(Reason::IcmpErrorUnrelated);
-            }
-            let (emb, addr) = if inbound {
-                (addr_at(f, EMB_IP + 12), EMB_IP + 12)
+            if matches!(f[L4], 3 | 11 | 12) {
+                let (edit, quoted) = icmp_error(f, l4_len, inbound, old)?;
+                facts.quoted = Some(quoted);
+                edit
             } else {
-                (addr_at(f, EMB_IP + 16), EMB_IP + 16)
-            };
-            if f[EMB_IP] != 0x45 || emb != old {
-                return Err(Reason::IcmpErrorUnrelated);
+                L4Edit::None
             }
-            let quoted = l4_len - 28;
-            let inner = match f[EMB_IP + 9] {
-                6 if quoted >= 18 => Some(Csum {
-                    at: EMB_L4 + 16,
-                    udp: false,
-                }),
-                17 if quoted >= 8 => Some(Csum {
-                    at: EMB_L4 + 6,
-                    udp: true,
-                }),
-                _ => None,
-            };
-            Ok(L4Edit::IcmpError { addr, inner })
         }
-        _ => Ok(L4Edit::None),
-    }
+        _ => L4Edit::None,
+    };
+    Ok((edit, facts))
 }
 
-/// Step 7 of the spec on a frame every check accepted.
+/// An ICMP error about the mapping: its embedded IP header is whole, without options, and has
+/// the mapping's address on the right side (source inbound, destination outbound).
+fn icmp_error(
+    f: &[u8],
+    l4_len: usize,
+    inbound: bool,
+    old: Ipv4Addr,
+) -> Result<(L4Edit, Quoted), Reason> {
+    if f.len() < EMB_IP + 20 || l4_len < 28 {
+        return Err(Reason::IcmpErrorUnrelated);
+    }
+    let (emb, addr, remote) = if inbound {
+        (
+            addr_at(f, EMB_IP + 12),
+            EMB_IP + 12,
+            addr_at(f, EMB_IP + 16),
+        )
+    } else {
+        (
+            addr_at(f, EMB_IP + 16),
+            EMB_IP + 16,
+            addr_at(f, EMB_IP + 12),
+        )
+    };
+    if f[EMB_IP] != 0x45 || emb != old {
+        return Err(Reason::IcmpErrorUnrelated);
+    }
+    let quoted = l4_len - 28;
+    let inner_proto = f[EMB_IP + 9];
+    let inner = match inner_proto {
+        6 if quoted >= 18 => Some(Csum {
+            at: EMB_L4 + 16,
+            udp: false,
+        }),
+        17 if quoted >= 8 => Some(Csum {
+            at: EMB_L4 + 6,
+            udp: true,
+        }),
+        _ => None,
+    };
+    // The quoted packet went guest -> remote (inbound error) or remote -> guest (outbound).
+    let ports = match inner_proto {
+        _ if quoted < 8 => None,
+        6 | 17 => {
+            let (src, dst) = (be16(f, EMB_L4), be16(f, EMB_L4 + 2));
+            Some(if inbound { (src, dst) } else { (dst, src) })
+        }
+        1 if matches!(f[EMB_L4], 0 | 8) => {
+            let id = be16(f, EMB_L4 + 4);
+            Some((id, id))
+        }
+        _ => None,
+    };
+    let q = Quoted {
+        remote,
+        proto: inner_proto,
+        ports,
+    };
+    Ok((L4Edit::IcmpError { addr, inner }, q))
+}
+
+/// Step 8 of the spec on a frame every check accepted.
 fn rewrite(out: &mut [u8], edit: &L4Edit, inbound: bool, old: Ipv4Addr, new: Ipv4Addr, hop: &Hop) {
     let (o, n) = (old.octets(), new.octets());
     match *edit {

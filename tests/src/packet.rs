@@ -117,12 +117,33 @@ fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, seg: &[u8]) -> u16 {
     !fold_wide(sum_words(seg, pseudo_sum(src, dst, proto, seg.len())))
 }
 
-/// A TCP segment with a valid checksum. `options` are padded to a multiple of four.
+/// TCP flag bits (RFC 9293).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment with a valid checksum and flags PSH|ACK. `options` are padded to a multiple
+/// of four.
 pub fn tcp(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    tcp_flags(src, dst, sport, dport, TCP_PSH | TCP_ACK, options, payload)
+}
+
+/// A TCP segment with a valid checksum and the given flags byte.
+pub fn tcp_flags(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
     options: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
@@ -136,7 +157,7 @@ pub fn tcp(
     s.extend_from_slice(&0x1122_3344u32.to_be_bytes()); // seq
     s.extend_from_slice(&0x5566_7788u32.to_be_bytes()); // ack
     s.push((doff as u8) << 4);
-    s.push(0x18); // PSH|ACK
+    s.push(flags);
     s.extend_from_slice(&64240u16.to_be_bytes()); // window
     s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
     s.extend_from_slice(&opts);

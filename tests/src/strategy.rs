@@ -376,6 +376,16 @@ impl Inner {
 }
 
 impl FrameSpec {
+    /// The ifindex the frame arrives on.
+    pub fn ingress_ifindex(&self, t: &Topology) -> u32 {
+        match self.ingress {
+            Ingress::Public => t.pub0.ifindex,
+            Ingress::Guest => t.gst0.ifindex,
+            Ingress::Other => t.oth0.ifindex,
+            Ingress::Loopback => t.lo.ifindex,
+        }
+    }
+
     /// The frame's bytes. `big` grows the transport payload (not for ICMP errors).
     pub fn build(&self) -> Vec<u8> {
         let ip = Ip {

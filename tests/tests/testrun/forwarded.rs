@@ -1,12 +1,13 @@
 //! Golden translated frames, both directions: the expected output is built from scratch with
 //! the translated addresses (so with checksums computed in full, not incrementally), and the
-//! program's output is also checked field by field and by recomputing every checksum.
+//! program's output is also checked field by field and by recomputing every checksum. The
+//! bench's public IPs accept TCP, UDP and ICMP from anywhere (`open_harness`).
 use std::net::Ipv4Addr;
 
 use nat_common::Reason;
 use nat_tests::{
     harness::*,
-    model::{Direction, Outcome, XDP_REDIRECT},
+    model::{Direction, Events, Outcome, XDP_REDIRECT},
     packet::*,
 };
 
@@ -119,6 +120,12 @@ fn cases() -> Vec<Fwd> {
                 t,
                 &icmp_echo(ICMP_ECHO_REPLY, 0x1234, 1, b"ping"),
             )
+        }),
+        // Ingress rules name TCP, UDP or ICMP only: GRE comes in as the reply to a guest's.
+        fwd("gre out, opens the flow for gre in", OUT, G1, |a, t| {
+            Ip::new(PROTO_GRE, a, REMOTE)
+                .ttl(t)
+                .packet(&[0, 0, 8, 0, 1, 2])
         }),
         fwd("gre in, IP header only", IN, G1, |a, t| {
             Ip::new(PROTO_GRE, REMOTE, a)
@@ -234,7 +241,7 @@ fn check_fields(w: Wire, c: &Fwd, input: &[u8], out: &[u8], errs: &mut Vec<Strin
 
 #[test]
 fn translates_and_forwards() {
-    let h = harness();
+    let h = open_harness();
     let w = Wire(h.topo);
     let mut errs = Vec::new();
     let cases = cases();
@@ -260,6 +267,8 @@ fn translates_and_forwards() {
             reason,
             frame: want,
             counted: Some((c.dir, key)),
+            denied: None,
+            events: Events::default(),
         };
         if let Some(got) = expect(&h, &mut errs, c.name, ingress, &input, &want) {
             check_fields(w, c, &input, &got.frame, &mut errs);
@@ -274,7 +283,7 @@ fn translates_and_forwards() {
 /// that holds the rest of it.
 #[test]
 fn partial_tcp_quote_leaves_checksum_and_padding() {
-    let h = harness();
+    let h = open_harness();
     let w = Wire(h.topo);
     let quote = |a: Ipv4Addr| {
         let sent = tcp_ip(P1, REMOTE, 63, &[], b"data");
@@ -299,6 +308,8 @@ fn partial_tcp_quote_leaves_checksum_and_padding() {
         reason: Reason::InboundForwarded,
         frame: [w.leaving_guest(V1_MAC, &l3(V1, 63)), padding.to_vec()].concat(),
         counted: Some((IN, P1)),
+        denied: None,
+        events: Events::default(),
     };
     let mut errs = Vec::new();
     let got = expect(

@@ -1,11 +1,12 @@
 //! Golden frames the program leaves to the kernel: verdict PASS, bytes untouched, no mapping
-//! counted, and exactly the one reason given here.
+//! counted, and exactly the one reason given here. The bench's public IPs accept TCP, UDP and
+//! ICMP from anywhere (`open_harness`), so the policy lets through what reaches it.
 use std::net::Ipv4Addr;
 
 use nat_common::Reason::{self, *};
 use nat_tests::{
     harness::*,
-    model::{Outcome, XDP_PASS},
+    model::{Events, Outcome, XDP_PASS},
     packet::*,
 };
 
@@ -34,6 +35,8 @@ impl Cases<'_> {
             reason,
             frame: frame.clone(),
             counted: None,
+            denied: None,
+            events: Events::default(),
         };
         expect(self.h, &mut self.errs, name, ingress, &frame, &want);
         self.count += 1;
@@ -100,7 +103,7 @@ fn ip(proto: u8, src: Ipv4Addr, dst: Ipv4Addr) -> Ip {
 /// Frames stopped by parsing and classification.
 #[test]
 fn passes_what_it_cannot_parse() {
-    let h = harness();
+    let h = open_harness();
     let w = Wire(h.topo);
     let (pub0, gst0, lo, oth0) = (
         h.topo.pub0.ifindex,
@@ -183,7 +186,7 @@ fn passes_what_it_cannot_parse() {
 /// Frames that parse and are mapped but that the route lookup hands to the kernel.
 #[test]
 fn passes_what_it_cannot_route() {
-    let h = harness();
+    let h = open_harness();
     let w = Wire(h.topo);
     let (pub0, gst0) = (h.topo.pub0.ifindex, h.topo.gst0.ifindex);
     let n = |l3: Vec<u8>| w.arriving_public(&l3);

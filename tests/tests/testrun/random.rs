@@ -1,17 +1,20 @@
 //! Differential property test: random, often damaged frames (see `nat_tests::strategy`)
-//! through the program and the model must agree on verdict, reason, output bytes and the
-//! mapping counted; a translated undamaged frame must also have every checksum valid.
+//! through the program and the model must agree on verdict, reason, output bytes, the mapping
+//! counted and the conntrack events; a translated undamaged frame must also have every checksum
+//! valid. The connection tables are compared (and emptied) every [`FLOW_CHECK_EVERY`] frames.
+//! The policy is open ([`open_policy`]), so the translation paths stay reachable.
 //! `NAT_PROPTEST_CASES` sets the number of frames (default 20 000, plus a quarter of that
 //! again aimed at ICMP errors).
-use std::{cell::RefCell, time::Instant};
+use std::{cell::RefCell, collections::BTreeMap, time::Instant};
 
 use nat_common::Reason;
 use nat_tests::{
-    harness::Harness,
-    model::XDP_REDIRECT,
+    harness::{Harness, allow_all, service},
+    model::{Path, XDP_REDIRECT},
     packet::{PROTO_ICMP, verify_checksums},
-    strategy::{FrameSpec, Ingress, frame_spec, icmp_error_frame_spec},
+    strategy::{FrameSpec, frame_spec, icmp_error_frame_spec},
 };
+use nat_userspace::{firewall::Proto, state::DesiredState};
 use proptest::{
     strategy::Strategy,
     test_runner::{Config, TestCaseError, TestRunner},
@@ -20,8 +23,20 @@ use proptest::{
 use crate::common::*;
 
 const DEFAULT_CASES: u32 = 20_000;
+/// Frames between two comparisons of the connection tables.
+const FLOW_CHECK_EVERY: u32 = 256;
 
-fn cases_from_env() -> u32 {
+/// [`allow_all`], and egress allowed but to one of the strategy's destinations, so both drop
+/// reasons occur (inbound: protocols other than TCP, UDP and ICMP).
+fn open_policy() -> DesiredState {
+    let mut s = allow_all();
+    let dst = "192.0.2.200/32".parse().expect("CIDR");
+    s.add_egress(None, service(Proto::All, None, None), vec![dst])
+        .expect("valid rule");
+    s
+}
+
+pub fn cases_from_env() -> u32 {
     match std::env::var("NAT_PROPTEST_CASES") {
         Ok(v) => v
             .parse()
@@ -35,24 +50,27 @@ fn cases_from_env() -> u32 {
 struct Coverage {
     reasons: [u32; Reason::COUNT as usize],
     icmp_errors_translated: u32,
+    frames: u32,
+    /// (inbound, policy path) -> frames.
+    paths: BTreeMap<(bool, Path), u32>,
 }
 
 /// One case: program and model agree; an undamaged translated frame has valid checksums.
 fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), TestCaseError> {
-    let t = h.topo;
-    let ingress = match spec.ingress {
-        Ingress::Public => t.pub0.ifindex,
-        Ingress::Guest => t.gst0.ifindex,
-        Ingress::Other => t.oth0.ifindex,
-        Ingress::Loopback => t.lo.ifindex,
-    };
+    let ingress = spec.ingress_ifindex(&h.topo);
     let frame = spec.build();
     let got = h
         .run(ingress, &frame)
         .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-    let want = h.model.run(ingress, &frame);
+    let want = h.run_model(ingress, &frame);
     let mut c = cov.borrow_mut();
+    c.frames += 1;
     c.reasons[got.reason as usize] += 1;
+    if let Some(p) = h.model_path() {
+        *c.paths
+            .entry((ingress == h.topo.pub0.ifindex, p))
+            .or_default() += 1;
+    }
     // Only a redirected frame is sure to hold an ICMP header.
     let redirected = got.action == XDP_REDIRECT;
     if redirected && frame[23] == PROTO_ICMP && matches!(frame[34], 3 | 11 | 12) {
@@ -69,6 +87,11 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), T
             hex(&frame),
             diff(&got.frame, &want.frame)
         )));
+    }
+    if c.frames.is_multiple_of(FLOW_CHECK_EVERY) {
+        h.check_flows()
+            .and_then(|()| h.clear_flows())
+            .map_err(|e| TestCaseError::fail(format!("after frame {}: {e:#}", hex(&frame))))?;
     }
     Ok(())
 }
@@ -87,6 +110,8 @@ fn run(h: &Harness, cov: &RefCell<Coverage>, cases: u32, s: impl Strategy<Value 
 #[test]
 fn program_matches_model() {
     let h = harness();
+    h.set_policy(&open_policy())
+        .expect("install the open policy");
     let cases = cases_from_env();
     let cov = RefCell::new(Coverage::default());
     let start = Instant::now();
@@ -100,11 +125,20 @@ fn program_matches_model() {
         .iter()
         .map(|r| format!("{}={}", r.name(), seen(*r)))
         .collect();
+    let paths: Vec<_> = cov
+        .paths
+        .iter()
+        .map(|((inbound, p), n)| {
+            let dir = if *inbound { "inbound" } else { "outbound" };
+            format!("{dir} {p:?}={n}")
+        })
+        .collect();
     eprintln!(
-        "{} random frames in {elapsed:.1?}, {} translated ICMP errors; {}",
+        "{} random frames in {elapsed:.1?}, {} translated ICMP errors; {}\n  policy: {}",
         cases + cases / 4,
         cov.icmp_errors_translated,
-        report.join(" ")
+        report.join(" "),
+        paths.join(", ")
     );
     if cases >= 5_000 {
         let missed: Vec<_> = Reason::ALL.iter().filter(|r| seen(**r) < 10).collect();

@@ -1,0 +1,145 @@
+//! Policy setup of the bench: natd desired states (mappings of the bench plus rules) installed
+//! in program and model, conntrack timeouts, and the two connection tables read, seeded,
+//! compared and cleared together.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::bail;
+use nat_common::TIMEOUT_SLOTS;
+use nat_userspace::{
+    cidr::Cidr,
+    firewall::{PortRange, Proto, Service},
+    state::{DesiredState, Mapping},
+    tables::{Op, Tables, plan},
+};
+
+use super::{Harness, NAT_IN, NAT_OUT, maps};
+use crate::model::{Flow, Rules, Tracked};
+
+/// Every mapping of the bench as a natd state (no rules, egress allowed by default): the base
+/// tests add rules to before [`Harness::set_policy`].
+pub fn base_state() -> DesiredState {
+    let mut pairs: Vec<(Ipv4Addr, Ipv4Addr)> = NAT_IN.to_vec();
+    pairs.extend(
+        NAT_OUT
+            .iter()
+            .filter(|(v, _)| !NAT_IN.iter().any(|(_, p)| p == v))
+            .map(|(v, p)| (*p, *v)),
+    );
+    let list: Vec<Mapping> = pairs
+        .into_iter()
+        .map(|(public, private)| Mapping { public, private })
+        .collect();
+    DesiredState::from_mappings(&list).expect("the bench's mappings form a valid state")
+}
+
+/// A service: `proto` with optional ports (TCP/UDP) or ICMP type and code.
+pub fn service(proto: Proto, ports: Option<(u16, u16)>, icmp: Option<(u8, Option<u8>)>) -> Service {
+    Service {
+        proto,
+        ports: ports.map(|(first, last)| PortRange { first, last }),
+        icmp_type: icmp.map(|(t, _)| t),
+        icmp_code: icmp.and_then(|(_, c)| c),
+    }
+}
+
+/// [`base_state`] with TCP, UDP and ICMP open from anywhere to every public address: what the
+/// program did before it had a firewall, for the translation tests.
+pub fn allow_all() -> DesiredState {
+    let mut s = base_state();
+    for (public, _) in NAT_IN {
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Icmp] {
+            s.add_ingress(None, public, service(proto, None, None), vec![Cidr::ANY])
+                .expect("valid rule");
+        }
+    }
+    s
+}
+
+impl Harness {
+    /// Installs the rules and egress policy of `state` in program and model. The program's maps
+    /// change by natd's own plan from the previous state (so a removed rule's entries are
+    /// deleted as natd deletes them); `state`'s mappings are ignored (the bench's are fixed).
+    pub fn set_policy(&self, state: &DesiredState) -> anyhow::Result<()> {
+        let tables = Tables::of(state);
+        let mut cur = self.policy.borrow_mut();
+        let mut ebpf = self.ebpf.borrow_mut();
+        for (op, _undo) in plan(&cur.0, &cur.1, state, &tables) {
+            match op {
+                Op::Set(e, bits) => maps::write_entry(&mut ebpf, e, Some(bits))?,
+                Op::Unset(e) => maps::write_entry(&mut ebpf, e, None)?,
+                Op::EgressDefaultDeny(deny) => {
+                    let mut cfg = maps::read_config(&mut ebpf)?;
+                    cfg.egress_default_deny = u32::from(deny);
+                    maps::write_config(&mut ebpf, &cfg)?;
+                }
+                Op::AddMapping(_) | Op::RemoveMapping(_) => {}
+            }
+        }
+        *cur = (state.clone(), tables);
+        self.model.borrow_mut().policy.rules = Rules::of(state);
+        Ok(())
+    }
+
+    /// Sets the conntrack idle timeouts (ns by state, 0 = netfilter's default) in program and
+    /// model.
+    pub fn set_timeouts(&self, timeouts_ns: [u64; TIMEOUT_SLOTS]) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf.borrow_mut();
+        let mut cfg = maps::read_config(&mut ebpf)?;
+        cfg.timeouts_ns = timeouts_ns;
+        maps::write_config(&mut ebpf, &cfg)?;
+        self.model.borrow_mut().policy.conntrack.timeouts_ns = timeouts_ns;
+        Ok(())
+    }
+
+    /// The program's connection table (every entry, live or expired).
+    pub fn flows(&self) -> anyhow::Result<BTreeMap<Flow, Tracked>> {
+        maps::read_flows(&mut self.ebpf.borrow_mut())
+    }
+
+    /// The model's connection table.
+    pub fn model_flows(&self) -> BTreeMap<Flow, Tracked> {
+        self.model.borrow().policy.conntrack.flows()
+    }
+
+    /// Fails unless program and model hold the same flows in the same states.
+    pub fn check_flows(&self) -> anyhow::Result<()> {
+        let (got, want) = (self.flows()?, self.model_flows());
+        if got != want {
+            let show = |m: &BTreeMap<Flow, Tracked>, other: &BTreeMap<Flow, Tracked>| {
+                m.iter()
+                    .filter(|(k, v)| other.get(k) != Some(v))
+                    .map(|(k, v)| format!("\n    {k}: {v:?}"))
+                    .collect::<String>()
+            };
+            bail!(
+                "CONNTRACK differs from the model\n  program only/different:{}\n  model only/different:{}",
+                show(&got, &want),
+                show(&want, &got)
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a flow into program and model, last seen at `last_seen` (CLOCK_MONOTONIC ns).
+    pub fn put_flow(&self, flow: Flow, t: Tracked, last_seen: u64) -> anyhow::Result<()> {
+        maps::put_flow(&mut self.ebpf.borrow_mut(), &flow, &t.value(last_seen))?;
+        self.model
+            .borrow_mut()
+            .policy
+            .conntrack
+            .put(flow, t, last_seen);
+        Ok(())
+    }
+
+    /// Empties program's and model's connection tables.
+    pub fn clear_flows(&self) -> anyhow::Result<()> {
+        maps::clear_flows(&mut self.ebpf.borrow_mut())?;
+        self.model.borrow_mut().policy.conntrack.clear();
+        Ok(())
+    }
+
+    /// Every entry of the firewall maps (see [`maps::firewall_entries`]).
+    pub fn firewall_entries(&self) -> anyhow::Result<Vec<maps::LpmEntry>> {
+        maps::firewall_entries(&mut self.ebpf.borrow_mut())
+    }
+}

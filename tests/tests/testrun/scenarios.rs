@@ -1,0 +1,151 @@
+//! Differential property test of the policy stage: random firewall scenarios (see
+//! `nat_tests::scenario`: random ingress rules, egress policy and conntrack timeouts, then
+//! packets that open flows, answer and repeat them, ICMP errors quoting them, and arbitrary
+//! frames) through program and model. After every frame they must agree on verdict, reason,
+//! output bytes, counters (translated and denied) and conntrack events, and hold the same
+//! connection table (keys, state, origin, FIN bits).
+//!
+//! `NAT_PROPTEST_CASES` sets the size (scenarios = 5 % of it, 1 000 by default, up to
+//! [`MAX_STEPS`] frames each). The report gives how often each policy path decided a frame.
+use std::{cell::RefCell, collections::BTreeMap, time::Instant};
+
+use nat_common::{Event, Reason};
+use nat_tests::{
+    harness::Harness,
+    model::{Events, Path, XDP_REDIRECT},
+    packet::verify_checksums,
+    scenario::{Scenario, scenario},
+};
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+use crate::{common::*, random::cases_from_env};
+
+/// Most steps of a scenario.
+const MAX_STEPS: usize = 48;
+
+/// What the scenarios reached.
+#[derive(Default)]
+struct Coverage {
+    scenarios: u32,
+    frames: u32,
+    /// (inbound, path) -> frames.
+    paths: BTreeMap<(bool, Path), u32>,
+    reasons: BTreeMap<Reason, u32>,
+    events: Events,
+    /// Most flows in a table at the end of a scenario.
+    max_flows: usize,
+}
+
+fn fail(step: usize, frame: &[u8], e: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(format!("step {step}, frame {}: {e}", hex(frame)))
+}
+
+fn check(h: &Harness, cov: &RefCell<Coverage>, sc: &Scenario) -> Result<(), TestCaseError> {
+    let setup = || -> anyhow::Result<()> {
+        h.set_policy(&sc.policy.state())?;
+        h.set_timeouts(sc.policy.timeouts_ns)?;
+        h.clear_flows()
+    };
+    setup().map_err(|e| TestCaseError::fail(format!("setup: {e:#}")))?;
+    let mut c = cov.borrow_mut();
+    c.scenarios += 1;
+    for (i, s) in sc.frames(&h.topo).iter().enumerate() {
+        let got = h
+            .run(s.ingress, &s.frame)
+            .map_err(|e| fail(i, &s.frame, format!("{e:#}")))?;
+        let want = h.run_model(s.ingress, &s.frame);
+        c.frames += 1;
+        *c.reasons.entry(got.reason).or_default() += 1;
+        for (a, b) in c.events.0.iter_mut().zip(got.events.0) {
+            *a += b;
+        }
+        if let Some(p) = h.model_path() {
+            let inbound = s.ingress == h.topo.pub0.ifindex;
+            *c.paths.entry((inbound, p)).or_default() += 1;
+        }
+        if got != want {
+            let (g, w) = (describe(&got), describe(&want));
+            let d = diff(&got.frame, &want.frame);
+            return Err(fail(
+                i,
+                &s.frame,
+                format!("\nprogram: {g}\nmodel:   {w}\n{d}"),
+            ));
+        }
+        if got.action == XDP_REDIRECT && s.clean {
+            verify_checksums(&got.frame).map_err(|e| fail(i, &s.frame, e))?;
+        }
+        h.check_flows()
+            .map_err(|e| fail(i, &s.frame, format!("{e:#}")))?;
+    }
+    let flows = h.model_flows().len();
+    c.max_flows = c.max_flows.max(flows);
+    Ok(())
+}
+
+#[test]
+fn scenarios_match_model() {
+    let h = harness();
+    let scenarios = cases_from_env() / 20;
+    let cov = RefCell::new(Coverage::default());
+    let start = Instant::now();
+    let config = Config {
+        cases: scenarios,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if let Err(e) = TestRunner::new(config).run(&scenario(MAX_STEPS), |sc| check(&h, &cov, &sc)) {
+        panic!("{e}");
+    }
+    let elapsed = start.elapsed();
+
+    let c = cov.into_inner();
+    let path = |inbound: bool, p: Path| c.paths.get(&(inbound, p)).copied().unwrap_or(0);
+    let decided: u32 = c.paths.values().sum();
+    let pct = |n: u32| 100.0 * f64::from(n) / f64::from(decided.max(1));
+    let mut report = Vec::new();
+    for (dir, inbound) in [("inbound", true), ("outbound", false)] {
+        for p in [Path::Rule, Path::Established, Path::Related, Path::Denied] {
+            let n = path(inbound, p);
+            report.push(format!("{dir} {p:?}={n} ({:.1}%)", pct(n)));
+        }
+    }
+    let events: Vec<_> = Event::ALL
+        .iter()
+        .map(|e| format!("{}={}", e.name(), c.events.get(*e)))
+        .collect();
+    let reasons: Vec<_> = c
+        .reasons
+        .iter()
+        .map(|(r, n)| format!("{}={n}", r.name()))
+        .collect();
+    eprintln!(
+        "{} scenarios, {} frames in {elapsed:.1?}; {decided} reached the policy: {}\n  events: {}\n  \
+         reasons: {}\n  largest connection table: {} flows",
+        c.scenarios,
+        c.frames,
+        report.join(", "),
+        events.join(" "),
+        reasons.join(" "),
+        c.max_flows
+    );
+    if scenarios >= 300 {
+        let mut thin = Vec::new();
+        for inbound in [true, false] {
+            for p in [Path::Rule, Path::Established, Path::Related, Path::Denied] {
+                if path(inbound, p) < 20 {
+                    thin.push((inbound, p));
+                }
+            }
+        }
+        assert!(
+            thin.is_empty(),
+            "scenarios rarely reached (inbound, path) {thin:?}"
+        );
+        let rare: Vec<_> = Event::ALL
+            .iter()
+            .filter(|e| c.events.get(**e) < 20)
+            .collect();
+        assert!(rare.is_empty(), "scenarios rarely caused {rare:?}");
+    }
+}
