@@ -4,6 +4,7 @@
 //! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
 //! [`netfilter`] (the slow path) and [`api`] (the control socket). [`cloudstack`] turns CloudStack
 //! virtual-router payloads into desired-state changes.
+pub mod addresses;
 pub mod api;
 pub mod cidr;
 pub mod cloudstack;

@@ -25,6 +25,8 @@ pub enum NetfilterError {
     Spawn(std::io::Error),
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
+    #[error("public addresses: {0}")]
+    Addresses(#[from] crate::addresses::AddressError),
 }
 
 /// Renders the whole table: DNAT P -> V for what arrives on a public interface, SNAT V -> P for
@@ -183,6 +185,8 @@ pub trait SlowPath {
 pub struct Nft {
     pub public_ifaces: Vec<String>,
     pub guest_ifaces: Vec<String>,
+    /// `--manage-addresses`: keep mapped public IPs on the public interfaces.
+    pub manage_addresses: bool,
 }
 
 fn run_nft(script: &str) -> Result<(), NetfilterError> {
@@ -210,10 +214,17 @@ fn run_nft(script: &str) -> Result<(), NetfilterError> {
 
 impl SlowPath for Nft {
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError> {
-        run_nft(&render(&self.public_ifaces, &self.guest_ifaces, state))
+        run_nft(&render(&self.public_ifaces, &self.guest_ifaces, state))?;
+        if self.manage_addresses {
+            crate::addresses::sync(&self.public_ifaces, state)?;
+        }
+        Ok(())
     }
 
     fn remove(&mut self) -> Result<(), NetfilterError> {
+        if self.manage_addresses {
+            crate::addresses::remove_all(&self.public_ifaces)?;
+        }
         // Declaring the table first makes the delete succeed whether or not it exists.
         run_nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
     }

@@ -15,6 +15,7 @@ const DEB_PACKAGES: &[&str] = &[
     "conntrack",
     "iproute2",
     "iputils-ping",
+    "iputils-arping",
     "netcat-openbsd",
     "ethtool",
     "tcpdump",

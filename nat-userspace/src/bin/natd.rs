@@ -56,6 +56,10 @@ struct Args {
     /// natd leaves the fast path running on exit, for the next natd to adopt.
     #[arg(long)]
     detach_on_exit: bool,
+    /// Add each mapped public IP to the public interface whose subnet holds it (with a
+    /// gratuitous ARP), and remove it with its mapping.
+    #[arg(long)]
+    manage_addresses: bool,
     /// Apply each CloudStack payload file dropped in this directory once, in name order.
     #[arg(long)]
     cloudstack_dir: Option<PathBuf>,
@@ -181,6 +185,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let nft = Nft {
         public_ifaces: args.public_ifaces.clone(),
         guest_ifaces: args.guest_ifaces.clone(),
+        manage_addresses: args.manage_addresses,
     };
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
     ctl.apply(desired).context("installing the desired state")?;
