@@ -265,7 +265,7 @@ impl Harness {
             .context("no map IFACES")?
             .try_into()?;
         for (l, role) in links {
-            ifaces.insert(l.ifindex, IfaceConfig { role, _pad: 0 }, 0)?;
+            ifaces.insert(l.ifindex, IfaceConfig { role, addr: 0 }, 0)?;
         }
         let mut devmap: DevMapHash<_> = ebpf
             .map_mut(MAP_DEVMAP)
