@@ -8,10 +8,15 @@
 //!   route 203.0.113.0/24 via 198.51.100.1   (natd: XDP, nftables)   default via 10.0.0.1
 //! ```
 //!
-//! Public side from RFC 5737 (client link 198.51.100.0/24, mapped addresses 203.0.113.0/24),
-//! guest side from 10.0.0.0/8. No namespace has a route anywhere else, so test traffic cannot
-//! leave the topology. `process` runs natd and natctl; `observe` records what endpoints saw.
+//! Public side from RFC 5737 (client link 198.51.100.0/24, mapped addresses 203.0.113.0/24,
+//! extra client addresses from 192.0.2.0/24 on request), guest side from 10.0.0.0/8. No
+//! namespace has a route anywhere else, so test traffic cannot leave the topology. `process`
+//! runs natd and natctl; `policy` drives natctl's firewall, egress and conntrack commands;
+//! `observe` records what endpoints saw; `attempt` sends traffic that may be dropped and checks
+//! that nothing arrived.
+pub mod attempt;
 pub mod observe;
+pub mod policy;
 pub mod process;
 
 use std::{
@@ -136,6 +141,25 @@ impl Netns {
         )?
         .ok()
     }
+
+    /// This namespace's IPv4 MIB counter `name` (`ReasmOKs`, `InReceives`, ...) from
+    /// `/proc/net/snmp`, which shows the namespace of the process reading it.
+    pub fn ip_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let text = self.exec("cat", &["/proc/net/snmp"])?;
+        let mut ip = text.lines().filter(|l| l.starts_with("Ip: "));
+        let (Some(names), Some(values)) = (ip.next(), ip.next()) else {
+            bail!("/proc/net/snmp has no Ip lines:\n{text}");
+        };
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .with_context(|| format!("/proc/net/snmp has no Ip counter {name}: {names}"))?;
+        values
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("/proc/net/snmp: no value for {name}: {values}"))
+    }
 }
 
 impl Drop for Netns {
@@ -259,6 +283,20 @@ impl Topology {
                 .exec("ping", &["-n", "-q", "-c", "1", "-W", "5", &addr])
                 .with_context(|| format!("the router cannot reach {addr}"))?;
         }
+        Ok(())
+    }
+
+    /// Gives the client a second address (a host of 192.0.2.0/24, RFC 5737), which sockets can
+    /// bind to as their source, and routes it back from the router over the client link.
+    pub fn add_client_address(&self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ensure!(
+            addr.octets()[..3] == [192, 0, 2],
+            "{addr} is not in 192.0.2.0/24"
+        );
+        let (host, via) = (format!("{addr}/32"), CLIENT_ADDR.to_string());
+        self.client.ip(&["addr", "add", &host, "dev", HOST_IF])?;
+        self.router
+            .ip(&["route", "add", &host, "via", &via, "dev", ROUTER_PUBLIC_IF])?;
         Ok(())
     }
 

@@ -6,6 +6,10 @@
 //! Every check is on something observed: the peer address a socket saw, the bytes it received,
 //! the addresses of ICMP packets a namespace received, natctl's counters and the router's
 //! nftables table and XDP attachment.
+//!
+//! Every mapped public IP is default-deny inbound: a test that sends traffic to P first allows
+//! it ([`ONE_MAPPING_OPEN`], or `natctl firewall add` after a `mapping add`). The firewall
+//! itself is tested in `e2e_firewall.rs`.
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
@@ -17,11 +21,19 @@ use nat_tests::topology::{
         ICMP_ECHO_REQUEST, IcmpSniffer, Probe, ProbeSender, ping, tcp_exchange, udp_bind,
         udp_exchange, udp_probe,
     },
+    policy,
 };
 use nat_userspace::api::{MappingStatus, StatsReport};
 
-/// natd's config for the one mapping most tests use: P 203.0.113.10 <-> V 10.0.0.10.
+/// natd's config for the one mapping most tests use: P 203.0.113.10 <-> V 10.0.0.10, no
+/// ingress rules (P answers nothing it was not asked by the guest).
 const ONE_MAPPING: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n";
+/// [`ONE_MAPPING`] with ingress rules allowing every TCP, UDP and ICMP packet to P from
+/// anywhere: the plain static NAT, open to everything.
+const ONE_MAPPING_OPEN: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n\
+                                [[rule]]\npublic = \"203.0.113.10\"\nproto = \"tcp\"\n\
+                                [[rule]]\npublic = \"203.0.113.10\"\nproto = \"udp\"\n\
+                                [[rule]]\npublic = \"203.0.113.10\"\nproto = \"icmp\"\n";
 /// A config that maps 203.0.113.10 twice.
 const DUPLICATE_PUBLIC: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n\
                                 [[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.11\"\n";
@@ -34,12 +46,7 @@ fn at(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 /// Packets counted under verdict reason `name`.
 fn reason(stats: &StatsReport, name: &str) -> u64 {
-    stats
-        .reasons
-        .iter()
-        .find(|r| r.reason == name)
-        .unwrap_or_else(|| panic!("natctl stats has no reason {name}"))
-        .packets
+    policy::reason(stats, name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The counters of the mapping of P.
@@ -83,7 +90,7 @@ fn expected_nft(list: &[(Ipv4Addr, Ipv4Addr)]) -> NftMaps {
 #[test]
 fn inbound_traffic_reaches_the_guest_from_the_clients_address() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING_OPEN))?;
     let natctl = natd.natctl()?;
     let before = natctl.stats()?;
 
@@ -213,7 +220,7 @@ fn outbound_traffic_reaches_the_client_from_the_public_address() -> anyhow::Resu
 #[test]
 fn fragmented_traffic_takes_the_slow_path_and_still_arrives() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING_OPEN))?;
     let natctl = natd.natctl()?;
     let before = natctl.stats()?;
 
@@ -285,6 +292,7 @@ fn mapping_add_and_del_take_effect_at_runtime() -> anyhow::Result<()> {
 
     let out = natctl.ok(&["mapping", "add", "203.0.113.10", "10.0.0.10"])?;
     assert!(out.contains("203.0.113.10 -> 10.0.0.10"), "{out}");
+    let rule = natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
     let probe = udp_probe(&listener, &topo.client, target)?;
     match probe {
         Probe::Delivered(from) => assert_eq!(from.ip(), CLIENT_ADDR),
@@ -301,19 +309,27 @@ fn mapping_add_and_del_take_effect_at_runtime() -> anyhow::Result<()> {
     assert_unreachable(udp_probe(&listener, &topo.client, target)?, "after del");
     assert_eq!(pairs(&natctl)?, []);
     assert_eq!(topo.nft_maps()?, Some(expected_nft(&[])));
+    let rules = natctl.firewall_rules()?;
+    assert!(
+        rules.is_empty(),
+        "rule {rule} outlived its mapping: {rules:?}"
+    );
 
     assert!(natd.is_running()?, "natd exited:\n{}", natd.log_text());
-    assert_eq!(natctl.stats()?.generation, 3, "initial state, add, del");
+    assert_eq!(
+        natctl.stats()?.generation,
+        4,
+        "initial state, mapping add, firewall add, mapping del"
+    );
     Ok(())
 }
 
 /// A flow the slow path translated (its first datagram was fragmented, so the router's
 /// conntrack holds a DNAT entry for it) must stop reaching the guest once the mapping is gone.
 #[test]
-#[ignore = "natd bug: `mapping del` leaves the slow path's conntrack entries, which keep translating"]
 fn mapping_del_stops_flows_the_slow_path_translated() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING_OPEN))?;
     let listener = udp_bind(&topo.guest, at(GUEST_ADDR, 7000))?;
     let mut flow = ProbeSender::new(&topo.client, at(PUBLIC_ADDR, 7000))?;
     match flow.probe(&listener, 4000)? {
@@ -332,7 +348,7 @@ fn mapping_del_stops_flows_the_slow_path_translated() -> anyhow::Result<()> {
 #[test]
 fn refused_commands_change_nothing() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING_OPEN))?;
     let natctl = natd.natctl()?;
     let state = || -> anyhow::Result<_> {
         Ok((

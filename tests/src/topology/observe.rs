@@ -1,7 +1,7 @@
 //! What the ends of the topology observe: UDP and TCP exchanges whose sockets record the peer
 //! address each side saw, a raw ICMP socket recording the addresses of ICMP packets a namespace
-//! received, and `ping`'s own account. Every wait is bounded; nothing here sleeps to let
-//! something happen.
+//! received (and sending single echo requests), and `ping`'s own account. Every wait is
+//! bounded; nothing here sleeps to let something happen.
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
@@ -337,14 +337,75 @@ impl IcmpSniffer {
     /// Receives until `want` packets matching `pred` were seen or [`ARRIVAL`] passed; returns
     /// the matching ones.
     pub fn collect(&self, want: usize, pred: impl Fn(&IcmpSeen) -> bool) -> Vec<IcmpSeen> {
+        self.collect_until(want, pred, Instant::now() + ARRIVAL)
+    }
+
+    /// The packets matching `pred` already received (waits no longer than one receive
+    /// timeout, 50 ms, for the queue to run dry).
+    pub fn pending(&self, pred: impl Fn(&IcmpSeen) -> bool) -> Vec<IcmpSeen> {
+        self.collect_until(usize::MAX, pred, Instant::now())
+    }
+
+    /// Sends an ICMP echo request of `len` data bytes to `dst` from this socket's namespace
+    /// (the kernel adds the IPv4 header and picks the source).
+    pub fn send_echo(&self, dst: Ipv4Addr, seq: u16, len: usize) -> anyhow::Result<()> {
+        let mut msg = vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0x58, 0x53];
+        msg.extend(seq.to_be_bytes());
+        msg.extend(payload(len));
+        let sum = msg.chunks(2).fold(0u32, |acc, c| {
+            acc + u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
+        });
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+        msg[2..4].copy_from_slice(&csum.to_be_bytes());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            usize::try_from(n) == Ok(msg.len()),
+            "sending an echo request to {dst}: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+
+    /// Receives until `want` packets matching `pred` were seen, or a receive timed out after
+    /// `deadline` (or, should packets never stop coming, a second after it).
+    fn collect_until(
+        &self,
+        want: usize,
+        pred: impl Fn(&IcmpSeen) -> bool,
+        deadline: Instant,
+    ) -> Vec<IcmpSeen> {
         let mut seen = Vec::new();
         let mut buf = vec![0u8; 65536];
-        let deadline = Instant::now() + ARRIVAL;
-        while seen.len() < want && Instant::now() < deadline {
+        let last = deadline + Duration::from_secs(1);
+        while seen.len() < want && Instant::now() < last {
             // SAFETY: valid fd; the buffer outlives the call and its length is passed.
             let n =
                 unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            let Ok(n) = usize::try_from(n) else { continue };
+            let Ok(n) = usize::try_from(n) else {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                continue;
+            };
             if n < 20 {
                 continue;
             }
