@@ -118,34 +118,46 @@ pub const fn initial(proto: u8, tcp_flags: u8) -> Option<State> {
 }
 
 /// Next state and FIN bits after a packet of a tracked flow; `reply` = it travels from the
-/// responder to the originator.
+/// responder to the originator. `None`: the packet does not belong to this flow but starts a
+/// new one in the other direction (a SYN from the responder once the flow is closed, as
+/// netfilter treats it), so it must be judged as new.
 #[inline(always)]
-pub const fn next(state: State, fins: u8, proto: u8, tcp_flags: u8, reply: bool) -> (State, u8) {
+pub const fn next(
+    state: State,
+    fins: u8,
+    proto: u8,
+    tcp_flags: u8,
+    reply: bool,
+) -> Option<(State, u8)> {
     match proto {
         PROTO_TCP => next_tcp(state, fins, tcp_flags, reply),
         PROTO_UDP => {
             if reply {
-                (State::UdpReplied, fins)
+                Some((State::UdpReplied, fins))
             } else {
-                (state, fins)
+                Some((state, fins))
             }
         }
-        _ => (state, fins),
+        _ => Some((state, fins)),
     }
 }
 
 #[inline(always)]
-const fn next_tcp(state: State, fins: u8, f: u8, reply: bool) -> (State, u8) {
+const fn next_tcp(state: State, fins: u8, f: u8, reply: bool) -> Option<(State, u8)> {
     if f & TCP_RST != 0 {
-        return (State::TcpClose, fins);
+        return Some((State::TcpClose, fins));
     }
     let syn = f & TCP_SYN != 0;
     let ack = f & TCP_ACK != 0;
-    if syn && !ack && !reply {
-        // A new SYN from the originator reopens a closed flow; a retransmission changes nothing.
-        return match state {
-            State::TcpTimeWait | State::TcpClose => (State::TcpSynSent, 0),
-            _ => (state, fins),
+    let closed = matches!(state, State::TcpTimeWait | State::TcpClose);
+    if syn && !ack {
+        return match (reply, closed) {
+            // A new SYN from the originator reopens a closed flow.
+            (false, true) => Some((State::TcpSynSent, 0)),
+            // From the responder it is a new connection the other way: judged afresh.
+            (true, true) => None,
+            // A retransmission (or a simultaneous open) changes nothing.
+            _ => Some((state, fins)),
         };
     }
     if f & TCP_FIN != 0 {
@@ -155,13 +167,13 @@ const fn next_tcp(state: State, fins: u8, f: u8, reply: bool) -> (State, u8) {
         } else {
             State::TcpFinWait
         };
-        return (s, fins);
+        return Some((s, fins));
     }
-    match state {
+    Some(match state {
         State::TcpSynSent if syn && ack && reply => (State::TcpSynRecv, fins),
         State::TcpSynRecv if ack && !syn && !reply => (State::TcpEstablished, fins),
         _ => (state, fins),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -172,17 +184,19 @@ mod tests {
     fn three_way_handshake_and_close() {
         let s = initial(6, TCP_SYN).unwrap();
         assert_eq!(s, State::TcpSynSent);
-        let (s, f) = next(s, 0, 6, TCP_SYN | TCP_ACK, true);
+        let (s, f) = next(s, 0, 6, TCP_SYN | TCP_ACK, true).unwrap();
         assert_eq!(s, State::TcpSynRecv);
-        let (s, f) = next(s, f, 6, TCP_ACK, false);
+        let (s, f) = next(s, f, 6, TCP_ACK, false).unwrap();
         assert_eq!(s, State::TcpEstablished);
-        let (s, f) = next(s, f, 6, TCP_FIN | TCP_ACK, false);
+        let (s, f) = next(s, f, 6, TCP_FIN | TCP_ACK, false).unwrap();
         assert_eq!(s, State::TcpFinWait);
-        let (s, f) = next(s, f, 6, TCP_FIN | TCP_ACK, true);
+        let (s, f) = next(s, f, 6, TCP_FIN | TCP_ACK, true).unwrap();
         assert_eq!((s, f), (State::TcpTimeWait, 3));
-        let (s, f) = next(s, f, 6, TCP_SYN, false);
+        // A SYN from the responder on a closed flow is a new connection, not this one.
+        assert_eq!(next(s, f, 6, TCP_SYN, true), None);
+        let (s, f) = next(s, f, 6, TCP_SYN, false).unwrap();
         assert_eq!((s, f), (State::TcpSynSent, 0));
-        assert_eq!(next(s, f, 6, TCP_RST, true).0, State::TcpClose);
+        assert_eq!(next(s, f, 6, TCP_RST, true).unwrap().0, State::TcpClose);
     }
 
     #[test]
@@ -191,7 +205,7 @@ mod tests {
         assert_eq!(initial(6, TCP_RST | TCP_ACK), None);
         assert_eq!(initial(17, 0), Some(State::UdpUnreplied));
         assert_eq!(
-            next(State::UdpUnreplied, 0, 17, 0, true).0,
+            next(State::UdpUnreplied, 0, 17, 0, true).unwrap().0,
             State::UdpReplied
         );
         assert_eq!(initial(47, 0), Some(State::Other));

@@ -78,7 +78,7 @@ pub fn forward(
     let now = policy::now();
     let fwd = key(v2, p1, l4.sport, l4.dport, pkt.proto, FLOW_HAIRPIN_FWD);
     let rev = key(v1, r, l4.dport, l4.sport, pkt.proto, FLOW_HAIRPIN_REV);
-    if policy::track(&fwd, pkt.proto, l4.tcp_flags, true, now) {
+    if policy::track(&fwd, pkt.proto, &l4, true, now) {
         refresh(&rev, now, &fwd);
     } else {
         // SAFETY: read-only look at a live map value.
@@ -98,7 +98,7 @@ pub fn forward(
                 Reason::InboundDenied,
             ));
         }
-        if let Some(state) = policy::create(&fwd, pkt.proto, l4.tcp_flags, true, now) {
+        if let Some(state) = policy::create(&fwd, pkt.proto, &l4, true, now) {
             let binding = FlowState {
                 last_seen: now,
                 state: state as u8,
@@ -140,7 +140,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Re
     let p1 = unsafe { (*entry).addr };
     let now = policy::now();
     let fwd = key(v2, p1, v2_port, l4.sport, pkt.proto, FLOW_HAIRPIN_FWD);
-    if !policy::track(&fwd, pkt.proto, l4.tcp_flags, false, now) {
+    if !policy::track(&fwd, pkt.proto, &l4, false, now) {
         // The flow is gone: the binding is stale; let the kernel decide.
         return Err(Reason::Unmapped);
     }

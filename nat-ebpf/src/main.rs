@@ -150,7 +150,7 @@ fn translate(
     };
     let route = forward::lookup(ctx, pkt, &l4, src, dst, want)?;
     if let policy::Admit::Open(key) = admit {
-        let _ = policy::create(&key, pkt.proto, l4.tcp_flags, !inbound, policy::now());
+        let _ = policy::create(&key, pkt.proto, &l4, !inbound, policy::now());
     }
     rewrite::translate(ctx, pkt, &l4, inbound, old, new)?;
     rewrite::forward_l2(ctx, &route)?;

@@ -33,7 +33,10 @@ pub fn timeout_ns(state: State) -> u64 {
 /// Looks `key` up and, if the flow is live, advances its state. `from_guest`: the packet
 /// travels from the guest side.
 #[inline(always)]
-pub fn track(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64) -> bool {
+pub fn track(key: &FlowKey, proto: u8, l4: &Transport, from_guest: bool, now: u64) -> bool {
+    if !tracked(proto, l4) {
+        return false;
+    }
     let Some(st) = CONNTRACK.get_ptr_mut(key) else {
         stats::event(Event::ConntrackMiss);
         return false;
@@ -48,12 +51,31 @@ pub fn track(key: &FlowKey, proto: u8, tcp_flags: u8, from_guest: bool, now: u64
         return false;
     }
     let reply = (st.origin == ORIGIN_GUEST) != from_guest;
-    let (next, fins) = conntrack::next(state, st.fins, proto, tcp_flags, reply);
+    // ICMP echo: requests go the flow's way, replies come back (RFC 792).
+    if proto == PROTO_ICMP && (l4.service[0] == ICMP_ECHO_REPLY) != reply {
+        stats::event(Event::ConntrackMiss);
+        return false;
+    }
+    let Some((next, fins)) = conntrack::next(state, st.fins, proto, l4.tcp_flags, reply) else {
+        stats::event(Event::ConntrackMiss);
+        return false;
+    };
     st.state = next as u8;
     st.fins = fins;
     st.last_seen = now;
     stats::event(Event::ConntrackHit);
     true
+}
+
+const PROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// Whether connection tracking applies: every protocol, but of ICMP only echo (errors enter
+/// as RELATED to the flow they quote; other ICMP messages are judged by the rules alone).
+#[inline(always)]
+fn tracked(proto: u8, l4: &Transport) -> bool {
+    proto != PROTO_ICMP || matches!(l4.service[0], ICMP_ECHO_REPLY | ICMP_ECHO_REQUEST)
 }
 
 /// Whether a live flow matches `key`, without touching it (for RELATED ICMP errors).
@@ -71,11 +93,15 @@ fn is_live(key: &FlowKey, now: u64) -> bool {
 pub fn create(
     key: &FlowKey,
     proto: u8,
-    tcp_flags: u8,
+    l4: &Transport,
     from_guest: bool,
     now: u64,
 ) -> Option<State> {
-    let state = conntrack::initial(proto, tcp_flags)?;
+    // Only an echo request opens an ICMP flow.
+    if proto == PROTO_ICMP && l4.service[0] != ICMP_ECHO_REQUEST {
+        return None;
+    }
+    let state = conntrack::initial(proto, l4.tcp_flags)?;
     let st = FlowState {
         last_seen: now,
         state: state as u8,
@@ -180,7 +206,7 @@ pub fn check(
 ) -> Result<Admit, Reason> {
     let now = now();
     let key = flow_key(pkt, l4, inbound, private);
-    if track(&key, pkt.proto, l4.tcp_flags, !inbound, now) {
+    if track(&key, pkt.proto, l4, !inbound, now) {
         return Ok(Admit::Tracked);
     }
     // RELATED: an ICMP error about a tracked flow.

@@ -47,7 +47,10 @@ struct Addr {
 }
 
 fn run(cmd: &'static str, args: &[&str]) -> Result<String, AddressError> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| AddressError::Spawn(cmd, e))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| AddressError::Spawn(cmd, e))?;
     if !out.status.success() {
         return Err(AddressError::Failed {
             cmd: format!("{cmd} {}", args.join(" ")),
@@ -61,15 +64,24 @@ fn addresses(ifaces: &[String]) -> Result<Vec<Addr>, AddressError> {
     let mut out = Vec::new();
     for i in ifaces {
         let json = run("ip", &["-j", "-4", "addr", "show", "dev", i])?;
-        let shown: Vec<IpAddrShow> = serde_json::from_str(&json).map_err(|e| AddressError::Failed {
-            cmd: format!("ip -j -4 addr show dev {i}"),
-            stderr: e.to_string(),
-        })?;
+        let shown: Vec<IpAddrShow> =
+            serde_json::from_str(&json).map_err(|e| AddressError::Failed {
+                cmd: format!("ip -j -4 addr show dev {i}"),
+                stderr: e.to_string(),
+            })?;
         for s in shown {
             for a in s.addr_info.into_iter().filter(|a| a.family == "inet") {
                 if let Ok(addr) = a.local.parse() {
-                    let ours = a.label.as_deref().is_some_and(|l| l.ends_with(LABEL_SUFFIX));
-                    out.push(Addr { iface: s.ifname.clone(), addr, prefix: a.prefixlen, ours });
+                    let ours = a
+                        .label
+                        .as_deref()
+                        .is_some_and(|l| l.ends_with(LABEL_SUFFIX));
+                    out.push(Addr {
+                        iface: s.ifname.clone(),
+                        addr,
+                        prefix: a.prefixlen,
+                        ours,
+                    });
                 }
             }
         }
@@ -92,8 +104,17 @@ pub fn sync(public_ifaces: &[String], state: &DesiredState) -> Result<(), Addres
             .find(|a| Cidr::new(a.addr, a.prefix).is_some_and(|c| c.contains(&host)))
             .ok_or_else(|| AddressError::NoSubnet(*p, public_ifaces.to_vec()))?;
         let (iface, cidr) = (subnet.iface.clone(), format!("{p}/{}", subnet.prefix));
-        let label = format!("{}{LABEL_SUFFIX}", iface.chars().take(15 - LABEL_SUFFIX.len()).collect::<String>());
-        run("ip", &["addr", "add", &cidr, "dev", &iface, "label", &label])?;
+        let label = format!(
+            "{}{LABEL_SUFFIX}",
+            iface
+                .chars()
+                .take(15 - LABEL_SUFFIX.len())
+                .collect::<String>()
+        );
+        run(
+            "ip",
+            &["addr", "add", &cidr, "dev", &iface, "label", &label],
+        )?;
         info!("added {cidr} to {iface}");
         // Gratuitous ARP (RFC 5227 announcement) so neighbours learn where P now lives.
         match run("arping", &["-U", "-c", "1", "-I", &iface, &p.to_string()]) {

@@ -15,7 +15,7 @@ use crate::{
     },
     ebpf::{Dataplane, DataplaneError},
     firewall::{RuleError, Service, icmp_field},
-    netfilter::Nft,
+    netfilter::{Nft, SlowPath as _},
     persist::StateDir,
     reconcile::{ApplyError, Controller},
     state::{Mapping, StateError},
@@ -164,6 +164,10 @@ impl Daemon {
             },
             Request::ConntrackFlush => {
                 let n = self.remove_flows(|_, _| true);
+                // The kernel's entries for the mapped addresses too: flows the slow path
+                // tracked must not outlive a flush either.
+                let mappings: Vec<Mapping> = self.ctl.state().mappings().collect();
+                self.ctl.slow_mut().forget(&mappings);
                 done(format!("{n} flows flushed"))
             }
             Request::CloudstackApply { name, payload } => self.apply_cloudstack(&name, &payload),

@@ -204,11 +204,23 @@ impl Drop for ScratchDir {
 }
 
 /// The three namespaces, wired and checked (the router reaches both ends before natd runs).
+/// Dropping it also removes the bpffs pins natd made for it (fields drop after this).
 pub struct Topology {
     pub client: Netns,
     pub router: Netns,
     pub guest: Netns,
     pub dir: ScratchDir,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let pins = Natd::pin_dir(self);
+        if pins.exists()
+            && let Err(e) = std::fs::remove_dir_all(&pins)
+        {
+            eprintln!("cleanup: removing {}: {e}", pins.display());
+        }
+    }
 }
 
 impl Topology {

@@ -19,7 +19,23 @@ use topology::{
     CLIENT_ADDR, GUEST_ADDR, MAPPED_PUBLIC_ADDR, ROUTER_GUEST_IF, ROUTER_PUBLIC_IF, Topology,
 };
 
-const NATD_CONFIG: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n";
+/// The default mapping, and the ingress rules that open it to ping and the TCP transfer (a
+/// mapped public IP is closed until a rule opens it, as on CloudStack's router).
+const NATD_CONFIG: &str = r#"[[mapping]]
+public = "203.0.113.10"
+private = "10.0.0.10"
+
+[[rule]]
+public = "203.0.113.10"
+proto = "icmp"
+icmp_type = 8
+
+[[rule]]
+public = "203.0.113.10"
+proto = "tcp"
+ports = "8080"
+cidrs = ["198.51.100.0/24"]
+"#;
 const TCP_PORT: &str = "8080";
 const TCP_BYTES: usize = 300 * 1024;
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
@@ -82,7 +98,13 @@ fn run_demo(natd: &Path, natctl: &Path, tmp: &Path, log: &Path) -> Result<()> {
             .args(["-c", "3", "-W", "2", CLIENT_ADDR]),
     )?;
 
-    for args in [&["mapping", "list"][..], &["stats"][..]] {
+    for args in [
+        &["mapping", "list"][..],
+        &["firewall", "list"][..],
+        &["conntrack", "list"][..],
+        &["status"][..],
+        &["stats"][..],
+    ] {
         step(&format!("natctl {}", args.join(" ")))?;
         let out = util::output(command(natctl).arg("--socket").arg(&socket).args(args))?;
         print!("{out}");
@@ -136,6 +158,13 @@ fn start_natd(
         .arg(socket)
         .arg("--config")
         .arg(config)
+        // The demo's own state and pins, taken down when it ends (natd's default is to leave
+        // the fast path running for the next natd).
+        .arg("--state-dir")
+        .arg(socket.with_file_name("state"))
+        .arg("--bpffs")
+        .arg(format!("/sys/fs/bpf/{}", topo.router))
+        .arg("--detach-on-exit")
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err);

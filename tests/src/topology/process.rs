@@ -139,12 +139,37 @@ impl Natd {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", topo.router.path().display()))
             .arg(binary("natd")?)
+            .args(Self::private_args(topo, args))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().context("duplicating the log handle")?)
             .stderr(file);
         Ok(cmd)
+    }
+
+    /// Where this topology's natd pins its maps and links.
+    pub fn pin_dir(topo: &Topology) -> PathBuf {
+        Path::new("/sys/fs/bpf").join(topo.router.name())
+    }
+
+    /// Arguments that keep each test's natd to itself: its own state directory, pins and
+    /// metrics port, and a fast path taken down on exit (the product default leaves it
+    /// running for the next natd). Left out where the test passes them itself. The topology
+    /// removes the pin directory when it goes, whatever natd did.
+    fn private_args(topo: &Topology, args: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut add = |flag: &str, value: Option<String>| {
+            if !args.contains(&flag) {
+                out.push(flag.to_string());
+                out.extend(value);
+            }
+        };
+        add("--state-dir", Some(topo.dir.path().join("state").display().to_string()));
+        add("--bpffs", Some(Self::pin_dir(topo).display().to_string()));
+        add("--metrics-addr", Some("127.0.0.1:0".to_string()));
+        add("--detach-on-exit", None);
+        out
     }
 
     /// Starts natd on pub0/gst0 with `config` (TOML text, written to a file) or none, and waits
