@@ -322,7 +322,12 @@ impl Conntrack {
         }
         let t = e.tracked;
         let reply = (t.origin == ORIGIN_GUEST) != from_guest;
-        let (state, fins) = conntrack::next(t.state, t.fins, f.proto, f.tcp_flags, reply);
+        // TODO(model update in progress): None = a new flow the other way.
+        let Some((state, fins)) = conntrack::next(t.state, t.fins, f.proto, f.tcp_flags, reply)
+        else {
+            ev.bump(Event::ConntrackMiss);
+            return false;
+        };
         self.put(*flow, Tracked { state, fins, ..t }, now);
         ev.bump(Event::ConntrackHit);
         true
