@@ -32,6 +32,8 @@ pub struct Daemon {
     /// walking the table on every scrape).
     entries: u64,
     evictions: u64,
+    /// Configured interfaces found missing (logged once each).
+    missing: std::collections::BTreeSet<String>,
 }
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
@@ -70,6 +72,7 @@ impl Daemon {
             timeouts_ns,
             entries: 0,
             evictions: 0,
+            missing: Default::default(),
         }
     }
 
@@ -261,6 +264,33 @@ impl Daemon {
             Err(e) => {
                 warn!("removing flows: {e}");
                 0
+            }
+        }
+    }
+
+    /// Re-attaches to configured interfaces that were deleted and created again; logs once
+    /// when one is gone. Called periodically.
+    pub fn watch_interfaces(&mut self) {
+        for (a, now) in self.ctl.fast_mut().stale() {
+            match now {
+                None => {
+                    if self.missing.insert(a.name.clone()) {
+                        warn!(
+                            "interface {} (ifindex {}) is gone; natd re-attaches when it returns",
+                            a.name, a.ifindex
+                        );
+                    }
+                }
+                Some(new) => match self.ctl.fast_mut().reattach(&a.name) {
+                    Ok(n) => {
+                        self.missing.remove(&a.name);
+                        info!(
+                            "interface {} was created again (ifindex {} -> {new}): re-attached in {} mode ({} time(s) so far)",
+                            a.name, a.ifindex, n.mode, n.reattached
+                        );
+                    }
+                    Err(e) => warn!("re-attaching to {}: {e}", a.name),
+                },
             }
         }
     }

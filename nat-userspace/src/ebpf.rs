@@ -44,6 +44,8 @@ pub enum DataplaneError {
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no map {0}")]
     MissingMap(&'static str),
+    #[error("the fast path's {map} table is full ({capacity} entries); nothing was changed")]
+    Full { map: &'static str, capacity: u32 },
     #[error("map {map}: {source}")]
     DevMap {
         map: &'static str,
@@ -158,6 +160,9 @@ pub struct Attached {
     /// The attachment was taken over from an earlier natd (its link updated in place).
     #[serde(default)]
     pub adopted: bool,
+    /// How often natd attached again after the interface was deleted and created again.
+    #[serde(default)]
+    pub reattached: u64,
 }
 
 /// Frames and bytes a mapping translated, per direction.
@@ -237,6 +242,27 @@ pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     // SAFETY: `head` came from getifaddrs.
     unsafe { libc::freeifaddrs(head) };
     found
+}
+
+/// A map write error, or [`DataplaneError::Full`] when the map has no room left (the kernel
+/// answers E2BIG for hash maps, ENOSPC for LPM tries).
+fn write_error(map: &'static str, source: MapError) -> DataplaneError {
+    let full = match &source {
+        MapError::SyscallError(e) => {
+            matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+        }
+        _ => false,
+    };
+    if full {
+        let capacity = match map {
+            MAP_NAT_IN | MAP_NAT_OUT => nat_common::MAX_MAPPINGS,
+            MAP_FW_SRC => nat_common::MAX_FW_SRC,
+            MAP_FW_SVC => nat_common::MAX_FW_SVC,
+            _ => nat_common::MAX_EG,
+        };
+        return DataplaneError::Full { map, capacity };
+    }
+    DataplaneError::Map { map, source }
 }
 
 /// Key and value sizes of each map, as this natd's program declares them.
@@ -418,6 +444,7 @@ impl Dataplane {
                 role,
                 mode,
                 adopted: true,
+                reattached: 0,
             };
             self.attached
                 .push((a.clone(), Held::Pinned(fd, path.clone())));
@@ -456,6 +483,7 @@ impl Dataplane {
             role,
             mode,
             adopted: false,
+            reattached: 0,
         };
         self.attached.push((a.clone(), held));
         Ok(a)
@@ -463,6 +491,57 @@ impl Dataplane {
 
     pub fn attached(&self) -> impl Iterator<Item = &Attached> {
         self.attached.iter().map(|(a, _)| a)
+    }
+
+    /// Interfaces whose name now has another ifindex or none: deleted (and perhaps created
+    /// again) since natd attached to them.
+    pub fn stale(&self) -> Vec<(Attached, Option<u32>)> {
+        self.attached
+            .iter()
+            .map(|(a, _)| (a.clone(), ifindex(&a.name).ok()))
+            .filter(|(a, now)| *now != Some(a.ifindex))
+            .collect()
+    }
+
+    /// Attaches again to `name`, which was deleted and created again: forgets the old
+    /// ifindex and link (its pin too), declares the new one and attaches.
+    pub fn reattach(&mut self, name: &str) -> Result<Attached, DataplaneError> {
+        let Some(pos) = self.attached.iter().position(|(a, _)| a.name == name) else {
+            return Err(DataplaneError::UnknownIface(name.to_string()));
+        };
+        let (old, held) = self.attached.remove(pos);
+        match held {
+            // The link died with the interface; only its pin remains.
+            Held::Pinned(fd, path) => {
+                let _ = std::fs::remove_file(&path);
+                drop(fd);
+            }
+            Held::Owned(link) => {
+                if let Ok(prog) = self.program() {
+                    let _ = prog.detach(link);
+                }
+            }
+        }
+        if let Ok(mut m) = HashMap::<_, u32, IfaceConfig>::try_from(self.map(MAP_IFACES)?) {
+            let _ = m.remove(&old.ifindex);
+        }
+        if let Ok(mut m) = DevMapHash::try_from(self.map(MAP_DEVMAP)?) {
+            let _ = m.remove(old.ifindex);
+        }
+        let mut a = self.attach(name, old.role, old.mode)?;
+        a.reattached = old.reattached + 1;
+        if let Some((last, _)) = self.attached.last_mut() {
+            last.reattached = a.reattached;
+        }
+        Ok(a)
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)
     }
 
     /// Detaches from every interface (the object itself goes when `self` is dropped).
@@ -658,7 +737,7 @@ impl Dataplane {
             })?;
         self.nat_map(map)?
             .insert(k, values, 0)
-            .map_err(|source| DataplaneError::Map { map, source })
+            .map_err(|source| write_error(map, source))
     }
 
     fn delete(&mut self, map: &'static str, k: u32) -> Result<(), DataplaneError> {
@@ -707,7 +786,7 @@ impl Dataplane {
                     r => r,
                 },
             };
-            r.map_err(|source| DataplaneError::Map { map, source })
+            r.map_err(|source| write_error(map, source))
         }
         match e {
             Entry::FwSrc(public, cidr) => {

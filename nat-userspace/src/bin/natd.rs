@@ -246,6 +246,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
     let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone()));
+    let ifaces = tokio::spawn(watch_interfaces(daemon.clone(), stop_rx.clone()));
     let metrics = tokio::spawn(metrics::serve(
         metrics_listener,
         daemon.clone(),
@@ -271,6 +272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = server.await;
     let _ = gc.await;
+    let _ = ifaces.await;
     let _ = metrics.await;
     if let Some(c) = cloudstack {
         let _ = c.await;
@@ -329,6 +331,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// How often expired flows are collected.
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often natd checks that its interfaces still exist (with the ifindex it attached to).
+const IFACE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Re-attaches to interfaces deleted and created again, until shutdown.
+async fn watch_interfaces(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(IFACE_CHECK) => daemon.lock().await.watch_interfaces(),
+            _ = stop.changed() => return,
+        }
+    }
+}
 
 /// Deletes expired flows now and every [`GC_INTERVAL`] until shutdown.
 async fn collect_expired(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {

@@ -16,7 +16,12 @@ pub fn run(socket: &Path, json: bool) -> Result<(), String> {
     println!("natd {}", s.version);
     for i in &s.interfaces {
         let how = if i.adopted { ", adopted" } else { "" };
-        println!("  {:<16} {:?}, {} mode{how}", i.name, i.role, i.mode);
+        let again = if i.reattached > 0 {
+            format!(", re-attached {} time(s)", i.reattached)
+        } else {
+            String::new()
+        };
+        println!("  {:<16} {:?}, {} mode{how}{again}", i.name, i.role, i.mode);
     }
     let policy = if s.egress_default_allow {
         "allow"
