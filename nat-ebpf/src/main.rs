@@ -11,6 +11,7 @@
 
 mod forward;
 mod hairpin;
+mod learn;
 mod parse;
 mod policy;
 mod rewrite;

@@ -22,9 +22,37 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
+/// A packet buffer: the XDP frame, or the socket buffer's linear data for the tc learner.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+impl Frame for aya_ebpf::programs::TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        aya_ebpf::programs::TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        aya_ebpf::programs::TcContext::data_end(self)
+    }
+}
+
 /// The one bounds-checked accessor: a pointer to a `T` at `offset`, if it lies in the frame.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return None;

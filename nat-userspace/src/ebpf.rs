@@ -15,8 +15,9 @@ use aya::{
         PerCpuValues, lpm_trie::Key as LpmKey,
     },
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLinkId,
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -37,6 +38,8 @@ use crate::{
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "nat";
+/// Name of the tc egress learner (see nat-ebpf/src/learn.rs).
+pub const LEARNER: &str = "learn";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -81,6 +84,12 @@ pub enum DataplaneError {
     },
     #[error("cannot detach XDP from {iface}: {source}")]
     Detach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach the tc learner to {iface}: {source}")]
+    Learner {
         iface: String,
         #[source]
         source: ProgramError,
@@ -192,6 +201,9 @@ pub struct Dataplane {
     pins: Option<PinDir>,
     /// Whether the maps existed before (adopted from an earlier natd).
     adopted: bool,
+    /// The tc egress learner's attachments (tcx links, gone with natd: the learner only
+    /// matters while natd runs, a new natd attaches it again).
+    learners: Vec<(String, SchedClassifierLinkId)>,
 }
 
 /// How natd holds an interface's XDP attachment.
@@ -354,11 +366,18 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Program)?;
         prog.load().map_err(DataplaneError::Program)?;
+        let learner: &mut SchedClassifier = ebpf
+            .program_mut(LEARNER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        learner.load().map_err(DataplaneError::Program)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
         Ok(Self {
             ebpf,
             nr_cpus,
             attached: Vec::new(),
+            learners: Vec::new(),
             pins,
             adopted,
         })
@@ -529,11 +548,51 @@ impl Dataplane {
             let _ = m.remove(old.ifindex);
         }
         let mut a = self.attach(name, old.role, old.mode)?;
+        if let Err(e) = self.attach_learner(name) {
+            log::warn!("{e}");
+        }
         a.reattached = old.reattached + 1;
         if let Some((last, _)) = self.attached.last_mut() {
             last.reattached = a.reattached;
         }
         Ok(a)
+    }
+
+    /// Attaches the tc egress learner to `name` (after XDP), so flows the kernel forwards are
+    /// known to the fast path.
+    pub fn attach_learner(&mut self, name: &str) -> Result<(), DataplaneError> {
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(name) {
+            // Already there, or not needed with tcx (kernel >= 6.6).
+            log::debug!("clsact on {name}: {e}");
+        }
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(LEARNER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        let id =
+            prog.attach(name, TcAttachType::Egress)
+                .map_err(|source| DataplaneError::Learner {
+                    iface: name.to_string(),
+                    source,
+                })?;
+        self.learners.retain(|(n, _)| n != name);
+        self.learners.push((name.to_string(), id));
+        Ok(())
+    }
+
+    fn detach_learners(&mut self) {
+        let Some(Ok(prog)) = self
+            .ebpf
+            .program_mut(LEARNER)
+            .map(<&mut SchedClassifier>::try_from)
+        else {
+            return;
+        };
+        for (_, id) in self.learners.drain(..) {
+            let _ = prog.detach(id);
+        }
     }
 
     fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
@@ -546,6 +605,7 @@ impl Dataplane {
 
     /// Detaches from every interface (the object itself goes when `self` is dropped).
     pub fn detach_all(&mut self) -> Result<Vec<Attached>, DataplaneError> {
+        self.detach_learners();
         let mut done = Vec::new();
         let prog: &mut Xdp = self
             .ebpf

@@ -316,10 +316,12 @@ fn mapping_add_and_del_take_effect_at_runtime() -> anyhow::Result<()> {
     );
 
     assert!(natd.is_running()?, "natd exited:\n{}", natd.log_text());
+    // Starting with nothing installs nothing, so it is no change (the generation counts
+    // changes, across restarts too).
     assert_eq!(
         natctl.stats()?.generation,
-        4,
-        "initial state, mapping add, firewall add, mapping del"
+        3,
+        "mapping add, firewall add, mapping del"
     );
     Ok(())
 }

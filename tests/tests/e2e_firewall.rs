@@ -775,7 +775,6 @@ fn a_fragmented_answer_to_a_fast_path_flow_arrives() -> anyhow::Result<()> {
 /// The other way round: the guest's first datagram is fragmented (the kernel tracks the flow),
 /// the small answer takes the fast path, where it must count as a reply of that flow.
 #[test]
-#[ignore = "natd bug: the XDP policy knows only its own flows, not the kernel's conntrack"]
 fn a_fast_path_answer_to_a_slow_path_flow_arrives() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
@@ -803,7 +802,6 @@ fn a_fast_path_answer_to_a_slow_path_flow_arrives() -> anyhow::Result<()> {
 /// a fragmented flow is gone and the table is flushed, the flow's next fragmented datagram is
 /// dropped like any packet no rule allows.
 #[test]
-#[ignore = "natd bug: `conntrack flush` empties XDP's flow table only, not the kernel's"]
 fn conntrack_flush_forgets_the_flows_of_the_slow_path() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING))?;

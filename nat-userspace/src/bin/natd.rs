@@ -232,6 +232,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 return Err(e.into());
             }
         }
+        match ctl.fast_mut().attach_learner(name) {
+            Ok(()) => info!("attached the tc egress learner to {name}"),
+            // Without it the fast path works; only flows the kernel forwarded stay unknown.
+            Err(e) => warn!("{e}: flows the kernel forwards will not be known to the fast path"),
+        }
     }
 
     let listener = match server::bind(&args.socket) {
