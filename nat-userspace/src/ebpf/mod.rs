@@ -1,0 +1,362 @@
+//! Typed wrapper over the loaded XDP object: the only place that knows map layouts on the
+//! userspace side. Split by concern: loading (here), [`attach`] (XDP links, the tc learner,
+//! re-attachment), [`maps`] (mappings, firewall entries, counters, flows) and [`adopt`]
+//! (reading back what pinned maps hold). Write order keeps a mapping whole at every instant: the reverse (private ->
+//! public) entry goes in before the forward one, and comes out after it.
+mod adopt;
+mod attach;
+mod maps;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::MapInfo,
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues, lpm_trie::Key as LpmKey,
+    },
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLinkId,
+        xdp::{XdpLink, XdpLinkId},
+    },
+};
+use nat_common::{
+    ALL_MAPS, Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS,
+    FlowKey, FlowState, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP,
+    MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
+    MAP_NAT_OUT, MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cidr::Cidr,
+    pins::PinDir,
+    state::{DesiredState, Mapping},
+    tables::{Entry, Op, Tables},
+};
+
+/// Name of the XDP program in the object.
+pub const PROGRAM: &str = "nat";
+/// Name of the tc egress learner (see nat-ebpf/src/learn.rs).
+pub const LEARNER: &str = "learn";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("cannot load the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the fast path's {map} table is full ({capacity} entries); nothing was changed")]
+    Full { map: &'static str, capacity: u32 },
+    #[error("map {map}: {source}")]
+    DevMap {
+        map: &'static str,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("the XDP object has no program {PROGRAM}")]
+    MissingProgram,
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot load the XDP program into the kernel: {0}")]
+    Program(#[source] ProgramError),
+    #[error("interface {0} does not exist")]
+    UnknownIface(String),
+    #[error(
+        "cannot attach XDP to {iface} in native mode: {source}; if its driver has no native XDP \
+         support, run natd with --xdp-mode generic"
+    )]
+    AttachNative {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach XDP to {iface} in generic mode: {source}")]
+    AttachGeneric {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot detach XDP from {iface}: {source}")]
+    Detach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach the tc learner to {iface}: {source}")]
+    Learner {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot replace the program attached to {iface}: {source}")]
+    Replace {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot remove pin {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot adopt pinned map {path}: {why}; stop the old natd with --detach-on-exit or \
+         remove the pins to start afresh (connection tracking is then lost)"
+    )]
+    Adopt { path: PathBuf, why: String },
+    #[error("cannot count possible CPUs ({0}): {1}")]
+    Cpus(&'static str, std::io::Error),
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+}
+
+/// XDP attach mode, as the operator names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// In the driver (default): the fast path proper.
+    Native,
+    /// In the kernel's generic hook, for drivers without native XDP: much slower.
+    Generic,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Native => "native",
+            Mode::Generic => "generic",
+        })
+    }
+}
+
+/// Role of an interface, as the operator names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Public,
+    Guest,
+}
+
+impl Role {
+    const fn raw(self) -> u32 {
+        match self {
+            Role::Public => ROLE_PUBLIC,
+            Role::Guest => ROLE_GUEST,
+        }
+    }
+}
+
+/// An interface the program is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: Role,
+    pub mode: Mode,
+    /// The attachment was taken over from an earlier natd (its link updated in place).
+    #[serde(default)]
+    pub adopted: bool,
+    /// How often natd attached again after the interface was deleted and created again.
+    #[serde(default)]
+    pub reattached: u64,
+}
+
+/// Frames and bytes a mapping translated, per direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingCounters {
+    pub inbound_packets: u64,
+    pub inbound_bytes: u64,
+    /// Dropped by the public IP's ingress firewall.
+    pub inbound_denied: u64,
+    pub outbound_packets: u64,
+    pub outbound_bytes: u64,
+    /// Dropped by the egress policy.
+    pub outbound_denied: u64,
+}
+
+/// Writes the fast path's maps, one [`Op`] at a time. A trait so the reconciler can be tested
+/// without BPF.
+pub trait FastPath {
+    fn apply(&mut self, op: &Op) -> Result<(), DataplaneError>;
+}
+
+/// The loaded XDP object and the interfaces it is attached to.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    nr_cpus: usize,
+    attached: Vec<(Attached, Held)>,
+    pins: Option<PinDir>,
+    /// Whether the maps existed before (adopted from an earlier natd).
+    adopted: bool,
+    /// The tc egress learner's attachments (tcx links, gone with natd: the learner only
+    /// matters while natd runs, a new natd attaches it again).
+    learners: Vec<(String, SchedClassifierLinkId)>,
+}
+
+/// How natd holds an interface's XDP attachment.
+enum Held {
+    /// Owned by the program object: detached when natd exits.
+    Owned(XdpLinkId),
+    /// A pinned bpf_link: stays attached when natd exits, until its pin is removed.
+    Pinned(FdLink, PathBuf),
+}
+
+pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
+    let c = CString::new(name).map_err(|_| DataplaneError::UnknownIface(name.to_string()))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(DataplaneError::UnknownIface(name.to_string())),
+        i => Ok(i),
+    }
+}
+
+/// The first IPv4 address of interface `name`, if it has one.
+pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` walks the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: non-null, NUL-terminated per getifaddrs(3).
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        // SAFETY: non-null sockaddr; the family says which struct it is.
+        if ifname.to_bytes() == name.as_bytes()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            break;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
+/// The error of a map operation on `map`.
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+fn addr(raw: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+fn key(addr: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+impl Dataplane {
+    /// Loads the embedded object and its program into the kernel (nothing attached yet).
+    pub fn load(conntrack_size: u32) -> Result<Self, DataplaneError> {
+        Self::load_with(crate::EBPF_OBJECT, conntrack_size)
+    }
+
+    pub fn load_object(object: &[u8]) -> Result<Self, DataplaneError> {
+        Self::load_with(object, nat_common::DEFAULT_CONNTRACK_SIZE)
+    }
+
+    /// Loads `object` with a connection table of `conntrack_size` entries.
+    pub fn load_with(object: &[u8], conntrack_size: u32) -> Result<Self, DataplaneError> {
+        Self::open(object, conntrack_size, None)
+    }
+
+    /// Loads `object`; with `pins`, every map is adopted from its pin if one exists (an earlier
+    /// natd's state, connection table and counters) and pinned otherwise.
+    pub fn open(
+        object: &[u8],
+        conntrack_size: u32,
+        pins: Option<PinDir>,
+    ) -> Result<Self, DataplaneError> {
+        let mut loader = aya::EbpfLoader::new();
+        loader.map_max_entries(MAP_CONNTRACK, conntrack_size);
+        let mut adopted = false;
+        if let Some(p) = &pins {
+            for name in ALL_MAPS {
+                let path = p.map(name);
+                if path.exists() {
+                    adopted = true;
+                    adopt::check_pinned(name, &path)?;
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(object)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        prog.load().map_err(DataplaneError::Program)?;
+        let learner: &mut SchedClassifier = ebpf
+            .program_mut(LEARNER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        learner.load().map_err(DataplaneError::Program)?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
+        Ok(Self {
+            ebpf,
+            nr_cpus,
+            attached: Vec::new(),
+            learners: Vec::new(),
+            pins,
+            adopted,
+        })
+    }
+
+    /// Whether the maps were adopted from pins left by an earlier natd.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn nat_map(
+        &mut self,
+        name: &'static str,
+    ) -> Result<PerCpuHashMap<&mut MapData, u32, NatEntry>, DataplaneError> {
+        PerCpuHashMap::try_from(self.map(name)?).map_err(map_err(name))
+    }
+}
