@@ -23,6 +23,71 @@ fn write_error(map: &'static str, source: MapError) -> DataplaneError {
     DataplaneError::Map { map, source }
 }
 
+/// Inserts (`Some`) or deletes (`None`) one firewall LPM entry of a loaded object: the one
+/// place that knows how an [`Entry`] is encoded as a key (also used by the test bench, which
+/// loads the object itself).
+pub fn write_entry(
+    ebpf: &mut Ebpf,
+    e: Entry,
+    bits: Option<RuleBits>,
+) -> Result<(), DataplaneError> {
+    fn write<K: aya::Pod>(
+        ebpf: &mut Ebpf,
+        map: &'static str,
+        k: LpmKey<K>,
+        bits: Option<RuleBits>,
+    ) -> Result<(), DataplaneError> {
+        let m = ebpf.map_mut(map).ok_or(DataplaneError::MissingMap(map))?;
+        let mut t = LpmTrie::<_, K, RuleBits>::try_from(m).map_err(map_err(map))?;
+        let r = match bits {
+            Some(b) => t.insert(&k, b, 0),
+            None => match t.remove(&k) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
+        };
+        r.map_err(|source| write_error(map, source))
+    }
+    match e {
+        Entry::FwSrc(public, cidr) => {
+            let data = FwSrcData {
+                public: public.octets(),
+                source: cidr.addr().octets(),
+            };
+            let k = LpmKey::new(FW_SRC_BASE_BITS + u32::from(cidr.prefix_len()), data);
+            write(ebpf, MAP_FW_SRC, k, bits)
+        }
+        Entry::FwSvc(public, proto, value, len) => {
+            let data = FwSvcData {
+                public: public.octets(),
+                proto,
+                service: value.to_be_bytes(),
+                _pad: 0,
+            };
+            let k = LpmKey::new(FW_SVC_BASE_BITS + u32::from(len), data);
+            write(ebpf, MAP_FW_SVC, k, bits)
+        }
+        Entry::EgDst(cidr) => {
+            let k = LpmKey::new(u32::from(cidr.prefix_len()), cidr.addr().octets());
+            write(ebpf, MAP_EG_DST, k, bits)
+        }
+        Entry::EgSvc(proto, value, len) => {
+            let (plen, data) = match proto {
+                None => (0, EgSvcData::default()),
+                Some(proto) => (
+                    EG_SVC_BASE_BITS + u32::from(len),
+                    EgSvcData {
+                        proto,
+                        service: value.to_be_bytes(),
+                        _pad: 0,
+                    },
+                ),
+            };
+            write(ebpf, MAP_EG_SVC, LpmKey::new(plen, data), bits)
+        }
+    }
+}
+
 impl Dataplane {
     /// Sums the per-CPU verdict counters.
     pub fn stats(&mut self) -> Result<BTreeMap<Reason, Counter>, DataplaneError> {
@@ -114,60 +179,7 @@ impl Dataplane {
     }
 
     fn set_entry(&mut self, e: Entry, bits: Option<RuleBits>) -> Result<(), DataplaneError> {
-        fn write<K: aya::Pod>(
-            dp: &mut Dataplane,
-            map: &'static str,
-            k: LpmKey<K>,
-            bits: Option<RuleBits>,
-        ) -> Result<(), DataplaneError> {
-            let mut t = dp.lpm::<K>(map)?;
-            let r = match bits {
-                Some(b) => t.insert(&k, b, 0),
-                None => match t.remove(&k) {
-                    Err(MapError::KeyNotFound) => Ok(()),
-                    r => r,
-                },
-            };
-            r.map_err(|source| write_error(map, source))
-        }
-        match e {
-            Entry::FwSrc(public, cidr) => {
-                let data = FwSrcData {
-                    public: public.octets(),
-                    source: cidr.addr().octets(),
-                };
-                let k = LpmKey::new(FW_SRC_BASE_BITS + u32::from(cidr.prefix_len()), data);
-                write(self, MAP_FW_SRC, k, bits)
-            }
-            Entry::FwSvc(public, proto, value, len) => {
-                let data = FwSvcData {
-                    public: public.octets(),
-                    proto,
-                    service: value.to_be_bytes(),
-                    _pad: 0,
-                };
-                let k = LpmKey::new(FW_SVC_BASE_BITS + u32::from(len), data);
-                write(self, MAP_FW_SVC, k, bits)
-            }
-            Entry::EgDst(cidr) => {
-                let k = LpmKey::new(u32::from(cidr.prefix_len()), cidr.addr().octets());
-                write(self, MAP_EG_DST, k, bits)
-            }
-            Entry::EgSvc(proto, value, len) => {
-                let (plen, data) = match proto {
-                    None => (0, EgSvcData::default()),
-                    Some(proto) => (
-                        EG_SVC_BASE_BITS + u32::from(len),
-                        EgSvcData {
-                            proto,
-                            service: value.to_be_bytes(),
-                            _pad: 0,
-                        },
-                    ),
-                };
-                write(self, MAP_EG_SVC, LpmKey::new(plen, data), bits)
-            }
-        }
+        write_entry(&mut self.ebpf, e, bits)
     }
 
     /// Writes the program's settings (egress default and conntrack timeouts).

@@ -7,6 +7,8 @@ mod adopt;
 mod attach;
 mod maps;
 
+pub use maps::write_entry;
+
 use std::{
     collections::BTreeMap,
     ffi::CString,
