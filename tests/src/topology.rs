@@ -13,11 +13,15 @@
 //! namespace has a route anywhere else, so test traffic cannot leave the topology. `process`
 //! runs natd and natctl; `policy` drives natctl's firewall, egress and conntrack commands;
 //! `observe` records what endpoints saw; `attempt` sends traffic that may be dropped and checks
-//! that nothing arrived.
+//! that nothing arrived; `links` adds further guests and public networks to the three; `stream`
+//! keeps traffic flowing while natd restarts; `prometheus` runs a Prometheus server.
 pub mod attempt;
+pub mod links;
 pub mod observe;
 pub mod policy;
 pub mod process;
+pub mod prometheus;
+pub mod stream;
 
 use std::{
     fs::File,
@@ -31,7 +35,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-pub use process::{CmdOutput, Natctl, Natd, run_bounded};
+pub use process::{CmdOutput, Natctl, Natd, NatdOptions, run_bounded};
 
 /// The router's interface towards the client (natd's `--public-iface`).
 pub const ROUTER_PUBLIC_IF: &str = "pub0";

@@ -22,6 +22,8 @@ const DEB_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "kmod",
+    // e2e_ops: a real Prometheus server scrapes natd, and promtool checks its exposition.
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

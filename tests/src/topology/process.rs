@@ -121,6 +121,35 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// How a test starts natd ([`Natd::start_with`]).
+#[derive(Debug, Clone)]
+pub struct NatdOptions {
+    /// `--public-iface` of each (default: pub0).
+    pub public_ifaces: Vec<String>,
+    /// `--guest-iface` of each (default: gst0).
+    pub guest_ifaces: Vec<String>,
+    /// TOML text for `--config`, written to the scratch directory.
+    pub config: Option<String>,
+    /// Further arguments. The private ones (state directory, pins, metrics address) are added
+    /// unless named here.
+    pub args: Vec<String>,
+    /// Leave out `--detach-on-exit`: natd leaves its fast path running when it stops (the
+    /// product default), for the next natd to adopt.
+    pub keep_fast_path: bool,
+}
+
+impl Default for NatdOptions {
+    fn default() -> Self {
+        Self {
+            public_ifaces: vec![ROUTER_PUBLIC_IF.to_string()],
+            guest_ifaces: vec![ROUTER_GUEST_IF.to_string()],
+            config: None,
+            args: Vec::new(),
+            keep_fast_path: false,
+        }
+    }
+}
+
 /// A running natd in the router namespace; stopped on drop.
 pub struct Natd {
     child: Child,
@@ -133,13 +162,18 @@ impl Natd {
     /// The natd command for `topo` with `args`; its output goes to `log`. `nsenter`, not
     /// `ip netns exec`: natd keeps the host's mount namespace. nsenter execs natd (no fork for
     /// a network namespace), so the child's pid is natd's.
-    fn command(topo: &Topology, args: &[&str], log: &Path) -> anyhow::Result<Command> {
+    fn command(
+        topo: &Topology,
+        args: &[&str],
+        log: &Path,
+        detach_on_exit: bool,
+    ) -> anyhow::Result<Command> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", topo.router.path().display()))
             .arg(binary("natd")?)
-            .args(Self::private_args(topo, args))
+            .args(Self::private_args(topo, args, detach_on_exit))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -155,9 +189,9 @@ impl Natd {
 
     /// Arguments that keep each test's natd to itself: its own state directory, pins and
     /// metrics port, and a fast path taken down on exit (the product default leaves it
-    /// running for the next natd). Left out where the test passes them itself. The topology
-    /// removes the pin directory when it goes, whatever natd did.
-    fn private_args(topo: &Topology, args: &[&str]) -> Vec<String> {
+    /// running for the next natd) if `detach_on_exit`. Left out where the test passes them
+    /// itself. The topology removes the pin directory when it goes, whatever natd did.
+    fn private_args(topo: &Topology, args: &[&str], detach_on_exit: bool) -> Vec<String> {
         let mut out = Vec::new();
         let mut add = |flag: &str, value: Option<String>| {
             if !args.contains(&flag) {
@@ -165,35 +199,65 @@ impl Natd {
                 out.extend(value);
             }
         };
-        add("--state-dir", Some(topo.dir.path().join("state").display().to_string()));
+        add(
+            "--state-dir",
+            Some(topo.dir.path().join("state").display().to_string()),
+        );
         add("--bpffs", Some(Self::pin_dir(topo).display().to_string()));
         add("--metrics-addr", Some("127.0.0.1:0".to_string()));
-        add("--detach-on-exit", None);
+        if detach_on_exit {
+            add("--detach-on-exit", None);
+        }
         out
     }
 
     /// Starts natd on pub0/gst0 with `config` (TOML text, written to a file) or none, and waits
-    /// until its control socket exists.
+    /// until it listens on its control socket.
     pub fn start(topo: &Topology, config: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with(
+            topo,
+            &NatdOptions {
+                config: config.map(str::to_string),
+                ..NatdOptions::default()
+            },
+        )
+    }
+
+    /// Starts natd as `opts` says and waits until it listens on its control socket. The socket is
+    /// the topology's `natd.sock` whichever natd runs, so a natd started again answers the same
+    /// natctl; one left by a killed natd (nobody listening) is removed first, as natd itself
+    /// would. The log is `natd.log` for the first natd of the topology, `natd.N.log` after.
+    pub fn start_with(topo: &Topology, opts: &NatdOptions) -> anyhow::Result<Self> {
         let dir = topo.dir.path();
         let socket = dir.join("natd.sock");
-        let log = dir.join("natd.log");
-        let mut args = vec![
-            "--public-iface",
-            ROUTER_PUBLIC_IF,
-            "--guest-iface",
-            ROUTER_GUEST_IF,
-        ];
-        let socket_arg = socket.to_string_lossy().into_owned();
-        args.extend(["--socket", &socket_arg]);
-        let config_path = dir.join("natd.toml");
-        let config_arg = config_path.to_string_lossy().into_owned();
-        if let Some(text) = config {
+        if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            std::fs::remove_file(&socket)
+                .with_context(|| format!("removing the stale {}", socket.display()))?;
+        }
+        let log = (1..)
+            .map(|n| match n {
+                1 => dir.join("natd.log"),
+                n => dir.join(format!("natd.{n}.log")),
+            })
+            .find(|p| !p.exists())
+            .context("no free log name")?;
+        let mut args: Vec<String> = Vec::new();
+        for i in &opts.public_ifaces {
+            args.extend(["--public-iface".to_string(), i.clone()]);
+        }
+        for i in &opts.guest_ifaces {
+            args.extend(["--guest-iface".to_string(), i.clone()]);
+        }
+        args.extend(["--socket".to_string(), socket.display().to_string()]);
+        if let Some(text) = &opts.config {
+            let config_path = dir.join("natd.toml");
             std::fs::write(&config_path, text)
                 .with_context(|| format!("writing {}", config_path.display()))?;
-            args.extend(["--config", &config_arg]);
+            args.extend(["--config".to_string(), config_path.display().to_string()]);
         }
-        let mut cmd = Self::command(topo, &args, &log)?;
+        args.extend(opts.args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = Self::command(topo, &args, &log, !opts.keep_fast_path)?;
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -204,7 +268,8 @@ impl Natd {
             exited: None,
         };
         let deadline = Instant::now() + NATD_START;
-        while !natd.socket.exists() {
+        // Connectable, not only present: the socket file exists a moment before natd listens.
+        while std::os::unix::net::UnixStream::connect(&natd.socket).is_err() {
             if let Some(status) = natd.child.try_wait().context("waiting for natd")? {
                 natd.exited = Some(status);
                 bail!(
@@ -214,7 +279,7 @@ impl Natd {
             }
             ensure!(
                 Instant::now() < deadline,
-                "natd did not create {} within {NATD_START:?}:\n{}",
+                "natd did not listen on {} within {NATD_START:?}:\n{}",
                 natd.socket.display(),
                 natd.log_text()
             );
@@ -231,7 +296,7 @@ impl Natd {
         timeout: Duration,
     ) -> anyhow::Result<(ExitStatus, String)> {
         let log = topo.dir.path().join("natd-run.log");
-        let mut cmd = Self::command(topo, args, &log)?;
+        let mut cmd = Self::command(topo, args, &log, true)?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -269,6 +334,18 @@ impl Natd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills natd with SIGKILL (no shutdown code runs: its fast path, nftables table, pins and
+    /// socket stay as they are) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            bail!("natd had already exited ({status})");
+        }
+        self.child.kill().context("killing natd")?;
+        let status = self.child.wait().context("waiting for natd")?;
+        self.exited = Some(status);
+        Ok(status)
+    }
+
     /// Sends SIGTERM and waits up to [`NATD_STOP`]; then SIGKILL. Returns the exit status, or
     /// an error if SIGKILL was needed.
     pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
@@ -295,10 +372,16 @@ impl Natd {
 
 impl Drop for Natd {
     fn drop(&mut self) {
+        // natd that exited by itself (not stopped or killed by the test) shows why, also when
+        // the test ends with an error rather than a panic.
+        let died = self.exited.is_none() && matches!(self.child.try_wait(), Ok(Some(_)));
         if let Err(e) = self.terminate() {
             eprintln!("cleanup: {e:#}");
         }
-        if std::thread::panicking() {
+        if died {
+            eprintln!("cleanup: natd had exited by itself ({:?})", self.exited);
+        }
+        if std::thread::panicking() || died {
             eprintln!(
                 "---- natd log ----\n{}---- end of natd log ----",
                 self.log_text()

@@ -1,0 +1,217 @@
+//! More topology on request: a further namespace wired to the router by its own veth pair and
+//! subnet, as a second guest network or as a second public network's upstream ("gateway"); and
+//! what `ip -j` and `nft` show of addresses, MACs, neighbours and natd's table. Each further
+//! namespace comes back as a guard the test holds; dropping it deletes the namespace and with
+//! it the veth pair. The interface on the router's side goes with it.
+//!
+//! ```text
+//! guest2   eth0 10.0.1.10  ── gst1 10.0.1.1   router   (a second guest network)
+//! upstream eth0 192.0.2.2  ── pub1 192.0.2.1  router   (a second public network)
+//! ```
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+
+use super::{COMMAND_TIMEOUT, HOST_IF, Netns, Topology, run_bounded};
+
+/// The router's interface towards the second guest.
+pub const ROUTER_GUEST2_IF: &str = "gst1";
+pub const ROUTER_GUEST2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// The second guest's address, on its own subnet 10.0.1.0/24.
+pub const GUEST2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+/// The router's interface towards the second public network's upstream.
+pub const ROUTER_PUBLIC2_IF: &str = "pub1";
+pub const ROUTER_PUBLIC2_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The second public network's upstream, 192.0.2.0/24 (RFC 5737).
+pub const UPSTREAM2_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+/// One point-to-point subnet between the router and a further namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct Link<'a> {
+    /// The router's end (the far end is always `eth0`).
+    pub router_if: &'a str,
+    pub router_addr: Ipv4Addr,
+    pub peer_addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// The second guest network: gst1 10.0.1.1/24 -- guest2 10.0.1.10.
+pub const GUEST2_LINK: Link<'static> = Link {
+    router_if: ROUTER_GUEST2_IF,
+    router_addr: ROUTER_GUEST2_ADDR,
+    peer_addr: GUEST2_ADDR,
+    prefix: 24,
+};
+
+/// The second public network: pub1 192.0.2.1/24 -- upstream 192.0.2.2.
+pub const PUBLIC2_LINK: Link<'static> = Link {
+    router_if: ROUTER_PUBLIC2_IF,
+    router_addr: ROUTER_PUBLIC2_ADDR,
+    peer_addr: UPSTREAM2_ADDR,
+    prefix: 24,
+};
+
+impl Topology {
+    /// A further guest: a namespace named `...-<role>` behind `link`, default route via the
+    /// router. natd needs `--guest-iface link.router_if` to serve it.
+    pub fn add_guest(&self, role: &str, link: Link<'_>) -> anyhow::Result<Netns> {
+        let via = link.router_addr.to_string();
+        self.add_namespace(role, link, &[&["default", "via", &via]])
+    }
+
+    /// A further public network's upstream: a namespace named `...-<role>` behind `link` that
+    /// routes the mapped range 203.0.113.0/24 back to the router. natd needs
+    /// `--public-iface link.router_if` to serve it.
+    pub fn add_upstream(&self, role: &str, link: Link<'_>) -> anyhow::Result<Netns> {
+        let via = link.router_addr.to_string();
+        self.add_namespace(role, link, &[&["203.0.113.0/24", "via", &via]])
+    }
+
+    fn add_namespace(
+        &self,
+        role: &str,
+        link: Link<'_>,
+        routes: &[&[&str]],
+    ) -> anyhow::Result<Netns> {
+        let prefix = self
+            .router
+            .name()
+            .strip_suffix("router")
+            .context("the router namespace's name does not end in \"router\"")?;
+        // The guard exists as soon as the namespace does, so a failure below removes it.
+        let ns = Netns::create(format!("{prefix}{role}"))?;
+        let r = &self.router;
+        r.ip(&[
+            "link",
+            "add",
+            link.router_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_IF,
+            "netns",
+            ns.name(),
+        ])?;
+        for (n, dev, addr) in [
+            (r, link.router_if, link.router_addr),
+            (&ns, HOST_IF, link.peer_addr),
+        ] {
+            n.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/{}", link.prefix),
+                "dev",
+                dev,
+            ])?;
+            n.ip(&["link", "set", dev, "up"])?;
+        }
+        ns.ip(&["link", "set", "lo", "up"])?;
+        for route in routes {
+            let args: Vec<&str> = ["route", "add"].iter().chain(*route).copied().collect();
+            ns.ip(&args)?;
+        }
+        // As for the first two: NAPI for XDP_REDIRECT, full checksums on the wire.
+        ns.exec("ethtool", &["-K", HOST_IF, "gro", "on", "tx", "off"])?;
+        let peer = link.peer_addr.to_string();
+        r.exec("ping", &["-n", "-q", "-c", "1", "-W", "5", &peer])
+            .with_context(|| format!("the router cannot reach {peer}"))?;
+        Ok(ns)
+    }
+
+    /// natd's nftables table in the router as `nft list table` text (no handles, so two
+    /// installs of the same ruleset print the same), or `None` if it is absent.
+    pub fn nft_text(&self) -> anyhow::Result<Option<String>> {
+        let table = nat_userspace::netfilter::TABLE;
+        let out = run_bounded(
+            self.router
+                .command("nft")
+                .args(["list", "table", "ip", table]),
+            COMMAND_TIMEOUT,
+        )?;
+        if out.status.success() {
+            return Ok(Some(out.stdout));
+        }
+        ensure!(
+            out.stderr.contains("No such file or directory"),
+            "nft list table ip {table} failed: {}",
+            out.stderr.trim()
+        );
+        Ok(None)
+    }
+}
+
+/// One IPv4 address of an interface as `ip -j addr` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrInfo {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub label: Option<String>,
+}
+
+/// A neighbour entry as `ip -j neigh` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub lladdr: Option<String>,
+    pub state: Vec<String>,
+}
+
+impl Netns {
+    fn ip_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all = vec!["-j"];
+        all.extend(args);
+        let out = self.ip(&all)?;
+        // `ip -j` prints nothing at all for an empty neighbour list.
+        if out.trim().is_empty() {
+            return Ok(Value::Array(Vec::new()));
+        }
+        serde_json::from_str(&out).with_context(|| format!("parsing `ip {}`: {out}", all.join(" ")))
+    }
+
+    /// The IPv4 addresses of `dev`.
+    pub fn ipv4_addrs(&self, dev: &str) -> anyhow::Result<Vec<AddrInfo>> {
+        let v = self.ip_json(&["-4", "addr", "show", "dev", dev])?;
+        let mut out = Vec::new();
+        for a in v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["addr_info"].as_array().into_iter().flatten())
+        {
+            let parse = || -> Option<AddrInfo> {
+                Some(AddrInfo {
+                    addr: a["local"].as_str()?.parse().ok()?,
+                    prefix: u8::try_from(a["prefixlen"].as_u64()?).ok()?,
+                    label: a["label"].as_str().map(str::to_string),
+                })
+            };
+            out.push(parse().with_context(|| format!("`ip -j addr show dev {dev}`: {a}"))?);
+        }
+        Ok(out)
+    }
+
+    /// The MAC address of `dev` (lower case, colon separated).
+    pub fn mac(&self, dev: &str) -> anyhow::Result<String> {
+        let v = self.ip_json(&["link", "show", "dev", dev])?;
+        v[0]["address"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("`ip -j link show dev {dev}`: no address in {v}"))
+    }
+
+    /// The neighbour entry of `addr` on `dev`, if there is one.
+    pub fn neighbour(&self, addr: Ipv4Addr, dev: &str) -> anyhow::Result<Option<Neighbour>> {
+        let a = addr.to_string();
+        let v = self.ip_json(&["neigh", "show", "to", &a, "dev", dev])?;
+        Ok(v.as_array().and_then(|l| l.first()).map(|n| Neighbour {
+            lladdr: n["lladdr"].as_str().map(str::to_string),
+            state: n["state"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect(),
+        }))
+    }
+}
