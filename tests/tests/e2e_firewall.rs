@@ -156,7 +156,9 @@ fn a_mapped_public_ip_without_rules_answers_nothing() -> anyhow::Result<()> {
     let p = ping(&topo.client, PUBLIC_ADDR, 1, 56)?;
     assert_eq!((p.transmitted, p.received), (1, 1), "{}", p.output);
     natctl.firewall_add(PUBLIC_ADDR, &["--proto", "tcp", "--ports", "8080"])?;
-    let _conn = attempt.connected()?;
+    // A fresh connection: the dropped one's next SYN retransmission may be seconds away.
+    drop(attempt);
+    let _conn = TcpAttempt::start(&topo.client, None, at(PUBLIC_ADDR, 8080))?.connected()?;
     let (_, peer) = accept(&listener)?;
     assert_eq!(peer.ip(), CLIENT_ADDR);
     Ok(())
@@ -238,7 +240,8 @@ fn one_rule_opens_exactly_its_protocol_ports_and_sources() -> anyhow::Result<()>
     let (_, peer) = accept(&listener)?;
     assert_eq!(peer.ip(), CLIENT_ADDR);
 
-    // The outsider was refused by source only: a rule for its CIDR lets its next SYN in.
+    // The outsider was refused by source only: a rule for its CIDR lets it in (a fresh
+    // connection: the dropped one's next SYN retransmission may be seconds away).
     natctl.firewall_add(
         PUBLIC_ADDR,
         &[
@@ -250,7 +253,9 @@ fn one_rule_opens_exactly_its_protocol_ports_and_sources() -> anyhow::Result<()>
             "192.0.2.0/24",
         ],
     )?;
-    let _conn = outsider.connected()?;
+    drop(outsider);
+    let _conn =
+        TcpAttempt::start(&topo.client, Some(OTHER_CLIENT), at(PUBLIC_ADDR, 8005))?.connected()?;
     let (_, peer) = accept(&listener)?;
     assert_eq!(peer.ip(), OTHER_CLIENT);
     Ok(())
