@@ -6,10 +6,19 @@
 //!
 //! ```text
 //!  pub0 198.51.100.1/24 (PUBLIC)  -- pub1     neighbour 198.51.100.2 (gateway to 192.0.2.0/24)
-//!  gst0 10.0.0.1/24 mtu 1400 (GUEST) -- gst1  neighbours 10.0.0.10, 10.0.0.11; 10.0.0.20 none
+//!  gst0 10.0.0.1/24 mtu 1400 (GUEST, addr 10.0.0.1) -- gst1
+//!                                neighbours V1 10.0.0.10, V2 10.0.0.11, V4 10.0.0.12;
+//!                                V3 10.0.0.20 none
+//!  gsb0 10.0.1.1/24 (GUEST, addr 10.0.1.1) -- gsb1   neighbour V5 10.0.1.10
+//!  gsn0 no address, route 10.0.2.0/24 (GUEST, addr 0) -- gsn1   neighbour V6 10.0.2.10
 //!  oth0 203.0.113.1/24 (not in IFACES) -- oth1 neighbour 203.0.113.2
 //!  lo   (down, not in IFACES)
 //! ```
+//!
+//! `IFACES` holds each managed interface's role and, as natd writes it, the router's address
+//! on it (0 without one): the source of hairpinned frames leaving a guest interface and the
+//! destination of their replies. Hairpin between two guest interfaces goes gst0 <-> gsb0;
+//! gsn0 is a guest network the program cannot hairpin into (no address).
 //!
 //! Each run reads `STATS`, `EVENTS` and every mapping's counters (summed over CPUs) and turns
 //! the deltas into the [`Outcome`]'s reason, events and counted mapping, failing unless exactly
@@ -29,7 +38,7 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
 };
 use nat_common::{
     Counter, IfaceConfig, MAP_CONNTRACK, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, MAP_NAT_OUT,
@@ -38,7 +47,7 @@ use nat_common::{
 use nat_userspace::{state::DesiredState, tables::Tables};
 
 use crate::{
-    model::{Direction, Events, Fib, Iface, Model, Outcome, Path},
+    model::{Direction, Events, Fib, Iface, IfaceRole, Leg, Model, Outcome, Path},
     netns::NetnsGuard,
 };
 
@@ -63,8 +72,18 @@ pub const V2: Ipv4Addr = ip(10, 0, 0, 11);
 pub const V2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
 /// A guest without a neighbour entry.
 pub const V3: Ipv4Addr = ip(10, 0, 0, 20);
-/// Outbound-only mapping source.
+/// Outbound-only mapping source (has a neighbour entry, so it can receive hairpin replies).
 pub const V4: Ipv4Addr = ip(10, 0, 0, 12);
+pub const V4_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
+
+/// The router on the second guest network (hairpin across guest interfaces).
+pub const GSB_ADDR: Ipv4Addr = ip(10, 0, 1, 1);
+pub const V5: Ipv4Addr = ip(10, 0, 1, 10);
+pub const V5_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x15];
+/// A guest on the third guest network, whose interface has no address.
+pub const GSN_NET: Ipv4Addr = ip(10, 0, 2, 0);
+pub const V6: Ipv4Addr = ip(10, 0, 2, 10);
+pub const V6_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x16];
 
 pub const OTH_ADDR: Ipv4Addr = ip(203, 0, 113, 1);
 pub const OTH_HOST: Ipv4Addr = ip(203, 0, 113, 2);
@@ -76,6 +95,8 @@ pub const P1: Ipv4Addr = ip(198, 51, 100, 10);
 pub const P2: Ipv4Addr = ip(198, 51, 100, 11);
 pub const P3: Ipv4Addr = ip(198, 51, 100, 20);
 pub const P4: Ipv4Addr = ip(198, 51, 100, 12);
+pub const P5: Ipv4Addr = ip(198, 51, 100, 13);
+pub const P6: Ipv4Addr = ip(198, 51, 100, 14);
 /// Inbound-only mappings whose private side cannot be forwarded to a guest.
 pub const P_TO_REMOTE: Ipv4Addr = ip(198, 51, 100, 30);
 pub const P_TO_UNROUTED: Ipv4Addr = ip(198, 51, 100, 40);
@@ -84,10 +105,12 @@ pub const P_TO_LOCAL: Ipv4Addr = ip(198, 51, 100, 60);
 pub const P_TO_BCAST: Ipv4Addr = ip(198, 51, 100, 70);
 
 /// `NAT_IN`: public -> private.
-pub const NAT_IN: [(Ipv4Addr, Ipv4Addr); 8] = [
+pub const NAT_IN: [(Ipv4Addr, Ipv4Addr); 10] = [
     (P1, V1),
     (P2, V2),
     (P3, V3),
+    (P5, V5),
+    (P6, V6),
     (P_TO_REMOTE, ip(192, 0, 2, 30)),
     (P_TO_UNROUTED, UNROUTED),
     (P_TO_OTHER, OTH_HOST),
@@ -95,7 +118,8 @@ pub const NAT_IN: [(Ipv4Addr, Ipv4Addr); 8] = [
     (P_TO_BCAST, ip(10, 0, 0, 255)),
 ];
 /// `NAT_OUT`: private -> public.
-pub const NAT_OUT: [(Ipv4Addr, Ipv4Addr); 4] = [(V1, P1), (V2, P2), (V3, P3), (V4, P4)];
+pub const NAT_OUT: [(Ipv4Addr, Ipv4Addr); 6] =
+    [(V1, P1), (V2, P2), (V3, P3), (V4, P4), (V5, P5), (V6, P6)];
 
 /// Capacity of `NAT_IN` and `NAT_OUT` in tests (natd uses `nat_common::MAX_MAPPINGS`).
 pub const TEST_MAX_MAPPINGS: u32 = 1024;
@@ -116,6 +140,8 @@ pub struct Link {
 pub struct Topology {
     pub pub0: Link,
     pub gst0: Link,
+    pub gsb0: Link,
+    pub gsn0: Link,
     pub oth0: Link,
     pub lo: Link,
 }
@@ -156,26 +182,40 @@ fn topology_script() -> String {
     format!(
         "link add pub0 type veth peer name pub1
 link add gst0 type veth peer name gst1
+link add gsb0 type veth peer name gsb1
+link add gsn0 type veth peer name gsn1
 link add oth0 type veth peer name oth1
 link set dev gst0 mtu {GST_MTU}
 link set dev pub0 up
 link set dev pub1 up
 link set dev gst0 up
 link set dev gst1 up
+link set dev gsb0 up
+link set dev gsb1 up
+link set dev gsn0 up
+link set dev gsn1 up
 link set dev oth0 up
 link set dev oth1 up
 addr add {PUB_ADDR}/24 dev pub0
 addr add {GST_ADDR}/24 dev gst0
+addr add {GSB_ADDR}/24 dev gsb0
 addr add {OTH_ADDR}/24 dev oth0
+route add {GSN_NET}/24 dev gsn0
 neigh add {PUB_GW} lladdr {} dev pub0 nud permanent
 neigh add {V1} lladdr {} dev gst0 nud permanent
 neigh add {V2} lladdr {} dev gst0 nud permanent
+neigh add {V4} lladdr {} dev gst0 nud permanent
+neigh add {V5} lladdr {} dev gsb0 nud permanent
+neigh add {V6} lladdr {} dev gsn0 nud permanent
 neigh add {OTH_HOST} lladdr {} dev oth0 nud permanent
 route add {REMOTE_NET}/24 via {PUB_GW}
 ",
         mac_str(PUB_GW_MAC),
         mac_str(V1_MAC),
         mac_str(V2_MAC),
+        mac_str(V4_MAC),
+        mac_str(V5_MAC),
+        mac_str(V6_MAC),
         mac_str(OTH_HOST_MAC)
     )
 }
@@ -213,38 +253,57 @@ fn read_links(ns: &NetnsGuard) -> anyhow::Result<Topology> {
     Ok(Topology {
         pub0: find("pub0")?,
         gst0: find("gst0")?,
+        gsb0: find("gsb0")?,
+        gsn0: find("gsn0")?,
         oth0: find("oth0")?,
         lo: find("lo")?,
     })
 }
 
+/// The interfaces natd manages: link, role, and the address `IFACES` holds for it.
+fn managed(t: &Topology) -> [(Link, u32, Ipv4Addr); 4] {
+    [
+        (t.pub0, ROLE_PUBLIC, PUB_ADDR),
+        (t.gst0, ROLE_GUEST, GST_ADDR),
+        (t.gsb0, ROLE_GUEST, GSB_ADDR),
+        (t.gsn0, ROLE_GUEST, Ipv4Addr::UNSPECIFIED),
+    ]
+}
+
 fn model_for(t: &Topology) -> Model {
     let mut fib = Fib::default();
-    fib.add_iface(Iface {
-        ifindex: t.pub0.ifindex,
-        mac: t.pub0.mac,
-        mtu: 1500,
-    });
-    fib.add_iface(Iface {
-        ifindex: t.gst0.ifindex,
-        mac: t.gst0.mac,
-        mtu: GST_MTU,
-    });
-    fib.add_iface(Iface {
-        ifindex: t.oth0.ifindex,
-        mac: t.oth0.mac,
-        mtu: 1500,
-    });
+    for (link, mtu) in [
+        (t.pub0, 1500),
+        (t.gst0, GST_MTU),
+        (t.gsb0, 1500),
+        (t.gsn0, 1500),
+        (t.oth0, 1500),
+    ] {
+        fib.add_iface(Iface {
+            ifindex: link.ifindex,
+            mac: link.mac,
+            mtu,
+        });
+    }
     fib.add_address(t.pub0.ifindex, PUB_ADDR, 24);
     fib.add_address(t.gst0.ifindex, GST_ADDR, 24);
+    fib.add_address(t.gsb0.ifindex, GSB_ADDR, 24);
     fib.add_address(t.oth0.ifindex, OTH_ADDR, 24);
+    fib.add_device_route(t.gsn0.ifindex, GSN_NET, 24);
     fib.add_neighbour(t.pub0.ifindex, PUB_GW, PUB_GW_MAC);
     fib.add_neighbour(t.gst0.ifindex, V1, V1_MAC);
     fib.add_neighbour(t.gst0.ifindex, V2, V2_MAC);
+    fib.add_neighbour(t.gst0.ifindex, V4, V4_MAC);
+    fib.add_neighbour(t.gsb0.ifindex, V5, V5_MAC);
+    fib.add_neighbour(t.gsn0.ifindex, V6, V6_MAC);
     fib.add_neighbour(t.oth0.ifindex, OTH_HOST, OTH_HOST_MAC);
     fib.add_gateway_route(t.pub0.ifindex, REMOTE_NET, 24, PUB_GW);
+    let ifaces = managed(t)
+        .into_iter()
+        .map(|(l, role, addr)| (l.ifindex, IfaceRole { role, addr }))
+        .collect();
     let mut m = Model {
-        roles: [(t.pub0.ifindex, ROLE_PUBLIC), (t.gst0.ifindex, ROLE_GUEST)].into(),
+        ifaces,
         nat_in: NAT_IN.into(),
         nat_out: NAT_OUT.into(),
         fib,
@@ -252,6 +311,23 @@ fn model_for(t: &Topology) -> Model {
     };
     m.policy.conntrack.timeouts_ns = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
     m
+}
+
+/// Loads `prog`. The verifier gives up with EAGAIN when a signal is pending (seen under heavy
+/// load with the whole suite running): that is retried a few times.
+fn load_verified(prog: &mut Xdp) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        match prog.load() {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+            }
+            Err(e) => return Err(e).context("verifier rejected nat"),
+        }
+    }
 }
 
 fn key(a: Ipv4Addr) -> u32 {
@@ -296,13 +372,10 @@ impl Harness {
             .context("no program nat")?
             .try_into()
             .context("nat is not XDP")?;
-        prog.load().context("verifier rejected nat")?;
+        load_verified(prog)?;
 
         let ncpu = nr_cpus()?;
-        let links = [
-            (topo.pub0, ROLE_PUBLIC, PUB_ADDR),
-            (topo.gst0, ROLE_GUEST, GST_ADDR),
-        ];
+        let links = managed(&topo);
         let mut ifaces: HashMap<_, u32, IfaceConfig> = ebpf
             .map_mut(MAP_IFACES)
             .context("no map IFACES")?
@@ -360,9 +433,10 @@ impl Harness {
         self.model.borrow_mut().run(ingress, frame, monotonic_ns())
     }
 
-    /// Which part of the policy decided the model's last frame.
-    pub fn model_path(&self) -> Option<Path> {
-        self.model.borrow().last_path
+    /// The leg the model's last frame took, and which part of the policy decided it.
+    pub fn model_decision(&self) -> (Option<Leg>, Option<Path>) {
+        let m = self.model.borrow();
+        (m.last_leg, m.last_path)
     }
 
     fn read_stats(&self) -> anyhow::Result<Vec<Counter>> {

@@ -1,19 +1,32 @@
 //! The reference model of the XDP program: the translation spec written out in plain Rust over
 //! a byte slice, independently of `nat-ebpf` (big-endian field reads, its own RFC 1624
-//! arithmetic on big-endian words, its own route table standing in for `bpf_fib_lookup`).
+//! arithmetic on big-endian words, its own route table standing in for `bpf_fib_lookup` in
+//! `fib`).
+//!
+//! Classification: on a public interface a frame to a mapped public IP is inbound (DNAT); on a
+//! guest interface, in this order, a frame to a mapped public IP is a hairpin forward, one to
+//! the router's address on that interface is a hairpin reply if a binding names it (`hairpin`),
+//! and one from a mapped private IP is outbound (SNAT). [`Leg`] records which.
 //!
 //! Invariants it encodes: every frame ends with exactly one [`Reason`]; a pass leaves the frame
 //! byte-for-byte untouched and counts no mapping; a drop (policy) leaves it untouched and counts
 //! the mapping's `denied`; a redirect rewrites addresses, every checksum covering them, TTL and
-//! MACs, and counts exactly one mapping. The policy stage (firewall, egress, connection
-//! tracking) is in [`policy`].
+//! MACs, and counts exactly one mapping; a flow opens only for a frame that is redirected. The
+//! policy stage (firewall, egress, connection tracking) is in [`policy`].
+mod fib;
+mod hairpin;
 pub mod policy;
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use nat_common::{ROLE_GUEST, ROLE_PUBLIC, Reason};
 
-pub use self::policy::{Events, Facts, Flow, Path, PolicyModel, Quoted, Rules, Tracked};
+pub use self::{
+    fib::{Fib, Hop, Iface},
+    policy::{
+        Admit, Events, Facts, Flow, Kind, NO_PEER, Path, PolicyModel, Quoted, Rules, Tracked,
+    },
+};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -53,139 +66,33 @@ impl Outcome {
     }
 }
 
-/// An interface as the route table sees it.
-#[derive(Clone, Copy, Debug)]
-pub struct Iface {
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    pub mtu: u16,
-}
-
+/// An `IFACES` entry: the interface's role and the router's address on it (unspecified: 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RouteKind {
-    /// An address of this host (local table): not forwarded.
-    Local,
-    /// A subnet broadcast address (local table): not forwarded.
-    Broadcast,
-    /// On-link: the next hop is the destination itself.
-    Connected,
-    /// Via a gateway on the route's interface.
-    Gateway(Ipv4Addr),
+pub struct IfaceRole {
+    pub role: u32,
+    pub addr: Ipv4Addr,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Route {
-    net: u32,
-    len: u8,
-    kind: RouteKind,
-    dev: u32,
-}
-
-/// Next hop of a forwarded frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hop {
-    pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-}
-
-/// A stand-in for the namespace's FIB and neighbour table, built from the same facts the
-/// harness configures with `ip`, answering as `bpf_fib_lookup` does for IPv4 forwarding:
-/// longest prefix match; non-unicast results are "not forwarded"; the egress MTU is checked
-/// before the neighbour.
-#[derive(Clone, Debug, Default)]
-pub struct Fib {
-    routes: Vec<Route>,
-    neighbours: HashMap<(u32, Ipv4Addr), [u8; 6]>,
-    ifaces: HashMap<u32, Iface>,
-}
-
-fn mask(len: u8) -> u32 {
-    if len == 0 { 0 } else { u32::MAX << (32 - len) }
-}
-
-impl Fib {
-    pub fn add_iface(&mut self, iface: Iface) {
-        self.ifaces.insert(iface.ifindex, iface);
-    }
-
-    /// `ip addr add ADDR/LEN dev DEV`: local and broadcast routes plus the subnet route.
-    pub fn add_address(&mut self, dev: u32, addr: Ipv4Addr, len: u8) {
-        let a = u32::from(addr);
-        self.routes.push(Route {
-            net: a,
-            len: 32,
-            kind: RouteKind::Local,
-            dev,
-        });
-        if len < 31 {
-            let bcast = a | !mask(len);
-            self.routes.push(Route {
-                net: bcast,
-                len: 32,
-                kind: RouteKind::Broadcast,
-                dev,
-            });
-        }
-        self.routes.push(Route {
-            net: a & mask(len),
-            len,
-            kind: RouteKind::Connected,
-            dev,
-        });
-    }
-
-    /// `ip route add NET/LEN via GW` (GW reachable on `dev`).
-    pub fn add_gateway_route(&mut self, dev: u32, net: Ipv4Addr, len: u8, gw: Ipv4Addr) {
-        let net = u32::from(net) & mask(len);
-        self.routes.push(Route {
-            net,
-            len,
-            kind: RouteKind::Gateway(gw),
-            dev,
-        });
-    }
-
-    /// `ip neigh add IP lladdr MAC dev DEV nud permanent`.
-    pub fn add_neighbour(&mut self, dev: u32, ip: Ipv4Addr, mac: [u8; 6]) {
-        self.neighbours.insert((dev, ip), mac);
-    }
-
-    pub fn lookup(&self, dst: Ipv4Addr, tot_len: u16) -> Result<Hop, Reason> {
-        let d = u32::from(dst);
-        let route = self
-            .routes
-            .iter()
-            .filter(|r| d & mask(r.len) == r.net)
-            .max_by_key(|r| r.len)
-            .ok_or(Reason::NoRoute)?;
-        let nh = match route.kind {
-            RouteKind::Local | RouteKind::Broadcast => return Err(Reason::NoRoute),
-            RouteKind::Connected => dst,
-            RouteKind::Gateway(gw) => gw,
-        };
-        let iface = self.ifaces.get(&route.dev).ok_or(Reason::NoRoute)?;
-        if tot_len > iface.mtu {
-            return Err(Reason::FragNeeded);
-        }
-        let dmac = self
-            .neighbours
-            .get(&(route.dev, nh))
-            .ok_or(Reason::NoNeighbour)?;
-        Ok(Hop {
-            ifindex: iface.ifindex,
-            smac: iface.mac,
-            dmac: *dmac,
-        })
-    }
+/// Which way through the program a frame went (set once classification has chosen it; for a
+/// hairpin reply, once a binding was found).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Leg {
+    /// Public ingress to a mapped public IP (DNAT).
+    Inbound,
+    /// Guest ingress from a mapped private IP (SNAT).
+    Outbound,
+    /// Guest ingress to a mapped public IP (DNAT + SNAT to the router's guest address).
+    HairpinForward,
+    /// Guest ingress to the router's address on that interface, with a reply binding.
+    HairpinReply,
 }
 
 /// The program's configuration (its maps) plus the environment's route table, and the state
 /// the program keeps (connection table).
 #[derive(Clone, Debug, Default)]
 pub struct Model {
-    /// `IFACES`: ifindex -> role.
-    pub roles: HashMap<u32, u32>,
+    /// `IFACES`: ifindex -> role and address.
+    pub ifaces: HashMap<u32, IfaceRole>,
     /// `NAT_IN`: public -> private.
     pub nat_in: HashMap<Ipv4Addr, Ipv4Addr>,
     /// `NAT_OUT`: private -> public.
@@ -193,6 +100,8 @@ pub struct Model {
     pub fib: Fib,
     /// Rules, connection table and timeouts.
     pub policy: PolicyModel,
+    /// The leg of the last frame (`None`: it did not get that far).
+    pub last_leg: Option<Leg>,
     /// Which part of the policy decided the last frame (`None`: it did not get that far).
     pub last_path: Option<Path>,
 }
@@ -255,10 +164,51 @@ const L4: usize = ETH + 20;
 const EMB_IP: usize = L4 + 8;
 const EMB_L4: usize = EMB_IP + 20;
 
+/// The IPv4 header fields every leg needs, from a frame step 2 accepted.
+#[derive(Clone, Copy, Debug)]
+struct Ip {
+    tot_len: usize,
+    ttl: u8,
+    proto: u8,
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+}
+
+impl Ip {
+    fn l4_len(&self) -> usize {
+        self.tot_len - 20
+    }
+}
+
+/// A redirected frame counted on `key`.
+fn redirected(reason: Reason, frame: Vec<u8>, key: (Direction, Ipv4Addr)) -> Outcome {
+    Outcome {
+        action: XDP_REDIRECT,
+        reason,
+        frame,
+        counted: Some(key),
+        denied: None,
+        events: Events::default(),
+    }
+}
+
+/// A frame dropped by policy, `denied` counted on `key`.
+fn dropped(reason: Reason, frame: &[u8], key: (Direction, Ipv4Addr)) -> Outcome {
+    Outcome {
+        action: XDP_DROP,
+        reason,
+        frame: frame.to_vec(),
+        counted: None,
+        denied: Some(key),
+        events: Events::default(),
+    }
+}
+
 impl Model {
     /// Runs one frame arriving on `ingress` at time `now` (CLOCK_MONOTONIC, ns) through the spec.
     pub fn run(&mut self, ingress: u32, frame: &[u8], now: u64) -> Outcome {
         let mut events = Events::default();
+        self.last_leg = None;
         self.last_path = None;
         let mut out = self
             .translate(ingress, frame, now, &mut events)
@@ -274,7 +224,8 @@ impl Model {
         out
     }
 
-    /// Steps 1 to 8 of the spec; `Err` is the reason to pass the frame untouched.
+    /// Steps 1 to 3 of the spec, then the chosen leg; `Err` is the reason to pass the frame
+    /// untouched.
     fn translate(
         &mut self,
         ingress: u32,
@@ -283,77 +234,73 @@ impl Model {
         events: &mut Events,
     ) -> Result<Outcome, Reason> {
         // 1. Interface.
-        let role = *self.roles.get(&ingress).ok_or(Reason::UnknownIface)?;
+        let iface = *self.ifaces.get(&ingress).ok_or(Reason::UnknownIface)?;
         // 2. Ethernet and IPv4 sanity.
-        if f.len() < ETH || be16(f, 12) != 0x0800 {
-            return Err(Reason::NotIpv4);
+        let ip = parse_ip(f)?;
+        // 3. Classify. Public side: only DNAT. Guest side, in this order: to a mapped public
+        // IP is hairpin; to the router's own address on this interface may be a hairpin reply
+        // (if a binding exists); otherwise a mapped source goes out.
+        if iface.role == ROLE_PUBLIC {
+            let new = *self.nat_in.get(&ip.daddr).ok_or(Reason::Unmapped)?;
+            return self.one_way(f, &ip, true, new, now, events);
         }
-        if f.len() < L4 {
-            return Err(Reason::Malformed);
+        if let Some(&v1) = self.nat_in.get(&ip.daddr) {
+            return self.hairpin_forward(f, &ip, v1, now, events);
         }
-        let (version, ihl) = (f[ETH] >> 4, (f[ETH] & 0x0f) as usize);
-        if version != 4 || ihl < 5 {
-            return Err(Reason::Malformed);
+        if !iface.addr.is_unspecified()
+            && ip.daddr == iface.addr
+            && let Some(out) = self.hairpin_reply(f, &ip, now, events)?
+        {
+            return Ok(out);
         }
-        let tot_len = be16(f, ETH + 2) as usize;
-        if tot_len < ihl * 4 || ETH + tot_len > f.len() {
-            return Err(Reason::Malformed);
-        }
-        if ihl > 5 {
-            return Err(Reason::IpOptions);
-        }
-        if be16(f, ETH + 6) & 0x3fff != 0 {
-            return Err(Reason::Fragment);
-        }
-        let (ttl, proto) = (f[ETH + 8], f[ETH + 9]);
-        let (saddr, daddr) = (addr_at(f, ETH + 12), addr_at(f, ETH + 16));
+        let new = *self.nat_out.get(&ip.saddr).ok_or(Reason::Unmapped)?;
+        self.one_way(f, &ip, false, new, now, events)
+    }
 
-        // 3. Classify.
-        let inbound = role == ROLE_PUBLIC;
-        let (dir, old, new) = if inbound {
-            (
-                Direction::Inbound,
-                daddr,
-                *self.nat_in.get(&daddr).ok_or(Reason::Unmapped)?,
-            )
+    /// Steps 4 to 8 for inbound (DNAT `ip.daddr` -> `new`) or outbound (SNAT `ip.saddr` ->
+    /// `new`) translation.
+    fn one_way(
+        &mut self,
+        f: &[u8],
+        ip: &Ip,
+        inbound: bool,
+        new: Ipv4Addr,
+        now: u64,
+        events: &mut Events,
+    ) -> Result<Outcome, Reason> {
+        let (dir, old) = if inbound {
+            self.last_leg = Some(Leg::Inbound);
+            (Direction::Inbound, ip.daddr)
         } else {
-            (
-                Direction::Outbound,
-                saddr,
-                *self.nat_out.get(&saddr).ok_or(Reason::Unmapped)?,
-            )
+            self.last_leg = Some(Leg::Outbound);
+            (Direction::Outbound, ip.saddr)
         };
         // 4. TTL.
-        if ttl <= 1 {
+        if ip.ttl <= 1 {
             return Err(Reason::TtlExpired);
         }
         // 5. Transport.
-        let (edit, facts) = transport(f, proto, tot_len - 20, inbound, old)?;
-        let key = if inbound { daddr } else { saddr };
+        let (edit, facts) = transport(f, ip.proto, ip.l4_len(), inbound, old)?;
         // 6. Policy, before the route: a denied frame is dropped untouched.
         let (public, private) = if inbound { (old, new) } else { (new, old) };
         let (path, verdict) = self
             .policy
             .check(&facts, inbound, public, private, now, events);
         self.last_path = Some(path);
-        if let Err(reason) = verdict {
-            return Ok(Outcome {
-                action: XDP_DROP,
-                reason,
-                frame: f.to_vec(),
-                counted: None,
-                denied: Some((dir, key)),
-                events: Events::default(),
-            });
-        }
-        // 7. Route.
-        // The lookup also gets the (translated) source, which only multipath hashing and policy
-        // rules would look at; the test namespace has neither.
-        let dst = if inbound { new } else { daddr };
-        let hop = self.fib.lookup(dst, tot_len as u16)?;
+        let admit = match verdict {
+            Ok(a) => a,
+            Err(reason) => return Ok(dropped(reason, f, (dir, old))),
+        };
+        // 7. Route. The lookup also gets the (translated) source, which only multipath hashing
+        // and policy rules would look at; the test namespace has neither.
+        let dst = if inbound { new } else { ip.daddr };
         let want = if inbound { ROLE_GUEST } else { ROLE_PUBLIC };
-        if self.roles.get(&hop.ifindex) != Some(&want) {
-            return Err(Reason::WrongEgress);
+        let (hop, _) = self.route(dst, ip.tot_len, want)?;
+        // A flow opens only for a packet that is forwarded.
+        if let Admit::Open(flow) = admit {
+            self.policy
+                .conntrack
+                .open(flow, &facts, !inbound, now, events);
         }
         // 8. Rewrite.
         let mut out = f.to_vec();
@@ -363,15 +310,49 @@ impl Model {
         } else {
             Reason::OutboundForwarded
         };
-        Ok(Outcome {
-            action: XDP_REDIRECT,
-            reason,
-            frame: out,
-            counted: Some((dir, key)),
-            denied: None,
-            events: Events::default(),
-        })
+        Ok(redirected(reason, out, (dir, old)))
     }
+
+    /// The next hop to `dst` through an interface of role `want`, and the router's address on
+    /// that interface.
+    fn route(&self, dst: Ipv4Addr, tot_len: usize, want: u32) -> Result<(Hop, Ipv4Addr), Reason> {
+        let hop = self.fib.lookup(dst, tot_len as u16)?;
+        match self.ifaces.get(&hop.ifindex) {
+            Some(i) if i.role == want => Ok((hop, i.addr)),
+            _ => Err(Reason::WrongEgress),
+        }
+    }
+}
+
+/// Step 2 of the spec: Ethernet and IPv4 sanity, in the order the reasons are checked.
+fn parse_ip(f: &[u8]) -> Result<Ip, Reason> {
+    if f.len() < ETH || be16(f, 12) != 0x0800 {
+        return Err(Reason::NotIpv4);
+    }
+    if f.len() < L4 {
+        return Err(Reason::Malformed);
+    }
+    let (version, ihl) = (f[ETH] >> 4, (f[ETH] & 0x0f) as usize);
+    if version != 4 || ihl < 5 {
+        return Err(Reason::Malformed);
+    }
+    let tot_len = be16(f, ETH + 2) as usize;
+    if tot_len < ihl * 4 || ETH + tot_len > f.len() {
+        return Err(Reason::Malformed);
+    }
+    if ihl > 5 {
+        return Err(Reason::IpOptions);
+    }
+    if be16(f, ETH + 6) & 0x3fff != 0 {
+        return Err(Reason::Fragment);
+    }
+    Ok(Ip {
+        tot_len,
+        ttl: f[ETH + 8],
+        proto: f[ETH + 9],
+        saddr: addr_at(f, ETH + 12),
+        daddr: addr_at(f, ETH + 16),
+    })
 }
 
 /// Step 5 of the spec: transport sanity, which checksums the translation touches, and what

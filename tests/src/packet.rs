@@ -253,9 +253,12 @@ fn sums_to_ffff(data: &[u8], acc: u64) -> bool {
 /// inner TCP segment or UDP datagram, its checksum too.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ip = frame.get(14..).ok_or("no IP header")?;
-    let ihl = (ip[0] & 0x0f) as usize * 4;
-    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let ihl = (ip.first().ok_or("no IP header")? & 0x0f) as usize * 4;
+    let tot = u16::from_be_bytes([*ip.get(2).ok_or("IP header cut")?, ip[3]]) as usize;
     let ip = ip.get(..tot).ok_or("frame shorter than tot_len")?;
+    if ihl < 20 || ihl > tot {
+        return Err(format!("IHL {ihl} with tot_len {tot}"));
+    }
     if !sums_to_ffff(&ip[..ihl], 0) {
         return Err("IP header checksum".into());
     }
@@ -265,9 +268,10 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ok = match ip[9] {
         PROTO_TCP => sums_to_ffff(l4, pseudo_sum(src, dst, PROTO_TCP, l4.len())),
         PROTO_UDP => {
-            let ulen = u16::from_be_bytes([l4[4], l4[5]]) as usize;
+            let head = l4.get(..8).ok_or("UDP header cut")?;
+            let ulen = u16::from_be_bytes([head[4], head[5]]) as usize;
             let dgram = l4.get(..ulen).ok_or("UDP length beyond packet")?;
-            l4[6..8] == [0, 0] || sums_to_ffff(dgram, pseudo_sum(src, dst, PROTO_UDP, ulen))
+            head[6..8] == [0, 0] || sums_to_ffff(dgram, pseudo_sum(src, dst, PROTO_UDP, ulen))
         }
         PROTO_ICMP => sums_to_ffff(l4, 0),
         _ => true,
@@ -280,8 +284,12 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         ICMP_TIME_EXCEEDED,
         ICMP_PARAMETER_PROBLEM,
     ];
-    if ip[9] == PROTO_ICMP && errors.contains(&l4[0]) {
-        verify_quoted(&l4[8..]).map_err(|e| format!("quoted packet: {e}"))?;
+    if ip[9] == PROTO_ICMP
+        && let Some(&ty) = l4.first()
+        && errors.contains(&ty)
+    {
+        let quoted = l4.get(8..).ok_or("ICMP error header cut")?;
+        verify_quoted(quoted).map_err(|e| format!("quoted packet: {e}"))?;
     }
     Ok(())
 }

@@ -1,10 +1,16 @@
 //! Random firewall scenarios for the differential test: a policy (ingress rules per public IP,
 //! egress default and exceptions, conntrack timeouts) drawn from small universes so that
 //! packets match it, and a sequence of steps: packets that open flows, answer or repeat earlier
-//! packets (with other TCP flags), ICMP errors quoting earlier packets as they left the router,
-//! and arbitrary, often damaged frames from [`crate::strategy`].
+//! packets (with other TCP flags), the same packet from another guest (hairpin collisions), ICMP
+//! errors quoting earlier packets as they left the router, and arbitrary, often damaged frames
+//! from [`crate::strategy`].
+//!
+//! Flows go inbound, outbound, or hairpin: a guest (a [`Sender`]) to another guest's public
+//! address, answered by that guest to the router's address on its interface.
 //!
 //! A [`Scenario`] is the shrinkable description; [`Scenario::frames`] turns it into frames.
+mod flow;
+
 use std::net::Ipv4Addr;
 
 use nat_common::TIMEOUT_SLOTS;
@@ -19,47 +25,16 @@ use proptest::{
     sample::{Index, select},
 };
 
+pub use self::flow::{GUESTS, Guest, L4, Net, Pkt, SENDERS, Sender, Way};
 use crate::{
     harness::*,
-    packet::{
-        self, Ip, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
-    },
+    packet::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     strategy::{FrameSpec, frame_spec},
 };
 
-/// A mapping the scenario's flows go through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Guest {
-    pub public: Ipv4Addr,
-    pub private: Ipv4Addr,
-    pub mac: [u8; 6],
-}
-
-/// Two forwardable guests (most traffic), one without a neighbour entry (inbound passes after
-/// the policy), one outbound-only (inbound is unmapped).
-pub const GUESTS: [Guest; 4] = [
-    Guest {
-        public: P1,
-        private: V1,
-        mac: V1_MAC,
-    },
-    Guest {
-        public: P2,
-        private: V2,
-        mac: V2_MAC,
-    },
-    Guest {
-        public: P3,
-        private: V3,
-        mac: [2, 0, 0, 0, 0, 0x14],
-    },
-    Guest {
-        public: P4,
-        private: V4,
-        mac: [2, 0, 0, 0, 0, 0x0c],
-    },
-];
-const GUEST_PICK: [usize; 9] = [0, 0, 0, 0, 1, 1, 1, 2, 3];
+/// Indexes of [`GUESTS`] and [`SENDERS`], the likelier ones repeated.
+const GUEST_PICK: [usize; 12] = [0, 0, 0, 0, 1, 1, 1, 2, 3, 4, 4, 5];
+const SENDER_PICK: [usize; 9] = [0, 0, 0, 1, 1, 2, 3, 4, 5];
 
 /// The other ends of flows: mostly in 192.0.2.0/24 (routed via the gateway), some on the public
 /// link (one without neighbour), one behind the interface natd does not manage.
@@ -87,8 +62,13 @@ const ICMP_TYPES: [u8; 5] = [0, 3, 8, 11, 13];
 const ICMP_CODES: [u8; 4] = [0, 1, 3, 4];
 /// ICMP messages that are neither echo nor errors (no ports; tracked by type alone).
 const ICMP_OTHER_TYPES: [u8; 5] = [13, 14, 5, 9, 17];
-const CIDRS: [&str; 10] = [
+/// Guest networks appear often, so hairpin senders get through.
+const CIDRS: [&str; 14] = [
     "0.0.0.0/0",
+    "10.0.0.0/24",
+    "10.0.0.0/24",
+    "10.0.1.0/24",
+    "10.0.0.0/8",
     "192.0.2.0/24",
     "192.0.2.0/25",
     "192.0.2.128/25",
@@ -112,185 +92,6 @@ const TCP_FLAGS: [u8; 10] = [
     TCP_SYN | TCP_FIN,
 ];
 
-/// Transport of a flow's packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum L4 {
-    Tcp {
-        flags: u8,
-    },
-    Udp,
-    /// Echo request or reply; the identifier is the flow's guest port.
-    Echo {
-        request: bool,
-    },
-    /// Another non-error ICMP message.
-    Icmp {
-        ty: u8,
-        code: u8,
-    },
-    /// GRE, ESP, SCTP...: IP header only.
-    Other(u8),
-}
-
-/// A packet of a flow, in the guest's view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pkt {
-    /// Arrives from the internet for the public address (else from the guest).
-    pub inbound: bool,
-    pub guest: Guest,
-    pub remote: Ipv4Addr,
-    pub guest_port: u16,
-    pub remote_port: u16,
-    pub l4: L4,
-}
-
-/// An IP packet `src -> dst` with `l4`, ports `sport -> dport` (identifier `sport` for echo).
-fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, l4: L4, ttl: u8) -> Vec<u8> {
-    match l4 {
-        L4::Tcp { flags } => Ip::new(PROTO_TCP, src, dst)
-            .ttl(ttl)
-            .packet(&packet::tcp_flags(src, dst, sport, dport, flags, &[], b"")),
-        L4::Udp => Ip::new(PROTO_UDP, src, dst)
-            .ttl(ttl)
-            .packet(&packet::udp(src, dst, sport, dport, b"data", true)),
-        L4::Echo { request } => {
-            let ty = if request {
-                packet::ICMP_ECHO
-            } else {
-                packet::ICMP_ECHO_REPLY
-            };
-            Ip::new(PROTO_ICMP, src, dst)
-                .ttl(ttl)
-                .packet(&packet::icmp_echo(ty, sport, 1, b"ping"))
-        }
-        L4::Icmp { ty, code } => Ip::new(PROTO_ICMP, src, dst).ttl(ttl).packet(&packet::icmp(
-            ty,
-            code,
-            [0, 1, 0, 2],
-            b"",
-        )),
-        L4::Other(proto) => Ip::new(proto, src, dst).ttl(ttl).packet(&[0x5c; 12]),
-    }
-}
-
-impl Pkt {
-    /// The frame as it arrives: ingress ifindex and bytes.
-    pub fn frame(&self, topo: &Topology) -> (u32, Vec<u8>) {
-        let g = self.guest;
-        if self.inbound {
-            let l3 = ip_packet(
-                self.remote,
-                g.public,
-                self.remote_port,
-                self.guest_port,
-                self.l4,
-                64,
-            );
-            let f = packet::ether(topo.pub0.mac, PUB_GW_MAC, packet::ETH_P_IP, &l3);
-            (topo.pub0.ifindex, f)
-        } else {
-            let l3 = ip_packet(
-                g.private,
-                self.remote,
-                self.guest_port,
-                self.remote_port,
-                self.l4,
-                64,
-            );
-            let f = packet::ether(topo.gst0.mac, g.mac, packet::ETH_P_IP, &l3);
-            (topo.gst0.ifindex, f)
-        }
-    }
-
-    /// The IP packet as the router sent it on (translated, TTL 63): what an error quotes.
-    fn translated(&self) -> Vec<u8> {
-        let g = self.guest;
-        if self.inbound {
-            ip_packet(
-                self.remote,
-                g.private,
-                self.remote_port,
-                self.guest_port,
-                self.l4,
-                63,
-            )
-        } else {
-            ip_packet(
-                g.public,
-                self.remote,
-                self.guest_port,
-                self.remote_port,
-                self.l4,
-                63,
-            )
-        }
-    }
-
-    /// The answer from the other end, TCP with `flags`.
-    fn reply(&self, flags: u8) -> Pkt {
-        let l4 = match self.l4 {
-            L4::Tcp { .. } => L4::Tcp { flags },
-            L4::Echo { request } => L4::Echo { request: !request },
-            L4::Icmp { ty, code } => L4::Icmp {
-                ty: match ty {
-                    13 | 15 | 17 => ty + 1,
-                    _ => ty,
-                },
-                code,
-            },
-            l4 => l4,
-        };
-        Pkt {
-            inbound: !self.inbound,
-            l4,
-            ..*self
-        }
-    }
-
-    /// The same packet again, TCP with `flags`.
-    fn again(&self, flags: u8) -> Pkt {
-        let l4 = match self.l4 {
-            L4::Tcp { .. } => L4::Tcp { flags },
-            l4 => l4,
-        };
-        Pkt { l4, ..*self }
-    }
-
-    /// An ICMP error about this packet, sent back towards its sender: from `ROUTER` or the
-    /// remote end to the public address if the packet left to the internet, from the guest to
-    /// the remote end if it came in.
-    fn error(
-        &self,
-        topo: &Topology,
-        ty: u8,
-        code: u8,
-        from_router: bool,
-        quote: usize,
-    ) -> (u32, Vec<u8>) {
-        let q = self.translated();
-        let msg = packet::icmp_error(ty, code, 1400, &q, quote);
-        let g = self.guest;
-        if self.inbound {
-            let l3 = Ip::new(PROTO_ICMP, g.private, self.remote).packet(&msg);
-            (
-                topo.gst0.ifindex,
-                packet::ether(topo.gst0.mac, g.mac, packet::ETH_P_IP, &l3),
-            )
-        } else {
-            let src = if from_router {
-                Ipv4Addr::new(192, 0, 2, 1)
-            } else {
-                self.remote
-            };
-            let l3 = Ip::new(PROTO_ICMP, src, g.public).packet(&msg);
-            (
-                topo.pub0.ifindex,
-                packet::ether(topo.pub0.mac, PUB_GW_MAC, packet::ETH_P_IP, &l3),
-            )
-        }
-    }
-}
-
 /// One step of a scenario; `of` picks an earlier flow packet (the step is skipped if none).
 #[derive(Clone, Debug)]
 pub enum Step {
@@ -302,6 +103,17 @@ pub enum Step {
     Again {
         of: Index,
         flags: u8,
+    },
+    /// The answer to an earlier hairpin forward packet (to any packet if there was none).
+    HairpinReply {
+        of: Index,
+        flags: u8,
+    },
+    /// An earlier hairpin forward packet (any packet if there was none) again from another
+    /// sender: a collision while the first flow lives.
+    OtherSender {
+        of: Index,
+        sender: Sender,
     },
     Error {
         of: Index,
@@ -317,8 +129,6 @@ pub enum Step {
 pub struct StepFrame {
     pub ingress: u32,
     pub frame: Vec<u8>,
-    /// Built from a flow packet or an error about one (not damaged).
-    pub clean: bool,
 }
 
 /// The rules and timeouts of a scenario.
@@ -361,10 +171,21 @@ impl Scenario {
         let mut out = Vec::new();
         for step in &self.steps {
             let earlier = |of: &Index| (!history.is_empty()).then(|| *of.get(&history));
+            let hairpins: Vec<Pkt> = history
+                .iter()
+                .filter(|p| p.way == Way::HairpinForward)
+                .copied()
+                .collect();
+            let earlier_hairpin = |of: &Index| match hairpins.is_empty() {
+                true => earlier(of),
+                false => Some(*of.get(&hairpins)),
+            };
             let pkt = match step {
                 Step::Open(p) => Some(*p),
                 Step::Reply { of, flags } => earlier(of).map(|p| p.reply(*flags)),
                 Step::Again { of, flags } => earlier(of).map(|p| p.again(*flags)),
+                Step::HairpinReply { of, flags } => earlier_hairpin(of).map(|p| p.reply(*flags)),
+                Step::OtherSender { of, sender } => earlier_hairpin(of).map(|p| p.sent_by(*sender)),
                 Step::Error {
                     of,
                     ty,
@@ -374,11 +195,7 @@ impl Scenario {
                 } => {
                     if let Some(p) = earlier(of) {
                         let (ingress, frame) = p.error(topo, *ty, *code, *from_router, *quote);
-                        out.push(StepFrame {
-                            ingress,
-                            frame,
-                            clean: true,
-                        });
+                        out.push(StepFrame { ingress, frame });
                     }
                     None
                 }
@@ -386,18 +203,13 @@ impl Scenario {
                     out.push(StepFrame {
                         ingress: spec.ingress_ifindex(topo),
                         frame: spec.build(),
-                        clean: spec.mutations.is_empty(),
                     });
                     None
                 }
             };
             if let Some(p) = pkt {
                 let (ingress, frame) = p.frame(topo);
-                out.push(StepFrame {
-                    ingress,
-                    frame,
-                    clean: true,
-                });
+                out.push(StepFrame { ingress, frame });
                 history.push(p);
             }
         }
@@ -464,7 +276,7 @@ fn timeout() -> impl Strategy<Value = u64> {
 }
 
 fn policy() -> impl Strategy<Value = PolicySpec> {
-    let publics = [P1, P1, P1, P2, P2, P3, P4, P_TO_REMOTE];
+    let publics = [P1, P1, P1, P2, P2, P3, P4, P5, P6, P_TO_REMOTE];
     let ingress = vec(
         (select(publics.to_vec()), rule_service(false), cidrs()),
         0..=16,
@@ -501,25 +313,40 @@ fn port() -> impl Strategy<Value = u16> {
     prop_oneof![9 => select(&PORTS[..]), 1 => any::<u16>()]
 }
 
+fn way() -> impl Strategy<Value = Way> {
+    prop_oneof![
+        7 => Just(Way::Inbound),
+        7 => Just(Way::Outbound),
+        6 => Just(Way::HairpinForward),
+        1 => Just(Way::HairpinReply),
+    ]
+}
+
+fn sender() -> impl Strategy<Value = Sender> {
+    select(&SENDER_PICK[..]).prop_map(|i| SENDERS[i])
+}
+
 fn pkt() -> impl Strategy<Value = Pkt> {
     (
-        any::<bool>(),
+        way(),
         select(&GUEST_PICK[..]),
         select(&REMOTES[..]),
+        sender(),
         port(),
         port(),
         l4(),
     )
-        .prop_map(|(inbound, g, remote, guest_port, remote_port, l4)| {
+        .prop_map(|(way, g, remote, sender, guest_port, remote_port, l4)| {
             let (guest_port, remote_port) = match l4 {
                 L4::Tcp { .. } | L4::Udp => (guest_port, remote_port),
                 L4::Echo { .. } => (guest_port, guest_port),
                 L4::Icmp { .. } | L4::Other(_) => (0, 0),
             };
             Pkt {
-                inbound,
+                way,
                 guest: GUESTS[g],
                 remote,
+                sender,
                 guest_port,
                 remote_port,
                 l4,
@@ -550,8 +377,10 @@ fn step() -> impl Strategy<Value = Step> {
         });
     prop_oneof![
         30 => pkt().prop_map(Step::Open),
-        28 => (any::<Index>(), flags()).prop_map(|(of, flags)| Step::Reply { of, flags }),
+        24 => (any::<Index>(), flags()).prop_map(|(of, flags)| Step::Reply { of, flags }),
+        8 => (any::<Index>(), flags()).prop_map(|(of, flags)| Step::HairpinReply { of, flags }),
         10 => (any::<Index>(), flags()).prop_map(|(of, flags)| Step::Again { of, flags }),
+        8 => (any::<Index>(), sender()).prop_map(|(of, sender)| Step::OtherSender { of, sender }),
         14 => error,
         18 => frame_spec().prop_map(Step::Frame),
     ]

@@ -1,7 +1,13 @@
 //! Random frames for the differential property test: mostly well-formed frames aimed at the
-//! harness's mappings and routes (so every reason, including both forwarded ones, is reached),
-//! then optionally damaged: truncated, bytes flipped or overwritten in the headers, total length
-//! rewritten. A [`FrameSpec`] is the shrinkable description; [`FrameSpec::build`] the bytes.
+//! harness's mappings and routes (so every reason, including the three forwarded ones, is
+//! reached), then optionally damaged: truncated, bytes flipped or overwritten in the headers,
+//! total length rewritten. A [`FrameSpec`] is the shrinkable description; [`FrameSpec::build`]
+//! the bytes.
+//!
+//! On the guest interfaces a frame goes out to the internet, to a mapped public IP (hairpin
+//! forward) or to the router's address on that interface (hairpin reply) from one of the hosts
+//! behind it. Ports come often from a pool of three and echo identifiers from two, so replies
+//! find the bindings earlier frames created and other senders collide with them.
 use std::net::Ipv4Addr;
 
 use proptest::{collection::vec, prelude::*, sample::select};
@@ -15,7 +21,12 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ingress {
     Public,
+    /// `gst0`.
     Guest,
+    /// `gsb0`: the second guest network.
+    GuestB,
+    /// `gsn0`: a guest network without a router address.
+    GuestN,
     /// `oth0`: exists, not in `IFACES`.
     Other,
     /// `lo`: exists in every namespace, not in `IFACES`.
@@ -53,6 +64,7 @@ pub enum Transport {
     },
     Echo {
         ty: u8,
+        id: u16,
         payload: usize,
     },
     /// `quote` bytes of the inner packet (clamped to its length).
@@ -114,24 +126,36 @@ pub struct FrameSpec {
 }
 
 /// `NAT_IN` keys, the forwardable ones twice as likely.
-const NAT_IN_KEYS: [Ipv4Addr; 12] = [
+const NAT_IN_KEYS: [Ipv4Addr; 16] = [
     P1,
     P1,
     P2,
     P2,
     P1,
     P3,
+    P5,
+    P5,
+    P6,
     P_TO_REMOTE,
     P_TO_UNROUTED,
     P_TO_OTHER,
     P_TO_LOCAL,
     P_TO_BCAST,
     P2,
+    P1,
 ];
+/// Hosts behind each guest interface (mapped or not), as sources.
+const GST_HOSTS: [Ipv4Addr; 6] = [V1, V2, V2, V4, V3, Ipv4Addr::new(10, 0, 0, 99)];
+const GSB_HOSTS: [Ipv4Addr; 2] = [V5, Ipv4Addr::new(10, 0, 1, 99)];
+const GSN_HOSTS: [Ipv4Addr; 1] = [V6];
+/// The router's addresses on the guest side (gsn0's network has none; 10.0.2.1 is nobody).
+const GUEST_ROUTERS: [Ipv4Addr; 3] = [GST_ADDR, GSB_ADDR, Ipv4Addr::new(10, 0, 2, 1)];
+/// Ports most frames use, so flows meet again.
+const POOL_PORTS: [u16; 3] = [53, 80, 40000];
 /// `NAT_OUT` keys.
-const NAT_OUT_KEYS: [Ipv4Addr; 4] = [V1, V2, V3, V4];
+const NAT_OUT_KEYS: [Ipv4Addr; 6] = [V1, V2, V3, V4, V5, V6];
 /// Destinations with every kind of route answer.
-const DESTINATIONS: [Ipv4Addr; 20] = [
+const DESTINATIONS: [Ipv4Addr; 23] = [
     Ipv4Addr::new(10, 0, 0, 0),
     Ipv4Addr::new(198, 51, 100, 0),
     Ipv4Addr::UNSPECIFIED,
@@ -152,6 +176,9 @@ const DESTINATIONS: [Ipv4Addr; 20] = [
     V1,
     V2,
     P1,
+    GSB_ADDR,
+    V5,
+    P5,
 ];
 
 fn addr(pool: &'static [Ipv4Addr]) -> BoxedStrategy<Ipv4Addr> {
@@ -165,21 +192,34 @@ fn addr(pool: &'static [Ipv4Addr]) -> BoxedStrategy<Ipv4Addr> {
 
 fn ingress() -> impl Strategy<Value = Ingress> {
     prop_oneof![
-        45 => Just(Ingress::Public),
-        45 => Just(Ingress::Guest),
+        40 => Just(Ingress::Public),
+        36 => Just(Ingress::Guest),
+        10 => Just(Ingress::GuestB),
+        4 => Just(Ingress::GuestN),
         5 => Just(Ingress::Other),
         5 => Just(Ingress::Loopback),
     ]
 }
 
 fn addresses(ing: Ingress) -> BoxedStrategy<(Ipv4Addr, Ipv4Addr)> {
-    match ing {
-        Ingress::Guest => {
-            let dst = prop_oneof![1 => Just(REMOTE), 2 => addr(&DESTINATIONS)];
-            (addr(&NAT_OUT_KEYS), dst).boxed()
-        }
-        _ => (addr(&DESTINATIONS), addr(&NAT_IN_KEYS)).boxed(),
-    }
+    let (hosts, router): (&'static [Ipv4Addr], Ipv4Addr) = match ing {
+        Ingress::Guest => (&GST_HOSTS, GST_ADDR),
+        Ingress::GuestB => (&GSB_HOSTS, GSB_ADDR),
+        Ingress::GuestN => (&GSN_HOSTS, GUEST_ROUTERS[2]),
+        _ => return (addr(&DESTINATIONS), addr(&NAT_IN_KEYS)).boxed(),
+    };
+    let out_dst = prop_oneof![1 => Just(REMOTE), 2 => addr(&DESTINATIONS)];
+    let router = prop_oneof![4 => Just(router), 1 => select(&GUEST_ROUTERS[..])];
+    prop_oneof![
+        10 => (addr(&NAT_OUT_KEYS), out_dst),
+        7 => (addr(hosts), addr(&NAT_IN_KEYS)),
+        5 => (addr(hosts), router),
+    ]
+    .boxed()
+}
+
+fn port() -> impl Strategy<Value = u16> {
+    prop_oneof![1 => any::<u16>(), 1 => select(&POOL_PORTS[..])]
 }
 
 fn small() -> impl Strategy<Value = usize> {
@@ -211,33 +251,32 @@ fn inner() -> impl Strategy<Value = Inner> {
 
 fn tcp() -> impl Strategy<Value = Transport> {
     let option_words = prop_oneof![4 => Just(0usize), 1 => 0usize..=10];
-    (any::<u16>(), any::<u16>(), option_words, small()).prop_map(|(sport, dport, w, payload)| {
-        Transport::Tcp {
-            sport,
-            dport,
-            option_words: w,
-            payload,
-        }
+    (port(), port(), option_words, small()).prop_map(|(sport, dport, w, payload)| Transport::Tcp {
+        sport,
+        dport,
+        option_words: w,
+        payload,
     })
 }
 
 fn udp() -> impl Strategy<Value = Transport> {
-    (
-        any::<u16>(),
-        any::<u16>(),
-        small(),
-        prop::bool::weighted(0.8),
-    )
-        .prop_map(|(sport, dport, payload, csum)| Transport::Udp {
+    (port(), port(), small(), prop::bool::weighted(0.8)).prop_map(
+        |(sport, dport, payload, csum)| Transport::Udp {
             sport,
             dport,
             payload,
             csum,
-        })
+        },
+    )
 }
 
 fn echo() -> impl Strategy<Value = Transport> {
-    (select(&[0u8, 8][..]), small()).prop_map(|(ty, payload)| Transport::Echo { ty, payload })
+    let id = prop_oneof![3 => Just(0x77u16), 1 => Just(0)];
+    (select(&[0u8, 8][..]), id, small()).prop_map(|(ty, id, payload)| Transport::Echo {
+        ty,
+        id,
+        payload,
+    })
 }
 
 fn icmp_error() -> impl Strategy<Value = Transport> {
@@ -304,6 +343,69 @@ pub fn icmp_error_frame_spec() -> impl Strategy<Value = FrameSpec> {
     frame_spec_with(icmp_error(), mutations)
 }
 
+/// Frames on the guest side aimed at hairpin: a host sends to a mapped public IP, or a
+/// hairpin target answers the router's address on its interface; ports nearly always and echo
+/// identifiers from the pools, so bindings are created, found and collided with. Few frames are
+/// damaged (checksum fields set to edge values) or carry TTL 1.
+pub fn hairpin_frame_spec() -> impl Strategy<Value = FrameSpec> {
+    let ends = prop_oneof![
+        6 => Just(Ingress::Guest),
+        3 => Just(Ingress::GuestB),
+        1 => Just(Ingress::GuestN),
+    ]
+    .prop_flat_map(|ing| (Just(ing), hairpin_addresses(ing)));
+    let pooled = || prop_oneof![9 => select(&POOL_PORTS[..]), 1 => any::<u16>()];
+    let tcp = (pooled(), pooled(), small()).prop_map(|(sport, dport, payload)| Transport::Tcp {
+        sport,
+        dport,
+        option_words: 0,
+        payload,
+    });
+    let udp = (pooled(), pooled(), small(), prop::bool::weighted(0.8)).prop_map(
+        |(sport, dport, payload, csum)| Transport::Udp {
+            sport,
+            dport,
+            payload,
+            csum,
+        },
+    );
+    let transport =
+        prop_oneof![30 => tcp, 30 => udp, 25 => echo(), 10 => icmp_error(), 5 => other()];
+    let word = prop_oneof![select(&[0u16, 0xffff, 0xfffe, 1][..]), any::<u16>()];
+    let word =
+        (select(&CSUM_OFFSETS[..]), word).prop_map(|(at, value)| Mutation::Word { at, value });
+    let mutations = prop_oneof![9 => Just(Vec::new()), 1 => vec(word, 1..=2)];
+    let ip = (
+        any::<u8>(),
+        prop_oneof![19 => Just(64u8), 1 => select(&[1u8, 2][..])],
+        select(&[0u16, DF][..]),
+        Just(0usize),
+    );
+    frame_spec_from(
+        ends.boxed(),
+        Just(packet::ETH_P_IP),
+        ip,
+        transport,
+        mutations,
+    )
+}
+
+/// Guest-side addresses of [`hairpin_frame_spec`]: a host of the interface to a public IP
+/// (mostly ones hairpin can reach), or a target of the interface to the router's address on it.
+fn hairpin_addresses(ing: Ingress) -> BoxedStrategy<(Ipv4Addr, Ipv4Addr)> {
+    const PUBLICS: [Ipv4Addr; 8] = [P1, P1, P1, P2, P2, P5, P5, P6];
+    let (hosts, targets, router): (&'static [Ipv4Addr], &'static [Ipv4Addr], Ipv4Addr) = match ing {
+        Ingress::Guest => (&GST_HOSTS, &[V1, V1, V2, V4], GST_ADDR),
+        Ingress::GuestB => (&GSB_HOSTS, &[V5], GSB_ADDR),
+        _ => (&GSN_HOSTS, &GSN_HOSTS, GUEST_ROUTERS[2]),
+    };
+    prop_oneof![
+        1 => (select(hosts), select(&PUBLICS[..])),
+        1 => (select(targets), Just(router)),
+    ]
+    .boxed()
+}
+
 fn frame_spec_with(
     transport: impl Strategy<Value = Transport>,
     mutations: impl Strategy<Value = Vec<Mutation>>,
@@ -314,12 +416,26 @@ fn frame_spec_with(
         frag(),
         prop_oneof![19 => Just(0usize), 1 => 1usize..=10],
     );
+    let ends = ingress()
+        .prop_flat_map(|ing| (Just(ing), addresses(ing)))
+        .boxed();
+    frame_spec_from(ends, ethertype(), ip, transport, mutations)
+}
+
+/// A frame from its parts: ingress and addresses, ethertype, IP fields (TOS, TTL, fragment
+/// field, option words), transport, damage; size and padding drawn here.
+fn frame_spec_from(
+    ends: BoxedStrategy<(Ingress, (Ipv4Addr, Ipv4Addr))>,
+    ethertype: impl Strategy<Value = u16>,
+    ip: impl Strategy<Value = (u8, u8, u16, usize)>,
+    transport: impl Strategy<Value = Transport>,
+    mutations: impl Strategy<Value = Vec<Mutation>>,
+) -> impl Strategy<Value = FrameSpec> {
     let size = (
         prop_oneof![9 => Just(None), 1 => (1380usize..=1520).prop_map(Some)],
         prop_oneof![3 => Just(0usize), 1 => 1usize..=20],
     );
-    let ends = ingress().prop_flat_map(|ing| (Just(ing), addresses(ing)));
-    (ends, ethertype(), ip, transport, size, mutations).prop_map(
+    (ends, ethertype, ip, transport, size, mutations).prop_map(
         |((ingress, (src, dst)), ethertype, ip, transport, (big, padding), mutations)| {
             let (tos, ttl, frag, option_words) = ip;
             FrameSpec {
@@ -381,6 +497,8 @@ impl FrameSpec {
         match self.ingress {
             Ingress::Public => t.pub0.ifindex,
             Ingress::Guest => t.gst0.ifindex,
+            Ingress::GuestB => t.gsb0.ifindex,
+            Ingress::GuestN => t.gsn0.ifindex,
             Ingress::Other => t.oth0.ifindex,
             Ingress::Loopback => t.lo.ifindex,
         }
@@ -433,9 +551,9 @@ impl FrameSpec {
                     packet::udp(self.src, self.dst, *sport, *dport, &payload(n), *csum),
                 )
             }
-            Transport::Echo { ty, payload: n } => (
+            Transport::Echo { ty, id, payload: n } => (
                 packet::PROTO_ICMP,
-                packet::icmp_echo(*ty, 0x77, 3, &payload(grow(8, *n))),
+                packet::icmp_echo(*ty, *id, 3, &payload(grow(8, *n))),
             ),
             Transport::Error {
                 ty,

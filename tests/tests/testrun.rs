@@ -1,6 +1,6 @@
 //! The XDP program under `BPF_PROG_TEST_RUN`, each test in a namespace of its own (topology in
 //! `nat_tests::harness`): golden frames with hand-written expectations (translation, pass
-//! reasons, firewall and egress rules, connection tracking), and differential property tests
+//! reasons, firewall and egress rules, connection tracking, hairpin), and differential property tests
 //! against the reference model (`nat_tests::model`): random frames, and random firewall
 //! scenarios.
 //!
@@ -13,6 +13,10 @@ mod conntrack;
 mod firewall;
 #[path = "testrun/forwarded.rs"]
 mod forwarded;
+#[path = "testrun/hairpin.rs"]
+mod hairpin;
+#[path = "testrun/hairpin_edges.rs"]
+mod hairpin_edges;
 #[path = "testrun/passed.rs"]
 mod passed;
 #[path = "testrun/random.rs"]

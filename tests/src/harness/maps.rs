@@ -155,17 +155,16 @@ fn conntrack(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<&mut MapData, FlowKey, F
     )?)
 }
 
-/// Every `CONNTRACK` entry; fails on a key or value the program never writes (a kind other
-/// than NAT, nonzero padding or hairpin fields).
+/// Every `CONNTRACK` entry; fails on a key or value the program never writes (an unknown
+/// kind, nonzero padding).
 pub fn read_flows(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<Flow, Tracked>> {
     let ct = conntrack(ebpf)?;
     let mut out = BTreeMap::new();
     for kv in ct.iter() {
         let (k, v) = kv.context("iterate CONNTRACK")?;
-        let flow = Flow::from_key(&k);
-        if flow.key() != k {
-            bail!("CONNTRACK key with kind or padding set: {k:?}");
-        }
+        let Some(flow) = Flow::from_key(&k).filter(|f| f.key() == k) else {
+            bail!("CONNTRACK key with an unknown kind or padding set: {k:?}");
+        };
         let Some(t) = Tracked::from_value(&v) else {
             bail!("CONNTRACK value with unexpected fields for {flow}: {v:?}");
         };

@@ -1,6 +1,13 @@
 //! The model's policy stage, run after transport parsing and before the route lookup: its own
 //! connection table first (ESTABLISHED, then RELATED for ICMP errors), then the ingress rules of
-//! the public IP or the egress policy.
+//! the public IP or the egress policy. A packet the rules admit opens its flow only once the
+//! route lookup has forwarded it ([`Admit::Open`]).
+//!
+//! Of ICMP only echo is tracked: a request follows its flow's direction, a reply answers it,
+//! only a request opens a flow; errors get in as RELATED or by a rule, other messages by a rule,
+//! without any lookup. A SYN from the responder of a closed TCP flow is a miss, judged as new;
+//! a flow it opens replaces the old entry. The table also holds the two legs of hairpin flows
+//! ([`Kind`]), which `super::hairpin` drives with the same tracking.
 //!
 //! Rules are matched by a linear scan over the rules as natd holds them (protocol, port range,
 //! ICMP type/code, CIDRs), never through the LPM entries natd compiles them into, so a test
@@ -9,7 +16,8 @@
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use nat_common::{
-    Event, FlowKey, FlowState, ORIGIN_GUEST, ORIGIN_PUBLIC, Reason, TIMEOUT_SLOTS,
+    Event, FLOW_HAIRPIN_FWD, FLOW_HAIRPIN_REV, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST,
+    ORIGIN_PUBLIC, Reason, TIMEOUT_SLOTS,
     conntrack::{self, State},
 };
 use nat_userspace::{
@@ -68,8 +76,37 @@ fn wire32(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
 
-/// A flow in the guest's view (private address, after DNAT / before SNAT). Ports are host
-/// order: 0 without ports, the identifier twice for ICMP echo.
+/// Which leg of a flow a connection-table entry is: the program's `FlowKey::kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// A translated flow, keyed by the guest's private address ([`FLOW_NAT`]).
+    Nat,
+    /// The forward leg of a hairpin flow: sender V2 -> public IP P ([`FLOW_HAIRPIN_FWD`]).
+    HairpinFwd,
+    /// The reply binding of a hairpin flow: target V1 <-> router address R, whose entry names
+    /// the sender ([`FLOW_HAIRPIN_REV`]).
+    HairpinRev,
+}
+
+impl Kind {
+    pub fn raw(self) -> u8 {
+        match self {
+            Kind::Nat => FLOW_NAT,
+            Kind::HairpinFwd => FLOW_HAIRPIN_FWD,
+            Kind::HairpinRev => FLOW_HAIRPIN_REV,
+        }
+    }
+
+    pub fn from_raw(v: u8) -> Option<Self> {
+        [Kind::Nat, Kind::HairpinFwd, Kind::HairpinRev]
+            .into_iter()
+            .find(|k| k.raw() == v)
+    }
+}
+
+/// A connection-table key. For [`Kind::Nat`] the guest's view (private address, after DNAT /
+/// before SNAT); for the hairpin legs see [`Kind`]. Ports are host order: 0 without ports, the
+/// identifier twice for ICMP echo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Flow {
     pub guest: Ipv4Addr,
@@ -77,10 +114,11 @@ pub struct Flow {
     pub guest_port: u16,
     pub remote_port: u16,
     pub proto: u8,
+    pub kind: Kind,
 }
 
 impl Flow {
-    /// The program's `CONNTRACK` key (kind [`nat_common::FLOW_NAT`]).
+    /// The program's `CONNTRACK` key.
     pub fn key(&self) -> FlowKey {
         FlowKey {
             guest: wire32(self.guest),
@@ -88,18 +126,21 @@ impl Flow {
             guest_port: wire16(self.guest_port),
             remote_port: wire16(self.remote_port),
             proto: self.proto,
+            kind: self.kind.raw(),
             ..FlowKey::default()
         }
     }
 
-    pub fn from_key(k: &FlowKey) -> Self {
-        Flow {
+    /// The flow of a `CONNTRACK` key; `None` for a kind the program never writes.
+    pub fn from_key(k: &FlowKey) -> Option<Self> {
+        Some(Flow {
             guest: Ipv4Addr::from(k.guest.to_ne_bytes()),
             remote: Ipv4Addr::from(k.remote.to_ne_bytes()),
             guest_port: host16(k.guest_port),
             remote_port: host16(k.remote_port),
             proto: k.proto,
-        }
+            kind: Kind::from_raw(k.kind)?,
+        })
     }
 }
 
@@ -109,7 +150,12 @@ impl fmt::Display for Flow {
             f,
             "proto {} {}:{} <-> {}:{}",
             self.proto, self.guest, self.guest_port, self.remote, self.remote_port
-        )
+        )?;
+        match self.kind {
+            Kind::Nat => Ok(()),
+            Kind::HairpinFwd => f.write_str(" (hairpin forward leg)"),
+            Kind::HairpinRev => f.write_str(" (hairpin reply binding)"),
+        }
     }
 }
 
@@ -121,7 +167,13 @@ pub struct Tracked {
     pub origin: u8,
     /// [`conntrack::FIN_ORIG`] | [`conntrack::FIN_REPLY`].
     pub fins: u8,
+    /// The sender's address and port (host order) of a hairpin reply binding; zeros for every
+    /// other entry (as in the map, where a binding of sender 0.0.0.0:0 looks the same).
+    pub peer: (Ipv4Addr, u16),
 }
+
+/// The `peer` of an entry that is not a hairpin reply binding.
+pub const NO_PEER: (Ipv4Addr, u16) = (Ipv4Addr::UNSPECIFIED, 0);
 
 impl Tracked {
     pub fn new(state: State, origin: u8, fins: u8) -> Self {
@@ -129,6 +181,15 @@ impl Tracked {
             state,
             origin,
             fins,
+            peer: NO_PEER,
+        }
+    }
+
+    /// A hairpin reply binding to `peer` (always opened by a guest, FIN bits never kept).
+    pub fn binding(state: State, peer: (Ipv4Addr, u16)) -> Self {
+        Tracked {
+            peer,
+            ..Tracked::new(state, ORIGIN_GUEST, 0)
         }
     }
 
@@ -139,24 +200,32 @@ impl Tracked {
             state: self.state as u8,
             origin: self.origin,
             fins: self.fins,
+            peer_addr: wire32(self.peer.0),
+            peer_port: wire16(self.peer.1),
             ..FlowState::default()
         }
     }
 
-    /// The comparable part of a `CONNTRACK` value; `None` if a field the program never writes
-    /// (padding, hairpin peer) is nonzero.
+    /// The comparable part of a `CONNTRACK` value; `None` if padding is nonzero or the state is
+    /// out of range.
     pub fn from_value(v: &FlowState) -> Option<Self> {
         let clean = FlowState {
             last_seen: v.last_seen,
             state: v.state,
             origin: v.origin,
             fins: v.fins,
+            peer_addr: v.peer_addr,
+            peer_port: v.peer_port,
             ..FlowState::default()
         };
         (clean == *v && usize::from(v.state) < TIMEOUT_SLOTS).then(|| Tracked {
             state: State::from_u8(v.state),
             origin: v.origin,
             fins: v.fins,
+            peer: (
+                Ipv4Addr::from(v.peer_addr.to_ne_bytes()),
+                host16(v.peer_port),
+            ),
         })
     }
 }
@@ -172,6 +241,11 @@ pub enum Path {
     Rule,
     /// Dropped.
     Denied,
+    /// Hairpin: the reply binding belongs to a live flow of another sender (passed).
+    Collision,
+    /// Hairpin reply: a binding exists, but the flow it names is gone or refuses the packet
+    /// (passed).
+    Stale,
 }
 
 /// The rules of a desired state, as natd holds them.
@@ -270,6 +344,18 @@ struct Entry {
     last_seen: u64,
 }
 
+const ICMP: u8 = 1;
+const ECHO_REPLY: u8 = 0;
+const ECHO_REQUEST: u8 = 8;
+
+/// ICMP type of an echo message, `None` for anything else (other protocols included).
+fn echo_type(f: &Facts) -> Option<u8> {
+    match f.icmp {
+        Some((ty @ (ECHO_REPLY | ECHO_REQUEST), _)) if f.proto == ICMP => Some(ty),
+        _ => None,
+    }
+}
+
 /// The model's connection table and its settings (`CONFIG` timeouts, 0 = netfilter default).
 #[derive(Clone, Debug, Default)]
 pub struct Conntrack {
@@ -289,6 +375,17 @@ impl Conntrack {
         now.wrapping_sub(e.last_seen) <= self.timeout_ns(e.tracked.state)
     }
 
+    /// The entry of `flow` if it exists and has not expired, untouched.
+    pub(super) fn live_entry(&self, flow: &Flow, now: u64) -> Option<Tracked> {
+        let e = self.flows.get(flow)?;
+        self.live(e, now).then_some(e.tracked)
+    }
+
+    /// The entry of `flow`, live or not.
+    pub(super) fn entry(&self, flow: &Flow) -> Option<Tracked> {
+        self.flows.get(flow).map(|e| e.tracked)
+    }
+
     /// Every entry, live or not.
     pub fn flows(&self) -> BTreeMap<Flow, Tracked> {
         self.flows.iter().map(|(k, e)| (*k, e.tracked)).collect()
@@ -302,8 +399,10 @@ impl Conntrack {
         self.flows.clear();
     }
 
-    /// ESTABLISHED: a live flow advances its state.
-    fn track(
+    /// ESTABLISHED: a live flow advances its state. Of ICMP only echo is tracked (no lookup,
+    /// no event otherwise), a request in the flow's direction and a reply against it. A SYN
+    /// from the responder on a closed flow belongs to a new connection: a miss.
+    pub(super) fn track(
         &mut self,
         flow: &Flow,
         f: &Facts,
@@ -311,6 +410,9 @@ impl Conntrack {
         now: u64,
         ev: &mut Events,
     ) -> bool {
+        if f.proto == ICMP && echo_type(f).is_none() {
+            return false;
+        }
         let Some(e) = self.flows.get(flow).copied() else {
             ev.bump(Event::ConntrackMiss);
             return false;
@@ -322,7 +424,10 @@ impl Conntrack {
         }
         let t = e.tracked;
         let reply = (t.origin == ORIGIN_GUEST) != from_guest;
-        // TODO(model update in progress): None = a new flow the other way.
+        if echo_type(f).is_some_and(|ty| (ty == ECHO_REPLY) != reply) {
+            ev.bump(Event::ConntrackMiss);
+            return false;
+        }
         let Some((state, fins)) = conntrack::next(t.state, t.fins, f.proto, f.tcp_flags, reply)
         else {
             ev.bump(Event::ConntrackMiss);
@@ -332,6 +437,49 @@ impl Conntrack {
         ev.bump(Event::ConntrackHit);
         true
     }
+
+    /// Opens `flow` for a packet the policy admitted and the route forwards, unless the packet
+    /// cannot open one (ICMP other than an echo request, a bare TCP RST); replaces whatever
+    /// entry was there. Returns the new flow's state.
+    pub(super) fn open(
+        &mut self,
+        flow: Flow,
+        f: &Facts,
+        from_guest: bool,
+        now: u64,
+        ev: &mut Events,
+    ) -> Option<State> {
+        if f.proto == ICMP && echo_type(f) != Some(ECHO_REQUEST) {
+            return None;
+        }
+        let state = conntrack::initial(f.proto, f.tcp_flags)?;
+        let origin = if from_guest {
+            ORIGIN_GUEST
+        } else {
+            ORIGIN_PUBLIC
+        };
+        self.put(flow, Tracked::new(state, origin, 0), now);
+        ev.bump(Event::ConntrackCreate);
+        Some(state)
+    }
+
+    /// Keeps `rev` (if present) alive and in the state of `fwd`.
+    pub(super) fn refresh(&mut self, rev: &Flow, fwd: &Flow, now: u64) {
+        let state = self.flows.get(fwd).map(|e| e.tracked.state);
+        if let (Some(state), Some(e)) = (state, self.flows.get_mut(rev)) {
+            e.last_seen = now;
+            e.tracked.state = state;
+        }
+    }
+}
+
+/// What the policy made of a packet it lets through.
+#[derive(Clone, Copy, Debug)]
+pub enum Admit {
+    /// A live flow's packet, or an ICMP error (RELATED or allowed by a rule): opens nothing.
+    Tracked,
+    /// Allowed by a rule: opens this flow once the route lookup has forwarded the packet.
+    Open(Flow),
 }
 
 /// Rules plus connection table: the whole policy stage.
@@ -352,26 +500,22 @@ impl PolicyModel {
         private: Ipv4Addr,
         now: u64,
         ev: &mut Events,
-    ) -> (Path, Result<(), Reason>) {
-        let flow = if inbound {
-            Flow {
-                guest: private,
-                remote: f.saddr,
-                guest_port: f.dport,
-                remote_port: f.sport,
-                proto: f.proto,
-            }
+    ) -> (Path, Result<Admit, Reason>) {
+        let (remote, guest_port, remote_port) = if inbound {
+            (f.saddr, f.dport, f.sport)
         } else {
-            Flow {
-                guest: private,
-                remote: f.daddr,
-                guest_port: f.sport,
-                remote_port: f.dport,
-                proto: f.proto,
-            }
+            (f.daddr, f.sport, f.dport)
+        };
+        let flow = Flow {
+            guest: private,
+            remote,
+            guest_port,
+            remote_port,
+            proto: f.proto,
+            kind: Kind::Nat,
         };
         if self.conntrack.track(&flow, f, !inbound, now, ev) {
-            return (Path::Established, Ok(()));
+            return (Path::Established, Ok(Admit::Tracked));
         }
         if let Some(Quoted {
             remote,
@@ -385,10 +529,10 @@ impl PolicyModel {
                 guest_port,
                 remote_port,
                 proto,
+                kind: Kind::Nat,
             };
-            let ct = &self.conntrack;
-            if ct.flows.get(&related).is_some_and(|e| ct.live(e, now)) {
-                return (Path::Related, Ok(()));
+            if self.conntrack.live_entry(&related, now).is_some() {
+                return (Path::Related, Ok(Admit::Tracked));
             }
         }
         let allowed = if inbound {
@@ -404,14 +548,10 @@ impl PolicyModel {
             };
             return (Path::Denied, Err(reason));
         }
-        if f.quoted.is_none()
-            && let Some(state) = conntrack::initial(f.proto, f.tcp_flags)
-        {
-            let origin = if inbound { ORIGIN_PUBLIC } else { ORIGIN_GUEST };
-            self.conntrack
-                .put(flow, Tracked::new(state, origin, 0), now);
-            ev.bump(Event::ConntrackCreate);
+        // ICMP errors never open flows.
+        if f.quoted.is_some() {
+            return (Path::Rule, Ok(Admit::Tracked));
         }
-        (Path::Rule, Ok(()))
+        (Path::Rule, Ok(Admit::Open(flow)))
     }
 }

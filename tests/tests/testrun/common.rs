@@ -9,7 +9,7 @@ use nat_common::{
 };
 use nat_tests::{
     harness::{Harness, P1, P2, PUB_GW_MAC, Topology, V1, V1_MAC, V2, V2_MAC, allow_all},
-    model::{Direction, Events, Flow, Outcome, Tracked, XDP_DROP, XDP_REDIRECT},
+    model::{Direction, Events, Flow, Kind, Outcome, Tracked, XDP_DROP, XDP_REDIRECT},
     packet::{
         ETH_P_IP, Ip, PROTO_ICMP, PROTO_TCP, PROTO_UDP, ether, icmp, icmp_error, tcp, tcp_flags,
         udp,
@@ -193,9 +193,14 @@ pub fn new_flow() -> Events {
 pub fn hit() -> Events {
     ev(&[(ConntrackHit, 1)])
 }
-/// A frame that found no flow and opened none (denied, RELATED, ICMP error, bare RST).
+/// A frame that found no flow and opened none (denied, a bare RST, an echo reply).
 pub fn miss() -> Events {
     ev(&[(ConntrackMiss, 1)])
+}
+/// A frame connection tracking does not look up: ICMP other than echo (errors, RELATED or
+/// not, and informational messages). It opens no flow either.
+pub fn untracked() -> Events {
+    Events::default()
 }
 
 /// A mapping as the policy tests use it.
@@ -382,5 +387,6 @@ pub fn flow(g: Guest, remote: Ipv4Addr, proto: u8, ports: (u16, u16)) -> Flow {
         guest_port: ports.0,
         remote_port: ports.1,
         proto,
+        kind: Kind::Nat,
     }
 }

@@ -85,7 +85,7 @@ fn public_ip_without_rules_drops_everything() {
         "frag needed about nothing tracked",
         G1,
         false,
-        miss(),
+        untracked(),
         |a, t| {
             let q = udp_l3(a, REMOTE, (5353, 53), 63);
             error_l3(ROUTER, a, (3, 4), &q, usize::MAX, t)
@@ -248,44 +248,49 @@ fn icmp_rules_match_type_and_code() {
     p.inbound("echo request 8/0", G1, true, new_flow(), msg(8, 0, 1));
     p.inbound("echo request, code 1", G1, false, miss(), msg(8, 1, 2));
     p.inbound("echo reply", G1, false, miss(), msg(0, 0, 3));
-    p.inbound("timestamp", G1, false, miss(), msg(13, 0, 0));
+    p.inbound("timestamp", G1, false, untracked(), msg(13, 0, 0));
     p.inbound(
         "frag needed, type 3 any code",
         G1,
         true,
-        miss(),
+        untracked(),
         error(ROUTER, 3, 4),
     );
     p.inbound(
         "host unreachable 3/1",
         G1,
         true,
-        miss(),
+        untracked(),
         error(ROUTER, 3, 1),
     );
     p.inbound(
         "type 3 from outside the CIDR",
         G1,
         false,
-        miss(),
+        untracked(),
         error(PUB_GW, 3, 4),
     );
-    p.inbound("time exceeded", G1, false, miss(), error(ROUTER, 11, 0));
-    p.inbound("any icmp: timestamp", G2, true, new_flow(), msg(13, 0, 0));
+    p.inbound(
+        "time exceeded",
+        G1,
+        false,
+        untracked(),
+        error(ROUTER, 11, 0),
+    );
+    p.inbound("any icmp: timestamp", G2, true, untracked(), msg(13, 0, 0));
     p.inbound("any icmp: echo", G2, true, new_flow(), msg(8, 0, 9));
     p.inbound(
         "any icmp: time exceeded",
         G2,
         true,
-        miss(),
+        untracked(),
         error(ROUTER, 11, 0),
     );
     let icmp = Tracked::new(IcmpState, ORIGIN_PUBLIC, 0);
     p.flows(
-        "echo flows keyed by identifier, others by 0",
+        "echo requests open flows keyed by identifier, nothing else does",
         &[
             (flow(G1, REMOTE, PROTO_ICMP, (1, 1)), icmp),
-            (flow(G2, REMOTE, PROTO_ICMP, (0, 0)), icmp),
             (flow(G2, REMOTE, PROTO_ICMP, (9, 9)), icmp),
         ],
     );
@@ -361,7 +366,7 @@ fn egress_default_allow_with_deny_exceptions() {
     p.outbound("echo request", G1, false, miss(), |a, t| {
         icmp_l3(a, PUB_GW, 8, 0, 5, t)
     });
-    p.outbound("timestamp", G1, true, new_flow(), |a, t| {
+    p.outbound("timestamp", G1, true, untracked(), |a, t| {
         icmp_l3(a, PUB_GW, 13, 0, 0, t)
     });
     p.finish("egress default allow");

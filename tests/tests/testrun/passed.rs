@@ -196,7 +196,10 @@ fn passes_what_it_cannot_route() {
     table! { c;
         "inbound to a guest without neighbour", pub0, n(udp_in(P3)) => NoNeighbour;
         "outbound to a host without neighbour", gst0, g(udp_out(V1, PUB_NO_NEIGH)) => NoNeighbour;
-        "outbound to a mapped address (no hairpin)", gst0, g(udp_out(V1, P1)) => NoNeighbour;
+        // Without a hairpin binding, a frame to the router's guest address is outbound (and
+        // local); one to its address on another interface is outbound anyway.
+        "outbound to the router's guest address", gst0, g(udp_out(V1, GST_ADDR)) => NoRoute;
+        "outbound to the router on gsb0", gst0, g(udp_out(V1, GSB_ADDR)) => NoRoute;
         "inbound mapped to a remote address", pub0, n(udp_in(P_TO_REMOTE)) => WrongEgress;
         "inbound mapped behind oth0", pub0, n(udp_in(P_TO_OTHER)) => WrongEgress;
         "outbound to another guest", gst0, g(udp_out(V1, V2)) => WrongEgress;

@@ -1,23 +1,25 @@
 //! Differential property test: random, often damaged frames (see `nat_tests::strategy`)
 //! through the program and the model must agree on verdict, reason, output bytes, the mapping
-//! counted and the conntrack events; a translated undamaged frame must also have every checksum
-//! valid. The connection tables are compared (and emptied) every [`FLOW_CHECK_EVERY`] frames.
+//! counted and the conntrack events; a translated frame whose checksums were all valid must
+//! have them all valid still. The connection tables (hairpin legs and bindings included) are compared (and emptied)
+//! every [`FLOW_CHECK_EVERY`] frames. The report counts frames by leg and policy path, and the
+//! hairpin legs by reason.
 //! The policy is open ([`open_policy`]), so the translation paths stay reachable.
 //! `NAT_PROPTEST_CASES` sets the number of frames (default 20 000, plus a quarter of that
-//! again aimed at ICMP errors).
+//! again aimed at ICMP errors, and another quarter at hairpin).
 use std::{cell::RefCell, collections::BTreeMap, time::Instant};
 
 use nat_common::Reason;
 use nat_tests::{
     harness::{Harness, allow_all, service},
-    model::{Path, XDP_REDIRECT},
+    model::{Leg, Path, XDP_REDIRECT},
     packet::{PROTO_ICMP, verify_checksums},
-    strategy::{FrameSpec, frame_spec, icmp_error_frame_spec},
+    strategy::{FrameSpec, frame_spec, hairpin_frame_spec, icmp_error_frame_spec},
 };
 use nat_userspace::{firewall::Proto, state::DesiredState};
 use proptest::{
     strategy::Strategy,
-    test_runner::{Config, TestCaseError, TestRunner},
+    test_runner::{Config, RngSeed, TestCaseError, TestRunner},
 };
 
 use crate::common::*;
@@ -36,6 +38,31 @@ fn open_policy() -> DesiredState {
     s
 }
 
+/// A runner configuration for `cases` cases and its RNG seed: `PROPTEST_RNG_SEED` if set,
+/// else a fresh one. Failures must print the seed: the tests carry state (connection tables)
+/// from case to case, so only the whole sequence, replayed from the seed, reproduces one.
+pub fn config(cases: u32) -> (Config, u64) {
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let seed = match config.rng_seed {
+        RngSeed::Fixed(seed) => seed,
+        RngSeed::Random => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+        }
+    };
+    let config = Config {
+        rng_seed: RngSeed::Fixed(seed),
+        ..config
+    };
+    (config, seed)
+}
+
 pub fn cases_from_env() -> u32 {
     match std::env::var("NAT_PROPTEST_CASES") {
         Ok(v) => v
@@ -51,8 +78,10 @@ struct Coverage {
     reasons: [u32; Reason::COUNT as usize],
     icmp_errors_translated: u32,
     frames: u32,
-    /// (inbound, policy path) -> frames.
-    paths: BTreeMap<(bool, Path), u32>,
+    /// (leg, policy path) -> frames.
+    paths: BTreeMap<(Leg, Option<Path>), u32>,
+    /// (leg, reason) -> frames, for the hairpin legs.
+    hairpin: BTreeMap<(Leg, Reason), u32>,
 }
 
 /// One case: program and model agree; an undamaged translated frame has valid checksums.
@@ -66,17 +95,20 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), T
     let mut c = cov.borrow_mut();
     c.frames += 1;
     c.reasons[got.reason as usize] += 1;
-    if let Some(p) = h.model_path() {
-        *c.paths
-            .entry((ingress == h.topo.pub0.ifindex, p))
-            .or_default() += 1;
+    if let (Some(leg), path) = h.model_decision() {
+        *c.paths.entry((leg, path)).or_default() += 1;
+        if matches!(leg, Leg::HairpinForward | Leg::HairpinReply) {
+            *c.hairpin.entry((leg, got.reason)).or_default() += 1;
+        }
     }
     // Only a redirected frame is sure to hold an ICMP header.
     let redirected = got.action == XDP_REDIRECT;
     if redirected && frame[23] == PROTO_ICMP && matches!(frame[34], 3 | 11 | 12) {
         c.icmp_errors_translated += 1;
     }
-    if redirected && spec.mutations.is_empty() {
+    // Valid checksums in, valid checksums out (an undamaged frame of another protocol may
+    // carry the number of TCP or UDP, and so a bogus checksum).
+    if redirected && verify_checksums(&frame).is_ok() {
         verify_checksums(&got.frame)
             .map_err(|e| TestCaseError::fail(format!("{e} after translating {}", hex(&frame))))?;
     }
@@ -97,13 +129,9 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), T
 }
 
 fn run(h: &Harness, cov: &RefCell<Coverage>, cases: u32, s: impl Strategy<Value = FrameSpec>) {
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
+    let (config, seed) = config(cases);
     if let Err(e) = TestRunner::new(config).run(&s, |spec| check(h, cov, &spec)) {
-        panic!("{e}");
+        panic!("{e}\nreplay with PROPTEST_RNG_SEED={seed} (and the same NAT_PROPTEST_CASES)");
     }
 }
 
@@ -117,6 +145,7 @@ fn program_matches_model() {
     let start = Instant::now();
     run(&h, &cov, cases, frame_spec());
     run(&h, &cov, cases / 4, icmp_error_frame_spec());
+    run(&h, &cov, cases / 4, hairpin_frame_spec());
     let elapsed = start.elapsed();
 
     let cov = cov.into_inner();
@@ -128,17 +157,24 @@ fn program_matches_model() {
     let paths: Vec<_> = cov
         .paths
         .iter()
-        .map(|((inbound, p), n)| {
-            let dir = if *inbound { "inbound" } else { "outbound" };
-            format!("{dir} {p:?}={n}")
+        .map(|((leg, p), n)| match p {
+            Some(p) => format!("{leg:?} {p:?}={n}"),
+            None => format!("{leg:?} (before policy)={n}"),
         })
         .collect();
+    let hairpin: Vec<_> = cov
+        .hairpin
+        .iter()
+        .map(|((leg, r), n)| format!("{leg:?} {}={n}", r.name()))
+        .collect();
     eprintln!(
-        "{} random frames in {elapsed:.1?}, {} translated ICMP errors; {}\n  policy: {}",
-        cases + cases / 4,
+        "{} random frames in {elapsed:.1?}, {} translated ICMP errors; {}\n  policy: {}\n  \
+         hairpin: {}",
+        cases + cases / 2,
         cov.icmp_errors_translated,
         report.join(" "),
-        paths.join(", ")
+        paths.join(", "),
+        hairpin.join(" ")
     );
     if cases >= 5_000 {
         let missed: Vec<_> = Reason::ALL.iter().filter(|r| seen(**r) < 10).collect();
@@ -148,5 +184,17 @@ fn program_matches_model() {
             icmp >= cases / 50,
             "the generator translated only {icmp} ICMP errors"
         );
+        let hairpin = |leg, r| cov.hairpin.get(&(leg, r)).copied().unwrap_or(0);
+        let thin: Vec<_> = [
+            (Leg::HairpinForward, Reason::HairpinForwarded),
+            (Leg::HairpinForward, Reason::HairpinCollision),
+            (Leg::HairpinForward, Reason::IcmpErrorUnrelated),
+            (Leg::HairpinReply, Reason::HairpinForwarded),
+            (Leg::HairpinReply, Reason::Unmapped),
+        ]
+        .into_iter()
+        .filter(|(leg, r)| hairpin(*leg, *r) < 10)
+        .collect();
+        assert!(thin.is_empty(), "the generator rarely reached {thin:?}");
     }
 }
