@@ -2,19 +2,19 @@
 //! writes them, `EVENTS` and `CONNTRACK` read back (and `CONNTRACK` seeded or cleared).
 //!
 //! The harness loads the object itself (small mapping maps, see `TEST_MAX_MAPPINGS`), so it
-//! cannot use `nat_userspace::ebpf::Dataplane`; [`write_entry`] is a copy of its `set_entry`
-//! key encoding, and the `testrun` firewall tests check the two write identical maps.
+//! cannot use `nat_userspace::ebpf::Dataplane`; [`write_entry`] goes through natd's own key
+//! encoder (`nat_userspace::ebpf::write_entry`), and the `testrun` firewall tests check that the
+//! bench and natd's Dataplane write identical maps.
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
 };
 use nat_common::{
-    EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowKey, FlowState,
-    FwSrcData, FwSvcData, MAP_CONFIG, MAP_CONNTRACK, MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS,
-    MAP_FW_SRC, MAP_FW_SVC, NatConfig, RuleBits,
+    EgSvcData, Event, FlowKey, FlowState, FwSrcData, FwSvcData, MAP_CONFIG, MAP_CONNTRACK,
+    MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, NatConfig, RuleBits,
 };
 use nat_userspace::tables::Entry;
 
@@ -30,67 +30,9 @@ fn lpm<'a, K: aya::Pod>(
     Ok(LpmTrie::try_from(map)?)
 }
 
-fn write<K: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    k: Key<K>,
-    bits: Option<RuleBits>,
-) -> anyhow::Result<()> {
-    let mut t = lpm::<K>(ebpf, name)?;
-    let r = match bits {
-        Some(b) => t.insert(&k, b, 0),
-        None => match t.remove(&k) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            r => r,
-        },
-    };
-    r.with_context(|| format!("write {name}"))
-}
-
-/// Inserts (`Some`) or deletes (`None`) one firewall LPM entry, encoded as natd encodes it.
+/// Inserts (`Some`) or deletes (`None`) one firewall LPM entry, through natd's own encoder.
 pub fn write_entry(ebpf: &mut Ebpf, e: Entry, bits: Option<RuleBits>) -> anyhow::Result<()> {
-    match e {
-        Entry::FwSrc(public, cidr) => {
-            let data = FwSrcData {
-                public: public.octets(),
-                source: cidr.addr().octets(),
-            };
-            let k = Key::new(FW_SRC_BASE_BITS + u32::from(cidr.prefix_len()), data);
-            write(ebpf, MAP_FW_SRC, k, bits)
-        }
-        Entry::FwSvc(public, proto, value, len) => {
-            let data = FwSvcData {
-                public: public.octets(),
-                proto,
-                service: value.to_be_bytes(),
-                _pad: 0,
-            };
-            write(
-                ebpf,
-                MAP_FW_SVC,
-                Key::new(FW_SVC_BASE_BITS + u32::from(len), data),
-                bits,
-            )
-        }
-        Entry::EgDst(cidr) => {
-            let k = Key::new(u32::from(cidr.prefix_len()), cidr.addr().octets());
-            write(ebpf, MAP_EG_DST, k, bits)
-        }
-        Entry::EgSvc(proto, value, len) => {
-            let k = match proto {
-                None => Key::new(0, EgSvcData::default()),
-                Some(proto) => Key::new(
-                    EG_SVC_BASE_BITS + u32::from(len),
-                    EgSvcData {
-                        proto,
-                        service: value.to_be_bytes(),
-                        _pad: 0,
-                    },
-                ),
-            };
-            write(ebpf, MAP_EG_SVC, k, bits)
-        }
-    }
+    Ok(nat_userspace::ebpf::write_entry(ebpf, e, bits)?)
 }
 
 /// One entry of a firewall map: (map, prefix length, key data, bits).
