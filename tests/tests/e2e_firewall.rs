@@ -754,7 +754,7 @@ fn deleting_a_mapping_deletes_its_rules() -> anyhow::Result<()> {
 /// path (XDP tracks the flow), the 4000-byte answer takes the slow path, where it must count as
 /// a reply of that flow, not as a new inbound flow no rule allows.
 #[test]
-#[ignore = "natd bug: nftables' ingress chain knows only the kernel's conntrack, not XDP's flows"]
+#[ignore = "known limitation (README): nftables' ingress chain knows only the kernel's conntrack, not XDP's flows"]
 fn a_fragmented_answer_to_a_fast_path_flow_arrives() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING))?;

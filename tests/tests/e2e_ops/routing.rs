@@ -249,7 +249,7 @@ fn datagram_leaves_through(
 /// private source V2, which no `ip rule from P2` matches, so through the main table's default
 /// (network 1) — with P2 as source. Run with `--ignored`; see the report of the ops tests.
 #[test]
-#[ignore = "natd bug: the kernel's slow path routes by the private source, not by `from P`"]
+#[ignore = "known limitation (README): the kernel's slow path routes by the private source, not by `from P`"]
 fn what_the_kernel_translates_leaves_through_its_own_network_too() -> anyhow::Result<()> {
     let t = TwoNetworks::new()?;
     datagram_leaves_through(&t.topo.guest, (V2, P2), 4000, &t.upstream2, &t.topo.client)
