@@ -528,7 +528,7 @@ fn reply_side_syn_does_not_reopen_a_closed_flow() {
 /// netfilter tracks the two pings as separate connections (the request of one is not the reply
 /// tuple of the other), so the reply gets in as ESTABLISHED. Run with `-- --ignored`.
 #[test]
-#[ignore = "program bug: a remote's echo request takes over a guest's ping flow with the same identifier"]
+#[ignore = "known limitation (README): a remote's echo request takes over a guest's ping flow with the same identifier"]
 fn remote_ping_does_not_take_over_a_guest_ping() {
     let h = harness();
     let mut s = base_state();
