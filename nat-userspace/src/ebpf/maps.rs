@@ -135,16 +135,31 @@ impl Dataplane {
         k: u32,
         addr: u32,
     ) -> Result<(), DataplaneError> {
-        let values =
-            PerCpuValues::try_from(vec![NatEntry::new(addr); self.nr_cpus]).map_err(|source| {
+        let nr_cpus = self.nr_cpus;
+        let values = || {
+            PerCpuValues::try_from(vec![NatEntry::new(addr); nr_cpus]).map_err(|source| {
                 DataplaneError::Map {
                     map,
                     source: MapError::IoError(source),
                 }
-            })?;
-        self.nat_map(map)?
-            .insert(k, values, 0)
-            .map_err(|source| write_error(map, source))
+            })
+        };
+        // A per-CPU map without preallocation refills its element cache asynchronously: a
+        // burst of inserts can meet a transient ENOMEM, which a short back-off rides out.
+        let mut delay = std::time::Duration::from_micros(100);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.nat_map(map)?.insert(k, values()?, 0) {
+                Err(MapError::SyscallError(e))
+                    if attempts < 8 && e.io_error.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                r => return r.map_err(|source| write_error(map, source)),
+            }
+        }
     }
 
     pub(super) fn delete(&mut self, map: &'static str, k: u32) -> Result<(), DataplaneError> {
