@@ -198,7 +198,8 @@ impl Daemon {
             }
             Err(ApplyError::Invalid(e)) => Err(Box::new(refuse(format!("{what} refused: {e}")))),
             Err(e) => Err(Box::new(refuse(format!(
-                "{what} failed, nothing changed: {e}"
+                "{what} failed, nothing changed: {}",
+                crate::report(&e)
             )))),
         }
     }
@@ -241,7 +242,12 @@ impl Daemon {
         };
         match self.ctl.apply(new) {
             Ok(diff) => self.forget_flows(&diff.removed),
-            Err(e) => return refuse(format!("{name} failed, nothing changed: {e}")),
+            Err(e) => {
+                return refuse(format!(
+                    "{name} failed, nothing changed: {}",
+                    crate::report(&e)
+                ));
+            }
         }
         for line in summary.lines() {
             info!("{name}: {line}");

@@ -123,13 +123,13 @@ impl StateDir {
     /// The persisted snapshot and its state, or `None` if natd never saved one here.
     pub fn load(&self) -> Result<Option<(Snapshot, DesiredState)>, PersistError> {
         let path = self.file();
-        let text = match fs::read_to_string(&path) {
+        let text = match fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(PersistError::Io { path, source }),
         };
         let snap: Snapshot =
-            serde_json::from_str(&text).map_err(|source| PersistError::Corrupt {
+            serde_json::from_slice(&text).map_err(|source| PersistError::Corrupt {
                 path: path.clone(),
                 source,
             })?;

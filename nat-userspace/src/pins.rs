@@ -3,6 +3,7 @@
 //! adopts it (hitless restart and upgrade).
 use std::{
     ffi::CString,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -74,10 +75,13 @@ impl PinDir {
             root: root.to_path_buf(),
         };
         for d in [dir.root.clone(), dir.maps(), dir.links()] {
-            std::fs::create_dir_all(&d).map_err(|source| PinError::Io {
+            let io = |source| PinError::Io {
                 path: d.clone(),
                 source,
-            })?;
+            };
+            std::fs::create_dir_all(&d).map_err(io)?;
+            // Whatever the umask: whoever may unlink a link pin may detach XDP.
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
         if !is_bpffs(&dir.root) {
             return Err(PinError::NotBpffs(dir.root));

@@ -45,7 +45,13 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     };
     let mut line = serde_json::to_string(req).map_err(ClientError::BadAnswer)?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    // natd may answer and close before reading all of a refused request (permission
+    // denied): its answer is still there to read.
+    if let Err(e) = stream.write_all(line.as_bytes())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(io(e));
+    }
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
     if answer.is_empty() {

@@ -77,6 +77,18 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request for the log: in full, but a payload only by name and size.
+    pub fn summary(&self) -> String {
+        match self {
+            Request::CloudstackApply { name, payload } => {
+                format!("cloudstack_apply {name} ({} bytes)", payload.len())
+            }
+            other => serde_json::to_string(other).unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {

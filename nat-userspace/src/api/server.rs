@@ -59,7 +59,15 @@ pub async fn serve(
     daemon: Arc<Mutex<Daemon>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // A bounded number of clients at a time: each may hold a request buffer, and file
+    // descriptors are finite. Further clients wait in the listen backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p,
+            _ = shutdown.changed() => break,
+        };
+        let Ok(permit) = permit else { break };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -68,14 +76,26 @@ pub async fn serve(
                         if let Err(e) = connection(stream, daemon).await {
                             warn!("control connection: {e}");
                         }
+                        drop(permit);
                     });
                 }
-                Err(e) => warn!("control socket accept: {e}"),
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    warn!("control socket accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             _ = shutdown.changed() => break,
         }
     }
 }
+
+/// Clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// A client that sends nothing for this long is disconnected.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn reply(
     stream: &mut tokio::net::unix::WriteHalf<'_>,
@@ -89,17 +109,25 @@ async fn reply(
 async fn connection(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (rd, mut wr) = stream.split();
+    let mut rd = BufReader::new(rd);
     if uid != 0 {
+        // Read (a bounded part of) the request first, so the client is not writing into a
+        // closed socket and gets to read the answer.
+        let mut sink = Vec::new();
+        let mut head = (&mut rd).take(4096);
+        let read = head.read_until(b'\n', &mut sink);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
         let message = "permission denied: natd's control socket is for root only".to_string();
         return reply(&mut wr, &Response::Error { message }).await;
     }
-    let mut rd = BufReader::new(rd);
     loop {
         let mut buf = Vec::new();
-        let n = (&mut rd)
-            .take(MAX_REQUEST as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .await?;
+        let mut limited = (&mut rd).take(MAX_REQUEST as u64 + 1);
+        let read = limited.read_until(b'\n', &mut buf);
+        let Ok(n) = tokio::time::timeout(IDLE, read).await else {
+            return Ok(());
+        };
+        let n = n?;
         if n == 0 {
             return Ok(());
         }
@@ -109,10 +137,7 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> std::
         }
         let resp = match serde_json::from_slice::<Request>(&buf) {
             Ok(req) => {
-                info!(
-                    "control request: {}",
-                    serde_json::to_string(&req).unwrap_or_default()
-                );
+                info!("control request: {}", req.summary());
                 daemon.lock().await.handle(req)
             }
             Err(e) => Response::Error {

@@ -84,7 +84,7 @@ fn main() {
     };
     if let Err(e) = rt.block_on(run(args)) {
         // env_logger writes to stderr too: one line, in the log's format.
-        log::error!("{e:#}");
+        log::error!("{}", nat_userspace::report(e.as_ref()));
         std::process::exit(1);
     }
 }
