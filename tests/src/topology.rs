@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-pub use process::{CmdOutput, Natctl, Natd, run_bounded};
+pub use process::{CmdOutput, Natctl, Natd, NatdOptions, run_bounded};
 
 /// The router's interface towards the client (natd's `--public-iface`).
 pub const ROUTER_PUBLIC_IF: &str = "pub0";

@@ -121,6 +121,24 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// How [`Natd::start_with`] starts natd, beyond pub0/gst0 and the private flags.
+#[derive(Debug, Default, Clone)]
+pub struct NatdOptions {
+    /// Config file text (written to `natd.toml` in the scratch directory).
+    pub config: Option<String>,
+    /// The control socket; `natd.sock` in the scratch directory by default.
+    pub socket: Option<PathBuf>,
+    /// Further arguments.
+    pub args: Vec<String>,
+    /// Private flags (`--state-dir`, `--bpffs`, `--metrics-addr`, `--detach-on-exit`) to leave
+    /// out, so natd uses its own default.
+    pub omit: Vec<&'static str>,
+    /// Log file name in the scratch directory; `natd.log` by default.
+    pub log: Option<String>,
+    /// natd's umask, instead of the one inherited from the test.
+    pub umask: Option<libc::mode_t>,
+}
+
 /// A running natd in the router namespace; stopped on drop.
 pub struct Natd {
     child: Child,
@@ -133,13 +151,18 @@ impl Natd {
     /// The natd command for `topo` with `args`; its output goes to `log`. `nsenter`, not
     /// `ip netns exec`: natd keeps the host's mount namespace. nsenter execs natd (no fork for
     /// a network namespace), so the child's pid is natd's.
-    fn command(topo: &Topology, args: &[&str], log: &Path) -> anyhow::Result<Command> {
+    fn command(
+        topo: &Topology,
+        args: &[&str],
+        omit: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Command> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", topo.router.path().display()))
             .arg(binary("natd")?)
-            .args(Self::private_args(topo, args))
+            .args(Self::private_args(topo, args, omit))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -155,17 +178,21 @@ impl Natd {
 
     /// Arguments that keep each test's natd to itself: its own state directory, pins and
     /// metrics port, and a fast path taken down on exit (the product default leaves it
-    /// running for the next natd). Left out where the test passes them itself. The topology
-    /// removes the pin directory when it goes, whatever natd did.
-    fn private_args(topo: &Topology, args: &[&str]) -> Vec<String> {
+    /// running for the next natd). Left out where the test passes them itself, or names them in
+    /// `omit` (natd then uses its own default). The topology removes the pin directory when it
+    /// goes, whatever natd did.
+    fn private_args(topo: &Topology, args: &[&str], omit: &[&str]) -> Vec<String> {
         let mut out = Vec::new();
         let mut add = |flag: &str, value: Option<String>| {
-            if !args.contains(&flag) {
+            if !args.contains(&flag) && !omit.contains(&flag) {
                 out.push(flag.to_string());
                 out.extend(value);
             }
         };
-        add("--state-dir", Some(topo.dir.path().join("state").display().to_string()));
+        add(
+            "--state-dir",
+            Some(topo.dir.path().join("state").display().to_string()),
+        );
         add("--bpffs", Some(Self::pin_dir(topo).display().to_string()));
         add("--metrics-addr", Some("127.0.0.1:0".to_string()));
         add("--detach-on-exit", None);
@@ -175,9 +202,20 @@ impl Natd {
     /// Starts natd on pub0/gst0 with `config` (TOML text, written to a file) or none, and waits
     /// until its control socket exists.
     pub fn start(topo: &Topology, config: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with(
+            topo,
+            &NatdOptions {
+                config: config.map(str::to_string),
+                ..NatdOptions::default()
+            },
+        )
+    }
+
+    /// [`Natd::start`] with more control: see [`NatdOptions`].
+    pub fn start_with(topo: &Topology, opts: &NatdOptions) -> anyhow::Result<Self> {
         let dir = topo.dir.path();
-        let socket = dir.join("natd.sock");
-        let log = dir.join("natd.log");
+        let socket = opts.socket.clone().unwrap_or_else(|| dir.join("natd.sock"));
+        let log = dir.join(opts.log.as_deref().unwrap_or("natd.log"));
         let mut args = vec![
             "--public-iface",
             ROUTER_PUBLIC_IF,
@@ -188,12 +226,23 @@ impl Natd {
         args.extend(["--socket", &socket_arg]);
         let config_path = dir.join("natd.toml");
         let config_arg = config_path.to_string_lossy().into_owned();
-        if let Some(text) = config {
+        if let Some(text) = &opts.config {
             std::fs::write(&config_path, text)
                 .with_context(|| format!("writing {}", config_path.display()))?;
             args.extend(["--config", &config_arg]);
         }
-        let mut cmd = Self::command(topo, &args, &log)?;
+        args.extend(opts.args.iter().map(String::as_str));
+        let mut cmd = Self::command(topo, &args, &opts.omit, &log)?;
+        if let Some(mask) = opts.umask {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: umask is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                })
+            };
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -230,8 +279,18 @@ impl Natd {
         args: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<(ExitStatus, String)> {
+        Self::run_to_exit_with(topo, args, &[], timeout)
+    }
+
+    /// [`Natd::run_to_exit`] leaving out the private flags named in `omit`.
+    pub fn run_to_exit_with(
+        topo: &Topology,
+        args: &[&str],
+        omit: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, String)> {
         let log = topo.dir.path().join("natd-run.log");
-        let mut cmd = Self::command(topo, args, &log)?;
+        let mut cmd = Self::command(topo, args, omit, &log)?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -257,6 +316,24 @@ impl Natd {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// natd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would end natd: no cleanup of any kind. Returns
+    /// the exit status.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
+        // Fails only if natd already exited; wait() reports that status either way.
+        let _ = self.child.kill();
+        let status = self.child.wait().context("waiting for natd")?;
+        self.exited = Some(status);
+        Ok(status)
     }
 
     /// natctl bound to this natd's socket.
