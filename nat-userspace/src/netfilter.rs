@@ -181,6 +181,43 @@ pub trait SlowPath {
     fn forget(&mut self, removed: &[Mapping]);
 }
 
+/// Removed mappings whose kernel flows are forgotten before a change is acknowledged.
+const FORGET_INLINE: usize = 64;
+
+/// Deletes the kernel's conntrack entries of `removed` in one `conntrack -R -` run: inbound
+/// flows were DNATed from P, outbound ones SNATed from V.
+fn forget_now(removed: &[Mapping]) {
+    let mut script = String::new();
+    for m in removed {
+        let _ = writeln!(
+            script,
+            "-D --orig-dst {}\n-D --orig-src {}",
+            m.public, m.private
+        );
+    }
+    let run = || -> std::io::Result<std::process::Output> {
+        let mut child = Command::new("conntrack")
+            .args(["-R", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes())?;
+        }
+        child.wait_with_output()
+    };
+    match run() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => warn!(
+            "conntrack -R (forgetting {} mapping(s)): {}",
+            removed.len(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => warn!("cannot run conntrack (is the conntrack package installed?): {e}"),
+    }
+}
+
 /// The real slow path, through the `nft` command.
 pub struct Nft {
     pub public_ifaces: Vec<String>,
@@ -233,36 +270,20 @@ impl SlowPath for Nft {
         if removed.is_empty() {
             return;
         }
-        // One `conntrack -R -` for the whole batch (a process per address took ~20 ms each):
-        // inbound flows were DNATed from P, outbound ones SNATed from V.
-        let mut script = String::new();
-        for m in removed {
-            let _ = writeln!(
-                script,
-                "-D --orig-dst {}\n-D --orig-src {}",
-                m.public, m.private
-            );
-        }
-        let run = || -> std::io::Result<std::process::Output> {
-            let mut child = Command::new("conntrack")
-                .args(["-R", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(script.as_bytes())?;
-            }
-            child.wait_with_output()
-        };
-        match run() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => warn!(
-                "conntrack -R (forgetting {} mapping(s)): {}",
-                removed.len(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => warn!("cannot run conntrack (is the conntrack package installed?): {e}"),
+        // conntrack walks the kernel's table for every deletion: a few mappings are forgotten
+        // before the change is acknowledged (a flow must not outlive its mapping), a bulk
+        // removal in the background so natd keeps answering meanwhile.
+        let removed = removed.to_vec();
+        if removed.len() <= FORGET_INLINE {
+            forget_now(&removed);
+        } else {
+            std::thread::spawn(move || {
+                forget_now(&removed);
+                log::info!(
+                    "forgot the kernel's flows of {} removed mappings",
+                    removed.len()
+                );
+            });
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask`: setup, build, test and demo for xdp-static-nat, one command each.
 
 mod demo;
+mod fuzz;
+mod reliability;
 mod setup;
 mod test;
 mod util;
@@ -23,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (Debian packages, nightly rust-src, bpf-linker).
+    /// Install what building and testing need (Debian packages, nightly rust-src, bpf-linker,
+    /// cargo-fuzz).
     /// Idempotent.
     Setup,
     /// Setup, then build the workspace (the eBPF object is built by nat-userspace's build.rs).
@@ -31,11 +34,24 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run every check and test: fmt, clippy, build, cargo test. Needs root. What CI runs.
+    /// Run every check and test: fmt, clippy, build, cargo test, the fuzzers (bounded), then
+    /// render RELIABILITY.md. Needs root. What CI runs.
     Test {
+        /// Seconds each fuzz target runs (0: no fuzzing).
+        #[arg(long, default_value_t = test::FUZZ_SECONDS)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Setup, then build the fuzz targets (fuzz/, nightly) and run each for a bounded time from
+    /// its seed corpus; fails on any crash.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = test::FUZZ_SECONDS)]
+        seconds: u64,
+        /// Targets to run (all if none): cloudstack, config, api_request.
+        targets: Vec<String>,
     },
     /// Run natd on a three-namespace demo topology and show NAT at work. Needs root.
     Demo,
@@ -46,7 +62,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup::run(),
         Task::Build { release } => build(release),
-        Task::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Task::Test {
+            fuzz_seconds,
+            cargo_test_args,
+        } => test::run(&cargo_test_args, fuzz_seconds),
+        Task::Fuzz { seconds, targets } => {
+            setup::run().and_then(|()| fuzz::check(&fuzz::run(seconds, &targets)?))
+        }
         Task::Demo => demo::run(),
     };
     match result {

@@ -27,12 +27,44 @@ const DEB_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Installed if no `cargo fuzz` works (`cargo xtask fuzz`, `cargo xtask test`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn run() -> Result<()> {
     debian_packages()?;
     nightly_rust_src()?;
     stable_components()?;
     bpf_linker()?;
+    cargo_fuzz()?;
+    Ok(())
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets (with the nightly toolchain, which
+/// `nightly_rust_src` already requires).
+fn cargo_fuzz() -> Result<()> {
+    if util::succeeds(util::cargo().args(["fuzz", "--version"])) {
+        println!("setup: cargo-fuzz ok");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    util::run(
+        util::cargo()
+            // Outside the repo, so its cargo config cannot leak into the install.
+            .current_dir(util::home_dir()?)
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .arg("--root")
+            .arg(util::cargo_home()?),
+    )?;
+    if !util::succeeds(util::cargo().args(["fuzz", "--version"])) {
+        bail!("cargo-fuzz was installed but `cargo fuzz --version` still fails");
+    }
+    println!("setup: cargo-fuzz ok");
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! `cargo xtask test`: the one command that runs every check and test (what CI runs).
-//! fmt and clippy run even if the other fails; the tests run only if the build succeeds.
+//! fmt and clippy run even if the other fails; the tests and the fuzzers run only if the build
+//! succeeds. At the end `RELIABILITY.md` is rendered from the figures the tests and the
+//! fuzzers reported (see `reliability`).
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -8,6 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::util::{self, cargo};
+use crate::{fuzz, reliability};
 
 struct Step {
     name: &'static str,
@@ -20,17 +23,24 @@ enum Outcome {
     Skipped,
 }
 
-/// Test counts summed over every `test result:` line cargo test printed.
+/// Test counts summed over every `test result:` line cargo test printed, and the tests that
+/// failed or were ignored (with the reason given in `#[ignore = "..."]`).
 #[derive(Default)]
 struct Counts {
     passed: u64,
     failed: u64,
     ignored: u64,
+    failed_tests: Vec<String>,
+    ignored_tests: Vec<(String, String)>,
 }
 
-pub fn run(extra_args: &[String]) -> Result<()> {
+/// Seconds each fuzz target runs by default (three targets: about 1.5 minutes in all).
+pub const FUZZ_SECONDS: u64 = 25;
+
+pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
     crate::setup::run()?;
     util::require_root("the tests need CAP_NET_ADMIN, CAP_BPF and network namespaces")?;
+    let figures = reliability::reset()?;
 
     let mut steps = Vec::new();
     let mut timed = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| {
@@ -57,13 +67,24 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         util::run(cargo().args(["build", "--bins"]))
     });
     let mut counts = Counts::default();
+    let mut fuzzed = Vec::new();
     if built {
-        timed("cargo test", &mut || cargo_test(extra_args, &mut counts));
-    } else {
-        steps.push(Step {
-            name: "cargo test",
-            outcome: Outcome::Skipped,
+        timed("cargo test", &mut || {
+            cargo_test(extra_args, &figures, &mut counts)
         });
+        if fuzz_seconds > 0 {
+            timed("cargo fuzz", &mut || {
+                fuzzed = fuzz::run(fuzz_seconds, &[])?;
+                fuzz::check(&fuzzed)
+            });
+        }
+    } else {
+        for name in ["cargo test", "cargo fuzz"] {
+            steps.push(Step {
+                name,
+                outcome: Outcome::Skipped,
+            });
+        }
     }
 
     println!("\nxtask test summary:");
@@ -87,6 +108,32 @@ pub fn run(extra_args: &[String]) -> Result<()> {
             counts.passed, counts.failed, counts.ignored
         );
     }
+    let tests = built.then(|| {
+        format!(
+            "{} passed, {} failed, {} skipped",
+            counts.passed, counts.failed, counts.ignored
+        )
+    });
+    let step_lines: Vec<(String, String)> = steps
+        .iter()
+        .map(|s| {
+            let outcome = match &s.outcome {
+                Outcome::Passed(secs) => format!("passed ({secs:.0} s)"),
+                Outcome::Failed(secs, _) => format!("FAILED ({secs:.0} s)"),
+                Outcome::Skipped => "skipped".to_string(),
+            };
+            (s.name.to_string(), outcome)
+        })
+        .collect();
+    let path = reliability::render(&reliability::RunInfo {
+        steps: &step_lines,
+        tests,
+        failed_tests: &counts.failed_tests,
+        ignored_tests: &counts.ignored_tests,
+        fuzz: &fuzzed,
+        fuzz_seconds,
+    })?;
+    println!("wrote {}", path.display());
     if failures > 0 {
         bail!("{failures} of {} steps failed", steps.len());
     }
@@ -94,8 +141,9 @@ pub fn run(extra_args: &[String]) -> Result<()> {
 }
 
 /// Runs `cargo test` (the default members: every crate but nat-ebpf, which only builds for the
-/// BPF target and is compiled by nat-userspace's build.rs), echoing its stdout and summing its `test result:` lines.
-fn cargo_test(extra_args: &[String], counts: &mut Counts) -> Result<()> {
+/// BPF target and is compiled by nat-userspace's build.rs), echoing its stdout and summing its
+/// `test result:` lines. The tests append their figures to `figures`.
+fn cargo_test(extra_args: &[String], figures: &std::path::Path, counts: &mut Counts) -> Result<()> {
     let (natd, natctl) = util::debug_bins()?;
     for bin in [&natd, &natctl] {
         if !bin.is_file() {
@@ -107,6 +155,7 @@ fn cargo_test(extra_args: &[String], counts: &mut Counts) -> Result<()> {
         .args(extra_args)
         .env("NATD_BIN", &natd)
         .env("NATCTL_BIN", &natctl)
+        .env(reliability::ENV, figures)
         .stdout(Stdio::piped());
     let line = util::describe(&cmd);
     let mut child = cmd
@@ -128,8 +177,24 @@ fn cargo_test(extra_args: &[String], counts: &mut Counts) -> Result<()> {
     Ok(())
 }
 
-/// Parses `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`.
+/// Parses `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`,
+/// and notes `test NAME ... FAILED` and `test NAME ... ignored, REASON`.
 fn count_result_line(line: &str, counts: &mut Counts) {
+    if let Some((name, outcome)) = line
+        .trim()
+        .strip_prefix("test ")
+        .and_then(|l| l.split_once(" ... "))
+    {
+        if outcome == "FAILED" {
+            counts.failed_tests.push(name.to_string());
+        } else if let Some(why) = outcome.strip_prefix("ignored") {
+            let why = why.trim_start_matches(", ").trim();
+            counts
+                .ignored_tests
+                .push((name.to_string(), why.to_string()));
+        }
+        return;
+    }
     let Some(rest) = line.trim().strip_prefix("test result: ") else {
         return;
     };
@@ -165,6 +230,18 @@ mod tests {
             &mut c,
         );
         count_result_line("running 3 tests", &mut c);
+        count_result_line("test a::b ... FAILED", &mut c);
+        count_result_line("test a::c ... ok", &mut c);
+        count_result_line("test a::d ... ignored, product bug: x", &mut c);
+        count_result_line("test a::e ... ignored", &mut c);
         assert_eq!((c.passed, c.failed, c.ignored), (4, 2, 1));
+        assert_eq!(c.failed_tests, ["a::b"]);
+        assert_eq!(
+            c.ignored_tests,
+            [
+                ("a::d".to_string(), "product bug: x".to_string()),
+                ("a::e".to_string(), String::new())
+            ]
+        );
     }
 }

@@ -59,15 +59,7 @@ pub async fn serve(
     daemon: Arc<Mutex<Daemon>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // A bounded number of clients at a time: each may hold a request buffer, and file
-    // descriptors are finite. Further clients wait in the listen backlog.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p,
-            _ = shutdown.changed() => break,
-        };
-        let Ok(permit) = permit else { break };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -76,11 +68,11 @@ pub async fn serve(
                         if let Err(e) = connection(stream, daemon).await {
                             warn!("control connection: {e}");
                         }
-                        drop(permit);
                     });
                 }
                 Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
+                    // E.g. out of file descriptors: back off instead of spinning, while idle
+                    // clients time out and free theirs.
                     warn!("control socket accept: {e}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
@@ -90,10 +82,9 @@ pub async fn serve(
     }
 }
 
-/// Clients served at once.
-const MAX_CLIENTS: usize = 64;
-/// A client that sends nothing for this long is disconnected.
-const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// A client that sends nothing for this long is disconnected (natctl sends its request at
+/// once): idle clients cannot hold natd's file descriptors for long.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Pause after a failed accept.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 

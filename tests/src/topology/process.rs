@@ -130,12 +130,22 @@ pub struct NatdOptions {
     pub guest_ifaces: Vec<String>,
     /// TOML text for `--config`, written to the scratch directory.
     pub config: Option<String>,
+    /// The control socket; `natd.sock` in the scratch directory by default.
+    pub socket: Option<PathBuf>,
     /// Further arguments. The private ones (state directory, pins, metrics address) are added
     /// unless named here.
     pub args: Vec<String>,
     /// Leave out `--detach-on-exit`: natd leaves its fast path running when it stops (the
     /// product default), for the next natd to adopt.
     pub keep_fast_path: bool,
+    /// Private flags (`--state-dir`, `--bpffs`, `--metrics-addr`, `--detach-on-exit`) to leave
+    /// out, so natd uses its own default.
+    pub omit: Vec<&'static str>,
+    /// Log file name in the scratch directory; by default `natd.log` for the first natd of the
+    /// topology, `natd.N.log` after.
+    pub log: Option<String>,
+    /// natd's umask, instead of the one inherited from the test.
+    pub umask: Option<libc::mode_t>,
 }
 
 impl Default for NatdOptions {
@@ -144,8 +154,12 @@ impl Default for NatdOptions {
             public_ifaces: vec![ROUTER_PUBLIC_IF.to_string()],
             guest_ifaces: vec![ROUTER_GUEST_IF.to_string()],
             config: None,
+            socket: None,
             args: Vec::new(),
             keep_fast_path: false,
+            omit: Vec::new(),
+            log: None,
+            umask: None,
         }
     }
 }
@@ -165,15 +179,15 @@ impl Natd {
     fn command(
         topo: &Topology,
         args: &[&str],
+        omit: &[&str],
         log: &Path,
-        detach_on_exit: bool,
     ) -> anyhow::Result<Command> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", topo.router.path().display()))
             .arg(binary("natd")?)
-            .args(Self::private_args(topo, args, detach_on_exit))
+            .args(Self::private_args(topo, args, omit))
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -189,12 +203,13 @@ impl Natd {
 
     /// Arguments that keep each test's natd to itself: its own state directory, pins and
     /// metrics port, and a fast path taken down on exit (the product default leaves it
-    /// running for the next natd) if `detach_on_exit`. Left out where the test passes them
-    /// itself. The topology removes the pin directory when it goes, whatever natd did.
-    fn private_args(topo: &Topology, args: &[&str], detach_on_exit: bool) -> Vec<String> {
+    /// running for the next natd). Left out where the test passes them itself, or names them in
+    /// `omit` (natd then uses its own default). The topology removes the pin directory when it
+    /// goes, whatever natd did.
+    fn private_args(topo: &Topology, args: &[&str], omit: &[&str]) -> Vec<String> {
         let mut out = Vec::new();
         let mut add = |flag: &str, value: Option<String>| {
-            if !args.contains(&flag) {
+            if !args.contains(&flag) && !omit.contains(&flag) {
                 out.push(flag.to_string());
                 out.extend(value);
             }
@@ -205,9 +220,7 @@ impl Natd {
         );
         add("--bpffs", Some(Self::pin_dir(topo).display().to_string()));
         add("--metrics-addr", Some("127.0.0.1:0".to_string()));
-        if detach_on_exit {
-            add("--detach-on-exit", None);
-        }
+        add("--detach-on-exit", None);
         out
     }
 
@@ -224,23 +237,26 @@ impl Natd {
     }
 
     /// Starts natd as `opts` says and waits until it listens on its control socket. The socket is
-    /// the topology's `natd.sock` whichever natd runs, so a natd started again answers the same
-    /// natctl; one left by a killed natd (nobody listening) is removed first, as natd itself
-    /// would. The log is `natd.log` for the first natd of the topology, `natd.N.log` after.
+    /// the topology's `natd.sock` (unless `opts.socket`) whichever natd runs, so a natd started
+    /// again answers the same natctl; one left by a killed natd (nobody listening) is removed
+    /// first, as natd itself would.
     pub fn start_with(topo: &Topology, opts: &NatdOptions) -> anyhow::Result<Self> {
         let dir = topo.dir.path();
-        let socket = dir.join("natd.sock");
+        let socket = opts.socket.clone().unwrap_or_else(|| dir.join("natd.sock"));
         if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
             std::fs::remove_file(&socket)
                 .with_context(|| format!("removing the stale {}", socket.display()))?;
         }
-        let log = (1..)
-            .map(|n| match n {
-                1 => dir.join("natd.log"),
-                n => dir.join(format!("natd.{n}.log")),
-            })
-            .find(|p| !p.exists())
-            .context("no free log name")?;
+        let log = match &opts.log {
+            Some(name) => dir.join(name),
+            None => (1..)
+                .map(|n| match n {
+                    1 => dir.join("natd.log"),
+                    n => dir.join(format!("natd.{n}.log")),
+                })
+                .find(|p| !p.exists())
+                .context("no free log name")?,
+        };
         let mut args: Vec<String> = Vec::new();
         for i in &opts.public_ifaces {
             args.extend(["--public-iface".to_string(), i.clone()]);
@@ -257,7 +273,21 @@ impl Natd {
         }
         args.extend(opts.args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut cmd = Self::command(topo, &args, &log, !opts.keep_fast_path)?;
+        let mut omit = opts.omit.clone();
+        if opts.keep_fast_path {
+            omit.push("--detach-on-exit");
+        }
+        let mut cmd = Self::command(topo, &args, &omit, &log)?;
+        if let Some(mask) = opts.umask {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: umask is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                })
+            };
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -295,8 +325,18 @@ impl Natd {
         args: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<(ExitStatus, String)> {
+        Self::run_to_exit_with(topo, args, &[], timeout)
+    }
+
+    /// [`Natd::run_to_exit`] leaving out the private flags named in `omit`.
+    pub fn run_to_exit_with(
+        topo: &Topology,
+        args: &[&str],
+        omit: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, String)> {
         let log = topo.dir.path().join("natd-run.log");
-        let mut cmd = Self::command(topo, args, &log, true)?;
+        let mut cmd = Self::command(topo, args, omit, &log)?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -324,6 +364,24 @@ impl Natd {
         &self.socket
     }
 
+    /// natd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would end natd: no cleanup of any kind (its fast
+    /// path, nftables table, pins and socket stay as they are). Returns the exit status.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
+        // Fails only if natd already exited; wait() reports that status either way.
+        let _ = self.child.kill();
+        let status = self.child.wait().context("waiting for natd")?;
+        self.exited = Some(status);
+        Ok(status)
+    }
+
     /// natctl bound to this natd's socket.
     pub fn natctl(&self) -> anyhow::Result<Natctl> {
         Natctl::new(&self.socket)
@@ -332,18 +390,6 @@ impl Natd {
     /// Everything natd printed so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Kills natd with SIGKILL (no shutdown code runs: its fast path, nftables table, pins and
-    /// socket stay as they are) and reaps it.
-    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
-        if let Some(status) = self.exited {
-            bail!("natd had already exited ({status})");
-        }
-        self.child.kill().context("killing natd")?;
-        let status = self.child.wait().context("waiting for natd")?;
-        self.exited = Some(status);
-        Ok(status)
     }
 
     /// Sends SIGTERM and waits up to [`NATD_STOP`]; then SIGKILL. Returns the exit status, or
