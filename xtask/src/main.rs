@@ -1,5 +1,6 @@
-//! `cargo xtask`: setup, build, test and demo for xdp-static-nat, one command each.
+//! `cargo xtask`: setup, build, test, demo and bench for xdp-static-nat, one command each.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -39,6 +40,13 @@ enum Task {
     },
     /// Run natd on a three-namespace demo topology and show NAT at work. Needs root.
     Demo,
+    /// Run the benchmarks and write bench/RESULTS.md and its charts. Needs root; about a
+    /// quarter of an hour (`cargo xtask bench -- --quick`: a few minutes).
+    Bench {
+        /// Arguments for nat-bench, after `--` (`--quick`, `--only testrun,forward,...`).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +56,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build(release),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Demo => demo::run(),
+        Task::Bench { bench_args } => bench::run(&bench_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

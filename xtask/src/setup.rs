@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{self, command};
 
-/// Debian packages the tests and the demo call.
+/// Debian packages the tests, the demo and the benchmarks call.
 const DEB_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
@@ -22,6 +22,8 @@ const DEB_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "kmod",
+    // `cargo xtask bench`: CloudStack's iptables static NAT, for comparison.
+    "iptables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
