@@ -1,5 +1,6 @@
-//! `cargo xtask`: setup, build, test and demo for xdp-static-nat, one command each.
+//! `cargo xtask`: setup, build, test, demo and bench for xdp-static-nat, one command each.
 
+mod bench;
 mod demo;
 mod fuzz;
 mod reliability;
@@ -55,6 +56,13 @@ enum Task {
     },
     /// Run natd on a three-namespace demo topology and show NAT at work. Needs root.
     Demo,
+    /// Run the benchmarks and write bench/RESULTS.md and its charts. Needs root; about a
+    /// quarter of an hour (`cargo xtask bench -- --quick`: a few minutes).
+    Bench {
+        /// Arguments for nat-bench, after `--` (`--quick`, `--only testrun,forward,...`).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +78,7 @@ fn main() -> ExitCode {
             setup::run().and_then(|()| fuzz::check(&fuzz::run(seconds, &targets)?))
         }
         Task::Demo => demo::run(),
+        Task::Bench { bench_args } => bench::run(&bench_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{self, command};
 
-/// Debian packages the tests and the demo call.
+/// Debian packages the tests, the demo and the benchmarks call.
 const DEB_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
@@ -24,6 +24,8 @@ const DEB_PACKAGES: &[&str] = &[
     "kmod",
     // e2e_ops: a real Prometheus server scrapes natd, and promtool checks its exposition.
     "prometheus",
+    // `cargo xtask bench`: CloudStack's iptables static NAT, for comparison.
+    "iptables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,75 @@
+//! `nat-bench`: the benchmarks of xdp-static-nat (run through `cargo xtask bench`). Needs root.
+mod bpf;
+mod control;
+mod flood;
+mod forward;
+mod frame;
+mod iptables;
+mod mapops;
+mod natd;
+mod netns;
+mod report;
+mod testrun;
+mod topo;
+mod traffic;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the XDP static NAT; writes RESULTS.md and SVG charts")]
+struct Args {
+    /// Fewer repeats and smaller tables (about a minute or two).
+    #[arg(long)]
+    quick: bool,
+    /// Where RESULTS.md and the charts go.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Sections to run (default: all): testrun, forward, flood, control, maps.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+fn main() {
+    util::install_signal_handlers();
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("nat-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    netns::sweep_stale();
+    let machine = util::Machine::probe();
+    let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let mut sections = Vec::new();
+    if want("testrun") {
+        sections.extend(testrun::run(args.quick).context("section 1 (test run)")?);
+    }
+    if want("forward") {
+        sections.push(forward::section(args.quick).context("section 2 (forwarding)")?);
+    }
+    if want("flood") {
+        sections.push(flood::section(args.quick).context("section 3 (flood)")?);
+    }
+    if want("control") {
+        sections.push(control::section(args.quick).context("section 4 (control plane)")?);
+    }
+    if want("maps") {
+        sections.push(mapops::section(args.quick).context("section 5 (map operations)")?);
+    }
+    std::fs::create_dir_all(&args.out)?;
+    for s in &sections {
+        for c in &s.charts {
+            std::fs::write(args.out.join(&c.file), report::svg(c))?;
+        }
+    }
+    let md = report::markdown(&machine, args.quick, include_str!("preamble.md"), &sections);
+    std::fs::write(args.out.join("RESULTS.md"), md)?;
+    eprintln!("bench: wrote {}", args.out.join("RESULTS.md").display());
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! natd in a router namespace (stopped on drop: SIGTERM, a bounded wait, then SIGKILL) and
+//! natctl against it. Each natd gets its own state directory, socket, bpffs directory and a
+//! metrics port of its own, and takes the fast path down when it exits (`--detach-on-exit`).
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{netns::Netns, util};
+
+const START: Duration = Duration::from_secs(120);
+const STOP: Duration = Duration::from_secs(20);
+
+/// `$NAME_BIN`, else the binary next to this one (`cargo xtask bench` builds them together).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let var = format!("{}_BIN", name.to_uppercase());
+    let path = match std::env::var_os(&var) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory above the bench binary")?
+            .join(name),
+    };
+    ensure!(
+        path.is_file(),
+        "{name} not found at {} (set {var})",
+        path.display()
+    );
+    Ok(path)
+}
+
+pub struct Natd {
+    child: Child,
+    dir: PathBuf,
+    pins: PathBuf,
+    pub socket: PathBuf,
+    natctl: PathBuf,
+}
+
+impl Natd {
+    /// Starts natd on eth2 (public) and eth0 (guest) of `router` and waits for its socket.
+    pub fn start(router: &Netns, config: Option<&str>) -> anyhow::Result<Self> {
+        let stem = crate::netns::unique_stem();
+        let dir = std::env::temp_dir().join(&stem);
+        std::fs::create_dir_all(&dir)?;
+        let pins = Path::new("/sys/fs/bpf").join(&stem);
+        let socket = dir.join("natd.sock");
+        let log = std::fs::File::create(dir.join("natd.log"))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", router.path().display()))
+            .arg(binary("natd")?)
+            .args(["--public-iface", "eth2", "--guest-iface", "eth0"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bpffs")
+            .arg(&pins)
+            .args(["--metrics-addr", "127.0.0.1:0", "--detach-on-exit"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(text) = config {
+            let path = dir.join("natd.toml");
+            std::fs::write(&path, text)?;
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd.spawn().context("starting natd")?;
+        let mut natd = Self {
+            child,
+            dir,
+            pins,
+            socket,
+            natctl: binary("natctl")?,
+        };
+        let end = Instant::now() + START;
+        while !natd.socket.exists() {
+            if let Some(s) = natd.child.try_wait()? {
+                bail!("natd exited ({s}) before serving:\n{}", natd.log());
+            }
+            ensure!(
+                Instant::now() < end,
+                "natd did not serve within {START:?}:\n{}",
+                natd.log()
+            );
+            util::check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(natd)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("natd.log")).unwrap_or_default()
+    }
+
+    /// `natctl --socket S ARGS...`; stdout, or an error unless it exited 0.
+    pub fn natctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        util::run(
+            Command::new(&self.natctl)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args),
+        )
+    }
+
+    /// natctl's stats (`natctl stats --json`).
+    pub fn stats(&self) -> anyhow::Result<nat_userspace::api::StatsReport> {
+        let out = self.natctl(&["stats", "--json"])?;
+        serde_json::from_str(&out).context("parsing natctl stats --json")
+    }
+
+    /// SIGTERM, then waits up to `limit` (SIGKILL after that); returns how long natd took.
+    pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        if self.child.try_wait()?.is_some() {
+            return Ok(Duration::ZERO);
+        }
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: plain syscall; `pid` is our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        while start.elapsed() < limit {
+            if self.child.try_wait()?.is_some() {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("natd did not exit within {limit:?} of SIGTERM; killed it")
+    }
+
+    /// SIGKILL: for restarts between runs, where natd's own shutdown (which takes time in
+    /// proportion to its mappings, see RESULTS.md) is not what is measured. Dropping `self`
+    /// then removes its pins (detaching XDP); its nftables table stays until the namespace
+    /// goes or the next natd replaces it.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Natd {
+    fn drop(&mut self) {
+        if let Err(e) = self.terminate(STOP) {
+            eprintln!("cleanup: {e:#}\n{}", self.log());
+        }
+        for p in [&self.pins, &self.dir] {
+            if p.exists()
+                && let Err(e) = std::fs::remove_dir_all(p)
+            {
+                eprintln!("cleanup: removing {}: {e}", p.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The three-namespace topology of sections 2-4, in one of three router setups:
+//!
+//! ```text
+//! client eth0 198.51.100.2 -- eth2 198.51.100.1  router  eth0 10.0.0.1 -- eth0 guest
+//!   routes 203.0.113.0/24, 10.0.0.0/24 via router       10.0.0.10 (V1), .11 (V2), .12 (V3)
+//! ```
+//!
+//! Router interfaces are named as on a CloudStack virtual router (eth2 public, eth0 guest).
+//! Every neighbour is permanent, every veth end has GRO on (NAPI, so frames redirected into
+//! it are delivered) and TX checksum offload off (full checksums survive XDP rewrites). The
+//! guest runs the counting [`Sink`] in native XDP: it counts and drops the generated UDP
+//! (destination ports [`GEN_PORT_LO`]..=[`GEN_PORT_HI`]) and passes everything else to its
+//! stack. Each namespace, natd and the sink's link go when the topology drops.
+use std::{net::Ipv4Addr, os::fd::OwnedFd};
+
+use anyhow::Context as _;
+
+use crate::{
+    bpf::{
+        progs,
+        sys::{self, MAP_ARRAY, Map},
+    },
+    natd::Natd,
+    netns::{Netns, mac_str, unique_stem},
+};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const ROUTER_PUB: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const ROUTER_GST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const V1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+pub const V2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+pub const V3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+pub const P1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const P2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+pub const P3: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
+/// Destination ports of generated traffic (allowed on P1 by its one rule).
+pub const GEN_PORT_LO: u16 = 5000;
+pub const GEN_PORT_HI: u16 = 5015;
+
+/// How the router forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setup {
+    /// Kernel IPv4 forwarding, no NAT, no netfilter.
+    Plain,
+    /// CloudStack's iptables static NAT rules for P1 -> V1 and P2 -> V2, with conntrack.
+    Iptables,
+    /// natd in native XDP mode with the same mappings and rule.
+    Natd,
+}
+
+impl Setup {
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::Plain => "kernel forwarding, no NAT",
+            Setup::Iptables => "iptables static NAT (CloudStack rules)",
+            Setup::Natd => "xdp-static-nat (natd, native XDP)",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Setup::Plain => "kernel fwd",
+            Setup::Iptables => "iptables NAT",
+            Setup::Natd => "XDP NAT",
+        }
+    }
+
+    /// Where generated traffic is sent.
+    pub fn target(self) -> Ipv4Addr {
+        if self == Setup::Plain { V1 } else { P1 }
+    }
+}
+
+/// The guest's counting XDP program and its counter.
+pub struct Sink {
+    count: Map,
+    _links: [OwnedFd; 2],
+    _prog: sys::Prog,
+}
+
+impl Sink {
+    pub fn count(&self) -> anyhow::Result<u64> {
+        let mut v = [0u8; 8];
+        self.count.lookup(&0u32.to_ne_bytes(), &mut v)?;
+        Ok(u64::from_ne_bytes(v))
+    }
+}
+
+pub struct Topo {
+    pub setup: Setup,
+    pub client: Netns,
+    pub router: Netns,
+    pub guest: Netns,
+    pub client_if: u32,
+    pub client_mac: [u8; 6],
+    pub router_pub_mac: [u8; 6],
+    /// A veth pair straight from the client (eth1) to the guest (eth1, sink attached): the
+    /// generator-and-sink cost without any router, subtracted to get the router's share.
+    pub direct_if: u32,
+    pub direct_mac: [u8; 6],
+    pub sink: Sink,
+    /// Declared after the namespaces it runs in, so it stops before they go... see Drop.
+    pub natd: Option<Natd>,
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        // natd first (it detaches XDP and removes its nftables table and pins), then the
+        // namespaces (fields).
+        self.natd.take();
+    }
+}
+
+impl Topo {
+    pub fn new(setup: Setup) -> anyhow::Result<Self> {
+        let stem = unique_stem();
+        let client = Netns::create(format!("{stem}-client"))?;
+        let router = Netns::create(format!("{stem}-router"))?;
+        let guest = Netns::create(format!("{stem}-guest"))?;
+        router.ip(&[
+            "link",
+            "add",
+            "eth2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            client.name(),
+        ])?;
+        router.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            guest.name(),
+        ])?;
+        client.ip(&[
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            guest.name(),
+        ])?;
+        client.ip(&["link", "set", "eth1", "up"])?;
+        guest.ip(&["link", "set", "eth1", "up"])?;
+        let (direct_if, _) = client.link("eth1")?;
+        let (_, direct_mac) = guest.link("eth1")?;
+        let (client_if, client_mac) = client.link("eth0")?;
+        let (_, router_pub_mac) = router.link("eth2")?;
+        let (_, router_gst_mac) = router.link("eth0")?;
+        let (_, guest_mac) = guest.link("eth0")?;
+        client.ip_batch(&format!(
+            "addr add {CLIENT}/24 dev eth0\nlink set eth0 up\n\
+             route add 203.0.113.0/24 via {ROUTER_PUB}\nroute add 10.0.0.0/24 via {ROUTER_PUB}\n\
+             neigh add {ROUTER_PUB} lladdr {} dev eth0 nud permanent\n",
+            mac_str(router_pub_mac)
+        ))?;
+        router.ip_batch(&format!(
+            "addr add {ROUTER_PUB}/24 dev eth2\naddr add {ROUTER_GST}/24 dev eth0\n\
+             link set eth2 up\nlink set eth0 up\n\
+             neigh add {CLIENT} lladdr {} dev eth2 nud permanent\n\
+             neigh add {V1} lladdr {g} dev eth0 nud permanent\n\
+             neigh add {V2} lladdr {g} dev eth0 nud permanent\n\
+             neigh add {V3} lladdr {g} dev eth0 nud permanent\n",
+            mac_str(client_mac),
+            g = mac_str(guest_mac)
+        ))?;
+        guest.ip_batch(&format!(
+            "addr add {V1}/24 dev eth0\naddr add {V2}/24 dev eth0\naddr add {V3}/24 dev eth0\n\
+             link set eth0 up\nroute add default via {ROUTER_GST}\n\
+             neigh add {ROUTER_GST} lladdr {} dev eth0 nud permanent\n",
+            mac_str(router_gst_mac)
+        ))?;
+        router.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.eth2.rp_filter=0",
+            "net.ipv4.conf.eth0.rp_filter=0",
+        ])?;
+        for (ns, dev) in [
+            (&client, "eth0"),
+            (&client, "eth1"),
+            (&router, "eth2"),
+            (&router, "eth0"),
+            (&guest, "eth0"),
+            (&guest, "eth1"),
+        ] {
+            ns.exec("ethtool", &["-K", dev, "gro", "on", "tx", "off"])?;
+        }
+        let count = Map::create("bench_sink", MAP_ARRAY, 4, 8, 1, 0)?;
+        let prog = sys::Prog::load_xdp(
+            "bench_sink",
+            &progs::sink(count.raw(), GEN_PORT_LO, GEN_PORT_HI),
+        )?;
+        let links = guest.run(|| {
+            let (eth0, _) = guest.link("eth0")?;
+            let (eth1, _) = guest.link("eth1")?;
+            Ok([
+                sys::attach_xdp(prog.raw(), eth0)?,
+                sys::attach_xdp(prog.raw(), eth1)?,
+            ])
+        })?;
+        let mut topo = Self {
+            setup,
+            client,
+            router,
+            guest,
+            client_if,
+            client_mac,
+            router_pub_mac,
+            direct_if,
+            direct_mac,
+            sink: Sink {
+                count,
+                _links: links,
+                _prog: prog,
+            },
+            natd: None,
+        };
+        match setup {
+            Setup::Plain => {}
+            Setup::Iptables => topo
+                .router
+                .exec_input(
+                    "iptables-restore",
+                    &[],
+                    &crate::iptables::ruleset(&[(P1, V1), (P2, V2)]),
+                )
+                .map(drop)
+                .context("installing the iptables ruleset")?,
+            Setup::Natd => topo.natd = Some(Natd::start(&topo.router, Some(&natd_config()))?),
+        }
+        Ok(topo)
+    }
+
+    /// natd of a [`Setup::Natd`] topology.
+    pub fn natd(&self) -> anyhow::Result<&Natd> {
+        self.natd.as_ref().context("this topology runs no natd")
+    }
+
+    /// Replaces natd (killed, see [`Natd::kill`]) with a fresh one (empty state) with `config`.
+    pub fn restart_natd(&mut self, config: Option<&str>) -> anyhow::Result<()> {
+        if let Some(old) = self.natd.take() {
+            old.kill()?;
+        }
+        self.natd = Some(Natd::start(&self.router, config)?);
+        Ok(())
+    }
+}
+
+/// natd's config: the two mappings and P1's rule (the generated traffic's ports).
+pub fn natd_config() -> String {
+    format!(
+        "[[mapping]]\npublic = \"{P1}\"\nprivate = \"{V1}\"\n\n\
+         [[mapping]]\npublic = \"{P2}\"\nprivate = \"{V2}\"\n\n\
+         [[rule]]\npublic = \"{P1}\"\nproto = \"udp\"\nports = \"{GEN_PORT_LO}-{GEN_PORT_HI}\"\n"
+    )
+}

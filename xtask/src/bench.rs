@@ -1,0 +1,34 @@
+//! `cargo xtask bench [-- --quick]`: setup, a release build of natd, natctl and the bench,
+//! then `nat-bench`, which writes bench/RESULTS.md and the charts. Needs root. Not part of
+//! `cargo xtask test`: it takes about a quarter of an hour (`--quick`: a few minutes).
+use anyhow::{Result, bail};
+
+use crate::util::{self, cargo, command};
+
+pub fn run(args: &[String]) -> Result<()> {
+    crate::setup::run()?;
+    util::require_root("the benchmarks create network namespaces, load XDP programs and run natd")?;
+    util::install_interrupt_handler()?;
+    util::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "nat-bench",
+        "-p",
+        "nat-userspace",
+        "--bins",
+    ]))?;
+    let release = util::target_dir()?.join("release");
+    let bench = release.join("nat-bench");
+    if !bench.is_file() {
+        bail!("{} was not built", bench.display());
+    }
+    util::run(
+        command(&bench)
+            .env("NATD_BIN", release.join("natd"))
+            .env("NATCTL_BIN", release.join("natctl"))
+            .arg("--out")
+            .arg(util::repo_root().join("bench"))
+            .args(args),
+    )
+}
