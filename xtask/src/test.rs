@@ -145,14 +145,19 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
 /// `test result:` lines. The tests append their figures to `figures`.
 fn cargo_test(extra_args: &[String], figures: &std::path::Path, counts: &mut Counts) -> Result<()> {
     let (natd, natctl) = util::debug_bins()?;
+    const DIFFERENTIAL_CASES: &str = "200000";
     for bin in [&natd, &natctl] {
         if !bin.is_file() {
             bail!("{} was not built", bin.display());
         }
     }
+    // The differential tests' size: 200,000 gives about 520,000 random frames and scenario
+    // steps through program and model (a few minutes); set it to override.
+    let cases = std::env::var("NAT_PROPTEST_CASES").unwrap_or_else(|_| DIFFERENTIAL_CASES.into());
     let mut cmd = cargo();
     cmd.args(["test", "--no-fail-fast"])
         .args(extra_args)
+        .env("NAT_PROPTEST_CASES", cases)
         .env("NATD_BIN", &natd)
         .env("NATCTL_BIN", &natctl)
         .env(reliability::ENV, figures)
