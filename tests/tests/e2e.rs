@@ -133,22 +133,8 @@ fn inbound_traffic_reaches_the_guest_from_the_clients_address() -> anyhow::Resul
         (256 * 1024, 256 * 1024)
     );
 
-    let after = natctl.stats()?;
     // At least the 3 echo requests, the datagram and the SYN went through the fast path.
-    let forwarded = reason(&after, "inbound_forwarded") - reason(&before, "inbound_forwarded");
-    assert!(forwarded >= 5, "inbound_forwarded grew by {forwarded}");
-    let m = mapping_of_p(&after.mappings);
-    let m0 = mapping_of_p(&before.mappings);
-    assert!(
-        m.counters.inbound_packets >= m0.counters.inbound_packets + 5,
-        "mapping counters: before {m0:?}, after {m:?}"
-    );
-    assert!(m.counters.inbound_bytes > m0.counters.inbound_bytes);
-    // The answers went back through the fast path too.
-    assert!(
-        m.counters.outbound_packets >= m0.counters.outbound_packets + 5,
-        "{m:?}"
-    );
+    assert_fast_path(&before, &natctl.stats()?, Dir::Inbound);
     Ok(())
 }
 
@@ -198,20 +184,7 @@ fn outbound_traffic_reaches_the_client_from_the_public_address() -> anyhow::Resu
         (256 * 1024, 256 * 1024)
     );
 
-    let after = natctl.stats()?;
-    let forwarded = reason(&after, "outbound_forwarded") - reason(&before, "outbound_forwarded");
-    assert!(forwarded >= 5, "outbound_forwarded grew by {forwarded}");
-    let m = mapping_of_p(&after.mappings);
-    let m0 = mapping_of_p(&before.mappings);
-    assert!(
-        m.counters.outbound_packets >= m0.counters.outbound_packets + 5,
-        "mapping counters: before {m0:?}, after {m:?}"
-    );
-    assert!(m.counters.outbound_bytes > m0.counters.outbound_bytes);
-    assert!(
-        m.counters.inbound_packets >= m0.counters.inbound_packets + 5,
-        "{m:?}"
-    );
+    assert_fast_path(&before, &natctl.stats()?, Dir::Outbound);
     Ok(())
 }
 
@@ -559,4 +532,54 @@ fn natd_cleans_up_on_sigterm() -> anyhow::Result<()> {
         "{out:?}"
     );
     Ok(())
+}
+
+/// Which way the traffic of a test was opened.
+#[derive(Clone, Copy)]
+enum Dir {
+    Inbound,
+    Outbound,
+}
+
+/// At least 5 packets (3 echoes, a datagram, a SYN) went through the fast path in direction
+/// `dir`, by reason and on P's mapping (packets and bytes), and their answers came back
+/// through it the other way.
+fn assert_fast_path(before: &StatsReport, after: &StatsReport, dir: Dir) {
+    let name = match dir {
+        Dir::Inbound => "inbound_forwarded",
+        Dir::Outbound => "outbound_forwarded",
+    };
+    let forwarded = reason(after, name) - reason(before, name);
+    assert!(forwarded >= 5, "{name} grew by {forwarded}");
+    let (m0, m) = (
+        mapping_of_p(&before.mappings).counters,
+        mapping_of_p(&after.mappings).counters,
+    );
+    let (way, way0, back, back0, bytes, bytes0) = match dir {
+        Dir::Inbound => (
+            m.inbound_packets,
+            m0.inbound_packets,
+            m.outbound_packets,
+            m0.outbound_packets,
+            m.inbound_bytes,
+            m0.inbound_bytes,
+        ),
+        Dir::Outbound => (
+            m.outbound_packets,
+            m0.outbound_packets,
+            m.inbound_packets,
+            m0.inbound_packets,
+            m.outbound_bytes,
+            m0.outbound_bytes,
+        ),
+    };
+    assert!(
+        way >= way0 + 5,
+        "mapping counters: before {m0:?}, after {m:?}"
+    );
+    assert!(
+        bytes > bytes0,
+        "mapping counters: before {m0:?}, after {m:?}"
+    );
+    assert!(back >= back0 + 5, "answers: before {m0:?}, after {m:?}");
 }
