@@ -94,9 +94,26 @@ pub const TCP_ACK: u8 = 0x10;
 pub const FIN_ORIG: u8 = 1;
 pub const FIN_REPLY: u8 = 2;
 
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMP: u8 = 1;
+use crate::proto::{ICMP as PROTO_ICMP, TCP as PROTO_TCP, UDP as PROTO_UDP};
+
+/// The ICMP queries netfilter tracks (nf_conntrack_proto_icmp.c: echo, timestamp, information,
+/// address mask): for a request or reply type, `(request type, reply type)`.
+#[inline(always)]
+pub const fn icmp_query(ty: u8) -> Option<(u8, u8)> {
+    match ty {
+        8 | 0 => Some((8, 0)),
+        13 | 14 => Some((13, 14)),
+        15 | 16 => Some((15, 16)),
+        17 | 18 => Some((17, 18)),
+        _ => None,
+    }
+}
+
+/// Whether `ty` is the request of an ICMP query (the only ICMP message that opens a flow).
+#[inline(always)]
+pub const fn icmp_request(ty: u8) -> bool {
+    matches!(icmp_query(ty), Some((req, _)) if req == ty)
+}
 
 /// State of a flow opened by this packet, or `None` if it must not open one (a bare TCP RST).
 #[inline(always)]
@@ -151,14 +168,10 @@ const fn next_tcp(state: State, fins: u8, f: u8, reply: bool) -> Option<(State, 
     let ack = f & TCP_ACK != 0;
     let closed = matches!(state, State::TcpTimeWait | State::TcpClose);
     if syn && !ack {
-        return match (reply, closed) {
-            // A new SYN from the originator reopens a closed flow.
-            (false, true) => Some((State::TcpSynSent, 0)),
-            // From the responder it is a new connection the other way: judged afresh.
-            (true, true) => None,
-            // A retransmission (or a simultaneous open) changes nothing.
-            _ => Some((state, fins)),
-        };
+        // On a closed or time-wait flow a SYN, from either side, starts a new connection that
+        // is judged afresh (the firewall decides again), as netfilter treats it; otherwise it
+        // is a retransmission (or a simultaneous open) and changes nothing.
+        return if closed { None } else { Some((state, fins)) };
     }
     if f & TCP_FIN != 0 {
         let fins = fins | if reply { FIN_REPLY } else { FIN_ORIG };
@@ -192,11 +205,12 @@ mod tests {
         assert_eq!(s, State::TcpFinWait);
         let (s, f) = next(s, f, 6, TCP_FIN | TCP_ACK, true).unwrap();
         assert_eq!((s, f), (State::TcpTimeWait, 3));
-        // A SYN from the responder on a closed flow is a new connection, not this one.
+        // A SYN from either side on a closed flow is a new connection, not this one.
         assert_eq!(next(s, f, 6, TCP_SYN, true), None);
-        let (s, f) = next(s, f, 6, TCP_SYN, false).unwrap();
-        assert_eq!((s, f), (State::TcpSynSent, 0));
-        assert_eq!(next(s, f, 6, TCP_RST, true).unwrap().0, State::TcpClose);
+        assert_eq!(next(s, f, 6, TCP_SYN, false), None);
+        let (s, _) = next(State::TcpEstablished, 0, 6, TCP_RST, true).unwrap();
+        assert_eq!(s, State::TcpClose);
+        assert_eq!(next(s, 0, 6, TCP_SYN, false), None);
     }
 
     #[test]

@@ -39,6 +39,40 @@ pub const fn replace4_udp(check: u16, old: u32, new: u32) -> u16 {
     }
 }
 
+/// RFC 1624 `~m + m'` for a 16-bit word, unfolded: add several and [`fold`] once.
+#[inline(always)]
+pub const fn delta2(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
+/// [`delta2`] for a 32-bit field (two words), e.g. an IPv4 address.
+#[inline(always)]
+pub const fn delta4(old: u32, new: u32) -> u32 {
+    (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// [`delta2`] of the IPv4 word holding TTL and protocol when the TTL drops by one: the same
+/// for every TTL above 0, since `~m + (m - d) = 0xFFFF - d` (RFC 1141).
+pub const TTL_DECREMENT: u32 = 0xffff - u16::from_ne_bytes([1, 0]) as u32;
+
+/// Applies a folded delta: `HC' = ~(~HC + delta)` (RFC 1624 eqn. 3).
+#[inline(always)]
+pub const fn apply(check: u16, delta: u16) -> u16 {
+    !fold(!check as u32 + delta as u32)
+}
+
+/// [`apply`] for a UDP checksum (RFC 768): 0 stays 0, a computed 0 is sent as 0xFFFF.
+#[inline(always)]
+pub const fn apply_udp(check: u16, delta: u16) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match apply(check, delta) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
 /// Full RFC 1071 checksum of `data` (an odd trailing byte is padded with zero), as the value to
 /// store in the checksum field when that field was zero during the sum.
 pub fn checksum(data: &[u8]) -> u16 {

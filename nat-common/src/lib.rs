@@ -8,8 +8,21 @@
 
 pub mod conntrack;
 pub mod csum;
+pub mod flow;
 pub mod maps;
 pub mod reason;
 
+pub use flow::*;
 pub use maps::*;
 pub use reason::{Event, Reason};
+
+/// IP protocol numbers (IANA), defined once.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    /// DCCP and UDP-Lite: their checksums cover the addresses but the program does not parse
+    /// them, so it leaves them to the kernel (RFC 4340 §9.1, RFC 3828 §3.2).
+    pub const DCCP: u8 = 33;
+    pub const UDPLITE: u8 = 136;
+}

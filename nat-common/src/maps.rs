@@ -1,46 +1,306 @@
-//! Map names, keys and values. Each map is declared once in `nat-ebpf/src/main.rs` under the
-//! name given here; userspace opens it by the same constant.
+//! Every map of the program, declared once: name, type, key, value, capacity and flags in
+//! [`MAPS`]. The XDP program defines its maps from these specs (`nat-ebpf/src/main.rs`), natd
+//! opens them by the same names, checks pinned maps against them when it adopts an earlier
+//! natd's fast path, and a test checks that the compiled object matches them.
+//!
+//! Keys and values are `#[repr(C)]` with explicit, zeroed padding and a size assertion.
+//! Addresses and ports are kept in network byte order as they appear in the packet.
+use crate::flow::{FlowEntry, FlowTuple};
 
-/// Public address -> [`NatEntry`] (private address + inbound counters). Per-CPU hash written by
-/// natd; the program only bumps the counters of its own CPU's copy.
-pub const MAP_NAT_IN: &str = "NAT_IN";
-/// Private address -> [`NatEntry`] (public address + outbound counters). Same shape as
-/// [`MAP_NAT_IN`].
-pub const MAP_NAT_OUT: &str = "NAT_OUT";
-/// ifindex -> [`IfaceConfig`]: the role of every interface natd attached to. Written by natd.
-pub const MAP_IFACES: &str = "IFACES";
-/// ifindex -> ifindex devmap used to redirect translated frames. Written by natd.
-pub const MAP_DEVMAP: &str = "DEVMAP";
-/// [`crate::Reason`] -> [`Counter`], per CPU. Written by the program, summed by natd.
-pub const MAP_STATS: &str = "STATS";
+/// Version of this layout, stamped in the pins (`META`): bumped whenever a key, a value or the
+/// meaning of a field changes, so a natd never adopts maps it would misread.
+pub const LAYOUT_VERSION: u32 = 2;
 
-/// Every map of the program, for pinning and adoption by name.
-pub const ALL_MAPS: [&str; 12] = [
-    MAP_NAT_IN,
-    MAP_NAT_OUT,
-    MAP_IFACES,
-    MAP_DEVMAP,
-    MAP_STATS,
-    MAP_FW_SRC,
-    MAP_FW_SVC,
-    MAP_EG_DST,
-    MAP_EG_SVC,
-    MAP_CONNTRACK,
-    MAP_CONFIG,
-    MAP_EVENTS,
-];
+/// Kernel map types (`enum bpf_map_type`) the program uses.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuArray = 6,
+    LruHash = 9,
+    LpmTrie = 11,
+    DevMapHash = 25,
+}
 
-/// Most mappings the maps hold (each of [`MAP_NAT_IN`] and [`MAP_NAT_OUT`]).
+impl MapKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            MapKind::Hash => "hash",
+            MapKind::Array => "array",
+            MapKind::PerCpuArray => "percpu_array",
+            MapKind::LruHash => "lru_hash",
+            MapKind::LpmTrie => "lpm_trie",
+            MapKind::DevMapHash => "devmap_hash",
+        }
+    }
+}
+
+/// What natd does when a pinned map differs from this layout only in its capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Capacity is fixed by the layout: a different one is a layout mismatch.
+    Fixed,
+    /// natd chooses the capacity at load (config): a pinned map of another size is migrated
+    /// (entries copied into a new map of the configured size).
+    Copy,
+    /// A counter array: a pinned one of another size is re-created, its counts carried over
+    /// slot by slot as far as both reach.
+    Counters,
+}
+
+/// One map of the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Capacity the object declares (natd may set another at load where `resize` says so).
+    pub max_entries: u32,
+    /// `BPF_F_*` map flags.
+    pub flags: u32,
+    pub resize: Resize,
+}
+
+const fn size<T>() -> u32 {
+    core::mem::size_of::<T>() as u32
+}
+
+/// `BPF_F_NO_PREALLOC`: entries allocated as inserted.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_RDONLY_PROG`: the program only reads the map.
+pub const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+/// LPM tries must be created without preallocation.
+const LPM_FLAGS: u32 = BPF_F_NO_PREALLOC;
+
+/// Most mappings the maps can be configured to hold (natd's `[limits] mappings`).
 pub const MAX_MAPPINGS: u32 = 1 << 20;
+/// Default mapping capacity: the size of the per-CPU counter array ([`MAPPING_STATS`]) and of
+/// the translation maps. A CloudStack router has at most a few thousand public IPs.
+pub const DEFAULT_MAPPINGS: u32 = 65_536;
 /// Most interfaces natd can attach to.
 pub const MAX_IFACES: u32 = 64;
+/// Most ingress rules per public IP (bits of [`RuleBits`]).
+pub const MAX_RULES_PER_IP: usize = 256;
+/// Most egress exception rules.
+pub const MAX_EGRESS_RULES: usize = 256;
+/// Size of [`FW_SRC`]: distinct (public IP, source CIDR) pairs.
+pub const MAX_FW_SRC: u32 = 1 << 17;
+/// Size of [`FW_SVC`]: (public IP, protocol, port prefix) entries; a port range splits into at
+/// most 30 prefixes.
+pub const MAX_FW_SVC: u32 = 1 << 18;
+/// Size of the egress tries.
+pub const MAX_EG: u32 = 1 << 14;
+/// Default capacity of [`FLOWS`] in flows (each flow is two entries, one per direction).
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+
+/// Public address -> [`NatValue`] (private address, counter slot). Written by natd; a
+/// mapping is installed reverse entry ([`NAT_OUT`]) first.
+pub const NAT_IN: MapSpec = MapSpec {
+    name: "NAT_IN",
+    kind: MapKind::Hash,
+    key_size: size::<u32>(),
+    value_size: size::<NatValue>(),
+    max_entries: DEFAULT_MAPPINGS,
+    flags: BPF_F_NO_PREALLOC,
+    resize: Resize::Copy,
+};
+/// Private address -> [`NatValue`] (public address, counter slot). Written by natd.
+pub const NAT_OUT: MapSpec = MapSpec {
+    name: "NAT_OUT",
+    ..NAT_IN
+};
+/// Counter slot -> [`MappingStats`], per CPU: what each mapping's flows translated and what
+/// its policy dropped. Slot 0 counts the flows of revoked mappings. Written by the program,
+/// zeroed by natd when it hands a slot to a new mapping.
+pub const MAPPING_STATS: MapSpec = MapSpec {
+    name: "MAPPING_STATS",
+    kind: MapKind::PerCpuArray,
+    key_size: size::<u32>(),
+    value_size: size::<MappingStats>(),
+    max_entries: DEFAULT_MAPPINGS,
+    flags: 0,
+    resize: Resize::Counters,
+};
+/// Wire tuple -> [`FlowEntry`]: connection tracking and the per-flow cache, one entry per
+/// direction of each flow (see [`crate::flow`]). An LRU hash shared by all CPUs. Written by
+/// the program (and the tc learner); expired flows collected by natd.
+pub const FLOWS: MapSpec = MapSpec {
+    name: "FLOWS",
+    kind: MapKind::LruHash,
+    key_size: size::<FlowTuple>(),
+    value_size: size::<FlowEntry>(),
+    max_entries: 2 * DEFAULT_CONNTRACK_SIZE,
+    flags: 0,
+    resize: Resize::Copy,
+};
+/// Flows not yet assured (one side has spoken: unreplied UDP, TCP before the handshake
+/// completed, pickups), same layout as [`FLOWS`]. A flood of new flows evicts only these;
+/// a flow moves to [`FLOWS`] when it becomes assured, as netfilter's early drop spares
+/// assured flows.
+pub const PENDING: MapSpec = MapSpec {
+    name: "PENDING",
+    max_entries: DEFAULT_CONNTRACK_SIZE / 2,
+    ..FLOWS
+};
+/// ifindex -> [`IfaceConfig`]: the role of every interface natd attached to. Written by natd.
+pub const IFACES: MapSpec = MapSpec {
+    name: "IFACES",
+    kind: MapKind::Hash,
+    key_size: size::<u32>(),
+    value_size: size::<IfaceConfig>(),
+    max_entries: MAX_IFACES,
+    flags: 0,
+    resize: Resize::Fixed,
+};
+/// ifindex -> ifindex devmap used to redirect translated frames; natd keeps it a superset of
+/// [`IFACES`]. The value is the kernel's `struct bpf_devmap_val` (ifindex, program fd); the
+/// program never reads it (`BPF_F_RDONLY_PROG`).
+pub const DEVMAP: MapSpec = MapSpec {
+    name: "DEVMAP",
+    kind: MapKind::DevMapHash,
+    key_size: size::<u32>(),
+    value_size: 8,
+    max_entries: MAX_IFACES,
+    flags: BPF_F_RDONLY_PROG,
+    resize: Resize::Fixed,
+};
+/// [`crate::Reason`] -> [`Counter`], per CPU. Written by the program, summed by natd.
+pub const STATS: MapSpec = MapSpec {
+    name: "STATS",
+    kind: MapKind::PerCpuArray,
+    key_size: size::<u32>(),
+    value_size: size::<Counter>(),
+    max_entries: crate::Reason::COUNT,
+    flags: 0,
+    resize: Resize::Counters,
+};
+/// [`crate::Event`] -> count, per CPU: conntrack hits, misses, creations...
+pub const EVENTS: MapSpec = MapSpec {
+    name: "EVENTS",
+    kind: MapKind::PerCpuArray,
+    key_size: size::<u32>(),
+    value_size: size::<u64>(),
+    max_entries: crate::Event::COUNT,
+    flags: 0,
+    resize: Resize::Counters,
+};
+/// (public IP, source prefix) -> [`RuleBits`] of the ingress rules whose CIDRs contain that
+/// prefix. LPM trie written by natd; data is [`FwSrcData`].
+pub const FW_SRC: MapSpec = MapSpec {
+    name: "FW_SRC",
+    kind: MapKind::LpmTrie,
+    key_size: 4 + size::<FwSrcData>(),
+    value_size: size::<RuleBits>(),
+    max_entries: MAX_FW_SRC,
+    flags: LPM_FLAGS,
+    resize: Resize::Fixed,
+};
+/// (public IP, protocol, port prefix) -> [`RuleBits`] of the ingress rules whose protocol and
+/// port range (or ICMP type/code) contain that prefix; data is [`FwSvcData`]. A packet is
+/// allowed when the two lookups share a bit.
+pub const FW_SVC: MapSpec = MapSpec {
+    name: "FW_SVC",
+    key_size: 4 + size::<FwSvcData>(),
+    max_entries: MAX_FW_SVC,
+    ..FW_SRC
+};
+/// Destination prefix -> [`RuleBits`] of the egress rules whose destination CIDRs contain it.
+pub const EG_DST: MapSpec = MapSpec {
+    name: "EG_DST",
+    key_size: 4 + 4,
+    max_entries: MAX_EG,
+    ..FW_SRC
+};
+/// (protocol, port prefix) -> [`RuleBits`] of the egress rules that match it; data is
+/// [`EgSvcData`].
+pub const EG_SVC: MapSpec = MapSpec {
+    name: "EG_SVC",
+    key_size: 4 + size::<EgSvcData>(),
+    max_entries: MAX_EG,
+    ..FW_SRC
+};
+/// Index 0 -> [`NatConfig`]: settings natd writes at start and the route generation it bumps
+/// on every kernel route, neighbour, address or link change.
+pub const CONFIG: MapSpec = MapSpec {
+    name: "CONFIG",
+    kind: MapKind::Array,
+    key_size: size::<u32>(),
+    value_size: size::<NatConfig>(),
+    max_entries: 1,
+    flags: 0,
+    resize: Resize::Fixed,
+};
+/// Index 0 -> [`LAYOUT_VERSION`] of the natd that created the pins. Never read by the
+/// program.
+pub const META: MapSpec = MapSpec {
+    name: "META",
+    kind: MapKind::Array,
+    key_size: size::<u32>(),
+    value_size: size::<u32>(),
+    max_entries: 1,
+    flags: 0,
+    resize: Resize::Fixed,
+};
+
+/// Two per-CPU [`FlowEntry`] slots where the program builds a new flow's entries before it
+/// inserts them: two entries do not fit the 512-byte BPF stack next to everything else the
+/// path keeps there. Never read by natd, never pinned.
+pub const SCRATCH: MapSpec = MapSpec {
+    name: "SCRATCH",
+    kind: MapKind::PerCpuArray,
+    key_size: size::<u32>(),
+    value_size: size::<FlowEntry>(),
+    max_entries: 2,
+    flags: 0,
+    resize: Resize::Fixed,
+};
+
+/// Every map of the program, for loading, pinning and adoption.
+pub const MAPS: [MapSpec; 16] = [
+    NAT_IN,
+    NAT_OUT,
+    MAPPING_STATS,
+    FLOWS,
+    PENDING,
+    IFACES,
+    DEVMAP,
+    STATS,
+    EVENTS,
+    FW_SRC,
+    FW_SVC,
+    EG_DST,
+    EG_SVC,
+    CONFIG,
+    META,
+    SCRATCH,
+];
+
+/// Map names, for code that only needs the name.
+pub const MAP_NAT_IN: &str = NAT_IN.name;
+pub const MAP_NAT_OUT: &str = NAT_OUT.name;
+pub const MAP_MAPPING_STATS: &str = MAPPING_STATS.name;
+pub const MAP_FLOWS: &str = FLOWS.name;
+pub const MAP_PENDING: &str = PENDING.name;
+pub const MAP_IFACES: &str = IFACES.name;
+pub const MAP_DEVMAP: &str = DEVMAP.name;
+pub const MAP_STATS: &str = STATS.name;
+pub const MAP_EVENTS: &str = EVENTS.name;
+pub const MAP_FW_SRC: &str = FW_SRC.name;
+pub const MAP_FW_SVC: &str = FW_SVC.name;
+pub const MAP_EG_DST: &str = EG_DST.name;
+pub const MAP_EG_SVC: &str = EG_SVC.name;
+pub const MAP_CONFIG: &str = CONFIG.name;
+pub const MAP_META: &str = META.name;
+pub const MAP_SCRATCH: &str = SCRATCH.name;
 
 /// Interface role: frames arriving here from the internet are DNATed (P -> V).
 pub const ROLE_PUBLIC: u32 = 1;
 /// Interface role: frames arriving here from guests are SNATed (V -> P).
 pub const ROLE_GUEST: u32 = 2;
 
-/// Value of [`MAP_IFACES`].
+/// Value of [`IFACES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceConfig {
@@ -52,39 +312,40 @@ pub struct IfaceConfig {
 }
 const _: () = assert!(core::mem::size_of::<IfaceConfig>() == 8);
 
-/// Value of [`MAP_NAT_IN`] and [`MAP_NAT_OUT`]: the translated address and this direction's
-/// counters for frames the fast path translated and forwarded.
+/// Value of [`NAT_IN`] and [`NAT_OUT`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NatEntry {
-    /// Address to write, network byte order.
+pub struct NatValue {
+    /// The address to write, network byte order.
     pub addr: u32,
-    /// Zero.
+    /// The mapping's slot in [`MAPPING_STATS`] (never 0).
+    pub slot: u32,
+    /// [`NAT_IN`]: the public interface whose network owns the public IP (new inbound flows
+    /// arriving on another public interface are dropped); 0 = any public interface.
+    /// [`NAT_OUT`]: 0.
+    pub ifindex: u32,
     pub _pad: u32,
-    /// Frames translated and redirected in this direction.
-    pub packets: u64,
-    /// Bytes of those frames (Ethernet header included).
-    pub bytes: u64,
-    /// Frames dropped by policy in this direction: the ingress firewall of the public IP
-    /// (in [`MAP_NAT_IN`]) or the egress policy (in [`MAP_NAT_OUT`]).
-    pub denied: u64,
 }
-const _: () = assert!(core::mem::size_of::<NatEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<NatValue>() == 16);
 
-impl NatEntry {
-    /// A fresh entry pointing at `addr` (network byte order) with zero counters.
-    pub const fn new(addr: u32) -> Self {
-        Self {
-            addr,
-            _pad: 0,
-            packets: 0,
-            bytes: 0,
-            denied: 0,
-        }
-    }
+/// Value of [`MAPPING_STATS`]: one mapping's counters, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingStats {
+    /// Frames translated public -> guest and redirected (inbound and hairpin forward legs).
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    /// Frames the public IP's ingress firewall dropped.
+    pub in_denied: u64,
+    /// Frames translated guest -> public and redirected (outbound and hairpin reply legs).
+    pub out_packets: u64,
+    pub out_bytes: u64,
+    /// Frames the egress policy dropped.
+    pub out_denied: u64,
 }
+const _: () = assert!(core::mem::size_of::<MappingStats>() == 48);
 
-/// Value of [`MAP_STATS`]: frames and bytes that ended with one reason.
+/// Value of [`STATS`]: frames and bytes that ended with one reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
@@ -92,55 +353,6 @@ pub struct Counter {
     pub bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
-
-#[cfg(feature = "user")]
-mod pod {
-    // SAFETY: plain `#[repr(C)]` integers with explicit padding; every bit pattern is valid.
-    unsafe impl aya::Pod for super::IfaceConfig {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::NatEntry {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Counter {}
-}
-
-// ---------------------------------------------------------------------------------------------
-// Firewall (ingress per public IP, egress per guest network) and connection tracking.
-// ---------------------------------------------------------------------------------------------
-
-/// (public IP, source prefix) -> [`RuleBits`] of the ingress rules whose CIDRs contain that
-/// prefix. LPM trie written by natd; data is [`FwSrcData`].
-pub const MAP_FW_SRC: &str = "FW_SRC";
-/// (public IP, protocol, port prefix) -> [`RuleBits`] of the ingress rules whose protocol and
-/// port range (or ICMP type/code) contain that prefix. LPM trie written by natd; data is
-/// [`FwSvcData`]. A packet is allowed when the two lookups share a bit.
-pub const MAP_FW_SVC: &str = "FW_SVC";
-/// Destination prefix -> [`RuleBits`] of the egress rules whose destination CIDRs contain it.
-pub const MAP_EG_DST: &str = "EG_DST";
-/// (protocol, port prefix) -> [`RuleBits`] of the egress rules that match it; data is
-/// [`EgSvcData`].
-pub const MAP_EG_SVC: &str = "EG_SVC";
-/// [`FlowKey`] -> [`FlowState`]: connection tracking, an LRU hash shared by all CPUs (the two
-/// directions of a flow arrive on different interfaces and CPUs). Written by the program,
-/// expired entries collected by natd.
-pub const MAP_CONNTRACK: &str = "CONNTRACK";
-/// Index 0 -> [`NatConfig`]: settings natd writes at start.
-pub const MAP_CONFIG: &str = "CONFIG";
-/// [`crate::Event`] -> count, per CPU: conntrack hits, misses, creations.
-pub const MAP_EVENTS: &str = "EVENTS";
-
-/// Most ingress rules per public IP (bits of [`RuleBits`]).
-pub const MAX_RULES_PER_IP: usize = 256;
-/// Most egress exception rules.
-pub const MAX_EGRESS_RULES: usize = 256;
-/// Size of [`MAP_FW_SRC`]: distinct (public IP, source CIDR) pairs.
-pub const MAX_FW_SRC: u32 = 1 << 17;
-/// Size of [`MAP_FW_SVC`]: (public IP, protocol, port prefix) entries; a port range splits
-/// into at most 30 prefixes.
-pub const MAX_FW_SVC: u32 = 1 << 18;
-/// Size of [`MAP_EG_DST`] and [`MAP_EG_SVC`].
-pub const MAX_EG: u32 = 1 << 14;
-/// Default size of [`MAP_CONNTRACK`] (natd may change it at load).
-pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 
 /// A set of rule slots, bit `i` = rule slot `i`.
 #[repr(C)]
@@ -175,7 +387,7 @@ impl RuleBits {
     }
 }
 
-/// Data of an LPM key of [`MAP_FW_SRC`]: the public IP (always all 32 bits matched) then the
+/// Data of an LPM key of [`FW_SRC`]: the public IP (always all 32 bits matched) then the
 /// source address; prefix length = 32 + CIDR length.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,7 +397,7 @@ pub struct FwSrcData {
     pub source: [u8; 4],
 }
 
-/// Data of an LPM key of [`MAP_FW_SVC`]: public IP, protocol, then the 16-bit "service": the
+/// Data of an LPM key of [`FW_SVC`]: public IP, protocol, then the 16-bit "service": the
 /// destination port (big-endian) for TCP/UDP, `type << 8 | code` for ICMP; prefix length =
 /// 40 + service prefix. The last byte is never matched.
 #[repr(C)]
@@ -197,7 +409,7 @@ pub struct FwSvcData {
     pub _pad: u8,
 }
 
-/// Data of an LPM key of [`MAP_EG_SVC`]: protocol then service as in [`FwSvcData`]; prefix
+/// Data of an LPM key of [`EG_SVC`]: protocol then service as in [`FwSvcData`]; prefix
 /// length = 0 for "all protocols", 8 + service prefix otherwise.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -214,86 +426,59 @@ pub const FW_SVC_BASE_BITS: u32 = 40;
 /// Prefix length of the protocol part of an [`EgSvcData`] key.
 pub const EG_SVC_BASE_BITS: u32 = 8;
 
-/// Conntrack key kinds.
-pub const FLOW_NAT: u8 = 0;
-/// The guest->P leg of a hairpin flow: `guest` = sender V2, `remote` = P.
-pub const FLOW_HAIRPIN_FWD: u8 = 1;
-/// The reply leg of a hairpin flow: `guest` = target V1, `remote` = router's guest address.
-pub const FLOW_HAIRPIN_REV: u8 = 2;
-
-/// Key of [`MAP_CONNTRACK`], always in the guest's view (private address V, after DNAT /
-/// before SNAT), so both directions of a flow find the same entry. Ports in network order;
-/// for ICMP echo both are the identifier; 0 for protocols without
-/// ports.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub guest: u32,
-    pub remote: u32,
-    pub guest_port: u16,
-    pub remote_port: u16,
-    pub proto: u8,
-    /// [`FLOW_NAT`], [`FLOW_HAIRPIN_FWD`] or [`FLOW_HAIRPIN_REV`].
-    pub kind: u8,
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-
-/// Who opened a flow.
-pub const ORIGIN_PUBLIC: u8 = 1;
-pub const ORIGIN_GUEST: u8 = 2;
-
-/// Value of [`MAP_CONNTRACK`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowState {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
-    pub last_seen: u64,
-    /// [`crate::conntrack::State`] as u8.
-    pub state: u8,
-    /// [`ORIGIN_PUBLIC`] or [`ORIGIN_GUEST`].
-    pub origin: u8,
-    /// Bit 0: FIN seen from the originator; bit 1: FIN seen from the responder.
-    pub fins: u8,
-    pub _pad: u8,
-    /// Hairpin legs: the other leg's address and port (network order), see [`FlowKey::kind`].
-    pub peer_port: u16,
-    pub _pad2: u16,
-    pub peer_addr: u32,
-    pub _pad3: u32,
-}
-const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
-
 /// Timeouts in seconds, indexed by [`crate::conntrack::State`].
 pub const TIMEOUT_SLOTS: usize = 10;
 
-/// Value of [`MAP_CONFIG`] (one element).
+/// Value of [`CONFIG`] (one element).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatConfig {
     /// 0 (the zeroed default): guests may reach anything but the egress exception rules;
     /// 1: only what the exception rules allow (CloudStack `default_egress_policy: false`).
     pub egress_default_deny: u32,
+    /// Bumped by natd on every kernel route, neighbour, address or link change: a flow entry
+    /// whose `route_gen` differs resolves its route again on its next packet. Never 0 once
+    /// natd ran (0 marks an entry whose route was never resolved).
+    pub route_gen: u32,
+    /// Kernel ticks per second (`CONFIG_HZ`): a flow entry refreshes its last-seen time at
+    /// most once per this many jiffies. 0: 1000 (at least a second on any kernel).
+    pub jiffies_per_sec: u32,
     pub _pad: u32,
     /// Idle timeouts in nanoseconds, by [`crate::conntrack::State`].
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<NatConfig>() == 8 + 8 * TIMEOUT_SLOTS);
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 16 + 8 * TIMEOUT_SLOTS);
+
+impl NatConfig {
+    /// Settings with netfilter's default timeouts and egress allowed by default.
+    pub const fn with_timeouts(timeouts_ns: [u64; TIMEOUT_SLOTS]) -> Self {
+        NatConfig {
+            egress_default_deny: 0,
+            route_gen: 1,
+            jiffies_per_sec: 0,
+            _pad: 0,
+            timeouts_ns,
+        }
+    }
+}
+
+/// The checks above for every spec: sizes agree with the types.
+const _: () = {
+    assert!(FLOWS.key_size == 16);
+    assert!(NAT_IN.value_size == 16);
+};
 
 #[cfg(feature = "user")]
-mod pod_fw {
-    // SAFETY: `#[repr(C)]` integers and byte arrays with explicit padding.
+mod pod {
+    // SAFETY (all): plain `#[repr(C)]` integers and byte arrays with explicit padding; every
+    // bit pattern is valid.
+    unsafe impl aya::Pod for super::IfaceConfig {}
+    unsafe impl aya::Pod for super::NatValue {}
+    unsafe impl aya::Pod for super::MappingStats {}
+    unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::RuleBits {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::FwSrcData {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::FwSvcData {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::EgSvcData {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FlowState {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::NatConfig {}
 }

@@ -39,14 +39,23 @@ pub enum Reason {
     /// The route leaves through an interface that is not of the opposite role (or, for
     /// hairpin, not a guest interface with an address).
     WrongEgress,
-    /// A hairpin flow whose reply binding is taken by another flow: the kernel translates it
-    /// (its NAT can pick another port).
+    /// A hairpin flow for which no free source port was found (the translated 4-tuple and
+    /// every alternative taken): the kernel translates it.
     HairpinCollision,
+    /// Dropped: arrived on a public interface addressed to a mapped private address (a guest
+    /// is reached only through its public address).
+    DirectToPrivate,
+    /// Dropped: a new inbound flow to a public IP arrived on a public interface other than
+    /// the one whose network owns the IP.
+    WrongNetwork,
+    /// A protocol whose checksum covers the addresses but that the program does not parse
+    /// (DCCP, UDP-Lite): the kernel translates it.
+    UnsupportedProto,
 }
 
 impl Reason {
     /// Number of reasons, the size of [`crate::MAP_STATS`].
-    pub const COUNT: u32 = Reason::HairpinCollision as u32 + 1;
+    pub const COUNT: u32 = Reason::UnsupportedProto as u32 + 1;
 
     /// Every reason, in discriminant order.
     pub const ALL: [Reason; Reason::COUNT as usize] = [
@@ -68,7 +77,24 @@ impl Reason {
         Reason::NoRoute,
         Reason::WrongEgress,
         Reason::HairpinCollision,
+        Reason::DirectToPrivate,
+        Reason::WrongNetwork,
+        Reason::UnsupportedProto,
     ];
+
+    /// The reason of discriminant `v` (a forwarded reason stored in a flow entry); `Malformed`
+    /// for a value no reason has.
+    #[inline(always)]
+    pub const fn from_index(v: u32) -> Reason {
+        if v < Reason::COUNT {
+            // SAFETY: `Reason` is `repr(u32)` with the discriminants 0..COUNT (see `ALL` and
+            // its test), and `v` is one of them. (Indexing `ALL` instead would put a table in
+            // the program's read-only data, a map of its own.)
+            unsafe { core::mem::transmute::<u32, Reason>(v) }
+        } else {
+            Reason::Malformed
+        }
+    }
 
     /// The snake_case name used in `natctl stats` and as a metric label.
     pub const fn name(self) -> &'static str {
@@ -91,6 +117,9 @@ impl Reason {
             Reason::NoRoute => "no_route",
             Reason::WrongEgress => "wrong_egress",
             Reason::HairpinCollision => "hairpin_collision",
+            Reason::DirectToPrivate => "direct_to_private",
+            Reason::WrongNetwork => "wrong_network",
+            Reason::UnsupportedProto => "unsupported_proto",
         }
     }
 
@@ -100,7 +129,10 @@ impl Reason {
             Reason::InboundForwarded | Reason::OutboundForwarded | Reason::HairpinForwarded => {
                 "redirect"
             }
-            Reason::InboundDenied | Reason::OutboundDenied => "drop",
+            Reason::InboundDenied
+            | Reason::OutboundDenied
+            | Reason::DirectToPrivate
+            | Reason::WrongNetwork => "drop",
             _ => "pass",
         }
     }
@@ -110,7 +142,7 @@ impl Reason {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Event {
-    /// A packet found a live flow.
+    /// A packet found a live flow and took the full path (its state may change).
     ConntrackHit = 0,
     /// A packet found no live flow (absent or expired).
     ConntrackMiss,
@@ -122,10 +154,15 @@ pub enum Event {
     ConntrackCollected,
     /// Flows natd removed on request or with their mapping (written by natd).
     ConntrackFlushed,
+    /// A packet of an established flow took its entry's cached rewrite and route (one
+    /// lookup).
+    FastPath,
+    /// A flow entry resolved its route again (first reply, or a route generation bump).
+    RouteResolved,
 }
 
 impl Event {
-    pub const COUNT: u32 = Event::ConntrackFlushed as u32 + 1;
+    pub const COUNT: u32 = Event::RouteResolved as u32 + 1;
     pub const ALL: [Event; Event::COUNT as usize] = [
         Event::ConntrackHit,
         Event::ConntrackMiss,
@@ -133,6 +170,8 @@ impl Event {
         Event::ConntrackExpired,
         Event::ConntrackCollected,
         Event::ConntrackFlushed,
+        Event::FastPath,
+        Event::RouteResolved,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -142,6 +181,8 @@ impl Event {
             Event::ConntrackExpired => "conntrack_expired",
             Event::ConntrackCollected => "conntrack_collected",
             Event::ConntrackFlushed => "conntrack_flushed",
+            Event::FastPath => "fast_path",
+            Event::RouteResolved => "route_resolved",
         }
     }
 }

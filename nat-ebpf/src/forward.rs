@@ -1,4 +1,5 @@
-//! Route lookup on the translated packet (`bpf_fib_lookup`) and the redirect.
+//! Route lookup (`bpf_fib_lookup`) for a flow's first packet or a stale route, and the
+//! redirect.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -8,51 +9,62 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use nat_common::Reason;
+use nat_common::{Reason, proto};
 
-use crate::{
-    DEVMAP, IFACES,
-    parse::{Packet, Transport},
-};
+use crate::{DEVMAP, IFACES, parse::Packet};
 
 const AF_INET: u8 = 2;
 
 /// Where a translated frame goes.
+#[derive(Clone, Copy)]
 pub struct Route {
     /// The router's own address on the egress interface (0 if none).
     pub addr: u32,
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// Largest IPv4 total length the route takes.
+    pub mtu: u16,
+}
+
+/// What a route lookup is asked.
+pub struct Query {
+    /// The translated addresses and ports (ports feed multipath hashing and port-matching
+    /// policy rules).
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// The role the egress interface must have.
+    pub want: u32,
+}
+
+/// Why a lookup gave no usable route; `ifindex` is the egress interface where the kernel
+/// named one (no neighbour yet).
+pub struct NoRoute {
+    pub reason: Reason,
+    pub ifindex: u32,
 }
 
 /// Looks up the route for the translated addresses, as the kernel would forward it (policy
 /// rules included, with the ingress interface as input device). Only a complete answer whose
-/// egress interface has role `want` is used; everything else is left to the kernel,
-/// which resolves neighbours and sends "fragmentation needed" itself.
+/// egress interface has role `q.want` is used; everything else is left to the kernel, which
+/// resolves neighbours and sends "fragmentation needed" itself.
 #[inline(always)]
-pub fn lookup(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &Transport,
-    src: u32,
-    dst: u32,
-    want: u32,
-) -> Result<Route, Reason> {
+pub fn lookup(ctx: &XdpContext, pkt: &Packet, q: &Query) -> Result<Route, NoRoute> {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
-    // Ports only feed the multipath hash and port-matching policy rules; ICMP has none.
-    if l4.csum_at.is_some() {
-        p.sport = l4.sport;
-        p.dport = l4.dport;
+    if matches!(pkt.proto, proto::TCP | proto::UDP) {
+        p.sport = q.sport;
+        p.dport = q.dport;
     }
     p.__bindgen_anon_1.tot_len = pkt.tot_len;
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_2.tos = pkt.tos;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    p.__bindgen_anon_3.ipv4_src = q.src;
+    p.__bindgen_anon_4.ipv4_dst = q.dst;
     // SAFETY: `p` is a live, correctly sized `bpf_fib_lookup`.
     let ret = unsafe {
         bpf_fib_lookup(
@@ -62,23 +74,36 @@ pub fn lookup(
             0,
         )
     };
+    let fail = |reason, ifindex| Err(NoRoute { reason, ifindex });
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Reason::NoNeighbour),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Reason::FragNeeded),
-        _ => return Err(Reason::NoRoute),
+        // The kernel filled in the egress interface before it missed the neighbour.
+        BPF_FIB_LKUP_RET_NO_NEIGH => return fail(Reason::NoNeighbour, p.ifindex),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return fail(Reason::FragNeeded, 0),
+        _ => return fail(Reason::NoRoute, 0),
     }
     // SAFETY: a shared read of a value natd only replaces whole.
-    let cfg_addr = match unsafe { IFACES.get(&p.ifindex) } {
-        Some(cfg) if cfg.role == want => cfg.addr,
-        _ => return Err(Reason::WrongEgress),
+    let addr = match unsafe { IFACES.get(&p.ifindex) } {
+        Some(cfg) if cfg.role == q.want => cfg.addr,
+        _ => return fail(Reason::WrongEgress, p.ifindex),
     };
+    // SAFETY: on success the kernel (5.12+) writes the route's MTU over `tot_len`; before
+    // that it leaves `tot_len`, which this packet fits.
+    let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
     Ok(Route {
-        addr: cfg_addr,
+        addr,
         ifindex: p.ifindex,
         smac: p.smac,
         dmac: p.dmac,
+        mtu: if mtu == 0 { pkt.tot_len } else { mtu },
     })
+}
+
+/// The role of interface `ifindex`, 0 if natd did not configure it.
+#[inline(always)]
+pub fn role(ifindex: u32) -> u32 {
+    // SAFETY: a shared read of a value natd only replaces whole.
+    unsafe { IFACES.get(&ifindex) }.map_or(0, |c| c.role)
 }
 
 /// Redirects to `ifindex`. natd puts every interface of `IFACES` into `DEVMAP` first, so the

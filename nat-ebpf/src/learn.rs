@@ -1,16 +1,18 @@
-//! The tc egress learner: makes flows the kernel's slow path forwarded known to the fast
-//! path. A packet leaving a public interface from a mapped public IP was SNATed by the kernel
-//! (its flow was opened by the guest); one leaving a guest interface to a mapped private IP
-//! was DNATed (opened from the internet). Either opens or advances that flow in the shared
-//! connection table, so its later packets, which take the fast path, belong to it instead of
-//! meeting the firewall as strangers. Frames XDP redirects never pass here.
+//! The tc egress learner: makes flows the kernel forwarded known to the fast path. A packet
+//! leaving a public interface from a mapped public IP P was SNATed by the kernel (V -> P); one
+//! leaving a guest interface to a mapped private address V was DNATed (P -> V). The learner
+//! opens that flow in the flow table from the packet as the kernel received it (its original
+//! direction) if it has none, or advances its state; its routes are resolved by the XDP
+//! program on their first packets. Frames XDP redirects never pass here, nor what the router
+//! itself sends.
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use nat_common::{FlowKey, ROLE_PUBLIC};
+use nat_common::{ENTRY_LEARNED, ENTRY_REPLIED, FlowTuple, ROLE_PUBLIC, conntrack};
 
 use crate::{
     IFACES, NAT_IN, NAT_OUT,
-    parse::{L4_OFF, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Transport, ptr_at},
-    policy,
+    flows::{self, Kind, NewFlow},
+    forward::Route,
+    parse::{L4_OFF, Packet},
 };
 
 #[classifier]
@@ -20,94 +22,97 @@ pub fn learn(ctx: TcContext) -> i32 {
 }
 
 /// Headers the learner reads must be in the linear part of the buffer.
-const HEADERS: u32 = (L4_OFF + 14) as u32;
+const HEADERS: u32 = (L4_OFF + 20) as u32;
 
 #[inline(always)]
 fn try_learn(ctx: &TcContext) -> Option<()> {
-    // SAFETY: reads a field of the context the program was given.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: reads fields of the context the program was given.
+    let (ifindex, ingress) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // Only forwarded packets: the router's own have no ingress interface.
+    if ingress == 0 {
+        return None;
+    }
     // SAFETY: a shared read of a value natd only replaces whole.
     let role = unsafe { IFACES.get(&ifindex) }?.role;
     let _ = ctx.pull_data(HEADERS);
-    let eth = ptr_at::<[u8; 14]>(ctx, 0)?;
-    // SAFETY: in bounds per `ptr_at`.
-    let eth = unsafe { &*eth };
-    if eth[12] != 0x08 || eth[13] != 0x00 {
-        return None;
-    }
-    let ip = ptr_at::<[u8; 20]>(ctx, 14)?;
-    // SAFETY: in bounds per `ptr_at`.
-    let ip = unsafe { &*ip };
-    // No options; a first fragment (offset 0) still carries the ports.
-    if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-        return None;
-    }
-    let proto = ip[9];
-    let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-    let l4 = transport(ctx, proto)?;
-    // Outbound (SNATed, leaving a public interface) or inbound (DNATed, leaving a guest one).
-    let (from_guest, guest, remote, guest_port, remote_port) = if role == ROLE_PUBLIC {
-        let private = NAT_IN.get_ptr(&saddr)?;
-        // SAFETY: this CPU's copy of a live value.
-        (true, unsafe { (*private).addr }, daddr, l4.sport, l4.dport)
+    let pkt = Packet::parse_leaving(ctx).ok()?;
+    let l4 = pkt.transport(ctx).ok()?;
+    let out = l4.tuple(&pkt)?;
+    // The packet as the kernel received it, and which way the flow goes from the learner's
+    // view (its first packet seen here).
+    let (m, key, kind) = if role == ROLE_PUBLIC {
+        // SAFETY: as above.
+        let m = *unsafe { NAT_IN.get(&pkt.saddr) }?;
+        let key = FlowTuple::new(m.addr, out.daddr, out.sport, out.dport, out.proto);
+        (m, key, Kind::Outbound)
     } else {
-        NAT_OUT.get_ptr(&daddr)?;
-        (false, daddr, saddr, l4.dport, l4.sport)
+        // SAFETY: as above.
+        let m = *unsafe { NAT_OUT.get(&pkt.daddr) }?;
+        let key = FlowTuple::new(out.saddr, m.addr, out.sport, out.dport, out.proto);
+        (m, key, Kind::Inbound)
     };
-    let key = FlowKey {
-        guest,
-        remote,
-        guest_port,
-        remote_port,
-        proto,
-        ..FlowKey::default()
-    };
-    let now = policy::now();
-    if !policy::track(&key, proto, &l4, from_guest, now) {
-        let _ = policy::create(&key, proto, &l4, from_guest, now);
+    if let Some(found) = flows::lookup(&key) {
+        advance(&found, &key, pkt.proto, l4.tcp_flags);
+        return Some(());
     }
+    let state = conntrack::initial(pkt.proto, l4.tcp_flags)?;
+    // Resolved by the XDP program on the first packet (generation 0 is never current).
+    let route = Route {
+        addr: 0,
+        ifindex,
+        smac: [0; 6],
+        dmac: [0; 6],
+        mtu: 0,
+    };
+    let f = NewFlow {
+        orig: key,
+        orig_to: out,
+        kind,
+        state,
+        ingress,
+        route: &route,
+        slot: m.slot,
+    };
+    let o = flows::create(&f)?;
+    let _ = o;
+    mark_learned(&key);
     Some(())
 }
 
-/// Ports, TCP flags and ICMP type as the fast path's policy reads them.
+/// Advances the state of the flow the kernel forwarded a packet of.
 #[inline(always)]
-fn transport(ctx: &TcContext, proto: u8) -> Option<Transport> {
-    let mut t = Transport {
-        csum_at: None,
-        udp: false,
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        service: [0, 0],
-        icmp_error: None,
+fn advance(found: &flows::Found, key: &FlowTuple, proto: u8, tcp_flags: u8) {
+    // SAFETY: a live map value.
+    let (is_orig, peer) = unsafe { ((*found.entry).is_orig(), (*found.entry).peer) };
+    let (orig_key, reply_key) = if is_orig { (*key, peer) } else { (peer, *key) };
+    let (Some(orig), Some(reply)) = (
+        flows::lookup_in(found.pending, &orig_key),
+        flows::lookup_in(found.pending, &reply_key),
+    ) else {
+        return;
     };
-    match proto {
-        PROTO_TCP => {
-            let h = ptr_at::<[u8; 14]>(ctx, L4_OFF)?;
-            // SAFETY: in bounds per `ptr_at`.
-            let h = unsafe { &*h };
-            t.sport = u16::from_ne_bytes([h[0], h[1]]);
-            t.dport = u16::from_ne_bytes([h[2], h[3]]);
-            t.tcp_flags = h[13];
+    // SAFETY: as above.
+    let o = unsafe { &mut *orig };
+    let state = conntrack::State::from_u8(o.state);
+    if let Some((next, fins)) = conntrack::next(state, o.fins, proto, tcp_flags, !is_orig) {
+        o.state = next as u8;
+        o.fins = fins;
+        o.last_seen = flows::now_ns();
+        if !is_orig {
+            o.flags |= ENTRY_REPLIED;
         }
-        PROTO_UDP => {
-            let h = ptr_at::<[u8; 4]>(ctx, L4_OFF)?;
-            // SAFETY: in bounds per `ptr_at`.
-            let h = unsafe { &*h };
-            t.sport = u16::from_ne_bytes([h[0], h[1]]);
-            t.dport = u16::from_ne_bytes([h[2], h[3]]);
-        }
-        PROTO_ICMP => {
-            let h = ptr_at::<[u8; 8]>(ctx, L4_OFF)?;
-            // SAFETY: in bounds per `ptr_at`.
-            let h = unsafe { &*h };
-            t.service = [h[0], h[1]];
-            // Echo: the identifier names the flow (errors and others are not tracked).
-            t.sport = u16::from_ne_bytes([h[4], h[5]]);
-            t.dport = t.sport;
-        }
-        _ => {}
+        flows::settle(found.pending, orig, reply);
     }
-    Some(t)
+}
+
+/// Marks the entries of a flow the learner opened, and leaves its routes unresolved.
+#[inline(always)]
+fn mark_learned(key: &FlowTuple) {
+    if let Some(found) = flows::lookup(key) {
+        // SAFETY: a live map value.
+        unsafe {
+            (*found.entry).flags |= ENTRY_LEARNED;
+            (*found.entry).route_gen = 0;
+        }
+    }
 }

@@ -1,80 +1,105 @@
 //! XDP fast path for 1:1 static NAT.
 //!
-//! Stages, each in its own module: [`parse`] (headers, sanity) -> classify (which mapping, in
-//! [`try_nat`]) -> [`policy`] (connection tracking, firewall, egress) -> [`forward`] (route
-//! lookup on the translated packet) -> [`rewrite`] (addresses, checksums, TTL, MACs) ->
-//! redirect. Every exit is counted exactly once, in [`nat`]. Anything
-//! the program cannot handle is `XDP_PASS`ed untouched; the kernel's nftables mirror (see
-//! natd) translates it the same way.
+//! A packet is [`parse`]d, then looked up by its wire tuple in the flow table
+//! ([`flows`]): an established flow's entry holds the whole rewrite and route, and is applied
+//! as it is ([`fast`]). Everything else takes the full path: a tracked flow's state advances
+//! and its route is resolved again where needed ([`tracked`]); a packet without a flow is
+//! classified by the mappings, judged by [`policy`] (ingress firewall, egress policy), routed
+//! ([`forward`]) and opens its flow ([`newflow`]). Every exit is counted exactly once, in
+//! [`nat`]. Anything the program cannot handle is `XDP_PASS`ed untouched; the kernel's
+//! nftables mirror (see natd) translates it the same way.
 #![no_std]
 #![no_main]
 
+mod fast;
+mod flows;
 mod forward;
-mod hairpin;
 mod learn;
+
+mod newflow;
 mod parse;
 mod policy;
 mod rewrite;
 mod stats;
+mod tracked;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use nat_common::{
-    Counter, DEFAULT_CONNTRACK_SIZE, EgSvcData, Event, FlowKey, FlowState, FwSrcData, FwSvcData,
-    IfaceConfig, MAX_EG, MAX_FW_SRC, MAX_FW_SVC, MAX_IFACES, MAX_MAPPINGS, NatConfig, NatEntry,
-    ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
+    Counter, EgSvcData, FlowEntry, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MappingStats,
+    NatConfig, NatValue, Reason, RuleBits, maps as spec,
 };
 
 use crate::parse::Packet;
 
-/// Mappings are allocated as added (`BPF_F_NO_PREALLOC`): a preallocated per-CPU table of
-/// `MAX_MAPPINGS` would cost `MAX_MAPPINGS * 32 B * CPUs` up front and seconds to create.
-const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+// The maps, each from its one declaration in `nat_common::maps` (name = the static's name).
 
-/// Public address -> private address + inbound counters (natd writes, we count).
+/// Public address -> private address and counter slot (natd writes).
 #[map]
-static NAT_IN: PerCpuHashMap<u32, NatEntry> =
-    PerCpuHashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
-/// Private address -> public address + outbound counters (natd writes, we count).
+static NAT_IN: HashMap<u32, NatValue> =
+    HashMap::with_max_entries(spec::NAT_IN.max_entries, spec::NAT_IN.flags);
+/// Private address -> public address and counter slot (natd writes).
 #[map]
-static NAT_OUT: PerCpuHashMap<u32, NatEntry> =
-    PerCpuHashMap::with_max_entries(MAX_MAPPINGS, BPF_F_NO_PREALLOC);
+static NAT_OUT: HashMap<u32, NatValue> =
+    HashMap::with_max_entries(spec::NAT_OUT.max_entries, spec::NAT_OUT.flags);
+/// Counter slot -> a mapping's counters, per CPU (we count, natd sums and zeroes).
+#[map]
+static MAPPING_STATS: PerCpuArray<MappingStats> =
+    PerCpuArray::with_max_entries(spec::MAPPING_STATS.max_entries, spec::MAPPING_STATS.flags);
+/// Wire tuple -> one direction of an assured flow (we write; natd collects expired flows).
+#[map]
+static FLOWS: LruHashMap<FlowTuple, FlowEntry> =
+    LruHashMap::with_max_entries(spec::FLOWS.max_entries, spec::FLOWS.flags);
+/// Wire tuple -> one direction of a flow not yet assured.
+#[map]
+static PENDING: LruHashMap<FlowTuple, FlowEntry> =
+    LruHashMap::with_max_entries(spec::PENDING.max_entries, spec::PENDING.flags);
 /// ifindex -> role of each interface natd attached to (natd writes).
 #[map]
-static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
+static IFACES: HashMap<u32, IfaceConfig> =
+    HashMap::with_max_entries(spec::IFACES.max_entries, spec::IFACES.flags);
 /// ifindex -> ifindex, redirect targets; natd keeps it a superset of `IFACES`.
 #[map]
-static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+static DEVMAP: DevMapHash = DevMapHash::with_max_entries(spec::DEVMAP.max_entries, 0);
 /// Reason -> frames and bytes, per CPU (we write, natd sums).
 #[map]
-static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+static STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(spec::STATS.max_entries, spec::STATS.flags);
 /// Event -> count, per CPU (we write, natd sums).
 #[map]
-static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT, 0);
+static EVENTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(spec::EVENTS.max_entries, spec::EVENTS.flags);
 /// (public IP, source prefix) -> ingress rules whose CIDRs contain it (natd writes).
 #[map]
-static FW_SRC: LpmTrie<FwSrcData, RuleBits> = LpmTrie::with_max_entries(MAX_FW_SRC, 0);
+static FW_SRC: LpmTrie<FwSrcData, RuleBits> =
+    LpmTrie::with_max_entries(spec::FW_SRC.max_entries, 0);
 /// (public IP, protocol, port/ICMP prefix) -> ingress rules matching it (natd writes).
 #[map]
-static FW_SVC: LpmTrie<FwSvcData, RuleBits> = LpmTrie::with_max_entries(MAX_FW_SVC, 0);
+static FW_SVC: LpmTrie<FwSvcData, RuleBits> =
+    LpmTrie::with_max_entries(spec::FW_SVC.max_entries, 0);
 /// Destination prefix -> egress rules whose CIDRs contain it (natd writes).
 #[map]
-static EG_DST: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(MAX_EG, 0);
+static EG_DST: LpmTrie<[u8; 4], RuleBits> =
+    LpmTrie::with_max_entries(spec::EG_DST.max_entries, 0);
 /// (protocol, port/ICMP prefix) -> egress rules matching it (natd writes).
 #[map]
-static EG_SVC: LpmTrie<EgSvcData, RuleBits> = LpmTrie::with_max_entries(MAX_EG, 0);
-/// Flow (guest's view) -> state; shared by all CPUs; natd may resize it at load and collects
-/// expired entries.
+static EG_SVC: LpmTrie<EgSvcData, RuleBits> =
+    LpmTrie::with_max_entries(spec::EG_SVC.max_entries, 0);
+/// Settings and the route generation (natd writes).
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
-/// Settings natd writes at start (egress default, timeouts).
+static CONFIG: Array<NatConfig> =
+    Array::with_max_entries(spec::CONFIG.max_entries, spec::CONFIG.flags);
+/// Where new flows' entries are built (see `nat_common::maps::SCRATCH`).
 #[map]
-static CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<FlowEntry> =
+    PerCpuArray::with_max_entries(spec::SCRATCH.max_entries, spec::SCRATCH.flags);
+/// The layout version of the pins (natd's; never read here).
+#[map]
+static META: Array<u32> = Array::with_max_entries(spec::META.max_entries, spec::META.flags);
 
 #[xdp]
 pub fn nat(ctx: XdpContext) -> u32 {
@@ -95,77 +120,20 @@ pub fn nat(ctx: XdpContext) -> u32 {
 /// untouched.
 #[inline(always)]
 fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: a shared read of a value natd only replaces whole.
-    let iface = unsafe { IFACES.get(&ifindex) }.ok_or(Reason::UnknownIface)?;
-    let (role, own_addr) = (iface.role, iface.addr);
     let pkt = Packet::parse(ctx)?;
-    if role == ROLE_PUBLIC {
-        let entry = NAT_IN.get_ptr_mut(&pkt.daddr).ok_or(Reason::Unmapped)?;
-        return translate(ctx, &pkt, true, entry);
-    }
-    // Guest side: to a mapped public IP is hairpin; to the router itself may be a hairpin
-    // reply; otherwise a mapped private source goes out.
-    if let Some(entry) = NAT_IN.get_ptr_mut(&pkt.daddr) {
-        return hairpin::forward(ctx, &pkt, entry);
-    }
-    if own_addr != 0
-        && pkt.daddr == own_addr
-        && let Some(done) = hairpin::reply(ctx, &pkt)?
+    let l4 = pkt.transport(ctx)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    if let Some(tuple) = l4.tuple(&pkt)
+        && let Some(found) = flows::lookup(&tuple)
     {
-        return Ok(done);
-    }
-    let entry = NAT_OUT.get_ptr_mut(&pkt.saddr).ok_or(Reason::Unmapped)?;
-    translate(ctx, &pkt, false, entry)
-}
-
-/// Inbound (P -> V) or outbound (V -> P) translation with `entry` the mapping's value in the
-/// direction's map.
-#[inline(always)]
-fn translate(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    inbound: bool,
-    entry: *mut NatEntry,
-) -> Result<(u32, Reason), Reason> {
-    let old = if inbound { pkt.daddr } else { pkt.saddr };
-    // SAFETY: the pointer is this CPU's copy of the value, valid for the program's run.
-    let new = unsafe { (*entry).addr };
-    if pkt.ttl <= 1 {
-        return Err(Reason::TtlExpired);
-    }
-    let l4 = pkt.transport(ctx, inbound, old)?;
-    let (public, private) = if inbound { (old, new) } else { (new, old) };
-    let admit = match policy::check(pkt, &l4, inbound, public, private) {
-        Ok(a) => a,
-        Err(denied) => {
-            // SAFETY: as above; per-CPU.
-            unsafe { (*entry).denied += 1 };
-            return Ok((xdp_action::XDP_DROP, denied));
+        if let Some(done) = fast::forward(ctx, &pkt, &l4, &found, ingress) {
+            return Ok(done);
         }
-    };
-    let (src, dst, want) = if inbound {
-        (pkt.saddr, new, ROLE_GUEST)
-    } else {
-        (new, pkt.daddr, ROLE_PUBLIC)
-    };
-    let route = forward::lookup(ctx, pkt, &l4, src, dst, want)?;
-    if let policy::Admit::Open(key) = admit {
-        let _ = policy::create(&key, pkt.proto, &l4, !inbound, policy::now());
+        if let Some(done) = tracked::forward(ctx, &pkt, &l4, &found)? {
+            return Ok(done);
+        }
     }
-    rewrite::translate(ctx, pkt, &l4, inbound, old, new)?;
-    rewrite::forward_l2(ctx, &route)?;
-    // SAFETY: as above; per-CPU, so plain increments do not race.
-    unsafe {
-        (*entry).packets += 1;
-        (*entry).bytes += (ctx.data_end() - ctx.data()) as u64;
-    }
-    let reason = if inbound {
-        Reason::InboundForwarded
-    } else {
-        Reason::OutboundForwarded
-    };
-    Ok((forward::redirect(route.ifindex), reason))
+    newflow::forward(ctx, &pkt, &l4, ingress)
 }
 
 #[cfg(not(test))]

@@ -1,41 +1,59 @@
-//! Header parsing and sanity checks. Offsets are constants (no IP options, no VLAN), which also
-//! keeps every packet access trivially provable for the verifier.
-use aya_ebpf::programs::XdpContext;
-use nat_common::Reason;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+//! Header parsing and sanity checks, shared by the XDP program and the tc programs (one parser
+//! for every program that reads packets). Offsets are constants (no IP options, no VLAN),
+//! which also keeps every packet access trivially provable for the verifier; header fields are
+//! read through network-types' structs.
+use core::mem::offset_of;
 
-pub const ETH_LEN: usize = 14;
+use nat_common::{FlowTuple, Reason, proto};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IP_OFF: usize = ETH_LEN;
-pub const IP_LEN: usize = 20;
+pub const IP_LEN: usize = Ipv4Hdr::LEN;
 pub const L4_OFF: usize = IP_OFF + IP_LEN;
 /// Embedded IPv4 header of an ICMP error (after the 8-byte ICMP header).
 pub const EMB_IP_OFF: usize = L4_OFF + 8;
 /// Embedded transport header of an ICMP error.
 pub const EMB_L4_OFF: usize = EMB_IP_OFF + IP_LEN;
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+pub const IP_CSUM: usize = IP_OFF + offset_of!(Ipv4Hdr, check);
+pub const IP_TTL: usize = IP_OFF + offset_of!(Ipv4Hdr, ttl);
+pub const IP_SRC: usize = IP_OFF + offset_of!(Ipv4Hdr, src_addr);
+pub const IP_DST: usize = IP_OFF + offset_of!(Ipv4Hdr, dst_addr);
+/// Offset of the identifier in an ICMP query (RFC 792).
+pub const ICMP_ID_AT: usize = 4;
+/// Offset of the ICMP checksum.
+pub const ICMP_CSUM_AT: usize = 2;
+
+/// TCP flag bits of byte 13 of the TCP header (RFC 9293).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 
 /// RFC 792/RFC 1812 ICMP error types whose payload starts with the offending IP header.
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
-/// A packet buffer: the XDP frame, or the socket buffer's linear data for the tc learner.
+/// A packet buffer: the XDP frame, or the socket buffer's linear data for the tc programs.
 pub trait Frame {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
 }
 
-impl Frame for XdpContext {
+impl Frame for aya_ebpf::programs::XdpContext {
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        aya_ebpf::programs::XdpContext::data(self)
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        aya_ebpf::programs::XdpContext::data_end(self)
     }
 }
 
@@ -62,15 +80,23 @@ pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
 
 /// Reads a native-order word at `offset` (see `nat_common::csum` for why native order).
 #[inline(always)]
-pub fn load16(ctx: &XdpContext, offset: usize) -> Result<u16, Reason> {
+pub fn load16(ctx: &impl Frame, offset: usize) -> Result<u16, Reason> {
     let p = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Reason::Malformed)?;
     // SAFETY: in bounds per `ptr_at`.
     Ok(u16::from_ne_bytes(unsafe { *p }))
 }
 
 #[inline(always)]
-pub fn store16(ctx: &XdpContext, offset: usize, v: u16) -> Result<(), Reason> {
+pub fn store16(ctx: &impl Frame, offset: usize, v: u16) -> Result<(), Reason> {
     let p = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Reason::Malformed)?;
+    // SAFETY: in bounds per `ptr_at`.
+    unsafe { *p = v.to_ne_bytes() };
+    Ok(())
+}
+
+#[inline(always)]
+pub fn store32(ctx: &impl Frame, offset: usize, v: u32) -> Result<(), Reason> {
+    let p = ptr_at::<[u8; 4]>(ctx, offset).ok_or(Reason::Malformed)?;
     // SAFETY: in bounds per `ptr_at`.
     unsafe { *p = v.to_ne_bytes() };
     Ok(())
@@ -89,15 +115,11 @@ pub struct Packet {
     pub daddr: u32,
 }
 
-/// Transport facts: checksum locations that depend on the translated address, and the flow
-/// identity for connection tracking and the firewall.
+/// Transport facts: the flow identity for connection tracking and the firewall.
+#[derive(Clone, Copy)]
 pub struct Transport {
-    /// Offset of the TCP/UDP checksum, if the protocol has a pseudo-header.
-    pub csum_at: Option<usize>,
-    /// UDP rules apply to that checksum (0 = none).
-    pub udp: bool,
-    /// Source and destination port, network byte order (0 without ports). For ICMP echo the
-    /// identifier is both ports' stand-in: `sport` = `dport` = identifier.
+    /// Source and destination port, network byte order (0 without ports). For an ICMP query
+    /// the identifier is `sport`; `dport` is unused.
     pub sport: u16,
     pub dport: u16,
     /// TCP flags byte (0 for other protocols).
@@ -105,34 +127,50 @@ pub struct Transport {
     /// What the firewall matches besides the protocol: destination port (network order bytes)
     /// for TCP/UDP, `[type, code]` for ICMP, zero otherwise.
     pub service: [u8; 2],
-    /// ICMP error whose embedded packet must be translated too.
-    pub icmp_error: Option<Embedded>,
+    /// An ICMP error (its quoted packet is parsed on demand by [`embedded`]).
+    pub icmp_error: bool,
 }
 
-/// The embedded packet of an ICMP error.
-pub struct Embedded {
-    /// Offset of the embedded address that equals the translated one (source for inbound
-    /// errors, destination for outbound ones).
-    pub addr_at: usize,
-    /// Offset of the embedded TCP/UDP checksum, when the error carries it.
-    pub csum_at: Option<usize>,
-    pub udp: bool,
-    /// The quoted packet's other address (the remote end of the flow) and protocol.
-    pub remote: u32,
-    pub proto: u8,
-    /// The quoted packet's ports seen from the guest (guest's port, remote's port), when the
-    /// first 8 bytes of its transport header are quoted; for ICMP echo the identifier twice.
-    pub ports: Option<(u16, u16)>,
+impl Transport {
+    /// The packet's key in the flow table, if its protocol is tracked by tuple: TCP, UDP,
+    /// the ICMP queries (identifier and type), and other protocols but ICMP errors and the
+    /// protocols whose checksums the program does not parse (DCCP, UDP-Lite).
+    #[inline(always)]
+    pub fn tuple(&self, pkt: &Packet) -> Option<FlowTuple> {
+        let dport = match pkt.proto {
+            proto::TCP | proto::UDP => self.dport,
+            proto::ICMP if nat_common::conntrack::icmp_query(self.service[0]).is_some() => {
+                u16::from_ne_bytes([self.service[0], 0])
+            }
+            proto::ICMP | proto::DCCP | proto::UDPLITE => return None,
+            _ => 0,
+        };
+        Some(FlowTuple::new(
+            pkt.saddr, pkt.daddr, self.sport, dport, pkt.proto,
+        ))
+    }
 }
 
 impl Packet {
     /// Ethernet + IPv4 sanity. Errors are the pass reasons of the design card, in this order:
     /// not IPv4, malformed (truncated, bad version/IHL/length), IP options, fragment.
     #[inline(always)]
-    pub fn parse(ctx: &XdpContext) -> Result<Self, Reason> {
+    pub fn parse(ctx: &impl Frame) -> Result<Self, Reason> {
+        Self::parse_with(ctx, true)
+    }
+
+    /// [`Packet::parse`] for a socket buffer leaving the router (the tc learner): only its
+    /// headers are in the linear data, and a first fragment (offset 0) carries the ports.
+    #[inline(always)]
+    pub fn parse_leaving(ctx: &impl Frame) -> Result<Self, Reason> {
+        Self::parse_with(ctx, false)
+    }
+
+    #[inline(always)]
+    fn parse_with(ctx: &impl Frame, whole: bool) -> Result<Self, Reason> {
         let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Reason::NotIpv4)?;
         // SAFETY: in bounds per `ptr_at`.
-        if unsafe { (*eth).ether_type } != network_types::eth::EtherType::Ipv4 as u16 {
+        if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
             return Err(Reason::NotIpv4);
         }
         let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(Reason::Malformed)?;
@@ -144,14 +182,16 @@ impl Packet {
         }
         let tot_len = u16::from_be_bytes(ip.tot_len);
         let frame = ctx.data_end() - ctx.data();
-        if (tot_len as usize) < (ihl as usize) * 4 || ETH_LEN + tot_len as usize > frame {
+        if (tot_len as usize) < (ihl as usize) * 4 || (whole && ETH_LEN + tot_len as usize > frame)
+        {
             return Err(Reason::Malformed);
         }
         if ihl != 5 {
             return Err(Reason::IpOptions);
         }
-        // MF flag or a nonzero offset (RFC 791).
-        if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        // MF flag or a nonzero offset (RFC 791); leaving, only the offset matters.
+        let frag_mask = if whole { 0x3fff } else { 0x1fff };
+        if u16::from_be_bytes(ip.frags) & frag_mask != 0 {
             return Err(Reason::Fragment);
         }
         Ok(Packet {
@@ -164,54 +204,49 @@ impl Packet {
         })
     }
 
-    /// Transport sanity and the checksum locations a translation of `old` touches.
+    /// Transport sanity and what policy and the flow table look at.
     #[inline(always)]
-    pub fn transport(
-        &self,
-        ctx: &XdpContext,
-        inbound: bool,
-        old: u32,
-    ) -> Result<Transport, Reason> {
+    pub fn transport(&self, ctx: &impl Frame) -> Result<Transport, Reason> {
         let l4_len = self.tot_len as usize - IP_LEN;
         let mut t = Transport {
-            csum_at: None,
-            udp: false,
             sport: 0,
             dport: 0,
             tcp_flags: 0,
             service: [0, 0],
-            icmp_error: None,
+            icmp_error: false,
         };
         match self.proto {
-            PROTO_TCP => {
-                let h = ptr_at::<[u8; 20]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
+            proto::TCP => {
+                let h = ptr_at::<TcpHdr>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
-                let doff = (h[12] >> 4) as usize * 4;
-                if l4_len < 20 || doff < 20 || doff > l4_len {
+                // Data offset (high nibble) and flags: the two bytes of the header's bitfield.
+                let bits = ptr_at::<[u8; 2]>(ctx, L4_OFF + offset_of!(TcpHdr, _bitfield_1))
+                    .ok_or(Reason::Malformed)?;
+                // SAFETY: in bounds per `ptr_at`.
+                let [doff, flags] = unsafe { *bits };
+                let doff = (doff >> 4) as usize * 4;
+                if l4_len < TcpHdr::LEN || doff < TcpHdr::LEN || doff > l4_len {
                     return Err(Reason::Malformed);
                 }
-                t.sport = u16::from_ne_bytes([h[0], h[1]]);
-                t.dport = u16::from_ne_bytes([h[2], h[3]]);
-                t.tcp_flags = h[13];
-                t.service = [h[2], h[3]];
-                t.csum_at = Some(L4_OFF + 16);
+                t.sport = u16::from_ne_bytes(h.source);
+                t.dport = u16::from_ne_bytes(h.dest);
+                t.tcp_flags = flags;
+                t.service = h.dest;
             }
-            PROTO_UDP => {
-                let h = ptr_at::<[u8; 8]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
+            proto::UDP => {
+                let h = ptr_at::<UdpHdr>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
-                let ulen = u16::from_be_bytes([h[4], h[5]]) as usize;
-                if l4_len < 8 || ulen < 8 || ulen > l4_len {
+                let ulen = u16::from_be_bytes(h.len) as usize;
+                if l4_len < UdpHdr::LEN || ulen < UdpHdr::LEN || ulen > l4_len {
                     return Err(Reason::Malformed);
                 }
-                t.sport = u16::from_ne_bytes([h[0], h[1]]);
-                t.dport = u16::from_ne_bytes([h[2], h[3]]);
-                t.service = [h[2], h[3]];
-                t.csum_at = Some(L4_OFF + 6);
-                t.udp = true;
+                t.sport = u16::from_ne_bytes(h.src);
+                t.dport = u16::from_ne_bytes(h.dst);
+                t.service = h.dst;
             }
-            PROTO_ICMP => {
+            proto::ICMP => {
                 let h = ptr_at::<[u8; 8]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
                 if l4_len < 8 {
                     return Err(Reason::Malformed);
@@ -219,16 +254,14 @@ impl Packet {
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
                 t.service = [h[0], h[1]];
-                if is_echo(h[0]) {
-                    t.sport = u16::from_ne_bytes([h[4], h[5]]);
+                if nat_common::conntrack::icmp_query(h[0]).is_some() {
+                    t.sport = u16::from_ne_bytes([h[ICMP_ID_AT], h[ICMP_ID_AT + 1]]);
                     t.dport = t.sport;
                 }
-                if matches!(
+                t.icmp_error = matches!(
                     h[0],
                     ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-                ) {
-                    t.icmp_error = Some(embedded(ctx, l4_len, inbound, old)?);
-                }
+                );
             }
             // Other protocols (GRE, ESP, SCTP...) are translated at the IP header only.
             _ => {}
@@ -237,67 +270,81 @@ impl Packet {
     }
 }
 
-/// An ICMP error relates to the mapping when its embedded header is whole, has no options and
-/// carries the translated address on the other side: an inbound error about a packet P sent
-/// has P as embedded source; an outbound error from V about a packet V got has V as embedded
+/// Which transport checksum an ICMP error quotes whole.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum QuotedCsum {
+    None,
+    Tcp,
+    Udp,
+}
+
+/// The quoted packet of an ICMP error.
+pub struct Embedded {
+    /// The quoted TCP/UDP checksum, when the error carries it.
+    pub quoted_csum: QuotedCsum,
+    /// The quoted packet's other address (the remote end of the flow) and protocol.
+    pub remote: u32,
+    pub proto: u8,
+    /// The quoted packet's ports as it travelled (source, destination), when the first 8 bytes
+    /// of its transport header are quoted; for an ICMP query (identifier, type).
+    pub ports: Option<(u16, u16)>,
+}
+
+/// An ICMP error relates to the mapping when its quoted header is whole, has no options and
+/// carries the translated address `old` on the other side: an inbound error about a packet P
+/// sent has P as quoted source; an outbound error from V about a packet V got has V as quoted
 /// destination. Anything else goes to the kernel, whose conntrack judges it.
 #[inline(always)]
-fn embedded(ctx: &XdpContext, l4_len: usize, inbound: bool, old: u32) -> Result<Embedded, Reason> {
+pub fn embedded(
+    ctx: &impl Frame,
+    pkt: &Packet,
+    inbound: bool,
+    old: u32,
+) -> Result<Embedded, Reason> {
+    let l4_len = pkt.tot_len as usize - IP_LEN;
     let ip = ptr_at::<Ipv4Hdr>(ctx, EMB_IP_OFF).ok_or(Reason::IcmpErrorUnrelated)?;
     if l4_len < 8 + IP_LEN {
         return Err(Reason::IcmpErrorUnrelated);
     }
     // SAFETY: in bounds per `ptr_at`.
     let ip = unsafe { &*ip };
-    let (addr, addr_at, remote) = if inbound {
-        (ip.src_addr, EMB_IP_OFF + 12, ip.dst_addr)
+    let (addr, remote) = if inbound {
+        (ip.src_addr, ip.dst_addr)
     } else {
-        (ip.dst_addr, EMB_IP_OFF + 16, ip.src_addr)
+        (ip.dst_addr, ip.src_addr)
     };
     if ip.vihl != 0x45 || u32::from_ne_bytes(addr) != old {
         return Err(Reason::IcmpErrorUnrelated);
     }
-    // The embedded transport checksum is only there if the error quoted enough of it.
+    // The quoted transport checksum is only there if the error quoted enough of it.
     let quoted = l4_len - 8 - IP_LEN;
-    let (csum_at, udp) = match ip.proto {
-        PROTO_TCP if quoted >= 18 => (Some(EMB_L4_OFF + 16), false),
-        PROTO_UDP if quoted >= 8 => (Some(EMB_L4_OFF + 6), true),
-        _ => (None, false),
+    let quoted_csum = match ip.proto {
+        proto::TCP if quoted >= 18 => QuotedCsum::Tcp,
+        proto::UDP if quoted >= 8 => QuotedCsum::Udp,
+        _ => QuotedCsum::None,
     };
-    // The quoted packet went guest -> remote for an inbound error, remote -> guest for an
-    // outbound one; ports are reported as (guest's, remote's).
     let ports = match ptr_at::<[u8; 8]>(ctx, EMB_L4_OFF) {
         Some(h) if quoted >= 8 => {
             // SAFETY: in bounds per `ptr_at`.
             let h = unsafe { &*h };
-            let (a, b) = (
-                u16::from_ne_bytes([h[0], h[1]]),
-                u16::from_ne_bytes([h[2], h[3]]),
-            );
             match ip.proto {
-                PROTO_TCP | PROTO_UDP if inbound => Some((a, b)),
-                PROTO_TCP | PROTO_UDP => Some((b, a)),
-                PROTO_ICMP if is_echo(h[0]) => {
-                    let id = u16::from_ne_bytes([h[4], h[5]]);
-                    Some((id, id))
-                }
+                proto::TCP | proto::UDP => Some((
+                    u16::from_ne_bytes([h[0], h[1]]),
+                    u16::from_ne_bytes([h[2], h[3]]),
+                )),
+                proto::ICMP if nat_common::conntrack::icmp_query(h[0]).is_some() => Some((
+                    u16::from_ne_bytes([h[ICMP_ID_AT], h[ICMP_ID_AT + 1]]),
+                    u16::from_ne_bytes([h[0], 0]),
+                )),
                 _ => None,
             }
         }
         _ => None,
     };
     Ok(Embedded {
-        addr_at,
-        csum_at,
-        udp,
+        quoted_csum,
         remote: u32::from_ne_bytes(remote),
         proto: ip.proto,
         ports,
     })
-}
-
-/// ICMP echo request / reply (RFC 792): the identifier names the flow.
-#[inline(always)]
-fn is_echo(ty: u8) -> bool {
-    ty == 0 || ty == 8
 }

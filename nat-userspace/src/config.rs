@@ -18,8 +18,11 @@
 //! ports = "25"
 //! cidrs = ["0.0.0.0/0"]         # destinations
 //!
+//! [limits]
+//! mappings = 65536              # counter slots and translation-map capacity
+//!
 //! [conntrack]
-//! size = 262144
+//! size = 262144                 # assured flows; half as many more may be pending
 //! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
 use std::{
@@ -48,6 +51,19 @@ pub struct Config {
     pub egress: EgressConfig,
     #[serde(default)]
     pub conntrack: ConntrackConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Capacities chosen at load.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most mappings (default `nat_common::DEFAULT_MAPPINGS`, at most
+    /// `nat_common::MAX_MAPPINGS`): sizes the per-CPU counter array, so it costs
+    /// 48 bytes per mapping per CPU.
+    #[serde(default)]
+    pub mappings: Option<u32>,
 }
 
 /// A rule as written in the file (`public` only for ingress rules).
@@ -196,6 +212,21 @@ impl Config {
                 .map_err(invalid(what))?;
         }
         Ok(s)
+    }
+
+    /// The mapping capacity (`[limits] mappings`).
+    pub fn mappings(&self, path: &Path) -> Result<u32, ConfigError> {
+        let n = self.limits.mappings.unwrap_or(nat_common::DEFAULT_MAPPINGS);
+        if !(2..=nat_common::MAX_MAPPINGS).contains(&n) {
+            return Err(ConfigError::Setting {
+                path: path.into(),
+                what: format!(
+                    "limits.mappings must be between 2 and {} (it is {n})",
+                    nat_common::MAX_MAPPINGS
+                ),
+            });
+        }
+        Ok(n)
     }
 
     /// Connection table size and idle timeouts (ns, by state), netfilter's defaults where unset.

@@ -4,16 +4,14 @@
 use std::net::Ipv4Addr;
 
 use log::{info, warn};
-use nat_common::{
-    Event, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::State,
-};
+use nat_common::{Event, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::State};
 
 use crate::{
     api::{
         ConntrackStats, FlowInfo, MappingStatus, ReasonStat, Reply, Request, Response, RuleSpec,
         StatsReport, StatusReport,
     },
-    ebpf::{Dataplane, DataplaneError},
+    ebpf::{Dataplane, DataplaneError, FlowView},
     firewall::{RuleError, Service, icmp_field},
     netfilter::{Nft, SlowPath as _},
     persist::StateDir,
@@ -166,7 +164,7 @@ impl Daemon {
                 Err(e) => refuse(e),
             },
             Request::ConntrackFlush => {
-                let n = self.remove_flows(|_, _| true);
+                let n = self.remove_flows(|_| true);
                 // The kernel's entries for the mapped addresses too: flows the slow path
                 // tracked must not outlive a flush either.
                 let mappings: Vec<Mapping> = self.ctl.state().mappings().collect();
@@ -204,28 +202,15 @@ impl Daemon {
         }
     }
 
-    /// A re-added mapping must not inherit a removed one's flows (its own, and hairpin legs
-    /// that involve its addresses).
+    /// A removed mapping refuses new flows at once; its established flows run on with their
+    /// binding until they end or time out, as netfilter keeps them on a CloudStack router
+    /// (`natctl conntrack flush` ends them).
     fn forget_flows(&mut self, removed: &[Mapping]) {
-        if removed.is_empty() {
-            return;
-        }
-        let gone: std::collections::BTreeSet<u32> = removed
-            .iter()
-            .flat_map(|m| {
-                [
-                    u32::from_ne_bytes(m.public.octets()),
-                    u32::from_ne_bytes(m.private.octets()),
-                ]
-            })
-            .collect();
-        let n = self.remove_flows(|k, v| {
-            gone.contains(&k.guest)
-                || gone.contains(&k.remote)
-                || (k.kind != FLOW_NAT && gone.contains(&v.peer_addr))
-        });
-        if n > 0 {
-            info!("dropped {n} flows of removed mappings");
+        if !removed.is_empty() {
+            info!(
+                "{} mapping(s) removed: new flows refused, established flows kept until they end",
+                removed.len()
+            );
         }
     }
 
@@ -255,7 +240,7 @@ impl Daemon {
         done(format!("{name}: {summary}"))
     }
 
-    fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &FlowState) -> bool) -> usize {
+    fn remove_flows(&mut self, pred: impl Fn(&FlowView) -> bool) -> usize {
         match self.ctl.fast_mut().remove_flows(pred) {
             Ok((n, _)) => {
                 if let Err(e) = self
@@ -305,9 +290,14 @@ impl Daemon {
     pub fn collect_expired(&mut self) -> Result<usize, DataplaneError> {
         let now = monotonic_ns();
         let timeouts = self.timeouts_ns;
-        let (n, seen) = self.ctl.fast_mut().remove_flows(|_, v| {
-            now.saturating_sub(v.last_seen) > timeouts[State::from_u8(v.state) as usize]
-        })?;
+        let (n, seen) = self
+            .ctl
+            .fast_mut()
+            .remove_flows(|v| now.saturating_sub(v.last_seen) > timeouts[v.state as usize])?;
+        let freed = self.ctl.fast_mut().recycle_slots()?;
+        if freed > 0 {
+            log::debug!("{freed} counter slot(s) of removed mappings free again");
+        }
         self.ctl
             .fast_mut()
             .bump_event(Event::ConntrackCollected, n as u64)?;
@@ -345,7 +335,8 @@ impl Daemon {
         let raw = dp.flows().map_err(|e| format!("reading flows: {e}"))?;
         let flows = raw
             .into_iter()
-            .map(|(k, v)| {
+            .map(|v| {
+                let k = v.flow;
                 let idle = now.saturating_sub(v.last_seen);
                 FlowInfo {
                     proto: k.proto,
@@ -353,15 +344,16 @@ impl Daemon {
                     guest_port: u16::from_be(k.guest_port),
                     remote: ip(k.remote),
                     remote_port: u16::from_be(k.remote_port),
-                    state: State::from_u8(v.state).name().to_string(),
-                    origin: if v.origin == ORIGIN_GUEST {
+                    state: v.state.name().to_string(),
+                    origin: if k.origin == ORIGIN_GUEST {
                         "guest"
                     } else {
                         "public"
                     }
                     .to_string(),
                     idle_secs: idle / 1_000_000_000,
-                    expires_in_secs: self.timeout(v.state).saturating_sub(idle) / 1_000_000_000,
+                    expires_in_secs: self.timeout(v.state as u8).saturating_sub(idle)
+                        / 1_000_000_000,
                 }
             })
             .collect();

@@ -7,6 +7,7 @@
 pub mod addresses;
 pub mod api;
 pub mod cidr;
+pub mod clock;
 pub mod cloudstack;
 pub mod cloudstack_dir;
 pub mod config;

@@ -161,8 +161,9 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
             }
             return Err(e.into());
         }
+        // A removed mapping's established flows run on, in the fast path and in the kernel's
+        // conntrack alike (as a CloudStack router keeps them); `conntrack flush` ends them.
         let diff = Diff::between(&self.state, &new);
-        self.slow.forget(&diff.removed);
         for m in &diff.removed {
             info!("mapping removed: {} -> {}", m.public, m.private);
         }

@@ -11,7 +11,7 @@ use nat_userspace::{
     cloudstack_dir,
     config::Config,
     daemon::Daemon,
-    ebpf::{Dataplane, Mode, Role},
+    ebpf::{Dataplane, Mode, Role, Sizes},
     metrics::{self, DEFAULT_METRICS_ADDR},
     netfilter::{Nft, SlowPath as _},
     persist::{DEFAULT_STATE_DIR, StateDir},
@@ -140,6 +140,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let path = args.config.clone().unwrap_or_default();
     let (ct_size, timeouts_ns) = config.conntrack(&path)?;
+    let sizes = Sizes {
+        flows: ct_size,
+        mappings: config.mappings(&path)?,
+    };
     let store = StateDir::new(&args.state_dir);
     store.ensure()?;
     if let Some(dir) = &args.cloudstack_dir
@@ -165,7 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     raise_memlock();
     let pins = PinDir::prepare(&args.bpffs)?;
-    let mut dataplane = Dataplane::open(nat_userspace::EBPF_OBJECT, ct_size, Some(pins))?;
+    let mut dataplane = Dataplane::open(nat_userspace::EBPF_OBJECT, sizes, Some(pins))?;
     let (installed, tables) = if dataplane.adopted() {
         let (s, t) = dataplane.installed()?;
         info!(
@@ -177,8 +181,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         (DesiredState::default(), Tables::default())
     };
+    // An adopted fast path keeps its route generation, moved on: what changed while no natd
+    // watched the kernel's routes is resolved again.
+    let route_gen = if dataplane.adopted() {
+        dataplane.config()?.route_gen.wrapping_add(1).max(1)
+    } else {
+        1
+    };
     dataplane.write_config(&NatConfig {
         egress_default_deny: u32::from(tables.egress_default_deny),
+        route_gen,
+        jiffies_per_sec: nat_userspace::clock::jiffies_per_sec(),
         _pad: 0,
         timeouts_ns,
     })?;
@@ -188,19 +201,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         manage_addresses: args.manage_addresses,
     };
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
-    ctl.apply(desired).context("installing the desired state")?;
-    info!(
-        "installed {} mapping(s), {} ingress rule(s), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
-        ctl.state().len(),
-        ctl.state().ingress_rules().count(),
-        ctl.state().egress_rules().count(),
-        if ctl.state().egress_default_allow() {
-            "allow"
-        } else {
-            "deny"
-        },
-    );
-
     let roles = args
         .public_ifaces
         .iter()
@@ -219,15 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => {
                 // A fast path we created ourselves goes entirely; an adopted one keeps running.
                 if !ctl.fast_mut().adopted() {
-                    let _ = ctl.fast_mut().detach_all();
-                    if let Err(e) = ctl.slow_mut().remove() {
-                        warn!("removing the nftables table: {e}");
-                    }
-                    if let Some(p) = ctl.fast_mut().pins()
-                        && let Err(e) = p.remove_all()
-                    {
-                        warn!("removing the pins: {e}");
-                    }
+                    abandon(&mut ctl);
                 }
                 return Err(e.into());
             }
@@ -238,6 +230,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => warn!("{e}: flows the kernel forwards will not be known to the fast path"),
         }
     }
+
+    // Interfaces are attached first: a mapping's public IP is bound to the public interface
+    // whose network holds it. A failure leaves a fast path natd created itself removed.
+    if let Err(e) = ctl.apply(desired) {
+        if !ctl.fast_mut().adopted() {
+            abandon(&mut ctl);
+        }
+        return Err(anyhow::Error::from(e).context("installing the desired state"));
+    }
+    info!(
+        "installed {} mapping(s), {} ingress rule(s), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
+        ctl.state().len(),
+        ctl.state().ingress_rules().count(),
+        ctl.state().egress_rules().count(),
+        if ctl.state().egress_default_allow() {
+            "allow"
+        } else {
+            "deny"
+        },
+    );
 
     let listener = match server::bind(&args.socket) {
         Ok(l) => l,
@@ -332,6 +344,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Removes a fast path this natd created itself (startup failed): detaches it, removes its
+/// nftables table and its pins.
+fn abandon(ctl: &mut nat_userspace::daemon::NatController) {
+    let _ = ctl.fast_mut().detach_all();
+    if let Err(e) = ctl.slow_mut().remove() {
+        warn!("removing the nftables table: {e}");
+    }
+    if let Some(p) = ctl.fast_mut().pins()
+        && let Err(e) = p.remove_all()
+    {
+        warn!("removing the pins: {e}");
+    }
 }
 
 /// How often expired flows are collected.

@@ -1,58 +1,131 @@
 //! Adoption of an earlier natd's pinned maps: layout checks, and reading back what they hold.
 use super::*;
 
-/// Key and value sizes of each map, as this natd's program declares them.
-pub(super) fn expected_layout(name: &str) -> Option<(usize, usize)> {
-    use std::mem::size_of;
-    let lpm = |data: usize| 4 + data;
-    Some(match name {
-        MAP_NAT_IN | MAP_NAT_OUT => (size_of::<u32>(), size_of::<NatEntry>()),
-        MAP_IFACES => (size_of::<u32>(), size_of::<IfaceConfig>()),
-        MAP_STATS => (size_of::<u32>(), size_of::<Counter>()),
-        MAP_EVENTS => (size_of::<u32>(), size_of::<u64>()),
-        MAP_FW_SRC => (lpm(size_of::<FwSrcData>()), size_of::<RuleBits>()),
-        MAP_FW_SVC => (lpm(size_of::<FwSvcData>()), size_of::<RuleBits>()),
-        MAP_EG_DST => (lpm(4), size_of::<RuleBits>()),
-        MAP_EG_SVC => (lpm(size_of::<EgSvcData>()), size_of::<RuleBits>()),
-        MAP_CONNTRACK => (size_of::<FlowKey>(), size_of::<FlowState>()),
-        MAP_CONFIG => (size_of::<u32>(), size_of::<NatConfig>()),
-        _ => return None,
-    })
+/// The maps that are pinned: all but the per-CPU scratch space.
+pub(super) fn pinned_maps() -> impl Iterator<Item = &'static spec::MapSpec> {
+    spec::MAPS.iter().filter(|m| m.name != spec::SCRATCH.name)
 }
 
-/// Checks that a pinned map left by an earlier natd has the layout this natd's program uses;
-/// adopting one that does not would corrupt it.
-pub(super) fn check_pinned(name: &str, path: &Path) -> Result<(), DataplaneError> {
-    let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::Adopt {
+fn adopt_error(path: &Path, why: String) -> DataplaneError {
+    DataplaneError::Adopt {
         path: path.to_path_buf(),
-        why: source.to_string(),
-    })?;
-    let found = (info.key_size() as usize, info.value_size() as usize);
-    match expected_layout(name) {
-        Some(want) if want != found => Err(DataplaneError::Adopt {
-            path: path.to_path_buf(),
-            why: format!(
-                "key/value size {}/{} but this natd's program needs {}/{}",
-                found.0, found.1, want.0, want.1
-            ),
-        }),
-        _ => Ok(()),
+        why,
     }
+}
+
+/// Checks every pinned map left by an earlier natd against this natd's layout (type, key and
+/// value size, capacity, flags, and the layout version stamped in `META`); adopting one that
+/// differs would misread it. Returns whether there were pins to adopt. On any difference natd
+/// refuses to start, naming the map and what differs.
+pub(super) fn check_pins(pins: &PinDir, sizes: &Sizes) -> Result<bool, DataplaneError> {
+    let mut adopted = false;
+    let mut missing = Vec::new();
+    for m in pinned_maps() {
+        let path = pins.map(m.name);
+        if !path.exists() {
+            missing.push(m.name);
+            continue;
+        }
+        adopted = true;
+        let info = MapInfo::from_pin(&path).map_err(|e| adopt_error(&path, e.to_string()))?;
+        let want_max = sizes.of(m.name).unwrap_or(m.max_entries);
+        let found = (
+            info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let want = (m.kind as u32, m.key_size, m.value_size, want_max, m.flags);
+        if found.0 != want.0 || found.1 != want.1 || found.2 != want.2 || found.4 != want.4 {
+            return Err(adopt_error(
+                &path,
+                format!(
+                    "it is a {} map with key/value size {}/{} and flags {:#x}, this natd's \
+                     program needs a {} map with {}/{} and flags {:#x} (layout version {})",
+                    kind_name(found.0),
+                    found.1,
+                    found.2,
+                    found.4,
+                    m.kind.name(),
+                    want.1,
+                    want.2,
+                    want.4,
+                    spec::LAYOUT_VERSION,
+                ),
+            ));
+        }
+        if found.3 != want.3 {
+            return Err(adopt_error(
+                &path,
+                format!(
+                    "it holds {} entries, this natd is configured for {} ({}); start natd \
+                     with the earlier size, or stop the old natd with --detach-on-exit to \
+                     resize",
+                    found.3,
+                    want.3,
+                    match m.name {
+                        MAP_FLOWS | MAP_PENDING => "[conntrack] size",
+                        MAP_NAT_IN | MAP_NAT_OUT | MAP_MAPPING_STATS => "[limits] mappings",
+                        _ => "the program's layout",
+                    }
+                ),
+            ));
+        }
+    }
+    if adopted {
+        if let Some(name) = missing.first() {
+            return Err(adopt_error(
+                &pins.map(name),
+                "it is missing while other maps are pinned (left by a natd of another layout)"
+                    .to_string(),
+            ));
+        }
+        let path = pins.map(MAP_META);
+        let m = aya::maps::Map::Array(
+            MapData::from_pin(&path).map_err(|e| adopt_error(&path, e.to_string()))?,
+        );
+        let version = Array::<_, u32>::try_from(m)
+            .and_then(|a| a.get(&0, 0))
+            .map_err(|e| adopt_error(&path, e.to_string()))?;
+        if version != spec::LAYOUT_VERSION {
+            return Err(adopt_error(
+                &path,
+                format!(
+                    "the pins are of layout version {version}, this natd's is {}",
+                    spec::LAYOUT_VERSION
+                ),
+            ));
+        }
+    }
+    Ok(adopted)
+}
+
+fn kind_name(raw: u32) -> String {
+    [
+        spec::MapKind::Hash,
+        spec::MapKind::Array,
+        spec::MapKind::PerCpuArray,
+        spec::MapKind::LruHash,
+        spec::MapKind::LpmTrie,
+        spec::MapKind::DevMapHash,
+    ]
+    .into_iter()
+    .find(|k| *k as u32 == raw)
+    .map_or_else(|| format!("type-{raw}"), |k| k.name().to_string())
 }
 
 impl Dataplane {
     /// natd killed mid-change, which it removes) and every firewall entry, so a new natd can
     /// reconcile them with the desired state instead of starting from empty maps.
     pub fn installed(&mut self) -> Result<(DesiredState, Tables), DataplaneError> {
-        let read = |dp: &mut Self, map| -> Result<BTreeMap<u32, u32>, DataplaneError> {
+        let read = |dp: &mut Self, map| -> Result<BTreeMap<u32, NatValue>, DataplaneError> {
             let m = dp.nat_map(map)?;
             let mut out = BTreeMap::new();
             for kv in m.iter() {
                 match kv {
                     Ok((k, v)) => {
-                        if let Some(e) = v.first() {
-                            out.insert(k, e.addr);
-                        }
+                        out.insert(k, v);
                     }
                     Err(MapError::KeyNotFound) => {}
                     Err(source) => return Err(DataplaneError::Map { map, source }),
@@ -63,12 +136,16 @@ impl Dataplane {
         let nat_in = read(self, MAP_NAT_IN)?;
         let nat_out = read(self, MAP_NAT_OUT)?;
         let mut state = DesiredState::default();
-        for (&p, &v) in &nat_in {
+        for (&p, v) in &nat_in {
             let m = Mapping {
                 public: addr(p),
-                private: addr(v),
+                private: addr(v.addr),
             };
-            if nat_out.get(&v) == Some(&p) && state.add_mapping(m).is_ok() {
+            let whole = nat_out
+                .get(&v.addr)
+                .is_some_and(|o| o.addr == p && o.slot == v.slot);
+            if whole && state.add_mapping(m).is_ok() {
+                self.slots.restore(m.public, v.slot);
                 continue;
             }
             log::warn!(
@@ -78,9 +155,13 @@ impl Dataplane {
             );
             self.delete(MAP_NAT_IN, p)?;
         }
-        for (&v, &p) in &nat_out {
-            if nat_in.get(&p) != Some(&v) {
-                log::warn!("removing half-installed mapping {} -> {}", addr(p), addr(v));
+        for (&v, o) in &nat_out {
+            if nat_in.get(&o.addr).is_none_or(|i| i.addr != v) {
+                log::warn!(
+                    "removing half-installed mapping {} -> {}",
+                    addr(o.addr),
+                    addr(v)
+                );
                 self.delete(MAP_NAT_OUT, v)?;
             }
         }
@@ -141,5 +222,49 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compiled object declares every map exactly as `nat_common::maps` does (the
+    /// verifier accepts both programs too: loading them is part of `Dataplane::load`).
+    #[test]
+    fn the_object_matches_the_map_specs() {
+        let sizes = Sizes {
+            flows: 1024,
+            mappings: 256,
+        };
+        let mut dp = Dataplane::load(sizes).unwrap_or_else(|e| panic!("{}", crate::report(&e)));
+        let names: Vec<String> = dp.ebpf.maps().map(|(n, _)| n.to_string()).collect();
+        for m in spec::MAPS {
+            assert!(names.iter().any(|n| n == m.name), "no map {} in {names:?}", m.name);
+            let map = dp.map(m.name).unwrap();
+            let info = match map {
+                aya::maps::Map::HashMap(d)
+                | aya::maps::Map::LruHashMap(d)
+                | aya::maps::Map::Array(d)
+                | aya::maps::Map::PerCpuArray(d)
+                | aya::maps::Map::LpmTrie(d)
+                | aya::maps::Map::DevMapHash(d) => d.info().unwrap(),
+                other => panic!("{}: unexpected map type {other:?}", m.name),
+            };
+            let want_max = sizes.of(m.name).unwrap_or(m.max_entries);
+            assert_eq!(
+                (
+                    info.map_type().unwrap() as u32,
+                    info.key_size(),
+                    info.value_size(),
+                    info.max_entries(),
+                    info.map_flags(),
+                ),
+                (m.kind as u32, m.key_size, m.value_size, want_max, m.flags),
+                "map {}",
+                m.name
+            );
+        }
+        assert_eq!(names.len(), spec::MAPS.len(), "{names:?}");
     }
 }

@@ -4,7 +4,7 @@ use super::*;
 
 /// A map write error, or [`DataplaneError::Full`] when the map has no room left (the kernel
 /// answers E2BIG for hash maps, ENOSPC for LPM tries).
-fn write_error(map: &'static str, source: MapError) -> DataplaneError {
+fn write_error(map: &'static str, capacity: u32, source: MapError) -> DataplaneError {
     let full = match &source {
         MapError::SyscallError(e) => {
             matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
@@ -12,15 +12,17 @@ fn write_error(map: &'static str, source: MapError) -> DataplaneError {
         _ => false,
     };
     if full {
-        let capacity = match map {
-            MAP_NAT_IN | MAP_NAT_OUT => nat_common::MAX_MAPPINGS,
-            MAP_FW_SRC => nat_common::MAX_FW_SRC,
-            MAP_FW_SVC => nat_common::MAX_FW_SVC,
-            _ => nat_common::MAX_EG,
-        };
         return DataplaneError::Full { map, capacity };
     }
     DataplaneError::Map { map, source }
+}
+
+/// The capacity a firewall map is declared with.
+fn lpm_capacity(map: &str) -> u32 {
+    spec::MAPS
+        .iter()
+        .find(|m| m.name == map)
+        .map_or(0, |m| m.max_entries)
 }
 
 /// Inserts (`Some`) or deletes (`None`) one firewall LPM entry of a loaded object: the one
@@ -46,7 +48,7 @@ pub fn write_entry(
                 r => r,
             },
         };
-        r.map_err(|source| write_error(map, source))
+        r.map_err(|source| write_error(map, lpm_capacity(map), source))
     }
     match e {
         Entry::FwSrc(public, cidr) => {
@@ -106,60 +108,50 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Sums the per-CPU counters of one mapping (zero for a direction not installed).
+    /// Sums the per-CPU counters of one mapping (zeros if it is not installed).
     pub fn counters(&mut self, m: Mapping) -> Result<MappingCounters, DataplaneError> {
-        let sum = |v: Result<PerCpuValues<NatEntry>, MapError>, map| match v {
-            Ok(v) => Ok(v.iter().fold((0, 0, 0), |(p, b, d), e| {
-                (p + e.packets, b + e.bytes, d + e.denied)
-            })),
-            Err(MapError::KeyNotFound) => Ok((0, 0, 0)),
-            Err(source) => Err(DataplaneError::Map { map, source }),
+        let Some(slot) = self.slots.get(m.public) else {
+            return Ok(MappingCounters::default());
         };
-        let inbound = self.nat_map(MAP_NAT_IN)?.get(&key(m.public), 0);
-        let (inbound_packets, inbound_bytes, inbound_denied) = sum(inbound, MAP_NAT_IN)?;
-        let outbound = self.nat_map(MAP_NAT_OUT)?.get(&key(m.private), 0);
-        let (outbound_packets, outbound_bytes, outbound_denied) = sum(outbound, MAP_NAT_OUT)?;
-        Ok(MappingCounters {
-            inbound_packets,
-            inbound_bytes,
-            inbound_denied,
-            outbound_packets,
-            outbound_bytes,
-            outbound_denied,
-        })
+        let arr = PerCpuArray::<_, MappingStats>::try_from(self.map(MAP_MAPPING_STATS)?)
+            .map_err(map_err(MAP_MAPPING_STATS))?;
+        let v = arr.get(&slot, 0).map_err(map_err(MAP_MAPPING_STATS))?;
+        let mut c = MappingCounters::default();
+        for s in v.iter() {
+            c.inbound_packets += s.in_packets;
+            c.inbound_bytes += s.in_bytes;
+            c.inbound_denied += s.in_denied;
+            c.outbound_packets += s.out_packets;
+            c.outbound_bytes += s.out_bytes;
+            c.outbound_denied += s.out_denied;
+        }
+        Ok(c)
+    }
+
+    /// Zeroes the counters of `slot` (handed to a new mapping).
+    fn zero_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let zeros = PerCpuValues::try_from(vec![MappingStats::default(); self.nr_cpus]).map_err(
+            |source| DataplaneError::Map {
+                map: MAP_MAPPING_STATS,
+                source: MapError::IoError(source),
+            },
+        )?;
+        PerCpuArray::<_, MappingStats>::try_from(self.map(MAP_MAPPING_STATS)?)
+            .map_err(map_err(MAP_MAPPING_STATS))?
+            .set(slot, zeros, 0)
+            .map_err(map_err(MAP_MAPPING_STATS))
     }
 
     pub(super) fn put(
         &mut self,
         map: &'static str,
         k: u32,
-        addr: u32,
+        v: NatValue,
     ) -> Result<(), DataplaneError> {
-        let nr_cpus = self.nr_cpus;
-        let values = || {
-            PerCpuValues::try_from(vec![NatEntry::new(addr); nr_cpus]).map_err(|source| {
-                DataplaneError::Map {
-                    map,
-                    source: MapError::IoError(source),
-                }
-            })
-        };
-        // A per-CPU map without preallocation refills its element cache asynchronously: a
-        // burst of inserts can meet a transient ENOMEM, which a short back-off rides out.
-        let mut delay = std::time::Duration::from_micros(100);
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match self.nat_map(map)?.insert(k, values()?, 0) {
-                Err(MapError::SyscallError(e))
-                    if attempts < 8 && e.io_error.raw_os_error() == Some(libc::ENOMEM) =>
-                {
-                    std::thread::sleep(delay);
-                    delay *= 2;
-                }
-                r => return r.map_err(|source| write_error(map, source)),
-            }
-        }
+        let capacity = self.sizes.mappings;
+        self.nat_map(map)?
+            .insert(k, v, 0)
+            .map_err(|source| write_error(map, capacity, source))
     }
 
     pub(super) fn delete(&mut self, map: &'static str, k: u32) -> Result<(), DataplaneError> {
@@ -171,9 +163,33 @@ impl Dataplane {
 }
 
 impl Dataplane {
+    /// Installs a mapping with a fresh counter slot: the reverse entry first.
     fn insert_mapping(&mut self, m: Mapping) -> Result<(), DataplaneError> {
-        self.put(MAP_NAT_OUT, key(m.private), key(m.public))?;
-        if let Err(e) = self.put(MAP_NAT_IN, key(m.public), key(m.private)) {
+        let slot = self.slots.take(m.public).ok_or(DataplaneError::NoSlot {
+            capacity: self.slots.capacity().saturating_sub(1),
+        })?;
+        let r = self.install(m, slot);
+        if r.is_err() {
+            self.slots.untake(m.public);
+        }
+        r
+    }
+
+    fn install(&mut self, m: Mapping, slot: u32) -> Result<(), DataplaneError> {
+        self.zero_slot(slot)?;
+        let out = NatValue {
+            addr: key(m.public),
+            slot,
+            ..NatValue::default()
+        };
+        self.put(MAP_NAT_OUT, key(m.private), out)?;
+        let inbound = NatValue {
+            addr: key(m.private),
+            slot,
+            ifindex: self.owning_iface(m.public),
+            _pad: 0,
+        };
+        if let Err(e) = self.put(MAP_NAT_IN, key(m.public), inbound) {
             // Leave nothing half-installed.
             let _ = self.delete(MAP_NAT_OUT, key(m.private));
             return Err(e);
@@ -181,9 +197,26 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The public interface whose network holds `public` (0: none or several), so new inbound
+    /// flows to it are taken only there.
+    fn owning_iface(&self, public: std::net::Ipv4Addr) -> u32 {
+        let mut owners = self
+            .attached()
+            .filter(|a| a.role == Role::Public)
+            .filter(|a| iface_holds(&a.name, public));
+        match (owners.next(), owners.next()) {
+            (Some(a), None) => a.ifindex,
+            _ => 0,
+        }
+    }
+
+    /// Removes a mapping, forward entry first; its established flows run on (a revoked static
+    /// NAT keeps them, as netfilter does) and its slot is retired until they are gone.
     fn remove_mapping(&mut self, m: Mapping) -> Result<(), DataplaneError> {
         self.delete(MAP_NAT_IN, key(m.public))?;
-        self.delete(MAP_NAT_OUT, key(m.private))
+        self.delete(MAP_NAT_OUT, key(m.private))?;
+        self.slots.retire(m.public);
+        Ok(())
     }
 
     pub(super) fn lpm<K: aya::Pod>(
@@ -238,70 +271,6 @@ impl Dataplane {
         arr.set(e as u32, v, 0).map_err(map_err(MAP_EVENTS))
     }
 
-    fn conntrack(
-        &mut self,
-    ) -> Result<aya::maps::HashMap<&mut MapData, FlowKey, FlowState>, DataplaneError> {
-        aya::maps::HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))
-    }
-
-    /// Every flow in the connection table (entries that vanish while we read are skipped).
-    pub fn flows(&mut self) -> Result<Vec<(FlowKey, FlowState)>, DataplaneError> {
-        let ct = self.conntrack()?;
-        let mut out = Vec::new();
-        for item in ct.iter() {
-            match item {
-                Ok(kv) => out.push(kv),
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(DataplaneError::Map {
-                        map: MAP_CONNTRACK,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Deletes the flows `pred` selects; returns how many went and how many were looked at.
-    pub fn remove_flows(
-        &mut self,
-        pred: impl Fn(&FlowKey, &FlowState) -> bool,
-    ) -> Result<(usize, usize), DataplaneError> {
-        let all = self.flows()?;
-        let seen = all.len();
-        let doomed: Vec<FlowKey> = all
-            .into_iter()
-            .filter(|(k, v)| pred(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        let mut ct = self.conntrack()?;
-        let mut n = 0;
-        for k in doomed {
-            match ct.remove(&k) {
-                Ok(()) => n += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(DataplaneError::Map {
-                        map: MAP_CONNTRACK,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok((n, seen))
-    }
-
-    /// Capacity of the connection table.
-    pub fn conntrack_capacity(&mut self) -> Result<u32, DataplaneError> {
-        let map = self.map(MAP_CONNTRACK)?;
-        Ok(match map {
-            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
-                m.info().map(|i| i.max_entries()).unwrap_or(0)
-            }
-            _ => 0,
-        })
-    }
 }
 
 impl FastPath for Dataplane {

@@ -5,8 +5,11 @@
 //! public) entry goes in before the forward one, and comes out after it.
 mod adopt;
 mod attach;
+mod flows;
 mod maps;
+mod slots;
 
+pub use flows::FlowView;
 pub use maps::write_entry;
 
 use std::{
@@ -19,8 +22,8 @@ use aya::{
     Ebpf,
     maps::MapInfo,
     maps::{
-        Array, DevMapHash, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
-        PerCpuValues, lpm_trie::Key as LpmKey,
+        Array, DevMapHash, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::Key as LpmKey,
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -30,10 +33,11 @@ use aya::{
     },
 };
 use nat_common::{
-    ALL_MAPS, Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS,
-    FlowKey, FlowState, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP,
-    MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
-    MAP_NAT_OUT, MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
+    Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry,
+    FlowKey, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_DEVMAP, MAP_EG_DST,
+    MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_MAPPING_STATS,
+    MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats, NatConfig,
+    NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +129,8 @@ pub enum DataplaneError {
          remove the pins to start afresh (connection tracking is then lost)"
     )]
     Adopt { path: PathBuf, why: String },
+    #[error("no counter slot left for a new mapping: all {capacity} are taken (natd's [limits] mappings)")]
+    NoSlot { capacity: u32 },
     #[error("cannot count possible CPUs ({0}): {1}")]
     Cpus(&'static str, std::io::Error),
     #[error("link: {0}")]
@@ -212,6 +218,40 @@ pub struct Dataplane {
     /// The tc egress learner's attachments (tcx links, gone with natd: the learner only
     /// matters while natd runs, a new natd attaches it again).
     learners: Vec<(String, SchedClassifierLinkId)>,
+    /// Counter slots of the mappings (see [`slots::Slots`]).
+    slots: slots::Slots,
+    sizes: Sizes,
+}
+
+/// Capacities natd chooses at load (config `[conntrack] size`, `[limits] mappings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Assured flows `FLOWS` holds (two entries each); `PENDING` holds half as many
+    /// unassured ones.
+    pub flows: u32,
+    /// Mappings: the size of `NAT_IN`, `NAT_OUT` and `MAPPING_STATS`.
+    pub mappings: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes {
+            flows: nat_common::DEFAULT_CONNTRACK_SIZE,
+            mappings: nat_common::DEFAULT_MAPPINGS,
+        }
+    }
+}
+
+impl Sizes {
+    /// The capacity of `map` these sizes give, for the maps natd sizes at load.
+    pub fn of(&self, map: &str) -> Option<u32> {
+        Some(match map {
+            MAP_FLOWS => self.flows.saturating_mul(2),
+            MAP_PENDING => self.flows.max(2),
+            MAP_NAT_IN | MAP_NAT_OUT | MAP_MAPPING_STATS => self.mappings,
+            _ => return None,
+        })
+    }
 }
 
 /// How natd holds an interface's XDP attachment.
@@ -233,12 +273,24 @@ pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
 
 /// The first IPv4 address of interface `name`, if it has one.
 pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    iface_subnets(name).first().map(|(a, _)| *a)
+}
+
+/// Whether one of the IPv4 subnets on interface `name` holds `ip`.
+pub fn iface_holds(name: &str, ip: std::net::Ipv4Addr) -> bool {
+    iface_subnets(name)
+        .iter()
+        .any(|(a, mask)| u32::from(*a) & mask == u32::from(ip) & mask)
+}
+
+/// The IPv4 addresses of interface `name` with their netmasks (host order).
+fn iface_subnets(name: &str) -> Vec<(std::net::Ipv4Addr, u32)> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: `cur` walks the list getifaddrs returned.
@@ -255,8 +307,16 @@ pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
         {
             // SAFETY: AF_INET addresses are sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
+            let mask = if ifa.ifa_netmask.is_null() {
+                u32::MAX
+            } else {
+                // SAFETY: the netmask of an AF_INET address is a sockaddr_in too.
+                u32::from_be(unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) }.sin_addr.s_addr)
+            };
+            found.push((
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                mask,
+            ));
         }
     }
     // SAFETY: `head` came from getifaddrs.
@@ -279,37 +339,28 @@ fn key(addr: std::net::Ipv4Addr) -> u32 {
 
 impl Dataplane {
     /// Loads the embedded object and its program into the kernel (nothing attached yet).
-    pub fn load(conntrack_size: u32) -> Result<Self, DataplaneError> {
-        Self::load_with(crate::EBPF_OBJECT, conntrack_size)
-    }
-
-    pub fn load_object(object: &[u8]) -> Result<Self, DataplaneError> {
-        Self::load_with(object, nat_common::DEFAULT_CONNTRACK_SIZE)
-    }
-
-    /// Loads `object` with a connection table of `conntrack_size` entries.
-    pub fn load_with(object: &[u8], conntrack_size: u32) -> Result<Self, DataplaneError> {
-        Self::open(object, conntrack_size, None)
+    pub fn load(sizes: Sizes) -> Result<Self, DataplaneError> {
+        Self::open(crate::EBPF_OBJECT, sizes, None)
     }
 
     /// Loads `object`; with `pins`, every map is adopted from its pin if one exists (an earlier
     /// natd's state, connection table and counters) and pinned otherwise.
     pub fn open(
         object: &[u8],
-        conntrack_size: u32,
+        sizes: Sizes,
         pins: Option<PinDir>,
     ) -> Result<Self, DataplaneError> {
         let mut loader = aya::EbpfLoader::new();
-        loader.map_max_entries(MAP_CONNTRACK, conntrack_size);
+        for m in spec::MAPS {
+            if let Some(n) = sizes.of(m.name) {
+                loader.map_max_entries(m.name, n);
+            }
+        }
         let mut adopted = false;
         if let Some(p) = &pins {
-            for name in ALL_MAPS {
-                let path = p.map(name);
-                if path.exists() {
-                    adopted = true;
-                    adopt::check_pinned(name, &path)?;
-                }
-                loader.map_pin_path(name, path);
+            adopted = adopt::check_pins(p, &sizes)?;
+            for m in adopt::pinned_maps() {
+                loader.map_pin_path(m.name, p.map(m.name));
             }
         }
         let mut ebpf = loader.load(object)?;
@@ -326,14 +377,23 @@ impl Dataplane {
             .map_err(DataplaneError::Program)?;
         learner.load().map_err(DataplaneError::Program)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             nr_cpus,
             attached: Vec::new(),
             learners: Vec::new(),
             pins,
             adopted,
-        })
+            slots: slots::Slots::new(sizes.mappings),
+            sizes,
+        };
+        dp.stamp_layout()?;
+        Ok(dp)
+    }
+
+    /// The capacities the maps were loaded with.
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
     }
 
     /// Whether the maps were adopted from pins left by an earlier natd.
@@ -358,7 +418,15 @@ impl Dataplane {
     fn nat_map(
         &mut self,
         name: &'static str,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, NatEntry>, DataplaneError> {
-        PerCpuHashMap::try_from(self.map(name)?).map_err(map_err(name))
+    ) -> Result<HashMap<&mut MapData, u32, NatValue>, DataplaneError> {
+        HashMap::try_from(self.map(name)?).map_err(map_err(name))
+    }
+
+    /// Writes this natd's [`spec::LAYOUT_VERSION`] into `META`.
+    fn stamp_layout(&mut self) -> Result<(), DataplaneError> {
+        let mut m =
+            Array::<_, u32>::try_from(self.map(MAP_META)?).map_err(map_err(MAP_META))?;
+        m.set(0, spec::LAYOUT_VERSION, 0)
+            .map_err(map_err(MAP_META))
     }
 }

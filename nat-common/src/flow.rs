@@ -1,0 +1,332 @@
+//! Flows: connection tracking and the per-flow cache in one table ([`crate::maps::FLOWS`],
+//! [`crate::maps::PENDING`]), the way netfilter's conntrack hashes both tuples of a
+//! connection and nf_flowtable caches the route of each.
+//!
+//! Each flow is two entries, one per direction, each keyed by the packet as it arrives
+//! ([`FlowTuple`]: the wire 5-tuple) and holding everything its direction's rewrite needs: the
+//! translated addresses and ports, the checksum deltas precomputed, the egress interface and
+//! MACs, the route generation they were resolved under and the mapping's counter slot. The
+//! *original* direction's entry ([`ENTRY_ORIG`], the direction of the flow's first packet)
+//! holds the flow's state (netfilter's states and timeouts) and its last-seen time; the reply
+//! entry finds it through [`FlowEntry::peer`] and refreshes it at most once per second. Both
+//! carry the flow's identity in the guest's view ([`FlowKey`]) for listing and flushing.
+//!
+//! An established packet costs one lookup: an entry whose ingress, route generation and
+//! [`ENTRY_FAST`] flag hold is applied as it is. Anything else (TCP SYN/FIN/RST, a state that
+//! a packet may change, a stale route) takes the program's full path, which advances the
+//! state, resolves the route and updates both entries.
+use crate::csum;
+
+/// Key of [`crate::maps::FLOWS`] and [`crate::maps::PENDING`]: a packet as it arrives.
+/// TCP/UDP: the ports. ICMP queries (echo, timestamp, information, address mask): `sport` is
+/// the identifier and `dport` the message type (so a request and a reply with the same
+/// identifier are different keys). Other protocols: zero ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowTuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowTuple>() == 16);
+
+impl FlowTuple {
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        FlowTuple {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Flow kinds ([`FlowKey::kind`]).
+pub const FLOW_NAT: u8 = 0;
+/// A hairpin flow: a guest reaching another guest through its public IP.
+pub const FLOW_HAIRPIN: u8 = 1;
+
+/// A flow's identity in the guest's view: `guest` is the private address V of the mapping
+/// (after DNAT, before SNAT), `remote` the other end as the guest sees it; ports as the guest
+/// sees them (network order; for ICMP queries the identifier twice, for other protocols 0).
+/// For a hairpin flow `guest`/`guest_port` are the sender V2 and its port and `remote` /
+/// `remote_port` the public IP P1 and port it reached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub guest: u32,
+    pub remote: u32,
+    pub guest_port: u16,
+    pub remote_port: u16,
+    pub proto: u8,
+    /// [`FLOW_NAT`] or [`FLOW_HAIRPIN`].
+    pub kind: u8,
+    /// [`ORIGIN_PUBLIC`] or [`ORIGIN_GUEST`]: who opened the flow.
+    pub origin: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Who opened a flow.
+pub const ORIGIN_PUBLIC: u8 = 1;
+pub const ORIGIN_GUEST: u8 = 2;
+
+/// [`FlowEntry::flags`]: the flow's original direction; holds the state.
+pub const ENTRY_ORIG: u8 = 1;
+/// A packet without SYN, FIN or RST cannot change the flow's state: it may take the entry as
+/// it is (ESTABLISHED TCP, replied UDP, tracked ICMP queries, other protocols, and the
+/// original direction of unreplied UDP).
+pub const ENTRY_FAST: u8 = 2;
+/// The rewrite follows RFC 768: a UDP checksum of 0 stays 0, a computed 0 is sent as 0xFFFF.
+pub const ENTRY_UDP: u8 = 4;
+/// The entry lives in [`crate::maps::PENDING`] (the flow is not assured yet).
+pub const ENTRY_PENDING: u8 = 8;
+/// Written by the tc learner from a packet the kernel translated.
+pub const ENTRY_LEARNED: u8 = 16;
+/// Original entry: a packet of the reply direction was seen (netfilter's `IPS_SEEN_REPLY`).
+pub const ENTRY_REPLIED: u8 = 32;
+
+/// [`FlowEntry::counter`]: which half of the mapping's [`crate::MappingStats`] counts the
+/// direction.
+pub const COUNT_IN: u8 = 0;
+pub const COUNT_OUT: u8 = 1;
+
+/// Value of [`crate::maps::FLOWS`] and [`crate::maps::PENDING`]: one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// The source address the packet leaves with (network order).
+    pub saddr: u32,
+    /// The destination address the packet leaves with.
+    pub daddr: u32,
+    /// TCP/UDP: the ports the packet leaves with (written back for TCP and UDP only).
+    pub sport: u16,
+    pub dport: u16,
+    /// One's complement sum ([`csum::apply`]) of the IPv4 header words that change: the
+    /// addresses and the TTL decrement.
+    pub ip_delta: u16,
+    /// Of the transport checksum's words that change: pseudo-header addresses and ports.
+    pub l4_delta: u16,
+    /// The interface packets of this direction arrive on.
+    pub in_ifindex: u32,
+    /// Where they leave: interface and next hop (from `bpf_fib_lookup`).
+    pub out_ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// Largest IPv4 total length the egress route takes; longer packets go to the kernel.
+    pub mtu: u16,
+    /// Offset of the transport checksum within the transport header (TCP 16, UDP 6), 0 if
+    /// the rewrite changes no word it covers.
+    pub l4_csum: u8,
+    /// `ENTRY_*`.
+    pub flags: u8,
+    /// The route generation the route fields were resolved under; 0: not resolved yet.
+    pub route_gen: u32,
+    /// The mapping's slot in [`crate::maps::MAPPING_STATS`] (0: revoked mappings).
+    pub slot: u32,
+    /// [`crate::Reason`] counted for a forwarded packet of this direction.
+    pub reason: u8,
+    /// [`COUNT_IN`] or [`COUNT_OUT`].
+    pub counter: u8,
+    /// Original entry: the flow's [`crate::conntrack::State`].
+    pub state: u8,
+    /// Original entry: FIN seen from the originator (bit 0) / from the responder (bit 1).
+    pub fins: u8,
+    pub _pad: u32,
+    /// `bpf_jiffies64()` when this direction last refreshed the flow's last-seen time.
+    pub seen: u64,
+    /// Original entry: CLOCK_MONOTONIC (ns) of the flow's last packet, to about a second.
+    pub last_seen: u64,
+    /// The other direction's key.
+    pub peer: FlowTuple,
+    /// The flow's identity, the same in both entries.
+    pub flow: FlowKey,
+}
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 104);
+
+impl FlowEntry {
+    #[inline(always)]
+    pub const fn is_orig(&self) -> bool {
+        self.flags & ENTRY_ORIG != 0
+    }
+}
+
+/// The key the answers to a packet leaving as `t` arrive with: addresses swapped, and ports
+/// swapped (TCP, UDP, other protocols) or, for an ICMP query, the same identifier with the
+/// reply type.
+#[inline(always)]
+pub const fn reply_of(t: &FlowTuple) -> FlowTuple {
+    let (sport, dport) = if t.proto == crate::proto::ICMP {
+        let ty = t.dport.to_ne_bytes()[0];
+        let reply = match crate::conntrack::icmp_query(ty) {
+            Some((_, reply)) => reply,
+            None => ty,
+        };
+        (t.sport, u16::from_ne_bytes([reply, 0]))
+    } else {
+        (t.dport, t.sport)
+    };
+    FlowTuple::new(t.daddr, t.saddr, sport, dport, t.proto)
+}
+
+/// Attempts a hairpin flow makes at a free source port (the sender's own port first).
+pub const HAIRPIN_PORT_TRIES: u32 = 8;
+
+/// The source port (network order) a hairpin flow from `sport` tries at `attempt`
+/// (0..[`HAIRPIN_PORT_TRIES`]): the sender's port first, then ports spread over
+/// 1024..=65535.
+#[inline(always)]
+pub const fn hairpin_port(sport: u16, attempt: u32) -> u16 {
+    if attempt == 0 {
+        return sport;
+    }
+    let host = u16::from_be(sport) as u32;
+    let port = 1024 + (host + attempt * 7919) % 64512;
+    (port as u16).to_be()
+}
+
+/// The rewrite of one direction: the translated addresses and ports and the checksum deltas,
+/// computed once when the entry is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rewrite {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub ip_delta: u16,
+    pub l4_delta: u16,
+    pub l4_csum: u8,
+    pub udp: bool,
+}
+
+/// Offsets of the TCP and UDP checksums in their headers.
+pub const TCP_CSUM_AT: u8 = 16;
+pub const UDP_CSUM_AT: u8 = 6;
+/// Offset of the ICMP checksum, which covers the identifier an ICMP query's rewrite may
+/// change (hairpin flows that had to take another identifier).
+pub const ICMP_ID_CSUM_AT: u8 = 2;
+
+/// The rewrite that turns packets keyed `from` into `to` (addresses and, for TCP/UDP,
+/// ports), decrementing the TTL.
+#[inline(always)]
+pub const fn rewrite(from: &FlowTuple, to: &FlowTuple) -> Rewrite {
+    let addrs = csum::delta4(from.saddr, to.saddr) + csum::delta4(from.daddr, to.daddr);
+    let ip_delta = csum::fold(addrs + csum::TTL_DECREMENT);
+    let (l4_csum, udp, ports) = match from.proto {
+        crate::proto::TCP | crate::proto::UDP => (
+            if from.proto == crate::proto::TCP {
+                TCP_CSUM_AT
+            } else {
+                UDP_CSUM_AT
+            },
+            from.proto == crate::proto::UDP,
+            csum::delta2(from.sport, to.sport) + csum::delta2(from.dport, to.dport),
+        ),
+        // The ICMP checksum covers no address; only a changed identifier touches it.
+        crate::proto::ICMP if from.sport != to.sport => {
+            (ICMP_ID_CSUM_AT, false, csum::delta2(from.sport, to.sport))
+        }
+        _ => (0, false, 0),
+    };
+    Rewrite {
+        saddr: to.saddr,
+        daddr: to.daddr,
+        sport: to.sport,
+        dport: to.dport,
+        ip_delta,
+        l4_delta: if l4_csum == ICMP_ID_CSUM_AT {
+            csum::fold(ports)
+        } else {
+            csum::fold(addrs + ports)
+        },
+        l4_csum,
+        udp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csum::{checksum, fold_wide, sum_words};
+
+    /// An IPv4+UDP header pair with valid checksums (pseudo-header included).
+    fn packet(t: &FlowTuple, ttl: u8) -> [u8; 28] {
+        let mut p = [0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = ttl;
+        p[9] = t.proto;
+        p[12..16].copy_from_slice(&t.saddr.to_ne_bytes());
+        p[16..20].copy_from_slice(&t.daddr.to_ne_bytes());
+        let ip = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&ip.to_ne_bytes());
+        p[20..22].copy_from_slice(&t.sport.to_ne_bytes());
+        p[22..24].copy_from_slice(&t.dport.to_ne_bytes());
+        p[24..26].copy_from_slice(&8u16.to_be_bytes());
+        let c = l4_csum(&p);
+        p[26..28].copy_from_slice(&c);
+        p
+    }
+
+    fn l4_csum(p: &[u8; 28]) -> [u8; 2] {
+        let mut pseudo = [0u8; 12];
+        pseudo[..8].copy_from_slice(&p[12..20]);
+        pseudo[9] = p[9];
+        pseudo[10..12].copy_from_slice(&8u16.to_be_bytes());
+        let mut udp = [0u8; 8];
+        udp.copy_from_slice(&p[20..28]);
+        udp[6] = 0;
+        udp[7] = 0;
+        let sum = sum_words(&udp, sum_words(&pseudo, 0));
+        match !fold_wide(sum) {
+            0 => 0xffffu16.to_ne_bytes(),
+            c => c.to_ne_bytes(),
+        }
+    }
+
+    proptest::proptest! {
+        /// Applying the precomputed deltas gives the checksums a full recompute gives.
+        #[test]
+        fn deltas_match_a_full_recompute(
+            a in proptest::prelude::any::<[u32; 4]>(),
+            p in proptest::prelude::any::<[u16; 4]>(),
+            ttl in 2u8..=255,
+        ) {
+            let from = FlowTuple::new(a[0], a[1], p[0], p[1], 17);
+            let to = FlowTuple::new(a[2], a[3], p[2], p[3], 17);
+            let mut pkt = packet(&from, ttl);
+            let rw = rewrite(&from, &to);
+            let ip = u16::from_ne_bytes([pkt[10], pkt[11]]);
+            let l4 = u16::from_ne_bytes([pkt[26], pkt[27]]);
+            pkt[8] = ttl - 1;
+            pkt[12..16].copy_from_slice(&rw.saddr.to_ne_bytes());
+            pkt[16..20].copy_from_slice(&rw.daddr.to_ne_bytes());
+            pkt[20..22].copy_from_slice(&rw.sport.to_ne_bytes());
+            pkt[22..24].copy_from_slice(&rw.dport.to_ne_bytes());
+            pkt[10..12].copy_from_slice(&csum::apply(ip, rw.ip_delta).to_ne_bytes());
+            pkt[26..28].copy_from_slice(&csum::apply_udp(l4, rw.l4_delta).to_ne_bytes());
+            let mut hdr = pkt;
+            hdr[10] = 0;
+            hdr[11] = 0;
+            proptest::prop_assert_eq!(
+                u16::from_ne_bytes([pkt[10], pkt[11]]),
+                checksum(&hdr[..20])
+            );
+            proptest::prop_assert_eq!([pkt[26], pkt[27]], l4_csum(&pkt));
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): plain `#[repr(C)]` integers and byte arrays with explicit padding; every
+    // bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowTuple {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+}

@@ -1,0 +1,71 @@
+//! The established path: a packet whose flow entry holds a resolved route it may use as it
+//! is. One hash lookup (done by the caller), the rewrite, two per-CPU counters and the
+//! redirect; the flow's last-seen time is refreshed at most once a second.
+use aya_ebpf::programs::XdpContext;
+use nat_common::{ENTRY_FAST, Event, FlowEntry, Reason, proto};
+
+use crate::{
+    flows::{self, Found},
+    forward,
+    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN, Transport},
+    rewrite, stats,
+};
+
+/// Forwards the packet by its entry, or `None` when it needs the full path: another ingress,
+/// a packet that may change the flow's state (TCP SYN/FIN/RST, or a state that is not
+/// stable), a stale route, TTL 1, more than the route's MTU, or a flow that expired.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    l4: &Transport,
+    found: &Found,
+    ingress: u32,
+) -> Option<(u32, Reason)> {
+    // SAFETY: a live map value, valid for the program's run; other CPUs only write plain
+    // fields of it (last-seen times, flags), a race at worst repeats a refresh.
+    let e = unsafe { &mut *found.entry };
+    if e.in_ifindex != ingress || e.flags & ENTRY_FAST == 0 {
+        return None;
+    }
+    if pkt.proto == proto::TCP && l4.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    if e.route_gen != flows::route_gen() || pkt.ttl <= 1 || pkt.tot_len > e.mtu {
+        return None;
+    }
+    let j = flows::jiffies();
+    if j.wrapping_sub(e.seen) >= flows::refresh_jiffies() && !refresh(found, e, j) {
+        return None;
+    }
+    rewrite::apply(ctx, pkt, e).ok()?;
+    stats::forwarded(e.slot, e.counter, (ctx.data_end() - ctx.data()) as u64);
+    stats::event(Event::FastPath);
+    Some((
+        forward::redirect(e.out_ifindex),
+        Reason::from_index(e.reason as u32),
+    ))
+}
+
+/// Once a second per direction: the flow must still be live (else the full path judges the
+/// packet), and its last-seen time moves to now.
+#[inline(always)]
+fn refresh(found: &Found, e: &mut FlowEntry, j: u64) -> bool {
+    let now = flows::now_ns();
+    let orig = if e.is_orig() {
+        e as *mut FlowEntry
+    } else {
+        match flows::lookup_in(found.pending, &e.peer) {
+            Some(o) => o,
+            None => return false,
+        }
+    };
+    // SAFETY: a live map value (or `e` itself).
+    let orig = unsafe { &mut *orig };
+    if flows::expired(orig, now) {
+        return false;
+    }
+    orig.last_seen = now;
+    e.seen = j;
+    true
+}

@@ -1,0 +1,359 @@
+//! The flow table: lookups in `FLOWS` (assured flows) then `PENDING`, entry creation,
+//! state-dependent flags, promotion of a flow that became assured, removal, and the clocks.
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use nat_common::{
+    COUNT_IN, COUNT_OUT, ENTRY_FAST, ENTRY_ORIG, ENTRY_PENDING, ENTRY_REPLIED, ENTRY_UDP, Event,
+    FLOW_HAIRPIN, FLOW_NAT, FlowEntry, FlowKey, FlowTuple, NatConfig, ORIGIN_GUEST,
+    ORIGIN_PUBLIC, Reason, proto,
+    conntrack::State,
+    flow::{Rewrite, reply_of, rewrite},
+};
+
+use crate::{CONFIG, FLOWS, PENDING, SCRATCH, forward::Route, stats};
+
+/// An entry found by [`lookup`].
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub entry: *mut FlowEntry,
+    /// It lives in `PENDING`.
+    pub pending: bool,
+}
+
+/// The entry keyed `t`: assured flows first, the only lookup an established packet makes.
+#[inline(always)]
+pub fn lookup(t: &FlowTuple) -> Option<Found> {
+    if let Some(entry) = FLOWS.get_ptr_mut(t) {
+        return Some(Found {
+            entry,
+            pending: false,
+        });
+    }
+    PENDING.get_ptr_mut(t).map(|entry| Found {
+        entry,
+        pending: true,
+    })
+}
+
+/// The entry keyed `t` in the table a flow's other entry lives in.
+#[inline(always)]
+pub fn lookup_in(pending: bool, t: &FlowTuple) -> Option<*mut FlowEntry> {
+    if pending {
+        PENDING.get_ptr_mut(t)
+    } else {
+        FLOWS.get_ptr_mut(t)
+    }
+}
+
+#[inline(always)]
+fn remove_in(pending: bool, t: &FlowTuple) {
+    let _ = if pending {
+        PENDING.remove(t)
+    } else {
+        FLOWS.remove(t)
+    };
+}
+
+/// Removes both entries of a flow.
+#[inline(always)]
+pub fn remove_flow(pending: bool, a: &FlowTuple, b: &FlowTuple) {
+    remove_in(pending, a);
+    remove_in(pending, b);
+}
+
+/// natd's settings, if written.
+#[inline(always)]
+pub fn config() -> Option<&'static NatConfig> {
+    CONFIG.get(0)
+}
+
+/// The route generation entries must carry to be used as they are.
+#[inline(always)]
+pub fn route_gen() -> u32 {
+    config().map_or(0, |c| c.route_gen)
+}
+
+/// Jiffies between two refreshes of a flow's last-seen time: a second.
+#[inline(always)]
+pub fn refresh_jiffies() -> u64 {
+    match config().map_or(0, |c| c.jiffies_per_sec) {
+        0 => 1000,
+        j => j as u64,
+    }
+}
+
+/// `bpf_jiffies64()`: the verifier inlines it into one load on 64-bit JITs.
+#[inline(always)]
+pub fn jiffies() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_jiffies64() }
+}
+
+/// CLOCK_MONOTONIC at tick resolution, the clock natd's collector compares with.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Idle timeout of `state`: natd's setting, or netfilter's default if natd set none.
+#[inline(always)]
+pub fn timeout_ns(state: State) -> u64 {
+    let configured = config()
+        .and_then(|c| c.timeouts_ns.get(state as usize).copied())
+        .unwrap_or(0);
+    if configured != 0 {
+        configured
+    } else {
+        state.default_timeout_secs() * 1_000_000_000
+    }
+}
+
+/// Whether the flow whose original entry is `orig` has been idle past its state's timeout.
+#[inline(always)]
+pub fn expired(orig: &FlowEntry, now: u64) -> bool {
+    now.wrapping_sub(orig.last_seen) > timeout_ns(State::from_u8(orig.state))
+}
+
+/// Whether a packet of a direction without SYN, FIN or RST leaves the flow's state as it is:
+/// ESTABLISHED TCP, and every state of the other protocols; the reply direction only once a
+/// reply was seen (its first packet marks the flow replied).
+#[inline(always)]
+pub fn fast_flag(state: State, orig: bool, replied: bool) -> u8 {
+    let stable = match state {
+        State::TcpEstablished => true,
+        State::TcpSynSent
+        | State::TcpSynRecv
+        | State::TcpFinWait
+        | State::TcpTimeWait
+        | State::TcpClose => false,
+        State::UdpUnreplied | State::UdpReplied | State::Icmp | State::Other => true,
+    };
+    if stable && (orig || replied) {
+        ENTRY_FAST
+    } else {
+        0
+    }
+}
+
+/// Whether the flow is assured (netfilter's `IPS_ASSURED`: seen both ways and, for TCP,
+/// established), so it belongs in `FLOWS`, where a flood of new flows cannot evict it.
+#[inline(always)]
+pub fn assured(state: State, replied: bool) -> bool {
+    replied && matches!(state, State::TcpEstablished | State::UdpReplied | State::Other)
+}
+
+/// Which way a new flow goes through the router.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Opened from the public side to a public IP (DNAT).
+    Inbound,
+    /// Opened by a guest towards the public side (SNAT).
+    Outbound,
+    /// Opened by a guest to another guest's public IP.
+    Hairpin,
+}
+
+/// What a new flow's entries are made of (the reply direction's key and rewrite follow from
+/// the original's by [`reply_of`]).
+pub struct NewFlow<'a> {
+    /// The original direction: its key (the packet as it arrived) and what it becomes.
+    pub orig: FlowTuple,
+    pub orig_to: FlowTuple,
+    pub kind: Kind,
+    pub state: State,
+    /// Where the original direction arrived and the route it takes.
+    pub ingress: u32,
+    pub route: &'a Route,
+    pub slot: u32,
+}
+
+impl NewFlow<'_> {
+    /// The flow in the guest's view.
+    #[inline(always)]
+    fn key(&self) -> FlowKey {
+        let (o, t) = (&self.orig, &self.orig_to);
+        // ICMP queries: the identifier stands for both ports.
+        let (sport, dport) = if o.proto == proto::ICMP {
+            (o.sport, o.sport)
+        } else {
+            (o.sport, o.dport)
+        };
+        let (guest, remote, guest_port, remote_port, kind, origin) = match self.kind {
+            Kind::Inbound => (t.daddr, o.saddr, dport, sport, FLOW_NAT, ORIGIN_PUBLIC),
+            Kind::Outbound => (o.saddr, o.daddr, sport, dport, FLOW_NAT, ORIGIN_GUEST),
+            Kind::Hairpin => (o.saddr, o.daddr, sport, dport, FLOW_HAIRPIN, ORIGIN_GUEST),
+        };
+        FlowKey {
+            guest,
+            remote,
+            guest_port,
+            remote_port,
+            proto: o.proto,
+            kind,
+            origin,
+            _pad: 0,
+        }
+    }
+
+    /// Reason and counter half of the original direction, then of the reply direction.
+    #[inline(always)]
+    fn counts(&self) -> [(Reason, u8); 2] {
+        match self.kind {
+            Kind::Inbound => [
+                (Reason::InboundForwarded, COUNT_IN),
+                (Reason::OutboundForwarded, COUNT_OUT),
+            ],
+            Kind::Outbound => [
+                (Reason::OutboundForwarded, COUNT_OUT),
+                (Reason::InboundForwarded, COUNT_IN),
+            ],
+            Kind::Hairpin => [
+                (Reason::HairpinForwarded, COUNT_IN),
+                (Reason::HairpinForwarded, COUNT_OUT),
+            ],
+        }
+    }
+}
+
+/// Fills `e` with `rw` applied and nothing resolved.
+#[inline(always)]
+pub fn fill(e: &mut FlowEntry, rw: &Rewrite, flags: u8) {
+    *e = FlowEntry {
+        saddr: rw.saddr,
+        daddr: rw.daddr,
+        sport: rw.sport,
+        dport: rw.dport,
+        ip_delta: rw.ip_delta,
+        l4_delta: rw.l4_delta,
+        l4_csum: rw.l4_csum,
+        flags: flags | if rw.udp { ENTRY_UDP } else { 0 },
+        ..FlowEntry::default()
+    };
+}
+
+/// Writes the route fields of `e`.
+#[inline(always)]
+pub fn set_route(e: &mut FlowEntry, r: &Route, generation: u32) {
+    e.out_ifindex = r.ifindex;
+    e.dmac = r.dmac;
+    e.smac = r.smac;
+    e.mtu = r.mtu;
+    e.route_gen = generation;
+}
+
+/// Scratch slot `i` of this CPU (see `nat_common::maps::SCRATCH`).
+#[inline(always)]
+pub fn scratch(i: u32) -> Option<&'static mut FlowEntry> {
+    // SAFETY: this CPU's slot; nothing else uses it while the program runs.
+    SCRATCH.get_ptr_mut(i).map(|p| unsafe { &mut *p })
+}
+
+/// Opens a flow: both entries, in `PENDING` (a new flow is not assured). The reply entry's
+/// route is resolved by its first packet; it arrives where the original direction left.
+/// The entries are built in this CPU's scratch slots and inserted from there (keys included),
+/// which keeps them off the BPF stack. Returns the original entry as written, for the
+/// packet's own rewrite.
+#[inline(always)]
+pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
+    let now = now_ns();
+    let j = jiffies();
+    let r = scratch(1)?;
+    let o = scratch(0)?;
+    // The reply direction: answers to what the original direction becomes, turned back into
+    // what its sender expects.
+    fill(
+        r,
+        &rewrite(&reply_of(&f.orig_to), &reply_of(&f.orig)),
+        ENTRY_PENDING | fast_flag(f.state, false, false),
+    );
+    r.in_ifindex = f.route.ifindex;
+    r.slot = f.slot;
+    let counts = f.counts();
+    (r.reason, r.counter) = (counts[1].0 as u8, counts[1].1);
+    r.seen = j;
+    r.peer = f.orig;
+    r.flow = f.key();
+
+    fill(
+        o,
+        &rewrite(&f.orig, &f.orig_to),
+        ENTRY_ORIG | ENTRY_PENDING | fast_flag(f.state, true, false),
+    );
+    o.in_ifindex = f.ingress;
+    set_route(o, f.route, route_gen());
+    o.slot = f.slot;
+    (o.reason, o.counter) = (counts[0].0 as u8, counts[0].1);
+    o.state = f.state as u8;
+    o.seen = j;
+    o.last_seen = now;
+    o.peer = reply_of(&f.orig_to);
+    o.flow = r.flow;
+
+    // Reply first: an original entry never exists without its reply entry. `o.peer` is the
+    // reply's key, `r.peer` the original's.
+    if PENDING.insert(&o.peer, &*r, 0).is_ok() {
+        if PENDING.insert(&r.peer, &*o, 0).is_ok() {
+            stats::event(Event::ConntrackCreate);
+        } else {
+            let _ = PENDING.remove(&o.peer);
+        }
+    }
+    Some(o)
+}
+
+/// After the state of the flow changed: sets both entries' FAST flags, and moves a flow that
+/// became assured from `PENDING` to `FLOWS` (reply entry first, then the original; on a
+/// failed insert it stays pending). The entries are inserted from their map values, not
+/// copied to the stack.
+#[inline(always)]
+pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
+    // SAFETY: live map values; plain fields another CPU may race on, which at worst repeats
+    // a step on the next packet.
+    let (o, r) = unsafe { (&mut *orig, &mut *reply) };
+    let state = State::from_u8(o.state);
+    let replied = o.flags & ENTRY_REPLIED != 0;
+    o.flags = (o.flags & !ENTRY_FAST) | fast_flag(state, true, replied);
+    r.flags = (r.flags & !ENTRY_FAST) | fast_flag(state, false, replied);
+    if !(pending && assured(state, replied)) {
+        return;
+    }
+    let (orig_key, reply_key) = (r.peer, o.peer);
+    o.flags &= !ENTRY_PENDING;
+    r.flags &= !ENTRY_PENDING;
+    if FLOWS.insert(&reply_key, &*r, 0).is_ok() {
+        if FLOWS.insert(&orig_key, &*o, 0).is_ok() {
+            let _ = PENDING.remove(&orig_key);
+            let _ = PENDING.remove(&reply_key);
+            return;
+        }
+        let _ = FLOWS.remove(&reply_key);
+    }
+    o.flags |= ENTRY_PENDING;
+    r.flags |= ENTRY_PENDING;
+}
+
+/// Whether the flow an entry belongs to is live: its original entry exists and has not been
+/// idle past its timeout.
+#[inline(always)]
+pub fn live(f: &Found) -> bool {
+    // SAFETY: a live map value.
+    let e = unsafe { &*f.entry };
+    let orig = if e.is_orig() {
+        Some(f.entry)
+    } else {
+        lookup_in(f.pending, &e.peer)
+    };
+    match orig {
+        // SAFETY: a live map value.
+        Some(o) => !expired(unsafe { &*o }, now_ns()),
+        None => false,
+    }
+}
+
+/// Removes the flow of an entry (keyed `key`) found not [`live`].
+#[inline(always)]
+pub fn remove_stale(f: &Found, key: &FlowTuple) {
+    // SAFETY: a live map value.
+    let peer = unsafe { (*f.entry).peer };
+    remove_flow(f.pending, key, &peer);
+}

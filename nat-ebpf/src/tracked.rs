@@ -1,0 +1,116 @@
+//! The full path of a packet that belongs to a tracked flow: its state advances (netfilter's
+//! state machine on the original entry), a flow that became assured moves to `FLOWS`, and the
+//! direction's route is resolved when it never was or the route generation moved.
+use aya_ebpf::programs::XdpContext;
+use nat_common::{
+    ENTRY_REPLIED, Event, ROLE_GUEST, ROLE_PUBLIC, Reason,
+    conntrack::{self, State},
+};
+
+use crate::{
+    flows::{self, Found},
+    forward::{self, Query},
+    parse::{Packet, Transport},
+    rewrite, stats,
+};
+
+/// `Ok(None)`: the packet belongs to no live flow after all (the entry is stale, the flow
+/// expired, or the packet starts a new connection on a closed one) and must be judged as
+/// new; the flow's entries are gone then.
+/// A BPF function of its own (at most five arguments, the result's slot counted): the key
+/// and ingress are taken again from the packet and the context.
+#[inline(never)]
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    l4: &Transport,
+    found: &Found,
+) -> Result<Option<(u32, Reason)>, Reason> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(key) = l4.tuple(pkt) else {
+        return Ok(None);
+    };
+    let tuple = &key;
+    // SAFETY: a live map value; see `fast::forward` on races.
+    let (in_ifindex, is_orig, peer) = unsafe {
+        let e = &*found.entry;
+        (e.in_ifindex, e.is_orig(), e.peer)
+    };
+    // The packet must arrive on the entry's side of the router (a reply may come back on
+    // another interface of that side).
+    if in_ifindex != ingress && forward::role(in_ifindex) != forward::role(ingress) {
+        return Ok(None);
+    }
+    let (orig_key, reply_key) = if is_orig {
+        (*tuple, peer)
+    } else {
+        (peer, *tuple)
+    };
+    let (Some(orig), Some(reply)) = (
+        flows::lookup_in(found.pending, &orig_key),
+        flows::lookup_in(found.pending, &reply_key),
+    ) else {
+        // Half a flow (the LRU evicted its other entry): gone.
+        flows::remove_flow(found.pending, &orig_key, &reply_key);
+        stats::event(Event::ConntrackMiss);
+        return Ok(None);
+    };
+    // SAFETY: a live map value; see `fast::forward` on races.
+    let o = unsafe { &mut *orig };
+    let now = flows::now_ns();
+    if flows::expired(o, now) {
+        flows::remove_flow(found.pending, &orig_key, &reply_key);
+        stats::event(Event::ConntrackExpired);
+        stats::event(Event::ConntrackMiss);
+        return Ok(None);
+    }
+    let is_reply = !is_orig;
+    let state = State::from_u8(o.state);
+    let Some((next, fins)) = conntrack::next(state, o.fins, pkt.proto, l4.tcp_flags, is_reply)
+    else {
+        flows::remove_flow(found.pending, &orig_key, &reply_key);
+        stats::event(Event::ConntrackMiss);
+        return Ok(None);
+    };
+    o.state = next as u8;
+    o.fins = fins;
+    o.last_seen = now;
+    if is_reply {
+        o.flags |= ENTRY_REPLIED;
+    }
+    stats::event(Event::ConntrackHit);
+    flows::settle(found.pending, orig, reply);
+
+    if pkt.ttl <= 1 {
+        return Err(Reason::TtlExpired);
+    }
+    // The entry again: `settle` may have moved the flow to `FLOWS`.
+    let live = flows::lookup(tuple).ok_or(Reason::NoRoute)?;
+    // SAFETY: as above.
+    let cur = unsafe { &mut *live.entry };
+    let generation = flows::route_gen();
+    if cur.route_gen != generation || pkt.tot_len > cur.mtu || cur.in_ifindex != ingress {
+        let want = if cur.reason == Reason::OutboundForwarded as u8 {
+            ROLE_PUBLIC
+        } else {
+            ROLE_GUEST
+        };
+        let q = Query {
+            src: cur.saddr,
+            dst: cur.daddr,
+            sport: cur.sport,
+            dport: cur.dport,
+            want,
+        };
+        let route = forward::lookup(ctx, pkt, &q).map_err(|n| n.reason)?;
+        flows::set_route(cur, &route, generation);
+        cur.in_ifindex = ingress;
+        stats::event(Event::RouteResolved);
+    }
+    rewrite::apply(ctx, pkt, cur)?;
+    stats::forwarded(cur.slot, cur.counter, (ctx.data_end() - ctx.data()) as u64);
+    Ok(Some((
+        forward::redirect(cur.out_ifindex),
+        Reason::from_index(cur.reason as u32),
+    )))
+}

@@ -1,0 +1,178 @@
+//! The flow table as natd sees it: every flow by its original entry (identity, state,
+//! last-seen time), whole-flow removal (both entries), and the capacity.
+use std::collections::BTreeSet;
+
+use nat_common::{ENTRY_LEARNED, ENTRY_ORIG, ENTRY_REPLIED, conntrack::State};
+
+use super::*;
+
+/// One flow, from its original entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowView {
+    /// The original direction's key and the reply direction's.
+    pub key: FlowTuple,
+    pub peer: FlowTuple,
+    /// The flow in the guest's view.
+    pub flow: FlowKey,
+    pub state: State,
+    /// `nat_common::FIN_*` bits.
+    pub fins: u8,
+    /// CLOCK_MONOTONIC (ns) of its last packet, to about a second.
+    pub last_seen: u64,
+    /// Not assured yet (in `PENDING`).
+    pub pending: bool,
+    /// A reply was seen.
+    pub replied: bool,
+    /// Opened by the tc learner from a packet the kernel translated.
+    pub learned: bool,
+    /// The mapping counter slot its entries count on.
+    pub slot: u32,
+}
+
+impl FlowView {
+    fn of(key: FlowTuple, e: &FlowEntry, pending: bool) -> Self {
+        FlowView {
+            key,
+            peer: e.peer,
+            flow: e.flow,
+            state: State::from_u8(e.state),
+            fins: e.fins,
+            last_seen: e.last_seen,
+            pending,
+            replied: e.flags & ENTRY_REPLIED != 0,
+            learned: e.flags & ENTRY_LEARNED != 0,
+            slot: e.slot,
+        }
+    }
+}
+
+/// Reads every entry of one flow map (entries that vanish while we read are skipped).
+fn entries(
+    dp: &mut Dataplane,
+    map: &'static str,
+) -> Result<Vec<(FlowTuple, FlowEntry)>, DataplaneError> {
+    let m: HashMap<_, FlowTuple, FlowEntry> =
+        HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
+    let mut out = Vec::new();
+    for item in m.iter() {
+        match item {
+            Ok(kv) => out.push(kv),
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(DataplaneError::Map { map, source }),
+        }
+    }
+    Ok(out)
+}
+
+fn remove(dp: &mut Dataplane, map: &'static str, k: &FlowTuple) -> Result<bool, DataplaneError> {
+    let mut m: HashMap<_, FlowTuple, FlowEntry> =
+        HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
+    match m.remove(k) {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(source) => Err(DataplaneError::Map { map, source }),
+    }
+}
+
+fn get(
+    dp: &mut Dataplane,
+    map: &'static str,
+    k: &FlowTuple,
+) -> Result<Option<FlowEntry>, DataplaneError> {
+    let m: HashMap<_, FlowTuple, FlowEntry> =
+        HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
+    match m.get(k, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(DataplaneError::Map { map, source }),
+    }
+}
+
+const TABLES: [(&str, bool); 2] = [(MAP_FLOWS, false), (MAP_PENDING, true)];
+
+impl Dataplane {
+    /// Every flow (its original entry), assured and pending.
+    pub fn flows(&mut self) -> Result<Vec<FlowView>, DataplaneError> {
+        let mut out = Vec::new();
+        for (map, pending) in TABLES {
+            for (k, e) in entries(self, map)? {
+                if e.flags & ENTRY_ORIG != 0 {
+                    out.push(FlowView::of(k, &e, pending));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the flows `pred` selects (both entries), and entries left without their
+    /// flow's other entry (the LRU evicted it). Each flow is read again right before its
+    /// removal and `pred` asked again, so a flow re-created or refreshed while the table was
+    /// walked is kept. Returns how many flows went and how many were looked at.
+    pub fn remove_flows(
+        &mut self,
+        pred: impl Fn(&FlowView) -> bool,
+    ) -> Result<(usize, usize), DataplaneError> {
+        let mut removed = 0;
+        let mut seen = 0;
+        for (map, pending) in TABLES {
+            let all = entries(self, map)?;
+            let origs: BTreeSet<FlowTuple> = all
+                .iter()
+                .filter(|(_, e)| e.flags & ENTRY_ORIG != 0)
+                .map(|(k, _)| *k)
+                .collect();
+            for (k, e) in &all {
+                if e.flags & ENTRY_ORIG == 0 {
+                    // A reply entry whose flow is gone.
+                    if !origs.contains(&e.peer) && get(self, map, &e.peer)?.is_none() {
+                        remove(self, map, k)?;
+                    }
+                    continue;
+                }
+                seen += 1;
+                if !pred(&FlowView::of(*k, e, pending)) {
+                    continue;
+                }
+                let Some(now) = get(self, map, k)? else {
+                    continue;
+                };
+                if now.flags & ENTRY_ORIG == 0 || !pred(&FlowView::of(*k, &now, pending)) {
+                    continue;
+                }
+                if remove(self, map, k)? {
+                    removed += 1;
+                }
+                remove(self, map, &now.peer)?;
+            }
+        }
+        Ok((removed, seen))
+    }
+
+    /// Counter slots that entries still name; retired slots no entry names are freed.
+    pub fn recycle_slots(&mut self) -> Result<usize, DataplaneError> {
+        let mut in_use = BTreeSet::new();
+        for (map, _) in TABLES {
+            for (_, e) in entries(self, map)? {
+                in_use.insert(e.slot);
+            }
+        }
+        Ok(self.slots.recycle(&in_use))
+    }
+
+    /// Capacity of the connection table in flows (assured ones; half as many more may be
+    /// pending).
+    pub fn conntrack_capacity(&mut self) -> Result<u32, DataplaneError> {
+        Ok(self.sizes.flows)
+    }
+
+    /// Bumps the route generation: every flow resolves its route again on its next packet.
+    pub fn bump_route_generation(&mut self) -> Result<u32, DataplaneError> {
+        let mut cfg = self.config()?;
+        cfg.route_gen = match cfg.route_gen.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        self.write_config(&cfg)?;
+        Ok(cfg.route_gen)
+    }
+}
