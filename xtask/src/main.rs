@@ -6,6 +6,8 @@ mod fuzz;
 mod reliability;
 mod setup;
 mod test;
+mod testlog;
+mod timing;
 mod util;
 
 use std::process::ExitCode;
