@@ -163,6 +163,8 @@ fn parse_figures(text: &str) -> (Figures, usize) {
 /// What the run was, for the header.
 pub struct RunInfo<'a> {
     pub start: &'a StartInfo,
+    /// What the caller passed on to `cargo test` (a filter makes a partial run).
+    pub test_args: &'a [String],
     /// One line per step: name, outcome.
     pub steps: &'a [(String, String)],
     /// What `cargo test` printed, if the tests ran.
@@ -210,6 +212,13 @@ fn header(md: &mut String, run: &RunInfo<'_>) {
             " (the default)"
         },
     );
+    if !run.test_args.is_empty() {
+        let _ = writeln!(
+            md,
+            "**A partial run**: `cargo test {}`.\n",
+            run.test_args.join(" ")
+        );
+    }
     let _ = writeln!(md, "| step | outcome |\n| --- | --- |");
     for (name, outcome) in run.steps {
         let _ = writeln!(md, "| {name} | {outcome} |");
@@ -385,8 +394,10 @@ mod tests {
             log.line(l);
         }
         let s = start(&[" M README.md"]);
+        let args = ["-p".to_string(), "nat-tests".to_string()];
         let run = RunInfo {
             start: &s,
+            test_args: &args,
             steps: &[("cargo test".into(), "FAILED (9 s)".into())],
             tests: Some(&log),
             fuzz: &[],
@@ -401,6 +412,7 @@ mod tests {
         assert!(md.contains("| lost | 2 | e2e_hardening::c (**stopped before its end**) |"));
         assert!(md.contains("| frames compared | 250 | testrun::random::x |"));
         assert!(md.contains("**Failed**: e2e_hardening::b."));
+        assert!(md.contains("**A partial run**: `cargo test -p nat-tests`."));
         assert!(md.contains("| `e2e_hardening::z` | **no reason given**"));
         assert!(md.contains("(1 malformed figure lines were skipped.)"));
     }
@@ -410,6 +422,7 @@ mod tests {
         let s = start(&[]);
         let run = RunInfo {
             start: &s,
+            test_args: &[],
             steps: &[],
             tests: None,
             fuzz: &[],

@@ -116,6 +116,7 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
         .collect();
     let total: f64 = timings.iter().map(|(_, s)| s).sum();
     let sentence = timing::sentence(
+        full,
         &format!("{}, commit {}", start.date, start.commit),
         &start.cpus,
         &timings,
@@ -141,6 +142,7 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
         .collect();
     let path = reliability::render(&reliability::RunInfo {
         start: &start,
+        test_args: extra_args,
         steps: &step_lines,
         tests: built.then_some(&log),
         fuzz: &fuzzed,

@@ -25,8 +25,14 @@ fn span(secs: f64) -> String {
 }
 
 /// The sentence: total, each step (longest first), the slowest suites inside `cargo test`,
-/// and which step dominates.
-pub fn sentence(when: &str, cpus: &str, steps: &[(&str, f64)], suites: &[Suite]) -> String {
+/// and which step dominates. `full`: the run was a full one (else the sentence says not).
+pub fn sentence(
+    full: bool,
+    when: &str,
+    cpus: &str,
+    steps: &[(&str, f64)],
+    suites: &[Suite],
+) -> String {
     let total: f64 = steps.iter().map(|(_, s)| s).sum();
     let mut by_time: Vec<_> = steps.to_vec();
     by_time.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -57,7 +63,12 @@ pub fn sentence(when: &str, cpus: &str, steps: &[(&str, f64)], suites: &[Suite])
         )
     });
     format!(
-        "A full `cargo xtask test` took {} on {cpus} CPUs ({when}): {}{dominant}.",
+        "{} took {} on {cpus} CPUs ({when}): {}{dominant}.",
+        if full {
+            "A full `cargo xtask test`"
+        } else {
+            "This `cargo xtask test` (not a full run)"
+        },
         span(total),
         parts.join(", "),
     )
@@ -109,7 +120,12 @@ mod tests {
                 ..Suite::default()
             },
         ];
+        assert!(
+            sentence(false, "now", "2", &[("cargo test", 3.0)], &[])
+                .starts_with("This `cargo xtask test` (not a full run) took 3 s on 2 CPUs (now)")
+        );
         let s = sentence(
+            true,
             "2026-11-26, commit abc1234",
             "2",
             &[
