@@ -246,7 +246,7 @@ impl KillBench {
 fn kill_during(bulk: Bulk) -> anyhow::Result<()> {
     const KILLED: &str = "SIGKILLs of natd during a bulk change or its repair";
     const INTERRUPTED: &str = "bulk changes of 10,000 mappings natd was killed during";
-    const ACKED: &str = "of them acknowledged to natctl before the kill";
+    const ACKED: &str = "bulk changes natctl saw acknowledged before the kill";
     const TORN: &str = "restarts that found a half-written fast path";
     const MIXED: &str = "restarts with neither the state before nor the one after";
     const LOST: &str = "acknowledged changes lost by a restart";
@@ -394,7 +394,7 @@ fn corruptions(good: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
 #[test]
 fn a_corrupt_state_file_is_refused_and_the_fast_path_keeps_forwarding() -> anyhow::Result<()> {
     const TRIPS: &str = "UDP round trips through the fast path while natd could not start";
-    const FAILED: &str = "of them failed";
+    const FAILED: &str = "UDP round trips that failed while natd could not start";
     let mut fig = Figures::new("faults");
     fig.add(FAILED, 0);
     let topo = Topology::new()?;
