@@ -523,7 +523,8 @@ pub fn breakdown_section(bed: &mut Bed, plan: &Plan) -> anyhow::Result<Section> 
     let parts_t = table(&parts, &parts_samples, &mut part_bars);
     let summary = vec![
         format!(
-            "- Firewall LPM lookups (ns per lookup, the key's cost subtracted, per run): {}.",
+            "- Firewall LPM lookups, ns per lookup with the key's cost subtracted, median \
+             (min–max) over the runs: {}.",
             lpm_bars
                 .iter()
                 .map(|(name, s)| format!("{name} {}", s.show(0)))

@@ -32,9 +32,14 @@ impl Target<'_> {
         }
     }
 
-    /// `- Target 'NAME': runs 1, 2, 3 UNIT: met (3 of 3 runs).` Met only if every run
-    /// measured it and met it; `failed` runs (that produced no value) count as missing it.
+    /// `- Target 'NAME': runs 1, 2, 3 UNIT: met (3 of 3 runs met it).` Met only if every
+    /// run measured it and met it; `failed` runs (that produced no value) count as missing it.
     pub fn line(&self, values: &[f64], failed: usize) -> String {
+        self.line_noted(values, failed, "")
+    }
+
+    /// [`Target::line`] with `note` added inside its closing parenthesis.
+    pub fn line_noted(&self, values: &[f64], failed: usize, note: &str) -> String {
         let runs = values.len() + failed;
         let ok = values.iter().filter(|v| self.meets(**v)).count();
         let verdict = if runs > 0 && ok == runs {
@@ -42,11 +47,15 @@ impl Target<'_> {
         } else {
             "**missed**".to_string()
         };
-        let failed_note = if failed > 0 {
+        let mut failed_note = if failed > 0 {
             format!(", {failed} failed without a value")
         } else {
             String::new()
         };
+        if !note.is_empty() {
+            failed_note.push_str("; ");
+            failed_note.push_str(note);
+        }
         format!(
             "- Target '{}': {} {}: {verdict} ({ok} of {runs} runs met it{failed_note}).",
             self.name,
@@ -126,6 +135,11 @@ mod tests {
             unit: "",
         };
         assert!(at_least.line(&[2.0, 3.0], 0).contains(": met"));
+        assert!(
+            at_least
+                .line_noted(&[2.0], 0, "ns: 5")
+                .ends_with("(1 of 1 runs met it; ns: 5).")
+        );
     }
 
     #[test]

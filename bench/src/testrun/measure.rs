@@ -448,8 +448,11 @@ fn targets(settings: &[Setting]) -> Vec<String> {
                         below: true,
                         unit: "x",
                     }
-                    .line(&ratios(v, base), 0)
-                        + &format!(" (ns/packet per run: {})", verdict::per_run(v)),
+                    .line_noted(
+                        &ratios(v, base),
+                        0,
+                        &format!("ns/packet per run: {}", verdict::per_run(v)),
+                    ),
                 );
             }
         }
