@@ -194,7 +194,7 @@ fn figure_table(md: &mut String, rows: &BTreeMap<String, Figure>, failed: &[Stri
     }
 }
 
-fn header(md: &mut String, run: &RunInfo<'_>) {
+fn header(md: &mut String, run: &RunInfo<'_>, figures: &Figures) {
     let s = run.start;
     let _ = writeln!(md, "# Reliability\n");
     let _ = writeln!(
@@ -212,6 +212,19 @@ fn header(md: &mut String, run: &RunInfo<'_>) {
             " (the default)"
         },
     );
+    // The differential tests' size as they counted it (planned from NAT_PROPTEST_CASES at
+    // their start, and run).
+    let _ = match figures.get("differential") {
+        Some(rows) => writeln!(
+            md,
+            "Differential tests: {}.\n",
+            rows.iter()
+                .map(|(figure, f)| format!("{} {figure}", f.value))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        None => writeln!(md, "Differential tests: **no case counts reported**.\n"),
+    };
     if !run.test_args.is_empty() {
         let _ = writeln!(
             md,
@@ -304,7 +317,7 @@ fn document(run: &RunInfo<'_>, figure_lines: &str) -> String {
     let (figures, bad) = parse_figures(figure_lines);
     let failed: &[String] = run.tests.map_or(&[], |l| &l.failed_tests);
     let mut md = String::new();
-    header(&mut md, run);
+    header(&mut md, run, &figures);
     fuzzing(&mut md, run);
     let _ = writeln!(
         md,
@@ -411,6 +424,7 @@ mod tests {
         assert!(md.contains("| kills | 7 | e2e_hardening::a, e2e_hardening::b (**FAILED**) |"));
         assert!(md.contains("| lost | 2 | e2e_hardening::c (**stopped before its end**) |"));
         assert!(md.contains("| frames compared | 250 | testrun::random::x |"));
+        assert!(md.contains("Differential tests: 250 frames compared.\n"));
         assert!(md.contains("**Failed**: e2e_hardening::b."));
         assert!(md.contains("**A partial run**: `cargo test -p nat-tests`."));
         assert!(md.contains("| `e2e_hardening::z` | **no reason given**"));
@@ -432,5 +446,6 @@ mod tests {
         assert!(md.contains("commit abc1234 (clean tree)"));
         assert!(md.contains("No figures were reported"));
         assert!(md.contains("**No counts were reported**"));
+        assert!(md.contains("Differential tests: **no case counts reported**."));
     }
 }
