@@ -248,7 +248,7 @@ fn header(md: &mut String, run: &RunInfo<'_>, figures: &Figures) {
     if !log.failed_tests.is_empty() {
         let _ = writeln!(md, "\n**Failed**: {}.", log.failed_tests.join(", "));
     }
-    let empty: Vec<&Suite> = log.empty_suites(false);
+    let empty: Vec<&Suite> = log.empty_suites(!run.test_args.is_empty());
     if !empty.is_empty() {
         let names: Vec<_> = empty.iter().map(|s| s.name.as_str()).collect();
         let _ = writeln!(

@@ -73,8 +73,12 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
     let mut fuzzed = Vec::new();
     if built {
         timed("cargo test", &mut || {
-            cargo_test(extra_args, &start.cases, &figures, &mut log)?;
-            check_suites(&log, !extra_args.is_empty())
+            let ran = cargo_test(extra_args, &start.cases, &figures, &mut log);
+            match (ran, check_suites(&log, !extra_args.is_empty())) {
+                (Ok(()), suites) => suites,
+                (Err(e), Ok(())) => Err(e),
+                (Err(e), Err(empty)) => Err(e.context(format!("{empty:#}"))),
+            }
         });
         if fuzz_seconds > 0 {
             timed("cargo fuzz", &mut || {
@@ -230,4 +234,33 @@ fn cargo_test(
         bail!("`{line}` failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suite_that_ran_no_test_fails_the_step() {
+        let mut log = TestLog::default();
+        assert!(check_suites(&log, false).is_err(), "no suite at all");
+        for l in [
+            "Running unittests src/lib.rs (target/debug/deps/nat_common-0123456789abcdef)",
+            "test result: ok. 9 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.10s",
+        ] {
+            log.line(l);
+        }
+        check_suites(&log, false).unwrap();
+        for l in [
+            "Running unittests src/main.rs (target/debug/deps/natd-0123456789abcdef)",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            log.line(l);
+        }
+        let e = check_suites(&log, false).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "1 test suites ran no test: natd (ran 0 tests, 0 ignored)"
+        );
+    }
 }
