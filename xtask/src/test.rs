@@ -125,6 +125,7 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
         &start.cpus,
         &timings,
         &log.suites,
+        (!fuzzed.is_empty()).then(|| fuzzed.iter().map(|o| o.seconds).sum()),
     );
     println!("{sentence}");
     if total > timing::BUDGET_SECS {

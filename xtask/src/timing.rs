@@ -25,13 +25,16 @@ fn span(secs: f64) -> String {
 }
 
 /// The sentence: total, each step (longest first), the slowest suites inside `cargo test`,
-/// and which step dominates. `full`: the run was a full one (else the sentence says not).
+/// the fuzzing itself inside `cargo fuzz` (`fuzzing`: seconds the targets ran; the rest is
+/// building them), and which step dominates. `full`: the run was a full one (else the
+/// sentence says not).
 pub fn sentence(
     full: bool,
     when: &str,
     cpus: &str,
     steps: &[(&str, f64)],
     suites: &[Suite],
+    fuzzing: Option<f64>,
 ) -> String {
     let total: f64 = steps.iter().map(|(_, s)| s).sum();
     let mut by_time: Vec<_> = steps.to_vec();
@@ -51,6 +54,12 @@ pub fn sentence(
                 p.push_str(&format!(
                     " (compiling the tests included; slowest suites: {})",
                     top.join(", ")
+                ));
+            }
+            if let (true, Some(f)) = (*name == "cargo fuzz", fuzzing) {
+                p.push_str(&format!(
+                    " ({f:.0} s fuzzing, {:.0} s building the targets)",
+                    (secs - f).max(0.0)
                 ));
             }
             p
@@ -121,7 +130,7 @@ mod tests {
             },
         ];
         assert!(
-            sentence(false, "now", "2", &[("cargo test", 3.0)], &[])
+            sentence(false, "now", "2", &[("cargo test", 3.0)], &[], None)
                 .starts_with("This `cargo xtask test` (not a full run) took 3 s on 2 CPUs (now)")
         );
         let s = sentence(
@@ -134,11 +143,12 @@ mod tests {
                 ("cargo fuzz", 572.0),
             ],
             &suites,
+            Some(81.0),
         );
         assert_eq!(
             s,
             "A full `cargo xtask test` took 12.9 min on 2 CPUs (2026-11-26, commit abc1234): \
-             `cargo fuzz` 572 s, `cargo test` 204 s (compiling the tests included; slowest \
+             `cargo fuzz` 572 s (81 s fuzzing, 491 s building the targets), `cargo test` 204 s (compiling the tests included; slowest \
              suites: testrun 150 s, e2e 20 s), `cargo fmt --check` 1 s; `cargo fuzz` dominates \
              (74 % of the time)."
         );
