@@ -21,6 +21,7 @@ use nat_tests::topology::{
         TcpAttempt, accept, assert_no_connection, assert_no_datagram, assert_nothing_to_read,
         expect_bytes, tcp_listen, udp_receive, udp_send,
     },
+    fastpath::{self, Arrived},
     observe::{
         ARRIVAL, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IcmpSniffer, payload, ping, tcp_exchange,
         udp_bind, udp_exchange,
@@ -336,10 +337,23 @@ fn guest_initiated_traffic_gets_its_replies_without_inbound_rules() -> anyhow::R
     let after = natctl.stats()?;
     let (m0, m) = (of_p(&before)?, of_p(&after)?);
     assert_eq!(m.inbound_denied, m0.inbound_denied, "answers were dropped");
-    // 3 echo replies, the datagram, the SYN-ACK and more came back through the fast path.
+    // Every answer the guest got (3 echo replies, the datagram, the TCP segments) came back
+    // through the fast path, and so did what the client got (an echo request for each reply,
+    // the datagram, the TCP segments).
+    let at_guest = u64::from(p.received) + 1 + tcp.client_segs_in;
+    let at_client = u64::from(p.received) + 1 + tcp.server_segs_in;
+    fastpath::carried(
+        &before,
+        &after,
+        &[
+            Arrived::new("inbound_forwarded", at_guest, "answers at the guest"),
+            Arrived::new("outbound_forwarded", at_client, "packets at the client"),
+        ],
+    )?;
     assert!(
-        m.inbound_packets >= m0.inbound_packets + 6,
-        "before {m0:?}, after {m:?}"
+        m.inbound_packets - m0.inbound_packets >= at_guest,
+        "P's mapping counted fewer than the {at_guest} answers that arrived: before {m0:?}, \
+         after {m:?}"
     );
     let flows = natctl.flows()?.flows;
     for (proto, port) in [(1, None), (17, Some(7000)), (6, Some(8080))] {
