@@ -27,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::State};
+use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::Timeout};
 use serde::Deserialize;
 
 use crate::{
@@ -89,7 +89,7 @@ pub struct ConntrackConfig {
     /// Entries in the connection table.
     #[serde(default)]
     pub size: Option<u32>,
-    /// Idle timeouts in seconds by state name (see `nat_common::conntrack::State::name`).
+    /// Idle timeouts in seconds by timer name (see `nat_common::conntrack::Timeout::name`).
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
 }
@@ -198,7 +198,7 @@ impl Config {
         Ok(s)
     }
 
-    /// Connection table size and idle timeouts (ns, by state), netfilter's defaults where unset.
+    /// Connection table size and idle timeouts (ns, by timer slot), netfilter's defaults where unset.
     pub fn conntrack(&self, path: &Path) -> Result<(u32, [u64; TIMEOUT_SLOTS]), ConfigError> {
         let setting = |what: String| ConfigError::Setting {
             path: path.into(),
@@ -210,13 +210,13 @@ impl Config {
         }
         let mut t = default_timeouts();
         for (name, secs) in &self.conntrack.timeouts {
-            let state = State::ALL
+            let timer = Timeout::ALL
                 .iter()
-                .find(|s| s.name() == name)
+                .find(|t| t.name() == name)
                 .ok_or_else(|| {
-                    let known: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
+                    let known: Vec<_> = Timeout::ALL.iter().map(|t| t.name()).collect();
                     setting(format!(
-                        "conntrack.timeouts: unknown state {name:?} (known: {})",
+                        "conntrack.timeouts: unknown timeout {name:?} (known: {})",
                         known.join(", ")
                     ))
                 })?;
@@ -225,15 +225,15 @@ impl Config {
                     "conntrack.timeouts.{name} must be at least 1 second"
                 )));
             }
-            t[*state as usize] = secs.saturating_mul(1_000_000_000);
+            t[*timer as usize] = secs.saturating_mul(1_000_000_000);
         }
         Ok((size, t))
     }
 }
 
-/// netfilter's default idle timeouts, in ns, by state.
+/// netfilter's default idle timeouts, in ns, by timer slot.
 pub fn default_timeouts() -> [u64; TIMEOUT_SLOTS] {
-    State::ALL.map(|s| s.default_timeout_secs() * 1_000_000_000)
+    Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000)
 }
 
 #[cfg(test)]
@@ -311,8 +311,8 @@ mod tests {
         assert!(!s.egress_default_allow());
         let (size, t) = c.conntrack(p()).unwrap();
         assert_eq!(size, 1024);
-        assert_eq!(t[State::UdpUnreplied as usize], 5_000_000_000);
-        assert_eq!(t[State::TcpEstablished as usize], 432_000_000_000_000);
+        assert_eq!(t[Timeout::UdpUnreplied as usize], 5_000_000_000);
+        assert_eq!(t[Timeout::TcpEstablished as usize], 432_000_000_000_000);
 
         let bad = text.replace("5000-5100", "5100-5000");
         let e = Config::parse(p(), &bad)

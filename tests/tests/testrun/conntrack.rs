@@ -8,7 +8,10 @@ use std::time::Duration;
 use nat_common::{
     Event::*,
     ORIGIN_GUEST, ORIGIN_PUBLIC, Reason, TIMEOUT_SLOTS,
-    conntrack::State::{self, *},
+    conntrack::{
+        State::{self, *},
+        Timeout,
+    },
 };
 use nat_tests::{
     harness::*,
@@ -287,7 +290,7 @@ fn tcp_states_progress_like_netfilter() {
 fn flows_expire_after_their_idle_timeout() {
     let h = harness();
     let mut timeouts = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
-    timeouts[UdpUnreplied as usize] = 1;
+    timeouts[Timeout::UdpUnreplied as usize] = 1;
     h.set_timeouts(timeouts).expect("timeouts");
     let mut p = Probe::new(&h);
     let expired = ev(&[(ConntrackExpired, 1), (ConntrackMiss, 1)]);

@@ -4,7 +4,12 @@
 //! guest side classifies a frame (hairpin forward, hairpin reply, outbound).
 use std::{net::Ipv4Addr, time::Duration};
 
-use nat_common::{Event::*, Reason::*, TIMEOUT_SLOTS, conntrack::State::*};
+use nat_common::{
+    Event::*,
+    Reason::*,
+    TIMEOUT_SLOTS,
+    conntrack::{State::*, Timeout},
+};
 use nat_tests::{
     harness::*,
     model::{Flow, Tracked},
@@ -108,7 +113,7 @@ fn stale_binding_after_flow_expiry() {
     let (v1, v2, r) = (t.v1, t.v2, GST_ADDR);
     let mut b = Hp::new(&h);
     let mut timeouts = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
-    timeouts[UdpUnreplied as usize] = 1;
+    timeouts[Timeout::UdpUnreplied as usize] = 1;
     h.set_timeouts(timeouts).expect("timeouts");
     let expired = ev(&[(ConntrackExpired, 1), (ConntrackMiss, 1)]);
     let udp_legs = legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpUnreplied, 0);
