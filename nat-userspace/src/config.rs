@@ -22,6 +22,11 @@
 //! size = 262144
 //! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
+//!
+//! Timeout keys are netfilter's timers (`nat_common::conntrack::Timeout`): `tcp_syn_sent`,
+//! `tcp_syn_recv`, `tcp_established`, `tcp_fin_wait`, `tcp_close_wait`, `tcp_last_ack`,
+//! `tcp_time_wait`, `tcp_close`, `tcp_syn_sent2`, `tcp_retrans`, `tcp_unack`, `udp_unreplied`,
+//! `udp_replied` (netfilter's `udp_timeout_stream`), `icmp`, `other`.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -303,7 +308,7 @@ mod tests {
             cidrs = ["192.0.2.0/24"]
             [conntrack]
             size = 1024
-            timeouts = { udp_unreplied = 5 }
+            timeouts = { udp_unreplied = 5, tcp_unack = 60 }
         "#;
         let c = Config::parse(p(), text).unwrap();
         let s = c.desired_state(p()).unwrap();
@@ -313,6 +318,8 @@ mod tests {
         assert_eq!(size, 1024);
         assert_eq!(t[Timeout::UdpUnreplied as usize], 5_000_000_000);
         assert_eq!(t[Timeout::TcpEstablished as usize], 432_000_000_000_000);
+        assert_eq!(t[Timeout::TcpUnack as usize], 60_000_000_000);
+        assert_eq!(t[Timeout::TcpRetrans as usize], 300_000_000_000);
 
         let bad = text.replace("5000-5100", "5100-5000");
         let e = Config::parse(p(), &bad)

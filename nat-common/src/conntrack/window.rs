@@ -128,7 +128,7 @@ pub fn sack_edge(opts: &[u8], ack: u32) -> u32 {
                 if size < 2 || size > opts.len() - i {
                     break;
                 }
-                if kind == OPT_SACK && size >= 10 && (size - 2) % 8 == 0 {
+                if kind == OPT_SACK && size >= 10 && (size - 2).is_multiple_of(8) {
                     let mut b = i + 2;
                     while b + 8 <= i + size {
                         let right = u32::from_be_bytes([

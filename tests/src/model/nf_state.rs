@@ -463,3 +463,6 @@ impl NfConn {
         (state, flags, self.timer.slot())
     }
 }
+
+#[cfg(test)]
+mod tests;

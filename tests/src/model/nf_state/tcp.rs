@@ -167,6 +167,8 @@ fn handle_invalid(ct: &NfConn, t: &mut IpCtTcp, dir: usize, index: usize) -> boo
 }
 
 /// `nf_conntrack_tcp_packet` on the flow `ct` whose TCP part is `t`.
+// The `switch (new_state)` of the C, case by case.
+#[allow(clippy::collapsible_match)]
 pub fn nf_conntrack_tcp_packet(
     ct: &mut NfConn,
     t: &mut IpCtTcp,

@@ -144,7 +144,7 @@ pub fn tcp_sack(th: &Seg, sack: &mut u32) {
                 let size = opsize as usize;
                 if opcode == TCPOPT_SACK
                     && size >= TCPOLEN_SACK_BASE + TCPOLEN_SACK_PERBLOCK
-                    && (size - TCPOLEN_SACK_BASE) % TCPOLEN_SACK_PERBLOCK == 0
+                    && (size - TCPOLEN_SACK_BASE).is_multiple_of(TCPOLEN_SACK_PERBLOCK)
                 {
                     let mut i = 0;
                     while i < size - TCPOLEN_SACK_BASE {
@@ -232,7 +232,8 @@ pub fn tcp_in_window(
         }
     }
 
-    if !ack_flag || (ack_flag && rst && ack == 0) {
+    // No ACK, or (ACK and) RST with ack 0 from a broken stack.
+    if !ack_flag || (rst && ack == 0) {
         ack = t.seen[1 - dir].td_end;
         sack = ack;
     }
