@@ -19,6 +19,20 @@
 //!   `last_end`, `last_win`, `retrans`), plus `last_index`/`last_dir`;
 //! - TCP SYN, SYN/ACK (window scale and SACK-permitted options, window re-initialisation),
 //!   FIN (`CLOSE_INIT`) and RST (sequence checks against `td_maxack`) only.
+//!
+//! A caller (the XDP program) keeps a [`Conn`] and the last-seen time per flow, and:
+//! - on a packet without a live flow that its policy admits: [`open`] (ICMP only for a
+//!   request, [`icmp_opens`]; the key names the query with [`icmp_flow_type`]); store the
+//!   `Conn`, last seen now;
+//! - on a packet of a live flow (live: idle time within the length of [`Conn::timer`]):
+//!   [`packet`], store the `Conn` back whatever the verdict, then per [`Verdict`]: `Accept(Some)`
+//!   last seen now; `Accept(None)` and `Ignore` forward it as part of the flow; `Invalid` judge
+//!   it by the rules, never open or replace the flow with it (`shorten`: see there); `New`
+//!   judge it as a new flow, which replaces this one if admitted; `Close` forward it, delete
+//!   the flow;
+//! - fills [`Packet`] with the TCP header's flags, seq, ack, window and the payload length,
+//!   the options parsed ([`parse_options`]) when SYN is set, `sack` ([`sack_edge`], or `ack`);
+//!   for UDP whether two seconds passed since the flow's first packet.
 mod icmp;
 pub mod tcp;
 #[cfg(test)]
