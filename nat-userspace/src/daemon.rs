@@ -48,11 +48,10 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The idle timeout (ns) of a flow's stored timer slot; an unknown slot gets the longest
-/// (netfilter's generic timeout is not the longest: ESTABLISHED is), so nothing is collected
-/// early.
+/// The idle timeout (ns) of a flow's stored timer slot; an unknown slot counts as the generic
+/// one, as in the program.
 fn timeout_of(timeouts: &[u64; TIMEOUT_SLOTS], timer: u8) -> u64 {
-    Timeout::from_u8(timer).map_or(u64::MAX, |t| timeouts[t as usize])
+    timeouts[Timeout::from_u8(timer).unwrap_or(Timeout::Other) as usize]
 }
 
 fn ip(raw: u32) -> Ipv4Addr {
