@@ -253,9 +253,10 @@ pub struct FlowState {
     pub state: u8,
     /// [`ORIGIN_PUBLIC`] or [`ORIGIN_GUEST`].
     pub origin: u8,
-    /// Bit 0: FIN seen from the originator; bit 1: FIN seen from the responder.
-    pub fins: u8,
-    pub _pad: u8,
+    /// [`crate::conntrack::SEEN_REPLY`] | [`crate::conntrack::ASSURED`].
+    pub flags: u8,
+    /// [`crate::conntrack::Timeout`] as u8: the idle timer the last packet started.
+    pub timer: u8,
     /// Hairpin legs: the other leg's address and port (network order), see [`FlowKey::kind`].
     pub peer_port: u16,
     pub _pad2: u16,
@@ -264,8 +265,8 @@ pub struct FlowState {
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
 
-/// Timeouts in seconds, indexed by [`crate::conntrack::State`].
-pub const TIMEOUT_SLOTS: usize = 10;
+/// Idle timeouts, indexed by [`crate::conntrack::Timeout`].
+pub const TIMEOUT_SLOTS: usize = crate::conntrack::Timeout::COUNT;
 
 /// Value of [`MAP_CONFIG`] (one element).
 #[repr(C)]
@@ -275,7 +276,7 @@ pub struct NatConfig {
     /// 1: only what the exception rules allow (CloudStack `default_egress_policy: false`).
     pub egress_default_deny: u32,
     pub _pad: u32,
-    /// Idle timeouts in nanoseconds, by [`crate::conntrack::State`].
+    /// Idle timeouts in nanoseconds, by [`crate::conntrack::Timeout`] (0: netfilter's).
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
 }
 const _: () = assert!(core::mem::size_of::<NatConfig>() == 8 + 8 * TIMEOUT_SLOTS);

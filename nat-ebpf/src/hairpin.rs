@@ -14,7 +14,8 @@ use nat_common::{
 use crate::{
     CONNTRACK, NAT_OUT, forward,
     parse::{Packet, Transport},
-    policy, rewrite,
+    policy::{self, Track},
+    rewrite,
 };
 
 #[inline(always)]
@@ -30,17 +31,20 @@ fn key(guest: u32, remote: u32, guest_port: u16, remote_port: u16, proto: u8, ki
     }
 }
 
-/// Keeps the reverse leg alive and in the forward leg's state, so natd's collector and the
-/// LRU treat both alike.
+/// Keeps the reverse leg alive and in the forward leg's state and timer, so natd's collector
+/// and the LRU treat both alike (nothing if the forward leg is gone).
 #[inline(always)]
 fn refresh(rev: &FlowKey, now: u64, fwd: &FlowKey) {
     // SAFETY: read-only look at a live map value.
-    let state = unsafe { CONNTRACK.get(fwd) }.map_or(0, |s| s.state);
+    let Some((state, timer)) = unsafe { CONNTRACK.get(fwd) }.map(|s| (s.state, s.timer)) else {
+        return;
+    };
     if let Some(r) = CONNTRACK.get_ptr_mut(rev) {
         // SAFETY: a live map value; racing writers store the same facts.
         unsafe {
             (*r).last_seen = now;
             (*r).state = state;
+            (*r).timer = timer;
         }
     }
 }
@@ -78,14 +82,14 @@ pub fn forward(
     let now = policy::now();
     let fwd = key(v2, p1, l4.sport, l4.dport, pkt.proto, FLOW_HAIRPIN_FWD);
     let rev = key(v1, r, l4.dport, l4.sport, pkt.proto, FLOW_HAIRPIN_REV);
-    if policy::track(&fwd, pkt.proto, &l4, true, now) {
+    let found = policy::track(&fwd, pkt.proto, &l4, true, now);
+    if found == Track::Hit {
         refresh(&rev, now, &fwd);
     } else {
         // SAFETY: read-only look at a live map value.
         if let Some(b) = unsafe { CONNTRACK.get(&rev) }
             && (b.peer_addr != v2 || b.peer_port != l4.sport)
-            && now.wrapping_sub(b.last_seen)
-                <= policy::timeout_ns(nat_common::conntrack::State::from_u8(b.state))
+            && policy::live(b, now)
         {
             return Err(Reason::HairpinCollision);
         }
@@ -98,11 +102,15 @@ pub fn forward(
                 Reason::InboundDenied,
             ));
         }
-        if let Some(state) = policy::create(&fwd, pkt.proto, &l4, true, now) {
+        // A packet INVALID for its flow neither joins nor replaces it.
+        if found == Track::Miss
+            && let Some(st) = policy::create(&fwd, pkt.proto, &l4, true, now)
+        {
             let binding = FlowState {
                 last_seen: now,
-                state: state as u8,
+                state: st.state,
                 origin: nat_common::ORIGIN_GUEST,
+                timer: st.timer,
                 peer_addr: v2,
                 peer_port: l4.sport,
                 ..FlowState::default()
@@ -140,7 +148,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Re
     let p1 = unsafe { (*entry).addr };
     let now = policy::now();
     let fwd = key(v2, p1, v2_port, l4.sport, pkt.proto, FLOW_HAIRPIN_FWD);
-    if !policy::track(&fwd, pkt.proto, &l4, false, now) {
+    if policy::track(&fwd, pkt.proto, &l4, false, now) != Track::Hit {
         // The flow is gone: the binding is stale; let the kernel decide.
         return Err(Reason::Unmapped);
     }

@@ -59,12 +59,12 @@ fn try_learn(ctx: &TcContext) -> Option<()> {
         guest,
         remote,
         guest_port,
-        remote_port,
+        remote_port: policy::icmp_remote_port(proto, &l4, from_guest, remote_port),
         proto,
         ..FlowKey::default()
     };
     let now = policy::now();
-    if !policy::track(&key, proto, &l4, from_guest, now) {
+    if policy::track(&key, proto, &l4, from_guest, now) == policy::Track::Miss {
         let _ = policy::create(&key, proto, &l4, from_guest, now);
     }
     Some(())
@@ -103,7 +103,7 @@ fn transport(ctx: &TcContext, proto: u8) -> Option<Transport> {
             // SAFETY: in bounds per `ptr_at`.
             let h = unsafe { &*h };
             t.service = [h[0], h[1]];
-            // Echo: the identifier names the flow (errors and others are not tracked).
+            // Queries: the identifier names the flow (errors and others are not tracked).
             t.sport = u16::from_ne_bytes([h[4], h[5]]);
             t.dport = t.sport;
         }

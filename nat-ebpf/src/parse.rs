@@ -1,7 +1,7 @@
 //! Header parsing and sanity checks. Offsets are constants (no IP options, no VLAN), which also
 //! keeps every packet access trivially provable for the verifier.
 use aya_ebpf::programs::XdpContext;
-use nat_common::Reason;
+use nat_common::{Reason, conntrack};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 pub const ETH_LEN: usize = 14;
@@ -96,8 +96,8 @@ pub struct Transport {
     pub csum_at: Option<usize>,
     /// UDP rules apply to that checksum (0 = none).
     pub udp: bool,
-    /// Source and destination port, network byte order (0 without ports). For ICMP echo the
-    /// identifier is both ports' stand-in: `sport` = `dport` = identifier.
+    /// Source and destination port, network byte order (0 without ports). For an ICMP query
+    /// the identifier is both ports' stand-in: `sport` = `dport` = identifier.
     pub sport: u16,
     pub dport: u16,
     /// TCP flags byte (0 for other protocols).
@@ -121,7 +121,8 @@ pub struct Embedded {
     pub remote: u32,
     pub proto: u8,
     /// The quoted packet's ports seen from the guest (guest's port, remote's port), when the
-    /// first 8 bytes of its transport header are quoted; for ICMP echo the identifier twice.
+    /// first 8 bytes of its transport header are quoted; for an ICMP query the identifier and
+    /// the type the guest sends in its flow (as `policy::flow_key` makes them).
     pub ports: Option<(u16, u16)>,
 }
 
@@ -219,7 +220,7 @@ impl Packet {
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
                 t.service = [h[0], h[1]];
-                if is_echo(h[0]) {
+                if conntrack::icmp_query(h[0]).is_some() {
                     t.sport = u16::from_ne_bytes([h[4], h[5]]);
                     t.dport = t.sport;
                 }
@@ -277,10 +278,10 @@ fn embedded(ctx: &XdpContext, l4_len: usize, inbound: bool, old: u32) -> Result<
             match ip.proto {
                 PROTO_TCP | PROTO_UDP if inbound => Some((a, b)),
                 PROTO_TCP | PROTO_UDP => Some((b, a)),
-                PROTO_ICMP if is_echo(h[0]) => {
-                    let id = u16::from_ne_bytes([h[4], h[5]]);
-                    Some((id, id))
-                }
+                // A query: its identifier and the type the guest sends in its flow (the
+                // quoted packet came from the guest for an inbound error).
+                PROTO_ICMP => conntrack::icmp_flow_type(h[0], inbound)
+                    .map(|t| (u16::from_ne_bytes([h[4], h[5]]), u16::from_ne_bytes([0, t]))),
                 _ => None,
             }
         }
@@ -294,10 +295,4 @@ fn embedded(ctx: &XdpContext, l4_len: usize, inbound: bool, old: u32) -> Result<
         proto: ip.proto,
         ports,
     })
-}
-
-/// ICMP echo request / reply (RFC 792): the identifier names the flow.
-#[inline(always)]
-fn is_echo(ty: u8) -> bool {
-    ty == 0 || ty == 8
 }

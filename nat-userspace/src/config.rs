@@ -22,12 +22,17 @@
 //! size = 262144
 //! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
+//!
+//! Timeout keys are netfilter's timers (`nat_common::conntrack::Timeout`): `tcp_syn_sent`,
+//! `tcp_syn_recv`, `tcp_established`, `tcp_fin_wait`, `tcp_close_wait`, `tcp_last_ack`,
+//! `tcp_time_wait`, `tcp_close`, `tcp_syn_sent2`, `tcp_retrans`, `tcp_unack`, `udp_unreplied`,
+//! `udp_replied` (netfilter's `udp_timeout_stream`), `icmp`, `other`.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
-use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::State};
+use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::Timeout};
 use serde::Deserialize;
 
 use crate::{
@@ -89,7 +94,7 @@ pub struct ConntrackConfig {
     /// Entries in the connection table.
     #[serde(default)]
     pub size: Option<u32>,
-    /// Idle timeouts in seconds by state name (see `nat_common::conntrack::State::name`).
+    /// Idle timeouts in seconds by timer name (see `nat_common::conntrack::Timeout::name`).
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
 }
@@ -198,7 +203,7 @@ impl Config {
         Ok(s)
     }
 
-    /// Connection table size and idle timeouts (ns, by state), netfilter's defaults where unset.
+    /// Connection table size and idle timeouts (ns, by timer slot), netfilter's defaults where unset.
     pub fn conntrack(&self, path: &Path) -> Result<(u32, [u64; TIMEOUT_SLOTS]), ConfigError> {
         let setting = |what: String| ConfigError::Setting {
             path: path.into(),
@@ -210,13 +215,13 @@ impl Config {
         }
         let mut t = default_timeouts();
         for (name, secs) in &self.conntrack.timeouts {
-            let state = State::ALL
+            let timer = Timeout::ALL
                 .iter()
-                .find(|s| s.name() == name)
+                .find(|t| t.name() == name)
                 .ok_or_else(|| {
-                    let known: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
+                    let known: Vec<_> = Timeout::ALL.iter().map(|t| t.name()).collect();
                     setting(format!(
-                        "conntrack.timeouts: unknown state {name:?} (known: {})",
+                        "conntrack.timeouts: unknown timeout {name:?} (known: {})",
                         known.join(", ")
                     ))
                 })?;
@@ -225,15 +230,15 @@ impl Config {
                     "conntrack.timeouts.{name} must be at least 1 second"
                 )));
             }
-            t[*state as usize] = secs.saturating_mul(1_000_000_000);
+            t[*timer as usize] = secs.saturating_mul(1_000_000_000);
         }
         Ok((size, t))
     }
 }
 
-/// netfilter's default idle timeouts, in ns, by state.
+/// netfilter's default idle timeouts, in ns, by timer slot.
 pub fn default_timeouts() -> [u64; TIMEOUT_SLOTS] {
-    State::ALL.map(|s| s.default_timeout_secs() * 1_000_000_000)
+    Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000)
 }
 
 #[cfg(test)]
@@ -303,7 +308,7 @@ mod tests {
             cidrs = ["192.0.2.0/24"]
             [conntrack]
             size = 1024
-            timeouts = { udp_unreplied = 5 }
+            timeouts = { udp_unreplied = 5, tcp_unack = 60 }
         "#;
         let c = Config::parse(p(), text).unwrap();
         let s = c.desired_state(p()).unwrap();
@@ -311,8 +316,10 @@ mod tests {
         assert!(!s.egress_default_allow());
         let (size, t) = c.conntrack(p()).unwrap();
         assert_eq!(size, 1024);
-        assert_eq!(t[State::UdpUnreplied as usize], 5_000_000_000);
-        assert_eq!(t[State::TcpEstablished as usize], 432_000_000_000_000);
+        assert_eq!(t[Timeout::UdpUnreplied as usize], 5_000_000_000);
+        assert_eq!(t[Timeout::TcpEstablished as usize], 432_000_000_000_000);
+        assert_eq!(t[Timeout::TcpUnack as usize], 60_000_000_000);
+        assert_eq!(t[Timeout::TcpRetrans as usize], 300_000_000_000);
 
         let bad = text.replace("5000-5100", "5100-5000");
         let e = Config::parse(p(), &bad)

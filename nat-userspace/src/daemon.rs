@@ -5,7 +5,8 @@ use std::net::Ipv4Addr;
 
 use log::{info, warn};
 use nat_common::{
-    Event, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::State,
+    Event, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS,
+    conntrack::{State, Timeout},
 };
 
 use crate::{
@@ -26,7 +27,7 @@ pub type NatController = Controller<Dataplane, Nft, StateDir>;
 /// natd's state: the controller and the housekeeping counters.
 pub struct Daemon {
     pub ctl: NatController,
-    /// Idle timeouts by `conntrack::State`, as written to the program.
+    /// Idle timeouts by `conntrack::Timeout`, as written to the program.
     timeouts_ns: [u64; TIMEOUT_SLOTS],
     /// Live flows and evictions as of the last collection (metrics read these instead of
     /// walking the table on every scrape).
@@ -45,6 +46,12 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid clock id and out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The idle timeout (ns) of a flow's stored timer slot; an unknown slot counts as the generic
+/// one, as in the program.
+fn timeout_of(timeouts: &[u64; TIMEOUT_SLOTS], timer: u8) -> u64 {
+    timeouts[Timeout::from_u8(timer).unwrap_or(Timeout::Other) as usize]
 }
 
 fn ip(raw: u32) -> Ipv4Addr {
@@ -76,8 +83,9 @@ impl Daemon {
         }
     }
 
-    fn timeout(&self, state: u8) -> u64 {
-        self.timeouts_ns[State::from_u8(state) as usize]
+    /// The idle timeout a flow's stored timer slot stands for.
+    fn timeout(&self, timer: u8) -> u64 {
+        timeout_of(&self.timeouts_ns, timer)
     }
 
     /// Answers one request. Every refusal is an `Error` response naming what was wrong.
@@ -306,7 +314,7 @@ impl Daemon {
         let now = monotonic_ns();
         let timeouts = self.timeouts_ns;
         let (n, seen) = self.ctl.fast_mut().remove_flows(|_, v| {
-            now.saturating_sub(v.last_seen) > timeouts[State::from_u8(v.state) as usize]
+            now.saturating_sub(v.last_seen) > timeout_of(&timeouts, v.timer)
         })?;
         self.ctl
             .fast_mut()
@@ -353,7 +361,9 @@ impl Daemon {
                     guest_port: u16::from_be(k.guest_port),
                     remote: ip(k.remote),
                     remote_port: u16::from_be(k.remote_port),
-                    state: State::from_u8(v.state).name().to_string(),
+                    state: State::from_u8(v.state)
+                        .map_or("unknown", State::name)
+                        .to_string(),
                     origin: if v.origin == ORIGIN_GUEST {
                         "guest"
                     } else {
@@ -361,7 +371,7 @@ impl Daemon {
                     }
                     .to_string(),
                     idle_secs: idle / 1_000_000_000,
-                    expires_in_secs: self.timeout(v.state).saturating_sub(idle) / 1_000_000_000,
+                    expires_in_secs: self.timeout(v.timer).saturating_sub(idle) / 1_000_000_000,
                 }
             })
             .collect();

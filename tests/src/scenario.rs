@@ -137,8 +137,8 @@ pub struct PolicySpec {
     pub ingress: Vec<(Ipv4Addr, Service, Vec<Cidr>)>,
     pub egress_default_allow: bool,
     pub egress: Vec<(Service, Vec<Cidr>)>,
-    /// Per conntrack state: [`TEST_TIMEOUT_NS`], 0 (netfilter's default, seconds or more) or
-    /// 1 ns (a flow in that state is expired at its next packet).
+    /// Per conntrack timer: [`TEST_TIMEOUT_NS`], 0 (netfilter's default, seconds or more) or
+    /// 1 ns (a flow whose timer that is has expired at its next packet).
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
 }
 
@@ -286,7 +286,7 @@ fn policy() -> impl Strategy<Value = PolicySpec> {
         ingress,
         any::<bool>(),
         egress,
-        proptest::array::uniform10(timeout()),
+        proptest::array::uniform15(timeout()),
     )
         .prop_map(
             |(ingress, egress_default_allow, egress, timeouts_ns)| PolicySpec {

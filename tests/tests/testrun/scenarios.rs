@@ -3,7 +3,7 @@
 //! packets that open flows, answer and repeat them, ICMP errors quoting them, and arbitrary
 //! frames) through program and model. After every frame they must agree on verdict, reason,
 //! output bytes, counters (translated and denied) and conntrack events, and hold the same
-//! connection table (keys, state, origin, FIN bits).
+//! connection table (keys, state, origin, status bits, timer).
 //!
 //! `NAT_PROPTEST_CASES` sets the size (scenarios = 5 % of it, 1 000 by default, up to
 //! [`MAX_STEPS`] frames each). The report gives how often each policy path decided a frame.
