@@ -10,8 +10,8 @@ use nat_common::{
 
 use crate::{
     api::{
-        ConntrackStats, FlowInfo, MappingStatus, ReasonStat, Reply, Request, Response, RuleSpec,
-        StatsReport, StatusReport,
+        ConntrackStats, FlowInfo, ListedIngressRule, MappingStatus, ReasonStat, Reply, Request,
+        Response, RuleSpec, StatsReport, StatusReport,
     },
     ebpf::{Dataplane, DataplaneError},
     firewall::{RuleError, Service, icmp_field},
@@ -52,6 +52,14 @@ fn ip(raw: u32) -> Ipv4Addr {
 }
 
 impl RuleSpec {
+    /// The validated service of an ingress rule's spec (which has no `sources`).
+    pub fn ingress_service(&self) -> Result<Service, RuleError> {
+        if !self.sources.is_empty() {
+            return Err(RuleError::SourcesInIngress);
+        }
+        self.service()
+    }
+
     /// The validated service of this spec.
     pub fn service(&self) -> Result<Service, RuleError> {
         let s = Service {
@@ -104,15 +112,21 @@ impl Daemon {
             },
             Request::FirewallAdd { public, rule } => {
                 let what = format!("firewall add {public}");
-                let r = rule.service().map_err(StateError::from);
+                let r = rule.ingress_service().map_err(StateError::from);
+                let mapped = self.ctl.state().private_of(public).is_some();
                 self.change(&what, |s| {
                     s.add_ingress(None, public, r?, rule.cidrs.clone())
                 })
                 .map(|id| {
-                    Response::Ok(Reply::RuleAdded {
-                        id,
-                        message: format!("ingress rule {id} added"),
-                    })
+                    let message = if mapped {
+                        format!("ingress rule {id} added")
+                    } else {
+                        format!(
+                            "ingress rule {id} added, inactive until {public} is mapped (it has \
+                             no mapping)"
+                        )
+                    };
+                    Response::Ok(Reply::RuleAdded { id, message })
                 })
                 .unwrap_or_else(|e| *e)
             }
@@ -120,14 +134,18 @@ impl Daemon {
                 .change(&format!("firewall del {id}"), |s| s.remove_ingress(id))
                 .map(|_| done(format!("ingress rule {id} removed")))
                 .unwrap_or_else(|e| *e),
-            Request::FirewallList => Response::Ok(Reply::Firewall {
-                rules: self
-                    .ctl
-                    .state()
-                    .ingress_rules()
-                    .map(|r| r.rule.clone())
-                    .collect(),
-            }),
+            Request::FirewallList => {
+                let state = self.ctl.state();
+                Response::Ok(Reply::Firewall {
+                    rules: state
+                        .ingress_rules()
+                        .map(|r| ListedIngressRule {
+                            rule: r.rule.clone(),
+                            active: state.is_active(&r.rule),
+                        })
+                        .collect(),
+                })
+            }
             Request::EgressPolicy { allow } => {
                 let p = if allow { "allow" } else { "deny" };
                 self.change(&format!("egress policy {p}"), |s| {
@@ -139,14 +157,16 @@ impl Daemon {
             }
             Request::EgressAdd { rule } => {
                 let r = rule.service().map_err(StateError::from);
-                self.change("egress add", |s| s.add_egress(None, r?, rule.cidrs.clone()))
-                    .map(|id| {
-                        Response::Ok(Reply::RuleAdded {
-                            id,
-                            message: format!("egress rule {id} added"),
-                        })
+                self.change("egress add", |s| {
+                    s.add_egress_from(None, r?, rule.cidrs.clone(), rule.sources.clone())
+                })
+                .map(|id| {
+                    Response::Ok(Reply::RuleAdded {
+                        id,
+                        message: format!("egress rule {id} added"),
                     })
-                    .unwrap_or_else(|e| *e)
+                })
+                .unwrap_or_else(|e| *e)
             }
             Request::EgressDel { id } => self
                 .change(&format!("egress del {id}"), |s| s.remove_egress(id))

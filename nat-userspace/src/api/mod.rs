@@ -33,6 +33,18 @@ pub struct RuleSpec {
     /// Source CIDRs (ingress) or destination CIDRs (egress); empty = any.
     #[serde(default)]
     pub cidrs: Vec<Cidr>,
+    /// Egress only: the guests the rule applies to; empty = every guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Cidr>,
+}
+
+/// An ingress rule as natctl lists it: in force (`active`) while its public IP is mapped,
+/// kept but inactive while it is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedIngressRule {
+    #[serde(flatten)]
+    pub rule: IngressRule,
+    pub active: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +122,7 @@ pub enum Reply {
         mappings: Vec<MappingStatus>,
     },
     Firewall {
-        rules: Vec<IngressRule>,
+        rules: Vec<ListedIngressRule>,
     },
     Egress {
         default_allow: bool,
