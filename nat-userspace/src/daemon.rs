@@ -23,6 +23,18 @@ use crate::{
 
 pub type NatController = Controller<Dataplane, Nft, StateDir>;
 
+/// What became of a CloudStack payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Applied(String),
+    /// Invalid (malformed, or a change the state does not allow): the same file can never be
+    /// applied.
+    Refused(String),
+    /// natd could not install it (fast path, slow path or persistence failed); nothing changed,
+    /// and the same file may apply later.
+    Failed(String),
+}
+
 /// natd's state: the controller and the housekeeping counters.
 pub struct Daemon {
     pub ctl: NatController,
@@ -251,19 +263,31 @@ impl Daemon {
 
     /// Applies one CloudStack payload file, all or nothing.
     pub fn apply_cloudstack(&mut self, name: &str, text: &str) -> Response {
+        match self.apply_payload(name, text) {
+            Payload::Applied(message) => done(message),
+            Payload::Refused(message) | Payload::Failed(message) => refuse(message),
+        }
+    }
+
+    /// Applies one CloudStack payload file, all or nothing, and says whether it was refused
+    /// (invalid: trying again cannot help) or failed (natd could not install it).
+    pub fn apply_payload(&mut self, name: &str, text: &str) -> Payload {
         let payload = match crate::cloudstack::parse(text) {
             Ok(p) => p,
-            Err(e) => return refuse(format!("{name} refused: {e}")),
+            Err(e) => return Payload::Refused(format!("{name} refused: {e}")),
         };
         let mut new = self.ctl.state().clone();
         let summary = match crate::cloudstack::apply(&payload, &mut new) {
             Ok(s) => s,
-            Err(e) => return refuse(format!("{name} refused: {e}")),
+            Err(e) => return Payload::Refused(format!("{name} refused: {e}")),
         };
         match self.ctl.apply(new) {
             Ok(diff) => self.forget_flows(&diff.removed),
+            Err(ApplyError::Invalid(e)) => {
+                return Payload::Refused(format!("{name} refused: {e}"));
+            }
             Err(e) => {
-                return refuse(format!(
+                return Payload::Failed(format!(
                     "{name} failed, nothing changed: {}",
                     crate::report(&e)
                 ));
@@ -272,7 +296,7 @@ impl Daemon {
         for line in summary.lines() {
             info!("{name}: {line}");
         }
-        done(format!("{name}: {summary}"))
+        Payload::Applied(format!("{name}: {summary}"))
     }
 
     fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &FlowState) -> bool) -> usize {

@@ -141,11 +141,13 @@ fn egress(ids: &[u64]) -> EgressPolicy {
             id,
             service: service(Proto::Tcp, ports(25, 25), None),
             cidrs: cidrs(&["0.0.0.0/0"]),
+            sources: cidrs(&["10.1.1.0/24"]),
         },
         23 => EgressRule {
             id,
             service: service(Proto::Udp, ports(53, 53), None),
             cidrs: cidrs(&["0.0.0.0/0"]),
+            sources: cidrs(&["0.0.0.0/0"]),
         },
         _ => panic!("no egress rule {id} in the payloads"),
     };
