@@ -134,10 +134,8 @@ impl Natctl {
 
     /// Ids of the rules `natctl firewall list --json` shows as active, and as inactive.
     pub fn firewall_states(&self) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
-        let (active, inactive): (Vec<_>, Vec<_>) = self
-            .firewall_listing()?
-            .into_iter()
-            .partition(|l| l.active);
+        let (active, inactive): (Vec<_>, Vec<_>) =
+            self.firewall_listing()?.into_iter().partition(|l| l.active);
         let ids = |v: Vec<ListedIngressRule>| v.into_iter().map(|l| l.rule.id).collect();
         Ok((ids(active), ids(inactive)))
     }

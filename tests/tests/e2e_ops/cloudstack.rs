@@ -71,7 +71,7 @@ fn payload(name: &str) -> anyhow::Result<String> {
 
 /// Writes `text` to `dir/name` the way a writer should for natd to never see half a file: to a
 /// temporary name natd skips, then renamed.
-fn drop_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+pub(super) fn drop_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming {}", tmp.display()))
@@ -307,7 +307,7 @@ fn natctl_apply_of_the_payloads_gives_the_routers_state() -> anyhow::Result<()> 
 }
 
 /// What natd recorded of the files in its `--cloudstack-dir`: name -> (applied, message).
-fn record(state_dir: &Path) -> anyhow::Result<Vec<(String, bool, String)>> {
+pub(super) fn record(state_dir: &Path) -> anyhow::Result<Vec<(String, bool, String)>> {
     let path = state_dir.join("cloudstack-processed.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
