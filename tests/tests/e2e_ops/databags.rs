@@ -2,7 +2,8 @@
 //! a firewall payload that arrives before its IP's static NAT takes effect with the static NAT
 //! (fast path and nftables); a static NAT entry for an IP mapped to another guest moves the IP
 //! to the new guest; an egress rule with a source CIDR (one VM) blocks that guest and not
-//! another, in the fast path and in the slow path, from a payload and from natctl.
+//! another, in the fast path and in the slow path, from a payload and from natctl; and a
+//! CloudStack rule id never taken by one natctl gave.
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
@@ -257,5 +258,49 @@ fn an_egress_rule_for_one_guest_blocks_it_and_not_the_other() -> anyhow::Result<
     ])?;
     egress_blocked(&topo, &natctl, second, 5002, 5003)?;
     egress_passes(&topo, first, 5002)?;
+    Ok(())
+}
+
+/// natctl's rules take ids of natd's own range, so a CloudStack rule that arrives later never
+/// finds its id taken (natd keeps a known id as it is, as the router does): here CloudStack's
+/// rule 1 opens tcp 5000 after natctl added a rule of its own.
+#[test]
+fn a_cloudstack_rule_never_meets_an_id_natctl_gave() -> anyhow::Result<()> {
+    let topo = Topology::new()?;
+    let natd = Natd::start(&topo, None)?;
+    let natctl = natd.natctl()?;
+    apply(
+        &topo,
+        &natctl,
+        "nat.json",
+        &static_nat(&[(PUBLIC_ADDR, GUEST_ADDR)]),
+    )?;
+    let mine = natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
+    let fw = serde_json::json!({"type": "firewallrules", "rules": [
+        {"id": 1, "traffic_type": "Ingress", "src_ip": PUBLIC_ADDR.to_string(),
+         "protocol": "tcp", "src_port_range": [5000, 5000], "source_cidr_list": ["0.0.0.0/0"],
+         "revoked": false}]})
+    .to_string();
+    let out = apply(&topo, &natctl, "fw.json", &fw)?;
+    assert!(out.contains("1 rule added"), "{out}");
+    let (mut active, _) = natctl.firewall_states()?;
+    active.sort();
+    assert_eq!(active, [1, mine]);
+    let tcp = tcp_exchange(
+        &topo.guest,
+        at(GUEST_ADDR, 5000),
+        &topo.client,
+        at(PUBLIC_ADDR, 5000),
+        64,
+    )?;
+    assert_eq!(tcp.server_peer.ip(), CLIENT_ADDR);
+    let udp = udp_exchange(
+        &topo.guest,
+        at(GUEST_ADDR, 7000),
+        &topo.client,
+        at(PUBLIC_ADDR, 7000),
+        64,
+    )?;
+    assert_eq!(udp.server_saw.ip(), CLIENT_ADDR);
     Ok(())
 }
