@@ -106,7 +106,15 @@ impl Daemon {
             Request::MappingAdd { public, private } => {
                 let what = format!("mapping add {public} {private}");
                 self.change(&what, |s| s.add_mapping(Mapping { public, private }))
-                    .map(|_| done(format!("mapping added: {public} -> {private}")))
+                    .map(|_| {
+                        let n = self.rules_of(public);
+                        let rules = if n > 0 {
+                            format!("; its {n} ingress rule(s) are in force")
+                        } else {
+                            String::new()
+                        };
+                        done(format!("mapping added: {public} -> {private}{rules}"))
+                    })
                     .unwrap_or_else(|e| *e)
             }
             Request::MappingDel { public } => {
@@ -114,7 +122,17 @@ impl Daemon {
                     s.remove_mapping(public)
                 });
                 match r {
-                    Ok(m) => done(format!("mapping removed: {public} -> {}", m.private)),
+                    Ok(m) => {
+                        let n = self.rules_of(public);
+                        let rules = if n > 0 {
+                            format!(
+                                "; its {n} ingress rule(s) stay, inactive until it is mapped again"
+                            )
+                        } else {
+                            String::new()
+                        };
+                        done(format!("mapping removed: {public} -> {}{rules}", m.private))
+                    }
                     Err(e) => *e,
                 }
             }
@@ -215,6 +233,15 @@ impl Daemon {
                 Err(e) => refuse(e),
             },
         }
+    }
+
+    /// How many ingress rules `public` has, active or not.
+    fn rules_of(&self, public: Ipv4Addr) -> usize {
+        self.ctl
+            .state()
+            .ingress_rules()
+            .filter(|r| r.rule.public == public)
+            .count()
     }
 
     /// Applies a change through the controller; a refusal becomes the error response.
@@ -420,6 +447,7 @@ impl Daemon {
             st.egress_rules().count(),
             st.egress_default_allow(),
         );
+        let inactive_ingress_rules = ingress_rules - st.active_ingress_rules().count();
         let state_file = self.ctl.store().file().display().to_string();
         let dp = self.ctl.fast_mut();
         Ok(StatusReport {
@@ -427,6 +455,7 @@ impl Daemon {
             interfaces: dp.attached().cloned().collect(),
             mappings,
             ingress_rules,
+            inactive_ingress_rules,
             egress_rules,
             egress_default_allow,
             flows: self.entries,

@@ -142,7 +142,10 @@ pub struct StatusReport {
     pub version: String,
     pub interfaces: Vec<Attached>,
     pub mappings: usize,
+    /// Every ingress rule; of them, `inactive_ingress_rules` belong to unmapped public IPs.
     pub ingress_rules: usize,
+    #[serde(default)]
+    pub inactive_ingress_rules: usize,
     pub egress_rules: usize,
     pub egress_default_allow: bool,
     /// Live flows as of the last collection, and the table's size.

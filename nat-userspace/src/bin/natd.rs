@@ -199,9 +199,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
     ctl.apply(desired).context("installing the desired state")?;
     info!(
-        "installed {} mapping(s), {} ingress rule(s), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
+        "installed {} mapping(s), {} ingress rule(s) ({} inactive), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
         ctl.state().len(),
         ctl.state().ingress_rules().count(),
+        ctl.state().ingress_rules().count() - ctl.state().active_ingress_rules().count(),
         ctl.state().egress_rules().count(),
         if ctl.state().egress_default_allow() {
             "allow"

@@ -21,10 +21,13 @@ use super::{
 const APPLIED: Duration = Duration::from_secs(20);
 /// A public IP in none of the router's public subnets until the test adds 192.0.2.0/24.
 const NO_SUBNET: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+/// A second mapping, for a file that arrives after another.
+const OTHER_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+const OTHER_PRIVATE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 
-fn static_nat(public: Ipv4Addr) -> String {
+fn static_nat(public: Ipv4Addr, private: Ipv4Addr) -> String {
     format!(
-        r#"{{"type":"staticnatrules","rules":[{{"revoke":false,"source_ip_address":"{public}","destination_ip_address":"{GUEST_ADDR}"}}]}}"#
+        r#"{{"type":"staticnatrules","rules":[{{"revoke":false,"source_ip_address":"{public}","destination_ip_address":"{private}"}}]}}"#
     )
 }
 
@@ -88,7 +91,7 @@ fn a_file_is_taken_once_its_writer_closed_it() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let (natd, inbox, state_dir) = natd_with_inbox(&topo, &[])?;
     let natctl = natd.natctl()?;
-    let text = static_nat(PUBLIC_ADDR);
+    let text = static_nat(PUBLIC_ADDR, GUEST_ADDR);
     let (first, rest) = text.split_at(text.len() / 2);
     let path = inbox.join("10-staticnat.json");
     let mut writer =
@@ -96,31 +99,36 @@ fn a_file_is_taken_once_its_writer_closed_it() -> anyhow::Result<()> {
     writer.write_all(first.as_bytes())?;
     writer.flush()?;
 
-    drop_file(&inbox, "20-firewall.json", &firewall(15, PUBLIC_ADDR))?;
-    wait(&natd, "20-firewall.json applied", || {
-        Ok(rule_ids(&natctl)? == [15])
+    drop_file(
+        &inbox,
+        "20-staticnat.json",
+        &static_nat(OTHER_PUBLIC, OTHER_PRIVATE),
+    )?;
+    wait(&natd, "20-staticnat.json applied", || {
+        Ok(pairs(&natctl)? == [(OTHER_PUBLIC, OTHER_PRIVATE)])
     })?;
     ensure!(
-        handled(&state_dir)? == [("20-firewall.json".to_string(), true)],
+        handled(&state_dir)? == [("20-staticnat.json".to_string(), true)],
         "natd handled the half-written file: {:?}",
         record(&state_dir)?
     );
-    ensure!(pairs(&natctl)?.is_empty(), "a mapping appeared");
 
     writer.write_all(rest.as_bytes())?;
     drop(writer);
     wait(&natd, "10-staticnat.json applied", || {
-        Ok(pairs(&natctl)? == [(PUBLIC_ADDR, GUEST_ADDR)])
+        Ok(pairs(&natctl)?.len() == 2)
     })?;
+    assert_eq!(
+        pairs(&natctl)?,
+        [(PUBLIC_ADDR, GUEST_ADDR), (OTHER_PUBLIC, OTHER_PRIVATE)]
+    );
     assert_eq!(
         handled(&state_dir)?,
         [
             ("10-staticnat.json".to_string(), true),
-            ("20-firewall.json".to_string(), true)
+            ("20-staticnat.json".to_string(), true)
         ]
     );
-    // The rule that came first is in force with its static NAT.
-    assert_eq!(natctl.firewall_states()?, (vec![15], vec![]));
     Ok(())
 }
 
@@ -133,7 +141,11 @@ fn a_file_natd_failed_to_apply_is_tried_again_in_order() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let (natd, inbox, state_dir) = natd_with_inbox(&topo, &["--manage-addresses"])?;
     let natctl = natd.natctl()?;
-    drop_file(&inbox, "10-staticnat.json", &static_nat(NO_SUBNET))?;
+    drop_file(
+        &inbox,
+        "10-staticnat.json",
+        &static_nat(NO_SUBNET, GUEST_ADDR),
+    )?;
     drop_file(&inbox, "20-firewall.json", &firewall(16, NO_SUBNET))?;
     wait(&natd, "a failed try of 10-staticnat.json", || {
         Ok(natd.log_text().contains("trying 10-staticnat.json again"))
