@@ -15,7 +15,7 @@ pub const MAP_DEVMAP: &str = "DEVMAP";
 pub const MAP_STATS: &str = "STATS";
 
 /// Every map of the program, for pinning and adoption by name.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_NAT_IN,
     MAP_NAT_OUT,
     MAP_IFACES,
@@ -23,6 +23,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_STATS,
     MAP_FW_SRC,
     MAP_FW_SVC,
+    MAP_EG_SRC,
     MAP_EG_DST,
     MAP_EG_SVC,
     MAP_CONNTRACK,
@@ -114,6 +115,11 @@ pub const MAP_FW_SRC: &str = "FW_SRC";
 /// port range (or ICMP type/code) contain that prefix. LPM trie written by natd; data is
 /// [`FwSvcData`]. A packet is allowed when the two lookups share a bit.
 pub const MAP_FW_SVC: &str = "FW_SVC";
+/// Guest source prefix -> [`RuleBits`] of the egress rules whose source CIDRs (CloudStack's
+/// `source_cidr_list`; a rule without any matches every source) contain it. LPM trie written by
+/// natd; data is the address (`[u8; 4]`, network order). An egress rule matches a packet when
+/// this lookup, [`MAP_EG_DST`]'s and [`MAP_EG_SVC`]'s share its bit.
+pub const MAP_EG_SRC: &str = "EG_SRC";
 /// Destination prefix -> [`RuleBits`] of the egress rules whose destination CIDRs contain it.
 pub const MAP_EG_DST: &str = "EG_DST";
 /// (protocol, port prefix) -> [`RuleBits`] of the egress rules that match it; data is
@@ -137,7 +143,7 @@ pub const MAX_FW_SRC: u32 = 1 << 17;
 /// Size of [`MAP_FW_SVC`]: (public IP, protocol, port prefix) entries; a port range splits
 /// into at most 30 prefixes.
 pub const MAX_FW_SVC: u32 = 1 << 18;
-/// Size of [`MAP_EG_DST`] and [`MAP_EG_SVC`].
+/// Size of [`MAP_EG_SRC`], [`MAP_EG_DST`] and [`MAP_EG_SVC`].
 pub const MAX_EG: u32 = 1 << 14;
 /// Default size of [`MAP_CONNTRACK`] (natd may change it at load).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
@@ -168,6 +174,15 @@ impl RuleBits {
             | (self.bits[1] & other.bits[1])
             | (self.bits[2] & other.bits[2])
             | (self.bits[3] & other.bits[3])
+            != 0
+    }
+    /// Whether the three sets share a rule (one bit set in all three).
+    #[inline(always)]
+    pub const fn intersects3(&self, b: &RuleBits, c: &RuleBits) -> bool {
+        (self.bits[0] & b.bits[0] & c.bits[0])
+            | (self.bits[1] & b.bits[1] & c.bits[1])
+            | (self.bits[2] & b.bits[2] & c.bits[2])
+            | (self.bits[3] & b.bits[3] & c.bits[3])
             != 0
     }
     pub const fn is_empty(&self) -> bool {

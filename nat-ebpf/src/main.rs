@@ -61,6 +61,9 @@ static FW_SRC: LpmTrie<FwSrcData, RuleBits> = LpmTrie::with_max_entries(MAX_FW_S
 /// (public IP, protocol, port/ICMP prefix) -> ingress rules matching it (natd writes).
 #[map]
 static FW_SVC: LpmTrie<FwSvcData, RuleBits> = LpmTrie::with_max_entries(MAX_FW_SVC, 0);
+/// Guest source prefix -> egress rules whose source CIDRs contain it (natd writes).
+#[map]
+static EG_SRC: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(MAX_EG, 0);
 /// Destination prefix -> egress rules whose CIDRs contain it (natd writes).
 #[map]
 static EG_DST: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(MAX_EG, 0);

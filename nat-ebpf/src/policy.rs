@@ -2,7 +2,8 @@
 //! public IP or the egress policy of the guest network for a packet that opens a flow.
 //!
 //! Cost per packet is a fixed number of map lookups whatever the number of rules: two LPM
-//! lookups whose rule bitmaps must intersect (see `nat_common::RuleBits`).
+//! lookups (ingress: source, service) or three (egress: source, destination, service) whose
+//! rule bitmaps must intersect (see `nat_common::RuleBits`).
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use nat_common::{
     EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowKey, FlowState,
@@ -11,7 +12,7 @@ use nat_common::{
 };
 
 use crate::{
-    CONFIG, CONNTRACK, EG_DST, EG_SVC, FW_SRC, FW_SVC,
+    CONFIG, CONNTRACK, EG_DST, EG_SRC, EG_SVC, FW_SRC, FW_SVC,
     parse::{Packet, Transport},
     stats,
 };
@@ -194,10 +195,12 @@ pub fn firewall_allows(public: u32, pkt: &Packet, l4: &Transport) -> bool {
     }
 }
 
-/// Egress policy: the default, inverted by any matching exception rule.
+/// Egress policy: the default, inverted by any exception rule that matches the guest source,
+/// the destination and the service.
 #[inline(always)]
 fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
     let default_allow = CONFIG.get(0).is_none_or(|c| c.egress_default_deny == 0);
+    let src = Key::new(32, pkt.saddr.to_ne_bytes());
     let dst = Key::new(32, pkt.daddr.to_ne_bytes());
     let svc = Key::new(
         EG_SVC_BASE_BITS + 16,
@@ -207,8 +210,8 @@ fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
             _pad: 0,
         },
     );
-    let matched = match (EG_DST.get(&dst), EG_SVC.get(&svc)) {
-        (Some(a), Some(b)) => a.intersects(b),
+    let matched = match (EG_SRC.get(&src), EG_DST.get(&dst), EG_SVC.get(&svc)) {
+        (Some(s), Some(a), Some(b)) => s.intersects3(a, b),
         _ => false,
     };
     default_allow != matched

@@ -17,6 +17,7 @@
 //! proto = "tcp"                 # tcp | udp | icmp | all
 //! ports = "25"
 //! cidrs = ["0.0.0.0/0"]         # destinations
+//! sources = ["10.1.1.0/24"]     # the guests it applies to; absent = every guest
 //!
 //! [conntrack]
 //! size = 262144
@@ -70,6 +71,9 @@ pub struct ConfigRule {
     pub icmp_code: Option<i64>,
     #[serde(default)]
     pub cidrs: Vec<Cidr>,
+    /// Egress rules only: the guests the rule applies to.
+    #[serde(default)]
+    pub sources: Vec<Cidr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +141,7 @@ impl ConfigRule {
             icmp_type: self.icmp_type,
             icmp_code: self.icmp_code,
             cidrs: self.cidrs.clone(),
+            sources: self.sources.clone(),
         })
     }
 }
@@ -177,7 +182,7 @@ impl Config {
             })?;
             let spec = r.spec().map_err(invalid(what.clone()))?;
             let service = spec
-                .service()
+                .ingress_service()
                 .map_err(|e| invalid(what.clone())(e.into()))?;
             s.add_ingress(None, public, service, spec.cidrs)
                 .map_err(invalid(what))?;
@@ -197,7 +202,7 @@ impl Config {
             let service = spec
                 .service()
                 .map_err(|e| invalid(what.clone())(e.into()))?;
-            s.add_egress(None, service, spec.cidrs)
+            s.add_egress_from(None, service, spec.cidrs, spec.sources)
                 .map_err(invalid(what))?;
         }
         Ok(s)
@@ -306,6 +311,7 @@ mod tests {
             [[egress.rule]]
             proto = "all"
             cidrs = ["192.0.2.0/24"]
+            sources = ["10.0.0.10/32"]
             [conntrack]
             size = 1024
             timeouts = { udp_unreplied = 5, tcp_unack = 60 }
@@ -314,6 +320,20 @@ mod tests {
         let s = c.desired_state(p()).unwrap();
         assert_eq!(s.ingress_rules().count(), 2);
         assert!(!s.egress_default_allow());
+        let sources: Vec<_> = s.egress_rules().map(|r| r.rule.sources.clone()).collect();
+        assert_eq!(sources, [vec!["10.0.0.10/32".parse::<Cidr>().unwrap()]]);
+        let bad = text.replace(
+            "proto = \"icmp\"",
+            "proto = \"icmp\"\n sources = [\"10.0.0.0/8\"]",
+        );
+        let e = Config::parse(p(), &bad)
+            .unwrap()
+            .desired_state(p())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("rule #2") && e.to_string().contains("source CIDRs"),
+            "{e}"
+        );
         let (size, t) = c.conntrack(p()).unwrap();
         assert_eq!(size, 1024);
         assert_eq!(t[Timeout::UdpUnreplied as usize], 5_000_000_000);
@@ -341,15 +361,26 @@ mod tests {
         );
         let bad = text.replace(
             "public = \"203.0.113.10\"\n            proto = \"icmp\"",
-            "public = \"203.0.113.99\"\n            proto = \"icmp\"",
+            "public = \"224.0.0.99\"\n            proto = \"icmp\"",
         );
         let e = Config::parse(p(), &bad)
             .unwrap()
             .desired_state(p())
             .unwrap_err();
         assert!(
-            e.to_string().contains("rule #2") && e.to_string().contains("203.0.113.99"),
+            e.to_string().contains("rule #2") && e.to_string().contains("224.0.0.99"),
             "{e}"
         );
+        // A rule of an IP without a mapping is kept, inactive until the IP is mapped.
+        let unmapped = text.replace(
+            "public = \"203.0.113.10\"\n            proto = \"icmp\"",
+            "public = \"203.0.113.99\"\n            proto = \"icmp\"",
+        );
+        let s = Config::parse(p(), &unmapped)
+            .unwrap()
+            .desired_state(p())
+            .unwrap();
+        assert_eq!(s.ingress_rules().count(), 2);
+        assert_eq!(s.active_ingress_rules().count(), 1);
     }
 }

@@ -12,7 +12,7 @@ pub(super) fn expected_layout(name: &str) -> Option<(usize, usize)> {
         MAP_EVENTS => (size_of::<u32>(), size_of::<u64>()),
         MAP_FW_SRC => (lpm(size_of::<FwSrcData>()), size_of::<RuleBits>()),
         MAP_FW_SVC => (lpm(size_of::<FwSvcData>()), size_of::<RuleBits>()),
-        MAP_EG_DST => (lpm(4), size_of::<RuleBits>()),
+        MAP_EG_SRC | MAP_EG_DST => (lpm(4), size_of::<RuleBits>()),
         MAP_EG_SVC => (lpm(size_of::<EgSvcData>()), size_of::<RuleBits>()),
         MAP_CONNTRACK => (size_of::<FlowKey>(), size_of::<FlowState>()),
         MAP_CONFIG => (size_of::<u32>(), size_of::<NatConfig>()),
@@ -98,6 +98,11 @@ impl Dataplane {
                 Entry::FwSvc(d.public.into(), d.proto, u16::from_be_bytes(d.service), len),
                 b,
             );
+        }
+        for (k, b) in self.lpm_entries::<[u8; 4]>(MAP_EG_SRC)? {
+            if let Some(c) = Cidr::new(k.data().into(), k.prefix_len() as u8) {
+                entries.insert(Entry::EgSrc(c), b);
+            }
         }
         for (k, b) in self.lpm_entries::<[u8; 4]>(MAP_EG_DST)? {
             if let Some(c) = Cidr::new(k.data().into(), k.prefix_len() as u8) {

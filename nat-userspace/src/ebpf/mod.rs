@@ -32,7 +32,7 @@ use aya::{
 use nat_common::{
     ALL_MAPS, Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS,
     FlowKey, FlowState, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP,
-    MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
+    MAP_EG_DST, MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
     MAP_NAT_OUT, MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits,
 };
 use serde::{Deserialize, Serialize};

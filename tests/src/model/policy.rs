@@ -353,10 +353,13 @@ impl Rules {
         })
     }
 
-    /// The egress default, inverted if some exception rule matches destination and service.
+    /// The egress default, inverted if some exception rule matches the guest source, the
+    /// destination and the service.
     pub fn egress_allows(&self, f: &Facts) -> bool {
         let matched = self.egress.iter().any(|r| {
-            r.cidrs.iter().any(|c| cidr_contains(c, f.daddr)) && service_matches(&r.service, f)
+            r.sources.iter().any(|c| cidr_contains(c, f.saddr))
+                && r.cidrs.iter().any(|c| cidr_contains(c, f.daddr))
+                && service_matches(&r.service, f)
         });
         let default_allow = !self.egress_default_deny;
         default_allow != matched

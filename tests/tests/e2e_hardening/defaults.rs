@@ -245,10 +245,12 @@ fn open_udp_7000() -> String {
     )])
 }
 
-/// P is closed whenever it has no rule, whatever the order: a rule added then its mapping
-/// deleted and added again (the rule went with the mapping); a CloudStack firewall payload for
-/// P before its static NAT payload (the rule is skipped, the mapping comes later, closed); the
-/// mapping revoked and granted again by CloudStack; and natd restarted.
+/// P is closed whenever it has no rule, whatever the order changes arrive in, and open to its
+/// rules only: a rule outlives its mapping deleted and added again (kept, inactive meanwhile,
+/// as on CloudStack's router) and P is closed once the rule is deleted; a CloudStack firewall
+/// payload for P before its static NAT payload takes effect with the static NAT, and P is closed
+/// once the payload's revoke arrives; the mapping revoked and granted again by CloudStack
+/// without rules; and natd restarted.
 #[test]
 fn mapped_addresses_stay_closed_whatever_order_changes_arrive_in() -> anyhow::Result<()> {
     const ORDERS: &str = "orders of changes after which the mapped IP was checked";
@@ -260,15 +262,21 @@ fn mapped_addresses_stay_closed_whatever_order_changes_arrive_in() -> anyhow::Re
 
     natctl.ok(&["mapping", "add", &p, &v])?;
     closed(&topo, &natctl, 7000, "after mapping add", &mut fig)?;
-    natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
+    let id = natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
     open(&topo, 7000)?;
     natctl.ok(&["mapping", "del", &p])?;
+    ensure!(
+        natctl.firewall_states()? == (vec![], vec![id]),
+        "rule {id} is not listed inactive without its mapping"
+    );
     natctl.ok(&["mapping", "add", &p, &v])?;
+    open(&topo, 7000)?;
+    natctl.ok(&["firewall", "del", &id.to_string()])?;
     closed(
         &topo,
         &natctl,
         7000,
-        "after the mapping was deleted and added again",
+        "after the mapping was deleted and added again, and its rule deleted",
         &mut fig,
     )?;
     fig.add(ORDERS, 1);
@@ -276,24 +284,29 @@ fn mapped_addresses_stay_closed_whatever_order_changes_arrive_in() -> anyhow::Re
     natctl.ok(&["mapping", "del", &p])?;
     let fw = payload_file(&topo, "fw.json", &open_udp_7000())?;
     let out = natctl.ok(&["apply", &fw])?;
-    ensure!(out.contains("skipped"), "a rule for an unmapped P: {out}");
+    ensure!(out.contains("inactive"), "a rule for an unmapped P: {out}");
     let nat = payload_file(
         &topo,
         "nat.json",
         &static_nat_payload(&[(PUBLIC_ADDR, GUEST_ADDR)], false),
     )?;
     natctl.ok(&["apply", &nat])?;
+    open(&topo, 7000)?;
+    let fw_revoke = payload_file(
+        &topo,
+        "fw_revoke.json",
+        &open_udp_7000().replace(r#""revoked":false"#, r#""revoked":true"#),
+    )?;
+    natctl.ok(&["apply", &fw_revoke])?;
     closed(
         &topo,
         &natctl,
         7000,
-        "after firewall then static NAT payloads",
+        "after firewall then static NAT payloads, and the firewall revoke",
         &mut fig,
     )?;
     fig.add(ORDERS, 1);
 
-    natctl.ok(&["apply", &fw])?;
-    open(&topo, 7000)?;
     let revoke = payload_file(
         &topo,
         "revoke.json",
