@@ -8,19 +8,33 @@ use crate::{
     report::{Section, Table},
     topo::{P2, Setup, Topo, V2},
     traffic::{self, Flows, Run, Steady},
-    util::{self, Summary, show},
+    util, verdict,
 };
 
 /// Requests per second of the steady flow.
 const STEADY_RATE: u64 = 2_000;
 
-/// What the connection table looked like after a flood.
+/// What the connection table looked like: its size, and the counters of what pressure did
+/// to it (cumulative; a run's share is the difference of two readings, [`Table_::pressure`]).
 #[derive(Debug, Default, Clone)]
 struct Table_ {
     entries: u64,
     capacity: u64,
-    /// iptables: conntrack drops/early drops/insert failures; natd: LRU evictions.
-    pressure: String,
+    /// iptables: conntrack drop, early_drop, insert_failed; natd: flows created, evicted.
+    counters: [(&'static str, u64); 3],
+}
+
+impl Table_ {
+    /// What happened to the table between `before` and `self`, as "N name, ..."
+    fn pressure(&self, before: &Table_) -> String {
+        self.counters
+            .iter()
+            .zip(&before.counters)
+            .filter(|((name, _), _)| !name.is_empty())
+            .map(|((name, now), (_, was))| format!("{} {name}", now.saturating_sub(*was)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 fn conntrack_state(topo: &Topo) -> anyhow::Result<Table_> {
@@ -30,10 +44,11 @@ fn conntrack_state(topo: &Topo) -> anyhow::Result<Table_> {
             Ok(Table_ {
                 entries: s.conntrack.entries,
                 capacity: u64::from(s.conntrack.capacity),
-                pressure: format!(
-                    "{} created, {} evicted (LRU)",
-                    s.conntrack.creates, s.conntrack.evictions
-                ),
+                counters: [
+                    ("created", s.conntrack.creates),
+                    ("evicted (LRU)", s.conntrack.evictions),
+                    ("", 0),
+                ],
             })
         }
         _ => {
@@ -60,12 +75,11 @@ fn conntrack_state(topo: &Topo) -> anyhow::Result<Table_> {
             Ok(Table_ {
                 entries: count,
                 capacity: max,
-                pressure: format!(
-                    "drop {}, early_drop {}, insert_failed {}",
-                    sum("drop"),
-                    sum("early_drop"),
-                    sum("insert_failed")
-                ),
+                counters: [
+                    ("drop", sum("drop")),
+                    ("early_drop", sum("early_drop")),
+                    ("insert_failed", sum("insert_failed")),
+                ],
             })
         }
     }
@@ -131,15 +145,17 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         "lost",
         "replies dropped by P2's firewall",
         "connection table after",
-        "pressure",
+        "pressure during the run",
     ]);
     let mut lost_by = vec![Vec::new(); setups.len()];
+    let mut delivered_by = vec![Vec::new(); setups.len()];
     for r in 0..repeats {
         for (i, topo) in topos.iter().enumerate() {
             util::check_interrupted()?;
             eprintln!("bench: flood: {} repeat {}", topo.setup.short(), r + 1);
             flush(topo)?;
             let denied0 = p2_denied(topo)?;
+            let ct0 = conntrack_state(topo)?;
             let (steady, flood): (Steady, Run) =
                 traffic::steady_during(topo, V2, STEADY_RATE, Duration::from_millis(500), || {
                     traffic::timed_until(
@@ -155,6 +171,7 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
             let ct = conntrack_state(topo)?;
             let denied = p2_denied(topo)? - denied0;
             lost_by[i].push(steady.lost() as f64);
+            delivered_by[i].push(flood.delivered as f64 / (flood.generated as f64).max(1.0));
             t.row(vec![
                 topo.setup.name().into(),
                 (r + 1).to_string(),
@@ -167,18 +184,25 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
                 steady.lost().to_string(),
                 denied.to_string(),
                 format!("{} of {}", ct.entries, ct.capacity),
-                ct.pressure,
+                ct.pressure(&ct0),
             ]);
         }
     }
-    let mut notes = String::new();
+    let mut summary = Vec::new();
     for (i, s) in setups.iter().enumerate() {
-        notes.push_str(&format!(
-            "- {}: steady-flow requests lost per run {}\n",
+        summary.push(format!(
+            "- {}: steady-flow requests lost per run: {}; share of the flood delivered per \
+             run: {}.",
             s.name(),
-            show(Summary::of(&lost_by[i]), 0)
+            verdict::per_run(&lost_by[i]),
+            delivered_by[i]
+                .iter()
+                .map(|f| format!("{f:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
+    let notes = summary.join("\n") + "\n";
     Ok(Section {
         title: "3. Under a flood of new flows".into(),
         intro: format!(
@@ -192,10 +216,30 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
              connection table is flushed before each run. iptables: the kernel's conntrack \
              of the router namespace (`conntrack -C` against `nf_conntrack_max`, which bounds \
              each namespace's table; `conntrack -S` counters summed over CPUs). Project: \
-             `natctl stats` (entries as of natd's last collection, LRU evictions)."
+             `natctl stats` (entries as of natd's last collection). The pressure columns are what \
+             happened during that run: the difference of the counters before and after it."
         ),
         tables: vec![(String::new(), t)],
         notes,
+        summary,
         charts: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table_;
+
+    #[test]
+    fn pressure_is_the_runs_difference() {
+        let at = |c, e| Table_ {
+            entries: 0,
+            capacity: 0,
+            counters: [("created", c), ("evicted (LRU)", e), ("", 0)],
+        };
+        assert_eq!(
+            at(978_947, 192_896).pressure(&at(630_786, 106_752)),
+            "348161 created, 86144 evicted (LRU)"
+        );
+    }
 }

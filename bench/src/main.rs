@@ -13,6 +13,7 @@ mod testrun;
 mod topo;
 mod traffic;
 mod util;
+mod verdict;
 
 use std::path::PathBuf;
 
@@ -31,6 +32,9 @@ struct Args {
     /// Sections to run (default: all): testrun, forward, flood, control, maps.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run even though the tree has uncommitted changes; RESULTS.md then says so at its top.
+    #[arg(long)]
+    allow_dirty: bool,
 }
 
 fn main() {
@@ -43,8 +47,22 @@ fn main() {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    netns::sweep_stale();
+    // What is measured, before anything is: figures from uncommitted code belong to no
+    // commit, so they are refused unless asked for (and then flagged in RESULTS.md).
     let machine = util::Machine::probe();
+    if !machine.changes.is_empty() && !args.allow_dirty {
+        anyhow::bail!(
+            "the tree has uncommitted changes ({}); commit them first, or pass --allow-dirty \
+             (RESULTS.md then warns that no commit holds the code measured)",
+            machine
+                .changes
+                .iter()
+                .map(|c| c.trim())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    netns::sweep_stale();
     let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut sections = Vec::new();
     if want("testrun") {

@@ -60,8 +60,12 @@ pub struct Section {
     /// Markdown paragraphs before the tables (method).
     pub intro: String,
     pub tables: Vec<(String, Table)>,
-    /// Markdown paragraphs after the tables (findings, targets, caveats).
+    /// Markdown paragraphs after the tables (findings, targets, caveats), made from the
+    /// measured numbers (see `verdict`).
     pub notes: String,
+    /// Bullet lines for the summary at the top of RESULTS.md, made from the measured numbers
+    /// (target verdicts, comparisons): never typed-in prose about a result.
+    pub summary: Vec<String>,
     pub charts: Vec<Chart>,
 }
 
@@ -153,6 +157,21 @@ pub fn format_value(v: f64) -> String {
 pub fn markdown(machine: &Machine, quick: bool, preamble: &str, sections: &[Section]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmark results\n");
+    if !machine.changes.is_empty() {
+        let _ = writeln!(
+            s,
+            "> **WARNING: not a committed state.** These figures were measured on commit `{}` \
+             **with uncommitted changes** (`--allow-dirty`), so no commit holds the code that \
+             produced them. Changed files: {}.\n",
+            machine.commit,
+            machine
+                .changes
+                .iter()
+                .map(|c| format!("`{}`", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(
         s,
         "Written by `cargo xtask bench{}`; do not edit by hand.\n",
@@ -162,7 +181,16 @@ pub fn markdown(machine: &Machine, quick: bool, preamble: &str, sections: &[Sect
     let _ = writeln!(s, "| CPU | {} |", machine.cpu);
     let _ = writeln!(s, "| cores | {} |", machine.cores);
     let _ = writeln!(s, "| kernel | {} |", machine.kernel);
-    let _ = writeln!(s, "| commit | `{}` |", machine.commit);
+    let _ = writeln!(
+        s,
+        "| commit | `{}`{} |",
+        machine.commit,
+        if machine.changes.is_empty() {
+            " (clean tree)"
+        } else {
+            " **with uncommitted changes**"
+        }
+    );
     let _ = writeln!(s, "| date | {} |", machine.date);
     let _ = writeln!(
         s,
@@ -175,6 +203,18 @@ pub fn markdown(machine: &Machine, quick: bool, preamble: &str, sections: &[Sect
     );
     s.push_str(preamble);
     s.push('\n');
+    let _ = writeln!(
+        s,
+        "## Summary\n\nMade from the measurements below: each target is met only if every \
+         run met it, and a comparison says more or less only if every paired run says so.\n"
+    );
+    for sec in sections.iter().filter(|sec| !sec.summary.is_empty()) {
+        let _ = writeln!(s, "{}:\n", sec.title);
+        for line in &sec.summary {
+            let _ = writeln!(s, "{line}");
+        }
+        s.push('\n');
+    }
     for sec in sections {
         let _ = writeln!(s, "## {}\n", sec.title);
         if !sec.intro.is_empty() {
@@ -220,5 +260,39 @@ mod tests {
         assert_eq!(doc.matches("<rect x=").count(), 2);
         assert_eq!(format_value(1_234_567.0), "1.235M");
         assert_eq!(format_value(54.321), "54.3");
+    }
+
+    fn machine(changes: &[&str]) -> Machine {
+        Machine {
+            cpu: "C".into(),
+            cores: 2,
+            kernel: "K".into(),
+            commit: "abc".into(),
+            changes: changes.iter().map(|c| c.to_string()).collect(),
+            date: "D".into(),
+        }
+    }
+
+    #[test]
+    fn a_dirty_tree_is_flagged_and_the_summary_is_the_sections_lines() {
+        let sec = Section {
+            title: "1. X".into(),
+            summary: vec!["- Target 't': runs 1 s: met (1 of 1 runs met it).".into()],
+            ..Section::default()
+        };
+        let md = markdown(
+            &machine(&[" M bench/src/main.rs"]),
+            false,
+            "pre\n",
+            std::slice::from_ref(&sec),
+        );
+        assert!(md.starts_with("# Benchmark results\n\n> **WARNING: not a committed state.**"));
+        assert!(md.contains("`M bench/src/main.rs`"));
+        assert!(md.contains("| commit | `abc` **with uncommitted changes** |"));
+        assert!(md.contains("## Summary\n"));
+        assert!(md.contains("1. X:\n\n- Target 't': runs 1 s: met (1 of 1 runs met it).\n"));
+        let clean = markdown(&machine(&[]), false, "pre\n", &[sec]);
+        assert!(!clean.contains("WARNING"));
+        assert!(clean.contains("| commit | `abc` (clean tree) |"));
     }
 }

@@ -167,14 +167,23 @@ pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// What the numbers were measured on.
+/// What the numbers were measured on, captured before the first measurement.
 #[derive(Debug, Clone)]
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
     pub kernel: String,
     pub commit: String,
+    /// `git status --porcelain` lines of files other than the bench's own outputs: empty
+    /// when the commit holds the code measured.
+    pub changes: Vec<String>,
     pub date: String,
+}
+
+/// Files the bench writes itself (its results), which do not make a tree dirty.
+fn is_output(status_line: &str) -> bool {
+    let path = status_line.get(3..).unwrap_or_default().trim();
+    path == "bench/RESULTS.md" || (path.starts_with("bench/") && path.ends_with(".svg"))
 }
 
 impl Machine {
@@ -191,9 +200,14 @@ impl Machine {
             .unwrap_or_default()
             .trim()
             .to_string();
-        let dirty = cmd("git", &["status", "--porcelain", "--untracked-files=no"])
-            .map(|s| !s.trim().is_empty())
-            .unwrap_or(false);
+        let changes = match cmd("git", &["status", "--porcelain"]) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !is_output(l))
+                .map(str::to_string)
+                .collect(),
+            Err(e) => vec![format!("(git status failed: {e:#})")],
+        };
         let date = cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
             .unwrap_or_default()
             .trim()
@@ -202,11 +216,8 @@ impl Machine {
             cpu,
             cores,
             kernel,
-            commit: if dirty {
-                format!("{commit} (with uncommitted changes)")
-            } else {
-                commit
-            },
+            commit,
+            changes,
             date,
         }
     }
@@ -274,5 +285,14 @@ mod tests {
         assert!(Summary::of(&[f64::NAN]).is_none());
         assert_eq!(s.show(1), "2.5 (1.0–4.0)");
         assert_eq!(ratios(&[2.0, 3.0], &[1.0, 0.0]), vec![2.0]);
+    }
+
+    #[test]
+    fn the_bench_outputs_do_not_make_the_tree_dirty() {
+        assert!(is_output(" M bench/RESULTS.md"));
+        assert!(is_output(" M bench/testrun.svg"));
+        assert!(is_output("?? bench/new.svg"));
+        assert!(!is_output(" M bench/src/main.rs"));
+        assert!(!is_output("?? notes.txt"));
     }
 }

@@ -88,8 +88,6 @@ pub const ENTRY_UDP: u8 = 4;
 pub const ENTRY_PENDING: u8 = 8;
 /// Written by the tc learner from a packet the kernel translated.
 pub const ENTRY_LEARNED: u8 = 16;
-/// Original entry: a packet of the reply direction was seen (netfilter's `IPS_SEEN_REPLY`).
-pub const ENTRY_REPLIED: u8 = 32;
 
 /// [`FlowEntry::counter`]: which half of the mapping's [`crate::MappingStats`] counts the
 /// direction.
@@ -135,9 +133,11 @@ pub struct FlowEntry {
     pub counter: u8,
     /// Original entry: the flow's [`crate::conntrack::State`].
     pub state: u8,
-    /// Original entry: FIN seen from the originator (bit 0) / from the responder (bit 1).
-    pub fins: u8,
-    pub _pad: u32,
+    /// Original entry: [`crate::conntrack::SEEN_REPLY`] | [`crate::conntrack::ASSURED`].
+    pub ct_flags: u8,
+    /// Original entry: the [`crate::conntrack::Timeout`] the last packet started.
+    pub timer: u8,
+    pub _pad: [u8; 3],
     /// `bpf_jiffies64()` when this direction last refreshed the flow's last-seen time.
     pub seen: u64,
     /// Original entry: CLOCK_MONOTONIC (ns) of the flow's last packet, to about a second.

@@ -90,7 +90,7 @@ pub const MAX_FW_SRC: u32 = 1 << 17;
 /// Size of [`FW_SVC`]: (public IP, protocol, port prefix) entries; a port range splits into at
 /// most 30 prefixes.
 pub const MAX_FW_SVC: u32 = 1 << 18;
-/// Size of the egress tries.
+/// Size of each egress trie.
 pub const MAX_EG: u32 = 1 << 14;
 /// Default capacity of [`FLOWS`] in flows (each flow is two entries, one per direction).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
@@ -206,6 +206,16 @@ pub const FW_SVC: MapSpec = MapSpec {
     max_entries: MAX_FW_SVC,
     ..FW_SRC
 };
+/// Guest source prefix -> [`RuleBits`] of the egress rules whose source CIDRs (CloudStack's
+/// `source_cidr_list`; a rule without any matches every source) contain it; data is the
+/// address (`[u8; 4]`). An egress rule matches a packet when this lookup, [`EG_DST`]'s and
+/// [`EG_SVC`]'s share its bit.
+pub const EG_SRC: MapSpec = MapSpec {
+    name: "EG_SRC",
+    key_size: 4 + 4,
+    max_entries: MAX_EG,
+    ..FW_SRC
+};
 /// Destination prefix -> [`RuleBits`] of the egress rules whose destination CIDRs contain it.
 pub const EG_DST: MapSpec = MapSpec {
     name: "EG_DST",
@@ -258,7 +268,7 @@ pub const SCRATCH: MapSpec = MapSpec {
 };
 
 /// Every map of the program, for loading, pinning and adoption.
-pub const MAPS: [MapSpec; 16] = [
+pub const MAPS: [MapSpec; 17] = [
     NAT_IN,
     NAT_OUT,
     MAPPING_STATS,
@@ -270,6 +280,7 @@ pub const MAPS: [MapSpec; 16] = [
     EVENTS,
     FW_SRC,
     FW_SVC,
+    EG_SRC,
     EG_DST,
     EG_SVC,
     CONFIG,
@@ -289,6 +300,7 @@ pub const MAP_STATS: &str = STATS.name;
 pub const MAP_EVENTS: &str = EVENTS.name;
 pub const MAP_FW_SRC: &str = FW_SRC.name;
 pub const MAP_FW_SVC: &str = FW_SVC.name;
+pub const MAP_EG_SRC: &str = EG_SRC.name;
 pub const MAP_EG_DST: &str = EG_DST.name;
 pub const MAP_EG_SVC: &str = EG_SVC.name;
 pub const MAP_CONFIG: &str = CONFIG.name;
@@ -382,6 +394,15 @@ impl RuleBits {
             | (self.bits[3] & other.bits[3])
             != 0
     }
+    /// Whether the three sets share a rule (one bit set in all three).
+    #[inline(always)]
+    pub const fn intersects3(&self, b: &RuleBits, c: &RuleBits) -> bool {
+        (self.bits[0] & b.bits[0] & c.bits[0])
+            | (self.bits[1] & b.bits[1] & c.bits[1])
+            | (self.bits[2] & b.bits[2] & c.bits[2])
+            | (self.bits[3] & b.bits[3] & c.bits[3])
+            != 0
+    }
     pub const fn is_empty(&self) -> bool {
         (self.bits[0] | self.bits[1] | self.bits[2] | self.bits[3]) == 0
     }
@@ -426,8 +447,8 @@ pub const FW_SVC_BASE_BITS: u32 = 40;
 /// Prefix length of the protocol part of an [`EgSvcData`] key.
 pub const EG_SVC_BASE_BITS: u32 = 8;
 
-/// Timeouts in seconds, indexed by [`crate::conntrack::State`].
-pub const TIMEOUT_SLOTS: usize = 10;
+/// Idle timeouts, indexed by [`crate::conntrack::Timeout`].
+pub const TIMEOUT_SLOTS: usize = crate::conntrack::Timeout::COUNT;
 
 /// Value of [`CONFIG`] (one element).
 #[repr(C)]
@@ -444,7 +465,7 @@ pub struct NatConfig {
     /// most once per this many jiffies. 0: 1000 (at least a second on any kernel).
     pub jiffies_per_sec: u32,
     pub _pad: u32,
-    /// Idle timeouts in nanoseconds, by [`crate::conntrack::State`].
+    /// Idle timeouts in nanoseconds, by [`crate::conntrack::Timeout`] (0: netfilter's).
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
 }
 const _: () = assert!(core::mem::size_of::<NatConfig>() == 16 + 8 * TIMEOUT_SLOTS);

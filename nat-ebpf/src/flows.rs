@@ -2,11 +2,11 @@
 //! state-dependent flags, promotion of a flow that became assured, removal, and the clocks.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use nat_common::{
-    COUNT_IN, COUNT_OUT, ENTRY_FAST, ENTRY_ORIG, ENTRY_PENDING, ENTRY_REPLIED, ENTRY_UDP, Event,
-    FLOW_HAIRPIN, FLOW_NAT, FlowEntry, FlowKey, FlowTuple, NatConfig, ORIGIN_GUEST,
-    ORIGIN_PUBLIC, Reason, proto,
-    conntrack::State,
+    COUNT_IN, COUNT_OUT, ENTRY_FAST, ENTRY_ORIG, ENTRY_PENDING, ENTRY_UDP, Event, FLOW_HAIRPIN,
+    FLOW_NAT, FlowEntry, FlowKey, FlowTuple, NatConfig, ORIGIN_GUEST, ORIGIN_PUBLIC, Reason,
+    conntrack::{ASSURED, Config, Conn, State, Timeout},
     flow::{Rewrite, reply_of, rewrite},
+    proto,
 };
 
 use crate::{CONFIG, FLOWS, PENDING, SCRATCH, forward::Route, stats};
@@ -95,51 +95,54 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Idle timeout of `state`: natd's setting, or netfilter's default if natd set none.
+/// netfilter's tracking settings as the program applies them: it keeps no TCP windows and
+/// nothing of the last packet yet, so only the flags of a segment count (netfilter with
+/// `nf_conntrack_tcp_no_window_check=1`).
+pub const TRACKING: Config = Config {
+    tcp_no_window_check: true,
+    ..Config::NETFILTER
+};
+
+/// Idle timeout of a timer slot: natd's setting, or netfilter's default if natd set none.
 #[inline(always)]
-pub fn timeout_ns(state: State) -> u64 {
+pub fn timeout_ns(t: Timeout) -> u64 {
     let configured = config()
-        .and_then(|c| c.timeouts_ns.get(state as usize).copied())
+        .and_then(|c| c.timeouts_ns.get(t as usize).copied())
         .unwrap_or(0);
     if configured != 0 {
         configured
     } else {
-        state.default_timeout_secs() * 1_000_000_000
+        t.default_secs() * 1_000_000_000
     }
 }
 
-/// Whether the flow whose original entry is `orig` has been idle past its state's timeout.
+/// The flow state an original entry holds, as the state machine takes it.
+#[inline(always)]
+pub fn conn(orig: &FlowEntry) -> Conn {
+    Conn::forgotten(
+        State::from_u8(orig.state).unwrap_or(State::Other),
+        orig.ct_flags,
+        Timeout::from_u8(orig.timer).unwrap_or(Timeout::Other),
+    )
+}
+
+/// Whether the flow whose original entry is `orig` has been idle past its timer.
 #[inline(always)]
 pub fn expired(orig: &FlowEntry, now: u64) -> bool {
-    now.wrapping_sub(orig.last_seen) > timeout_ns(State::from_u8(orig.state))
+    let timer = Timeout::from_u8(orig.timer).unwrap_or(Timeout::Other);
+    now.wrapping_sub(orig.last_seen) > timeout_ns(timer)
 }
 
-/// Whether a packet of a direction without SYN, FIN or RST leaves the flow's state as it is:
-/// ESTABLISHED TCP, and every state of the other protocols; the reply direction only once a
-/// reply was seen (its first packet marks the flow replied).
+/// The FAST flag of an assured flow's entries in `state`: a packet without SYN, FIN or RST
+/// leaves an ESTABLISHED TCP flow, a replied UDP flow or another protocol's flow as it is
+/// (netfilter restarts the same timer). Flows not assured yet (in `PENDING`) take the full
+/// path for every packet: their next packets make them assured.
 #[inline(always)]
-pub fn fast_flag(state: State, orig: bool, replied: bool) -> u8 {
-    let stable = match state {
-        State::TcpEstablished => true,
-        State::TcpSynSent
-        | State::TcpSynRecv
-        | State::TcpFinWait
-        | State::TcpTimeWait
-        | State::TcpClose => false,
-        State::UdpUnreplied | State::UdpReplied | State::Icmp | State::Other => true,
-    };
-    if stable && (orig || replied) {
-        ENTRY_FAST
-    } else {
-        0
+pub fn fast_flag(state: State) -> u8 {
+    match state {
+        State::TcpEstablished | State::UdpReplied | State::Icmp | State::Other => ENTRY_FAST,
+        _ => 0,
     }
-}
-
-/// Whether the flow is assured (netfilter's `IPS_ASSURED`: seen both ways and, for TCP,
-/// established), so it belongs in `FLOWS`, where a flood of new flows cannot evict it.
-#[inline(always)]
-pub fn assured(state: State, replied: bool) -> bool {
-    replied && matches!(state, State::TcpEstablished | State::UdpReplied | State::Other)
 }
 
 /// Which way a new flow goes through the router.
@@ -160,7 +163,8 @@ pub struct NewFlow<'a> {
     pub orig: FlowTuple,
     pub orig_to: FlowTuple,
     pub kind: Kind,
-    pub state: State,
+    /// State, status bits and timer the first packet opened it with.
+    pub conn: (u8, u8, u8),
     /// Where the original direction arrived and the route it takes.
     pub ingress: u32,
     pub route: &'a Route,
@@ -172,9 +176,17 @@ impl NewFlow<'_> {
     #[inline(always)]
     fn key(&self) -> FlowKey {
         let (o, t) = (&self.orig, &self.orig_to);
-        // ICMP queries: the identifier stands for both ports.
+        // ICMP queries: the identifier and the type the guest sends.
         let (sport, dport) = if o.proto == proto::ICMP {
-            (o.sport, o.sport)
+            let ty = o.dport.to_ne_bytes()[0];
+            let from_guest = !matches!(self.kind, Kind::Inbound);
+            let guest_ty = nat_common::conntrack::icmp_flow_type(ty, from_guest).unwrap_or(ty);
+            let guest_ty = u16::from_ne_bytes([guest_ty, 0]);
+            if from_guest {
+                (o.sport, guest_ty)
+            } else {
+                (guest_ty, o.sport)
+            }
         } else {
             (o.sport, o.dport)
         };
@@ -264,7 +276,7 @@ pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     fill(
         r,
         &rewrite(&reply_of(&f.orig_to), &reply_of(&f.orig)),
-        ENTRY_PENDING | fast_flag(f.state, false, false),
+        ENTRY_PENDING,
     );
     r.in_ifindex = f.route.ifindex;
     r.slot = f.slot;
@@ -277,13 +289,13 @@ pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     fill(
         o,
         &rewrite(&f.orig, &f.orig_to),
-        ENTRY_ORIG | ENTRY_PENDING | fast_flag(f.state, true, false),
+        ENTRY_ORIG | ENTRY_PENDING,
     );
     o.in_ifindex = f.ingress;
     set_route(o, f.route, route_gen());
     o.slot = f.slot;
     (o.reason, o.counter) = (counts[0].0 as u8, counts[0].1);
-    o.state = f.state as u8;
+    (o.state, o.ct_flags, o.timer) = f.conn;
     o.seen = j;
     o.last_seen = now;
     o.peer = reply_of(&f.orig_to);
@@ -301,25 +313,27 @@ pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     Some(o)
 }
 
-/// After the state of the flow changed: sets both entries' FAST flags, and moves a flow that
-/// became assured from `PENDING` to `FLOWS` (reply entry first, then the original; on a
-/// failed insert it stays pending). The entries are inserted from their map values, not
-/// copied to the stack.
+/// After the state of the flow changed: an assured flow's entries get their FAST flag from
+/// the state, and a flow that just became assured moves from `PENDING` to `FLOWS` (reply
+/// entry first, then the original; on a failed insert it stays pending). The entries are
+/// inserted from their map values, not copied to the stack.
 #[inline(always)]
 pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
     // SAFETY: live map values; plain fields another CPU may race on, which at worst repeats
     // a step on the next packet.
     let (o, r) = unsafe { (&mut *orig, &mut *reply) };
-    let state = State::from_u8(o.state);
-    let replied = o.flags & ENTRY_REPLIED != 0;
-    o.flags = (o.flags & !ENTRY_FAST) | fast_flag(state, true, replied);
-    r.flags = (r.flags & !ENTRY_FAST) | fast_flag(state, false, replied);
-    if !(pending && assured(state, replied)) {
+    let fast = fast_flag(State::from_u8(o.state).unwrap_or(State::Other));
+    if !pending {
+        o.flags = (o.flags & !ENTRY_FAST) | fast;
+        r.flags = (r.flags & !ENTRY_FAST) | fast;
+        return;
+    }
+    if o.ct_flags & ASSURED == 0 {
         return;
     }
     let (orig_key, reply_key) = (r.peer, o.peer);
-    o.flags &= !ENTRY_PENDING;
-    r.flags &= !ENTRY_PENDING;
+    o.flags = (o.flags & !ENTRY_PENDING) | fast;
+    r.flags = (r.flags & !ENTRY_PENDING) | fast;
     if FLOWS.insert(&reply_key, &*r, 0).is_ok() {
         if FLOWS.insert(&orig_key, &*o, 0).is_ok() {
             let _ = PENDING.remove(&orig_key);
@@ -328,8 +342,8 @@ pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
         }
         let _ = FLOWS.remove(&reply_key);
     }
-    o.flags |= ENTRY_PENDING;
-    r.flags |= ENTRY_PENDING;
+    o.flags = (o.flags & !ENTRY_FAST) | ENTRY_PENDING;
+    r.flags = (r.flags & !ENTRY_FAST) | ENTRY_PENDING;
 }
 
 /// Whether the flow an entry belongs to is live: its original entry exists and has not been

@@ -6,7 +6,10 @@
 //! program on their first packets. Frames XDP redirects never pass here, nor what the router
 //! itself sends.
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use nat_common::{ENTRY_LEARNED, ENTRY_REPLIED, FlowTuple, ROLE_PUBLIC, conntrack};
+use nat_common::{
+    ENTRY_LEARNED, FlowTuple, ROLE_PUBLIC,
+    conntrack::{self, Dir, Verdict},
+};
 
 use crate::{
     IFACES, NAT_IN, NAT_OUT,
@@ -55,7 +58,11 @@ fn try_learn(ctx: &TcContext) -> Option<()> {
         advance(&found, &key, pkt.proto, l4.tcp_flags);
         return Some(());
     }
-    let state = conntrack::initial(pkt.proto, l4.tcp_flags)?;
+    if pkt.proto == nat_common::proto::ICMP && !conntrack::icmp_opens(l4.service[0]) {
+        return None;
+    }
+    let seg = conntrack::Packet::flags_only(l4.tcp_flags);
+    let c = conntrack::open(pkt.proto, &seg, &flows::TRACKING, flows::timeout_ns)?;
     // Resolved by the XDP program on the first packet (generation 0 is never current).
     let route = Route {
         addr: 0,
@@ -68,7 +75,7 @@ fn try_learn(ctx: &TcContext) -> Option<()> {
         orig: key,
         orig_to: out,
         kind,
-        state,
+        conn: (c.state, c.flags, c.timer),
         ingress,
         route: &route,
         slot: m.slot,
@@ -93,16 +100,29 @@ fn advance(found: &flows::Found, key: &FlowTuple, proto: u8, tcp_flags: u8) {
     };
     // SAFETY: as above.
     let o = unsafe { &mut *orig };
-    let state = conntrack::State::from_u8(o.state);
-    if let Some((next, fins)) = conntrack::next(state, o.fins, proto, tcp_flags, !is_orig) {
-        o.state = next as u8;
-        o.fins = fins;
-        o.last_seen = flows::now_ns();
-        if !is_orig {
-            o.flags |= ENTRY_REPLIED;
+    let mut c = flows::conn(o);
+    let seg = conntrack::Packet::flags_only(tcp_flags);
+    let v = conntrack::packet(
+        &mut c,
+        proto,
+        Dir::of(!is_orig),
+        &seg,
+        &flows::TRACKING,
+        flows::timeout_ns,
+    );
+    match v {
+        Verdict::Accept(timer) => {
+            if let Some(t) = timer {
+                o.timer = t as u8;
+                o.last_seen = flows::now_ns();
+            }
         }
-        flows::settle(found.pending, orig, reply);
+        Verdict::Ignore => {}
+        // The kernel forwarded it; the next packet through XDP finds out the rest.
+        Verdict::Close | Verdict::New | Verdict::Invalid { .. } => return,
     }
+    (o.state, o.ct_flags) = (c.state, c.flags);
+    flows::settle(found.pending, orig, reply);
 }
 
 /// Marks the entries of a flow the learner opened, and leaves its routes unresolved.

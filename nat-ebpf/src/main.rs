@@ -34,7 +34,7 @@ use nat_common::{
     NatConfig, NatValue, Reason, RuleBits, maps as spec,
 };
 
-use crate::parse::Packet;
+use crate::{parse::Packet, tracked::Tracked};
 
 // The maps, each from its one declaration in `nat_common::maps` (name = the static's name).
 
@@ -81,6 +81,10 @@ static FW_SRC: LpmTrie<FwSrcData, RuleBits> =
 #[map]
 static FW_SVC: LpmTrie<FwSvcData, RuleBits> =
     LpmTrie::with_max_entries(spec::FW_SVC.max_entries, 0);
+/// Guest source prefix -> egress rules whose source CIDRs contain it (natd writes).
+#[map]
+static EG_SRC: LpmTrie<[u8; 4], RuleBits> =
+    LpmTrie::with_max_entries(spec::EG_SRC.max_entries, 0);
 /// Destination prefix -> egress rules whose CIDRs contain it (natd writes).
 #[map]
 static EG_DST: LpmTrie<[u8; 4], RuleBits> =
@@ -123,17 +127,20 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let pkt = Packet::parse(ctx)?;
     let l4 = pkt.transport(ctx)?;
     let ingress = ctx.ingress_ifindex() as u32;
+    let mut may_open = true;
     if let Some(tuple) = l4.tuple(&pkt)
         && let Some(found) = flows::lookup(&tuple)
     {
         if let Some(done) = fast::forward(ctx, &pkt, &l4, &found, ingress) {
             return Ok(done);
         }
-        if let Some(done) = tracked::forward(ctx, &pkt, &l4, &found)? {
-            return Ok(done);
+        match tracked::forward(ctx, &pkt, &l4, &found)? {
+            Tracked::Done(action, reason) => return Ok((action, reason)),
+            Tracked::New => {}
+            Tracked::Invalid => may_open = false,
         }
     }
-    newflow::forward(ctx, &pkt, &l4, ingress)
+    newflow::forward(ctx, &pkt, &l4, may_open)
 }
 
 #[cfg(not(test))]

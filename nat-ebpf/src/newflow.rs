@@ -11,7 +11,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_DROP, programs::XdpContext};
 use nat_common::{
     COUNT_IN, COUNT_OUT, FlowTuple, HAIRPIN_PORT_TRIES, NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason,
-    conntrack::{self, State},
+    conntrack,
     flow::{hairpin_port, reply_of, rewrite},
     proto,
 };
@@ -32,8 +32,16 @@ fn mapping(map: &aya_ebpf::maps::HashMap<u32, nat_common::NatValue>, k: u32) -> 
     unsafe { map.get(&k) }.copied()
 }
 
+/// A BPF function of its own (at most five arguments, the result's slot counted).
+/// `may_open`: the packet may open a flow (not one netfilter deems INVALID for an existing
+/// flow, which is judged by the rules but leaves that flow as it is).
 #[inline(never)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, l4: &Transport, ingress: u32) -> Verdict {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, l4: &Transport, may_open: bool) -> Verdict {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let l4 = &Transport {
+        opens: may_open,
+        ..*l4
+    };
     // SAFETY: as above.
     let role = unsafe { IFACES.get(&ingress) }
         .ok_or(Reason::UnknownIface)?
@@ -54,14 +62,17 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, l4: &Transport, ingress: u32) -> 
     outbound(ctx, pkt, l4, ingress, &m)
 }
 
-/// The state a packet opens its flow in, if it opens one: a tracked protocol, and of ICMP only
-/// a query's request (errors relate to flows, other messages are judged alone).
+/// The state, status bits and timer a packet opens its flow with, if it opens one: a tracked
+/// protocol netfilter would track as new, and of ICMP only a query's request (errors relate
+/// to flows, other messages are judged alone).
 #[inline(always)]
-fn opens(pkt: &Packet, l4: &Transport) -> Option<State> {
-    if pkt.proto == proto::ICMP && !conntrack::icmp_request(l4.service[0]) {
+fn opens(pkt: &Packet, l4: &Transport) -> Option<(u8, u8, u8)> {
+    if !l4.opens || (pkt.proto == proto::ICMP && !conntrack::icmp_opens(l4.service[0])) {
         return None;
     }
-    conntrack::initial(pkt.proto, l4.tcp_flags)
+    let seg = conntrack::Packet::flags_only(l4.tcp_flags);
+    let c = conntrack::open(pkt.proto, &seg, &flows::TRACKING, flows::timeout_ns)?;
+    Some((c.state, c.flags, c.timer))
 }
 
 /// Passes what the program does not translate: TTL 1 (the kernel answers), DCCP and UDP-Lite
@@ -94,11 +105,11 @@ fn open_and_translate(
 ) -> Verdict {
     let scratch;
     let e = match (key, opens(pkt, l4)) {
-        (Some(key), Some(state)) => flows::create(&NewFlow {
+        (Some(key), Some(conn)) => flows::create(&NewFlow {
             orig: key,
             orig_to: to,
             kind,
-            state,
+            conn,
             ingress,
             route,
             slot: m.slot,

@@ -129,6 +129,9 @@ pub struct Transport {
     pub service: [u8; 2],
     /// An ICMP error (its quoted packet is parsed on demand by [`embedded`]).
     pub icmp_error: bool,
+    /// The packet may open a flow (cleared for one netfilter deems INVALID for the flow it
+    /// belongs to).
+    pub opens: bool,
 }
 
 impl Transport {
@@ -214,6 +217,7 @@ impl Packet {
             tcp_flags: 0,
             service: [0, 0],
             icmp_error: false,
+            opens: true,
         };
         match self.proto {
             proto::TCP => {

@@ -2,14 +2,15 @@
 //! egress policy of the guest networks.
 //!
 //! Cost per packet is a fixed number of map lookups whatever the number of rules: two LPM
-//! lookups whose rule bitmaps must intersect (see `nat_common::RuleBits`).
+//! lookups (ingress: source, service) or three (egress: source, destination, service) whose
+//! rule bitmaps must intersect (see `nat_common::RuleBits`).
 use aya_ebpf::maps::lpm_trie::Key;
 use nat_common::{
     EG_SVC_BASE_BITS, EgSvcData, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FwSrcData, FwSvcData,
 };
 
 use crate::{
-    EG_DST, EG_SVC, FW_SRC, FW_SVC,
+    EG_DST, EG_SRC, EG_SVC, FW_SRC, FW_SVC,
     flows::config,
     parse::{Packet, Transport},
 };
@@ -45,10 +46,12 @@ pub fn firewall_allows(public: u32, saddr: u32, pkt: &Packet, l4: &Transport) ->
 }
 
 /// Egress policy for a guest's packet the route sends out of a public interface: the
-/// default, inverted by any matching exception rule.
+/// default, inverted by any exception rule that matches the guest source, the destination and
+/// the service.
 #[inline(always)]
 pub fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
     let default_allow = config().is_none_or(|c| c.egress_default_deny == 0);
+    let src = Key::new(32, pkt.saddr.to_ne_bytes());
     let dst = Key::new(32, pkt.daddr.to_ne_bytes());
     let svc = Key::new(
         EG_SVC_BASE_BITS + 16,
@@ -58,8 +61,8 @@ pub fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
             _pad: 0,
         },
     );
-    let matched = match (EG_DST.get(&dst), EG_SVC.get(&svc)) {
-        (Some(a), Some(b)) => a.intersects(b),
+    let matched = match (EG_SRC.get(&src), EG_DST.get(&dst), EG_SVC.get(&svc)) {
+        (Some(s), Some(a), Some(b)) => s.intersects3(a, b),
         _ => false,
     };
     default_allow != matched

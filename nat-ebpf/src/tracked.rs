@@ -3,8 +3,8 @@
 //! direction's route is resolved when it never was or the route generation moved.
 use aya_ebpf::programs::XdpContext;
 use nat_common::{
-    ENTRY_REPLIED, Event, ROLE_GUEST, ROLE_PUBLIC, Reason,
-    conntrack::{self, State},
+    Event, ROLE_GUEST, ROLE_PUBLIC, Reason,
+    conntrack::{self, Dir, Verdict},
 };
 
 use crate::{
@@ -14,9 +14,19 @@ use crate::{
     rewrite, stats,
 };
 
-/// `Ok(None)`: the packet belongs to no live flow after all (the entry is stale, the flow
-/// expired, or the packet starts a new connection on a closed one) and must be judged as
-/// new; the flow's entries are gone then.
+/// What became of a packet of a tracked flow.
+pub enum Tracked {
+    /// Forwarded (or dropped) as part of its flow.
+    Done(u32, Reason),
+    /// It belongs to no live flow after all (the entry was stale, the flow expired, or the
+    /// packet starts a new connection on a closed one): judged as new; the flow's entries are
+    /// gone.
+    New,
+    /// netfilter's INVALID: not part of the flow, which stays as it was; the rules judge the
+    /// packet, which may not open or replace a flow.
+    Invalid,
+}
+
 /// A BPF function of its own (at most five arguments, the result's slot counted): the key
 /// and ingress are taken again from the packet and the context.
 #[inline(never)]
@@ -25,10 +35,10 @@ pub fn forward(
     pkt: &Packet,
     l4: &Transport,
     found: &Found,
-) -> Result<Option<(u32, Reason)>, Reason> {
+) -> Result<Tracked, Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     let Some(key) = l4.tuple(pkt) else {
-        return Ok(None);
+        return Ok(Tracked::New);
     };
     let tuple = &key;
     // SAFETY: a live map value; see `fast::forward` on races.
@@ -39,7 +49,7 @@ pub fn forward(
     // The packet must arrive on the entry's side of the router (a reply may come back on
     // another interface of that side).
     if in_ifindex != ingress && forward::role(in_ifindex) != forward::role(ingress) {
-        return Ok(None);
+        return Ok(Tracked::New);
     }
     let (orig_key, reply_key) = if is_orig {
         (*tuple, peer)
@@ -53,7 +63,7 @@ pub fn forward(
         // Half a flow (the LRU evicted its other entry): gone.
         flows::remove_flow(found.pending, &orig_key, &reply_key);
         stats::event(Event::ConntrackMiss);
-        return Ok(None);
+        return Ok(Tracked::New);
     };
     // SAFETY: a live map value; see `fast::forward` on races.
     let o = unsafe { &mut *orig };
@@ -62,24 +72,40 @@ pub fn forward(
         flows::remove_flow(found.pending, &orig_key, &reply_key);
         stats::event(Event::ConntrackExpired);
         stats::event(Event::ConntrackMiss);
-        return Ok(None);
+        return Ok(Tracked::New);
     }
-    let is_reply = !is_orig;
-    let state = State::from_u8(o.state);
-    let Some((next, fins)) = conntrack::next(state, o.fins, pkt.proto, l4.tcp_flags, is_reply)
-    else {
-        flows::remove_flow(found.pending, &orig_key, &reply_key);
-        stats::event(Event::ConntrackMiss);
-        return Ok(None);
-    };
-    o.state = next as u8;
-    o.fins = fins;
-    o.last_seen = now;
-    if is_reply {
-        o.flags |= ENTRY_REPLIED;
+    let mut c = flows::conn(o);
+    let seg = conntrack::Packet::flags_only(l4.tcp_flags);
+    let verdict = conntrack::packet(
+        &mut c,
+        pkt.proto,
+        Dir::of(!is_orig),
+        &seg,
+        &flows::TRACKING,
+        flows::timeout_ns,
+    );
+    match verdict {
+        Verdict::New => {
+            flows::remove_flow(found.pending, &orig_key, &reply_key);
+            stats::event(Event::ConntrackMiss);
+            return Ok(Tracked::New);
+        }
+        Verdict::Invalid { .. } => {
+            stats::event(Event::ConntrackMiss);
+            return Ok(Tracked::Invalid);
+        }
+        Verdict::Accept(timer) => {
+            if let Some(t) = timer {
+                o.timer = t as u8;
+                o.last_seen = now;
+            }
+        }
+        Verdict::Ignore | Verdict::Close => {}
     }
+    (o.state, o.ct_flags) = (c.state, c.flags);
     stats::event(Event::ConntrackHit);
     flows::settle(found.pending, orig, reply);
+    let close = verdict == Verdict::Close;
 
     if pkt.ttl <= 1 {
         return Err(Reason::TtlExpired);
@@ -102,15 +128,28 @@ pub fn forward(
             dport: cur.dport,
             want,
         };
-        let route = forward::lookup(ctx, pkt, &q).map_err(|n| n.reason)?;
+        let route = match forward::lookup(ctx, pkt, &q) {
+            Ok(r) => r,
+            Err(n) => {
+                if close {
+                    flows::remove_flow(live.pending, &orig_key, &reply_key);
+                }
+                return Err(n.reason);
+            }
+        };
         flows::set_route(cur, &route, generation);
         cur.in_ifindex = ingress;
         stats::event(Event::RouteResolved);
     }
     rewrite::apply(ctx, pkt, cur)?;
     stats::forwarded(cur.slot, cur.counter, (ctx.data_end() - ctx.data()) as u64);
-    Ok(Some((
+    let done = Tracked::Done(
         forward::redirect(cur.out_ifindex),
         Reason::from_index(cur.reason as u32),
-    )))
+    );
+    if close {
+        // The flow ends with this packet (an RST that was its only answer).
+        flows::remove_flow(live.pending, &orig_key, &reply_key);
+    }
+    Ok(done)
 }

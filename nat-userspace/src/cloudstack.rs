@@ -13,7 +13,11 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::{cidr::CidrError, firewall::RuleError, state::StateError};
+use crate::{
+    cidr::CidrError,
+    firewall::RuleError,
+    state::{LOCAL_RULE_IDS, StateError},
+};
 
 mod apply;
 mod model;
@@ -110,10 +114,10 @@ pub enum Problem {
         first_position: usize,
     },
     #[error(
-        "no CIDR covers the guest network {guest}; natd's egress rules apply to every guest, \
-         so a rule for only some guests cannot be applied"
+        "{0} is in the range natd gives its own rules (from {LOCAL_RULE_IDS}); CloudStack's ids \
+         are below it"
     )]
-    NarrowSource { guest: crate::cidr::Cidr },
+    LocalId(u64),
     #[error("{0}")]
     State(StateError),
 }

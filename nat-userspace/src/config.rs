@@ -17,6 +17,7 @@
 //! proto = "tcp"                 # tcp | udp | icmp | all
 //! ports = "25"
 //! cidrs = ["0.0.0.0/0"]         # destinations
+//! sources = ["10.1.1.0/24"]     # the guests it applies to; absent = every guest
 //!
 //! [limits]
 //! mappings = 65536              # counter slots and translation-map capacity
@@ -25,12 +26,17 @@
 //! size = 262144                 # assured flows; half as many more may be pending
 //! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
+//!
+//! Timeout keys are netfilter's timers (`nat_common::conntrack::Timeout`): `tcp_syn_sent`,
+//! `tcp_syn_recv`, `tcp_established`, `tcp_fin_wait`, `tcp_close_wait`, `tcp_last_ack`,
+//! `tcp_time_wait`, `tcp_close`, `tcp_syn_sent2`, `tcp_retrans`, `tcp_unack`, `udp_unreplied`,
+//! `udp_replied` (netfilter's `udp_timeout_stream`), `icmp`, `other`.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
-use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::State};
+use nat_common::{DEFAULT_CONNTRACK_SIZE, TIMEOUT_SLOTS, conntrack::Timeout};
 use serde::Deserialize;
 
 use crate::{
@@ -81,6 +87,9 @@ pub struct ConfigRule {
     pub icmp_code: Option<i64>,
     #[serde(default)]
     pub cidrs: Vec<Cidr>,
+    /// Egress rules only: the guests the rule applies to.
+    #[serde(default)]
+    pub sources: Vec<Cidr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,7 +114,7 @@ pub struct ConntrackConfig {
     /// Entries in the connection table.
     #[serde(default)]
     pub size: Option<u32>,
-    /// Idle timeouts in seconds by state name (see `nat_common::conntrack::State::name`).
+    /// Idle timeouts in seconds by timer name (see `nat_common::conntrack::Timeout::name`).
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
 }
@@ -148,6 +157,7 @@ impl ConfigRule {
             icmp_type: self.icmp_type,
             icmp_code: self.icmp_code,
             cidrs: self.cidrs.clone(),
+            sources: self.sources.clone(),
         })
     }
 }
@@ -188,7 +198,7 @@ impl Config {
             })?;
             let spec = r.spec().map_err(invalid(what.clone()))?;
             let service = spec
-                .service()
+                .ingress_service()
                 .map_err(|e| invalid(what.clone())(e.into()))?;
             s.add_ingress(None, public, service, spec.cidrs)
                 .map_err(invalid(what))?;
@@ -208,7 +218,7 @@ impl Config {
             let service = spec
                 .service()
                 .map_err(|e| invalid(what.clone())(e.into()))?;
-            s.add_egress(None, service, spec.cidrs)
+            s.add_egress_from(None, service, spec.cidrs, spec.sources)
                 .map_err(invalid(what))?;
         }
         Ok(s)
@@ -229,7 +239,7 @@ impl Config {
         Ok(n)
     }
 
-    /// Connection table size and idle timeouts (ns, by state), netfilter's defaults where unset.
+    /// Connection table size and idle timeouts (ns, by timer slot), netfilter's defaults where unset.
     pub fn conntrack(&self, path: &Path) -> Result<(u32, [u64; TIMEOUT_SLOTS]), ConfigError> {
         let setting = |what: String| ConfigError::Setting {
             path: path.into(),
@@ -241,13 +251,13 @@ impl Config {
         }
         let mut t = default_timeouts();
         for (name, secs) in &self.conntrack.timeouts {
-            let state = State::ALL
+            let timer = Timeout::ALL
                 .iter()
-                .find(|s| s.name() == name)
+                .find(|t| t.name() == name)
                 .ok_or_else(|| {
-                    let known: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
+                    let known: Vec<_> = Timeout::ALL.iter().map(|t| t.name()).collect();
                     setting(format!(
-                        "conntrack.timeouts: unknown state {name:?} (known: {})",
+                        "conntrack.timeouts: unknown timeout {name:?} (known: {})",
                         known.join(", ")
                     ))
                 })?;
@@ -256,15 +266,15 @@ impl Config {
                     "conntrack.timeouts.{name} must be at least 1 second"
                 )));
             }
-            t[*state as usize] = secs.saturating_mul(1_000_000_000);
+            t[*timer as usize] = secs.saturating_mul(1_000_000_000);
         }
         Ok((size, t))
     }
 }
 
-/// netfilter's default idle timeouts, in ns, by state.
+/// netfilter's default idle timeouts, in ns, by timer slot.
 pub fn default_timeouts() -> [u64; TIMEOUT_SLOTS] {
-    State::ALL.map(|s| s.default_timeout_secs() * 1_000_000_000)
+    Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000)
 }
 
 #[cfg(test)]
@@ -332,18 +342,35 @@ mod tests {
             [[egress.rule]]
             proto = "all"
             cidrs = ["192.0.2.0/24"]
+            sources = ["10.0.0.10/32"]
             [conntrack]
             size = 1024
-            timeouts = { udp_unreplied = 5 }
+            timeouts = { udp_unreplied = 5, tcp_unack = 60 }
         "#;
         let c = Config::parse(p(), text).unwrap();
         let s = c.desired_state(p()).unwrap();
         assert_eq!(s.ingress_rules().count(), 2);
         assert!(!s.egress_default_allow());
+        let sources: Vec<_> = s.egress_rules().map(|r| r.rule.sources.clone()).collect();
+        assert_eq!(sources, [vec!["10.0.0.10/32".parse::<Cidr>().unwrap()]]);
+        let bad = text.replace(
+            "proto = \"icmp\"",
+            "proto = \"icmp\"\n sources = [\"10.0.0.0/8\"]",
+        );
+        let e = Config::parse(p(), &bad)
+            .unwrap()
+            .desired_state(p())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("rule #2") && e.to_string().contains("source CIDRs"),
+            "{e}"
+        );
         let (size, t) = c.conntrack(p()).unwrap();
         assert_eq!(size, 1024);
-        assert_eq!(t[State::UdpUnreplied as usize], 5_000_000_000);
-        assert_eq!(t[State::TcpEstablished as usize], 432_000_000_000_000);
+        assert_eq!(t[Timeout::UdpUnreplied as usize], 5_000_000_000);
+        assert_eq!(t[Timeout::TcpEstablished as usize], 432_000_000_000_000);
+        assert_eq!(t[Timeout::TcpUnack as usize], 60_000_000_000);
+        assert_eq!(t[Timeout::TcpRetrans as usize], 300_000_000_000);
 
         let bad = text.replace("5000-5100", "5100-5000");
         let e = Config::parse(p(), &bad)
@@ -365,15 +392,26 @@ mod tests {
         );
         let bad = text.replace(
             "public = \"203.0.113.10\"\n            proto = \"icmp\"",
-            "public = \"203.0.113.99\"\n            proto = \"icmp\"",
+            "public = \"224.0.0.99\"\n            proto = \"icmp\"",
         );
         let e = Config::parse(p(), &bad)
             .unwrap()
             .desired_state(p())
             .unwrap_err();
         assert!(
-            e.to_string().contains("rule #2") && e.to_string().contains("203.0.113.99"),
+            e.to_string().contains("rule #2") && e.to_string().contains("224.0.0.99"),
             "{e}"
         );
+        // A rule of an IP without a mapping is kept, inactive until the IP is mapped.
+        let unmapped = text.replace(
+            "public = \"203.0.113.10\"\n            proto = \"icmp\"",
+            "public = \"203.0.113.99\"\n            proto = \"icmp\"",
+        );
+        let s = Config::parse(p(), &unmapped)
+            .unwrap()
+            .desired_state(p())
+            .unwrap();
+        assert_eq!(s.ingress_rules().count(), 2);
+        assert_eq!(s.active_ingress_rules().count(), 1);
     }
 }

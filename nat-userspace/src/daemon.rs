@@ -4,12 +4,12 @@
 use std::net::Ipv4Addr;
 
 use log::{info, warn};
-use nat_common::{Event, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::State};
+use nat_common::{Event, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::Timeout};
 
 use crate::{
     api::{
-        ConntrackStats, FlowInfo, MappingStatus, ReasonStat, Reply, Request, Response, RuleSpec,
-        StatsReport, StatusReport,
+        ConntrackStats, FlowInfo, ListedIngressRule, MappingStatus, ReasonStat, Reply, Request,
+        Response, RuleSpec, StatsReport, StatusReport,
     },
     ebpf::{Dataplane, DataplaneError, FlowView},
     firewall::{RuleError, Service, icmp_field},
@@ -21,10 +21,22 @@ use crate::{
 
 pub type NatController = Controller<Dataplane, Nft, StateDir>;
 
+/// What became of a CloudStack payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Applied(String),
+    /// Invalid (malformed, or a change the state does not allow): the same file can never be
+    /// applied.
+    Refused(String),
+    /// natd could not install it (fast path, slow path or persistence failed); nothing changed,
+    /// and the same file may apply later.
+    Failed(String),
+}
+
 /// natd's state: the controller and the housekeeping counters.
 pub struct Daemon {
     pub ctl: NatController,
-    /// Idle timeouts by `conntrack::State`, as written to the program.
+    /// Idle timeouts by `conntrack::Timeout`, as written to the program.
     timeouts_ns: [u64; TIMEOUT_SLOTS],
     /// Live flows and evictions as of the last collection (metrics read these instead of
     /// walking the table on every scrape).
@@ -45,11 +57,25 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The idle timeout (ns) of a flow's stored timer slot; an unknown slot counts as the generic
+/// one, as in the program.
+fn timeout_of(timeouts: &[u64; TIMEOUT_SLOTS], timer: u8) -> u64 {
+    timeouts[Timeout::from_u8(timer).unwrap_or(Timeout::Other) as usize]
+}
+
 fn ip(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(raw.to_ne_bytes())
 }
 
 impl RuleSpec {
+    /// The validated service of an ingress rule's spec (which has no `sources`).
+    pub fn ingress_service(&self) -> Result<Service, RuleError> {
+        if !self.sources.is_empty() {
+            return Err(RuleError::SourcesInIngress);
+        }
+        self.service()
+    }
+
     /// The validated service of this spec.
     pub fn service(&self) -> Result<Service, RuleError> {
         let s = Service {
@@ -74,8 +100,9 @@ impl Daemon {
         }
     }
 
-    fn timeout(&self, state: u8) -> u64 {
-        self.timeouts_ns[State::from_u8(state) as usize]
+    /// The idle timeout a flow's stored timer slot stands for.
+    fn timeout(&self, timer: u8) -> u64 {
+        timeout_of(&self.timeouts_ns, timer)
     }
 
     /// Answers one request. Every refusal is an `Error` response naming what was wrong.
@@ -84,7 +111,15 @@ impl Daemon {
             Request::MappingAdd { public, private } => {
                 let what = format!("mapping add {public} {private}");
                 self.change(&what, |s| s.add_mapping(Mapping { public, private }))
-                    .map(|_| done(format!("mapping added: {public} -> {private}")))
+                    .map(|_| {
+                        let n = self.rules_of(public);
+                        let rules = if n > 0 {
+                            format!("; its {n} ingress rule(s) are in force")
+                        } else {
+                            String::new()
+                        };
+                        done(format!("mapping added: {public} -> {private}{rules}"))
+                    })
                     .unwrap_or_else(|e| *e)
             }
             Request::MappingDel { public } => {
@@ -92,7 +127,17 @@ impl Daemon {
                     s.remove_mapping(public)
                 });
                 match r {
-                    Ok(m) => done(format!("mapping removed: {public} -> {}", m.private)),
+                    Ok(m) => {
+                        let n = self.rules_of(public);
+                        let rules = if n > 0 {
+                            format!(
+                                "; its {n} ingress rule(s) stay, inactive until it is mapped again"
+                            )
+                        } else {
+                            String::new()
+                        };
+                        done(format!("mapping removed: {public} -> {}{rules}", m.private))
+                    }
                     Err(e) => *e,
                 }
             }
@@ -102,15 +147,21 @@ impl Daemon {
             },
             Request::FirewallAdd { public, rule } => {
                 let what = format!("firewall add {public}");
-                let r = rule.service().map_err(StateError::from);
+                let r = rule.ingress_service().map_err(StateError::from);
+                let mapped = self.ctl.state().private_of(public).is_some();
                 self.change(&what, |s| {
                     s.add_ingress(None, public, r?, rule.cidrs.clone())
                 })
                 .map(|id| {
-                    Response::Ok(Reply::RuleAdded {
-                        id,
-                        message: format!("ingress rule {id} added"),
-                    })
+                    let message = if mapped {
+                        format!("ingress rule {id} added")
+                    } else {
+                        format!(
+                            "ingress rule {id} added, inactive until {public} is mapped (it has \
+                             no mapping)"
+                        )
+                    };
+                    Response::Ok(Reply::RuleAdded { id, message })
                 })
                 .unwrap_or_else(|e| *e)
             }
@@ -118,14 +169,18 @@ impl Daemon {
                 .change(&format!("firewall del {id}"), |s| s.remove_ingress(id))
                 .map(|_| done(format!("ingress rule {id} removed")))
                 .unwrap_or_else(|e| *e),
-            Request::FirewallList => Response::Ok(Reply::Firewall {
-                rules: self
-                    .ctl
-                    .state()
-                    .ingress_rules()
-                    .map(|r| r.rule.clone())
-                    .collect(),
-            }),
+            Request::FirewallList => {
+                let state = self.ctl.state();
+                Response::Ok(Reply::Firewall {
+                    rules: state
+                        .ingress_rules()
+                        .map(|r| ListedIngressRule {
+                            rule: r.rule.clone(),
+                            active: state.is_active(&r.rule),
+                        })
+                        .collect(),
+                })
+            }
             Request::EgressPolicy { allow } => {
                 let p = if allow { "allow" } else { "deny" };
                 self.change(&format!("egress policy {p}"), |s| {
@@ -137,14 +192,16 @@ impl Daemon {
             }
             Request::EgressAdd { rule } => {
                 let r = rule.service().map_err(StateError::from);
-                self.change("egress add", |s| s.add_egress(None, r?, rule.cidrs.clone()))
-                    .map(|id| {
-                        Response::Ok(Reply::RuleAdded {
-                            id,
-                            message: format!("egress rule {id} added"),
-                        })
+                self.change("egress add", |s| {
+                    s.add_egress_from(None, r?, rule.cidrs.clone(), rule.sources.clone())
+                })
+                .map(|id| {
+                    Response::Ok(Reply::RuleAdded {
+                        id,
+                        message: format!("egress rule {id} added"),
                     })
-                    .unwrap_or_else(|e| *e)
+                })
+                .unwrap_or_else(|e| *e)
             }
             Request::EgressDel { id } => self
                 .change(&format!("egress del {id}"), |s| s.remove_egress(id))
@@ -183,6 +240,15 @@ impl Daemon {
         }
     }
 
+    /// How many ingress rules `public` has, active or not.
+    fn rules_of(&self, public: Ipv4Addr) -> usize {
+        self.ctl
+            .state()
+            .ingress_rules()
+            .filter(|r| r.rule.public == public)
+            .count()
+    }
+
     /// Applies a change through the controller; a refusal becomes the error response.
     fn change<T>(
         &mut self,
@@ -216,19 +282,31 @@ impl Daemon {
 
     /// Applies one CloudStack payload file, all or nothing.
     pub fn apply_cloudstack(&mut self, name: &str, text: &str) -> Response {
+        match self.apply_payload(name, text) {
+            Payload::Applied(message) => done(message),
+            Payload::Refused(message) | Payload::Failed(message) => refuse(message),
+        }
+    }
+
+    /// Applies one CloudStack payload file, all or nothing, and says whether it was refused
+    /// (invalid: trying again cannot help) or failed (natd could not install it).
+    pub fn apply_payload(&mut self, name: &str, text: &str) -> Payload {
         let payload = match crate::cloudstack::parse(text) {
             Ok(p) => p,
-            Err(e) => return refuse(format!("{name} refused: {e}")),
+            Err(e) => return Payload::Refused(format!("{name} refused: {e}")),
         };
         let mut new = self.ctl.state().clone();
         let summary = match crate::cloudstack::apply(&payload, &mut new) {
             Ok(s) => s,
-            Err(e) => return refuse(format!("{name} refused: {e}")),
+            Err(e) => return Payload::Refused(format!("{name} refused: {e}")),
         };
         match self.ctl.apply(new) {
             Ok(diff) => self.forget_flows(&diff.removed),
+            Err(ApplyError::Invalid(e)) => {
+                return Payload::Refused(format!("{name} refused: {e}"));
+            }
             Err(e) => {
-                return refuse(format!(
+                return Payload::Failed(format!(
                     "{name} failed, nothing changed: {}",
                     crate::report(&e)
                 ));
@@ -237,7 +315,7 @@ impl Daemon {
         for line in summary.lines() {
             info!("{name}: {line}");
         }
-        done(format!("{name}: {summary}"))
+        Payload::Applied(format!("{name}: {summary}"))
     }
 
     fn remove_flows(&mut self, pred: impl Fn(&FlowView) -> bool) -> usize {
@@ -293,7 +371,7 @@ impl Daemon {
         let (n, seen) = self
             .ctl
             .fast_mut()
-            .remove_flows(|v| now.saturating_sub(v.last_seen) > timeouts[v.state as usize])?;
+            .remove_flows(|v| now.saturating_sub(v.last_seen) > timeout_of(&timeouts, v.timer))?;
         let freed = self.ctl.fast_mut().recycle_slots()?;
         if freed > 0 {
             log::debug!("{freed} counter slot(s) of removed mappings free again");
@@ -352,8 +430,7 @@ impl Daemon {
                     }
                     .to_string(),
                     idle_secs: idle / 1_000_000_000,
-                    expires_in_secs: self.timeout(v.state as u8).saturating_sub(idle)
-                        / 1_000_000_000,
+                    expires_in_secs: self.timeout(v.timer).saturating_sub(idle) / 1_000_000_000,
                 }
             })
             .collect();
@@ -368,6 +445,7 @@ impl Daemon {
             st.egress_rules().count(),
             st.egress_default_allow(),
         );
+        let inactive_ingress_rules = ingress_rules - st.active_ingress_rules().count();
         let state_file = self.ctl.store().file().display().to_string();
         let dp = self.ctl.fast_mut();
         Ok(StatusReport {
@@ -375,6 +453,7 @@ impl Daemon {
             interfaces: dp.attached().cloned().collect(),
             mappings,
             ingress_rules,
+            inactive_ingress_rules,
             egress_rules,
             egress_default_allow,
             flows: self.entries,

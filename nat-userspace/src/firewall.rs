@@ -134,6 +134,8 @@ pub enum RuleError {
     AllInIngress,
     #[error("a rule needs at least one CIDR")]
     NoCidr,
+    #[error("source CIDRs are for egress rules (an ingress rule's CIDRs are its sources)")]
+    SourcesInIngress,
 }
 
 /// What a rule matches besides addresses.
@@ -248,13 +250,21 @@ pub struct IngressRule {
     pub cidrs: Vec<Cidr>,
 }
 
-/// An egress exception rule of the guest network. `cidrs` are destination prefixes.
+/// An egress exception rule of the guest network. `cidrs` are destination prefixes, `sources`
+/// the guests it applies to (CloudStack's `source_cidr_list`; `0.0.0.0/0` = every guest, also
+/// for a state persisted before rules had sources).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressRule {
     pub id: u64,
     #[serde(flatten)]
     pub service: Service,
     pub cidrs: Vec<Cidr>,
+    #[serde(default = "any_source")]
+    pub sources: Vec<Cidr>,
+}
+
+fn any_source() -> Vec<Cidr> {
+    vec![Cidr::ANY]
 }
 
 /// Sorted, deduplicated CIDRs; an empty list means "any" (CloudStack's default).
@@ -327,7 +337,8 @@ fn close_over<K: Copy + Eq + std::hash::Hash>(
 }
 
 /// LPM entries of one rule set (one public IP's ingress rules, or the egress rules):
-/// destination/source prefixes and service prefixes, each with its rule bitmap.
+/// source (ingress) or destination (egress) prefixes and service prefixes, each with its rule
+/// bitmap. The egress rules' guest sources are a third dimension, [`compile_addrs`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Compiled {
     /// (CIDR, bits).
@@ -336,19 +347,31 @@ pub struct Compiled {
     pub services: HashMap<(Option<u8>, u16, u8), RuleBits>,
 }
 
-/// Compiles rules given as (slot, service, CIDRs).
-pub fn compile<'a>(rules: impl Iterator<Item = (usize, &'a Service, &'a [Cidr])>) -> Compiled {
+/// Compiles one address dimension of rules given as (slot, CIDRs): every prefix with the
+/// bits of the rules whose CIDRs contain it.
+pub fn compile_addrs<'a>(
+    rules: impl Iterator<Item = (usize, &'a [Cidr])>,
+) -> HashMap<Cidr, RuleBits> {
     let mut addrs: HashMap<Cidr, RuleBits> = HashMap::new();
-    let mut services: HashMap<SvcPrefix, RuleBits> = HashMap::new();
-    for (slot, service, cidrs) in rules {
+    for (slot, cidrs) in rules {
         for c in cidrs {
             addrs.entry(*c).or_default().set(slot);
         }
+    }
+    close_over(&addrs, |c| cidr_ancestors(c).collect())
+}
+
+/// Compiles rules given as (slot, service, CIDRs).
+pub fn compile<'a>(rules: impl Iterator<Item = (usize, &'a Service, &'a [Cidr])>) -> Compiled {
+    let mut with_addrs = Vec::new();
+    let mut services: HashMap<SvcPrefix, RuleBits> = HashMap::new();
+    for (slot, service, cidrs) in rules {
+        with_addrs.push((slot, cidrs));
         for p in service.prefixes() {
             services.entry(p).or_default().set(slot);
         }
     }
-    let addrs = close_over(&addrs, |c| cidr_ancestors(c).collect());
+    let addrs = compile_addrs(with_addrs.into_iter());
     let services = close_over(&services, SvcPrefix::ancestors)
         .into_iter()
         .map(|(p, b)| ((p.proto, p.value, p.len), b))

@@ -31,11 +31,11 @@ pub enum NetfilterError {
 
 /// Renders the whole table: DNAT P -> V for what arrives on a public interface, SNAT V -> P for
 /// what leaves through one (the scope the XDP program uses), hairpin (a guest to a mapped P:
-/// DNAT, and the source masqueraded to the router's guest-side address), and the same policy
-/// in the forward
-/// hook: established and related flows pass, each mapped public IP accepts what its ingress
-/// rules allow and drops the rest, mapped guests' traffic to the public side obeys the egress
-/// policy. The kernel reassembles fragments before these hooks, so a fragmented packet meets
+/// DNAT, and the source masqueraded to the router's guest-side address), the router's own
+/// traffic to a mapped P (DNAT in the output hook, as the CloudStack router's `OUTPUT -d P -j
+/// DNAT`), and the same policy in the forward hook: established and related flows pass, each
+/// mapped public IP accepts what its active ingress rules allow and drops the rest, mapped
+/// guests' traffic to the public side obeys the egress policy (source, destination, service). The kernel reassembles fragments before these hooks, so a fragmented packet meets
 /// exactly the rules an unfragmented one does. Interface names are quoted; natd checked they
 /// exist, so they contain no quote.
 pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &DesiredState) -> String {
@@ -69,7 +69,7 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
     let privates = elements(ms.iter().map(|m| m.private.to_string()).collect());
 
     let mut ingress = String::new();
-    for r in state.ingress_rules() {
+    for r in state.active_ingress_rules() {
         let r = &r.rule;
         let _ = writeln!(
             ingress,
@@ -90,7 +90,8 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
     for r in state.egress_rules() {
         let r = &r.rule;
         let m = format!(
-            "{}{}",
+            "{}{}{}",
+            addr_match("saddr", &r.sources),
             addr_match("daddr", &r.cidrs),
             service_match(&r.service)
         );
@@ -113,6 +114,10 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\tiifname {{ {pubs} }} dnat ip to ip daddr map @dnat_v4\n\
          \t\tiifname {{ {guests} }} dnat ip to ip daddr map @dnat_v4\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
+         \t\tdnat ip to ip daddr map @dnat_v4\n\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
@@ -316,6 +321,14 @@ mod tests {
             "{r}"
         );
         assert!(r.starts_with("table ip xdp_static_nat\ndelete table ip xdp_static_nat\n"));
+        // The router's own traffic to P, as the CloudStack router's `OUTPUT -d P -j DNAT`.
+        assert!(
+            r.contains(
+                "\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\
+                 \t\tdnat ip to ip daddr map @dnat_v4\n\t}"
+            ),
+            "{r}"
+        );
     }
 
     #[test]
@@ -342,13 +355,39 @@ mod tests {
             icmp_code: Some(0),
         };
         s.add_ingress(Some(13), p, icmp, vec![]).unwrap();
+        // Kept but inactive: 203.0.113.11 has no mapping.
+        s.add_ingress(
+            Some(14),
+            "203.0.113.11".parse().unwrap(),
+            tcp.clone(),
+            vec![],
+        )
+        .unwrap();
         s.set_egress_default_allow(false);
-        s.add_egress(Some(21), tcp, vec![]).unwrap();
+        s.add_egress(Some(21), tcp.clone(), vec![]).unwrap();
+        s.add_egress_from(
+            Some(22),
+            tcp,
+            vec!["192.0.2.0/24".parse().unwrap()],
+            vec![
+                "10.1.1.25/32".parse().unwrap(),
+                "10.1.1.26/32".parse().unwrap(),
+            ],
+        )
+        .unwrap();
         let r = render(&["eth2".into()], &["eth0".into()], &s);
+        assert!(!r.contains("rule 14"), "{r}");
+        assert!(
+            r.contains(
+                "\t\tip saddr { 10.1.1.25/32, 10.1.1.26/32 } ip daddr { 192.0.2.0/24 } \
+                 tcp dport 5000-5100 accept comment \"rule 22\"\n\t\tdrop\n"
+            ),
+            "{r}"
+        );
         assert!(r.contains("ct original ip daddr 203.0.113.10 ip saddr { 198.51.100.0/24 } tcp dport 5000-5100 accept comment \"rule 11\""), "{r}");
         assert!(r.contains("ct original ip daddr 203.0.113.10 icmp type 8 icmp code 0 accept comment \"rule 13\""), "{r}");
         assert!(
-            r.contains("\t\ttcp dport 5000-5100 accept comment \"rule 21\"\n\t\tdrop\n"),
+            r.contains("\t\ttcp dport 5000-5100 accept comment \"rule 21\"\n"),
             "{r}"
         );
     }
@@ -396,7 +435,7 @@ mod tests {
             .unwrap();
             s.add_egress(None, svc, vec![]).unwrap();
         }
-        s.add_egress(
+        s.add_egress_from(
             None,
             Service {
                 proto: Proto::All,
@@ -405,6 +444,7 @@ mod tests {
                 icmp_code: None,
             },
             vec!["198.51.100.0/24".parse().unwrap()],
+            vec!["10.0.0.0/25".parse().unwrap()],
         )
         .unwrap();
         for script in [

@@ -185,7 +185,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), PersistError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::{Proto, Service};
+    use crate::{
+        cidr::Cidr,
+        firewall::{Proto, Service},
+    };
 
     fn state() -> DesiredState {
         let mut s = DesiredState::default();
@@ -233,9 +236,33 @@ mod tests {
         let e = sd.load().unwrap_err();
         assert!(e.to_string().contains("corrupt"), "{e}");
         let mut bad = Snapshot::of(&s, 1, 1);
-        bad.ingress[0].rule.public = "203.0.113.99".parse().unwrap();
+        bad.ingress[0].slot = nat_common::MAX_RULES_PER_IP;
         sd.save(&bad).unwrap();
         assert!(matches!(sd.load(), Err(PersistError::Invalid { .. })));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A state written before egress rules had sources loads with every rule for every guest,
+    /// and one with rules of an unmapped IP (inactive) loads as it was.
+    #[test]
+    fn older_and_inactive_states_load() {
+        let dir = std::env::temp_dir().join(format!("xsn-persist-old-{}", std::process::id()));
+        let sd = StateDir::new(&dir);
+        sd.ensure().unwrap();
+        let mut s = state();
+        s.remove_mapping("203.0.113.10".parse().unwrap()).unwrap();
+        assert_eq!(s.active_ingress_rules().count(), 0);
+        sd.save(&Snapshot::of(&s, 2, 3)).unwrap();
+        assert_eq!(sd.load().unwrap().unwrap().1, s);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(sd.file()).unwrap()).unwrap();
+        for r in json["egress"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("sources").unwrap();
+        }
+        fs::write(sd.file(), serde_json::to_vec(&json).unwrap()).unwrap();
+        let (_, back) = sd.load().unwrap().unwrap();
+        assert_eq!(back, s);
+        assert!(back.egress_rules().all(|r| r.rule.sources == [Cidr::ANY]));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,8 @@
 //! The one path every change takes: validate (building the new [`DesiredState`]) -> plan the
-//! map writes against what is installed -> write the fast path -> replace the slow path. If
-//! any step fails, the writes already done are undone in reverse and the installed state stays
-//! what it was.
+//! map writes against what is installed -> write the fast path -> replace the slow path ->
+//! persist. If any step fails, the writes already done are undone in reverse, the slow path is
+//! given the installed state again (its table may have been replaced before a later part of
+//! the step, such as address management, failed), and the installed state stays what it was.
 use log::{error, info};
 
 use crate::{
@@ -146,6 +147,7 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
         }
         if let Err(e) = self.slow.replace(&new) {
             self.undo(&done);
+            self.restore_slow();
             return Err(e.into());
         }
         let generation = if unchanged {
@@ -156,9 +158,7 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
         if let Err(e) = self.store.save(&new, generation) {
             // Installed but not persisted would be lost at restart: take it back.
             self.undo(&done);
-            if let Err(e) = self.slow.replace(&self.state) {
-                error!("restoring the slow path failed: {e}");
-            }
+            self.restore_slow();
             return Err(e.into());
         }
         // A removed mapping's established flows run on, in the fast path and in the kernel's
@@ -180,6 +180,13 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
             self.applied_at = unix_now();
         }
         Ok(diff)
+    }
+
+    /// Gives the slow path the installed state again after a failed change.
+    fn restore_slow(&mut self) {
+        if let Err(e) = self.slow.replace(&self.state) {
+            error!("restoring the slow path failed, it may differ from the desired state: {e}");
+        }
     }
 
     fn undo(&mut self, done: &[Op]) {
@@ -217,9 +224,14 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
         .ingress_rules()
         .filter(|r| !old.ingress_rules().any(|o| o == *r))
     {
+        let active = if new.is_active(&r.rule) {
+            ""
+        } else {
+            " (inactive: no mapping)"
+        };
         let r = &r.rule;
         info!(
-            "ingress rule {} added: {} to {} from {}",
+            "ingress rule {} added: {} to {} from {}{active}",
             r.id,
             r.service,
             r.public,
@@ -231,9 +243,10 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
         .filter(|r| !new.egress_rules().any(|n| n == *r))
     {
         info!(
-            "egress rule {} removed: {} to {}",
+            "egress rule {} removed: {} from {} to {}",
             r.rule.id,
             r.rule.service,
+            list(&r.rule.sources),
             list(&r.rule.cidrs)
         );
     }
@@ -242,9 +255,10 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
         .filter(|r| !old.egress_rules().any(|o| o == *r))
     {
         info!(
-            "egress rule {} added: {} to {}",
+            "egress rule {} added: {} from {} to {}",
             r.rule.id,
             r.rule.service,
+            list(&r.rule.sources),
             list(&r.rule.cidrs)
         );
     }
@@ -304,6 +318,9 @@ mod tests {
     struct FakeSlow {
         installed: Option<DesiredState>,
         fail: bool,
+        /// Installs the table, then fails (as address management after `nft -f` may), when
+        /// given a state with this many mappings.
+        fail_after_install_at: Option<usize>,
     }
 
     impl SlowPath for FakeSlow {
@@ -312,6 +329,9 @@ mod tests {
                 return Err(NetfilterError::Refused("no".into()));
             }
             self.installed = Some(s.clone());
+            if self.fail_after_install_at == Some(s.len()) {
+                return Err(NetfilterError::Refused("addresses".into()));
+            }
             Ok(())
         }
         fn remove(&mut self) -> Result<(), NetfilterError> {
@@ -356,17 +376,52 @@ mod tests {
         assert_eq!(c.generation(), 4);
     }
 
+    /// As on CloudStack's router, whose firewall databag is independent of its static NAT one:
+    /// a public IP's rules outlive its mapping, inactive (nothing in the fast path), and are in
+    /// force again when it is mapped again. (They used to be deleted with the mapping, which a
+    /// CloudStack router never does and CloudStack never makes up for: it does not resend them.)
     #[test]
-    fn deleting_a_mapping_deletes_its_rules() {
+    fn deleting_a_mapping_keeps_its_rules_inactive() {
         let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
         c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.1")))
             .unwrap();
         c.change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![]))
             .unwrap();
+        let active = c.fast.entries.clone();
+        assert!(!active.is_empty());
         c.change(|s| s.remove_mapping("203.0.113.1".parse().unwrap()))
             .unwrap();
         assert!(c.fast.entries.is_empty());
-        assert_eq!(c.state().ingress_rules().count(), 0);
+        let rules: Vec<_> = c.state().ingress_rules().collect();
+        assert_eq!(rules.len(), 1);
+        assert!(!c.state().is_active(&rules[0].rule));
+        let installed = c.slow.installed.as_ref().unwrap();
+        assert_eq!(installed.active_ingress_rules().count(), 0);
+        c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.2")))
+            .unwrap();
+        assert_eq!(c.fast.entries, active);
+        assert_eq!(c.state().active_ingress_rules().count(), 1);
+    }
+
+    /// A rule for a public IP without a mapping is kept, inactive: listed, persisted, nothing
+    /// in the fast path until the mapping comes.
+    #[test]
+    fn rules_before_their_mapping_take_effect_with_it() {
+        let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
+        let (id, _) = c
+            .change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![]))
+            .unwrap();
+        assert!(id > crate::state::LOCAL_RULE_IDS);
+        assert!(c.fast.entries.is_empty());
+        assert_eq!(c.state().ingress_rules().count(), 1);
+        c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.1")))
+            .unwrap();
+        assert!(c.fast.entries.keys().any(|e| matches!(
+            e,
+            Entry::FwSvc(p, 6, 22, 16) if *p == "203.0.113.1".parse::<std::net::Ipv4Addr>().unwrap()
+        )));
+        let installed = c.slow.installed.as_ref().unwrap();
+        assert_eq!(installed.active_ingress_rules().count(), 1);
     }
 
     #[test]
@@ -388,8 +443,19 @@ mod tests {
 
         c.fast.fail_on = None;
         c.slow.fail = true;
+        assert!(matches!(c.apply(new.clone()), Err(ApplyError::SlowPath(_))));
+        assert_eq!((c.fast.maps.clone(), c.fast.entries.clone()), before);
+        assert_eq!(c.generation(), 1);
+
+        // The slow path replaced its table, then failed (address management): both paths
+        // hold the previous state again.
+        c.slow.fail = false;
+        c.slow.fail_after_install_at = Some(new.len());
+        let old = c.state().clone();
         assert!(matches!(c.apply(new), Err(ApplyError::SlowPath(_))));
         assert_eq!((c.fast.maps.clone(), c.fast.entries.clone()), before);
+        assert_eq!(c.slow.installed.as_ref(), Some(&old));
+        assert_eq!(c.state(), &old);
         assert_eq!(c.generation(), 1);
     }
 
@@ -402,9 +468,15 @@ mod tests {
             c.change(|s| s.add_mapping(m("203.0.113.1", "10.0.0.2"))),
             Err(ApplyError::Invalid(_))
         ));
+        let all = Service {
+            proto: Proto::All,
+            ports: None,
+            icmp_type: None,
+            icmp_code: None,
+        };
         assert!(matches!(
-            c.change(|s| s.add_ingress(None, "203.0.113.9".parse().unwrap(), tcp22(), vec![])),
-            Err(ApplyError::Invalid(StateError::RuleForUnmapped(_)))
+            c.change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), all, vec![])),
+            Err(ApplyError::Invalid(StateError::Rule(_)))
         ));
         c.change(|s| s.add_ingress(None, "203.0.113.1".parse().unwrap(), tcp22(), vec![]))
             .unwrap();

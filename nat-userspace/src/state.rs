@@ -1,5 +1,12 @@
-//! Desired state: the mappings natd should have installed, and the rules that make a change to
-//! it valid (as CloudStack's management server validates static NAT). Pure: no I/O.
+//! Desired state: the mappings natd should have installed, the firewall rules, and the rules
+//! that make a change to it valid (as CloudStack's management server validates static NAT).
+//! Pure: no I/O.
+//!
+//! As on CloudStack's router, whose firewall databag is independent of its static NAT one, an
+//! ingress rule belongs to a public IP whether or not that IP is mapped: it is *active* (in the
+//! fast path and nftables) while the IP has a mapping, and kept, *inactive*, while it has none.
+//! Rule ids natd assigns itself (natctl, config file) start at [`LOCAL_RULE_IDS`], above any id
+//! CloudStack's database hands out, so the two never collide.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
@@ -48,8 +55,6 @@ pub enum StateError {
     TooMany { limit: u32 },
     #[error("{0}")]
     Rule(#[from] RuleError),
-    #[error("public IP {0} has no static NAT mapping; add the mapping before its rules")]
-    RuleForUnmapped(Ipv4Addr),
     #[error("rule {existing} already allows {what}")]
     DuplicateRule { existing: u64, what: String },
     #[error("rule id {0} is already in use")]
@@ -83,6 +88,11 @@ pub fn check_unicast(field: &'static str, addr: Ipv4Addr) -> Result<(), StateErr
     Err(StateError::NotUnicast { field, addr, why })
 }
 
+/// The first rule id natd assigns itself; every id below is CloudStack's (its database's
+/// auto-increment ids never come near 10^15). Below 2^53, so JSON readers that hold numbers
+/// as doubles (jq, JavaScript) keep natd's ids exact.
+pub const LOCAL_RULE_IDS: u64 = 1_000_000_000_000_000;
+
 /// One static NAT mapping, public P <-> private V.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,8 +110,8 @@ pub struct Slotted<R> {
 }
 
 /// The whole desired state. Consistent by construction: every mutation goes through a method
-/// that validates it first (one-to-one mappings, rules only for mapped public IPs, no duplicate
-/// rules, slots within the program's limits).
+/// that validates it first (one-to-one mappings, no duplicate rules, slots within the
+/// program's limits).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredState {
     by_public: BTreeMap<Ipv4Addr, Ipv4Addr>,
@@ -202,19 +212,30 @@ impl DesiredState {
         Ok(())
     }
 
-    /// Removes the mapping of `public` and returns it.
+    /// Removes the mapping of `public` and returns it. The ingress rules of `public` stay,
+    /// inactive until it is mapped again.
     pub fn remove_mapping(&mut self, public: Ipv4Addr) -> Result<Mapping, StateError> {
         let private = self
             .by_public
             .remove(&public)
             .ok_or(StateError::NotMapped(public))?;
         self.by_private.remove(&private);
-        self.ingress.retain(|_, r| r.rule.public != public);
         Ok(Mapping { public, private })
     }
 
+    /// Every ingress rule, active or not.
     pub fn ingress_rules(&self) -> impl Iterator<Item = &Slotted<IngressRule>> + '_ {
         self.ingress.values()
+    }
+
+    /// Whether `rule` is in force: its public IP is mapped.
+    pub fn is_active(&self, rule: &IngressRule) -> bool {
+        self.by_public.contains_key(&rule.public)
+    }
+
+    /// The ingress rules in force: those of mapped public IPs.
+    pub fn active_ingress_rules(&self) -> impl Iterator<Item = &Slotted<IngressRule>> + '_ {
+        self.ingress.values().filter(|r| self.is_active(&r.rule))
     }
 
     pub fn egress_rules(&self) -> impl Iterator<Item = &Slotted<EgressRule>> + '_ {
@@ -229,14 +250,16 @@ impl DesiredState {
         self.egress_default_allow = allow;
     }
 
+    /// The next id of natd's own range: above every id natd gave so far (and still holds).
     fn next_id(&self) -> u64 {
         let max = self
             .ingress
             .keys()
             .chain(self.egress.keys())
-            .max()
             .copied()
-            .unwrap_or(0);
+            .filter(|&id| id >= LOCAL_RULE_IDS)
+            .max()
+            .unwrap_or(LOCAL_RULE_IDS);
         max + 1
     }
 
@@ -247,7 +270,8 @@ impl DesiredState {
         Ok(())
     }
 
-    /// Adds an ingress rule (`id` None: natd picks the next free one) and returns its id.
+    /// Adds an ingress rule (`id` None: natd picks the next free one of its own range) and
+    /// returns its id. The public IP need not be mapped: the rule is then inactive.
     pub fn add_ingress(
         &mut self,
         id: Option<u64>,
@@ -259,9 +283,7 @@ impl DesiredState {
         if service.proto == Proto::All {
             return Err(RuleError::AllInIngress.into());
         }
-        if !self.by_public.contains_key(&public) {
-            return Err(StateError::RuleForUnmapped(public));
-        }
+        check_unicast("public IP", public)?;
         let cidrs = normalize_cidrs(cidrs);
         if let Some(dup) = self
             .ingress
@@ -303,23 +325,34 @@ impl DesiredState {
             })
     }
 
-    /// Adds an egress exception rule and returns its id.
+    /// Adds an egress exception rule for every guest and returns its id.
     pub fn add_egress(
         &mut self,
         id: Option<u64>,
         service: Service,
         cidrs: Vec<Cidr>,
     ) -> Result<u64, StateError> {
+        self.add_egress_from(id, service, cidrs, Vec::new())
+    }
+
+    /// Adds an egress exception rule for the guests in `sources` (empty: every guest) to the
+    /// destinations `cidrs` (empty: anywhere) and returns its id.
+    pub fn add_egress_from(
+        &mut self,
+        id: Option<u64>,
+        service: Service,
+        cidrs: Vec<Cidr>,
+        sources: Vec<Cidr>,
+    ) -> Result<u64, StateError> {
         service.validate()?;
         let cidrs = normalize_cidrs(cidrs);
-        if let Some(dup) = self
-            .egress
-            .values()
-            .find(|r| r.rule.service == service && r.rule.cidrs == cidrs)
-        {
+        let sources = normalize_cidrs(sources);
+        if let Some(dup) = self.egress.values().find(|r| {
+            r.rule.service == service && r.rule.cidrs == cidrs && r.rule.sources == sources
+        }) {
             return Err(StateError::DuplicateRule {
                 existing: dup.rule.id,
-                what: format!("{service} to {}", join(&cidrs)),
+                what: format!("{service} from {} to {}", join(&sources), join(&cidrs)),
             });
         }
         let id = id.unwrap_or_else(|| self.next_id());
@@ -331,7 +364,12 @@ impl DesiredState {
             id,
             Slotted {
                 slot,
-                rule: EgressRule { id, service, cidrs },
+                rule: EgressRule {
+                    id,
+                    service,
+                    cidrs,
+                    sources,
+                },
             },
         );
         Ok(id)
@@ -367,10 +405,11 @@ impl DesiredState {
         }
         s.egress_default_allow = egress_default_allow;
         for r in egress {
-            let id = s.add_egress(
+            let id = s.add_egress_from(
                 Some(r.rule.id),
                 r.rule.service.clone(),
                 r.rule.cidrs.clone(),
+                r.rule.sources.clone(),
             )?;
             s.move_slot(false, id, r.slot)?;
         }

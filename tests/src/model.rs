@@ -15,6 +15,7 @@
 //! policy stage (firewall, egress, connection tracking) is in [`policy`].
 mod fib;
 mod hairpin;
+pub mod nf_state;
 pub mod policy;
 
 use std::{collections::HashMap, net::Ipv4Addr};
@@ -24,7 +25,8 @@ use nat_common::{ROLE_GUEST, ROLE_PUBLIC, Reason};
 pub use self::{
     fib::{Fib, Hop, Iface},
     policy::{
-        Admit, Events, Facts, Flow, Kind, NO_PEER, Path, PolicyModel, Quoted, Rules, Tracked,
+        Admit, Events, Facts, Flow, Found, Kept, Kind, NO_PEER, Path, PolicyModel, Quoted, Rules,
+        Seg, Tracked,
     },
 };
 
@@ -372,6 +374,15 @@ fn transport(
         sport: 0,
         dport: 0,
         tcp_flags: 0,
+        seg: Seg {
+            flags: 0,
+            seq: 0,
+            ack_seq: 0,
+            window: 0,
+            len: 0,
+            options: [0; 40],
+            options_len: 0,
+        },
         icmp: None,
         quoted: None,
     };
@@ -386,6 +397,14 @@ fn transport(
             }
             (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
             facts.tcp_flags = f[L4 + 13];
+            let word = |at: usize| u32::from_be_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]);
+            facts.seg.flags = facts.tcp_flags;
+            facts.seg.seq = word(L4 + 4);
+            facts.seg.ack_seq = word(L4 + 8);
+            facts.seg.window = be16(f, L4 + 14);
+            facts.seg.len = (l4_len - doff) as u32;
+            facts.seg.options_len = doff - 20;
+            facts.seg.options[..doff - 20].copy_from_slice(&f[L4 + 20..L4 + doff]);
             L4Edit::Pseudo(Csum {
                 at: L4 + 16,
                 udp: false,
@@ -410,8 +429,8 @@ fn transport(
                 return Err(Reason::Malformed);
             }
             facts.icmp = Some((f[L4], f[L4 + 1]));
-            // Echo request / reply (RFC 792): the identifier stands in for both ports.
-            if matches!(f[L4], 0 | 8) {
+            // A query (RFC 792, RFC 950): the identifier stands in for both ports.
+            if nf_state::icmp_inverse(f[L4]).is_some() {
                 facts.sport = be16(f, L4 + 4);
                 facts.dport = facts.sport;
             }
@@ -475,10 +494,10 @@ fn icmp_error(
             let (src, dst) = (be16(f, EMB_L4), be16(f, EMB_L4 + 2));
             Some(if inbound { (src, dst) } else { (dst, src) })
         }
-        1 if matches!(f[EMB_L4], 0 | 8) => {
-            let id = be16(f, EMB_L4 + 4);
-            Some((id, id))
-        }
+        // A query: its identifier and the type the guest sends in its flow (the quoted packet
+        // came from the guest for an inbound error).
+        1 => nf_state::icmp_guest_type(f[EMB_L4], inbound)
+            .map(|ty| (be16(f, EMB_L4 + 4), u16::from(ty))),
         _ => None,
     };
     let q = Quoted {

@@ -79,6 +79,16 @@ const CIDRS: [&str; 14] = [
     "10.0.0.0/8",
     "203.0.113.2/32",
 ];
+/// Guest sources of egress rules: whole networks, single guests (V1 10.0.0.10), a few of them
+/// (10.0.0.8/30 holds V1 and V2), everyone.
+const GUEST_SOURCES: [&str; 6] = [
+    "10.0.0.0/24",
+    "10.0.0.10/32",
+    "10.0.0.8/30",
+    "10.0.1.0/24",
+    "10.0.0.0/8",
+    "0.0.0.0/0",
+];
 const TCP_FLAGS: [u8; 10] = [
     TCP_SYN,
     TCP_SYN,
@@ -136,9 +146,10 @@ pub struct StepFrame {
 pub struct PolicySpec {
     pub ingress: Vec<(Ipv4Addr, Service, Vec<Cidr>)>,
     pub egress_default_allow: bool,
-    pub egress: Vec<(Service, Vec<Cidr>)>,
-    /// Per conntrack state: [`TEST_TIMEOUT_NS`], 0 (netfilter's default, seconds or more) or
-    /// 1 ns (a flow in that state is expired at its next packet).
+    /// (service, destinations, guest sources).
+    pub egress: Vec<(Service, Vec<Cidr>, Vec<Cidr>)>,
+    /// Per conntrack timer: [`TEST_TIMEOUT_NS`], 0 (netfilter's default, seconds or more) or
+    /// 1 ns (a flow whose timer that is has expired at its next packet).
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
 }
 
@@ -151,8 +162,8 @@ impl PolicySpec {
         for (public, service, cidrs) in &self.ingress {
             let _ = s.add_ingress(None, *public, service.clone(), cidrs.clone());
         }
-        for (service, cidrs) in &self.egress {
-            let _ = s.add_egress(None, service.clone(), cidrs.clone());
+        for (service, cidrs, sources) in &self.egress {
+            let _ = s.add_egress_from(None, service.clone(), cidrs.clone(), sources.clone());
         }
         s
     }
@@ -225,6 +236,18 @@ fn cidrs() -> impl Strategy<Value = Vec<Cidr>> {
     })
 }
 
+/// Mostly none (every guest), as most CloudStack egress rules.
+fn guest_sources() -> impl Strategy<Value = Vec<Cidr>> {
+    prop_oneof![
+        2 => Just(Vec::new()),
+        1 => vec(select(&GUEST_SOURCES[..]), 1..=2).prop_map(|v| {
+            v.iter()
+                .map(|c| c.parse().expect("guest source universe"))
+                .collect()
+        }),
+    ]
+}
+
 fn port_range() -> impl Strategy<Value = Option<PortRange>> {
     prop_oneof![
         1 => Just(None),
@@ -281,12 +304,12 @@ fn policy() -> impl Strategy<Value = PolicySpec> {
         (select(publics.to_vec()), rule_service(false), cidrs()),
         0..=16,
     );
-    let egress = vec((rule_service(true), cidrs()), 0..=5);
+    let egress = vec((rule_service(true), cidrs(), guest_sources()), 0..=5);
     (
         ingress,
         any::<bool>(),
         egress,
-        proptest::array::uniform10(timeout()),
+        proptest::array::uniform15(timeout()),
     )
         .prop_map(
             |(ingress, egress_default_allow, egress, timeouts_ns)| PolicySpec {

@@ -12,10 +12,12 @@
 //! extra client addresses from 192.0.2.0/24 on request), guest side from 10.0.0.0/8. No
 //! namespace has a route anywhere else, so test traffic cannot leave the topology. `process`
 //! runs natd and natctl; `policy` drives natctl's firewall, egress and conntrack commands;
-//! `observe` records what endpoints saw; `attempt` sends traffic that may be dropped and checks
+//! `observe` records what endpoints saw; `fastpath` checks from that that the fast path
+//! carried it; `attempt` sends traffic that may be dropped and checks
 //! that nothing arrived; `links` adds further guests and public networks to the three; `stream`
 //! keeps traffic flowing while natd restarts; `prometheus` runs a Prometheus server.
 pub mod attempt;
+pub mod fastpath;
 pub mod links;
 pub mod observe;
 pub mod policy;

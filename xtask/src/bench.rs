@@ -1,6 +1,7 @@
 //! `cargo xtask bench [-- --quick]`: setup, a release build of natd, natctl and the bench,
 //! then `nat-bench`, which writes bench/RESULTS.md and the charts. Needs root. Not part of
 //! `cargo xtask test`: it takes about a quarter of an hour (`--quick`: a few minutes).
+//! nat-bench refuses a tree with uncommitted changes unless given `--allow-dirty`.
 use anyhow::{Result, bail};
 
 use crate::util::{self, cargo, command};

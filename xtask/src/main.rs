@@ -6,6 +6,8 @@ mod fuzz;
 mod reliability;
 mod setup;
 mod test;
+mod testlog;
+mod timing;
 mod util;
 
 use std::process::ExitCode;
@@ -57,9 +59,11 @@ enum Task {
     /// Run natd on a three-namespace demo topology and show NAT at work. Needs root.
     Demo,
     /// Run the benchmarks and write bench/RESULTS.md and its charts. Needs root; about a
-    /// quarter of an hour (`cargo xtask bench -- --quick`: a few minutes).
+    /// quarter of an hour (`cargo xtask bench -- --quick`: a few minutes). Refuses a tree with
+    /// uncommitted changes (`-- --allow-dirty`: runs, and RESULTS.md opens with a warning).
     Bench {
-        /// Arguments for nat-bench, after `--` (`--quick`, `--only testrun,forward,...`).
+        /// Arguments for nat-bench, after `--` (`--quick`, `--only testrun,forward,...`,
+        /// `--allow-dirty`).
         #[arg(last = true)]
         bench_args: Vec<String>,
     },

@@ -1,16 +1,18 @@
 //! `cargo xtask test`: the one command that runs every check and test (what CI runs).
 //! fmt and clippy run even if the other fails; the tests and the fuzzers run only if the build
-//! succeeds. At the end `RELIABILITY.md` is rendered from the figures the tests and the
-//! fuzzers reported (see `reliability`).
+//! succeeds. The tests step fails if `cargo test` fails or if a suite (test binary) ran no
+//! test. At the end `RELIABILITY.md` is rendered from the figures the tests and the fuzzers
+//! reported (see `reliability`), also when something failed, and a full run writes its
+//! timings into the README (see `timing`).
 
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use crate::testlog::TestLog;
 use crate::util::{self, cargo};
-use crate::{fuzz, reliability};
+use crate::{fuzz, reliability, timing};
 
 struct Step {
     name: &'static str,
@@ -23,15 +25,13 @@ enum Outcome {
     Skipped,
 }
 
-/// Test counts summed over every `test result:` line cargo test printed, and the tests that
-/// failed or were ignored (with the reason given in `#[ignore = "..."]`).
-#[derive(Default)]
-struct Counts {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
-    failed_tests: Vec<String>,
-    ignored_tests: Vec<(String, String)>,
+impl Outcome {
+    fn secs(&self) -> Option<f64> {
+        match self {
+            Outcome::Passed(s) | Outcome::Failed(s, _) => Some(*s),
+            Outcome::Skipped => None,
+        }
+    }
 }
 
 /// Seconds each fuzz target runs by default (three targets: about 1.5 minutes in all).
@@ -40,7 +40,10 @@ pub const FUZZ_SECONDS: u64 = 25;
 pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
     crate::setup::run()?;
     util::require_root("the tests need CAP_NET_ADMIN, CAP_BPF and network namespaces")?;
+    // What is about to run, before anything can change it.
+    let start = reliability::StartInfo::capture();
     let figures = reliability::reset()?;
+    let full = extra_args.is_empty() && fuzz_seconds == FUZZ_SECONDS && !start.cases_set;
 
     let mut steps = Vec::new();
     let mut timed = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| {
@@ -66,11 +69,16 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
     let built = timed("cargo build", &mut || {
         util::run(cargo().args(["build", "--bins"]))
     });
-    let mut counts = Counts::default();
+    let mut log = TestLog::default();
     let mut fuzzed = Vec::new();
     if built {
         timed("cargo test", &mut || {
-            cargo_test(extra_args, &figures, &mut counts)
+            let ran = cargo_test(extra_args, &start.cases, &figures, &mut log);
+            match (ran, check_suites(&log, !extra_args.is_empty())) {
+                (Ok(()), suites) => suites,
+                (Err(e), Ok(())) => Err(e),
+                (Err(e), Err(empty)) => Err(e.context(format!("{empty:#}"))),
+            }
         });
         if fuzz_seconds > 0 {
             timed("cargo fuzz", &mut || {
@@ -100,78 +108,125 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
         }
     }
     if built {
-        if counts.passed + counts.failed + counts.ignored == 0 {
-            println!("  warning: cargo test reported no tests");
-        }
+        let (p, f, i) = log.totals();
         println!(
-            "tests: {} passed, {} failed, {} skipped",
-            counts.passed, counts.failed, counts.ignored
+            "tests: {p} passed, {f} failed, {i} ignored, in {} suites",
+            log.suites.len()
         );
     }
-    let tests = built.then(|| {
-        format!(
-            "{} passed, {} failed, {} skipped",
-            counts.passed, counts.failed, counts.ignored
-        )
-    });
+    let timings: Vec<(&str, f64)> = steps
+        .iter()
+        .filter_map(|s| s.outcome.secs().map(|secs| (s.name, secs)))
+        .collect();
+    let total: f64 = timings.iter().map(|(_, s)| s).sum();
+    let sentence = timing::sentence(
+        full,
+        &format!("{}, commit {}", start.date, start.commit),
+        &start.cpus,
+        &timings,
+        &log.suites,
+        (!fuzzed.is_empty()).then(|| fuzzed.iter().map(|o| o.seconds).sum()),
+    );
+    println!("{sentence}");
+    if total > timing::BUDGET_SECS {
+        println!(
+            "  warning: over the {:.0}-minute budget",
+            timing::BUDGET_SECS / 60.0
+        );
+    }
     let step_lines: Vec<(String, String)> = steps
         .iter()
         .map(|s| {
             let outcome = match &s.outcome {
                 Outcome::Passed(secs) => format!("passed ({secs:.0} s)"),
-                Outcome::Failed(secs, _) => format!("FAILED ({secs:.0} s)"),
+                Outcome::Failed(secs, _) => format!("**FAILED** ({secs:.0} s)"),
                 Outcome::Skipped => "skipped".to_string(),
             };
             (s.name.to_string(), outcome)
         })
         .collect();
     let path = reliability::render(&reliability::RunInfo {
+        start: &start,
+        test_args: extra_args,
         steps: &step_lines,
-        tests,
-        failed_tests: &counts.failed_tests,
-        ignored_tests: &counts.ignored_tests,
+        tests: built.then_some(&log),
         fuzz: &fuzzed,
         fuzz_seconds,
     })?;
     println!("wrote {}", path.display());
+    if full && failures == 0 {
+        timing::update_readme(&sentence)?;
+        println!("wrote the timing sentence into README.md");
+    }
     if failures > 0 {
         bail!("{failures} of {} steps failed", steps.len());
     }
     Ok(())
 }
 
+/// Fails naming every suite that ran no test (with `filtered`, one whose tests were all
+/// filtered out by the caller's filter is fine) or whose binary did not finish.
+fn check_suites(log: &TestLog, filtered: bool) -> Result<()> {
+    if log.suites.is_empty() {
+        bail!("cargo test ran no test suite");
+    }
+    let empty: Vec<String> = log
+        .empty_suites(filtered)
+        .iter()
+        .map(|s| {
+            if s.finished {
+                format!("{} (ran 0 tests, {} ignored)", s.name, s.ignored)
+            } else {
+                format!("{} (did not finish)", s.name)
+            }
+        })
+        .collect();
+    if !empty.is_empty() {
+        bail!(
+            "{} test suites ran no test: {}",
+            empty.len(),
+            empty.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Runs `cargo test` (the default members: every crate but nat-ebpf, which only builds for the
-/// BPF target and is compiled by nat-userspace's build.rs), echoing its stdout and summing its
-/// `test result:` lines. The tests append their figures to `figures`.
-fn cargo_test(extra_args: &[String], figures: &std::path::Path, counts: &mut Counts) -> Result<()> {
+/// BPF target and is compiled by nat-userspace's build.rs), echoing its output (stdout and
+/// stderr merged, so cargo's `Running` lines name the suite of the lines after them) and
+/// reading it into `log`. The tests append their figures to `figures`.
+fn cargo_test(
+    extra_args: &[String],
+    cases: &str,
+    figures: &std::path::Path,
+    log: &mut TestLog,
+) -> Result<()> {
     let (natd, natctl) = util::debug_bins()?;
-    const DIFFERENTIAL_CASES: &str = "200000";
     for bin in [&natd, &natctl] {
         if !bin.is_file() {
             bail!("{} was not built", bin.display());
         }
     }
-    // The differential tests' size: 200,000 gives about 520,000 random frames and scenario
-    // steps through program and model (a few minutes); set it to override.
-    let cases = std::env::var("NAT_PROPTEST_CASES").unwrap_or_else(|_| DIFFERENTIAL_CASES.into());
+    let (reader, writer) = std::io::pipe().context("cannot create a pipe")?;
     let mut cmd = cargo();
     cmd.args(["test", "--no-fail-fast"])
         .args(extra_args)
-        .env("NAT_PROPTEST_CASES", cases)
+        .env(reliability::CASES_ENV, cases)
         .env("NATD_BIN", &natd)
         .env("NATCTL_BIN", &natctl)
         .env(reliability::ENV, figures)
-        .stdout(Stdio::piped());
+        .stdout(writer.try_clone().context("cannot clone a pipe")?)
+        .stderr(writer);
     let line = util::describe(&cmd);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("failed to start `{line}`"))?;
-    if let Some(stdout) = child.stdout.take() {
-        for text in BufReader::new(stdout).lines() {
-            let text = text.with_context(|| format!("cannot read the output of `{line}`"))?;
-            println!("{text}");
-            count_result_line(&text, counts);
-        }
+    // The command holds the pipe's write ends: drop it, or the reader never sees the end.
+    drop(cmd);
+    for text in BufReader::new(reader).lines() {
+        let text = text.with_context(|| format!("cannot read the output of `{line}`"))?;
+        println!("{text}");
+        log.line(&text);
     }
     let status = child
         .wait()
@@ -182,71 +237,31 @@ fn cargo_test(extra_args: &[String], figures: &std::path::Path, counts: &mut Cou
     Ok(())
 }
 
-/// Parses `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`,
-/// and notes `test NAME ... FAILED` and `test NAME ... ignored, REASON`.
-fn count_result_line(line: &str, counts: &mut Counts) {
-    if let Some((name, outcome)) = line
-        .trim()
-        .strip_prefix("test ")
-        .and_then(|l| l.split_once(" ... "))
-    {
-        if outcome == "FAILED" {
-            counts.failed_tests.push(name.to_string());
-        } else if let Some(why) = outcome.strip_prefix("ignored") {
-            let why = why.trim_start_matches(", ").trim();
-            counts
-                .ignored_tests
-                .push((name.to_string(), why.to_string()));
-        }
-        return;
-    }
-    let Some(rest) = line.trim().strip_prefix("test result: ") else {
-        return;
-    };
-    let fields = rest.split_once(". ").map_or(rest, |(_, f)| f);
-    for field in fields.split(';') {
-        let mut words = field.split_whitespace();
-        let (Some(n), Some(what)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let Ok(n) = n.parse::<u64>() else { continue };
-        match what {
-            "passed" => counts.passed += n,
-            "failed" => counts.failed += n,
-            "ignored" => counts.ignored += n,
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sums_result_lines() {
-        let mut c = Counts::default();
-        count_result_line(
-            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
-            &mut c,
-        );
-        count_result_line(
-            "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
-            &mut c,
-        );
-        count_result_line("running 3 tests", &mut c);
-        count_result_line("test a::b ... FAILED", &mut c);
-        count_result_line("test a::c ... ok", &mut c);
-        count_result_line("test a::d ... ignored, product bug: x", &mut c);
-        count_result_line("test a::e ... ignored", &mut c);
-        assert_eq!((c.passed, c.failed, c.ignored), (4, 2, 1));
-        assert_eq!(c.failed_tests, ["a::b"]);
+    fn a_suite_that_ran_no_test_fails_the_step() {
+        let mut log = TestLog::default();
+        assert!(check_suites(&log, false).is_err(), "no suite at all");
+        for l in [
+            "Running unittests src/lib.rs (target/debug/deps/nat_common-0123456789abcdef)",
+            "test result: ok. 9 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.10s",
+        ] {
+            log.line(l);
+        }
+        check_suites(&log, false).unwrap();
+        for l in [
+            "Running unittests src/main.rs (target/debug/deps/natd-0123456789abcdef)",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            log.line(l);
+        }
+        let e = check_suites(&log, false).unwrap_err();
         assert_eq!(
-            c.ignored_tests,
-            [
-                ("a::d".to_string(), "product bug: x".to_string()),
-                ("a::e".to_string(), String::new())
-            ]
+            format!("{e:#}"),
+            "1 test suites ran no test: natd (ran 0 tests, 0 ignored)"
         );
     }
 }

@@ -4,7 +4,8 @@
 //!   live-frames mode, with a flow index per frame from a counter or a random number;
 //! - [`sink`]: counts and drops UDP frames to a destination port range, passes the rest;
 //! - [`map_op`]: one map operation per run (the design card's per-CPU vs plain hash choice,
-//!   and the firewall's LPM lookups).
+//!   and the firewall's LPM lookups), counting the runs whose operation succeeded (the lookup
+//!   hit), so a measurement of lookups that missed can be refused.
 use super::asm::{
     Alu, Asm, Cond, HELPER_GET_PRANDOM_U32, HELPER_MAP_LOOKUP_ELEM, Insn, R0, R1, R2, R3, R4, R5,
     R6, R7, R8, R9, R10, Size, XDP_DROP, XDP_PASS, XDP_TX,
@@ -163,6 +164,11 @@ pub enum Op {
     Redirect { devmap: i32, ifindex: u32 },
 }
 
+/// `XDP_REDIRECT`, what `bpf_redirect_map()` returns when the target exists.
+const XDP_REDIRECT: i32 = 4;
+/// `BPF_FIB_LKUP_RET_SUCCESS`.
+const FIB_SUCCESS: i32 = 0;
+
 /// `enum bpf_func_id` values of the helpers above.
 const HELPER_KTIME_GET_NS: i32 = 5;
 const HELPER_REDIRECT_MAP: i32 = 51;
@@ -170,9 +176,12 @@ const HELPER_FIB_LOOKUP: i32 = 69;
 
 const FRAME_LEN: i32 = 60;
 
-/// One map operation per run, then `XDP_PASS`. The key is a u32 at r10-8 (addresses are
-/// written as their network-order bytes, the way the project keys its maps).
-pub fn map_op(key: KeySource, op: Op) -> Vec<Insn> {
+/// One map operation per run. When it succeeded (every lookup found its entry, the route
+/// lookup found a route, the redirect its target) the run adds one to `hits[0]` (an array of
+/// one u64; a plain add: a test run repeats on one CPU) and returns `XDP_PASS`; otherwise it
+/// returns `XDP_DROP` without counting. The key is a u32 at r10-8 (addresses are written as
+/// their network-order bytes, the way the project keys its maps).
+pub fn map_op(key: KeySource, op: Op, hits: i32) -> Vec<Insn> {
     let mut a = Asm::new();
     a.mov_reg(R9, R1);
     match key {
@@ -283,16 +292,29 @@ pub fn map_op(key: KeySource, op: Op) -> Vec<Insn> {
                 .alu_imm(Alu::Add, R2, -96)
                 .mov_imm(R3, 64)
                 .mov_imm(R4, 0)
-                .call(HELPER_FIB_LOOKUP);
+                .call(HELPER_FIB_LOOKUP)
+                .jmp_imm(Cond::Ne, R0, FIB_SUCCESS, "out");
         }
         Op::Redirect { devmap, ifindex } => {
             a.load_map_fd(R1, devmap)
                 .mov_imm(R2, ifindex as i32)
                 .mov_imm(R3, 0)
-                .call(HELPER_REDIRECT_MAP);
+                .call(HELPER_REDIRECT_MAP)
+                .jmp_imm(Cond::Ne, R0, XDP_REDIRECT, "out");
         }
     }
-    a.label("out").ret(XDP_PASS);
+    // Count the hit (key 0 at r10-100, below every other use of the stack).
+    a.store_imm(Size::W, R10, -100, 0)
+        .load_map_fd(R1, hits)
+        .mov_reg(R2, R10)
+        .alu_imm(Alu::Add, R2, -100)
+        .call(HELPER_MAP_LOOKUP_ELEM)
+        .jmp_imm(Cond::Eq, R0, 0, "out")
+        .load(Size::DW, R1, R0, 0)
+        .alu_imm(Alu::Add, R1, 1)
+        .store_reg(Size::DW, R0, 0, R1)
+        .ret(XDP_PASS);
+    a.label("out").ret(XDP_DROP);
     done(&a)
 }
 
@@ -308,7 +330,7 @@ mod tests {
             generator(&t, FlowSource::Counter { map: 3, flows: 10 }, 5000),
             generator(&t, FlowSource::Random { flows: 10 }, 5000),
             sink(3, 5000, 5015),
-            map_op(KeySource::Hot(1), Op::PerCpuValue { map: 3 }),
+            map_op(KeySource::Hot(1), Op::PerCpuValue { map: 3 }, 6),
             map_op(
                 KeySource::Cycle {
                     map: 4,
@@ -320,8 +342,18 @@ mod tests {
                     hash: 3,
                     counters: 5,
                 },
+                6,
             ),
-            map_op(KeySource::Hot(1), Op::LpmSvc { map: 3, public: 9 }),
+            map_op(KeySource::Hot(1), Op::LpmSvc { map: 3, public: 9 }, 6),
+            map_op(
+                KeySource::Hot(1),
+                Op::Fib {
+                    ifindex: 2,
+                    src: 1,
+                    dst: 2,
+                },
+                6,
+            ),
         ] {
             assert_eq!(p.last().map(|i| i.code), Some(0x95));
         }

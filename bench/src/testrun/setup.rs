@@ -5,7 +5,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{DevMapHash, HashMap};
 use nat_common::{
     Event, FlowKey, FlowState, IfaceConfig, MAP_CONNTRACK, MAP_DEVMAP, MAP_IFACES, NatConfig,
-    ORIGIN_GUEST, ROLE_GUEST, ROLE_PUBLIC, Reason, TIMEOUT_SLOTS, conntrack::State,
+    ORIGIN_GUEST, ROLE_GUEST, ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
+    conntrack::{ASSURED, SEEN_REPLY, State, Timeout},
 };
 use nat_userspace::{
     cidr::Cidr,
@@ -276,6 +277,8 @@ impl Bed {
             last_seen: now,
             state: State::UdpReplied as u8,
             origin: ORIGIN_GUEST,
+            flags: SEEN_REPLY | ASSURED,
+            timer: Timeout::UdpReplied as u8,
             ..FlowState::default()
         };
         for (n, guest) in privates.enumerate() {

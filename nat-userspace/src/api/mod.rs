@@ -33,6 +33,18 @@ pub struct RuleSpec {
     /// Source CIDRs (ingress) or destination CIDRs (egress); empty = any.
     #[serde(default)]
     pub cidrs: Vec<Cidr>,
+    /// Egress only: the guests the rule applies to; empty = every guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Cidr>,
+}
+
+/// An ingress rule as natctl lists it: in force (`active`) while its public IP is mapped,
+/// kept but inactive while it is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedIngressRule {
+    #[serde(flatten)]
+    pub rule: IngressRule,
+    pub active: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +122,7 @@ pub enum Reply {
         mappings: Vec<MappingStatus>,
     },
     Firewall {
-        rules: Vec<IngressRule>,
+        rules: Vec<ListedIngressRule>,
     },
     Egress {
         default_allow: bool,
@@ -130,7 +142,10 @@ pub struct StatusReport {
     pub version: String,
     pub interfaces: Vec<Attached>,
     pub mappings: usize,
+    /// Every ingress rule; of them, `inactive_ingress_rules` belong to unmapped public IPs.
     pub ingress_rules: usize,
+    #[serde(default)]
+    pub inactive_ingress_rules: usize,
     pub egress_rules: usize,
     pub egress_default_allow: bool,
     /// Live flows as of the last collection, and the table's size.

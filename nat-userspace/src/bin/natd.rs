@@ -60,7 +60,8 @@ struct Args {
     /// gratuitous ARP), and remove it with its mapping.
     #[arg(long)]
     manage_addresses: bool,
-    /// Apply each CloudStack payload file dropped in this directory once, in name order.
+    /// Apply each CloudStack payload file written or moved into this directory once, in order
+    /// (those already there at start in name order).
     #[arg(long)]
     cloudstack_dir: Option<PathBuf>,
     /// Where to serve Prometheus metrics (GET /metrics). Loopback unless told otherwise.
@@ -152,6 +153,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--cloudstack-dir {} is not a directory", dir.display());
     }
     let cs_record = cloudstack_dir::Record::load(&args.state_dir)?;
+    // Watching before anything is installed, so a directory natd cannot watch changes nothing.
+    let cs_watcher = match &args.cloudstack_dir {
+        Some(dir) => Some(
+            cloudstack_dir::Watcher::new(dir)
+                .with_context(|| format!("--cloudstack-dir {}: cannot watch it", dir.display()))?,
+        ),
+        None => None,
+    };
     let (desired, generation) = match store.load()? {
         Some((snap, state)) => {
             info!(
@@ -240,9 +249,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Err(anyhow::Error::from(e).context("installing the desired state"));
     }
     info!(
-        "installed {} mapping(s), {} ingress rule(s), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
+        "installed {} mapping(s), {} ingress rule(s) ({} inactive), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
         ctl.state().len(),
         ctl.state().ingress_rules().count(),
+        ctl.state().ingress_rules().count() - ctl.state().active_ingress_rules().count(),
         ctl.state().egress_rules().count(),
         if ctl.state().egress_default_allow() {
             "allow"
@@ -269,9 +279,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         daemon.clone(),
         stop_rx.clone(),
     ));
-    let cloudstack = match &args.cloudstack_dir {
-        Some(dir) => Some(tokio::spawn(cloudstack_dir::watch_dir(
-            dir.clone(),
+    let cloudstack = match cs_watcher {
+        Some(watcher) => Some(tokio::spawn(cloudstack_dir::watch_dir(
+            watcher,
             args.state_dir.clone(),
             cs_record,
             daemon.clone(),

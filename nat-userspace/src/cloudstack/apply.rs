@@ -1,6 +1,8 @@
 //! Applies a parsed payload to a desired state the way CloudStack's router scripts merge it
-//! (`cs_staticnatrules` / `cs_firewallrules` merged by rule, then `CsAcl`): rules in order,
-//! static NAT by public IP, firewall rules by id.
+//! into their databags (`cs_forwardingrules.merge` for static NAT, `cs_firewallrules.merge`,
+//! then `CsAcl`): rules in order, static NAT by public IP (an entry replaces the IP's mapping),
+//! firewall rules by id, the two databags independent of each other (an ingress rule of an IP
+//! without static NAT is kept, inactive, and a revoked static NAT leaves the IP's rules).
 use std::net::Ipv4Addr;
 
 use super::{
@@ -11,7 +13,7 @@ use super::{
 use crate::{
     cidr::Cidr,
     firewall::{PortRange, Proto, RuleError, Service, normalize_cidrs},
-    state::{DesiredState, Mapping, StateError},
+    state::{DesiredState, LOCAL_RULE_IDS, Mapping, StateError},
 };
 
 /// Applies `payload` to `state`, rule by rule, and says what each rule did.
@@ -93,34 +95,54 @@ fn static_nat(
             summary.push(at, Change::MappingAbsent(public));
             return Ok(());
         }
-        let ingress_removed = state
-            .ingress_rules()
-            .filter(|s| s.rule.public == public)
-            .map(|s| s.rule.id)
-            .collect();
         let mapping = state
             .remove_mapping(public)
             .map_err(|e| refuse(at, "source_ip_address", Problem::State(e)))?;
-        summary.push(
-            at,
-            Change::MappingRemoved {
-                mapping,
-                ingress_removed,
-            },
-        );
+        let inactive = rules_of(state, public);
+        summary.push(at, Change::MappingRemoved { mapping, inactive });
         return Ok(());
     }
     let private = ipv4(at, field, r.destination_ip_address.as_deref())?;
     let m = Mapping { public, private };
-    if state.private_of(public) == Some(private) {
-        summary.push(at, Change::MappingPresent(m));
-        return Ok(());
-    }
+    let replaced = match state.private_of(public) {
+        Some(p) if p == private => {
+            summary.push(at, Change::MappingPresent(m));
+            return Ok(());
+        }
+        // The router's databag keeps one entry per public IP: a new one replaces it (its
+        // revoke never arrived, or CloudStack moved the IP to another guest).
+        Some(_) => Some(
+            state
+                .remove_mapping(public)
+                .map_err(|e| refuse(at, "source_ip_address", Problem::State(e)))?,
+        ),
+        None => None,
+    };
     state
         .add_mapping(m)
         .map_err(|e| refuse(at, mapping_field(&e), Problem::State(e)))?;
-    summary.push(at, Change::MappingAdded(m));
+    let active = rules_of(state, public);
+    summary.push(
+        at,
+        match replaced {
+            Some(old) => Change::MappingReplaced {
+                old,
+                new: m,
+                active,
+            },
+            None => Change::MappingAdded { mapping: m, active },
+        },
+    );
     Ok(())
+}
+
+/// Ids of the ingress rules of `public`.
+fn rules_of(state: &DesiredState, public: Ipv4Addr) -> Vec<u64> {
+    state
+        .ingress_rules()
+        .filter(|s| s.rule.public == public)
+        .map(|s| s.rule.id)
+        .collect()
 }
 
 /// Firewall rules by id: unknown id added, known id kept, `revoked` deleted.
@@ -132,6 +154,9 @@ fn firewall(
     summary: &mut Summary,
 ) -> Result<(), CloudStackError> {
     let id = r.id.ok_or_else(|| refuse(at, "id", Problem::Missing))?;
+    if id >= LOCAL_RULE_IDS {
+        return Err(refuse(at, "id", Problem::LocalId(id)));
+    }
     let kind = match r.traffic_type.as_deref() {
         None => return Err(refuse(at, "traffic_type", Problem::Missing)),
         Some(t) if t.eq_ignore_ascii_case("Ingress") => RuleKind::Ingress,
@@ -194,21 +219,29 @@ fn ingress(
         summary.push(at, Change::RuleKept { kind, id, differs });
         return Ok(());
     }
-    // CloudStack sends the rules of every public IP of the network, port-forwarding and
-    // source-NAT IPs included: those are the router's own business, not natd's.
-    if state.private_of(public).is_none() {
-        summary.push(at, Change::RuleSkipped { id, public });
-        return Ok(());
-    }
+    // Kept whether or not the IP has static NAT: the firewall databag is independent of the
+    // static NAT one, and CloudStack does not send the rule again when the static NAT comes.
+    // (It also sends the rules of port-forwarding and source-NAT IPs, which stay inactive.)
     state
         .add_ingress(Some(id), public, service, cidrs)
         .map_err(|e| {
-            let field =
-                matches!(e, StateError::TooManyIngressRules { .. }).then(|| Field::new("src_ip"));
+            let field = match e {
+                StateError::TooManyIngressRules { .. } | StateError::NotUnicast { .. } => {
+                    Some(Field::new("src_ip"))
+                }
+                _ => None,
+            };
             CloudStackError::rule(at, field, Problem::State(e))
         })?;
-    let kind = RuleKind::Ingress;
-    summary.push(at, Change::RuleAdded { kind, id });
+    summary.push(
+        at,
+        if state.private_of(public).is_some() {
+            let kind = RuleKind::Ingress;
+            Change::RuleAdded { kind, id }
+        } else {
+            Change::RuleInactive { id, public }
+        },
+    );
     Ok(())
 }
 
@@ -248,27 +281,22 @@ fn egress(
         return Ok(());
     }
     let service = service(at, r, RuleKind::Egress)?;
+    // As the router's ipsets: the rule applies to guests in `source_cidr_list` (all if empty)
+    // and destinations in `dest_cidr_list` (0.0.0.0/0 or empty = anywhere).
     let mut dests = cidr_list(at, "dest_cidr_list", r.dest_cidr_list.as_deref())?;
     if dests.iter().any(Cidr::is_any) {
         dests.clear();
     }
-    if let (false, Some(g)) = (sources.is_empty(), r.guest_cidr.as_deref()) {
-        let guest: Cidr = g
-            .parse()
-            .map_err(|e| refuse(at, "guest_cidr", Problem::Cidr(e)))?;
-        if !sources.iter().any(|s| s.contains(&guest)) {
-            let problem = Problem::NarrowSource { guest };
-            return Err(refuse(at, "source_cidr_list", problem));
-        }
-    }
     let kind = RuleKind::Egress;
     if let Some(s) = state.egress_rules().find(|s| s.rule.id == id) {
-        let differs = s.rule.service != service || s.rule.cidrs != normalize_cidrs(dests);
+        let differs = s.rule.service != service
+            || s.rule.cidrs != normalize_cidrs(dests)
+            || s.rule.sources != normalize_cidrs(sources);
         summary.push(at, Change::RuleKept { kind, id, differs });
         return Ok(());
     }
     state
-        .add_egress(Some(id), service, dests)
+        .add_egress_from(Some(id), service, dests, sources)
         .map_err(|e| CloudStackError::rule(at, None, Problem::State(e)))?;
     summary.push(at, Change::RuleAdded { kind, id });
     Ok(())

@@ -7,8 +7,8 @@
 //! versions, and which fields a rule needs depends on the rule ([`apply`](fn@super::apply)
 //! decides). Addresses, CIDRs and protocols stay strings so that a bad value is reported with
 //! the value itself, not as a JSON type error. Fields natd has no use for (`protocol` and
-//! `source_port_range` of a static NAT rule, `src_vlan_tag`, `already_added`, `purpose`, ...)
-//! are not modelled, so they can never make a payload fail.
+//! `source_port_range` of a static NAT rule, `src_vlan_tag`, `already_added`, `purpose`,
+//! `guest_cidr`, ...) are not modelled, so they can never make a payload fail.
 use serde::{Deserialize, Serialize};
 
 /// One entry of a `staticnatrules` payload.
@@ -56,15 +56,12 @@ pub struct FirewallRule {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_code: Option<i64>,
     /// Ingress: allowed sources (empty or absent = `0.0.0.0/0`). Egress: the guests the rule
-    /// applies to (the guest network's CIDR unless narrowed).
+    /// applies to (empty or absent = every guest; down to one VM's /32).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_cidr_list: Option<Vec<String>>,
     /// Egress: destinations (empty, absent or `0.0.0.0/0` = any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dest_cidr_list: Option<Vec<String>>,
-    /// Egress: the guest network's CIDR.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub guest_cidr: Option<String>,
     /// Egress: the guest network's default, `true` = allow.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_egress_policy: Option<bool>,

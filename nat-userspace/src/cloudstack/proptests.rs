@@ -1,6 +1,6 @@
 //! Random sequences of well-formed payloads: whatever is accepted or refused, the state stays
-//! one-to-one, has no rules for unmapped IPs, keeps ingress and egress ids apart, and ends up
-//! with each rule's last word in the payload.
+//! one-to-one, gives each public IP's rules distinct slots, keeps ingress and egress ids apart,
+//! and ends up with each rule's last word in the payload.
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
@@ -49,17 +49,12 @@ fn firewall_rule(default_allow: bool) -> impl Strategy<Value = FirewallRule> {
     )
         .prop_map(
             move |(id, ingress, revoked, proto, ports, icmp, ip, sources, dests)| {
-                // Ingress rules never say `all`; egress sources are the guest network.
-                let (proto, src_ip, sources) = if ingress {
+                // Ingress rules never say `all`.
+                let (proto, src_ip) = if ingress {
                     let proto = if proto == "all" { "tcp" } else { proto };
-                    (proto, public(ip), sources)
+                    (proto, public(ip))
                 } else {
-                    let sources = if sources.is_empty() {
-                        vec![]
-                    } else {
-                        vec!["10.1.1.0/24".to_string()]
-                    };
-                    (proto, String::new(), sources)
+                    (proto, String::new())
                 };
                 let icmp_type = icmp.map(|(t, _)| t);
                 FirewallRule {
@@ -73,7 +68,6 @@ fn firewall_rule(default_allow: bool) -> impl Strategy<Value = FirewallRule> {
                     icmp_code: icmp.and_then(|(t, c)| (t >= 0).then_some(c)),
                     source_cidr_list: Some(sources),
                     dest_cidr_list: Some(dests),
-                    guest_cidr: Some("10.1.1.0/24".to_string()),
                     default_egress_policy: Some(default_allow),
                 }
             },
@@ -99,13 +93,16 @@ fn check_invariants(s: &DesiredState) -> Result<(), TestCaseError> {
         publics.is_disjoint(&privates),
         "an IP is public and private"
     );
+    let mut slots = BTreeSet::new();
     for r in s.ingress_rules() {
         prop_assert!(
-            publics.contains(&r.rule.public),
-            "ingress rule {} for unmapped {}",
+            slots.insert((r.rule.public, r.slot)),
+            "ingress rule {} shares slot {} of {}",
             r.rule.id,
+            r.slot,
             r.rule.public
         );
+        prop_assert_eq!(s.is_active(&r.rule), publics.contains(&r.rule.public));
     }
     let ingress: BTreeSet<_> = s.ingress_rules().map(|r| r.rule.id).collect();
     let egress: BTreeSet<_> = s.egress_rules().map(|r| r.rule.id).collect();
@@ -156,20 +153,9 @@ fn check_last_word(p: &Payload, s: &DesiredState) -> Result<(), TestCaseError> {
                 if r.revoked == Some(true) {
                     prop_assert!(!ingress && !egress, "revoked id {} still there", id);
                 } else if r.traffic_type.as_deref() == Some("Ingress") {
-                    // A new rule of an IP without static NAT is skipped (left to the router);
-                    // a known id stays as it is, whatever the payload says.
-                    let ip: Option<std::net::Ipv4Addr> =
-                        r.src_ip.as_deref().and_then(|p| p.parse().ok());
-                    let mapped = ip.is_some_and(|p| s.private_of(p).is_some());
-                    if mapped {
-                        prop_assert!(ingress, "ingress id {} missing", id);
-                    } else if let Some(kept) = s.ingress_rules().find(|x| x.rule.id == id) {
-                        prop_assert!(
-                            Some(kept.rule.public) != ip,
-                            "rule {} of an unmapped IP added",
-                            id
-                        );
-                    }
+                    // Kept whether or not its IP has static NAT (inactive without); a known
+                    // id stays as it is, whatever the payload says.
+                    prop_assert!(ingress, "ingress id {} missing", id);
                 } else if !default_rule {
                     prop_assert!(egress, "egress id {} missing", id);
                 }

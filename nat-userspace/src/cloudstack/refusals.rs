@@ -113,9 +113,11 @@ fn invalid_static_nat_rules_name_the_rule_and_field() {
             r#"rule #1: source_ip_address: "" is not an IPv4 address"#,
         ),
         (
-            nat(r#"{"source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.12"}"#),
-            "rule #1: source_ip_address: public IP 203.0.113.100 is already mapped: \
-             203.0.113.100 -> 10.1.1.10",
+            // Replacing the mapping of .100 (as the router's databag merge does) would map
+            // 10.1.1.11 twice.
+            nat(r#"{"source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.11"}"#),
+            "rule #1: destination_ip_address: private IP 10.1.1.11 is already mapped to \
+             another public IP: 203.0.113.101 -> 10.1.1.11",
         ),
         (
             nat(r#"{"source_ip_address":"203.0.113.102","destination_ip_address":"10.1.1.10"}"#),
@@ -240,15 +242,14 @@ fn invalid_firewall_rules_name_the_rule_and_field() {
         ),
         (
             fw(r#"{"id":23,"traffic_type":"Egress","protocol":"tcp","default_egress_policy":true,
-                   "source_cidr_list":["10.1.1.10/32"],"guest_cidr":"10.1.1.0/24"}"#),
-            "rule #1 (id 23): source_cidr_list: no CIDR covers the guest network 10.1.1.0/24; \
-             natd's egress rules apply to every guest, so a rule for only some guests cannot be applied"
-                .into(),
+                   "source_cidr_list":["10.1.1.0/24","10.1.1.0/40"]}"#),
+            r#"rule #1 (id 23): source_cidr_list[1]: "10.1.1.0/40" is not an IPv4 CIDR (expected A.B.C.D/N with N in 0..=32, or A.B.C.D)"#.into(),
         ),
         (
-            fw(r#"{"id":23,"traffic_type":"Egress","protocol":"tcp","default_egress_policy":true,
-                   "source_cidr_list":["10.1.1.0/24"],"guest_cidr":"10.1.1.0/40"}"#),
-            r#"rule #1 (id 23): guest_cidr: "10.1.1.0/40" is not an IPv4 CIDR (expected A.B.C.D/N with N in 0..=32, or A.B.C.D)"#.into(),
+            fw(r#"{"id":1000000000000001,"traffic_type":"Egress","protocol":"tcp","default_egress_policy":true}"#),
+            "rule #1 (id 1000000000000001): id: 1000000000000001 is in the range natd gives its \
+             own rules (from 1000000000000000); CloudStack's ids are below it"
+                .into(),
         ),
         (
             fw(r#"{"id":23,"traffic_type":"Egress","protocol":"tcp","default_egress_policy":true,
@@ -257,8 +258,9 @@ fn invalid_firewall_rules_name_the_rule_and_field() {
         ),
         (
             fw(r#"{"id":23,"traffic_type":"Egress","protocol":"tcp","default_egress_policy":true,"src_port_range":[25,25],
-                   "dest_cidr_list":["0.0.0.0/0"]}"#),
-            "rule #1 (id 23): rule 21 already allows tcp ports 25 to 0.0.0.0/0".into(),
+                   "dest_cidr_list":["0.0.0.0/0"],"source_cidr_list":["10.1.1.0/24"]}"#),
+            "rule #1 (id 23): rule 21 already allows tcp ports 25 from 10.1.1.0/24 to 0.0.0.0/0"
+                .into(),
         ),
     ];
     for (text, want) in cases {
@@ -293,10 +295,11 @@ fn firewall_error_is_structured() {
     }
 }
 
-/// Not a refusal: CloudStack sends the rules of every public IP of the network, and those of
-/// IPs without static NAT (port forwarding, source NAT) are the router's own business.
+/// Not a refusal: CloudStack sends the rules of every public IP of the network; those of an IP
+/// without static NAT (yet: its static NAT payload may come next; or a port forwarding or
+/// source NAT IP) are kept, inactive, as the router's firewall databag keeps them.
 #[test]
-fn rules_of_ips_without_static_nat_are_skipped_and_the_rest_applied() {
+fn rules_of_ips_without_static_nat_are_kept_inactive_and_the_rest_applied() {
     let original = state_after(&[STATICNAT]);
     let text = r#"{"type":"firewallrules","rules":[
         {"id":31,"traffic_type":"Ingress","src_ip":"203.0.113.99","protocol":"tcp"},
@@ -304,10 +307,12 @@ fn rules_of_ips_without_static_nat_are_skipped_and_the_rest_applied() {
     let mut new = original.clone();
     let summary = apply(&parse(text).unwrap(), &mut new).unwrap();
     let ids: Vec<u64> = new.ingress_rules().map(|r| r.rule.id).collect();
-    assert_eq!(ids, vec![32]);
+    assert_eq!(ids, vec![31, 32]);
+    let active: Vec<u64> = new.active_ingress_rules().map(|r| r.rule.id).collect();
+    assert_eq!(active, vec![32]);
     let lines: Vec<String> = summary.lines().collect();
     assert!(
-        lines[0].contains("ingress rule 31 skipped: 203.0.113.99 has no static NAT here"),
+        lines[0].contains("ingress rule 31 added, inactive: 203.0.113.99 has no static NAT"),
         "{lines:?}"
     );
 }

@@ -41,11 +41,22 @@ impl fmt::Display for RuleKind {
 /// What one rule of a payload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    MappingAdded(Mapping),
-    /// A revoke removed the mapping and, with it, the ingress rules of its public IP.
+    /// A new mapping; `active`: the ingress rules of its public IP it brought into force.
+    MappingAdded {
+        mapping: Mapping,
+        active: Vec<u64>,
+    },
+    /// An entry for a public IP that was mapped to another guest replaced that mapping (as the
+    /// router's databag merge does); the IP's ingress rules `active` apply to the new guest.
+    MappingReplaced {
+        old: Mapping,
+        new: Mapping,
+        active: Vec<u64>,
+    },
+    /// A revoke removed the mapping; the ingress rules of its public IP stay, `inactive`.
     MappingRemoved {
         mapping: Mapping,
-        ingress_removed: Vec<u64>,
+        inactive: Vec<u64>,
     },
     /// No-op: exactly this mapping was already there.
     MappingPresent(Mapping),
@@ -66,9 +77,10 @@ pub enum Change {
         id: u64,
         differs: bool,
     },
-    /// No-op: an ingress rule of a public IP without static NAT (a port-forwarding or source
-    /// NAT IP), which the router's own firewall handles.
-    RuleSkipped {
+    /// An ingress rule of a public IP without static NAT: kept, inactive until the IP's static
+    /// NAT arrives (never, for a port-forwarding or source NAT IP, which the router's own
+    /// firewall handles).
+    RuleInactive {
         id: u64,
         public: Ipv4Addr,
     },
@@ -93,14 +105,17 @@ impl Change {
     /// Whether this left the state as it was.
     pub fn is_noop(&self) -> bool {
         match self {
-            Change::MappingAdded(_) | Change::MappingRemoved { .. } => false,
-            Change::RuleAdded { .. } | Change::RuleRemoved { .. } => false,
+            Change::MappingAdded { .. }
+            | Change::MappingReplaced { .. }
+            | Change::MappingRemoved { .. } => false,
+            Change::RuleAdded { .. } | Change::RuleRemoved { .. } | Change::RuleInactive { .. } => {
+                false
+            }
             Change::EgressDefault { allow, was } => allow == was,
             Change::MappingPresent(_)
             | Change::MappingAbsent(_)
             | Change::RuleKept { .. }
             | Change::RuleAbsent { .. }
-            | Change::RuleSkipped { .. }
             | Change::EgressDefaultRule { .. } => true,
         }
     }
@@ -113,14 +128,34 @@ fn policy(allow: bool) -> &'static str {
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Change::MappingAdded(m) => write!(f, "mapping added: {} -> {}", m.public, m.private),
+            Change::MappingAdded { mapping: m, active } => {
+                write!(f, "mapping added: {} -> {}", m.public, m.private)?;
+                if !active.is_empty() {
+                    write!(f, "; its ingress rules {active:?} are in force")?;
+                }
+                Ok(())
+            }
+            Change::MappingReplaced { old, new, active } => {
+                write!(
+                    f,
+                    "mapping replaced: {} -> {} (was -> {})",
+                    new.public, new.private, old.private
+                )?;
+                if !active.is_empty() {
+                    write!(f, "; its ingress rules {active:?} apply to {}", new.private)?;
+                }
+                Ok(())
+            }
             Change::MappingRemoved {
                 mapping: m,
-                ingress_removed,
+                inactive,
             } => {
                 write!(f, "mapping removed: {} -> {}", m.public, m.private)?;
-                if !ingress_removed.is_empty() {
-                    write!(f, " with its ingress rules {ingress_removed:?}")?;
+                if !inactive.is_empty() {
+                    write!(
+                        f,
+                        "; its ingress rules {inactive:?} stay, inactive until it is mapped again"
+                    )?;
                 }
                 Ok(())
             }
@@ -140,9 +175,9 @@ impl fmt::Display for Change {
             Change::RuleAbsent { kind, id } => {
                 write!(f, "revoke: no {kind} rule {id}, nothing to do")
             }
-            Change::RuleSkipped { id, public } => write!(
+            Change::RuleInactive { id, public } => write!(
                 f,
-                "ingress rule {id} skipped: {public} has no static NAT here (the router's own firewall handles it)"
+                "ingress rule {id} added, inactive: {public} has no static NAT (yet)"
             ),
             Change::EgressDefault { allow, was } if allow == was => {
                 write!(f, "egress default policy {} (unchanged)", policy(*allow))
@@ -183,8 +218,9 @@ impl Summary {
 }
 
 /// Counter labels of [`Summary`]'s `Display`, singular and plural.
-const TALLY: [(&str, &str); 10] = [
+const TALLY: [(&str, &str); 11] = [
     ("mapping added", "mappings added"),
+    ("mapping replaced", "mappings replaced"),
     ("mapping removed", "mappings removed"),
     ("mapping already present", "mappings already present"),
     ("revoke of an unmapped IP", "revokes of unmapped IPs"),
@@ -194,24 +230,25 @@ const TALLY: [(&str, &str); 10] = [
     ("revoke of an unknown rule", "revokes of unknown rules"),
     ("egress default changed", "egress default changed"),
     (
-        "rule of a non-static-NAT IP skipped",
-        "rules of non-static-NAT IPs skipped",
+        "inactive rule added (no static NAT)",
+        "inactive rules added (no static NAT)",
     ),
 ];
 
 /// Which counter of [`TALLY`] a change adds to.
 fn tally(c: &Change) -> Option<usize> {
     Some(match c {
-        Change::MappingAdded(_) => 0,
-        Change::MappingRemoved { .. } => 1,
-        Change::MappingPresent(_) => 2,
-        Change::MappingAbsent(_) => 3,
-        Change::RuleAdded { .. } => 4,
-        Change::RuleRemoved { .. } => 5,
-        Change::RuleKept { .. } => 6,
-        Change::RuleAbsent { .. } => 7,
-        Change::EgressDefault { allow, was } if allow != was => 8,
-        Change::RuleSkipped { .. } => 9,
+        Change::MappingAdded { .. } => 0,
+        Change::MappingReplaced { .. } => 1,
+        Change::MappingRemoved { .. } => 2,
+        Change::MappingPresent(_) => 3,
+        Change::MappingAbsent(_) => 4,
+        Change::RuleAdded { .. } => 5,
+        Change::RuleRemoved { .. } => 6,
+        Change::RuleKept { .. } => 7,
+        Change::RuleAbsent { .. } => 8,
+        Change::EgressDefault { allow, was } if allow != was => 9,
+        Change::RuleInactive { .. } => 10,
         Change::EgressDefault { .. } | Change::EgressDefaultRule { .. } => return None,
     })
 }

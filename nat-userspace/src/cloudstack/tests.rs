@@ -12,6 +12,7 @@ use crate::{
 pub(super) const STATICNAT: &str = include_str!("../../tests/data/cloudstack/staticnat_rules.json");
 pub(super) const FIREWALL: &str = include_str!("../../tests/data/cloudstack/firewall_rules.json");
 pub(super) const EGRESS: &str = include_str!("../../tests/data/cloudstack/egress_rules.json");
+const EGRESS_PER_VM: &str = include_str!("../../tests/data/cloudstack/egress_rules_per_vm.json");
 const FIREWALL_REVOKE: &str =
     include_str!("../../tests/data/cloudstack/firewall_rules_revoke.json");
 const STATICNAT_REVOKE: &str =
@@ -50,11 +51,12 @@ fn ing(id: u64, public: &str, service: Service, from: &[&str]) -> IngressRule {
     }
 }
 
-fn egr(id: u64, service: Service, to: &[&str]) -> EgressRule {
+fn egr(id: u64, service: Service, from: &[&str], to: &[&str]) -> EgressRule {
     EgressRule {
         id,
         service,
         cidrs: cidrs(to),
+        sources: cidrs(from),
     }
 }
 
@@ -178,7 +180,7 @@ fn example_payloads_in_sequence_give_the_routers_state() {
     // Default allow, so rule 21 is a DENY exception: tcp/25 to anywhere.
     let after_egress = Seen {
         egress_default_allow: true,
-        egress: vec![egr(21, smtp.clone(), &["0.0.0.0/0"])],
+        egress: vec![egr(21, smtp.clone(), &["10.1.1.0/24"], &["0.0.0.0/0"])],
         ..after_fw
     };
     assert_eq!(seen(&s), after_egress);
@@ -192,18 +194,28 @@ fn example_payloads_in_sequence_give_the_routers_state() {
     let sum = step(&mut s, STATICNAT_REVOKE).unwrap();
     assert_eq!(
         lines(&sum),
-        ["rule #1: mapping removed: 203.0.113.101 -> 10.1.1.11 with its ingress rules [14]"]
+        ["rule #1: mapping removed: 203.0.113.101 -> 10.1.1.11; \
+             its ingress rules [14] stay, inactive until it is mapped again"]
     );
+    // The router's firewall databag still holds rule 14: it is kept, inactive.
     let last = Seen {
         mappings: vec![map("203.0.113.100", "10.1.1.10")],
         ingress: vec![
             ing(12, "203.0.113.100", udp5000, &["0.0.0.0/0"]),
             ing(13, "203.0.113.100", echo, &["0.0.0.0/0"]),
+            ing(
+                14,
+                "203.0.113.101",
+                any_icmp,
+                &["192.0.2.0/25", "192.0.2.128/25"],
+            ),
         ],
         egress_default_allow: true,
-        egress: vec![egr(21, smtp, &["0.0.0.0/0"])],
+        egress: vec![egr(21, smtp, &["10.1.1.0/24"], &["0.0.0.0/0"])],
     };
     assert_eq!(seen(&s), last);
+    let active: Vec<u64> = s.active_ingress_rules().map(|r| r.rule.id).collect();
+    assert_eq!(active, [12, 13]);
     assert_eq!(sum.to_string(), "1 mapping removed");
 }
 
@@ -254,6 +266,8 @@ fn no_ops_are_reported() {
     );
     let gone =
         r#"{"type":"firewallrules","rules":[{"id":14,"revoked":true,"traffic_type":"Ingress"}]}"#;
+    // Rule 14 outlived its IP's static NAT; revoked, it is gone, and a second revoke is a no-op.
+    step(&mut s, gone).unwrap();
     let sum = step(&mut s, gone).unwrap();
     assert_eq!(
         lines(&sum),
@@ -337,12 +351,27 @@ fn egress_default_deny_makes_the_rules_allow_exceptions() {
         got.egress,
         [
             // 0.0.0.0/0 among the destinations means any destination.
-            egr(41, svc(Proto::Udp, Some((53, 53)), None), &["0.0.0.0/0"]),
-            egr(42, svc(Proto::Icmp, None, None), &["198.51.100.0/24"]),
-            egr(43, svc(Proto::All, None, None), &["192.0.2.0/24"]),
+            egr(
+                41,
+                svc(Proto::Udp, Some((53, 53)), None),
+                &["10.1.1.0/24"],
+                &["0.0.0.0/0"]
+            ),
+            egr(
+                42,
+                svc(Proto::Icmp, None, None),
+                &["0.0.0.0/0"],
+                &["198.51.100.0/24"]
+            ),
+            egr(
+                43,
+                svc(Proto::All, None, None),
+                &["10.1.0.0/16"],
+                &["192.0.2.0/24"]
+            ),
         ]
     );
-    // Without guest_cidr the source list cannot be checked and is accepted.
+    // A rule for one guest only.
     let text = fw(
         r#"{"id":45,"protocol":"tcp","source_cidr_list":["10.1.1.10/32"],
         "traffic_type":"Egress","default_egress_policy":false}"#,
@@ -368,7 +397,132 @@ fn a_revoke_needs_only_id_and_traffic_type() {
     let sum = step(&mut s, text).unwrap();
     assert_eq!(
         lines(&sum),
-        ["rule #1: mapping removed: 203.0.113.100 -> 10.1.1.10 with its ingress rules [11, 13]"]
+        ["rule #1: mapping removed: 203.0.113.100 -> 10.1.1.10; \
+             its ingress rules [11, 13] stay, inactive until it is mapped again"]
+    );
+}
+
+/// The firewall databag is independent of the static NAT one: rules of an IP without static
+/// NAT are kept (inactive), come into force with its static NAT, and outlive its revoke.
+#[test]
+fn firewall_rules_before_their_static_nat_take_effect_with_it() {
+    let mut s = DesiredState::default();
+    let sum = step(&mut s, FIREWALL).unwrap();
+    assert_eq!(
+        lines(&sum)[0],
+        "rule #1 (id 11): ingress rule 11 added, inactive: 203.0.113.100 has no static NAT (yet)"
+    );
+    assert_eq!(sum.to_string(), "4 inactive rules added (no static NAT)");
+    assert!(sum.changed());
+    assert_eq!(s.ingress_rules().count(), 4);
+    assert_eq!(s.active_ingress_rules().count(), 0);
+    let sum = step(&mut s, STATICNAT).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1: mapping added: 203.0.113.100 -> 10.1.1.10; \
+             its ingress rules [11, 12, 13] are in force",
+            "rule #2: mapping added: 203.0.113.101 -> 10.1.1.11; its ingress rules [14] are in force"
+        ]
+    );
+    assert_eq!(s, state_after(&[STATICNAT, FIREWALL]));
+    step(&mut s, STATICNAT_REVOKE).unwrap();
+    let active: Vec<u64> = s.active_ingress_rules().map(|r| r.rule.id).collect();
+    assert_eq!(active, [11, 12, 13]);
+    // Granted again (as CloudStack does without resending the rules): in force again.
+    step(&mut s, STATICNAT).unwrap();
+    assert_eq!(s.active_ingress_rules().count(), 4);
+}
+
+/// As the router's databag merge: an entry for an IP mapped to another guest replaces the
+/// mapping (its revoke never arrived), keeping the IP's rules.
+#[test]
+fn a_static_nat_entry_replaces_the_mapping_of_its_ip() {
+    let mut s = state_after(&[STATICNAT, FIREWALL]);
+    let text = r#"{"type":"staticnatrules","rules":[
+        {"source_ip_address":"203.0.113.101","destination_ip_address":"10.1.1.21"}]}"#;
+    let sum = step(&mut s, text).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1: mapping replaced: 203.0.113.101 -> 10.1.1.21 (was -> 10.1.1.11); \
+             its ingress rules [14] apply to 10.1.1.21"
+        ]
+    );
+    assert_eq!(sum.to_string(), "1 mapping replaced");
+    assert_eq!(
+        s.mappings().collect::<Vec<_>>(),
+        [
+            map("203.0.113.100", "10.1.1.10"),
+            map("203.0.113.101", "10.1.1.21")
+        ]
+    );
+    assert_eq!(s.active_ingress_rules().count(), 4);
+    // Re-pointing to a guest that another public IP maps stays a refusal (one-to-one).
+    let text = r#"{"type":"staticnatrules","rules":[
+        {"source_ip_address":"203.0.113.101","destination_ip_address":"10.1.1.10"}]}"#;
+    let e = refused(&s, text);
+    assert!(
+        e.contains("destination_ip_address") && e.contains("203.0.113.100 -> 10.1.1.10"),
+        "{e}"
+    );
+}
+
+/// `source_cidr_list` of an egress rule limits it to those guests (the router's source ipset),
+/// down to one VM's /32.
+#[test]
+fn egress_rules_per_vm_keep_their_sources() {
+    let mut s = state_after(&[STATICNAT]);
+    let sum = step(&mut s, EGRESS_PER_VM).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 41): egress default policy: allow -> deny",
+            "rule #1 (id 41): egress rule 41 added",
+            "rule #2 (id 42): egress rule 42 is the default rule, not an exception"
+        ]
+    );
+    let got = seen(&s);
+    assert!(!got.egress_default_allow);
+    assert_eq!(
+        got.egress,
+        [egr(
+            41,
+            svc(Proto::Udp, Some((123, 123)), None),
+            &["10.1.1.25/32", "10.1.1.26/32"],
+            &["0.0.0.0/0"]
+        )]
+    );
+    let again = step(&mut s, EGRESS_PER_VM).unwrap();
+    assert!(!again.changed(), "{again}");
+}
+
+/// natd's own ids (natctl, config file) are above CloudStack's: a payload cannot name one, and
+/// a rule natctl added before a payload never takes the payload's id.
+#[test]
+fn natd_ids_and_cloudstack_ids_never_meet() {
+    let mut s = state_after(&[STATICNAT]);
+    let tcp = svc(Proto::Tcp, Some((80, 80)), None);
+    let mine = s
+        .add_ingress(None, ip("203.0.113.100"), tcp, vec![])
+        .unwrap();
+    assert_eq!(mine, crate::state::LOCAL_RULE_IDS + 1);
+    // CloudStack's rules 11..14 all arrive, none is taken for natctl's.
+    let sum = step(&mut s, FIREWALL).unwrap();
+    assert_eq!(sum.to_string(), "4 rules added");
+    let next = s
+        .add_egress(None, svc(Proto::Udp, None, None), vec![])
+        .unwrap();
+    assert_eq!(next, mine + 1);
+    let text = fw(&format!(
+        r#"{{"id":{mine},"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"udp"}}"#
+    ));
+    let e = refused(&s, &text);
+    assert!(
+        e.starts_with(&format!(
+            "rule #1 (id {mine}): id: {mine} is in the range natd gives"
+        )),
+        "{e}"
     );
 }
 

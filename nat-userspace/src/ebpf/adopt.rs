@@ -180,6 +180,11 @@ impl Dataplane {
                 b,
             );
         }
+        for (k, b) in self.lpm_entries::<[u8; 4]>(MAP_EG_SRC)? {
+            if let Some(c) = Cidr::new(k.data().into(), k.prefix_len() as u8) {
+                entries.insert(Entry::EgSrc(c), b);
+            }
+        }
         for (k, b) in self.lpm_entries::<[u8; 4]>(MAP_EG_DST)? {
             if let Some(c) = Cidr::new(k.data().into(), k.prefix_len() as u8) {
                 entries.insert(Entry::EgDst(c), b);

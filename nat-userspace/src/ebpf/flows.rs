@@ -2,7 +2,10 @@
 //! last-seen time), whole-flow removal (both entries), and the capacity.
 use std::collections::BTreeSet;
 
-use nat_common::{ENTRY_LEARNED, ENTRY_ORIG, ENTRY_REPLIED, conntrack::State};
+use nat_common::{
+    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING,
+    conntrack::{ASSURED, SEEN_REPLY, State},
+};
 
 use super::*;
 
@@ -15,8 +18,10 @@ pub struct FlowView {
     /// The flow in the guest's view.
     pub flow: FlowKey,
     pub state: State,
-    /// `nat_common::FIN_*` bits.
-    pub fins: u8,
+    /// The idle timer (`nat_common::conntrack::Timeout`) its last packet started.
+    pub timer: u8,
+    /// Assured (netfilter's `IPS_ASSURED`).
+    pub assured: bool,
     /// CLOCK_MONOTONIC (ns) of its last packet, to about a second.
     pub last_seen: u64,
     /// Not assured yet (in `PENDING`).
@@ -30,16 +35,18 @@ pub struct FlowView {
 }
 
 impl FlowView {
-    fn of(key: FlowTuple, e: &FlowEntry, pending: bool) -> Self {
+    fn of(key: FlowTuple, e: &FlowEntry) -> Self {
+        let pending = e.flags & ENTRY_PENDING != 0;
         FlowView {
             key,
             peer: e.peer,
             flow: e.flow,
-            state: State::from_u8(e.state),
-            fins: e.fins,
+            state: State::from_u8(e.state).unwrap_or(State::Other),
+            timer: e.timer,
+            assured: e.ct_flags & ASSURED != 0,
             last_seen: e.last_seen,
             pending,
-            replied: e.flags & ENTRY_REPLIED != 0,
+            replied: e.ct_flags & SEEN_REPLY != 0,
             learned: e.flags & ENTRY_LEARNED != 0,
             slot: e.slot,
         }
@@ -94,10 +101,10 @@ impl Dataplane {
     /// Every flow (its original entry), assured and pending.
     pub fn flows(&mut self) -> Result<Vec<FlowView>, DataplaneError> {
         let mut out = Vec::new();
-        for (map, pending) in TABLES {
+        for (map, _) in TABLES {
             for (k, e) in entries(self, map)? {
                 if e.flags & ENTRY_ORIG != 0 {
-                    out.push(FlowView::of(k, &e, pending));
+                    out.push(FlowView::of(k, &e));
                 }
             }
         }
@@ -114,7 +121,7 @@ impl Dataplane {
     ) -> Result<(usize, usize), DataplaneError> {
         let mut removed = 0;
         let mut seen = 0;
-        for (map, pending) in TABLES {
+        for (map, _) in TABLES {
             let all = entries(self, map)?;
             let origs: BTreeSet<FlowTuple> = all
                 .iter()
@@ -130,13 +137,13 @@ impl Dataplane {
                     continue;
                 }
                 seen += 1;
-                if !pred(&FlowView::of(*k, e, pending)) {
+                if !pred(&FlowView::of(*k, e)) {
                     continue;
                 }
                 let Some(now) = get(self, map, k)? else {
                     continue;
                 };
-                if now.flags & ENTRY_ORIG == 0 || !pred(&FlowView::of(*k, &now, pending)) {
+                if now.flags & ENTRY_ORIG == 0 || !pred(&FlowView::of(*k, &now)) {
                     continue;
                 }
                 if remove(self, map, k)? {

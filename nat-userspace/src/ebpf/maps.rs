@@ -69,6 +69,10 @@ pub fn write_entry(
             let k = LpmKey::new(FW_SVC_BASE_BITS + u32::from(len), data);
             write(ebpf, MAP_FW_SVC, k, bits)
         }
+        Entry::EgSrc(cidr) => {
+            let k = LpmKey::new(u32::from(cidr.prefix_len()), cidr.addr().octets());
+            write(ebpf, MAP_EG_SRC, k, bits)
+        }
         Entry::EgDst(cidr) => {
             let k = LpmKey::new(u32::from(cidr.prefix_len()), cidr.addr().octets());
             write(ebpf, MAP_EG_DST, k, bits)

@@ -35,7 +35,7 @@ use aya::{
 use nat_common::{
     Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry,
     FlowKey, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_DEVMAP, MAP_EG_DST,
-    MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_MAPPING_STATS,
+    MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_MAPPING_STATS,
     MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats, NatConfig,
     NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
 };

@@ -14,7 +14,7 @@ use aya::{
 };
 use nat_common::{
     EgSvcData, Event, FlowKey, FlowState, FwSrcData, FwSvcData, MAP_CONFIG, MAP_CONNTRACK,
-    MAP_EG_DST, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, NatConfig, RuleBits,
+    MAP_EG_DST, MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, NatConfig, RuleBits,
 };
 use nat_userspace::tables::Entry;
 
@@ -38,7 +38,7 @@ pub fn write_entry(ebpf: &mut Ebpf, e: Entry, bits: Option<RuleBits>) -> anyhow:
 /// One entry of a firewall map: (map, prefix length, key data, bits).
 pub type LpmEntry = (String, u32, String, RuleBits);
 
-/// Every entry of the four firewall maps, sorted: what the tests compare between the bench and
+/// Every entry of the five firewall maps, sorted: what the tests compare between the bench and
 /// natd's `Dataplane`.
 pub fn firewall_entries(ebpf: &mut Ebpf) -> anyhow::Result<Vec<LpmEntry>> {
     fn dump<K: aya::Pod + std::fmt::Debug>(
@@ -61,6 +61,7 @@ pub fn firewall_entries(ebpf: &mut Ebpf) -> anyhow::Result<Vec<LpmEntry>> {
     let mut out = Vec::new();
     dump::<FwSrcData>(ebpf, MAP_FW_SRC, &mut out)?;
     dump::<FwSvcData>(ebpf, MAP_FW_SVC, &mut out)?;
+    dump::<[u8; 4]>(ebpf, MAP_EG_SRC, &mut out)?;
     dump::<[u8; 4]>(ebpf, MAP_EG_DST, &mut out)?;
     dump::<EgSvcData>(ebpf, MAP_EG_SVC, &mut out)?;
     out.sort_by(|a, b| (&a.0, a.1, &a.2).cmp(&(&b.0, b.1, &b.2)));

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use nat_common::{ROLE_GUEST, Reason};
 
 use super::{
-    Direction, Events, Flow, Ip, Kind, L4Edit, Leg, Model, Outcome, Path, Tracked, dropped,
+    Direction, Events, Flow, Found, Ip, Kind, L4Edit, Leg, Model, Outcome, Path, Tracked, dropped,
     redirected, transport,
 };
 
@@ -59,7 +59,8 @@ impl Model {
             kind: Kind::HairpinRev,
         };
         let ct = &mut self.policy.conntrack;
-        if ct.track(&fwd, &facts, true, now, ev) {
+        let found = ct.track(&fwd, &facts, true, now, ev);
+        if found == Found::Hit {
             ct.refresh(&rev, &fwd, now);
             self.last_path = Some(Path::Established);
         } else {
@@ -76,9 +77,13 @@ impl Model {
                 return Ok(dropped(Reason::InboundDenied, f, key));
             }
             self.last_path = Some(Path::Rule);
+            // A packet INVALID for its flow neither joins nor replaces it.
             let ct = &mut self.policy.conntrack;
-            if let Some(state) = ct.open(fwd, &facts, true, now, ev) {
-                ct.put(rev, Tracked::binding(state, (v2, facts.sport)), now);
+            if found == Found::Miss
+                && let Some(t) = ct.open(fwd, &facts, true, now, ev)
+            {
+                let binding = Tracked::binding(t.state, (v2, facts.sport)).with_timer(t.timer);
+                ct.put(rev, binding, now);
             }
         }
         let mut out = f.to_vec();
@@ -130,7 +135,7 @@ impl Model {
             kind: Kind::HairpinFwd,
         };
         let ct = &mut self.policy.conntrack;
-        if !ct.track(&fwd, &facts, false, now, ev) {
+        if ct.track(&fwd, &facts, false, now, ev) != Found::Hit {
             self.last_path = Some(Path::Stale);
             return Err(Reason::Unmapped);
         }

@@ -3,28 +3,35 @@
 //! the public IP or the egress policy. A packet the rules admit opens its flow only once the
 //! route lookup has forwarded it ([`Admit::Open`]).
 //!
-//! Of ICMP only echo is tracked: a request follows its flow's direction, a reply answers it,
-//! only a request opens a flow; errors get in as RELATED or by a rule, other messages by a rule,
-//! without any lookup. A SYN from the responder of a closed TCP flow is a miss, judged as new;
-//! a flow it opens replaces the old entry. The table also holds the two legs of hairpin flows
-//! ([`Kind`]), which `super::hairpin` drives with the same tracking.
+//! What a packet does to its flow is netfilter's answer, from the model's own encoding of it
+//! ([`super::nf_state`], not `nat_common::conntrack`), limited to what the program keeps
+//! ([`Kept`]). Of ICMP only queries (echo, timestamp, information, address mask) are tracked,
+//! keyed by identifier and the type the guest sends: a request follows its flow's direction,
+//! a reply answers it, only a request opens a flow; errors get in as RELATED or by a rule,
+//! other messages by a rule, without any lookup. A SYN on a TIME_WAIT or CLOSE flow is a
+//! miss, judged as new; a flow it opens replaces the old entry. A packet netfilter marks
+//! INVALID for its flow is judged by the rules but neither joins nor replaces the flow. The
+//! table also holds the two legs of hairpin flows ([`Kind`]), which `super::hairpin` drives
+//! with the same tracking.
 //!
 //! Rules are matched by a linear scan over the rules as natd holds them (protocol, port range,
 //! ICMP type/code, CIDRs), never through the LPM entries natd compiles them into, so a test
-//! that agrees with the program also checks that compilation. The TCP/UDP state machine is
-//! `nat_common::conntrack` (host-tested there; the golden tests pin its transitions).
+//! that agrees with the program also checks that compilation.
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use nat_common::{
     Event, FLOW_HAIRPIN_FWD, FLOW_HAIRPIN_REV, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST,
     ORIGIN_PUBLIC, Reason, TIMEOUT_SLOTS,
-    conntrack::{self, State},
+    conntrack::{State, Timeout},
 };
 use nat_userspace::{
     cidr::Cidr,
     firewall::{EgressRule, IngressRule, Proto, Service},
     state::DesiredState,
 };
+
+use super::nf_state::{self, NfConn, Ret, Timer};
+pub use super::nf_state::{Kept, Seg};
 
 /// Conntrack events of one frame, by [`Event`] discriminant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -105,8 +112,9 @@ impl Kind {
 }
 
 /// A connection-table key. For [`Kind::Nat`] the guest's view (private address, after DNAT /
-/// before SNAT); for the hairpin legs see [`Kind`]. Ports are host order: 0 without ports, the
-/// identifier twice for ICMP echo.
+/// before SNAT); for the hairpin legs see [`Kind`]. Ports are host order: 0 without ports; for
+/// an ICMP query the identifier and the type the guest sends in the flow (the identifier twice
+/// for the hairpin legs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Flow {
     pub guest: Ipv4Addr,
@@ -165,8 +173,10 @@ pub struct Tracked {
     pub state: State,
     /// [`ORIGIN_GUEST`] or [`ORIGIN_PUBLIC`].
     pub origin: u8,
-    /// [`conntrack::FIN_ORIG`] | [`conntrack::FIN_REPLY`].
-    pub fins: u8,
+    /// `conntrack::SEEN_REPLY` | `conntrack::ASSURED`.
+    pub flags: u8,
+    /// The idle timer the last packet started.
+    pub timer: Timeout,
     /// The sender's address and port (host order) of a hairpin reply binding; zeros for every
     /// other entry (as in the map, where a binding of sender 0.0.0.0:0 looks the same).
     pub peer: (Ipv4Addr, u16),
@@ -176,16 +186,23 @@ pub struct Tracked {
 pub const NO_PEER: (Ipv4Addr, u16) = (Ipv4Addr::UNSPECIFIED, 0);
 
 impl Tracked {
-    pub fn new(state: State, origin: u8, fins: u8) -> Self {
+    /// An entry in `state` with status `flags`, its timer the state's own.
+    pub fn new(state: State, origin: u8, flags: u8) -> Self {
         Tracked {
             state,
             origin,
-            fins,
+            flags,
+            timer: nf_state::state_slot(state),
             peer: NO_PEER,
         }
     }
 
-    /// A hairpin reply binding to `peer` (always opened by a guest, FIN bits never kept).
+    /// The same with another running timer.
+    pub fn with_timer(self, timer: Timeout) -> Self {
+        Tracked { timer, ..self }
+    }
+
+    /// A hairpin reply binding to `peer` (always opened by a guest, no status kept).
     pub fn binding(state: State, peer: (Ipv4Addr, u16)) -> Self {
         Tracked {
             peer,
@@ -199,29 +216,35 @@ impl Tracked {
             last_seen,
             state: self.state as u8,
             origin: self.origin,
-            fins: self.fins,
+            flags: self.flags,
+            timer: self.timer as u8,
             peer_addr: wire32(self.peer.0),
             peer_port: wire16(self.peer.1),
             ..FlowState::default()
         }
     }
 
-    /// The comparable part of a `CONNTRACK` value; `None` if padding is nonzero or the state is
-    /// out of range.
+    /// The comparable part of a `CONNTRACK` value; `None` if padding is nonzero or the state or
+    /// timer is out of range.
     pub fn from_value(v: &FlowState) -> Option<Self> {
         let clean = FlowState {
             last_seen: v.last_seen,
             state: v.state,
             origin: v.origin,
-            fins: v.fins,
+            flags: v.flags,
+            timer: v.timer,
             peer_addr: v.peer_addr,
             peer_port: v.peer_port,
             ..FlowState::default()
         };
-        (clean == *v && usize::from(v.state) < TIMEOUT_SLOTS).then(|| Tracked {
-            state: State::from_u8(v.state),
+        if clean != *v {
+            return None;
+        }
+        Some(Tracked {
+            state: State::from_u8(v.state)?,
             origin: v.origin,
-            fins: v.fins,
+            flags: v.flags,
+            timer: Timeout::from_u8(v.timer)?,
             peer: (
                 Ipv4Addr::from(v.peer_addr.to_ne_bytes()),
                 host16(v.peer_port),
@@ -278,10 +301,12 @@ pub struct Facts {
     pub proto: u8,
     pub saddr: Ipv4Addr,
     pub daddr: Ipv4Addr,
-    /// Host order; 0 without ports; the echo identifier twice for ICMP echo.
+    /// Host order; 0 without ports; the identifier twice for an ICMP query.
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// What TCP tracking reads of the header (zeros for other protocols).
+    pub seg: Seg,
     /// ICMP type and code.
     pub icmp: Option<(u8, u8)>,
     /// For an ICMP error (types 3, 11, 12) about this mapping: the quoted packet.
@@ -295,7 +320,7 @@ pub struct Quoted {
     pub remote: Ipv4Addr,
     pub proto: u8,
     /// (guest's port, remote's port), host order, when the quote holds 8 transport bytes of
-    /// TCP, UDP or ICMP echo.
+    /// TCP, UDP or an ICMP query (identifier, type the guest sends in its flow).
     pub ports: Option<(u16, u16)>,
 }
 
@@ -328,10 +353,13 @@ impl Rules {
         })
     }
 
-    /// The egress default, inverted if some exception rule matches destination and service.
+    /// The egress default, inverted if some exception rule matches the guest source, the
+    /// destination and the service.
     pub fn egress_allows(&self, f: &Facts) -> bool {
         let matched = self.egress.iter().any(|r| {
-            r.cidrs.iter().any(|c| cidr_contains(c, f.daddr)) && service_matches(&r.service, f)
+            r.sources.iter().any(|c| cidr_contains(c, f.saddr))
+                && r.cidrs.iter().any(|c| cidr_contains(c, f.daddr))
+                && service_matches(&r.service, f)
         });
         let default_allow = !self.egress_default_deny;
         default_allow != matched
@@ -340,39 +368,50 @@ impl Rules {
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
+    /// What the program stores.
     tracked: Tracked,
+    /// What netfilter keeps (of which the model uses what [`Conntrack::kept`] says).
+    conn: NfConn,
     last_seen: u64,
 }
 
 const ICMP: u8 = 1;
-const ECHO_REPLY: u8 = 0;
-const ECHO_REQUEST: u8 = 8;
 
-/// ICMP type of an echo message, `None` for anything else (other protocols included).
-fn echo_type(f: &Facts) -> Option<u8> {
+/// ICMP type of a query message, `None` for anything else (other protocols included).
+fn query_type(f: &Facts) -> Option<u8> {
     match f.icmp {
-        Some((ty @ (ECHO_REPLY | ECHO_REQUEST), _)) if f.proto == ICMP => Some(ty),
+        Some((ty, _)) if f.proto == ICMP && nf_state::icmp_inverse(ty).is_some() => Some(ty),
         _ => None,
     }
 }
 
-/// The model's connection table and its settings (`CONFIG` timeouts, 0 = netfilter default).
+/// What a packet found in the connection table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Part of a live flow (ESTABLISHED).
+    Hit,
+    /// No live flow, a flow it ends (SYN on a closed one), or not a tracked message.
+    Miss,
+    /// A live flow that netfilter would not let this packet belong to: the flow stays.
+    Invalid,
+}
+
+/// The model's connection table and its settings (`CONFIG` timeouts, 0 = netfilter default;
+/// what of netfilter's per-flow data is kept).
 #[derive(Clone, Debug, Default)]
 pub struct Conntrack {
     flows: BTreeMap<Flow, Entry>,
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
+    pub kept: Kept,
 }
 
 impl Conntrack {
-    fn timeout_ns(&self, s: State) -> u64 {
-        match self.timeouts_ns[s as usize] {
-            0 => s.default_timeout_secs() * 1_000_000_000,
-            t => t,
-        }
+    fn timeout_ns(&self, t: Timeout) -> u64 {
+        nf_state::length_ns(&self.timeouts_ns, Timer::of_slot(t))
     }
 
     fn live(&self, e: &Entry, now: u64) -> bool {
-        now.wrapping_sub(e.last_seen) <= self.timeout_ns(e.tracked.state)
+        now.wrapping_sub(e.last_seen) <= self.timeout_ns(e.tracked.timer)
     }
 
     /// The entry of `flow` if it exists and has not expired, untouched.
@@ -391,17 +430,25 @@ impl Conntrack {
         self.flows.iter().map(|(k, e)| (*k, e.tracked)).collect()
     }
 
+    /// Writes an entry as the program would find it (nothing known beyond what it stores).
     pub fn put(&mut self, flow: Flow, tracked: Tracked, last_seen: u64) {
-        self.flows.insert(flow, Entry { tracked, last_seen });
+        let conn = NfConn::from_encoded(tracked.state, tracked.flags, tracked.timer);
+        self.flows.insert(
+            flow,
+            Entry {
+                tracked,
+                conn,
+                last_seen,
+            },
+        );
     }
 
     pub fn clear(&mut self) {
         self.flows.clear();
     }
 
-    /// ESTABLISHED: a live flow advances its state. Of ICMP only echo is tracked (no lookup,
-    /// no event otherwise), a request in the flow's direction and a reply against it. A SYN
-    /// from the responder on a closed flow belongs to a new connection: a miss.
+    /// ESTABLISHED: a live flow advances its state. Of ICMP only queries are tracked (no
+    /// lookup, no event otherwise), a request in the flow's direction and a reply against it.
     pub(super) fn track(
         &mut self,
         flow: &Flow,
@@ -409,38 +456,76 @@ impl Conntrack {
         from_guest: bool,
         now: u64,
         ev: &mut Events,
-    ) -> bool {
-        if f.proto == ICMP && echo_type(f).is_none() {
-            return false;
+    ) -> Found {
+        if f.proto == ICMP && query_type(f).is_none() {
+            return Found::Miss;
         }
-        let Some(e) = self.flows.get(flow).copied() else {
+        let Some(mut e) = self.flows.get(flow).copied() else {
             ev.bump(Event::ConntrackMiss);
-            return false;
+            return Found::Miss;
         };
         if !self.live(&e, now) {
             ev.bump(Event::ConntrackExpired);
             ev.bump(Event::ConntrackMiss);
-            return false;
+            return Found::Miss;
         }
-        let t = e.tracked;
-        let reply = (t.origin == ORIGIN_GUEST) != from_guest;
-        if echo_type(f).is_some_and(|ty| (ty == ECHO_REPLY) != reply) {
+        let reply = (e.tracked.origin == ORIGIN_GUEST) != from_guest;
+        if query_type(f).is_some_and(|ty| nf_state::icmp_valid_new(ty) == reply) {
             ev.bump(Event::ConntrackMiss);
-            return false;
+            return Found::Miss;
         }
-        let Some((state, fins)) = conntrack::next(t.state, t.fins, f.proto, f.tcp_flags, reply)
-        else {
-            ev.bump(Event::ConntrackMiss);
-            return false;
+        let ret = e
+            .conn
+            .packet(reply, &f.seg, &self.kept, &self.timeouts_ns, now);
+        let found = match ret {
+            Ret::Accept(refresh) => {
+                if refresh.is_some() {
+                    e.last_seen = now;
+                }
+                Found::Hit
+            }
+            Ret::Ignore => Found::Hit,
+            Ret::Close => {
+                self.flows.remove(flow);
+                ev.bump(Event::ConntrackHit);
+                return Found::Hit;
+            }
+            Ret::New => Found::Miss,
+            Ret::Invalid(lower) => {
+                // nf_tcp_handle_invalid: at least two minutes left and more than UNACK's.
+                let unack = Timer::Tcp(nf_state::names::UNACK);
+                let left = self
+                    .timeout_ns(e.tracked.timer)
+                    .saturating_sub(now.wrapping_sub(e.last_seen));
+                let unack_ns = nf_state::length_ns(&self.timeouts_ns, unack);
+                if lower && left >= 120_000_000_000 && left > unack_ns {
+                    e.conn.timer = unack;
+                    e.last_seen = now;
+                }
+                Found::Invalid
+            }
         };
-        self.put(*flow, Tracked { state, fins, ..t }, now);
-        ev.bump(Event::ConntrackHit);
-        true
+        if found != Found::Miss {
+            let (state, flags, timer) = e.conn.encoded();
+            e.tracked = Tracked {
+                state,
+                flags,
+                timer,
+                ..e.tracked
+            };
+            self.flows.insert(*flow, e);
+        }
+        ev.bump(if found == Found::Hit {
+            Event::ConntrackHit
+        } else {
+            Event::ConntrackMiss
+        });
+        found
     }
 
     /// Opens `flow` for a packet the policy admitted and the route forwards, unless the packet
-    /// cannot open one (ICMP other than an echo request, a bare TCP RST); replaces whatever
-    /// entry was there. Returns the new flow's state.
+    /// cannot open one (ICMP other than a query request, TCP netfilter would not track as new);
+    /// replaces whatever entry was there. Returns the new entry.
     pub(super) fn open(
         &mut self,
         flow: Flow,
@@ -448,27 +533,46 @@ impl Conntrack {
         from_guest: bool,
         now: u64,
         ev: &mut Events,
-    ) -> Option<State> {
-        if f.proto == ICMP && echo_type(f) != Some(ECHO_REQUEST) {
+    ) -> Option<Tracked> {
+        if f.proto == ICMP && !query_type(f).is_some_and(nf_state::icmp_valid_new) {
             return None;
         }
-        let state = conntrack::initial(f.proto, f.tcp_flags)?;
+        let conn = NfConn::open(f.proto, &f.seg, &self.kept, &self.timeouts_ns, now)?;
+        let (state, flags, timer) = conn.encoded();
         let origin = if from_guest {
             ORIGIN_GUEST
         } else {
             ORIGIN_PUBLIC
         };
-        self.put(flow, Tracked::new(state, origin, 0), now);
+        let tracked = Tracked {
+            state,
+            origin,
+            flags,
+            timer,
+            peer: NO_PEER,
+        };
+        self.flows.insert(
+            flow,
+            Entry {
+                tracked,
+                conn,
+                last_seen: now,
+            },
+        );
         ev.bump(Event::ConntrackCreate);
-        Some(state)
+        Some(tracked)
     }
 
-    /// Keeps `rev` (if present) alive and in the state of `fwd`.
+    /// Keeps `rev` (if present) alive and in the state and timer of `fwd` (if present).
     pub(super) fn refresh(&mut self, rev: &Flow, fwd: &Flow, now: u64) {
-        let state = self.flows.get(fwd).map(|e| e.tracked.state);
-        if let (Some(state), Some(e)) = (state, self.flows.get_mut(rev)) {
+        let of_fwd = self
+            .flows
+            .get(fwd)
+            .map(|e| (e.tracked.state, e.tracked.timer));
+        if let (Some((state, timer)), Some(e)) = (of_fwd, self.flows.get_mut(rev)) {
             e.last_seen = now;
             e.tracked.state = state;
+            e.tracked.timer = timer;
         }
     }
 }
@@ -476,7 +580,8 @@ impl Conntrack {
 /// What the policy made of a packet it lets through.
 #[derive(Clone, Copy, Debug)]
 pub enum Admit {
-    /// A live flow's packet, or an ICMP error (RELATED or allowed by a rule): opens nothing.
+    /// A live flow's packet, an ICMP error (RELATED or allowed by a rule), or a packet INVALID
+    /// for its flow that the rules allow: opens nothing.
     Tracked,
     /// Allowed by a rule: opens this flow once the route lookup has forwarded the packet.
     Open(Flow),
@@ -506,6 +611,11 @@ impl PolicyModel {
         } else {
             (f.daddr, f.sport, f.dport)
         };
+        // An ICMP query's flow is named by the type the guest sends in it.
+        let remote_port = match query_type(f) {
+            Some(ty) => nf_state::icmp_guest_type(ty, !inbound).map_or(remote_port, u16::from),
+            None => remote_port,
+        };
         let flow = Flow {
             guest: private,
             remote,
@@ -514,7 +624,8 @@ impl PolicyModel {
             proto: f.proto,
             kind: Kind::Nat,
         };
-        if self.conntrack.track(&flow, f, !inbound, now, ev) {
+        let found = self.conntrack.track(&flow, f, !inbound, now, ev);
+        if found == Found::Hit {
             return (Path::Established, Ok(Admit::Tracked));
         }
         if let Some(Quoted {
@@ -548,8 +659,8 @@ impl PolicyModel {
             };
             return (Path::Denied, Err(reason));
         }
-        // ICMP errors never open flows.
-        if f.quoted.is_some() {
+        // ICMP errors never open flows, nor does a packet INVALID for its flow.
+        if f.quoted.is_some() || found == Found::Invalid {
             return (Path::Rule, Ok(Admit::Tracked));
         }
         (Path::Rule, Ok(Admit::Open(flow)))

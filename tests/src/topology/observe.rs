@@ -198,6 +198,32 @@ pub struct TcpSeen {
     pub server_received: usize,
     /// The byte count the server reported back, as the client read it.
     pub client_confirmed: usize,
+    /// TCP segments the server's connection received, by the end of the client's data
+    /// ([`segs_in`]).
+    pub server_segs_in: u64,
+    /// TCP segments the client's connection received, by the end of the server's answer.
+    pub client_segs_in: u64,
+}
+
+/// TCP segments `conn` has received (`tcpi_segs_in` of `TCP_INFO`): counted before GRO merges
+/// them (a merged packet counts its segments), so it is the number of segments that arrived
+/// at this end, handshake included (give or take the SYN).
+pub fn segs_in(conn: &TcpStream) -> anyhow::Result<u64> {
+    // SAFETY: zeroed plain C struct.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd; `info` and `len` outlive the call and `len` is its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    ensure!(rc == 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    Ok(u64::from(info.tcpi_segs_in))
 }
 
 /// A listener bound to `listen` in `server_ns`; a client in `client_ns` connects to `target`,
@@ -229,27 +255,31 @@ pub fn tcp_exchange(
                 .as_slice()
                 .try_into()
                 .with_context(|| format!("the answer has {} bytes, not 8", answer.len()))?;
-            Ok(u64::from_be_bytes(count))
+            Ok((u64::from_be_bytes(count), segs_in(&c)?))
         });
         let served = server
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        let (server_peer, server_local, server_received) = served?;
+        let (server_peer, server_local, server_received, server_segs_in) = served?;
+        let (confirmed, client_segs_in) = confirmed?;
         Ok(TcpSeen {
             server_peer,
             server_local,
             server_received,
-            client_confirmed: usize::try_from(confirmed?)?,
+            client_confirmed: usize::try_from(confirmed)?,
+            server_segs_in,
+            client_segs_in,
         })
     })
 }
 
 /// Accepts one connection within [`ARRIVAL`], reads it to the end, checks it is `data`, and
-/// answers with the byte count.
+/// answers with the byte count; returns the peer, the local address, the bytes read and the
+/// segments received.
 fn serve_once(
     listener: &TcpListener,
     data: &[u8],
-) -> anyhow::Result<(SocketAddr, SocketAddr, usize)> {
+) -> anyhow::Result<(SocketAddr, SocketAddr, usize, u64)> {
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + ARRIVAL;
     let (mut conn, peer) = loop {
@@ -277,8 +307,9 @@ fn serve_once(
         got.len(),
         data.len()
     );
+    let segs = segs_in(&conn)?;
     conn.write_all(&(got.len() as u64).to_be_bytes())?;
-    Ok((peer, conn.local_addr()?, got.len()))
+    Ok((peer, conn.local_addr()?, got.len(), segs))
 }
 
 /// An ICMP packet a namespace received.

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use nat_userspace::{
-    api::{FlowInfo, StatsReport},
+    api::{FlowInfo, ListedIngressRule, StatsReport},
     ebpf::MappingCounters,
     firewall::{EgressRule, IngressRule},
 };
@@ -115,11 +115,29 @@ impl Natctl {
         self.add_rule(&args)
     }
 
-    /// `natctl firewall list --json`, parsed.
+    /// `natctl firewall list --json`, parsed: every rule, active or not.
     pub fn firewall_rules(&self) -> anyhow::Result<Vec<IngressRule>> {
+        Ok(self
+            .firewall_listing()?
+            .into_iter()
+            .map(|l| l.rule)
+            .collect())
+    }
+
+    /// `natctl firewall list --json`, parsed, with whether each rule is active (its public IP
+    /// mapped).
+    pub fn firewall_listing(&self) -> anyhow::Result<Vec<ListedIngressRule>> {
         let v = self.json(&["firewall", "list", "--json"])?;
         serde_json::from_value(v.clone())
             .with_context(|| format!("`natctl firewall list --json`: {v}"))
+    }
+
+    /// Ids of the rules `natctl firewall list --json` shows as active, and as inactive.
+    pub fn firewall_states(&self) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+        let (active, inactive): (Vec<_>, Vec<_>) =
+            self.firewall_listing()?.into_iter().partition(|l| l.active);
+        let ids = |v: Vec<ListedIngressRule>| v.into_iter().map(|l| l.rule.id).collect();
+        Ok((ids(active), ids(inactive)))
     }
 
     /// `natctl egress list --json`, parsed.

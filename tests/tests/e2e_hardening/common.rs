@@ -1,6 +1,6 @@
 //! What the hardening tests share: configs, a raw client for natd's control socket, the check
 //! that natd is alive and answering, the pinned maps read from outside natd, CloudStack
-//! payload builders and the figures reported for `RELIABILITY.md`.
+//! payload builders and the liveness check that reports to `RELIABILITY.md`.
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Write as _},
@@ -31,9 +31,27 @@ pub fn at(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(addr, port)
 }
 
-/// Appends a figure for `RELIABILITY.md` (see `nat_tests::reliability`).
-pub fn report(area: &str, figure: &str, value: u64, test: &str) {
-    nat_tests::reliability::record(area, figure, value, &format!("e2e_hardening::{test}"));
+pub use nat_tests::reliability::Figures;
+
+/// [`answers_promptly`], counted in `fig`: one more check of natd, one more failure if it
+/// failed, and the slowest answer so far (ms).
+pub fn alive(natd: &mut Natd, fig: &mut Figures, after: &str) -> anyhow::Result<Duration> {
+    const CHECKS: &str = "checks that natd runs and answers within 3 s";
+    const FAILED: &str = "checks that found natd exited, stalled or panicked";
+    const SLOWEST: &str = "slowest answer to natctl status (ms)";
+    fig.add(CHECKS, 1);
+    fig.add(FAILED, 0);
+    match answers_promptly(natd, after) {
+        Ok(took) => {
+            let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+            fig.set(SLOWEST, fig.get(SLOWEST).max(ms));
+            Ok(took)
+        }
+        Err(e) => {
+            fig.add(FAILED, 1);
+            Err(e)
+        }
+    }
 }
 
 /// Fails unless natd still runs and answers `natctl status` within [`PROMPT`]; returns how

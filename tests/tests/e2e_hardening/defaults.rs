@@ -27,7 +27,7 @@ const METRICS_PORT: u16 = 9477;
 /// reaches nothing on the router's address.
 #[test]
 fn metrics_listen_on_loopback_only_by_default() -> anyhow::Result<()> {
-    const TEST: &str = "metrics_listen_on_loopback_only";
+    let mut fig = Figures::new("safe defaults");
     let topo = Topology::new()?;
     let _natd = Natd::start_with(
         &topo,
@@ -42,8 +42,13 @@ fn metrics_listen_on_loopback_only_by_default() -> anyhow::Result<()> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
         .collect();
+    let loopback = format!("127.0.0.1:{METRICS_PORT}");
+    fig.set(
+        "TCP listeners of natd beyond loopback",
+        listening.iter().filter(|l| **l != loopback).count() as u64,
+    );
     ensure!(
-        listening == [format!("127.0.0.1:{METRICS_PORT}")],
+        listening == [loopback],
         "TCP listeners in the router: {listening:?}"
     );
     let text = topo.router.run(|| -> anyhow::Result<String> {
@@ -64,16 +69,16 @@ fn metrics_listen_on_loopback_only_by_default() -> anyhow::Result<()> {
             Duration::from_secs(5),
         )
     })?;
-    match from_outside {
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
-        other => anyhow::bail!("the client connecting to the router's metrics port: {other:?}"),
-    }
-    report(
-        "safe defaults",
-        "metrics listeners beyond loopback",
-        0,
-        TEST,
+    let refused = matches!(&from_outside, Err(e) if e.kind() == ErrorKind::ConnectionRefused);
+    fig.set(
+        "connections to the metrics port from the public side not refused",
+        u64::from(!refused),
     );
+    ensure!(
+        refused,
+        "the client connecting to the router's metrics port: {from_outside:?}"
+    );
+    fig.done();
     Ok(())
 }
 
@@ -103,7 +108,8 @@ fn mode(path: &Path) -> anyhow::Result<u32> {
 /// state directory and file, its control socket in a directory it creates, the record of the
 /// CloudStack files it applied, and its pins in bpffs. None of it may be writable by other
 /// users, and what is private is private (0700 directories, 0600 files and socket).
-fn check_files(umask: Option<libc::mode_t>, test: &str) -> anyhow::Result<()> {
+fn check_files(umask: Option<libc::mode_t>) -> anyhow::Result<()> {
+    let mut fig = Figures::new("safe defaults");
     let topo = Topology::new()?;
     let dir = topo.dir.path();
     let cloudstack = dir.join("cloudstack");
@@ -148,17 +154,20 @@ fn check_files(umask: Option<libc::mode_t>, test: &str) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for (path, want) in &exact {
         let m = mode(path)?;
+        fig.add("files natd wrote checked for their modes", 1);
+        fig.add("private files and directories with another mode", 0);
         if m != *want {
+            fig.add("private files and directories with another mode", 1);
             problems.push(format!("{} is {m:o}, not {want:o}", path.display()));
         }
     }
-    let mut checked = 0u64;
     for path in walk(&state)?
         .into_iter()
         .chain(walk(&Natd::pin_dir(&topo))?)
     {
         let m = mode(&path)?;
-        checked += 1;
+        fig.add("files natd wrote checked for their modes", 1);
+        fig.add("world-writable files natd wrote", u64::from(m & 0o002 != 0));
         if m & 0o002 != 0 {
             problems.push(format!("{} is world-writable ({m:o})", path.display()));
         }
@@ -169,27 +178,21 @@ fn check_files(umask: Option<libc::mode_t>, test: &str) -> anyhow::Result<()> {
         umask.map_or("inherited".into(), |u| format!("{u:03o}")),
         problems.join("; ")
     );
-    report(
-        "safe defaults",
-        "files natd wrote checked for their modes",
-        checked + 5,
-        test,
-    );
-    report("safe defaults", "world-writable files natd wrote", 0, test);
+    fig.done();
     Ok(())
 }
 
 /// With the usual umask, nothing natd writes is open to others.
 #[test]
 fn files_natd_writes_are_private() -> anyhow::Result<()> {
-    check_files(None, "files_natd_writes_are_private")
+    check_files(None)
 }
 
 /// Nor with umask 000, as a careless init script or container runtime may leave it: natd
 /// sets the modes it needs instead of trusting the umask.
 #[test]
 fn files_natd_writes_are_private_even_with_umask_000() -> anyhow::Result<()> {
-    check_files(Some(0), "files_natd_writes_are_private_even_with_umask_000")
+    check_files(Some(0))
 }
 
 /// A datagram from the client to P:7000 reaches the guest (from the client's address).
@@ -206,17 +209,29 @@ fn open(topo: &Topology, port: u16) -> anyhow::Result<()> {
 }
 
 /// A datagram from the client to P:`port` is dropped by the firewall (counted) and the guest
-/// receives nothing; P has no rules.
-fn closed(topo: &Topology, natctl: &Natctl, port: u16, when: &str) -> anyhow::Result<()> {
+/// receives nothing; P has no rules. Counts in `fig` the datagram sent, and whether it
+/// reached the guest or went uncounted as denied, before failing on either.
+fn closed(
+    topo: &Topology,
+    natctl: &Natctl,
+    port: u16,
+    when: &str,
+    fig: &mut Figures,
+) -> anyhow::Result<()> {
+    const REACHED: &str = "datagrams to a mapped IP without rules that reached the guest";
+    const UNCOUNTED: &str = "datagrams to a mapped IP without rules not counted as denied";
     let rules = natctl.firewall_rules()?;
     ensure!(rules.is_empty(), "{when}: P has rules {rules:?}");
     let listener = udp_bind(&topo.guest, at(GUEST_ADDR, port))?;
-    natctl
-        .dropped(PUBLIC_ADDR, Way::In, &format!("a datagram {when}"), || {
-            udp_send(&topo.client, None, at(PUBLIC_ADDR, port), b"closed?")
-        })
-        .with_context(|| when.to_string())?;
-    assert_no_datagram(&listener).with_context(|| when.to_string())
+    fig.add("datagrams sent to a mapped IP without rules", 1);
+    let denied = natctl.dropped(PUBLIC_ADDR, Way::In, &format!("a datagram {when}"), || {
+        udp_send(&topo.client, None, at(PUBLIC_ADDR, port), b"closed?")
+    });
+    let nothing = assert_no_datagram(&listener);
+    fig.add(UNCOUNTED, u64::from(denied.is_err()));
+    fig.add(REACHED, u64::from(nothing.is_err()));
+    denied.with_context(|| when.to_string())?;
+    nothing.with_context(|| when.to_string())
 }
 
 /// A CloudStack ingress rule opening UDP 7000 of P to everyone.
@@ -230,53 +245,68 @@ fn open_udp_7000() -> String {
     )])
 }
 
-/// P is closed whenever it has no rule, whatever the order: a rule added then its mapping
-/// deleted and added again (the rule went with the mapping); a CloudStack firewall payload for
-/// P before its static NAT payload (the rule is skipped, the mapping comes later, closed); the
-/// mapping revoked and granted again by CloudStack; and natd restarted.
+/// P is closed whenever it has no rule, whatever the order changes arrive in, and open to its
+/// rules only: a rule outlives its mapping deleted and added again (kept, inactive meanwhile,
+/// as on CloudStack's router) and P is closed once the rule is deleted; a CloudStack firewall
+/// payload for P before its static NAT payload takes effect with the static NAT, and P is closed
+/// once the payload's revoke arrives; the mapping revoked and granted again by CloudStack
+/// without rules; and natd restarted.
 #[test]
 fn mapped_addresses_stay_closed_whatever_order_changes_arrive_in() -> anyhow::Result<()> {
-    const TEST: &str = "mapped_addresses_stay_closed";
+    const ORDERS: &str = "orders of changes after which the mapped IP was checked";
+    let mut fig = Figures::new("safe defaults");
     let topo = Topology::new()?;
     let mut natd = Natd::start(&topo, None)?;
     let natctl = natd.natctl()?;
     let (p, v) = (PUBLIC_ADDR.to_string(), GUEST_ADDR.to_string());
-    let mut orders = 0u64;
 
     natctl.ok(&["mapping", "add", &p, &v])?;
-    closed(&topo, &natctl, 7000, "after mapping add")?;
-    natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
+    closed(&topo, &natctl, 7000, "after mapping add", &mut fig)?;
+    let id = natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
     open(&topo, 7000)?;
     natctl.ok(&["mapping", "del", &p])?;
+    ensure!(
+        natctl.firewall_states()? == (vec![], vec![id]),
+        "rule {id} is not listed inactive without its mapping"
+    );
     natctl.ok(&["mapping", "add", &p, &v])?;
+    open(&topo, 7000)?;
+    natctl.ok(&["firewall", "del", &id.to_string()])?;
     closed(
         &topo,
         &natctl,
         7000,
-        "after the mapping was deleted and added again",
+        "after the mapping was deleted and added again, and its rule deleted",
+        &mut fig,
     )?;
-    orders += 1;
+    fig.add(ORDERS, 1);
 
     natctl.ok(&["mapping", "del", &p])?;
     let fw = payload_file(&topo, "fw.json", &open_udp_7000())?;
     let out = natctl.ok(&["apply", &fw])?;
-    ensure!(out.contains("skipped"), "a rule for an unmapped P: {out}");
+    ensure!(out.contains("inactive"), "a rule for an unmapped P: {out}");
     let nat = payload_file(
         &topo,
         "nat.json",
         &static_nat_payload(&[(PUBLIC_ADDR, GUEST_ADDR)], false),
     )?;
     natctl.ok(&["apply", &nat])?;
+    open(&topo, 7000)?;
+    let fw_revoke = payload_file(
+        &topo,
+        "fw_revoke.json",
+        &open_udp_7000().replace(r#""revoked":false"#, r#""revoked":true"#),
+    )?;
+    natctl.ok(&["apply", &fw_revoke])?;
     closed(
         &topo,
         &natctl,
         7000,
-        "after firewall then static NAT payloads",
+        "after firewall then static NAT payloads, and the firewall revoke",
+        &mut fig,
     )?;
-    orders += 1;
+    fig.add(ORDERS, 1);
 
-    natctl.ok(&["apply", &fw])?;
-    open(&topo, 7000)?;
     let revoke = payload_file(
         &topo,
         "revoke.json",
@@ -289,25 +319,15 @@ fn mapped_addresses_stay_closed_whatever_order_changes_arrive_in() -> anyhow::Re
         &natctl,
         7000,
         "after static NAT revoked and granted again",
+        &mut fig,
     )?;
-    orders += 1;
+    fig.add(ORDERS, 1);
 
     natd.terminate()?;
     let natd = Natd::start(&topo, None)?;
     let natctl = natd.natctl()?;
-    closed(&topo, &natctl, 7000, "after natd restarted")?;
-    orders += 1;
-    report(
-        "safe defaults",
-        "orders of changes leaving a mapped IP closed",
-        orders,
-        TEST,
-    );
-    report(
-        "safe defaults",
-        "mapped IPs found open without a rule",
-        0,
-        TEST,
-    );
+    closed(&topo, &natctl, 7000, "after natd restarted", &mut fig)?;
+    fig.add(ORDERS, 1);
+    fig.done();
     Ok(())
 }

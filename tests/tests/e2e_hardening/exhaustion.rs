@@ -127,7 +127,12 @@ fn big_receive_buffer(socket: &UdpSocket) -> anyhow::Result<()> {
 /// traffic is sent from one CPU: see [`pin_to_one_cpu`].)
 #[test]
 fn a_flooded_connection_table_evicts_idle_flows_and_keeps_admitting() -> anyhow::Result<()> {
-    const TEST: &str = "a_flooded_connection_table";
+    const SENT: &str = "new flows flooded into a full table (datagrams sent)";
+    const DELIVERED: &str = "flood datagrams the guest received";
+    const LOST: &str = "flood datagrams lost";
+    const EXCHANGES: &str = "TCP exchanges during the flood";
+    const BROKEN: &str = "TCP exchanges that failed (the connection broke)";
+    let mut fig = Figures::new("exhaustion");
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(&flood_config()))?;
     let natctl = natd.natctl()?;
@@ -155,18 +160,35 @@ fn a_flooded_connection_table_evicts_idle_flows_and_keeps_admitting() -> anyhow:
     let mut client = TcpAttempt::start(&topo.client, None, at(PUBLIC_ADDR, 9000))?.connected()?;
     let (mut server, peer) = accept(&listener)?;
     let tcp_port = peer.port();
+    // One exchange over the connection: client -> guest -> client, compared.
+    let mut exchange = |msg: &[u8], fig: &mut Figures| -> anyhow::Result<()> {
+        fig.add(EXCHANGES, 1);
+        let r = (|| -> anyhow::Result<()> {
+            client.write_all(msg)?;
+            let mut buf = vec![0u8; msg.len()];
+            server.read_exact(&mut buf)?;
+            server.write_all(&buf)?;
+            client.read_exact(&mut buf)?;
+            ensure!(buf == msg, "the TCP connection mangled {msg:?}");
+            Ok(())
+        })();
+        fig.add(BROKEN, u64::from(r.is_err()));
+        r
+    };
 
-    let (delivered, exchanges) = topo.client.run(|| -> anyhow::Result<(usize, u32)> {
+    topo.client.run(|| -> anyhow::Result<()> {
         pin_to_one_cpu()?;
-        let (mut delivered, mut exchanges) = (0, 0);
         for start in (0..FLOWS).step_by(usize::from(BATCH)) {
             let ports: BTreeSet<u16> = (start..start + BATCH).map(|i| FLOOD_PORT + i).collect();
             for &port in &ports {
                 let s = UdpSocket::bind(at(Ipv4Addr::UNSPECIFIED, port))
                     .with_context(|| format!("binding port {port}"))?;
                 s.send_to(format!("flow {port}").as_bytes(), at(PUBLIC_ADDR, 7000))?;
+                fig.add(SENT, 1);
             }
             let got = receive_from(&guest, &ports)?;
+            fig.add(DELIVERED, got.len() as u64);
+            fig.set(LOST, fig.get(SENT).saturating_sub(fig.get(DELIVERED)));
             ensure!(
                 got == ports,
                 "flows {}..{}: {} of {} datagrams arrived (table full of older flows)",
@@ -175,21 +197,43 @@ fn a_flooded_connection_table_evicts_idle_flows_and_keeps_admitting() -> anyhow:
                 got.len(),
                 ports.len()
             );
-            delivered += got.len();
-            let msg = format!("batch {start}");
-            client.write_all(msg.as_bytes())?;
-            let mut buf = vec![0u8; msg.len()];
-            server.read_exact(&mut buf)?;
-            server.write_all(&buf)?;
-            client.read_exact(&mut buf)?;
-            ensure!(buf == msg.as_bytes(), "the TCP connection mangled {msg:?}");
-            exchanges += 1;
+            exchange(format!("batch {start}").as_bytes(), &mut fig)?;
         }
-        Ok((delivered, exchanges))
+        Ok(())
     })??;
 
     let stats = natctl.stats()?;
     let ct = &stats.conntrack;
+    fig.set(
+        "connection table capacity natd reports",
+        u64::from(ct.capacity),
+    );
+    fig.set("connection table entries after the flood", ct.entries);
+    fig.set("flows created", ct.creates);
+    fig.set("flows evicted", ct.evictions);
+    let flows = natctl.flows()?.flows;
+    let idle_kept = flows
+        .iter()
+        .any(|f| f.proto == 17 && f.remote_port == IDLE_PORT);
+    let tcp_kept = flows
+        .iter()
+        .any(|f| f.proto == 6 && f.guest_port == 9000 && f.remote_port == tcp_port);
+    let newest: BTreeSet<u16> = (FLOWS - 16..FLOWS).map(|i| FLOOD_PORT + i).collect();
+    let listed: BTreeSet<u16> = flows
+        .iter()
+        .filter(|f| f.proto == 17)
+        .map(|f| f.remote_port)
+        .collect();
+    fig.set("idle flows kept through the flood", u64::from(idle_kept));
+    fig.set(
+        "busy TCP connections that lost their entry",
+        u64::from(!tcp_kept),
+    );
+    fig.set(
+        "newest 16 flows missing from the table",
+        newest.difference(&listed).count() as u64,
+    );
+    let last = exchange(b"still there", &mut fig);
     ensure!(
         ct.capacity == TABLE,
         "capacity {} (not {TABLE})",
@@ -206,70 +250,34 @@ fn a_flooded_connection_table_evicts_idle_flows_and_keeps_admitting() -> anyhow:
         ct.creates,
         ct.evictions
     );
-    let flows = natctl.flows()?.flows;
     ensure!(
         flows.len() <= TABLE as usize,
         "{} flows listed",
         flows.len()
     );
     ensure!(
-        !flows
-            .iter()
-            .any(|f| f.proto == 17 && f.remote_port == IDLE_PORT),
+        !idle_kept,
         "the first flow, idle since, survived 20 tables' worth of new flows"
     );
-    ensure!(
-        flows
-            .iter()
-            .any(|f| f.proto == 6 && f.guest_port == 9000 && f.remote_port == tcp_port),
-        "the busy TCP connection lost its entry"
-    );
-    let newest: BTreeSet<u16> = (FLOWS - 16..FLOWS).map(|i| FLOOD_PORT + i).collect();
-    let listed: BTreeSet<u16> = flows
-        .iter()
-        .filter(|f| f.proto == 17)
-        .map(|f| f.remote_port)
-        .collect();
+    ensure!(tcp_kept, "the busy TCP connection lost its entry");
     ensure!(
         newest.is_subset(&listed),
         "the newest flows are missing from the table: {:?}",
         newest.difference(&listed).collect::<Vec<_>>()
     );
-    client.write_all(b"still there")?;
-    let mut buf = [0u8; 11];
-    server.read_exact(&mut buf)?;
-    ensure!(&buf == b"still there", "the TCP connection broke");
+    last.context("the TCP connection broke")?;
 
     eprintln!(
-        "{delivered} flows delivered, {exchanges} TCP exchanges; conntrack {} entries of {}, {} \
-         created, {} evicted",
-        ct.entries, ct.capacity, ct.creates, ct.evictions
+        "{} flows delivered, {} TCP exchanges; conntrack {} entries of {}, {} created, {} \
+         evicted",
+        fig.get(DELIVERED),
+        fig.get(EXCHANGES),
+        ct.entries,
+        ct.capacity,
+        ct.creates,
+        ct.evictions
     );
-    report(
-        "exhaustion",
-        "new flows flooded into a full table",
-        u64::from(FLOWS),
-        TEST,
-    );
-    report(
-        "exhaustion",
-        "connection table entries (the flood's table)",
-        u64::from(TABLE),
-        TEST,
-    );
-    report("exhaustion", "flows evicted", ct.evictions, TEST);
-    report(
-        "exhaustion",
-        "flood datagrams lost",
-        u64::from(FLOWS) - delivered as u64,
-        TEST,
-    );
-    report(
-        "exhaustion",
-        "established connections broken by the flood",
-        0,
-        TEST,
-    );
+    fig.done();
     Ok(())
 }
 
@@ -315,9 +323,18 @@ fn too_many_sources() -> String {
 }
 
 /// Runs `natctl apply` on `payload`; returns its error message, or fails if natd accepted it.
-fn refused(topo: &Topology, natd: &Natd, name: &str, payload: &str) -> anyhow::Result<String> {
+/// Counts the change, and its refusal, in `fig`.
+fn refused(
+    topo: &Topology,
+    natd: &Natd,
+    name: &str,
+    payload: &str,
+    fig: &mut Figures,
+) -> anyhow::Result<String> {
     let file = payload_file(topo, name, payload)?;
     let out = natd.natctl()?.run(&["apply", &file])?;
+    fig.add(TRIED, 1);
+    fig.add(REFUSED, u64::from(!out.status.success()));
     ensure!(
         !out.status.success(),
         "natd accepted {name}: {}",
@@ -326,13 +343,17 @@ fn refused(topo: &Topology, natd: &Natd, name: &str, payload: &str) -> anyhow::R
     Ok(out.stderr)
 }
 
+const TRIED: &str = "changes beyond a fast-path limit tried";
+const REFUSED: &str = "changes beyond a fast-path limit refused";
+const NAMED: &str = "refusals that named the limit (and the rule)";
+
 /// The fast path's limits: 256 ingress rules per public IP (a bit each in a 256-bit map), 256
 /// egress rules, 131,072 source prefixes over all rules (`FW_SRC`). A change beyond one is
 /// refused whole, naming the limit, whether it comes from natctl or from a CloudStack payload
 /// and whatever else the payload held; the rules in place keep working.
 #[test]
 fn changes_beyond_the_fast_path_limits_are_refused_whole() -> anyhow::Result<()> {
-    const TEST: &str = "changes_beyond_the_fast_path_limits";
+    let mut fig = Figures::new("exhaustion");
     let topo = Topology::new()?;
     let config = format!("{ONE_MAPPING}[[mapping]]\npublic = \"{Q}\"\nprivate = \"10.0.0.11\"\n");
     let natd = Natd::start(&topo, Some(&config))?;
@@ -350,7 +371,7 @@ fn changes_beyond_the_fast_path_limits_are_refused_whole() -> anyhow::Result<()>
         "256 rules were not all added"
     );
     let before = natctl.firewall_rules()?;
-    let mut refusals = 0u64;
+    let named = |fig: &mut Figures, ok: bool| fig.add(NAMED, u64::from(ok));
 
     let out = natctl.run(&[
         "firewall",
@@ -359,33 +380,43 @@ fn changes_beyond_the_fast_path_limits_are_refused_whole() -> anyhow::Result<()>
         "--proto",
         "udp",
     ])?;
+    fig.add(TRIED, 1);
+    fig.add(REFUSED, u64::from(!out.status.success()));
+    let ok = out.stderr.contains("256 ingress rules") && out.stderr.contains(limit);
+    named(&mut fig, ok);
     ensure!(
-        !out.status.success()
-            && out.stderr.contains("256 ingress rules")
-            && out.stderr.contains(limit),
+        !out.status.success() && ok,
         "natctl firewall add of a 257th rule: {out:?}"
     );
-    refusals += 1;
 
     // A payload whose first rule fits (for Q) and whose second does not (for P).
     let mut rules = tcp_rules(Q, 5000, 80, 1);
     rules.extend(tcp_rules(PUBLIC_ADDR, 5001, 5001, 1));
-    let msg = refused(&topo, &natd, "257th.json", &firewall_payload(rules))?;
+    let msg = refused(
+        &topo,
+        &natd,
+        "257th.json",
+        &firewall_payload(rules),
+        &mut fig,
+    )?;
+    let ok = msg.contains("rule #2 (id 5001)")
+        && msg.contains("256 ingress rules")
+        && msg.contains(limit);
+    named(&mut fig, ok);
     ensure!(
-        msg.contains("rule #2 (id 5001)")
-            && msg.contains("256 ingress rules")
-            && msg.contains(limit),
+        ok,
         "the refusal does not name the rule and the limit: {msg}"
     );
-    refusals += 1;
     let msg = refused(
         &topo,
         &natd,
         "300.json",
         &firewall_payload(tcp_rules(Q, 6000, 1, 300)),
+        &mut fig,
     )?;
-    ensure!(msg.contains("rule #257") && msg.contains(limit), "{msg}");
-    refusals += 1;
+    let ok = msg.contains("rule #257") && msg.contains(limit);
+    named(&mut fig, ok);
+    ensure!(ok, "{msg}");
 
     let egress: Vec<_> = (0..257u16)
         .map(|i| {
@@ -397,27 +428,35 @@ fn changes_beyond_the_fast_path_limits_are_refused_whole() -> anyhow::Result<()>
             })
         })
         .collect();
-    let msg = refused(&topo, &natd, "egress.json", &firewall_payload(egress))?;
-    ensure!(
-        msg.contains("256 egress rules") && msg.contains(limit),
-        "{msg}"
-    );
-    refusals += 1;
+    let msg = refused(
+        &topo,
+        &natd,
+        "egress.json",
+        &firewall_payload(egress),
+        &mut fig,
+    )?;
+    let ok = msg.contains("256 egress rules") && msg.contains(limit);
+    named(&mut fig, ok);
+    ensure!(ok, "{msg}");
 
     let start = Instant::now();
-    let msg = refused(&topo, &natd, "fw-src.json", &too_many_sources())?;
+    let msg = refused(&topo, &natd, "fw-src.json", &too_many_sources(), &mut fig)?;
     eprintln!(
         "131,073 source prefixes refused in {:?}: {msg}",
         start.elapsed()
     );
-    ensure!(
-        msg.contains("nothing changed") && msg.contains("FW_SRC"),
-        "{msg}"
-    );
-    refusals += 1;
+    let ok = msg.contains("nothing changed") && msg.contains("FW_SRC");
+    named(&mut fig, ok);
+    ensure!(ok, "{msg}");
 
-    ensure!(natctl.firewall_rules()? == before, "the firewall changed");
-    ensure!(natctl.egress()?.rules.is_empty(), "egress rules were added");
+    let firewall_changed = natctl.firewall_rules()? != before;
+    let egress_added = natctl.egress()?.rules.len();
+    fig.set(
+        "rule sets changed by refused changes",
+        u64::from(firewall_changed) + u64::from(egress_added > 0),
+    );
+    ensure!(!firewall_changed, "the firewall changed");
+    ensure!(egress_added == 0, "{egress_added} egress rules were added");
     // The rules in place still decide: P:200 is open, P:300 is not.
     tcp_exchange(
         &topo.guest,
@@ -431,12 +470,7 @@ fn changes_beyond_the_fast_path_limits_are_refused_whole() -> anyhow::Result<()>
         udp_send(&topo.client, None, at(PUBLIC_ADDR, 300), b"closed")
     })?;
     nat_tests::topology::attempt::assert_no_datagram(&listener)?;
-    report(
-        "exhaustion",
-        "changes beyond a fast-path limit refused whole",
-        refusals,
-        TEST,
-    );
+    fig.done();
     Ok(())
 }
 
@@ -447,10 +481,12 @@ fn source_prefixes_beyond_fw_src_are_refused_naming_the_limit() -> anyhow::Resul
     let topo = Topology::new()?;
     let config = format!("[[mapping]]\npublic = \"{Q}\"\nprivate = \"10.0.0.11\"\n");
     let natd = Natd::start(&topo, Some(&config))?;
-    let msg = refused(&topo, &natd, "fw-src.json", &too_many_sources())?;
+    let mut fig = Figures::new("exhaustion");
+    let msg = refused(&topo, &natd, "fw-src.json", &too_many_sources(), &mut fig)?;
     ensure!(
         msg.contains("131072") || msg.contains("131,072"),
         "the refusal does not name FW_SRC's limit: {msg}"
     );
+    fig.done();
     Ok(())
 }

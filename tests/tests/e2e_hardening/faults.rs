@@ -243,12 +243,23 @@ impl KillBench {
 /// every restart the installed state is exactly the one before or the one after the change,
 /// never a mixture, in every place it lives: natctl, the state file, the pinned fast path and
 /// nftables; a change natctl saw acknowledged is never lost.
-fn kill_during(bulk: Bulk, test: &str) -> anyhow::Result<()> {
+fn kill_during(bulk: Bulk) -> anyhow::Result<()> {
+    const KILLED: &str = "SIGKILLs of natd during a bulk change or its repair";
+    const INTERRUPTED: &str = "bulk changes of 10,000 mappings natd was killed during";
+    const ACKED: &str = "bulk changes natctl saw acknowledged before the kill";
+    const TORN: &str = "restarts that found a half-written fast path";
+    const MIXED: &str = "restarts with neither the state before nor the one after";
+    const LOST: &str = "acknowledged changes lost by a restart";
+    const DISAGREED: &str = "restarts whose views disagreed (natctl, state file, pins, nftables)";
+    let mut fig = Figures::new("faults");
+    for f in [MIXED, LOST, DISAGREED, TORN] {
+        fig.add(f, 0);
+    }
     let mut b = KillBench::new()?;
     // Kills land from the request to well after the state is persisted.
     let window = u64::try_from(b.to_persist.as_micros())? * 6 / 5;
     let mut rng = Rng::from_env("NAT_FAULT_SEED");
-    let (mut faults, mut torn, mut after_count, mut acked) = (0u64, 0u64, 0u64, 0u64);
+    let mut after_count = 0u64;
     for i in 1..=KILLS {
         let before = b.prepare(bulk)?;
         let target = if bulk == Bulk::Addition {
@@ -260,23 +271,29 @@ fn kill_during(bulk: Bulk, test: &str) -> anyhow::Result<()> {
         let (mut apply, start) = b.spawn_apply(bulk)?;
         std::thread::sleep(delay.saturating_sub(start.elapsed()));
         b.natd.kill()?;
-        faults += 1;
+        fig.add(KILLED, 1);
+        fig.add(INTERRUPTED, 1);
         let acknowledged = apply.wait()?.success();
-        acked += u64::from(acknowledged);
+        fig.add(ACKED, u64::from(acknowledged));
 
         b.restart()?;
         let found_torn = adopted_count(&b.natd.log_text())
             .is_some_and(|n| n != before.len() && n != target.len());
+        fig.add(TORN, u64::from(found_torn));
         // Now and then the natd repairing the torn state is killed too.
         if rng.below(3) == 0 {
             std::thread::sleep(Duration::from_micros(rng.below(window)));
             b.natd.kill()?;
-            faults += 1;
+            fig.add(KILLED, 1);
             b.restart()?;
         }
         let now = listed(&b.natd)?;
+        let mixed = now != before && now != target;
+        let lost = acknowledged && now != target;
+        fig.add(MIXED, u64::from(mixed));
+        fig.add(LOST, u64::from(lost));
         ensure!(
-            now == before || now == target,
+            !mixed,
             "kill {i} after {delay:?}: natd restarted with {} mappings, neither the {} before nor \
              the {} after the change",
             now.len(),
@@ -284,13 +301,13 @@ fn kill_during(bulk: Bulk, test: &str) -> anyhow::Result<()> {
             target.len()
         );
         ensure!(
-            !acknowledged || now == target,
+            !lost,
             "kill {i} after {delay:?}: natctl saw the change acknowledged, but natd restarted \
              with the state before it"
         );
-        check_everywhere(&b.topo, &b.natd, &now)
-            .with_context(|| format!("kill {i} after {delay:?}"))?;
-        torn += u64::from(found_torn);
+        let views = check_everywhere(&b.topo, &b.natd, &now);
+        fig.add(DISAGREED, u64::from(views.is_err()));
+        views.with_context(|| format!("kill {i} after {delay:?}"))?;
         after_count += u64::from(now == target);
         eprintln!(
             "kill {i} after {delay:?}: restarted with the state {} the {bulk:?}{}",
@@ -302,40 +319,23 @@ fn kill_during(bulk: Bulk, test: &str) -> anyhow::Result<()> {
             }
         );
     }
-    report(
-        "faults",
-        "SIGKILLs of natd during a bulk change or its repair",
-        faults,
-        test,
-    );
-    report(
-        "faults",
-        "restarts that found a half-written fast path",
-        torn,
-        test,
-    );
-    report("faults", "mixed states found after a restart", 0, test);
-    report(
-        "faults",
-        "bulk changes of 10,000 mappings interrupted",
-        u64::from(KILLS),
-        test,
-    );
     let dir = state_file(&b.topo);
     let leftovers = std::fs::read_dir(dir.parent().context("state dir")?)?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
         .count();
-    report(
-        "faults",
+    fig.set(
         "temporary state files left by killed natds",
         leftovers as u64,
-        test,
     );
     eprintln!(
-        "{faults} kills; {after_count} of {KILLS} changes survived, {acked} acknowledged; {torn} \
-         restarts repaired a half-written fast path"
+        "{} kills; {after_count} of {KILLS} changes survived, {} acknowledged; {} restarts \
+         repaired a half-written fast path",
+        fig.get(KILLED),
+        fig.get(ACKED),
+        fig.get(TORN)
     );
+    fig.done();
     Ok(())
 }
 
@@ -343,7 +343,7 @@ fn kill_during(bulk: Bulk, test: &str) -> anyhow::Result<()> {
 #[test]
 fn natd_killed_during_a_bulk_removal_restarts_with_the_state_before_or_after() -> anyhow::Result<()>
 {
-    kill_during(Bulk::Removal, "natd_killed_during_a_bulk_removal")
+    kill_during(Bulk::Removal)
 }
 
 /// natd killed during bulk additions of 10,000 mappings: see [`kill_during`]. A kill before
@@ -351,7 +351,7 @@ fn natd_killed_during_a_bulk_removal_restarts_with_the_state_before_or_after() -
 #[test]
 fn natd_killed_during_a_bulk_addition_restarts_with_the_state_before_or_after() -> anyhow::Result<()>
 {
-    kill_during(Bulk::Addition, "natd_killed_during_a_bulk_addition")
+    kill_during(Bulk::Addition)
 }
 
 /// While natd forgets the kernel's connection-tracking entries of 10,000 removed mappings, it
@@ -393,7 +393,10 @@ fn corruptions(good: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
 /// natd starts and adopts it.
 #[test]
 fn a_corrupt_state_file_is_refused_and_the_fast_path_keeps_forwarding() -> anyhow::Result<()> {
-    const TEST: &str = "a_corrupt_state_file_is_refused";
+    const TRIPS: &str = "UDP round trips through the fast path while natd could not start";
+    const FAILED: &str = "UDP round trips that failed while natd could not start";
+    let mut fig = Figures::new("faults");
+    fig.add(FAILED, 0);
     let topo = Topology::new()?;
     let mut natd = Natd::start_with(
         &topo,
@@ -418,6 +421,13 @@ fn a_corrupt_state_file_is_refused_and_the_fast_path_keeps_forwarding() -> anyho
     };
     exchange(7000)?;
     natd.terminate()?;
+    // Counted in `fig`: the round trips made while no natd runs.
+    let exchange_without_natd = |fig: &mut Figures, port: u16| -> anyhow::Result<()> {
+        fig.add(TRIPS, 1);
+        let r = exchange(port);
+        fig.add(FAILED, u64::from(r.is_err()));
+        r
+    };
     let file = state_file(&topo);
     let good = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let want: Pairs = [(PUBLIC_ADDR, GUEST_ADDR)].into();
@@ -441,6 +451,11 @@ fn a_corrupt_state_file_is_refused_and_the_fast_path_keeps_forwarding() -> anyho
             &["--detach-on-exit"],
             nat_tests::topology::process::NATD_START,
         )?;
+        fig.add("corrupt state files natd was started with", 1);
+        fig.add(
+            "corrupt state files natd refused (exited with an error)",
+            u64::from(!status.success()),
+        );
         ensure!(!status.success(), "natd started with a {what} state file");
         let path = file.display().to_string();
         ensure!(
@@ -462,7 +477,8 @@ fn a_corrupt_state_file_is_refused_and_the_fast_path_keeps_forwarding() -> anyho
             maps.get("dnat_v4") == Some(&vec![(PUBLIC_ADDR, GUEST_ADDR)]),
             "{maps:?}"
         );
-        exchange(7001 + n as u16).with_context(|| format!("with a {what} state file"))?;
+        exchange_without_natd(&mut fig, 7001 + n as u16)
+            .with_context(|| format!("with a {what} state file"))?;
     }
 
     std::fs::write(&file, &good)?;
@@ -474,18 +490,7 @@ fn a_corrupt_state_file_is_refused_and_the_fast_path_keeps_forwarding() -> anyho
     );
     check_everywhere(&topo, &natd, &want)?;
     exchange(7100)?;
-    report(
-        "faults",
-        "corrupt state files refused at start",
-        cases.len() as u64,
-        TEST,
-    );
-    report(
-        "faults",
-        "datagrams lost while natd could not start",
-        0,
-        TEST,
-    );
+    fig.done();
     Ok(())
 }
 

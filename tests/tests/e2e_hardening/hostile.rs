@@ -129,34 +129,37 @@ fn oversized(socket: &Path) -> anyhow::Result<Option<Response>> {
 /// Afterwards natd runs, answers promptly and its state is what it was.
 #[test]
 fn hostile_control_requests_get_errors_and_natd_keeps_answering() -> anyhow::Result<()> {
-    const TEST: &str = "hostile_control_requests";
+    const SENT: &str = "hostile requests and connections sent";
+    const ANSWERED: &str = "malformed lines answered with the expected error";
+    let mut fig = Figures::new("control socket");
     let topo = Topology::new()?;
     let mut natd = Natd::start(&topo, Some(ONE_MAPPING))?;
     let socket = natd.socket().to_path_buf();
-    let mut hostile = 0u64;
-    let mut slowest = Duration::ZERO;
 
     // One connection for all the malformed lines: each error leaves it open for the next.
     let mut client = RawClient::connect(&socket)?;
+    fig.add(ANSWERED, 0);
     for (what, bytes, expect) in malformed_lines() {
         client.send(&bytes)?;
+        fig.add(SENT, 1);
         let message = error_message(client.reply()?, what)?;
+        let expected = message.contains(expect);
+        fig.add(ANSWERED, u64::from(expected));
         ensure!(
-            message.contains(expect),
+            expected,
             "natd's answer to {what} does not say {expect:?}: {message}"
         );
-        hostile += 1;
     }
-    slowest = slowest.max(answers_promptly(&mut natd, "malformed lines")?);
+    alive(&mut natd, &mut fig, "malformed lines")?;
 
     // The request stream ends in the middle of a request.
     let mut client = RawClient::connect(&socket)?;
     client.send(br#"{"command":"mapping_add","public":"203.0"#)?;
     client.close_write()?;
+    fig.add(SENT, 1);
     let message = error_message(client.reply()?, "a request cut by end of file")?;
     ensure!(message.contains("malformed request"), "{message}");
     ensure!(client.reply()?.is_none(), "natd kept the connection open");
-    hostile += 1;
 
     // Clients that vanish: mid-request (a few MB in), and before reading a reply.
     for size in [10, 4 << 20] {
@@ -165,23 +168,24 @@ fn hostile_control_requests_get_errors_and_natd_keeps_answering() -> anyhow::Res
         partial.resize(size.max(partial.len()), b'a');
         client.send(&partial)?;
         drop(client);
-        hostile += 1;
+        fig.add(SENT, 1);
     }
     for _ in 0..20 {
         let mut client = RawClient::connect(&socket)?;
         client.send(b"{\"command\":\"stats\"}\n")?;
         drop(client);
-        hostile += 1;
+        fig.add(SENT, 1);
     }
-    slowest = slowest.max(answers_promptly(&mut natd, "vanishing clients")?);
+    alive(&mut natd, &mut fig, "vanishing clients")?;
 
-    let message = error_message(oversized(&socket)?, "a line over 64 MiB")?;
+    let refusal = oversized(&socket);
+    fig.add(SENT, 1);
+    let message = error_message(refusal?, "a line over 64 MiB")?;
     ensure!(
         message.contains(&MAX_REQUEST.to_string()),
         "natd's refusal of a line over its limit does not name the limit: {message}"
     );
-    hostile += 1;
-    slowest = slowest.max(answers_promptly(&mut natd, "an oversized line")?);
+    alive(&mut natd, &mut fig, "an oversized line")?;
 
     // Hundreds of connections that send nothing, some a partial line, all at once.
     let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
@@ -191,44 +195,42 @@ fn hostile_control_requests_get_errors_and_natd_keeps_answering() -> anyhow::Res
             c.send(b"{\"command\":")?;
         }
         idle.push(c);
+        fig.add(SENT, 1);
     }
-    hostile += IDLE_CONNECTIONS as u64;
-    slowest = slowest.max(answers_promptly(&mut natd, "idle connections")?);
+    fig.set("idle connections held open at once", idle.len() as u64);
+    alive(&mut natd, &mut fig, "idle connections")?;
     drop(idle);
 
     let mut client = RawClient::connect(&socket)?;
     client.send(&b"{\"command\":\"status\"}\n".repeat(PIPELINED))?;
     let replies = client.replies(PIPELINED)?;
+    let in_order = replies
+        .iter()
+        .filter(|r| matches!(r, Response::Ok(Reply::Status(_))))
+        .count();
+    fig.set("pipelined status requests sent", PIPELINED as u64);
+    fig.set(
+        "pipelined status requests answered in order",
+        in_order as u64,
+    );
     ensure!(
-        replies
-            .iter()
-            .all(|r| matches!(r, Response::Ok(Reply::Status(_)))),
-        "a pipelined status request got another answer"
+        in_order == PIPELINED,
+        "{} pipelined status requests got another answer",
+        PIPELINED - in_order
     );
 
-    slowest = slowest.max(answers_promptly(&mut natd, "all of it")?);
+    alive(&mut natd, &mut fig, "all of it")?;
     let list = natd.natctl()?.mappings()?;
-    ensure!(
-        list.len() == 1 && list[0].public == PUBLIC_ADDR && list[0].private == GUEST_ADDR,
-        "the mappings changed: {list:?}"
+    let rules = natd.natctl()?.firewall_rules()?;
+    let unchanged =
+        list.len() == 1 && list[0].public == PUBLIC_ADDR && list[0].private == GUEST_ADDR;
+    fig.set(
+        "changes hostile input made to the state",
+        u64::from(!unchanged) + rules.len() as u64,
     );
-    ensure!(
-        natd.natctl()?.firewall_rules()?.is_empty(),
-        "the firewall changed"
-    );
-    report(
-        "control socket",
-        "hostile requests and connections",
-        hostile,
-        TEST,
-    );
-    report("control socket", "natd crashes or stalls", 0, TEST);
-    report(
-        "control socket",
-        "slowest answer after hostile input (ms)",
-        u64::try_from(slowest.as_millis())?,
-        TEST,
-    );
+    ensure!(unchanged, "the mappings changed: {list:?}");
+    ensure!(rules.is_empty(), "the firewall changed: {rules:?}");
+    fig.done();
     Ok(())
 }
 
@@ -289,14 +291,17 @@ fn natctl_as_nobody(
 }
 
 /// Runs natctl as nobody with `args` and fails unless it failed saying "permission denied"
-/// and that the socket is root's.
+/// and that the socket is root's; counts the request, and its refusal, in `fig`.
 fn refused_as_nobody(
     topo: &Topology,
     socket: &Path,
     args: &[&str],
     when: &str,
+    fig: &mut Figures,
 ) -> anyhow::Result<()> {
     let (ok, out) = natctl_as_nobody(topo, socket, args)?;
+    fig.add("non-root requests sent", 1);
+    fig.add("non-root requests refused", u64::from(!ok));
     ensure!(
         !ok,
         "natctl {} as nobody succeeded {when}: {out}",
@@ -307,6 +312,16 @@ fn refused_as_nobody(
         "natctl {} as nobody {when} does not say permission denied (root only): {out}",
         args.join(" ")
     );
+    Ok(())
+}
+
+/// Fails unless the one mapping is still the only one after non-root requests; counts the
+/// mappings they changed in `fig`.
+fn unchanged_by_nobody(natd: &Natd, fig: &mut Figures) -> anyhow::Result<()> {
+    let list = natd.natctl()?.mappings()?;
+    let unchanged = list.len() == 1 && list[0].public == PUBLIC_ADDR;
+    fig.set("changes non-root requests made", u64::from(!unchanged));
+    ensure!(unchanged, "the mappings changed: {list:?}");
     Ok(())
 }
 
@@ -322,24 +337,22 @@ fn natd_for_nobody(topo: &Topology) -> anyhow::Result<Natd> {
 /// root's (natd's socket is 0600); nothing changes.
 #[test]
 fn natctl_as_non_root_is_told_permission_denied() -> anyhow::Result<()> {
-    const TEST: &str = "natctl_as_non_root";
+    let mut fig = Figures::new("control socket");
     let topo = Topology::new()?;
     let natd = natd_for_nobody(&topo)?;
     let socket = natd.socket().to_path_buf();
     let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
     ensure!(mode == 0o600, "natd's socket has mode {mode:o}");
-    refused_as_nobody(&topo, &socket, &["status"], "")?;
+    refused_as_nobody(&topo, &socket, &["status"], "", &mut fig)?;
     refused_as_nobody(
         &topo,
         &socket,
         &["mapping", "add", "203.0.113.20", "10.0.0.20"],
         "",
+        &mut fig,
     )?;
-    ensure!(
-        natd.natctl()?.mappings()?.len() == 1,
-        "the mappings changed"
-    );
-    report("control socket", "non-root requests refused", 2, TEST);
+    unchanged_by_nobody(&natd, &mut fig)?;
+    fig.done();
     Ok(())
 }
 
@@ -347,24 +360,28 @@ fn natctl_as_non_root_is_told_permission_denied() -> anyhow::Result<()> {
 /// root, and natctl shows natd's "permission denied" (not a broken pipe); nothing changes.
 #[test]
 fn natd_refuses_non_root_peers_with_a_message_natctl_shows() -> anyhow::Result<()> {
-    const TEST: &str = "natd_refuses_non_root_peers";
+    let mut fig = Figures::new("control socket");
     let topo = Topology::new()?;
     let natd = natd_for_nobody(&topo)?;
     let socket = natd.socket().to_path_buf();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
     for _ in 0..10 {
-        refused_as_nobody(&topo, &socket, &["status"], "with the socket 0666")?;
+        refused_as_nobody(
+            &topo,
+            &socket,
+            &["status"],
+            "with the socket 0666",
+            &mut fig,
+        )?;
         refused_as_nobody(
             &topo,
             &socket,
             &["mapping", "del", "203.0.113.10"],
             "with the socket 0666",
+            &mut fig,
         )?;
     }
-    ensure!(
-        natd.natctl()?.mappings()?.len() == 1,
-        "the mappings changed"
-    );
-    report("control socket", "non-root requests refused", 20, TEST);
+    unchanged_by_nobody(&natd, &mut fig)?;
+    fig.done();
     Ok(())
 }

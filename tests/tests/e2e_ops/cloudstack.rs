@@ -45,7 +45,8 @@ const PAYLOADS: [&str; 5] = [
     "staticnat_rules_revoke.json",
     "egress_rules.json",
 ];
-/// How long natd may take to pick up a dropped file (it looks every second).
+/// How long natd may take to pick up a dropped file (inotify tells it at once; a loaded
+/// machine may be slow to apply it).
 const PICKED_UP: Duration = Duration::from_secs(15);
 
 /// A firewall payload whose first rule is fine and whose second has a port out of range.
@@ -70,7 +71,7 @@ fn payload(name: &str) -> anyhow::Result<String> {
 
 /// Writes `text` to `dir/name` the way a writer should for natd to never see half a file: to a
 /// temporary name natd skips, then renamed.
-fn drop_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+pub(super) fn drop_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming {}", tmp.display()))
@@ -141,11 +142,13 @@ fn egress(ids: &[u64]) -> EgressPolicy {
             id,
             service: service(Proto::Tcp, ports(25, 25), None),
             cidrs: cidrs(&["0.0.0.0/0"]),
+            sources: cidrs(&["10.1.1.0/24"]),
         },
         23 => EgressRule {
             id,
             service: service(Proto::Udp, ports(53, 53), None),
             cidrs: cidrs(&["0.0.0.0/0"]),
+            sources: cidrs(&["0.0.0.0/0"]),
         },
         _ => panic!("no egress rule {id} in the payloads"),
     };
@@ -170,9 +173,10 @@ fn expected_after(step: usize) -> Listed {
         0 => (both, vec![], egress(&[])),
         1 => (both, rules(&[11, 12, 13, 14]), egress(&[])),
         2 => (both, rules(&[12, 13, 14]), egress(&[])),
-        // The revoke of 203.0.113.101 takes its ingress rule 14 with it.
-        3 => (vec![(P100, V10)], rules(&[12, 13]), egress(&[])),
-        4 => (vec![(P100, V10)], rules(&[12, 13]), egress(&[21])),
+        // The revoke of 203.0.113.101 leaves its ingress rule 14 in the router's firewall
+        // databag: kept, inactive.
+        3 => (vec![(P100, V10)], rules(&[12, 13, 14]), egress(&[])),
+        4 => (vec![(P100, V10)], rules(&[12, 13, 14]), egress(&[21])),
         _ => panic!("no step {step}"),
     }
 }
@@ -221,8 +225,9 @@ impl CsRouter {
 }
 
 /// `natctl apply` of the five payloads in turn leaves, after each, exactly CloudStack's
-/// router's state: in the end 203.0.113.100 -> 10.1.1.10 only, ingress rules 12 and 13 only,
-/// egress default allow with exception 21. Malformed payloads (bad port, bad address,
+/// router's state: in the end 203.0.113.100 -> 10.1.1.10 only, ingress rules 12 and 13 in
+/// force and 14 kept inactive (203.0.113.101 lost its static NAT), egress default allow with
+/// exception 21. Malformed payloads (bad port, bad address,
 /// truncated JSON) are refused whole, naming the rule and field, and change nothing.
 #[test]
 fn natctl_apply_of_the_payloads_gives_the_routers_state() -> anyhow::Result<()> {
@@ -243,6 +248,7 @@ fn natctl_apply_of_the_payloads_gives_the_routers_state() -> anyhow::Result<()> 
         assert!(out.contains(name), "natctl apply {name} printed {out:?}");
         assert_eq!(listed(&natctl)?, expected_after(step), "after {name}");
     }
+    assert_eq!(natctl.firewall_states()?, (vec![12, 13], vec![14]));
     assert_eq!(
         r.topo.nft_maps()?.and_then(|m| m.get("dnat_v4").cloned()),
         Some(vec![(P100, V10)])
@@ -301,7 +307,7 @@ fn natctl_apply_of_the_payloads_gives_the_routers_state() -> anyhow::Result<()> 
 }
 
 /// What natd recorded of the files in its `--cloudstack-dir`: name -> (applied, message).
-fn record(state_dir: &Path) -> anyhow::Result<Vec<(String, bool, String)>> {
+pub(super) fn record(state_dir: &Path) -> anyhow::Result<Vec<(String, bool, String)>> {
     let path = state_dir.join("cloudstack-processed.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -409,7 +415,7 @@ fn natd_applies_dropped_files_once_in_name_order() -> anyhow::Result<()> {
         [(P100, V10)],
         "the refused file was applied after all"
     );
-    assert_eq!(rules, [ingress(12), ingress(13), ingress(15)]);
+    assert_eq!(rules, [ingress(12), ingress(13), ingress(14), ingress(15)]);
     assert_eq!(
         record(&state_dir)?[2],
         handled[2],
@@ -434,7 +440,7 @@ fn natd_applies_dropped_files_once_in_name_order() -> anyhow::Result<()> {
         listed(&natctl)?,
         (
             vec![(P100, V10)],
-            vec![ingress(13), ingress(15)],
+            vec![ingress(13), ingress(14), ingress(15)],
             egress(&[21, 23])
         ),
         "after the restart"

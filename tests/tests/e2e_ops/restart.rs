@@ -7,6 +7,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use nat_tests::topology::{
     CLIENT_ADDR, GUEST_ADDR, Natd, NatdOptions, PUBLIC_ADDR, ROUTER_GUEST_IF, ROUTER_PUBLIC_IF,
     Topology,
+    fastpath::{self, Arrived},
     observe::{ICMP_ECHO_REQUEST, IcmpSniffer, ping, tcp_exchange, udp_exchange},
     stream::{PingStream, TcpTransfer},
 };
@@ -205,6 +206,7 @@ fn natd_stopped_without_detach_leaves_the_fast_path_translating() -> anyhow::Res
     )?;
     let natctl = natd.natctl()?;
     let counters_before = natctl.counters(PUBLIC_ADDR)?;
+    let stats_before = natctl.stats()?;
     let status = natd.terminate()?;
     assert!(
         status.success(),
@@ -257,13 +259,26 @@ fn natd_stopped_without_detach_leaves_the_fast_path_translating() -> anyhow::Res
     assert_eq!(udp.server_saw.ip(), PUBLIC_ADDR, "{udp:?}");
 
     // The fast path, not the kernel's nftables, translated it all: the pinned counters grew by
-    // the 3 echo requests, the datagram's answer and the TCP handshake at least.
+    // at least what arrived, at the guest (echo requests, TCP segments, the datagram's answer)
+    // and at the client (echo replies, TCP segments, the datagram), and no pass reason grew.
+    let at_guest = requests.len() as u64 + tcp.server_segs_in + 1;
+    let at_client = u64::from(p.received) + tcp.client_segs_in + 1;
     let natd = Natd::start(&topo, None)?;
+    let stats_after = natd.natctl()?.stats()?;
+    fastpath::carried(
+        &stats_before,
+        &stats_after,
+        &[
+            Arrived::new("inbound_forwarded", at_guest, "packets at the guest"),
+            Arrived::new("outbound_forwarded", at_client, "packets at the client"),
+        ],
+    )?;
     let counters_after = natd.natctl()?.counters(PUBLIC_ADDR)?;
     assert!(
-        counters_after.inbound_packets >= counters_before.inbound_packets + 5
-            && counters_after.outbound_packets >= counters_before.outbound_packets + 5,
-        "{counters_before:?} -> {counters_after:?}"
+        counters_after.inbound_packets - counters_before.inbound_packets >= at_guest
+            && counters_after.outbound_packets - counters_before.outbound_packets >= at_client,
+        "P's counters grew by less than the {at_guest} packets in and {at_client} out that \
+         arrived: {counters_before:?} -> {counters_after:?}"
     );
     Ok(())
 }

@@ -22,9 +22,9 @@ use nat_tests::topology::{
         TcpAttempt, accept, assert_no_connection, assert_no_datagram, tcp_listen, udp_receive,
         udp_send,
     },
+    fastpath::{self, Arrived},
     links::{PUBLIC2_LINK, ROUTER_PUBLIC2_IF},
-    observe::{ICMP_ECHO_REQUEST, IcmpSniffer, udp_bind},
-    policy::reason,
+    observe::{ICMP_ECHO_REQUEST, IcmpSniffer, segs_in, udp_bind},
     run_bounded,
 };
 
@@ -135,13 +135,15 @@ fn ping_from(ns: &Netns, source: Ipv4Addr, dst: Ipv4Addr) -> anyhow::Result<()> 
 }
 
 /// The guest sends from `v` to the remote address by ICMP, UDP and TCP: everything reaches
-/// `right` from `p` (and the answers come back), nothing reaches `wrong`.
+/// `right` from `p` (and the answers come back), nothing reaches `wrong`. Returns the packets
+/// that arrived at `right` and, back, at the guest (echo requests or replies, datagrams, TCP
+/// segments), as the receivers counted them.
 fn leaves_through(
     guest: &Netns,
     (v, p): (Ipv4Addr, Ipv4Addr),
     right: &Netns,
     wrong: &Netns,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u64, u64)> {
     let what = format!("from {v} (P {p})");
     let (right_icmp, wrong_icmp) = (IcmpSniffer::open_in(right)?, IcmpSniffer::open_in(wrong)?);
     ping_from(guest, v, REMOTE)?;
@@ -177,16 +179,19 @@ fn leaves_through(
         tcp_listen(right, at(REMOTE, 8080))?,
         tcp_listen(wrong, at(REMOTE, 8080))?,
     );
-    let _conn = TcpAttempt::start(guest, Some(v), at(REMOTE, 8080))?.connected()?;
-    let (_, peer) = accept(&right_tcp)?;
+    let conn = TcpAttempt::start(guest, Some(v), at(REMOTE, 8080))?.connected()?;
+    let (accepted, peer) = accept(&right_tcp)?;
     assert_eq!(peer.ip(), p, "{what}: TCP at {}", right.name());
+    // ping_from saw 3 replies: 3 requests arrived at `right`, 3 replies at the guest.
+    let at_right = requests.len() as u64 + 1 + segs_in(&accepted)?;
+    let at_guest = 3 + 1 + segs_in(&conn)?;
 
     // Everything arrived where it should, so nothing is still on its way to the wrong place.
     let stray = wrong_icmp.pending(|s| s.icmp_type == ICMP_ECHO_REQUEST);
     assert_eq!(stray, [], "{what}: echo requests at {}", wrong.name());
     assert_no_datagram(&wrong_udp)?;
     assert_no_connection(&wrong_tcp)?;
-    Ok(())
+    Ok((at_right, at_guest))
 }
 
 /// Each guest address's traffic to the same remote address leaves through the public network
@@ -196,16 +201,26 @@ fn each_public_ip_leaves_through_its_own_network() -> anyhow::Result<()> {
     let t = TwoNetworks::new()?;
     let natctl = t.natd.natctl()?;
     let before = natctl.stats()?;
-    leaves_through(&t.topo.guest, (V1, P1), &t.topo.client, &t.upstream2)?;
-    leaves_through(&t.topo.guest, (V2, P2), &t.upstream2, &t.topo.client)?;
+    let one = leaves_through(&t.topo.guest, (V1, P1), &t.topo.client, &t.upstream2)?;
+    let two = leaves_through(&t.topo.guest, (V2, P2), &t.upstream2, &t.topo.client)?;
     let after = natctl.stats()?;
-    let forwarded = reason(&after, "outbound_forwarded")? - reason(&before, "outbound_forwarded")?;
-    assert!(forwarded >= 2 * 5, "outbound_forwarded grew by {forwarded}");
-    for p in [P1, P2] {
+    fastpath::carried(
+        &before,
+        &after,
+        &[
+            Arrived::new(
+                "outbound_forwarded",
+                one.0 + two.0,
+                "packets at the upstreams",
+            ),
+            Arrived::new("inbound_forwarded", one.1 + two.1, "answers at the guest"),
+        ],
+    )?;
+    for (p, (out, back)) in [(P1, one), (P2, two)] {
         let c = natctl.counters(p)?;
         assert!(
-            c.outbound_packets >= 5 && c.inbound_packets >= 5,
-            "{p}: {c:?}"
+            c.outbound_packets >= out && c.inbound_packets >= back,
+            "{p} counted fewer than the {out} packets out and {back} back that arrived: {c:?}"
         );
     }
     Ok(())

@@ -197,8 +197,8 @@ pub fn hit() -> Events {
 pub fn miss() -> Events {
     ev(&[(ConntrackMiss, 1)])
 }
-/// A frame connection tracking does not look up: ICMP other than echo (errors, RELATED or
-/// not, and informational messages). It opens no flow either.
+/// A frame connection tracking does not look up: ICMP other than queries (errors, RELATED
+/// or not, and other messages). It opens no flow either.
 pub fn untracked() -> Events {
     Events::default()
 }

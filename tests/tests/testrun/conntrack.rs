@@ -1,18 +1,25 @@
 //! Golden policy cases for connection tracking: replies to guest-initiated flows come in
 //! without rules, a flow outlives the rule that admitted it, ICMP errors about tracked flows
-//! are RELATED, TCP states progress as netfilter's do, and flows expire after their state's
-//! idle timeout (configured, or netfilter's default when the setting is 0). The expected
-//! states are written out here, independently of the model (which is compared as well).
+//! are RELATED, ICMP queries are tracked by identifier and direction, TCP states progress as
+//! netfilter's do (the program keeps no windows yet: netfilter with
+//! `nf_conntrack_tcp_no_window_check=1`), a SYN on a closed flow is new, and flows expire
+//! after the idle timer their last packet started (configured, or netfilter's default when the
+//! setting is 0). The expected states, status bits and timers are written out here,
+//! independently of the model (which is compared as well).
 use std::time::Duration;
 
 use nat_common::{
     Event::*,
     ORIGIN_GUEST, ORIGIN_PUBLIC, Reason, TIMEOUT_SLOTS,
-    conntrack::State::{self, *},
+    conntrack::{
+        ASSURED, SEEN_REPLY,
+        State::{self, *},
+        Timeout,
+    },
 };
 use nat_tests::{
     harness::*,
-    model::{Outcome, Tracked, XDP_PASS},
+    model::{Events, Outcome, Tracked, XDP_PASS},
     packet::{PROTO_GRE, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 use nat_userspace::{cidr::Cidr, firewall::Proto};
@@ -21,13 +28,17 @@ use crate::common::*;
 
 const SYN: u8 = TCP_SYN;
 const ACK: u8 = TCP_ACK;
+/// Status: answered; answered and assured.
+const R: u8 = SEEN_REPLY;
+const RA: u8 = SEEN_REPLY | ASSURED;
 
-fn guest(state: State) -> Tracked {
-    Tracked::new(state, ORIGIN_GUEST, 0)
+/// A guest-opened entry in `state` with status `flags`, its timer the state's own.
+fn guest(state: State, flags: u8) -> Tracked {
+    Tracked::new(state, ORIGIN_GUEST, flags)
 }
 
-fn public(state: State) -> Tracked {
-    Tracked::new(state, ORIGIN_PUBLIC, 0)
+fn public(state: State, flags: u8) -> Tracked {
+    Tracked::new(state, ORIGIN_PUBLIC, flags)
 }
 
 /// [`base_state`] with one ingress rule on P1 from anywhere.
@@ -81,16 +92,28 @@ fn guest_initiated_flows_get_their_replies() {
     p.inbound("pong with another id", G2, false, miss(), |a, t| {
         icmp_l3(REMOTE, a, 0, 0, 0x78, t)
     });
+    p.inbound(
+        "a remote's ping with the same id",
+        G2,
+        false,
+        miss(),
+        |a, t| icmp_l3(REMOTE, a, 8, 0, 0x77, t),
+    );
     p.inbound("udp to the tcp flow's ports", G1, false, miss(), |a, t| {
         udp_l3(REMOTE, a, (443, 40000), t)
     });
     p.flows(
         "four flows",
         &[
-            (flow(G1, REMOTE, PROTO_TCP, tcp), guest(TcpEstablished)),
-            (flow(G1, REMOTE, PROTO_UDP, udp), guest(UdpReplied)),
-            (flow(G2, REMOTE, PROTO_ICMP, (0x77, 0x77)), guest(Icmp)),
-            (flow(G2, REMOTE, PROTO_GRE, (0, 0)), guest(Other)),
+            (flow(G1, REMOTE, PROTO_TCP, tcp), guest(TcpEstablished, RA)),
+            // Answered, but the answer itself still ran the unreplied timer.
+            (
+                flow(G1, REMOTE, PROTO_UDP, udp),
+                guest(UdpReplied, R).with_timer(Timeout::UdpUnreplied),
+            ),
+            // Keyed by identifier and the type the guest sends (echo request).
+            (flow(G2, REMOTE, PROTO_ICMP, (0x77, 8)), guest(Icmp, R)),
+            (flow(G2, REMOTE, PROTO_GRE, (0, 0)), guest(Other, R)),
         ],
     );
     p.finish("guest-initiated");
@@ -127,7 +150,7 @@ fn established_flow_outlives_its_rule() {
         "the old flow only",
         &[(
             flow(G1, REMOTE, PROTO_TCP, (22, 40000)),
-            public(TcpEstablished),
+            public(TcpEstablished, RA),
         )],
     );
     p.finish("rule deleted");
@@ -202,11 +225,14 @@ fn icmp_errors_about_tracked_flows_are_related() {
     p.flows(
         "errors open nothing",
         &[
-            (flow(G1, REMOTE, PROTO_UDP, (5353, 53)), guest(UdpUnreplied)),
-            (flow(G1, REMOTE, PROTO_ICMP, (9, 9)), guest(Icmp)),
+            (
+                flow(G1, REMOTE, PROTO_UDP, (5353, 53)),
+                guest(UdpUnreplied, 0),
+            ),
+            (flow(G1, REMOTE, PROTO_ICMP, (9, 8)), guest(Icmp, 0)),
             (
                 flow(G1, REMOTE, PROTO_UDP, (53, 40000)),
-                public(UdpUnreplied),
+                public(UdpUnreplied, 0),
             ),
         ],
     );
@@ -219,30 +245,44 @@ fn tcp_states_progress_like_netfilter() {
     h.set_policy(&p1_open(Proto::Tcp, 80)).expect("policy");
     let mut p = Probe::new(&h);
     let key = flow(G1, REMOTE, PROTO_TCP, (80, 40000));
-    let steps: [(&str, bool, u8, State, u8); 8] = [
-        ("syn", true, SYN, TcpSynSent, 0),
-        ("syn-ack", false, SYN | ACK, TcpSynRecv, 0),
-        ("ack", true, ACK, TcpEstablished, 0),
+    // (step, from the remote, flags, events, the entry after it: `None` = deleted)
+    let steps: [(&str, bool, u8, Events, Option<Tracked>); 8] = [
+        ("syn", true, SYN, new_flow(), Some(public(TcpSynSent, 0))),
+        (
+            "syn-ack",
+            false,
+            SYN | ACK,
+            hit(),
+            Some(public(TcpSynRecv, R)),
+        ),
+        ("ack", true, ACK, hit(), Some(public(TcpEstablished, RA))),
         (
             "fin from the originator",
             true,
             TCP_FIN | ACK,
-            TcpFinWait,
-            1,
+            hit(),
+            Some(public(TcpFinWait, RA)),
         ),
         (
             "fin from the responder",
             false,
             TCP_FIN | ACK,
-            TcpTimeWait,
-            3,
+            hit(),
+            Some(public(TcpLastAck, RA)),
         ),
-        ("last ack", true, ACK, TcpTimeWait, 3),
-        ("new syn reopens", true, SYN, TcpSynSent, 0),
-        ("rst", false, TCP_RST, TcpClose, 0),
+        ("last ack", true, ACK, hit(), Some(public(TcpTimeWait, RA))),
+        // A SYN on TIME_WAIT is a new connection: the rule admits it, a new flow replaces.
+        (
+            "new syn is new",
+            true,
+            SYN,
+            new_flow(),
+            Some(public(TcpSynSent, 0)),
+        ),
+        // An RST as the only answer: netfilter deletes the flow.
+        ("rst", false, TCP_RST, hit(), None),
     ];
-    for (i, (name, inbound, flags, state, fins)) in steps.into_iter().enumerate() {
-        let events = if i == 0 { new_flow() } else { hit() };
+    for (name, inbound, flags, events, want) in steps {
         if inbound {
             p.inbound(name, G1, true, events, |a, t| {
                 tcp_l3(REMOTE, a, (40000, 80), flags, t)
@@ -252,22 +292,24 @@ fn tcp_states_progress_like_netfilter() {
                 tcp_l3(a, REMOTE, (80, 40000), flags, t)
             });
         }
-        let want = Tracked::new(state, ORIGIN_PUBLIC, fins);
-        p.flows(name, &[(key, want)]);
+        let want: Vec<_> = want.map(|w| (key, w)).into_iter().collect();
+        p.flows(name, &want);
     }
     h.clear_flows().expect("clear");
     let out = flow(G1, REMOTE, PROTO_TCP, (40001, 80));
     p.outbound("guest syn", G1, true, new_flow(), |a, t| {
         tcp_l3(a, REMOTE, (40001, 80), SYN, t)
     });
-    p.flows("guest syn", &[(out, guest(TcpSynSent))]);
+    p.flows("guest syn", &[(out, guest(TcpSynSent, 0))]);
     p.inbound("refused: rst-ack", G1, true, hit(), |a, t| {
         tcp_l3(REMOTE, a, (80, 40001), TCP_RST | ACK, t)
     });
-    p.flows("rst-ack", &[(out, guest(TcpClose))]);
+    p.flows("rst-ack deletes the flow", &[]);
     p.inbound("bare rst opens nothing", G1, true, miss(), |a, t| {
         tcp_l3(REMOTE, a, (40002, 80), TCP_RST, t)
     });
+    // netfilter's default timers from here: ESTABLISHED's is longer than UNACK's.
+    h.set_timeouts([0; TIMEOUT_SLOTS]).expect("timeouts");
     p.inbound(
         "mid-stream ack: loose pickup",
         G1,
@@ -276,9 +318,35 @@ fn tcp_states_progress_like_netfilter() {
         |a, t| tcp_l3(REMOTE, a, (40003, 80), ACK, t),
     );
     let picked = flow(G1, REMOTE, PROTO_TCP, (80, 40003));
+    // Unanswered pickups run the UNACK timer, not ESTABLISHED's five days.
+    let pickup = public(TcpEstablished, 0).with_timer(Timeout::TcpUnack);
+    p.flows("pickup", &[(picked, pickup)]);
+    p.inbound("impossible flags: invalid", G1, true, miss(), |a, t| {
+        tcp_l3(REMOTE, a, (40003, 80), SYN | TCP_FIN, t)
+    });
+    p.inbound(
+        "syn-ack from the originator: invalid",
+        G1,
+        true,
+        miss(),
+        |a, t| tcp_l3(REMOTE, a, (40003, 80), SYN | ACK, t),
+    );
+    p.flows("invalid packets change nothing", &[(picked, pickup)]);
+    // A late SYN/ACK of the responder is ignored: forwarded with the flow, state and timer
+    // stay; the flow is answered now (netfilter marks every reply it accepts, IGNORE too).
+    p.outbound(
+        "syn-ack from the responder: ignored",
+        G1,
+        true,
+        hit(),
+        |a, t| tcp_l3(a, REMOTE, (80, 40003), SYN | ACK, t),
+    );
     p.flows(
-        "rst and pickup",
-        &[(out, guest(TcpClose)), (picked, public(TcpEstablished))],
+        "ignored",
+        &[(
+            picked,
+            public(TcpEstablished, R).with_timer(Timeout::TcpUnack),
+        )],
     );
     p.finish("tcp state");
 }
@@ -287,7 +355,7 @@ fn tcp_states_progress_like_netfilter() {
 fn flows_expire_after_their_idle_timeout() {
     let h = harness();
     let mut timeouts = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
-    timeouts[UdpUnreplied as usize] = 1;
+    timeouts[Timeout::UdpUnreplied as usize] = 1;
     h.set_timeouts(timeouts).expect("timeouts");
     let mut p = Probe::new(&h);
     let expired = ev(&[(ConntrackExpired, 1), (ConntrackMiss, 1)]);
@@ -308,7 +376,7 @@ fn flows_expire_after_their_idle_timeout() {
             error_l3(ROUTER, a, (3, 4), &q, usize::MAX, t)
         },
     );
-    p.flows("expired flow stays", &[(key, guest(UdpUnreplied))]);
+    p.flows("expired flow stays", &[(key, guest(UdpUnreplied, 0))]);
     let recreated = ev(&[
         (ConntrackExpired, 1),
         (ConntrackMiss, 1),
@@ -317,7 +385,7 @@ fn flows_expire_after_their_idle_timeout() {
     p.outbound("query again: replaced", G1, true, recreated, |a, t| {
         udp_l3(a, REMOTE, (5353, 53), t)
     });
-    p.flows("replaced", &[(key, guest(UdpUnreplied))]);
+    p.flows("replaced", &[(key, guest(UdpUnreplied, 0))]);
 
     // 0 = netfilter's default: flows last seen a while ago, either side of it; no rule, so an
     // expired flow's packet is dropped.
@@ -343,16 +411,19 @@ fn flows_expire_after_their_idle_timeout() {
             Icmp => PROTO_ICMP,
             _ => PROTO_TCP,
         };
+        // An echo flow is keyed by identifier and the type the guest sends.
         let ports = if proto == PROTO_ICMP {
-            (port, port)
+            (port, 8)
         } else {
             (port, 7)
         };
         let f = flow(G1, REMOTE, proto, ports);
-        h.put_flow(f, public(state), ago(secs)).expect("put flow");
+        let flags = if state == UdpReplied { R } else { 0 };
+        h.put_flow(f, public(state, flags), ago(secs))
+            .expect("put flow");
         let name = format!("{state:?} last seen {secs} s ago");
         let events = if live { hit() } else { expired };
-        let back = (ports.1, ports.0);
+        let back = (7, port);
         p.inbound(&name, G1, live, events, |a, t| match proto {
             PROTO_UDP => udp_l3(REMOTE, a, back, t),
             PROTO_ICMP => icmp_l3(REMOTE, a, 0, 0, port, t),
@@ -362,19 +433,21 @@ fn flows_expire_after_their_idle_timeout() {
     p.finish("expiry");
 }
 
-/// Only ICMP echo is tracked (netfilter tracks errors only as RELATED to the flow they quote):
-/// a guest's timestamp request or ping with identifier 0 gives no ICMP error from that host a
-/// way in, nor any non-echo message or request from it. (Formerly a reproducer: the program
-/// keyed every non-echo ICMP message with ports 0 and looked errors up as flows of their own.)
+/// ICMP queries (echo, timestamp, information, address mask) are tracked, errors only as
+/// RELATED to the flow they quote (as netfilter does): a guest's timestamp request or ping
+/// with identifier 0 lets its reply in, but gives no ICMP error from that host a way in, nor
+/// any other message or a request from it. (Formerly a reproducer: the program keyed every
+/// non-echo ICMP message with ports 0 and looked errors up as flows of their own; later only
+/// echo was tracked, so the router's answer to a timestamp request was dropped.)
 #[test]
 fn icmp_errors_only_enter_as_related() {
     let h = harness();
     let mut p = Probe::new(&h);
     p.outbound(
-        "guest sends a timestamp request: opens nothing",
+        "guest sends a timestamp request: opens a flow",
         G1,
         true,
-        untracked(),
+        new_flow(),
         |a, t| icmp_l3(a, REMOTE, 13, 0, 0, t),
     );
     p.inbound(
@@ -390,13 +463,21 @@ fn icmp_errors_only_enter_as_related() {
     p.inbound("redirect", G1, false, untracked(), |a, t| {
         icmp_l3(REMOTE, a, 5, 1, 0, t)
     });
-    p.inbound("timestamp reply", G1, false, untracked(), |a, t| {
+    p.inbound("timestamp reply", G1, true, hit(), |a, t| {
         icmp_l3(REMOTE, a, 14, 0, 0, t)
     });
+    p.inbound(
+        "timestamp request from the remote",
+        G1,
+        false,
+        miss(),
+        |a, t| icmp_l3(REMOTE, a, 13, 0, 0, t),
+    );
     p.inbound("echo request, identifier 0", G1, false, miss(), |a, t| {
         icmp_l3(REMOTE, a, 8, 0, 0, t)
     });
-    p.flows("no flow", &[]);
+    let timestamp = (flow(G1, REMOTE, PROTO_ICMP, (0, 13)), guest(Icmp, R));
+    p.flows("the timestamp query", &[timestamp]);
     // A ping with identifier 0 opens a flow: its reply gets in, a request the other way and
     // other ICMP messages do not; an error quoting the ping is RELATED.
     p.outbound("guest pings, identifier 0", G1, true, new_flow(), |a, t| {
@@ -437,16 +518,20 @@ fn icmp_errors_only_enter_as_related() {
         |a, t| icmp_l3(a, REMOTE, 0, 0, 0x99, t),
     );
     p.flows(
-        "the ping only",
-        &[(flow(G1, REMOTE, PROTO_ICMP, (0, 0)), guest(Icmp))],
+        "the ping and the timestamp query",
+        &[
+            (flow(G1, REMOTE, PROTO_ICMP, (0, 8)), guest(Icmp, R)),
+            timestamp,
+        ],
     );
     p.finish("icmp error");
 }
 
-/// netfilter (and so natd's nftables slow path) treats a SYN from the responder of a closed
-/// flow as a new connection the other way: the ingress rules decide, and a flow opened by it
-/// replaces the old entry (origin public). If such a SYN is allowed but not forwarded, the old
-/// entry stays. (Formerly a reproducer: the program admitted it as ESTABLISHED.)
+/// netfilter (and so natd's nftables slow path) treats a SYN from the responder of a
+/// TIME_WAIT flow as a new connection the other way (and the product does so on CLOSE too):
+/// the ingress rules decide, and a flow opened by it replaces the old entry (origin public).
+/// If such a SYN is allowed but not forwarded, the old entry stays. (Formerly a reproducer:
+/// the program admitted it as ESTABLISHED.)
 #[test]
 fn reply_side_syn_does_not_reopen_a_closed_flow() {
     let h = harness();
@@ -460,7 +545,7 @@ fn reply_side_syn_does_not_reopen_a_closed_flow() {
     p.inbound("fin", G1, true, hit(), back(TCP_FIN | ACK));
     p.outbound("last ack", G1, true, hit(), out(ACK));
     let key = flow(G1, REMOTE, PROTO_TCP, (40000, 80));
-    let time_wait = Tracked::new(TcpTimeWait, ORIGIN_GUEST, 3);
+    let time_wait = Tracked::new(TcpTimeWait, ORIGIN_GUEST, RA);
     p.flows("time wait", &[(key, time_wait)]);
     p.inbound("new syn from the remote", G1, false, miss(), back(SYN));
     p.flows("time wait stays", &[(key, time_wait)]);
@@ -480,11 +565,11 @@ fn reply_side_syn_does_not_reopen_a_closed_flow() {
         new_flow(),
         back(SYN),
     );
-    p.flows("replaced, origin public", &[(key, public(TcpSynSent))]);
+    p.flows("replaced, origin public", &[(key, public(TcpSynSent, 0))]);
     p.outbound("guest's syn-ack", G1, true, hit(), out(SYN | ACK));
     p.flows(
         "the new flow progresses",
-        &[(key, Tracked::new(TcpSynRecv, ORIGIN_PUBLIC, 0))],
+        &[(key, Tracked::new(TcpSynRecv, ORIGIN_PUBLIC, R))],
     );
 
     // V3 has no neighbour entry: the remote's SYN on V3's closed flow is allowed, then
@@ -521,14 +606,12 @@ fn reply_side_syn_does_not_reopen_a_closed_flow() {
     p.finish("reply-side syn");
 }
 
-/// Reproducer of a divergence from netfilter (not fixed here): ICMP echo flows are keyed by
-/// (guest, remote, identifier) without a direction, so a remote host's echo request with the
-/// identifier of a guest's outstanding ping, admitted by an echo-request rule, replaces the
-/// guest's flow by one of origin public; the replies to the guest's own ping are then refused.
-/// netfilter tracks the two pings as separate connections (the request of one is not the reply
-/// tuple of the other), so the reply gets in as ESTABLISHED. Run with `-- --ignored`.
+/// netfilter tracks a guest's ping and a remote's ping with the same identifier as two
+/// connections (the request of one is not the reply tuple of the other), so the reply to the
+/// guest's own ping still gets in. (Formerly a reproducer: echo flows were keyed by identifier
+/// without direction, and the remote's request, admitted by an echo-request rule, replaced
+/// the guest's flow.)
 #[test]
-#[ignore = "known limitation (README): a remote's echo request takes over a guest's ping flow with the same identifier"]
 fn remote_ping_does_not_take_over_a_guest_ping() {
     let h = harness();
     let mut s = base_state();
@@ -544,7 +627,7 @@ fn remote_ping_does_not_take_over_a_guest_ping() {
     p.outbound("guest pings, id 5", G1, true, new_flow(), |a, t| {
         icmp_l3(a, REMOTE, 8, 0, 5, t)
     });
-    // A connection of its own (however keyed).
+    // A connection of its own.
     p.inbound(
         "remote pings the guest, id 5",
         G1,
@@ -552,9 +635,18 @@ fn remote_ping_does_not_take_over_a_guest_ping() {
         new_flow(),
         |a, t| icmp_l3(REMOTE, a, 8, 0, 5, t),
     );
-    // Fails here: the guest's flow was replaced (origin public), so this echo reply misses.
     p.inbound("reply to the guest's ping", G1, true, hit(), |a, t| {
         icmp_l3(REMOTE, a, 0, 0, 5, t)
     });
+    p.outbound("the guest answers the remote", G1, true, hit(), |a, t| {
+        icmp_l3(a, REMOTE, 0, 0, 5, t)
+    });
+    p.flows(
+        "two flows",
+        &[
+            (flow(G1, REMOTE, PROTO_ICMP, (5, 8)), guest(Icmp, R)),
+            (flow(G1, REMOTE, PROTO_ICMP, (5, 0)), public(Icmp, R)),
+        ],
+    );
     p.finish("ping takeover");
 }

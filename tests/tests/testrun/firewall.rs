@@ -248,7 +248,7 @@ fn icmp_rules_match_type_and_code() {
     p.inbound("echo request 8/0", G1, true, new_flow(), msg(8, 0, 1));
     p.inbound("echo request, code 1", G1, false, miss(), msg(8, 1, 2));
     p.inbound("echo reply", G1, false, miss(), msg(0, 0, 3));
-    p.inbound("timestamp", G1, false, untracked(), msg(13, 0, 0));
+    p.inbound("timestamp", G1, false, miss(), msg(13, 0, 0));
     p.inbound(
         "frag needed, type 3 any code",
         G1,
@@ -277,7 +277,7 @@ fn icmp_rules_match_type_and_code() {
         untracked(),
         error(ROUTER, 11, 0),
     );
-    p.inbound("any icmp: timestamp", G2, true, untracked(), msg(13, 0, 0));
+    p.inbound("any icmp: timestamp", G2, true, new_flow(), msg(13, 0, 0));
     p.inbound("any icmp: echo", G2, true, new_flow(), msg(8, 0, 9));
     p.inbound(
         "any icmp: time exceeded",
@@ -287,11 +287,13 @@ fn icmp_rules_match_type_and_code() {
         error(ROUTER, 11, 0),
     );
     let icmp = Tracked::new(IcmpState, ORIGIN_PUBLIC, 0);
+    // Keyed by identifier and the type the guest answers with.
     p.flows(
-        "echo requests open flows keyed by identifier, nothing else does",
+        "query requests open flows, nothing else does",
         &[
-            (flow(G1, REMOTE, PROTO_ICMP, (1, 1)), icmp),
-            (flow(G2, REMOTE, PROTO_ICMP, (9, 9)), icmp),
+            (flow(G1, REMOTE, PROTO_ICMP, (1, 0)), icmp),
+            (flow(G2, REMOTE, PROTO_ICMP, (9, 0)), icmp),
+            (flow(G2, REMOTE, PROTO_ICMP, (0, 14)), icmp),
         ],
     );
     p.finish("icmp rule");
@@ -366,7 +368,7 @@ fn egress_default_allow_with_deny_exceptions() {
     p.outbound("echo request", G1, false, miss(), |a, t| {
         icmp_l3(a, PUB_GW, 8, 0, 5, t)
     });
-    p.outbound("timestamp", G1, true, untracked(), |a, t| {
+    p.outbound("timestamp opens a flow", G1, true, new_flow(), |a, t| {
         icmp_l3(a, PUB_GW, 13, 0, 0, t)
     });
     p.finish("egress default allow");

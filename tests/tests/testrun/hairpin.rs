@@ -8,7 +8,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use nat_common::{
     ORIGIN_GUEST, Reason,
-    conntrack::State::{self, *},
+    conntrack::{
+        ASSURED, SEEN_REPLY,
+        State::{self, *},
+        Timeout,
+    },
 };
 use nat_tests::{
     harness::*,
@@ -25,6 +29,9 @@ use crate::common::*;
 pub const SYN: u8 = TCP_SYN;
 pub const ACK: u8 = TCP_ACK;
 pub const FIN: u8 = TCP_FIN;
+/// Status: answered; answered and assured.
+pub const R: u8 = SEEN_REPLY;
+pub const RA: u8 = SEEN_REPLY | ASSURED;
 
 /// A host behind a guest interface.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +90,8 @@ pub fn hairpin_policy() -> DesiredState {
     s
 }
 
-/// The forward leg of `sender:sport -> p:dport`, and its reply binding at `target` <-> `r`.
+/// The forward leg of `sender:sport -> p:dport` in `state` with status `flags`, and its reply
+/// binding at `target` <-> `r` (same state and timer, no status); timers the state's own.
 #[allow(clippy::too_many_arguments)]
 pub fn legs(
     sender: Ipv4Addr,
@@ -93,7 +101,7 @@ pub fn legs(
     proto: u8,
     (sport, dport): (u16, u16),
     state: State,
-    fins: u8,
+    flags: u8,
 ) -> [(Flow, Tracked); 2] {
     let fwd = Flow {
         guest: sender,
@@ -112,9 +120,14 @@ pub fn legs(
         kind: Kind::HairpinRev,
     };
     [
-        (fwd, Tracked::new(state, ORIGIN_GUEST, fins)),
+        (fwd, Tracked::new(state, ORIGIN_GUEST, flags)),
         (rev, Tracked::binding(state, (sender, sport))),
     ]
+}
+
+/// `legs` whose last packet started `timer` (both legs run the forward leg's).
+pub fn timed(legs: [(Flow, Tracked); 2], timer: Timeout) -> [(Flow, Tracked); 2] {
+    legs.map(|(f, t)| (f, t.with_timer(timer)))
 }
 
 /// Golden hairpin cases; `l3(src, dst, ttl)` builds the IP packet with the addresses of the
@@ -298,21 +311,21 @@ fn hairpin_translates_both_ways() {
     let (v1, v2) = (t.v1, t.v2);
     let r = GST_ADDR;
     let mut b = Hp::new(&h);
-    let ping_legs = |s| legs(V2, P1, V1, r, PROTO_ICMP, (0x77, 0x77), s, 0);
+    let ping_legs = |flags| legs(V2, P1, V1, r, PROTO_ICMP, (0x77, 0x77), Icmp, flags);
 
     b.forward("ping", v2, P1, v1, r, new_flow(), ping(8, 0x77));
-    b.flows("ping opens both legs", &ping_legs(Icmp));
+    b.flows("ping opens both legs", &ping_legs(0));
     b.reply("pong", v1, r, v2, P1, hit(), ping(0, 0x77));
     b.forward("second ping", v2, P1, v1, r, hit(), ping(8, 0x77));
 
     let (out, back) = ((40000, 80), (80, 40000));
-    let tcp_legs = |s, fins| legs(V2, P1, V1, r, PROTO_TCP, out, s, fins);
+    let tcp_legs = |s, flags| legs(V2, P1, V1, r, PROTO_TCP, out, s, flags);
     b.forward("syn", v2, P1, v1, r, new_flow(), tcp_f(out, SYN));
-    b.flows("syn", &[ping_legs(Icmp), tcp_legs(TcpSynSent, 0)].concat());
+    b.flows("syn", &[ping_legs(R), tcp_legs(TcpSynSent, 0)].concat());
     b.reply("syn-ack", v1, r, v2, P1, hit(), tcp_f(back, SYN | ACK));
     b.flows(
         "binding follows",
-        &[ping_legs(Icmp), tcp_legs(TcpSynRecv, 0)].concat(),
+        &[ping_legs(R), tcp_legs(TcpSynRecv, R)].concat(),
     );
     b.forward("ack", v2, P1, v1, r, hit(), tcp_f(out, ACK));
     b.forward("data with options", v2, P1, v1, r, hit(), |s, d, t| {
@@ -340,12 +353,12 @@ fn hairpin_translates_both_ways() {
         tcp_f(back, FIN | ACK),
     );
     b.flows(
-        "fin bits on the forward leg only",
-        &[ping_legs(Icmp), tcp_legs(TcpFinWait, 2)].concat(),
+        "status on the forward leg only",
+        &[ping_legs(R), tcp_legs(TcpFinWait, RA)].concat(),
     );
 
     let q = (5353, 53);
-    let udp_legs = |s| legs(V2, P1, V1, r, PROTO_UDP, q, s, 0);
+    let udp_legs = |s, flags| legs(V2, P1, V1, r, PROTO_UDP, q, s, flags);
     b.forward("udp query", v2, P1, v1, r, new_flow(), udp_f(q));
     b.reply("udp answer", v1, r, v2, P1, hit(), udp_f((53, 5353)));
     b.forward("udp without checksum", v2, P1, v1, r, hit(), |s, d, t| {
@@ -377,9 +390,9 @@ fn hairpin_translates_both_ways() {
     b.flows(
         "three flows, six entries",
         &[
-            ping_legs(Icmp),
-            tcp_legs(TcpFinWait, 2),
-            udp_legs(UdpReplied),
+            ping_legs(R),
+            tcp_legs(TcpFinWait, RA),
+            udp_legs(UdpReplied, RA),
         ]
         .concat(),
     );
@@ -453,9 +466,9 @@ fn hairpin_across_guest_interfaces() {
     b.flows(
         "a binding on each target's interface",
         &[
-            legs(V5, P1, V1, GST_ADDR, PROTO_TCP, (1234, 80), TcpSynRecv, 0),
-            legs(V1, P5, V5, GSB_ADDR, PROTO_UDP, (5353, 53), UdpReplied, 0),
-            legs(V6, P1, V1, GST_ADDR, PROTO_ICMP, (6, 6), Icmp, 0),
+            legs(V5, P1, V1, GST_ADDR, PROTO_TCP, (1234, 80), TcpSynRecv, R),
+            legs(V1, P5, V5, GSB_ADDR, PROTO_UDP, (5353, 53), UdpReplied, RA),
+            legs(V6, P1, V1, GST_ADDR, PROTO_ICMP, (6, 6), Icmp, R),
         ]
         .concat(),
     );
@@ -485,9 +498,13 @@ fn hairpin_to_own_public_ip() {
     b.flows(
         "the guest is both ends",
         &[
-            legs(V1, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, 0),
-            legs(V1, P1, V1, r, PROTO_TCP, (80, 80), TcpSynRecv, 0),
-            legs(V1, P1, V1, r, PROTO_ICMP, (1, 1), Icmp, 0),
+            // Answered once: the answer still ran the unreplied timer.
+            timed(
+                legs(V1, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, R),
+                Timeout::UdpUnreplied,
+            ),
+            legs(V1, P1, V1, r, PROTO_TCP, (80, 80), TcpSynRecv, R),
+            legs(V1, P1, V1, r, PROTO_ICMP, (1, 1), Icmp, R),
         ]
         .concat(),
     );
@@ -510,21 +527,25 @@ fn hairpin_obeys_the_public_ips_firewall() {
         tcp_f((40000, 22), SYN),
     );
     b.denied("echo reply to P1", v2, P1, miss(), ping(0, 5));
-    b.denied("timestamp to P1", v2, P1, untracked(), ping(13, 0));
+    b.denied("timestamp to P1", v2, P1, miss(), ping(13, 0));
     b.denied("udp 53 from the public net", v2, P1, miss(), |_, d, t| {
         udp_l3(PUB_GW, d, (5353, 53), t)
     });
     b.flows("nothing opened", &[]);
-    // P5 accepts any ICMP: messages that open nothing still get through.
+    // P5 accepts any ICMP: queries open flows, messages that open nothing still get through.
     let v5r = GSB_ADDR;
-    b.forward("timestamp to P5", v1, P5, v5, v5r, untracked(), ping(13, 0));
+    b.forward("timestamp to P5", v1, P5, v5, v5r, new_flow(), ping(13, 0));
     b.forward("echo reply to P5", v1, P5, v5, v5r, miss(), ping(0, 9));
     b.forward("ping P5, code 1", v1, P5, v5, v5r, new_flow(), |s, d, t| {
         icmp_l3(s, d, 8, 1, 10, t)
     });
     b.flows(
-        "only the echo request opened a flow",
-        &legs(V1, P5, V5, v5r, PROTO_ICMP, (10, 10), Icmp, 0),
+        "only the requests opened flows",
+        &[
+            legs(V1, P5, V5, v5r, PROTO_ICMP, (0, 0), Icmp, 0),
+            legs(V1, P5, V5, v5r, PROTO_ICMP, (10, 10), Icmp, 0),
+        ]
+        .concat(),
     );
 
     // An established hairpin flow outlives its rule; a new one does not.
@@ -552,7 +573,7 @@ fn hairpin_obeys_the_public_ips_firewall() {
     b.denied("new flow refused", v2, P1, miss(), tcp_f((40001, 80), SYN));
     b.flows(
         "the old flow only",
-        &legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpEstablished, 0),
+        &legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpEstablished, RA),
     );
     b.finish("hairpin firewall");
 }

@@ -4,7 +4,12 @@
 //! guest side classifies a frame (hairpin forward, hairpin reply, outbound).
 use std::{net::Ipv4Addr, time::Duration};
 
-use nat_common::{Event::*, Reason::*, TIMEOUT_SLOTS, conntrack::State::*};
+use nat_common::{
+    Event::*,
+    Reason::*,
+    TIMEOUT_SLOTS,
+    conntrack::{State::*, Timeout},
+};
 use nat_tests::{
     harness::*,
     model::{Flow, Tracked},
@@ -13,7 +18,7 @@ use nat_tests::{
 
 use crate::{
     common::*,
-    hairpin::{ACK, Host, Hp, SYN, bench, hosts, legs, ping, tcp_f, udp_f},
+    hairpin::{ACK, Host, Hp, R, RA, SYN, bench, hosts, legs, ping, tcp_f, timed, udp_f},
 };
 
 /// Seeds both legs of a hairpin flow in program and model, last seen `last_seen`.
@@ -87,7 +92,7 @@ fn hairpin_collision_passes_to_the_kernel() {
     );
     let expired = ev(&[(ConntrackExpired, 1), (ConntrackMiss, 1)]);
     b.passed("V2 now collides", v2, P1, HairpinCollision, expired, &syn);
-    let v4_legs = legs(V4, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynRecv, 0);
+    let v4_legs = legs(V4, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynRecv, R);
     b.flows(
         "V2's forward leg stays until collected",
         &[
@@ -108,7 +113,7 @@ fn stale_binding_after_flow_expiry() {
     let (v1, v2, r) = (t.v1, t.v2, GST_ADDR);
     let mut b = Hp::new(&h);
     let mut timeouts = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
-    timeouts[UdpUnreplied as usize] = 1;
+    timeouts[Timeout::UdpUnreplied as usize] = 1;
     h.set_timeouts(timeouts).expect("timeouts");
     let expired = ev(&[(ConntrackExpired, 1), (ConntrackMiss, 1)]);
     let udp_legs = legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpUnreplied, 0);
@@ -153,7 +158,7 @@ fn stale_binding_after_flow_expiry() {
         miss(),
         udp_f((53, 5353)),
     );
-    let closed = legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpTimeWait, 3);
+    let closed = legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpTimeWait, RA);
     put_legs(&h, closed, monotonic_ns());
     b.passed(
         "syn from the target of a closed flow",
@@ -172,13 +177,14 @@ fn stale_binding_after_flow_expiry() {
         hit(),
         tcp_f((80, 40000), ACK),
     );
+    // A SYN on TIME_WAIT is a new flow: P1's rule admits it, both legs are replaced.
     b.forward(
         "the sender reopens it",
         v2,
         P1,
         v1,
         r,
-        hit(),
+        new_flow(),
         tcp_f((40000, 80), SYN),
     );
     let reopened = legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynSent, 0);
@@ -195,13 +201,14 @@ fn stale_binding_after_flow_expiry() {
         miss(),
         ping(8, 3),
     );
-    // Non-echo ICMP has ports 0, so no binding: outbound to the router itself.
+    // A query is bound by its identifier: none with identifier 0, so outbound to the router
+    // itself (a tracked message: looked up, not found).
     b.passed(
         "timestamp from the target",
         v1,
         r,
         NoRoute,
-        untracked(),
+        miss(),
         |s, d, t| icmp_l3(s, d, 13, 0, 0, t),
     );
     b.reply("echo reply", v1, r, v2, P1, hit(), ping(0, 3));
@@ -373,7 +380,10 @@ fn hairpin_passes_what_it_cannot_route() {
     // The state advanced all the same.
     b.flows(
         "replied, not forwarded",
-        &legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, 0),
+        &timed(
+            legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, R),
+            Timeout::UdpUnreplied,
+        ),
     );
     b.finish("hairpin route pass");
 }
@@ -465,7 +475,10 @@ fn guest_side_classification_order() {
         miss(),
         udp_f((53, 8)),
     );
-    let fwd_ok = legs(unmapped, P1, V1, r, PROTO_UDP, (7, 53), UdpReplied, 0);
+    let fwd_ok = timed(
+        legs(unmapped, P1, V1, r, PROTO_UDP, (7, 53), UdpReplied, R),
+        Timeout::UdpUnreplied,
+    );
     b.flows("one hairpin flow", &fwd_ok);
     b.finish("classification order");
 }

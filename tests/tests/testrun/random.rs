@@ -14,6 +14,7 @@ use nat_tests::{
     harness::{Harness, allow_all, service},
     model::{Leg, Path, XDP_REDIRECT},
     packet::{PROTO_ICMP, verify_checksums},
+    reliability::Figures,
     strategy::{FrameSpec, frame_spec, hairpin_frame_spec, icmp_error_frame_spec},
 };
 use nat_userspace::{firewall::Proto, state::DesiredState};
@@ -128,11 +129,19 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), T
     Ok(())
 }
 
-fn run(h: &Harness, cov: &RefCell<Coverage>, cases: u32, s: impl Strategy<Value = FrameSpec>) {
+/// Runs `cases` frames of `s`; the failure (with the seed that replays it) if one disagreed.
+fn run(
+    h: &Harness,
+    cov: &RefCell<Coverage>,
+    cases: u32,
+    s: impl Strategy<Value = FrameSpec>,
+) -> Result<(), String> {
     let (config, seed) = config(cases);
-    if let Err(e) = TestRunner::new(config).run(&s, |spec| check(h, cov, &spec)) {
-        panic!("{e}\nreplay with PROPTEST_RNG_SEED={seed} (and the same NAT_PROPTEST_CASES)");
-    }
+    TestRunner::new(config)
+        .run(&s, |spec| check(h, cov, &spec))
+        .map_err(|e| {
+            format!("{e}\nreplay with PROPTEST_RNG_SEED={seed} (and the same NAT_PROPTEST_CASES)")
+        })
 }
 
 #[test]
@@ -141,12 +150,25 @@ fn program_matches_model() {
     h.set_policy(&open_policy())
         .expect("install the open policy");
     let cases = cases_from_env();
+    let mut fig = Figures::new("differential");
+    fig.set(
+        "random frames planned (NAT_PROPTEST_CASES, plus a quarter for ICMP errors and a \
+         quarter for hairpin)",
+        u64::from(cases + cases / 4 + cases / 4),
+    );
     let cov = RefCell::new(Coverage::default());
     let start = Instant::now();
-    run(&h, &cov, cases, frame_spec());
-    run(&h, &cov, cases / 4, icmp_error_frame_spec());
-    run(&h, &cov, cases / 4, hairpin_frame_spec());
+    let result = run(&h, &cov, cases, frame_spec())
+        .and_then(|()| run(&h, &cov, cases / 4, icmp_error_frame_spec()))
+        .and_then(|()| run(&h, &cov, cases / 4, hairpin_frame_spec()));
     let elapsed = start.elapsed();
+    fig.set(
+        "random frames run through program and model",
+        u64::from(cov.borrow().frames),
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 
     let cov = cov.into_inner();
     let seen = |r: Reason| cov.reasons[r as usize];
@@ -197,4 +219,5 @@ fn program_matches_model() {
         .collect();
         assert!(thin.is_empty(), "the generator rarely reached {thin:?}");
     }
+    fig.done();
 }

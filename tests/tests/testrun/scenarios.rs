@@ -3,7 +3,7 @@
 //! packets that open flows, answer and repeat them, ICMP errors quoting them, and arbitrary
 //! frames) through program and model. After every frame they must agree on verdict, reason,
 //! output bytes, counters (translated and denied) and conntrack events, and hold the same
-//! connection table (keys, state, origin, FIN bits).
+//! connection table (keys, state, origin, status bits, timer).
 //!
 //! `NAT_PROPTEST_CASES` sets the size (scenarios = 5 % of it, 1 000 by default, up to
 //! [`MAX_STEPS`] frames each). The report gives how often each policy path decided a frame.
@@ -14,6 +14,7 @@ use nat_tests::{
     harness::Harness,
     model::{Events, Leg, Path, XDP_REDIRECT},
     packet::verify_checksums,
+    reliability::Figures,
     scenario::{Scenario, scenario},
 };
 use proptest::test_runner::{TestCaseError, TestRunner};
@@ -112,13 +113,27 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, sc: &Scenario) -> Result<(), Test
 fn scenarios_match_model() {
     let h = harness();
     let scenarios = cases_from_env() / 20;
+    let mut fig = Figures::new("differential");
+    fig.set(
+        "firewall scenarios planned (NAT_PROPTEST_CASES / 20)",
+        u64::from(scenarios),
+    );
     let cov = RefCell::new(Coverage::default());
     let start = Instant::now();
     let (config, seed) = config(scenarios);
-    if let Err(e) = TestRunner::new(config).run(&scenario(MAX_STEPS), |sc| check(&h, &cov, &sc)) {
+    let result = TestRunner::new(config).run(&scenario(MAX_STEPS), |sc| check(&h, &cov, &sc));
+    let elapsed = start.elapsed();
+    fig.set(
+        "firewall scenarios run through program and model",
+        u64::from(cov.borrow().scenarios),
+    );
+    fig.set(
+        "scenario frames run through program and model (tables compared after each)",
+        u64::from(cov.borrow().frames),
+    );
+    if let Err(e) = result {
         panic!("{e}\nreplay with PROPTEST_RNG_SEED={seed} (and the same NAT_PROPTEST_CASES)");
     }
-    let elapsed = start.elapsed();
 
     let c = cov.into_inner();
     let path = |leg: Leg, p: Path| c.paths.get(&(leg, p)).copied().unwrap_or(0);
@@ -171,4 +186,5 @@ fn scenarios_match_model() {
             .collect();
         assert!(rare.is_empty(), "scenarios rarely caused {rare:?}");
     }
+    fig.done();
 }

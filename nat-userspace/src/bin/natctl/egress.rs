@@ -2,9 +2,15 @@
 use std::path::Path;
 
 use clap::{Subcommand, ValueEnum};
-use nat_userspace::api::{Reply, Request};
+use nat_userspace::{
+    api::{Reply, Request},
+    cidr::Cidr,
+};
 
-use crate::{call, print_json, rule::RuleArgs, rule::describe};
+use crate::{
+    call, print_json,
+    rule::{RuleArgs, describe, list},
+};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Policy {
@@ -16,10 +22,14 @@ pub enum Policy {
 pub enum Cmd {
     /// Default for guest traffic that no exception rule matches.
     Policy { policy: Policy },
-    /// Add an exception to the default (prints the new rule's id); --cidr is the destination.
+    /// Add an exception to the default (prints the new rule's id); --cidr is the destination,
+    /// --src the guests it applies to.
     Add {
         #[command(flatten)]
         rule: RuleArgs,
+        /// A guest source CIDR the rule applies to (repeat for several); none = every guest.
+        #[arg(long = "src")]
+        sources: Vec<Cidr>,
     },
     /// Delete exception rule ID.
     Del { id: u64 },
@@ -38,7 +48,12 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
             },
             false,
         ),
-        Cmd::Add { rule } => (Request::EgressAdd { rule: rule.spec() }, false),
+        Cmd::Add { rule, sources } => (
+            Request::EgressAdd {
+                rule: rule.spec(sources),
+            },
+            false,
+        ),
         Cmd::Del { id } => (Request::EgressDel { id }, false),
         Cmd::List { json } => (Request::EgressList, json),
     };
@@ -61,9 +76,14 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
                 ("deny", "allow")
             };
             println!("default: {d}; exceptions ({x}):");
-            println!("{:<8} RULE (DESTINATIONS)", "ID");
+            println!("{:<18} RULE (DESTINATIONS) FROM", "ID");
             for r in rules {
-                println!("{:<8} {}", r.id, describe(&r.service, &r.cidrs));
+                println!(
+                    "{:<18} {} from [{}]",
+                    r.id,
+                    describe(&r.service, &r.cidrs),
+                    list(&r.sources)
+                );
             }
         }
         other => return Err(format!("unexpected answer from natd: {other:?}")),

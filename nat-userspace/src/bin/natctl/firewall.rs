@@ -8,7 +8,8 @@ use crate::{call, print_json, rule::RuleArgs, rule::describe};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Allow traffic to PUBLIC (prints the new rule's id).
+    /// Allow traffic to PUBLIC (prints the new rule's id). A rule of a PUBLIC without a
+    /// mapping is kept, inactive until PUBLIC is mapped.
     Add {
         public: Ipv4Addr,
         #[command(flatten)]
@@ -16,7 +17,7 @@ pub enum Cmd {
     },
     /// Delete rule ID (tracked connections it admitted keep working).
     Del { id: u64 },
-    /// List ingress rules.
+    /// List ingress rules, active (PUBLIC mapped) or not.
     List {
         #[arg(long)]
         json: bool,
@@ -28,7 +29,7 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
         Cmd::Add { public, rule } => (
             Request::FirewallAdd {
                 public,
-                rule: rule.spec(),
+                rule: rule.spec(Vec::new()),
             },
             false,
         ),
@@ -36,16 +37,26 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
         Cmd::List { json } => (Request::FirewallList, json),
     };
     match call(socket, req)? {
-        Reply::RuleAdded { id, .. } => println!("{id}"),
+        Reply::RuleAdded { id, message } => {
+            println!("{id}");
+            if message.contains("inactive") {
+                eprintln!("{message}");
+            }
+        }
         Reply::Done { message } => println!("{message}"),
         Reply::Firewall { rules } if json => print_json(&rules)?,
         Reply::Firewall { rules } => {
-            println!("{:<8} {:<16} RULE (SOURCES)", "ID", "PUBLIC");
-            for r in rules {
+            println!(
+                "{:<18} {:<16} {:<8} RULE (SOURCES)",
+                "ID", "PUBLIC", "STATE"
+            );
+            for l in rules {
+                let r = &l.rule;
                 println!(
-                    "{:<8} {:<16} {}",
+                    "{:<18} {:<16} {:<8} {}",
                     r.id,
                     r.public.to_string(),
+                    if l.active { "active" } else { "inactive" },
                     describe(&r.service, &r.cidrs)
                 );
             }

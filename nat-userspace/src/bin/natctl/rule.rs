@@ -26,19 +26,29 @@ pub struct RuleArgs {
 }
 
 impl RuleArgs {
-    pub fn spec(self) -> RuleSpec {
+    /// The spec of a rule that applies to `sources` (egress; empty for ingress rules).
+    pub fn spec(self, sources: Vec<Cidr>) -> RuleSpec {
         RuleSpec {
             proto: self.proto,
             ports: self.ports,
             icmp_type: self.icmp_type,
             icmp_code: self.icmp_code,
             cidrs: self.cidrs,
+            sources,
         }
     }
 }
 
-/// "tcp 22 from 198.51.100.0/24" for listings.
+/// "tcp ports 22 [198.51.100.0/24]" for listings.
 pub fn describe(service: &nat_userspace::firewall::Service, cidrs: &[Cidr]) -> String {
-    let list: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-    format!("{service} [{}]", list.join(", "))
+    format!("{service} [{}]", list(cidrs))
+}
+
+/// "a, b" of CIDRs.
+pub fn list(cidrs: &[Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

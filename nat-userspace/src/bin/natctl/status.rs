@@ -29,7 +29,10 @@ pub fn run(socket: &Path, json: bool) -> Result<(), String> {
         "deny"
     };
     println!("mappings       {}", s.mappings);
-    println!("ingress rules  {}", s.ingress_rules);
+    println!(
+        "ingress rules  {} ({} inactive: no mapping)",
+        s.ingress_rules, s.inactive_ingress_rules
+    );
     println!(
         "egress         default {policy}, {} exception rule(s)",
         s.egress_rules
