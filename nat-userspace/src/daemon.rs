@@ -15,6 +15,7 @@ use crate::{
     },
     ebpf::{Dataplane, DataplaneError},
     firewall::{RuleError, Service, icmp_field},
+    kernel_events::KernelEvent,
     netfilter::{Nft, SlowPath as _},
     persist::StateDir,
     reconcile::{ApplyError, Controller},
@@ -38,13 +39,10 @@ pub struct Daemon {
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    // CLOCK_MONOTONIC cannot fail on Linux; a zero would only make flows look older.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|ts| (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 fn ip(raw: u32) -> Ipv4Addr {
@@ -274,9 +272,47 @@ impl Daemon {
         }
     }
 
+    /// Acts on one kernel event ([`crate::kernel_events`]): re-attaches to a configured
+    /// interface created again (or renamed to its name), logs once when one is gone, and keeps
+    /// an interface's own address (hairpin source) current.
+    pub fn on_kernel_event(&mut self, ev: KernelEvent) {
+        match ev {
+            KernelEvent::LinkAdded { ifindex, name }
+            | KernelEvent::LinkChanged { ifindex, name }
+            | KernelEvent::LinkRemoved { ifindex, name } => {
+                let ours = self
+                    .ctl
+                    .fast_mut()
+                    .attached()
+                    .any(|a| a.name == name || a.ifindex == ifindex);
+                if ours {
+                    self.check_interfaces();
+                }
+            }
+            KernelEvent::AddressChanged { ifindex, .. } => {
+                self.refresh_address(ifindex);
+                // LEAD: an address change also bumps the route generation (flow cache) here.
+            }
+            KernelEvent::RouteChanged { .. } | KernelEvent::NeighbourChanged { .. } => {
+                // LEAD: bump the route generation of the flow cache here. Nothing else to do:
+                // the fast path asks bpf_fib_lookup for every packet today.
+            }
+            KernelEvent::Lost => {
+                // Notifications were lost: check every interface and address again.
+                self.check_interfaces();
+                let attached: Vec<u32> =
+                    self.ctl.fast_mut().attached().map(|a| a.ifindex).collect();
+                for ifindex in attached {
+                    self.refresh_address(ifindex);
+                }
+                // LEAD: bump the route generation here too (routes or neighbours may have changed).
+            }
+        }
+    }
+
     /// Re-attaches to configured interfaces that were deleted and created again; logs once
-    /// when one is gone. Called periodically.
-    pub fn watch_interfaces(&mut self) {
+    /// when one is gone. Called on link events, and once when natd starts watching them.
+    pub fn check_interfaces(&mut self) {
         for (a, now) in self.ctl.fast_mut().stale() {
             match now {
                 None => {
@@ -301,6 +337,15 @@ impl Daemon {
         }
     }
 
+    /// Writes the current address of attached interface `ifindex` to the program.
+    fn refresh_address(&mut self, ifindex: u32) {
+        match self.ctl.fast_mut().refresh_address(ifindex) {
+            Ok(Some((name, addr))) => info!("{name}'s address for the fast path is now {addr:?}"),
+            Ok(None) => {}
+            Err(e) => warn!("updating the address of ifindex {ifindex}: {e}"),
+        }
+    }
+
     /// Deletes expired flows (the program treats them as absent already); returns how many.
     pub fn collect_expired(&mut self) -> Result<usize, DataplaneError> {
         let now = monotonic_ns();
@@ -322,6 +367,11 @@ impl Daemon {
 
     fn mappings(&mut self) -> Result<Vec<MappingStatus>, String> {
         let list: Vec<Mapping> = self.ctl.state().mappings().collect();
+        self.mapping_status(list)
+    }
+
+    /// The counters of each mapping of `list`.
+    fn mapping_status(&mut self, list: Vec<Mapping>) -> Result<Vec<MappingStatus>, String> {
         list.into_iter()
             .map(|m| {
                 let counters = self
@@ -378,6 +428,9 @@ impl Daemon {
         );
         let state_file = self.ctl.store().file().display().to_string();
         let dp = self.ctl.fast_mut();
+        // Counted now, as `conntrack list` lists them (the last collection's count may be
+        // up to a collection interval old).
+        let flows = dp.flows().map_err(|e| format!("reading flows: {e}"))?.len() as u64;
         Ok(StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             interfaces: dp.attached().cloned().collect(),
@@ -385,7 +438,7 @@ impl Daemon {
             ingress_rules,
             egress_rules,
             egress_default_allow,
-            flows: self.entries,
+            flows,
             flow_capacity: self
                 .ctl
                 .fast_mut()
@@ -405,7 +458,18 @@ impl Daemon {
     /// Every counter natd reports. `walk_flows`: count live flows now (natctl) rather than
     /// use the last collection's count (metrics, every scrape).
     pub fn stats(&mut self, walk_flows: bool) -> Result<StatsReport, String> {
-        let mappings = self.mappings()?;
+        let all: Vec<Mapping> = self.ctl.state().mappings().collect();
+        self.stats_of(walk_flows, all)
+    }
+
+    /// [`Self::stats`] with the counters of the mappings in `mappings` only (metrics limit
+    /// per-mapping series); every other figure is the same.
+    pub fn stats_of(
+        &mut self,
+        walk_flows: bool,
+        mappings: Vec<Mapping>,
+    ) -> Result<StatsReport, String> {
+        let mappings = self.mapping_status(mappings)?;
         let dp = self.ctl.fast_mut();
         let counters = dp.stats().map_err(|e| format!("reading counters: {e}"))?;
         let events = dp.events().map_err(|e| format!("reading counters: {e}"))?;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod firewall;
+pub mod kernel_events;
 pub mod metrics;
 pub mod netfilter;
 pub mod persist;
