@@ -7,7 +7,7 @@
 //! # async fn f(daemon: &mut nat_userspace::daemon::Daemon) {
 //! use nat_userspace::kernel_events::KernelEvents;
 //! // Inside a tokio runtime; events are of the calling thread's network namespace.
-//! let mut events = KernelEvents::subscribe().expect("netlink");
+//! let mut events = KernelEvents::subscribe().await.expect("netlink");
 //! while let Some(ev) = events.next().await {
 //!     daemon.on_kernel_event(ev);
 //! }
@@ -20,12 +20,12 @@
 //! - One netlink socket subscribed to the groups `RTNLGRP_LINK`, `RTNLGRP_IPV4_ROUTE`,
 //!   `RTNLGRP_NEIGH` and `RTNLGRP_IPV4_IFADDR`; a background task turns its messages into
 //!   events, in the kernel's order. Dropping [`KernelEvents`] ends the task and closes the socket.
-//! - Links: the task knows the links of the namespace (one dump at subscription, kept up to date
-//!   by the events). [`KernelEvent::LinkAdded`] is a link it did not know,
+//! - Links: the watcher knows the links of the namespace (one dump while subscribing, kept up
+//!   to date by the events). [`KernelEvent::LinkAdded`] is a link it did not know,
 //!   [`KernelEvent::LinkChanged`] one it knew (flags, state or name changed; a link created while
-//!   the subscription starts may be reported as changed), [`KernelEvent::LinkRemoved`] a link
-//!   deleted (or moved to another namespace). A consumer that acts on a name treats added and
-//!   changed alike.
+//!   [`KernelEvents::subscribe`] runs may be reported as changed), [`KernelEvent::LinkRemoved`]
+//!   a link deleted (or moved to another namespace). A consumer that acts on a name treats
+//!   added and changed alike.
 //! - Routes, neighbours and addresses are IPv4 only (the fast path's family): bridge FDB and IPv6
 //!   neighbours, IPv6 routes and addresses are not reported.
 //! - Nothing is lost silently: when the kernel dropped notifications because the socket's
@@ -125,12 +125,14 @@ pub struct KernelEvents {
 }
 
 impl KernelEvents {
-    /// Subscribes (the socket is open and subscribed when this returns, so nothing that
-    /// happens after it is missed) and starts the background task. Needs a tokio runtime.
-    pub fn subscribe() -> Result<Self, KernelEventsError> {
+    /// Subscribes, reads the links there are, and starts the background task: every change
+    /// after this returns is reported (a link created while it runs may be reported as
+    /// changed rather than added). Needs a tokio runtime.
+    pub async fn subscribe() -> Result<Self, KernelEventsError> {
         let conn = Connection::open()?;
+        let links = dump_links(&conn.handle).await?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(conn, tx));
+        let task = tokio::spawn(run(conn, links, tx));
         Ok(Self { rx, task })
     }
 
@@ -182,16 +184,13 @@ impl Drop for Connection {
     }
 }
 
-/// The background task: dumps the links, then translates notifications until the consumer
-/// goes; opens the socket again if it fails.
-async fn run(mut conn: Connection, tx: mpsc::Sender<KernelEvent>) {
-    let mut links = match dump_links(&conn.handle).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("kernel events: {e}");
-            BTreeMap::new()
-        }
-    };
+/// The background task: translates notifications until the consumer goes; opens the socket
+/// again if it fails.
+async fn run(
+    mut conn: Connection,
+    mut links: BTreeMap<u32, String>,
+    tx: mpsc::Sender<KernelEvent>,
+) {
     loop {
         while let Some((msg, _)) = conn.messages.next().await {
             let events = match msg.payload {

@@ -239,7 +239,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Link events from here on: an interface deleted and created again is attached again.
-    let events = match KernelEvents::subscribe() {
+    let events = match KernelEvents::subscribe().await {
         Ok(e) => e,
         Err(e) => {
             let _ = ctl.slow_mut().remove();
