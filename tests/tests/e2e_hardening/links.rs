@@ -8,6 +8,8 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
+use aya::maps::{HashMap, Map, MapData};
+use nat_common::IfaceConfig;
 use nat_tests::netns::NetnsGuard;
 use nat_tests::topology::{
     CLIENT_ADDR, GUEST_ADDR, HOST_IF, Natctl, Natd, PUBLIC_ADDR, ROUTER_GUEST_IF,
@@ -106,6 +108,20 @@ fn link_down_and_up_keeps_xdp_attached_and_translating() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The router's own address on interface `ifindex` as natd's pinned interface map holds it
+/// (`None`: no entry, or no address), read from bpffs without natd.
+fn pinned_iface_addr(topo: &Topology, ifindex: u32) -> anyhow::Result<Option<Ipv4Addr>> {
+    let path = Natd::pin_dir(topo)
+        .join("maps")
+        .join(nat_common::MAP_IFACES);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let m: HashMap<MapData, u32, IfaceConfig> = Map::from_map_data(data)?.try_into()?;
+    Ok(m.get(&ifindex, 0)
+        .ok()
+        .filter(|c| c.addr != 0)
+        .map(|c| Ipv4Addr::from(c.addr.to_ne_bytes())))
+}
+
 /// Deletes the router's public interface (and with it the client's end of the link) and
 /// creates it again with the same name and addresses.
 fn recreate_public_link(topo: &Topology) -> anyhow::Result<()> {
@@ -185,6 +201,22 @@ fn a_deleted_and_recreated_interface_is_attached_again() -> anyhow::Result<()> {
             .any(|l| l.contains(ROUTER_PUBLIC_IF) && l.to_lowercase().contains("attach")),
         "natd's log does not say it attached to the new {ROUTER_PUBLIC_IF}:\n{after}"
     );
+    // The fast path knows the new interface's own address, added after it was created.
+    let new = ifindex(&natctl)?.context("natd lists no pub0")?;
+    let deadline = Instant::now() + REATTACH;
+    loop {
+        let addr = pinned_iface_addr(&topo, new)?;
+        if addr == Some(ROUTER_PUBLIC_ADDR) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the fast path's entry of the new {ROUTER_PUBLIC_IF} (ifindex {new}) has address \
+             {addr:?}, not {ROUTER_PUBLIC_ADDR}:\n{}",
+            natd.log_text()
+        );
+        std::thread::sleep(POLL);
+    }
     translated_by_xdp(&topo, &natctl, 7100)?;
     report(
         "interfaces",
