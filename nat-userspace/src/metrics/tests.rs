@@ -199,3 +199,52 @@ fn dashboard_uses_exported_names() {
     }
     assert!(checked > 10);
 }
+
+/// The HTTP side, on a loopback port: GET /metrics answers the exposition with the text
+/// format's content type, other methods 405, other paths 404, a failed read 500.
+#[tokio::test]
+async fn http_answers_get_metrics_only() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    async fn ask(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        s.write_all(request.as_bytes()).await.expect("sends");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("reads");
+        out
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let mut addrs = Vec::new();
+    for source in [Ok(snapshot(vec![mapping(10, 5)])), Err("boom".to_string())] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        addrs.push(listener.local_addr().expect("bound"));
+        let metrics = Arc::new(Metrics::new(Fixed(source)));
+        tokio::spawn(serve(listener, metrics, stop.clone()));
+    }
+    let close = "Host: x\r\nConnection: close\r\n\r\n";
+    let ok = ask(addrs[0], &format!("GET /metrics?x=1 HTTP/1.1\r\n{close}")).await;
+    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+    assert!(
+        ok.contains("content-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{ok}"
+    );
+    assert!(ok.contains("\r\n\r\n# HELP xdp_nat_build_info "), "{ok}");
+    let post = ask(
+        addrs[0],
+        &format!("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n{close}"),
+    )
+    .await;
+    assert!(
+        post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{post}"
+    );
+    let other = ask(addrs[0], &format!("GET / HTTP/1.1\r\n{close}")).await;
+    assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
+    let failed = ask(addrs[1], &format!("GET /metrics HTTP/1.1\r\n{close}")).await;
+    assert!(
+        failed.starts_with("HTTP/1.1 500 Internal Server Error\r\n") && failed.ends_with("boom\n"),
+        "{failed}"
+    );
+    let _ = stop_tx.send(true);
+}
