@@ -11,7 +11,6 @@ pub use maps::write_entry;
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     path::{Path, PathBuf},
 };
 
@@ -223,45 +222,15 @@ enum Held {
 }
 
 pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
-    let c = CString::new(name).map_err(|_| DataplaneError::UnknownIface(name.to_string()))?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(DataplaneError::UnknownIface(name.to_string())),
-        i => Ok(i),
-    }
+    nix::net::if_::if_nametoindex(name).map_err(|_| DataplaneError::UnknownIface(name.to_string()))
 }
 
 /// The first IPv4 address of interface `name`, if it has one.
 pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
-    }
-    let mut found = None;
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` walks the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: non-null, NUL-terminated per getifaddrs(3).
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        // SAFETY: non-null sockaddr; the family says which struct it is.
-        if ifname.to_bytes() == name.as_bytes()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: AF_INET addresses are sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
-        }
-    }
-    // SAFETY: `head` came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
-    found
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|ifa| ifa.interface_name == name)
+        .find_map(|ifa| Some(ifa.address?.as_sockaddr_in()?.ip()))
 }
 
 /// The error of a map operation on `map`.
