@@ -19,6 +19,8 @@ use crate::{
     state::{Mapping, StateError},
 };
 
+mod events;
+
 pub type NatController = Controller<Dataplane, Nft, StateDir>;
 
 /// What became of a CloudStack payload.
@@ -46,16 +48,7 @@ pub struct Daemon {
     missing: std::collections::BTreeSet<String>,
 }
 
-/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::clock::monotonic_ns;
 
 /// The idle timeout (ns) of a flow's stored timer slot; an unknown slot counts as the generic
 /// one, as in the program.
@@ -337,33 +330,6 @@ impl Daemon {
         }
     }
 
-    /// Re-attaches to configured interfaces that were deleted and created again; logs once
-    /// when one is gone. Called periodically.
-    pub fn watch_interfaces(&mut self) {
-        for (a, now) in self.ctl.fast_mut().stale() {
-            match now {
-                None => {
-                    if self.missing.insert(a.name.clone()) {
-                        warn!(
-                            "interface {} (ifindex {}) is gone; natd re-attaches when it returns",
-                            a.name, a.ifindex
-                        );
-                    }
-                }
-                Some(new) => match self.ctl.fast_mut().reattach(&a.name) {
-                    Ok(n) => {
-                        self.missing.remove(&a.name);
-                        info!(
-                            "interface {} was created again (ifindex {} -> {new}): re-attached in {} mode ({} time(s) so far)",
-                            a.name, a.ifindex, n.mode, n.reattached
-                        );
-                    }
-                    Err(e) => warn!("re-attaching to {}: {e}", a.name),
-                },
-            }
-        }
-    }
-
     /// Deletes expired flows (the program treats them as absent already); returns how many.
     pub fn collect_expired(&mut self) -> Result<usize, DataplaneError> {
         let now = monotonic_ns();
@@ -390,6 +356,11 @@ impl Daemon {
 
     fn mappings(&mut self) -> Result<Vec<MappingStatus>, String> {
         let list: Vec<Mapping> = self.ctl.state().mappings().collect();
+        self.mapping_status(list)
+    }
+
+    /// The counters of each mapping of `list`.
+    fn mapping_status(&mut self, list: Vec<Mapping>) -> Result<Vec<MappingStatus>, String> {
         list.into_iter()
             .map(|m| {
                 let counters = self
@@ -448,6 +419,9 @@ impl Daemon {
         let inactive_ingress_rules = ingress_rules - st.active_ingress_rules().count();
         let state_file = self.ctl.store().file().display().to_string();
         let dp = self.ctl.fast_mut();
+        // Counted now, as `conntrack list` lists them (the last collection's count may be
+        // up to a collection interval old).
+        let flows = dp.flows().map_err(|e| format!("reading flows: {e}"))?.len() as u64;
         Ok(StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             interfaces: dp.attached().cloned().collect(),
@@ -456,7 +430,7 @@ impl Daemon {
             inactive_ingress_rules,
             egress_rules,
             egress_default_allow,
-            flows: self.entries,
+            flows,
             flow_capacity: self
                 .ctl
                 .fast_mut()
@@ -476,7 +450,18 @@ impl Daemon {
     /// Every counter natd reports. `walk_flows`: count live flows now (natctl) rather than
     /// use the last collection's count (metrics, every scrape).
     pub fn stats(&mut self, walk_flows: bool) -> Result<StatsReport, String> {
-        let mappings = self.mappings()?;
+        let all: Vec<Mapping> = self.ctl.state().mappings().collect();
+        self.stats_of(walk_flows, all)
+    }
+
+    /// [`Self::stats`] with the counters of the mappings in `mappings` only (metrics limit
+    /// per-mapping series); every other figure is the same.
+    pub fn stats_of(
+        &mut self,
+        walk_flows: bool,
+        mappings: Vec<Mapping>,
+    ) -> Result<StatsReport, String> {
+        let mappings = self.mapping_status(mappings)?;
         let dp = self.ctl.fast_mut();
         let counters = dp.stats().map_err(|e| format!("reading counters: {e}"))?;
         let events = dp.events().map_err(|e| format!("reading counters: {e}"))?;

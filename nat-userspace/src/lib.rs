@@ -3,7 +3,8 @@
 //! Library first: the binaries are thin layers over [`daemon`] (request handling),
 //! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
 //! [`netfilter`] (the slow path) and [`api`] (the control socket). [`cloudstack`] turns CloudStack
-//! virtual-router payloads into desired-state changes.
+//! virtual-router payloads into desired-state changes; [`kernel_events`] reports link, route,
+//! neighbour and address changes over rtnetlink; [`metrics`] serves Prometheus.
 pub mod addresses;
 pub mod api;
 pub mod cidr;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod firewall;
+pub mod kernel_events;
 pub mod metrics;
 pub mod netfilter;
 pub mod persist;

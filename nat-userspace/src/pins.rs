@@ -2,7 +2,6 @@
 //! every interface under `DIR/links/IFNAME`, so the fast path outlives natd and a new natd
 //! adopts it (hitless restart and upgrade).
 use std::{
-    ffi::CString,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -11,7 +10,6 @@ use std::{
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xdp-static-nat";
 /// Where bpffs is conventionally mounted.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -32,13 +30,8 @@ pub struct PinDir {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: valid path and out-pointer.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 impl PinDir {
@@ -51,24 +44,14 @@ impl PinDir {
         };
         let base = Path::new(BPFFS_ROOT);
         if root.starts_with(base) && !is_bpffs(base) {
-            let (src, fstype, target) = (
-                c"bpf",
-                c"bpf",
-                CString::new(BPFFS_ROOT).map_err(|e| io(e.into()))?,
-            );
-            // SAFETY: valid NUL-terminated strings; no data argument.
-            let r = unsafe {
-                libc::mount(
-                    src.as_ptr(),
-                    target.as_ptr(),
-                    fstype.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            };
-            if r != 0 {
-                return Err(io(std::io::Error::last_os_error()));
-            }
+            nix::mount::mount(
+                Some("bpf"),
+                base,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| io(e.into()))?;
             log::info!("mounted bpffs on {BPFFS_ROOT}");
         }
         let dir = Self {

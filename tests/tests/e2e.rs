@@ -316,6 +316,54 @@ fn mapping_add_and_del_take_effect_at_runtime() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `natctl status` counts the flows `natctl conntrack list` lists (not the count of the last
+/// collection, which ran before they existed), and dates the last change in RFC 3339 UTC, the
+/// date `date -u` gives for the seconds `status --json` reports.
+#[test]
+fn status_counts_the_listed_flows_and_dates_the_last_change() -> anyhow::Result<()> {
+    let topo = Topology::new()?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING_OPEN))?;
+    let natctl = natd.natctl()?;
+    const FLOWS: u16 = 3;
+    for i in 0..FLOWS {
+        let seen = udp_exchange(
+            &topo.guest,
+            at(GUEST_ADDR, 7000 + i),
+            &topo.client,
+            at(PUBLIC_ADDR, 7000 + i),
+            64,
+        )?;
+        assert_eq!(seen.server_saw.ip(), CLIENT_ADDR, "{seen:?}");
+    }
+    natctl.ok(&["mapping", "add", "203.0.113.11", "10.0.0.11"])?;
+    let listed = natctl.flows()?.flows.len();
+    let status: serde_json::Value = serde_json::from_str(&natctl.ok(&["status", "--json"])?)?;
+    assert!(
+        listed >= usize::from(FLOWS),
+        "conntrack list: {listed} flows"
+    );
+    assert_eq!(status["flows"].as_u64(), Some(listed as u64), "{status}");
+
+    let applied_at = status["applied_at"]
+        .as_u64()
+        .with_context(|| format!("status --json: no applied_at: {status}"))?;
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{applied_at}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()?;
+    let date = String::from_utf8(out.stdout)?.trim().to_string();
+    let text = natctl.ok(&["status"])?;
+    assert!(
+        text.contains(&format!("flows          {listed} of ")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("generation") && l.ends_with(&format!("(last change {date})"))),
+        "no `last change {date}` in:\n{text}"
+    );
+    Ok(())
+}
+
 /// A flow the slow path translated (its first datagram was fragmented, so the router's
 /// conntrack holds a DNAT entry for it) must stop reaching the guest once the mapping is gone.
 #[test]

@@ -148,7 +148,7 @@ pub struct StatusReport {
     pub inactive_ingress_rules: usize,
     pub egress_rules: usize,
     pub egress_default_allow: bool,
-    /// Live flows as of the last collection, and the table's size.
+    /// Flows in the connection table now (what `natctl conntrack list` lists), and its size.
     pub flows: u64,
     pub flow_capacity: u32,
     pub generation: u64,

@@ -12,7 +12,8 @@ use nat_userspace::{
     config::Config,
     daemon::Daemon,
     ebpf::{Dataplane, Mode, Role, Sizes},
-    metrics::{self, DEFAULT_METRICS_ADDR},
+    kernel_events::KernelEvents,
+    metrics::{self, DEFAULT_METRICS_ADDR, DaemonSource, Metrics, PerMapping, Ranking},
     netfilter::{Nft, SlowPath as _},
     persist::{DEFAULT_STATE_DIR, StateDir},
     pins::{DEFAULT_BPFFS, PinDir},
@@ -67,6 +68,11 @@ struct Args {
     /// Where to serve Prometheus metrics (GET /metrics). Loopback unless told otherwise.
     #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
     metrics_addr: std::net::SocketAddr,
+    /// Which mappings get per-mapping metric series (7 each): off, all, or top:N, the N
+    /// mappings with the most traffic (ranked every minute). Aggregate series are always
+    /// exact.
+    #[arg(long, value_name = "off|all|top:N", default_value_t = PerMapping::default())]
+    metrics_per_mapping: PerMapping,
 }
 
 fn main() {
@@ -96,7 +102,7 @@ fn check_ifaces(args: &Args) -> anyhow::Result<()> {
         if !seen.insert(name) {
             bail!("interface {name} is given more than once (each interface has one role)");
         }
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['"', '/', ' ']) {
+        if name.is_empty() || name.len() >= nix::libc::IFNAMSIZ || name.contains(['"', '/', ' ']) {
             bail!("{name:?} is not a valid interface name");
         }
         nat_userspace::ebpf::ifindex(name)?;
@@ -114,18 +120,11 @@ fn check_ifaces(args: &Args) -> anyhow::Result<()> {
 }
 
 fn raise_memlock() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscall with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         // Kernels >= 5.11 account BPF memory to the cgroup and ignore this limit; on older
         // ones map creation would fail with its own clear error.
-        log::debug!(
-            "RLIMIT_MEMLOCK left as is ({}); kernels since 5.11 do not need it",
-            std::io::Error::last_os_error()
-        );
+        log::debug!("RLIMIT_MEMLOCK left as is ({e}); kernels since 5.11 do not need it");
     }
 }
 
@@ -261,6 +260,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
 
+    // Link events from here on: an interface deleted and created again is attached again.
+    let events = match KernelEvents::subscribe().await {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ctl.slow_mut().remove();
+            return Err(e.into());
+        }
+    };
     let listener = match server::bind(&args.socket) {
         Ok(l) => l,
         Err(e) => {
@@ -273,10 +280,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
     let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone()));
-    let ifaces = tokio::spawn(watch_interfaces(daemon.clone(), stop_rx.clone()));
+    let ifaces = tokio::spawn(watch_kernel(events, daemon.clone(), stop_rx.clone()));
+    let ranking = Arc::new(Ranking::default());
+    let ranker = match args.metrics_per_mapping {
+        PerMapping::Top(n) => Some(tokio::spawn(metrics::ranking::run(
+            daemon.clone(),
+            ranking.clone(),
+            n,
+            stop_rx.clone(),
+        ))),
+        PerMapping::Off | PerMapping::All => None,
+    };
+    let exposition = Arc::new(Metrics::new(DaemonSource {
+        daemon: daemon.clone(),
+        per_mapping: args.metrics_per_mapping,
+        ranking,
+    }));
     let metrics = tokio::spawn(metrics::serve(
         metrics_listener,
-        daemon.clone(),
+        exposition,
         stop_rx.clone(),
     ));
     let cloudstack = match cs_watcher {
@@ -301,6 +323,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = gc.await;
     let _ = ifaces.await;
     let _ = metrics.await;
+    if let Some(r) = ranker {
+        let _ = r.await;
+    }
     if let Some(c) = cloudstack {
         let _ = c.await;
     }
@@ -373,14 +398,23 @@ fn abandon(ctl: &mut nat_userspace::daemon::NatController) {
 /// How often expired flows are collected.
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How often natd checks that its interfaces still exist (with the ifindex it attached to).
-const IFACE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Re-attaches to interfaces deleted and created again, until shutdown.
-async fn watch_interfaces(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+/// Hands kernel events (links, routes, neighbours, addresses) to the daemon until shutdown.
+/// Interfaces are checked once first: one may have gone between attaching and subscribing.
+async fn watch_kernel(
+    mut events: KernelEvents,
+    daemon: Arc<Mutex<Daemon>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    daemon.lock().await.check_interfaces();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(IFACE_CHECK) => daemon.lock().await.watch_interfaces(),
+            ev = events.next() => match ev {
+                Some(ev) => daemon.lock().await.on_kernel_event(ev),
+                None => {
+                    warn!("kernel events ended: natd no longer notices interfaces created again");
+                    return;
+                }
+            },
             _ = stop.changed() => return,
         }
     }

@@ -114,6 +114,33 @@ impl Dataplane {
             .collect()
     }
 
+    /// Writes the current first IPv4 address of attached interface `ifindex` to its entry in
+    /// the interface map (an address added or removed since natd attached). Returns the
+    /// interface's name and new address if the entry changed.
+    pub fn refresh_address(
+        &mut self,
+        ifindex: u32,
+    ) -> Result<Option<(String, Option<std::net::Ipv4Addr>)>, DataplaneError> {
+        let Some((a, _)) = self.attached.iter().find(|(a, _)| a.ifindex == ifindex) else {
+            return Ok(None);
+        };
+        let (name, role) = (a.name.clone(), a.role);
+        let now = iface_ipv4(&name);
+        let addr = now.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let mut map = HashMap::<_, u32, IfaceConfig>::try_from(self.map(MAP_IFACES)?)
+            .map_err(map_err(MAP_IFACES))?;
+        let mut cfg = map.get(&ifindex, 0).unwrap_or(IfaceConfig {
+            role: role.raw(),
+            addr: 0,
+        });
+        if cfg.addr == addr {
+            return Ok(None);
+        }
+        cfg.addr = addr;
+        map.insert(ifindex, cfg, 0).map_err(map_err(MAP_IFACES))?;
+        Ok(Some((name, now)))
+    }
+
     /// Attaches again to `name`, which was deleted and created again: forgets the old
     /// ifindex and link (its pin too), declares the new one and attaches.
     pub fn reattach(&mut self, name: &str) -> Result<Attached, DataplaneError> {

@@ -2,12 +2,15 @@
 //! and flows.
 use super::*;
 
+const E2BIG: i32 = nix::errno::Errno::E2BIG as i32;
+const ENOSPC: i32 = nix::errno::Errno::ENOSPC as i32;
+
 /// A map write error, or [`DataplaneError::Full`] when the map has no room left (the kernel
 /// answers E2BIG for hash maps, ENOSPC for LPM tries).
 fn write_error(map: &'static str, capacity: u32, source: MapError) -> DataplaneError {
     let full = match &source {
         MapError::SyscallError(e) => {
-            matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+            matches!(e.io_error.raw_os_error(), Some(E2BIG | ENOSPC))
         }
         _ => false,
     };

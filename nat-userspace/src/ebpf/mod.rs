@@ -14,7 +14,6 @@ pub use maps::write_entry;
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     path::{Path, PathBuf},
 };
 
@@ -263,12 +262,7 @@ enum Held {
 }
 
 pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
-    let c = CString::new(name).map_err(|_| DataplaneError::UnknownIface(name.to_string()))?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(DataplaneError::UnknownIface(name.to_string())),
-        i => Ok(i),
-    }
+    nix::net::if_::if_nametoindex(name).map_err(|_| DataplaneError::UnknownIface(name.to_string()))
 }
 
 /// The first IPv4 address of interface `name`, if it has one.
@@ -285,43 +279,19 @@ pub fn iface_holds(name: &str, ip: std::net::Ipv4Addr) -> bool {
 
 /// The IPv4 addresses of interface `name` with their netmasks (host order).
 fn iface_subnets(name: &str) -> Vec<(std::net::Ipv4Addr, u32)> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+    let Ok(all) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
-    }
-    let mut found = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` walks the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: non-null, NUL-terminated per getifaddrs(3).
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        // SAFETY: non-null sockaddr; the family says which struct it is.
-        if ifname.to_bytes() == name.as_bytes()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: AF_INET addresses are sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            let mask = if ifa.ifa_netmask.is_null() {
-                u32::MAX
-            } else {
-                // SAFETY: the netmask of an AF_INET address is a sockaddr_in too.
-                u32::from_be(unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) }.sin_addr.s_addr)
-            };
-            found.push((
-                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                mask,
-            ));
-        }
-    }
-    // SAFETY: `head` came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
-    found
+    };
+    all.filter(|ifa| ifa.interface_name == name)
+        .filter_map(|ifa| {
+            let addr = ifa.address?.as_sockaddr_in()?.ip();
+            let mask = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in().map(|s| u32::from(s.ip())))
+                .unwrap_or(u32::MAX);
+            Some((addr, mask))
+        })
+        .collect()
 }
 
 /// The error of a map operation on `map`.

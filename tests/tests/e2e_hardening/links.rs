@@ -1,13 +1,21 @@
 //! The router's interfaces going away under natd: link down and up (XDP stays attached, the
 //! same program), and an interface deleted and created again under the same name (natd
-//! notices and attaches to the new one).
-use std::time::{Duration, Instant};
+//! notices and attaches to the new one, told by a link event); the kernel events natd
+//! subscribes to, one of each kind.
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, ensure};
+use aya::maps::{HashMap, Map, MapData};
+use nat_common::IfaceConfig;
+use nat_tests::netns::NetnsGuard;
 use nat_tests::topology::{
     CLIENT_ADDR, GUEST_ADDR, HOST_IF, Natctl, Natd, PUBLIC_ADDR, ROUTER_GUEST_IF,
     ROUTER_PUBLIC_ADDR, ROUTER_PUBLIC_IF, Topology, observe::udp_exchange, policy::reason,
 };
+use nat_userspace::kernel_events::{KernelEvent, KernelEvents};
 
 use crate::common::*;
 
@@ -106,6 +114,20 @@ fn link_down_and_up_keeps_xdp_attached_and_translating() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The router's own address on interface `ifindex` as natd's pinned interface map holds it
+/// (`None`: no entry, or no address), read from bpffs without natd.
+fn pinned_iface_addr(topo: &Topology, ifindex: u32) -> anyhow::Result<Option<Ipv4Addr>> {
+    let path = Natd::pin_dir(topo)
+        .join("maps")
+        .join(nat_common::MAP_IFACES);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let m: HashMap<MapData, u32, IfaceConfig> = Map::from_map_data(data)?.try_into()?;
+    Ok(m.get(&ifindex, 0)
+        .ok()
+        .filter(|c| c.addr != 0)
+        .map(|c| Ipv4Addr::from(c.addr.to_ne_bytes())))
+}
+
 /// Deletes the router's public interface (and with it the client's end of the link) and
 /// creates it again with the same name and addresses.
 fn recreate_public_link(topo: &Topology) -> anyhow::Result<()> {
@@ -188,6 +210,22 @@ fn a_deleted_and_recreated_interface_is_attached_again() -> anyhow::Result<()> {
             .any(|l| l.contains(ROUTER_PUBLIC_IF) && l.to_lowercase().contains("attach")),
         "natd's log does not say it attached to the new {ROUTER_PUBLIC_IF}:\n{after}"
     );
+    // The fast path knows the new interface's own address, added after it was created.
+    let new = ifindex(&natctl)?.context("natd lists no pub0")?;
+    let deadline = Instant::now() + REATTACH;
+    loop {
+        let addr = pinned_iface_addr(&topo, new)?;
+        if addr == Some(ROUTER_PUBLIC_ADDR) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the fast path's entry of the new {ROUTER_PUBLIC_IF} (ifindex {new}) has address \
+             {addr:?}, not {ROUTER_PUBLIC_ADDR}:\n{}",
+            natd.log_text()
+        );
+        std::thread::sleep(POLL);
+    }
     let translated = translated_by_xdp(&topo, &natctl, 7100);
     fig.set(
         "re-created interfaces the fast path translated on",
@@ -196,4 +234,117 @@ fn a_deleted_and_recreated_interface_is_attached_again() -> anyhow::Result<()> {
     translated?;
     fig.done();
     Ok(())
+}
+
+/// How long a kernel event may take to arrive.
+const EVENT: Duration = Duration::from_secs(5);
+
+/// The first event `pick` accepts within [`EVENT`], or an error listing what came instead.
+async fn next_event<T>(
+    events: &mut KernelEvents,
+    what: &str,
+    mut pick: impl FnMut(&KernelEvent) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + EVENT;
+    let mut other = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(ev)) => match pick(&ev) {
+                Some(t) => return Ok(t),
+                None => other.push(ev),
+            },
+            Ok(None) => anyhow::bail!("the event stream ended waiting for {what}; saw {other:?}"),
+            Err(_) => anyhow::bail!("no {what} within {EVENT:?}; saw {other:?}"),
+        }
+    }
+}
+
+/// natd's kernel-event subscription (`nat_userspace::kernel_events`) in a namespace of its own:
+/// a link created, brought up, given an address (and with it a route), a route and a neighbour
+/// entered, and the link deleted each arrive as their typed event.
+#[test]
+fn kernel_events_report_links_addresses_routes_and_neighbours() -> anyhow::Result<()> {
+    let ns = NetnsGuard::new()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut events = KernelEvents::subscribe().await?;
+        ns.ip(&["link", "add", "xk0", "type", "veth", "peer", "name", "xk1"])?;
+        let ifindex = next_event(&mut events, "xk0 added", |e| match e {
+            KernelEvent::LinkAdded { ifindex, name } if name == "xk0" => Some(*ifindex),
+            _ => None,
+        })
+        .await?;
+        ns.ip(&["link", "set", "xk1", "up"])?;
+        ns.ip(&["link", "set", "xk0", "up"])?;
+        next_event(&mut events, "xk0 changed", |e| {
+            matches!(e, KernelEvent::LinkChanged { ifindex: i, name } if *i == ifindex && name == "xk0")
+                .then_some(())
+        })
+        .await?;
+        let here = Ipv4Addr::new(192, 0, 2, 1);
+        ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "xk0"])?;
+        next_event(&mut events, "192.0.2.1/24 on xk0", |e| {
+            (*e == KernelEvent::AddressChanged {
+                ifindex,
+                addr: here,
+                prefix: 24,
+                label: Some("xk0".into()),
+                removed: false,
+            })
+            .then_some(())
+        })
+        .await?;
+        let net = Ipv4Addr::new(198, 51, 100, 0);
+        let gw = Ipv4Addr::new(192, 0, 2, 2);
+        ns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.2"])?;
+        next_event(&mut events, "the route to 198.51.100.0/24", |e| match e {
+            KernelEvent::RouteChanged {
+                dst,
+                prefix: 24,
+                oif,
+                gateway,
+                removed: false,
+                ..
+            } if *dst == net => Some((*oif, *gateway)),
+            _ => None,
+        })
+        .await
+        .and_then(|(oif, gateway)| {
+            ensure!(
+                (oif, gateway) == (Some(ifindex), Some(gw)),
+                "route via {gateway:?} dev {oif:?}"
+            );
+            Ok(())
+        })?;
+        ns.ip(&[
+            "neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02", "dev", "xk0",
+        ])?;
+        next_event(&mut events, "the neighbour 192.0.2.2", |e| match e {
+            KernelEvent::NeighbourChanged {
+                ifindex: i,
+                addr,
+                lladdr,
+                removed: false,
+                ..
+            } if *i == ifindex && *addr == gw => Some(*lladdr),
+            _ => None,
+        })
+        .await
+        .and_then(|l| {
+            ensure!(l == Some([2, 0, 0, 0, 0, 2]), "lladdr {l:?}");
+            Ok(())
+        })?;
+        ns.ip(&["link", "del", "xk0"])?;
+        next_event(&mut events, "xk0 removed", |e| {
+            (*e == KernelEvent::LinkRemoved {
+                ifindex,
+                name: "xk0".into(),
+            })
+            .then_some(())
+        })
+        .await?;
+        anyhow::Ok(())
+    })
 }
