@@ -286,11 +286,7 @@ pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     r.peer = f.orig;
     r.flow = f.key();
 
-    fill(
-        o,
-        &rewrite(&f.orig, &f.orig_to),
-        ENTRY_ORIG | ENTRY_PENDING,
-    );
+    fill(o, &rewrite(&f.orig, &f.orig_to), ENTRY_ORIG | ENTRY_PENDING);
     o.in_ifindex = f.ingress;
     set_route(o, f.route, route_gen());
     o.slot = f.slot;

@@ -83,12 +83,10 @@ static FW_SVC: LpmTrie<FwSvcData, RuleBits> =
     LpmTrie::with_max_entries(spec::FW_SVC.max_entries, 0);
 /// Guest source prefix -> egress rules whose source CIDRs contain it (natd writes).
 #[map]
-static EG_SRC: LpmTrie<[u8; 4], RuleBits> =
-    LpmTrie::with_max_entries(spec::EG_SRC.max_entries, 0);
+static EG_SRC: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(spec::EG_SRC.max_entries, 0);
 /// Destination prefix -> egress rules whose CIDRs contain it (natd writes).
 #[map]
-static EG_DST: LpmTrie<[u8; 4], RuleBits> =
-    LpmTrie::with_max_entries(spec::EG_DST.max_entries, 0);
+static EG_DST: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(spec::EG_DST.max_entries, 0);
 /// (protocol, port/ICMP prefix) -> egress rules matching it (natd writes).
 #[map]
 static EG_SVC: LpmTrie<EgSvcData, RuleBits> =

@@ -175,20 +175,24 @@ fn inbound(ctx: &XdpContext, pkt: &Packet, l4: &Transport, ingress: u32, m: &Nat
     let route = forward::lookup(ctx, pkt, &q).map_err(|n| n.reason)?;
     let (sport, dport) = ports(pkt, l4);
     let to = FlowTuple::new(pkt.saddr, private, sport, dport, pkt.proto);
-    open_and_translate(ctx, pkt, l4, l4.tuple(pkt), to, Kind::Inbound, ingress, &route, m)
+    open_and_translate(
+        ctx,
+        pkt,
+        l4,
+        l4.tuple(pkt),
+        to,
+        Kind::Inbound,
+        ingress,
+        &route,
+        m,
+    )
 }
 
 /// Guest V -> anywhere, V mapped to P (`m`): SNAT, if the route leaves through a public
 /// interface (the egress policy applies only there); the router's own addresses and other
 /// guest networks are passed untouched.
 #[inline(always)]
-fn outbound(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &Transport,
-    ingress: u32,
-    m: &NatValue,
-) -> Verdict {
+fn outbound(ctx: &XdpContext, pkt: &Packet, l4: &Transport, ingress: u32, m: &NatValue) -> Verdict {
     let (private, public) = (pkt.saddr, m.addr);
     let quote = if l4.icmp_error {
         Some(parse::embedded(ctx, pkt, false, private)?)
@@ -231,7 +235,17 @@ fn outbound(
     }
     let (sport, dport) = ports(pkt, l4);
     let to = FlowTuple::new(public, pkt.daddr, sport, dport, pkt.proto);
-    open_and_translate(ctx, pkt, l4, l4.tuple(pkt), to, Kind::Outbound, ingress, &route, m)
+    open_and_translate(
+        ctx,
+        pkt,
+        l4,
+        l4.tuple(pkt),
+        to,
+        Kind::Outbound,
+        ingress,
+        &route,
+        m,
+    )
 }
 
 /// Guest V2 -> P1, P1 mapped to V1 (`m`): to V1 from the router's address R on V1's guest

@@ -46,6 +46,9 @@ pub struct Daemon {
     evictions: u64,
     /// Configured interfaces found missing (logged once each).
     missing: std::collections::BTreeSet<String>,
+    /// Link-layer addresses of the usable neighbours seen, by (ifindex, address): a change or
+    /// a removal bumps the route generation.
+    neighbours: std::collections::BTreeMap<(u32, std::net::Ipv4Addr), [u8; 6]>,
 }
 
 pub use crate::clock::monotonic_ns;
@@ -90,6 +93,7 @@ impl Daemon {
             entries: 0,
             evictions: 0,
             missing: Default::default(),
+            neighbours: Default::default(),
         }
     }
 

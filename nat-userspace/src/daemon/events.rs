@@ -1,11 +1,13 @@
 //! natd's answer to kernel events ([`crate::kernel_events`]): interfaces deleted and created
 //! again are attached again, an attached interface's own address is kept current in the
-//! program, and (for the flow cache) route, neighbour and address changes are where the route
-//! generation is bumped.
-use log::{info, warn};
+//! program, and every route, address or link change, and every neighbour whose link-layer
+//! address changed or went away, bumps the route generation: each flow resolves its route and
+//! next hop again on its next packet (a neighbour that is gone sends the flow to the kernel,
+//! which resolves it).
+use log::{debug, info, warn};
 
 use super::Daemon;
-use crate::kernel_events::KernelEvent;
+use crate::kernel_events::{KernelEvent, NeighbourState};
 
 impl Daemon {
     /// Acts on one kernel event ([`crate::kernel_events`]): re-attaches to a configured
@@ -24,14 +26,41 @@ impl Daemon {
                 if ours {
                     self.check_interfaces();
                 }
+                self.bump_routes("link");
             }
             KernelEvent::AddressChanged { ifindex, .. } => {
                 self.refresh_address(ifindex);
-                // LEAD: an address change also bumps the route generation (flow cache) here.
+                self.bump_routes("address");
             }
-            KernelEvent::RouteChanged { .. } | KernelEvent::NeighbourChanged { .. } => {
-                // LEAD: bump the route generation of the flow cache here. Nothing else to do:
-                // the fast path asks bpf_fib_lookup for every packet today.
+            KernelEvent::RouteChanged { .. } => self.bump_routes("route"),
+            KernelEvent::NeighbourChanged {
+                ifindex,
+                addr,
+                lladdr,
+                state,
+                removed,
+            } => {
+                let usable = !removed
+                    && !matches!(
+                        state,
+                        NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+                    );
+                let known = self.neighbours.get(&(ifindex, addr)).copied();
+                match (usable, lladdr) {
+                    (true, Some(mac)) => {
+                        self.neighbours.insert((ifindex, addr), mac);
+                        // A neighbour seen the first time changes no route a flow holds.
+                        if known.is_some_and(|k| k != mac) {
+                            self.bump_routes("neighbour address");
+                        }
+                    }
+                    (true, None) => {}
+                    (false, _) => {
+                        if self.neighbours.remove(&(ifindex, addr)).is_some() {
+                            self.bump_routes("neighbour gone");
+                        }
+                    }
+                }
             }
             KernelEvent::Lost => {
                 // Notifications were lost: check every interface and address again.
@@ -41,8 +70,17 @@ impl Daemon {
                 for ifindex in attached {
                     self.refresh_address(ifindex);
                 }
-                // LEAD: bump the route generation here too (routes or neighbours may have changed).
+                self.neighbours.clear();
+                self.bump_routes("lost notifications");
             }
+        }
+    }
+
+    /// Every flow resolves its route again on its next packet.
+    fn bump_routes(&mut self, why: &str) {
+        match self.ctl.fast_mut().bump_route_generation() {
+            Ok(g) => debug!("route generation {g} ({why})"),
+            Err(e) => warn!("bumping the route generation ({why}): {e}"),
         }
     }
 

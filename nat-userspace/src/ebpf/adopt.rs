@@ -245,7 +245,11 @@ mod tests {
         let mut dp = Dataplane::load(sizes).unwrap_or_else(|e| panic!("{}", crate::report(&e)));
         let names: Vec<String> = dp.ebpf.maps().map(|(n, _)| n.to_string()).collect();
         for m in spec::MAPS {
-            assert!(names.iter().any(|n| n == m.name), "no map {} in {names:?}", m.name);
+            assert!(
+                names.iter().any(|n| n == m.name),
+                "no map {} in {names:?}",
+                m.name
+            );
             let map = dp.map(m.name).unwrap();
             let info = match map {
                 aya::maps::Map::HashMap(d)

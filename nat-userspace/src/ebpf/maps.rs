@@ -277,7 +277,6 @@ impl Dataplane {
         })?;
         arr.set(e as u32, v, 0).map_err(map_err(MAP_EVENTS))
     }
-
 }
 
 impl FastPath for Dataplane {

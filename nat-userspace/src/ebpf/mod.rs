@@ -34,9 +34,9 @@ use aya::{
 use nat_common::{
     Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry,
     FlowKey, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_DEVMAP, MAP_EG_DST,
-    MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_MAPPING_STATS,
-    MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats, NatConfig,
-    NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
+    MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES,
+    MAP_MAPPING_STATS, MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats,
+    NatConfig, NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -128,7 +128,9 @@ pub enum DataplaneError {
          remove the pins to start afresh (connection tracking is then lost)"
     )]
     Adopt { path: PathBuf, why: String },
-    #[error("no counter slot left for a new mapping: all {capacity} are taken (natd's [limits] mappings)")]
+    #[error(
+        "no counter slot left for a new mapping: all {capacity} are taken (natd's [limits] mappings)"
+    )]
     NoSlot { capacity: u32 },
     #[error("cannot count possible CPUs ({0}): {1}")]
     Cpus(&'static str, std::io::Error),
@@ -315,11 +317,7 @@ impl Dataplane {
 
     /// Loads `object`; with `pins`, every map is adopted from its pin if one exists (an earlier
     /// natd's state, connection table and counters) and pinned otherwise.
-    pub fn open(
-        object: &[u8],
-        sizes: Sizes,
-        pins: Option<PinDir>,
-    ) -> Result<Self, DataplaneError> {
+    pub fn open(object: &[u8], sizes: Sizes, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
         let mut loader = aya::EbpfLoader::new();
         for m in spec::MAPS {
             if let Some(n) = sizes.of(m.name) {
@@ -394,9 +392,7 @@ impl Dataplane {
 
     /// Writes this natd's [`spec::LAYOUT_VERSION`] into `META`.
     fn stamp_layout(&mut self) -> Result<(), DataplaneError> {
-        let mut m =
-            Array::<_, u32>::try_from(self.map(MAP_META)?).map_err(map_err(MAP_META))?;
-        m.set(0, spec::LAYOUT_VERSION, 0)
-            .map_err(map_err(MAP_META))
+        let mut m = Array::<_, u32>::try_from(self.map(MAP_META)?).map_err(map_err(MAP_META))?;
+        m.set(0, spec::LAYOUT_VERSION, 0).map_err(map_err(MAP_META))
     }
 }
