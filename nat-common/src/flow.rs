@@ -18,9 +18,10 @@
 use crate::csum;
 
 /// Key of [`crate::maps::FLOWS`] and [`crate::maps::PENDING`]: a packet as it arrives.
-/// TCP/UDP: the ports. ICMP queries (echo, timestamp, information, address mask): `sport` is
-/// the identifier and `dport` the message type (so a request and a reply with the same
-/// identifier are different keys). Other protocols: zero ports.
+/// TCP/UDP: the ports (network order). ICMP queries (echo, timestamp, information, address
+/// mask): `sport` is the identifier and `dport` the message type as a network-order 16-bit
+/// value (so a request and a reply with the same identifier are different keys). Other
+/// protocols: zero ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowTuple {
@@ -162,12 +163,12 @@ impl FlowEntry {
 #[inline(always)]
 pub const fn reply_of(t: &FlowTuple) -> FlowTuple {
     let (sport, dport) = if t.proto == crate::proto::ICMP {
-        let ty = t.dport.to_ne_bytes()[0];
+        let ty = t.dport.to_ne_bytes()[1];
         let reply = match crate::conntrack::icmp_query(ty) {
             Some((_, reply)) => reply,
             None => ty,
         };
-        (t.sport, u16::from_ne_bytes([reply, 0]))
+        (t.sport, u16::from_ne_bytes([0, reply]))
     } else {
         (t.dport, t.sport)
     };

@@ -178,10 +178,10 @@ impl NewFlow<'_> {
         let (o, t) = (&self.orig, &self.orig_to);
         // ICMP queries: the identifier and the type the guest sends.
         let (sport, dport) = if o.proto == proto::ICMP {
-            let ty = o.dport.to_ne_bytes()[0];
+            let ty = o.dport.to_ne_bytes()[1];
             let from_guest = !matches!(self.kind, Kind::Inbound);
             let guest_ty = nat_common::conntrack::icmp_flow_type(ty, from_guest).unwrap_or(ty);
-            let guest_ty = u16::from_ne_bytes([guest_ty, 0]);
+            let guest_ty = u16::from_ne_bytes([0, guest_ty]);
             if from_guest {
                 (o.sport, guest_ty)
             } else {

@@ -143,7 +143,7 @@ impl Transport {
         let dport = match pkt.proto {
             proto::TCP | proto::UDP => self.dport,
             proto::ICMP if nat_common::conntrack::icmp_query(self.service[0]).is_some() => {
-                u16::from_ne_bytes([self.service[0], 0])
+                u16::from_ne_bytes([0, self.service[0]])
             }
             proto::ICMP | proto::DCCP | proto::UDPLITE => return None,
             _ => 0,
@@ -338,7 +338,7 @@ pub fn embedded(
                 )),
                 proto::ICMP if nat_common::conntrack::icmp_query(h[0]).is_some() => Some((
                     u16::from_ne_bytes([h[ICMP_ID_AT], h[ICMP_ID_AT + 1]]),
-                    u16::from_ne_bytes([h[0], 0]),
+                    u16::from_ne_bytes([0, h[0]]),
                 )),
                 _ => None,
             }

@@ -47,9 +47,10 @@ pub fn forward(
         (e.in_ifindex, e.is_orig(), e.peer)
     };
     // The packet must arrive on the entry's side of the router (a reply may come back on
-    // another interface of that side).
+    // another interface of that side). From the other side it is not this flow's: judged by
+    // the rules, it may not replace the flow.
     if in_ifindex != ingress && forward::role(in_ifindex) != forward::role(ingress) {
-        return Ok(Tracked::New);
+        return Ok(Tracked::Invalid);
     }
     let (orig_key, reply_key) = if is_orig {
         (*tuple, peer)

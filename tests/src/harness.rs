@@ -20,13 +20,19 @@
 //! destination of their replies. Hairpin between two guest interfaces goes gst0 <-> gsb0;
 //! gsn0 is a guest network the program cannot hairpin into (no address).
 //!
-//! Each run reads `STATS`, `EVENTS` and every mapping's counters (summed over CPUs) and turns
-//! the deltas into the [`Outcome`]'s reason, events and counted mapping, failing unless exactly
-//! one reason slot moved by one frame of the frame's length and at most one mapping did.
+//! Each run reads `STATS`, `EVENTS` and every mapping's counters (`MAPPING_STATS` by slot,
+//! summed over CPUs) and turns the deltas into the [`Outcome`]'s reason, events and counted
+//! mapping, failing unless exactly one reason slot moved by one frame of the frame's length and
+//! at most one mapping did. Each mapping pair gets a slot (a pair in both `NAT_IN` and
+//! `NAT_OUT` one slot); a slot's inbound half is reported as `(Inbound, P)`, its outbound half
+//! as `(Outbound, V)`.
 //!
 //! Connection-tracking timeouts are [`TEST_TIMEOUT_NS`] for every state unless a test sets
-//! others, so no flow expires while a test runs. Rules, timeouts and the connection tables of
-//! program and model are set and read through the methods in `policy`.
+//! others, so no flow expires while a test runs; the refresh interval of the flows' last-seen
+//! times is set beyond any test's length (a flow's once-a-second liveness check runs only for
+//! entries a test wrote with [`flows::STALE_SEEN`]). Rules, timeouts and the flow tables of
+//! program and model are set and read through the methods in `policy` and `flows`.
+pub mod flows;
 pub mod maps;
 mod policy;
 
@@ -37,12 +43,13 @@ use std::{cell::RefCell, collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{DevMapHash, HashMap, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
 };
 use nat_common::{
-    Counter, IfaceConfig, MAP_CONNTRACK, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, MAP_NAT_OUT,
-    MAP_STATS, NatConfig, NatEntry, ROLE_GUEST, ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
+    Counter, IfaceConfig, MAP_DEVMAP, MAP_FLOWS, MAP_IFACES, MAP_MAPPING_STATS, MAP_NAT_IN,
+    MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats, NatConfig, NatValue, ROLE_GUEST,
+    ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
 };
 use nat_userspace::{state::DesiredState, tables::Tables};
 
@@ -121,11 +128,14 @@ pub const NAT_IN: [(Ipv4Addr, Ipv4Addr); 10] = [
 pub const NAT_OUT: [(Ipv4Addr, Ipv4Addr); 6] =
     [(V1, P1), (V2, P2), (V3, P3), (V4, P4), (V5, P5), (V6, P6)];
 
-/// Capacity of `NAT_IN` and `NAT_OUT` in tests (natd uses `nat_common::MAX_MAPPINGS`).
+/// Capacity of `NAT_IN`, `NAT_OUT` and `MAPPING_STATS` in tests.
 pub const TEST_MAX_MAPPINGS: u32 = 1024;
-/// Capacity of `CONNTRACK` in tests: far above the flows any test keeps at once (tests that
-/// send many frames clear the table regularly), so the LRU never evicts.
+/// Capacity of the flow table in tests, in flows (`FLOWS` holds twice as many entries,
+/// `PENDING` as many): far above the flows any test keeps at once (tests that send many frames
+/// clear the table regularly), so the LRU never evicts.
 pub const TEST_CONNTRACK_SIZE: u32 = 16_384;
+/// The route generation the bench starts with.
+pub const TEST_ROUTE_GEN: u32 = 1;
 /// Idle timeout of every conntrack state in tests (one hour): nothing expires by itself.
 pub const TEST_TIMEOUT_NS: u64 = 3_600_000_000_000;
 
@@ -149,6 +159,21 @@ pub struct Topology {
 /// Mapping counters (packets, bytes, denied) summed over CPUs, by table and key.
 type MappingCounters = BTreeMap<(Direction, Ipv4Addr), (u64, u64, u64)>;
 
+/// The counter slot of every mapping pair: slot -> (public, private).
+fn slots() -> BTreeMap<u32, (Ipv4Addr, Ipv4Addr)> {
+    let mut pairs: Vec<(Ipv4Addr, Ipv4Addr)> = NAT_IN.to_vec();
+    for (v, p) in NAT_OUT {
+        if !pairs.contains(&(p, v)) {
+            pairs.push((p, v));
+        }
+    }
+    pairs
+        .into_iter()
+        .enumerate()
+        .map(|(i, pv)| (i as u32 + 1, pv))
+        .collect()
+}
+
 /// The loaded program in its namespace. Not `Send`: runs must happen on the creating thread.
 pub struct Harness {
     ebpf: RefCell<Ebpf>,
@@ -162,6 +187,8 @@ pub struct Harness {
     events: RefCell<Events>,
     /// Last seen mapping counters.
     mappings: RefCell<MappingCounters>,
+    /// Counter slot -> mapping pair.
+    pub(crate) slots: BTreeMap<u32, (Ipv4Addr, Ipv4Addr)>,
     /// Dropped last: leaves and deletes the namespace.
     _netns: NetnsGuard,
 }
@@ -307,6 +334,7 @@ fn model_for(t: &Topology) -> Model {
         nat_in: NAT_IN.into(),
         nat_out: NAT_OUT.into(),
         fib,
+        route_gen: TEST_ROUTE_GEN,
         ..Model::default()
     };
     m.policy.conntrack.timeouts_ns = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
@@ -334,9 +362,6 @@ fn key(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
 
-fn nr_cpus() -> anyhow::Result<usize> {
-    aya::util::nr_cpus().map_err(|(path, e)| anyhow!("{path}: {e}"))
-}
 
 impl Harness {
     /// Creates and enters a namespace, builds the topology, loads and configures the program.
@@ -359,12 +384,13 @@ impl Harness {
         // SAFETY: plain syscall with a valid struct.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
-        // The mapping maps are preallocated per-CPU hashes of a million entries, whose creation
-        // takes seconds; a small capacity changes nothing the tests look at.
+        // Small capacities change nothing the tests look at and load fast.
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_NAT_IN, TEST_MAX_MAPPINGS)
             .map_max_entries(MAP_NAT_OUT, TEST_MAX_MAPPINGS)
-            .map_max_entries(MAP_CONNTRACK, TEST_CONNTRACK_SIZE)
+            .map_max_entries(MAP_MAPPING_STATS, TEST_MAX_MAPPINGS)
+            .map_max_entries(MAP_FLOWS, 2 * TEST_CONNTRACK_SIZE)
+            .map_max_entries(MAP_PENDING, TEST_CONNTRACK_SIZE)
             .load(nat_userspace::EBPF_OBJECT)
             .context("load EBPF_OBJECT")?;
         let prog: &mut Xdp = ebpf
@@ -374,7 +400,6 @@ impl Harness {
             .context("nat is not XDP")?;
         load_verified(prog)?;
 
-        let ncpu = nr_cpus()?;
         let links = managed(&topo);
         let mut ifaces: HashMap<_, u32, IfaceConfig> = ebpf
             .map_mut(MAP_IFACES)
@@ -391,19 +416,44 @@ impl Harness {
         for (l, _, _) in links {
             devmap.insert(l.ifindex, l.ifindex, None, 0)?;
         }
-        for (name, table) in [(MAP_NAT_IN, &NAT_IN[..]), (MAP_NAT_OUT, &NAT_OUT[..])] {
-            let mut m: PerCpuHashMap<_, u32, NatEntry> = ebpf
-                .map_mut(name)
-                .with_context(|| format!("no map {name}"))?
-                .try_into()?;
-            for (from, to) in table {
-                let v = PerCpuValues::try_from(vec![NatEntry::new(key(*to)); ncpu])?;
-                m.insert(key(*from), v, 0)?;
-            }
+        let slots = slots();
+        let slot_of = |p: Ipv4Addr, v: Ipv4Addr| -> anyhow::Result<u32> {
+            slots
+                .iter()
+                .find(|(_, pv)| **pv == (p, v))
+                .map(|(s, _)| *s)
+                .with_context(|| format!("no slot for {p} <-> {v}"))
+        };
+        let mut nat_in: HashMap<_, u32, NatValue> = ebpf
+            .map_mut(MAP_NAT_IN)
+            .context("no map NAT_IN")?
+            .try_into()?;
+        for (p, v) in NAT_IN {
+            let value = NatValue {
+                addr: key(v),
+                slot: slot_of(p, v)?,
+                ..NatValue::default()
+            };
+            nat_in.insert(key(p), value, 0)?;
+        }
+        let mut nat_out: HashMap<_, u32, NatValue> = ebpf
+            .map_mut(MAP_NAT_OUT)
+            .context("no map NAT_OUT")?
+            .try_into()?;
+        for (v, p) in NAT_OUT {
+            let value = NatValue {
+                addr: key(p),
+                slot: slot_of(p, v)?,
+                ..NatValue::default()
+            };
+            nat_out.insert(key(v), value, 0)?;
         }
 
         let config = NatConfig {
             egress_default_deny: 0,
+            route_gen: TEST_ROUTE_GEN,
+            // Beyond any test's length: see the module's documentation.
+            jiffies_per_sec: u32::MAX,
             _pad: 0,
             timeouts_ns: [TEST_TIMEOUT_NS; TIMEOUT_SLOTS],
         };
@@ -420,6 +470,7 @@ impl Harness {
             stats: RefCell::new(Vec::new()),
             events: RefCell::new(Events::default()),
             mappings: RefCell::new(BTreeMap::new()),
+            slots,
             _netns: netns,
         };
         *h.stats.borrow_mut() = h.read_stats()?;
@@ -455,27 +506,29 @@ impl Harness {
 
     fn read_mappings(&self) -> anyhow::Result<MappingCounters> {
         let ebpf = self.ebpf.borrow();
+        let m: PerCpuArray<_, MappingStats> = ebpf
+            .map(MAP_MAPPING_STATS)
+            .context("no map MAPPING_STATS")?
+            .try_into()?;
         let mut out = BTreeMap::new();
-        for (dir, name, table) in [
-            (Direction::Inbound, MAP_NAT_IN, &NAT_IN[..]),
-            (Direction::Outbound, MAP_NAT_OUT, &NAT_OUT[..]),
-        ] {
-            let m: PerCpuHashMap<_, u32, NatEntry> = ebpf
-                .map(name)
-                .with_context(|| format!("no map {name}"))?
-                .try_into()?;
-            for (from, to) in table {
-                let v = m.get(&key(*from), 0)?;
-                let mut sum = (0, 0, 0);
-                for e in v.iter() {
-                    ensure!(
-                        e.addr == key(*to) && e._pad == 0,
-                        "{name}[{from}] changed: {e:?}"
-                    );
-                    sum = (sum.0 + e.packets, sum.1 + e.bytes, sum.2 + e.denied);
-                }
-                out.insert((dir, *from), sum);
+        for (slot, (p, v)) in &self.slots {
+            let mut sum = MappingStats::default();
+            for c in m.get(slot, 0)?.iter() {
+                sum.in_packets += c.in_packets;
+                sum.in_bytes += c.in_bytes;
+                sum.in_denied += c.in_denied;
+                sum.out_packets += c.out_packets;
+                sum.out_bytes += c.out_bytes;
+                sum.out_denied += c.out_denied;
             }
+            out.insert(
+                (Direction::Inbound, *p),
+                (sum.in_packets, sum.in_bytes, sum.in_denied),
+            );
+            out.insert(
+                (Direction::Outbound, *v),
+                (sum.out_packets, sum.out_bytes, sum.out_denied),
+            );
         }
         Ok(out)
     }

@@ -3,31 +3,36 @@
 //! arithmetic on big-endian words, its own route table standing in for `bpf_fib_lookup` in
 //! `fib`).
 //!
-//! Classification: on a public interface a frame to a mapped public IP is inbound (DNAT); on a
-//! guest interface, in this order, a frame to a mapped public IP is a hairpin forward, one to
-//! the router's address on that interface is a hairpin reply if a binding names it (`hairpin`),
-//! and one from a mapped private IP is outbound (SNAT). [`Leg`] records which.
+//! A frame first meets the flow table (`table`): a packet of a flow that is assured and in a
+//! state the packet cannot change takes its direction's rewrite and route as they are (the
+//! established path, `paths`); other packets of a flow advance its state by netfilter's rules
+//! and resolve the route where it is stale (the tracked path). A packet of no flow is
+//! classified (`newflow`): on a public interface a frame to a mapped public IP is inbound
+//! (DNAT), one to a mapped private address is dropped; on a guest interface a frame to a mapped
+//! public IP is hairpin (`hairpin`), one from a mapped private IP is outbound (SNAT) when its
+//! route leaves through a public interface. [`Leg`] and [`Path`] record which way it went.
 //!
 //! Invariants it encodes: every frame ends with exactly one [`Reason`]; a pass leaves the frame
-//! byte-for-byte untouched and counts no mapping; a drop (policy) leaves it untouched and counts
-//! the mapping's `denied`; a redirect rewrites addresses, every checksum covering them, TTL and
-//! MACs, and counts exactly one mapping; a flow opens only for a frame that is redirected. The
-//! policy stage (firewall, egress, connection tracking) is in [`policy`].
+//! byte-for-byte untouched and counts no mapping; a drop leaves it untouched (and a policy drop
+//! counts the mapping's `denied`); a redirect rewrites addresses (and ports where a hairpin flow
+//! had to take another), every checksum covering them, TTL and MACs, and counts exactly one
+//! mapping; a flow opens only for a frame that is redirected.
 mod fib;
 mod hairpin;
+mod newflow;
 pub mod nf_state;
+mod paths;
 pub mod policy;
+pub mod table;
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use nat_common::{ROLE_GUEST, ROLE_PUBLIC, Reason};
+use nat_common::Reason;
 
 pub use self::{
     fib::{Fib, Hop, Iface},
-    policy::{
-        Admit, Events, Facts, Flow, Found, Kept, Kind, NO_PEER, Path, PolicyModel, Quoted, Rules,
-        Seg, Tracked,
-    },
+    policy::{Events, Facts, Flow, Kept, Kind, NO_PEER, PolicyModel, Quoted, Rules, Seg, Tracked},
+    table::{DirView, Tuple},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -75,32 +80,54 @@ pub struct IfaceRole {
     pub addr: Ipv4Addr,
 }
 
-/// Which way through the program a frame went (set once classification has chosen it; for a
-/// hairpin reply, once a binding was found).
+/// Which way through the program a frame went: the flow direction it belonged to, or how it
+/// was classified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Leg {
-    /// Public ingress to a mapped public IP (DNAT).
+    /// Public ingress to a mapped public IP (DNAT), or a packet of a flow translated that way.
     Inbound,
-    /// Guest ingress from a mapped private IP (SNAT).
+    /// Guest ingress from a mapped private IP (SNAT), or a packet of a flow translated so.
     Outbound,
     /// Guest ingress to a mapped public IP (DNAT + SNAT to the router's guest address).
     HairpinForward,
-    /// Guest ingress to the router's address on that interface, with a reply binding.
+    /// The reply direction of a hairpin flow.
     HairpinReply,
 }
 
+/// Which part of the program decided a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Path {
+    /// The established path: the flow's cached rewrite and route, no state machine.
+    Fast,
+    /// A packet of a live flow through the state machine (ESTABLISHED).
+    Established,
+    /// An ICMP error quoting a live flow (RELATED).
+    Related,
+    /// Allowed by an ingress rule or the egress policy.
+    Rule,
+    /// Dropped.
+    Denied,
+    /// Hairpin: every source port tried is held by a live flow (passed).
+    Collision,
+}
+
 /// The program's configuration (its maps) plus the environment's route table, and the state
-/// the program keeps (connection table).
+/// the program keeps (flow table).
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// `IFACES`: ifindex -> role and address.
     pub ifaces: HashMap<u32, IfaceRole>,
     /// `NAT_IN`: public -> private.
     pub nat_in: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// `NAT_IN`'s owning interface of a public IP (new inbound flows arriving on another
+    /// public interface are dropped); absent: any.
+    pub owner: HashMap<Ipv4Addr, u32>,
     /// `NAT_OUT`: private -> public.
     pub nat_out: HashMap<Ipv4Addr, Ipv4Addr>,
     pub fib: Fib,
-    /// Rules, connection table and timeouts.
+    /// The route generation (`CONFIG`): a direction resolved under another resolves again.
+    pub route_gen: u32,
+    /// Rules, flow table and timeouts.
     pub policy: PolicyModel,
     /// The leg of the last frame (`None`: it did not get that far).
     pub last_leg: Option<Leg>,
@@ -153,12 +180,12 @@ struct Csum {
     udp: bool,
 }
 
-/// What the transport layer of a translated frame needs rewritten.
+/// What an ICMP error's translation rewrites besides the outer address: the quoted address
+/// (offset) and the quoted transport checksum, if whole.
 #[derive(Debug)]
-enum L4Edit {
-    None,
-    Pseudo(Csum),
-    IcmpError { addr: usize, inner: Option<Csum> },
+struct ErrorEdit {
+    addr: usize,
+    inner: Option<Csum>,
 }
 
 const ETH: usize = 14;
@@ -194,14 +221,14 @@ fn redirected(reason: Reason, frame: Vec<u8>, key: (Direction, Ipv4Addr)) -> Out
     }
 }
 
-/// A frame dropped by policy, `denied` counted on `key`.
-fn dropped(reason: Reason, frame: &[u8], key: (Direction, Ipv4Addr)) -> Outcome {
+/// A frame dropped, `denied` counted on `key` if a mapping's policy dropped it.
+fn dropped(reason: Reason, frame: &[u8], key: Option<(Direction, Ipv4Addr)>) -> Outcome {
     Outcome {
         action: XDP_DROP,
         reason,
         frame: frame.to_vec(),
         counted: None,
-        denied: Some(key),
+        denied: key,
         events: Events::default(),
     }
 }
@@ -213,7 +240,7 @@ impl Model {
         self.last_leg = None;
         self.last_path = None;
         let mut out = self
-            .translate(ingress, frame, now, &mut events)
+            .decide(ingress, frame, now, &mut events)
             .unwrap_or_else(|reason| Outcome {
                 action: XDP_PASS,
                 reason,
@@ -226,104 +253,69 @@ impl Model {
         out
     }
 
-    /// Steps 1 to 3 of the spec, then the chosen leg; `Err` is the reason to pass the frame
-    /// untouched.
-    fn translate(
+    /// Parse, then the flow the packet belongs to (established or tracked path), else the
+    /// classification of a new packet; `Err` is the reason to pass the frame untouched.
+    fn decide(
         &mut self,
         ingress: u32,
         f: &[u8],
         now: u64,
-        events: &mut Events,
+        ev: &mut Events,
     ) -> Result<Outcome, Reason> {
-        // 1. Interface.
-        let iface = *self.ifaces.get(&ingress).ok_or(Reason::UnknownIface)?;
-        // 2. Ethernet and IPv4 sanity.
         let ip = parse_ip(f)?;
-        // 3. Classify. Public side: only DNAT. Guest side, in this order: to a mapped public
-        // IP is hairpin; to the router's own address on this interface may be a hairpin reply
-        // (if a binding exists); otherwise a mapped source goes out.
-        if iface.role == ROLE_PUBLIC {
-            let new = *self.nat_in.get(&ip.daddr).ok_or(Reason::Unmapped)?;
-            return self.one_way(f, &ip, true, new, now, events);
-        }
-        if let Some(&v1) = self.nat_in.get(&ip.daddr) {
-            return self.hairpin_forward(f, &ip, v1, now, events);
-        }
-        if !iface.addr.is_unspecified()
-            && ip.daddr == iface.addr
-            && let Some(out) = self.hairpin_reply(f, &ip, now, events)?
+        let facts = transport(f, &ip)?;
+        let mut may_open = true;
+        if let Some(key) = tuple_of(&ip, &facts)
+            && self.policy.conntrack.table.find(&key).is_some()
         {
-            return Ok(out);
+            if let Some(out) = self.fast(f, &ip, &facts, &key, ingress, now, ev) {
+                return Ok(out);
+            }
+            match self.tracked(f, &ip, &facts, &key, ingress, now, ev)? {
+                paths::Tracked::Done(out) => return Ok(out),
+                paths::Tracked::New => {}
+                paths::Tracked::Invalid => may_open = false,
+            }
         }
-        let new = *self.nat_out.get(&ip.saddr).ok_or(Reason::Unmapped)?;
-        self.one_way(f, &ip, false, new, now, events)
+        self.classify(f, &ip, &facts, ingress, may_open, now, ev)
     }
 
-    /// Steps 4 to 8 for inbound (DNAT `ip.daddr` -> `new`) or outbound (SNAT `ip.saddr` ->
-    /// `new`) translation.
-    fn one_way(
-        &mut self,
-        f: &[u8],
-        ip: &Ip,
-        inbound: bool,
-        new: Ipv4Addr,
-        now: u64,
-        events: &mut Events,
-    ) -> Result<Outcome, Reason> {
-        let (dir, old) = if inbound {
-            self.last_leg = Some(Leg::Inbound);
-            (Direction::Inbound, ip.daddr)
-        } else {
-            self.last_leg = Some(Leg::Outbound);
-            (Direction::Outbound, ip.saddr)
-        };
-        // 4. TTL.
-        if ip.ttl <= 1 {
-            return Err(Reason::TtlExpired);
-        }
-        // 5. Transport.
-        let (edit, facts) = transport(f, ip.proto, ip.l4_len(), inbound, old)?;
-        // 6. Policy, before the route: a denied frame is dropped untouched.
-        let (public, private) = if inbound { (old, new) } else { (new, old) };
-        let (path, verdict) = self
-            .policy
-            .check(&facts, inbound, public, private, now, events);
-        self.last_path = Some(path);
-        let admit = match verdict {
-            Ok(a) => a,
-            Err(reason) => return Ok(dropped(reason, f, (dir, old))),
-        };
-        // 7. Route. The lookup also gets the (translated) source, which only multipath hashing
-        // and policy rules would look at; the test namespace has neither.
-        let dst = if inbound { new } else { ip.daddr };
-        let want = if inbound { ROLE_GUEST } else { ROLE_PUBLIC };
-        let (hop, _) = self.route(dst, ip.tot_len, want)?;
-        // A flow opens only for a packet that is forwarded.
-        if let Admit::Open(flow) = admit {
-            self.policy
-                .conntrack
-                .open(flow, &facts, !inbound, now, events);
-        }
-        // 8. Rewrite.
-        let mut out = f.to_vec();
-        rewrite(&mut out, &edit, inbound, old, new, &hop);
-        let reason = if inbound {
-            Reason::InboundForwarded
-        } else {
-            Reason::OutboundForwarded
-        };
-        Ok(redirected(reason, out, (dir, old)))
-    }
-
-    /// The next hop to `dst` through an interface of role `want`, and the router's address on
-    /// that interface.
-    fn route(&self, dst: Ipv4Addr, tot_len: usize, want: u32) -> Result<(Hop, Ipv4Addr), Reason> {
+    /// The next hop to `dst` through an interface of role `want`, the router's address on
+    /// that interface and the interface's MTU.
+    fn route(
+        &self,
+        dst: Ipv4Addr,
+        tot_len: usize,
+        want: u32,
+    ) -> Result<(Hop, Ipv4Addr, u16), Reason> {
         let hop = self.fib.lookup(dst, tot_len as u16)?;
         match self.ifaces.get(&hop.ifindex) {
-            Some(i) if i.role == want => Ok((hop, i.addr)),
+            Some(i) if i.role == want => Ok((hop, i.addr, self.fib.mtu(hop.ifindex))),
             _ => Err(Reason::WrongEgress),
         }
     }
+}
+
+/// The key a packet has in the flow table: TCP and UDP by ports, an ICMP query by identifier
+/// and type, other protocols without ports; none for other ICMP messages, DCCP and UDP-Lite.
+fn tuple_of(ip: &Ip, f: &Facts) -> Option<Tuple> {
+    let (sport, dport) = match ip.proto {
+        6 | 17 => (f.sport, f.dport),
+        1 => {
+            let (ty, _) = f.icmp?;
+            nf_state::icmp_inverse(ty)?;
+            (f.sport, u16::from(ty))
+        }
+        33 | 136 => return None,
+        _ => (0, 0),
+    };
+    Some(Tuple {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        proto: ip.proto,
+    })
 }
 
 /// Step 2 of the spec: Ethernet and IPv4 sanity, in the order the reasons are checked.
@@ -357,15 +349,11 @@ fn parse_ip(f: &[u8]) -> Result<Ip, Reason> {
     })
 }
 
-/// Step 5 of the spec: transport sanity, which checksums the translation touches, and what
-/// the policy looks at (ports, TCP flags, ICMP type/code, the quoted packet of an error).
-fn transport(
-    f: &[u8],
-    proto: u8,
-    l4_len: usize,
-    inbound: bool,
-    old: Ipv4Addr,
-) -> Result<(L4Edit, Facts), Reason> {
+/// Transport sanity and what the flow table and the policy look at (ports, TCP flags and
+/// header facts, ICMP type/code); an ICMP error's quote is read by [`quote`] once its mapping
+/// is known.
+fn transport(f: &[u8], ip: &Ip) -> Result<Facts, Reason> {
+    let (proto, l4_len) = (ip.proto, ip.l4_len());
     let holds = |at: usize, n: usize| f.len() >= at + n;
     let mut facts = Facts {
         proto,
@@ -386,7 +374,7 @@ fn transport(
         icmp: None,
         quoted: None,
     };
-    let edit = match proto {
+    match proto {
         6 => {
             if !holds(L4, 20) || l4_len < 20 {
                 return Err(Reason::Malformed);
@@ -405,10 +393,6 @@ fn transport(
             facts.seg.len = (l4_len - doff) as u32;
             facts.seg.options_len = doff - 20;
             facts.seg.options[..doff - 20].copy_from_slice(&f[L4 + 20..L4 + doff]);
-            L4Edit::Pseudo(Csum {
-                at: L4 + 16,
-                udp: false,
-            })
         }
         17 => {
             if !holds(L4, 8) || l4_len < 8 {
@@ -419,10 +403,6 @@ fn transport(
                 return Err(Reason::Malformed);
             }
             (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
-            L4Edit::Pseudo(Csum {
-                at: L4 + 6,
-                udp: true,
-            })
         }
         1 => {
             if !holds(L4, 8) || l4_len < 8 {
@@ -434,27 +414,22 @@ fn transport(
                 facts.sport = be16(f, L4 + 4);
                 facts.dport = facts.sport;
             }
-            if matches!(f[L4], 3 | 11 | 12) {
-                let (edit, quoted) = icmp_error(f, l4_len, inbound, old)?;
-                facts.quoted = Some(quoted);
-                edit
-            } else {
-                L4Edit::None
-            }
         }
-        _ => L4Edit::None,
-    };
-    Ok((edit, facts))
+        _ => {}
+    }
+    Ok(facts)
 }
 
-/// An ICMP error about the mapping: its embedded IP header is whole, without options, and has
-/// the mapping's address on the right side (source inbound, destination outbound).
-fn icmp_error(
-    f: &[u8],
-    l4_len: usize,
-    inbound: bool,
-    old: Ipv4Addr,
-) -> Result<(L4Edit, Quoted), Reason> {
+/// Whether the frame is an ICMP error (destination unreachable, time exceeded, parameter
+/// problem: RFC 792), whose quote must be read.
+fn is_error(f: &Facts) -> bool {
+    f.proto == 1 && matches!(f.icmp, Some((3 | 11 | 12, _)))
+}
+
+/// An ICMP error about the mapping: its quoted IP header is whole, without options, and has
+/// the mapping's address `old` on the right side (source inbound, destination outbound).
+fn quote(f: &[u8], ip: &Ip, inbound: bool, old: Ipv4Addr) -> Result<(ErrorEdit, Quoted), Reason> {
+    let l4_len = ip.l4_len();
     if f.len() < EMB_IP + 20 || l4_len < 28 {
         return Err(Reason::IcmpErrorUnrelated);
     }
@@ -487,17 +462,12 @@ fn icmp_error(
         }),
         _ => None,
     };
-    // The quoted packet went guest -> remote (inbound error) or remote -> guest (outbound).
+    // The quoted packet's ports as it travelled; a query's identifier and type.
     let ports = match inner_proto {
         _ if quoted < 8 => None,
-        6 | 17 => {
-            let (src, dst) = (be16(f, EMB_L4), be16(f, EMB_L4 + 2));
-            Some(if inbound { (src, dst) } else { (dst, src) })
-        }
-        // A query: its identifier and the type the guest sends in its flow (the quoted packet
-        // came from the guest for an inbound error).
-        1 => nf_state::icmp_guest_type(f[EMB_L4], inbound)
-            .map(|ty| (be16(f, EMB_L4 + 4), u16::from(ty))),
+        6 | 17 => Some((be16(f, EMB_L4), be16(f, EMB_L4 + 2))),
+        1 => nf_state::icmp_inverse(f[EMB_L4])
+            .map(|_| (be16(f, EMB_L4 + 4), u16::from(f[EMB_L4]))),
         _ => None,
     };
     let q = Quoted {
@@ -505,46 +475,85 @@ fn icmp_error(
         proto: inner_proto,
         ports,
     };
-    Ok((L4Edit::IcmpError { addr, inner }, q))
+    Ok((ErrorEdit { addr, inner }, q))
 }
 
-/// Step 8 of the spec on a frame every check accepted.
-fn rewrite(out: &mut [u8], edit: &L4Edit, inbound: bool, old: Ipv4Addr, new: Ipv4Addr, hop: &Hop) {
-    let (o, n) = (old.octets(), new.octets());
-    match *edit {
-        L4Edit::None => {}
-        L4Edit::Pseudo(c) => {
-            let v = be16(out, c.at);
-            let v2 = if c.udp {
-                update_udp(v, &o, &n)
+/// The rewrite of a packet keyed `from` into `to` on its way to `hop`: addresses, TCP/UDP
+/// ports or an ICMP query's identifier, each checksum over every word that changed (one
+/// RFC 1624 update per checksum), the TTL and the MACs.
+fn rewrite(out: &mut [u8], from: &Tuple, to: &Tuple, hop: &Hop) {
+    let old = [from.saddr.octets(), from.daddr.octets()].concat();
+    let new = [to.saddr.octets(), to.daddr.octets()].concat();
+    match from.proto {
+        6 | 17 => {
+            let at = if from.proto == 6 { L4 + 16 } else { L4 + 6 };
+            let old_l4 = [&old[..], &from.sport.to_be_bytes(), &from.dport.to_be_bytes()].concat();
+            let new_l4 = [&new[..], &to.sport.to_be_bytes(), &to.dport.to_be_bytes()].concat();
+            put16(out, L4, to.sport);
+            put16(out, L4 + 2, to.dport);
+            let c = be16(out, at);
+            let c = if from.proto == 17 {
+                update_udp(c, &old_l4, &new_l4)
             } else {
-                update(v, &o, &n)
+                update(c, &old_l4, &new_l4)
             };
-            put16(out, c.at, v2);
+            put16(out, at, c);
         }
-        L4Edit::IcmpError { addr, inner } => {
-            let icmp_at = L4 + 2;
-            let mut icmp = be16(out, icmp_at);
-            out[addr..addr + 4].copy_from_slice(&n);
-            icmp = update(icmp, &o, &n);
-            let ip_at = EMB_IP + 10;
-            let c = be16(out, ip_at);
-            let c2 = update(c, &o, &n);
-            put16(out, ip_at, c2);
-            icmp = update(icmp, &c.to_be_bytes(), &c2.to_be_bytes());
-            if let Some(ic) = inner {
-                let c = be16(out, ic.at);
-                let c2 = if ic.udp {
-                    update_udp(c, &o, &n)
-                } else {
-                    update(c, &o, &n)
-                };
-                put16(out, ic.at, c2);
-                icmp = update(icmp, &c.to_be_bytes(), &c2.to_be_bytes());
-            }
-            put16(out, icmp_at, icmp);
+        // The ICMP checksum covers no address: only a changed identifier touches it.
+        1 if from.sport != to.sport => {
+            put16(out, L4 + 4, to.sport);
+            let c = update(
+                be16(out, L4 + 2),
+                &from.sport.to_be_bytes(),
+                &to.sport.to_be_bytes(),
+            );
+            put16(out, L4 + 2, c);
         }
+        _ => {}
     }
+    let ttl_word = [out[ETH + 8], out[ETH + 9]];
+    out[ETH + 8] -= 1;
+    out[ETH + 12..ETH + 20].copy_from_slice(&new);
+    let old_hdr = [&ttl_word[..], &old].concat();
+    let new_hdr = [&[out[ETH + 8], out[ETH + 9]][..], &new].concat();
+    let c = update(be16(out, ETH + 10), &old_hdr, &new_hdr);
+    put16(out, ETH + 10, c);
+    out[0..6].copy_from_slice(&hop.dmac);
+    out[6..12].copy_from_slice(&hop.smac);
+}
+
+/// An ICMP error's translation: `old` -> `new` in the outer header (destination if inbound,
+/// source if outbound) and in the quote, with the quote's IP and transport checksums, the
+/// ICMP checksum over every word that changed, the TTL and the MACs.
+fn rewrite_error(
+    out: &mut [u8],
+    edit: &ErrorEdit,
+    inbound: bool,
+    old: Ipv4Addr,
+    new: Ipv4Addr,
+    hop: &Hop,
+) {
+    let (o, n) = (old.octets(), new.octets());
+    let icmp_at = L4 + 2;
+    let mut icmp = be16(out, icmp_at);
+    out[edit.addr..edit.addr + 4].copy_from_slice(&n);
+    icmp = update(icmp, &o, &n);
+    let ip_at = EMB_IP + 10;
+    let c = be16(out, ip_at);
+    let c2 = update(c, &o, &n);
+    put16(out, ip_at, c2);
+    icmp = update(icmp, &c.to_be_bytes(), &c2.to_be_bytes());
+    if let Some(ic) = edit.inner {
+        let c = be16(out, ic.at);
+        let c2 = if ic.udp {
+            update_udp(c, &o, &n)
+        } else {
+            update(c, &o, &n)
+        };
+        put16(out, ic.at, c2);
+        icmp = update(icmp, &c.to_be_bytes(), &c2.to_be_bytes());
+    }
+    put16(out, icmp_at, icmp);
     let csum_at = ETH + 10;
     let mut ip = be16(out, csum_at);
     let addr = if inbound { ETH + 16 } else { ETH + 12 };

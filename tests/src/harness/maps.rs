@@ -1,5 +1,5 @@
 //! The bench's access to the policy maps: firewall LPM entries and `CONFIG` written as natd
-//! writes them, `EVENTS` and `CONNTRACK` read back (and `CONNTRACK` seeded or cleared).
+//! writes them, `EVENTS` and the flow table (`FLOWS`, `PENDING`) read back, seeded or cleared.
 //!
 //! The harness loads the object itself (small mapping maps, see `TEST_MAX_MAPPINGS`), so it
 //! cannot use `nat_userspace::ebpf::Dataplane`; [`write_entry`] goes through natd's own key
@@ -13,12 +13,13 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
 };
 use nat_common::{
-    EgSvcData, Event, FlowKey, FlowState, FwSrcData, FwSvcData, MAP_CONFIG, MAP_CONNTRACK,
+    EgSvcData, Event, FlowEntry, FlowTuple, FwSrcData, FwSvcData, MAP_CONFIG, MAP_FLOWS,
+    MAP_PENDING,
     MAP_EG_DST, MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, NatConfig, RuleBits,
 };
 use nat_userspace::tables::Entry;
 
-use crate::model::{Events, Flow, Tracked};
+use crate::model::Events;
 
 fn lpm<'a, K: aya::Pod>(
     ebpf: &'a mut Ebpf,
@@ -92,41 +93,50 @@ pub fn read_events(ebpf: &Ebpf) -> anyhow::Result<Events> {
     Ok(e)
 }
 
-fn conntrack(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<&mut MapData, FlowKey, FlowState>> {
+fn table<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<&'a mut MapData, FlowTuple, FlowEntry>> {
     Ok(HashMap::try_from(
-        ebpf.map_mut(MAP_CONNTRACK).context("no map CONNTRACK")?,
+        ebpf.map_mut(name).with_context(|| format!("no map {name}"))?,
     )?)
 }
 
-/// Every `CONNTRACK` entry; fails on a key or value the program never writes (an unknown
-/// kind, nonzero padding).
-pub fn read_flows(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<Flow, Tracked>> {
-    let ct = conntrack(ebpf)?;
+/// Every entry of `FLOWS` and `PENDING`, with the map it is in (`true`: `PENDING`).
+pub fn read_entries(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<FlowTuple, (FlowEntry, bool)>> {
     let mut out = BTreeMap::new();
-    for kv in ct.iter() {
-        let (k, v) = kv.context("iterate CONNTRACK")?;
-        let Some(flow) = Flow::from_key(&k).filter(|f| f.key() == k) else {
-            bail!("CONNTRACK key with an unknown kind or padding set: {k:?}");
-        };
-        let Some(t) = Tracked::from_value(&v) else {
-            bail!("CONNTRACK value with unexpected fields for {flow}: {v:?}");
-        };
-        out.insert(flow, t);
+    for (name, pending) in [(MAP_FLOWS, false), (MAP_PENDING, true)] {
+        for kv in table(ebpf, name)?.iter() {
+            let (k, v) = kv.with_context(|| format!("iterate {name}"))?;
+            if out.insert(k, (v, pending)).is_some() {
+                bail!("{k:?} is in both FLOWS and PENDING");
+            }
+        }
     }
     Ok(out)
 }
 
-pub fn put_flow(ebpf: &mut Ebpf, flow: &Flow, v: &FlowState) -> anyhow::Result<()> {
-    Ok(conntrack(ebpf)?.insert(flow.key(), v, 0)?)
+/// Writes an entry into `FLOWS` (or `PENDING`).
+pub fn put_entry(
+    ebpf: &mut Ebpf,
+    pending: bool,
+    k: &FlowTuple,
+    e: &FlowEntry,
+) -> anyhow::Result<()> {
+    let name = if pending { MAP_PENDING } else { MAP_FLOWS };
+    Ok(table(ebpf, name)?.insert(k, e, 0)?)
 }
 
+/// Empties `FLOWS` and `PENDING`.
 pub fn clear_flows(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let mut ct = conntrack(ebpf)?;
-    let keys = ct.keys().collect::<Result<Vec<_>, _>>()?;
-    for k in keys {
-        match ct.remove(&k) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e.into()),
+    for name in [MAP_FLOWS, MAP_PENDING] {
+        let mut t = table(ebpf, name)?;
+        let keys = t.keys().collect::<Result<Vec<_>, _>>()?;
+        for k in keys {
+            match t.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())

@@ -91,50 +91,61 @@ impl Harness {
         Ok(())
     }
 
-    /// The program's connection table (every entry, live or expired).
+    /// The program's connection table in the logical view (every flow, live or expired).
     pub fn flows(&self) -> anyhow::Result<BTreeMap<Flow, Tracked>> {
-        maps::read_flows(&mut self.ebpf.borrow_mut())
+        Ok(self.program_flows()?.flows)
     }
 
-    /// The model's connection table.
+    /// The model's connection table in the logical view.
     pub fn model_flows(&self) -> BTreeMap<Flow, Tracked> {
         self.model.borrow().policy.conntrack.flows()
     }
 
-    /// Fails unless program and model hold the same flows in the same states.
+    /// Fails unless program and model hold the same flows in the same states, and the same
+    /// directions: key, what its packets become, where they arrive, the route and generation
+    /// they were resolved under, the mapping counter, the table it is in.
     pub fn check_flows(&self) -> anyhow::Result<()> {
-        let (got, want) = (self.flows()?, self.model_flows());
-        if got != want {
-            let show = |m: &BTreeMap<Flow, Tracked>, other: &BTreeMap<Flow, Tracked>| {
+        let got = self.program_flows()?;
+        let want = self.model_seen();
+        fn diff<K: Ord + std::fmt::Display + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+            what: &str,
+            got: &BTreeMap<K, V>,
+            want: &BTreeMap<K, V>,
+        ) -> anyhow::Result<()> {
+            if got == want {
+                return Ok(());
+            }
+            let show = |m: &BTreeMap<K, V>, other: &BTreeMap<K, V>| {
                 m.iter()
                     .filter(|(k, v)| other.get(k) != Some(v))
                     .map(|(k, v)| format!("\n    {k}: {v:?}"))
                     .collect::<String>()
             };
             bail!(
-                "CONNTRACK differs from the model\n  program only/different:{}\n  model only/different:{}",
-                show(&got, &want),
-                show(&want, &got)
+                "{what} differs from the model\n  program only/different:{}\n  model only/different:{}",
+                show(got, want),
+                show(want, got)
             );
         }
-        Ok(())
+        diff("the flow table", &got.flows, &want.flows)?;
+        diff("the flow entries", &got.entries, &want.entries)
     }
 
-    /// Writes a flow into program and model, last seen at `last_seen` (CLOCK_MONOTONIC ns).
-    pub fn put_flow(&self, flow: Flow, t: Tracked, last_seen: u64) -> anyhow::Result<()> {
-        maps::put_flow(&mut self.ebpf.borrow_mut(), &flow, &t.value(last_seen))?;
-        self.model
-            .borrow_mut()
-            .policy
-            .conntrack
-            .put(flow, t, last_seen);
-        Ok(())
-    }
-
-    /// Empties program's and model's connection tables.
+    /// Empties program's and model's flow tables.
     pub fn clear_flows(&self) -> anyhow::Result<()> {
         maps::clear_flows(&mut self.ebpf.borrow_mut())?;
         self.model.borrow_mut().policy.conntrack.clear();
+        Ok(())
+    }
+
+    /// Moves the route generation on in program and model (as natd does on a kernel route,
+    /// neighbour, address or link change).
+    pub fn bump_route_gen(&self) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf.borrow_mut();
+        let mut cfg = maps::read_config(&mut ebpf)?;
+        cfg.route_gen += 1;
+        maps::write_config(&mut ebpf, &cfg)?;
+        self.model.borrow_mut().route_gen = cfg.route_gen;
         Ok(())
     }
 

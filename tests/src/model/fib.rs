@@ -106,6 +106,26 @@ impl Fib {
         self.neighbours.insert((dev, ip), mac);
     }
 
+    /// The MTU of interface `ifindex` (0 if unknown).
+    pub fn mtu(&self, ifindex: u32) -> u16 {
+        self.ifaces.get(&ifindex).map_or(0, |i| i.mtu)
+    }
+
+    /// The interface the route to `dst` leaves through, whether its neighbour is known or not
+    /// (`bpf_fib_lookup` names it when it answers "no neighbour").
+    pub fn route_dev(&self, dst: Ipv4Addr) -> Option<u32> {
+        let d = u32::from(dst);
+        let route = self
+            .routes
+            .iter()
+            .filter(|r| d & mask(r.len) == r.net)
+            .max_by_key(|r| r.len)?;
+        match route.kind {
+            RouteKind::Local | RouteKind::Broadcast => None,
+            _ => Some(route.dev),
+        }
+    }
+
     pub fn lookup(&self, dst: Ipv4Addr, tot_len: u16) -> Result<Hop, Reason> {
         let d = u32::from(dst);
         let route = self

@@ -1,18 +1,13 @@
-//! The model's policy stage, run after transport parsing and before the route lookup: its own
-//! connection table first (ESTABLISHED, then RELATED for ICMP errors), then the ingress rules of
-//! the public IP or the egress policy. A packet the rules admit opens its flow only once the
-//! route lookup has forwarded it ([`Admit::Open`]).
+//! The model's policy: the rules natd holds (ingress firewall of each public IP, egress
+//! policy), and the flow table's settings and netfilter's answer to a packet.
 //!
 //! What a packet does to its flow is netfilter's answer, from the model's own encoding of it
 //! ([`super::nf_state`], not `nat_common::conntrack`), limited to what the program keeps
 //! ([`Kept`]). Of ICMP only queries (echo, timestamp, information, address mask) are tracked,
-//! keyed by identifier and the type the guest sends: a request follows its flow's direction,
-//! a reply answers it, only a request opens a flow; errors get in as RELATED or by a rule,
-//! other messages by a rule, without any lookup. A SYN on a TIME_WAIT or CLOSE flow is a
-//! miss, judged as new; a flow it opens replaces the old entry. A packet netfilter marks
-//! INVALID for its flow is judged by the rules but neither joins nor replaces the flow. The
-//! table also holds the two legs of hairpin flows ([`Kind`]), which `super::hairpin` drives
-//! with the same tracking.
+//! keyed by identifier and type; only a request opens a flow; errors get in as RELATED or by a
+//! rule, other messages by a rule. A SYN on a TIME_WAIT or CLOSE flow ends it and is judged as
+//! new; a packet netfilter marks INVALID for its flow is judged by the rules but neither joins
+//! nor replaces the flow.
 //!
 //! Rules are matched by a linear scan over the rules as natd holds them (protocol, port range,
 //! ICMP type/code, CIDRs), never through the LPM entries natd compiles them into, so a test
@@ -20,8 +15,7 @@
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use nat_common::{
-    Event, FLOW_HAIRPIN_FWD, FLOW_HAIRPIN_REV, FLOW_NAT, FlowKey, FlowState, ORIGIN_GUEST,
-    ORIGIN_PUBLIC, Reason, TIMEOUT_SLOTS,
+    Event, FLOW_HAIRPIN, FLOW_NAT, FlowKey, ORIGIN_GUEST, TIMEOUT_SLOTS,
     conntrack::{State, Timeout},
 };
 use nat_userspace::{
@@ -30,7 +24,10 @@ use nat_userspace::{
     state::DesiredState,
 };
 
-use super::nf_state::{self, NfConn, Ret, Timer};
+use super::{
+    nf_state::{self, NfConn, Timer},
+    table::{Rec, Table},
+};
 pub use super::nf_state::{Kept, Seg};
 
 /// Conntrack events of one frame, by [`Event`] discriminant.
@@ -50,7 +47,7 @@ impl Events {
         self.0[e as usize]
     }
 
-    fn bump(&mut self, e: Event) {
+    pub fn bump(&mut self, e: Event) {
         self.0[e as usize] += 1;
     }
 }
@@ -83,31 +80,25 @@ fn wire32(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
 
-/// Which leg of a flow a connection-table entry is: the program's `FlowKey::kind`.
+/// What a logical flow entry is (`natctl conntrack list`'s view).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
-    /// A translated flow, keyed by the guest's private address ([`FLOW_NAT`]).
+    /// A translated flow, in the guest's view ([`FLOW_NAT`]).
     Nat,
-    /// The forward leg of a hairpin flow: sender V2 -> public IP P ([`FLOW_HAIRPIN_FWD`]).
+    /// A hairpin flow: sender V2 -> public IP P ([`FLOW_HAIRPIN`]).
     HairpinFwd,
-    /// The reply binding of a hairpin flow: target V1 <-> router address R, whose entry names
-    /// the sender ([`FLOW_HAIRPIN_REV`]).
+    /// A hairpin flow's reply direction: target V1 <-> router address R, naming the sender
+    /// (a view of the flow's reply entry, not an entry of its own).
     HairpinRev,
 }
 
 impl Kind {
+    /// The program's `FlowKey::kind` of a flow of this kind.
     pub fn raw(self) -> u8 {
         match self {
             Kind::Nat => FLOW_NAT,
-            Kind::HairpinFwd => FLOW_HAIRPIN_FWD,
-            Kind::HairpinRev => FLOW_HAIRPIN_REV,
+            Kind::HairpinFwd | Kind::HairpinRev => FLOW_HAIRPIN,
         }
-    }
-
-    pub fn from_raw(v: u8) -> Option<Self> {
-        [Kind::Nat, Kind::HairpinFwd, Kind::HairpinRev]
-            .into_iter()
-            .find(|k| k.raw() == v)
     }
 }
 
@@ -126,8 +117,9 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The program's `CONNTRACK` key.
-    pub fn key(&self) -> FlowKey {
+    /// The program's `FlowKey` of a flow (not of a [`Kind::HairpinRev`] view) opened by
+    /// `origin`.
+    pub fn key(&self, origin: u8) -> FlowKey {
         FlowKey {
             guest: wire32(self.guest),
             remote: wire32(self.remote),
@@ -135,19 +127,28 @@ impl Flow {
             remote_port: wire16(self.remote_port),
             proto: self.proto,
             kind: self.kind.raw(),
-            ..FlowKey::default()
+            origin,
+            _pad: 0,
         }
     }
 
-    /// The flow of a `CONNTRACK` key; `None` for a kind the program never writes.
+    /// The flow of a program's `FlowKey`; `None` for a kind it never writes or padding set.
     pub fn from_key(k: &FlowKey) -> Option<Self> {
+        if k._pad != 0 {
+            return None;
+        }
+        let kind = match k.kind {
+            FLOW_NAT => Kind::Nat,
+            FLOW_HAIRPIN => Kind::HairpinFwd,
+            _ => return None,
+        };
         Some(Flow {
             guest: Ipv4Addr::from(k.guest.to_ne_bytes()),
             remote: Ipv4Addr::from(k.remote.to_ne_bytes()),
             guest_port: host16(k.guest_port),
             remote_port: host16(k.remote_port),
             proto: k.proto,
-            kind: Kind::from_raw(k.kind)?,
+            kind,
         })
     }
 }
@@ -210,65 +211,6 @@ impl Tracked {
         }
     }
 
-    /// The program's `CONNTRACK` value with this state, last seen at `last_seen`.
-    pub fn value(&self, last_seen: u64) -> FlowState {
-        FlowState {
-            last_seen,
-            state: self.state as u8,
-            origin: self.origin,
-            flags: self.flags,
-            timer: self.timer as u8,
-            peer_addr: wire32(self.peer.0),
-            peer_port: wire16(self.peer.1),
-            ..FlowState::default()
-        }
-    }
-
-    /// The comparable part of a `CONNTRACK` value; `None` if padding is nonzero or the state or
-    /// timer is out of range.
-    pub fn from_value(v: &FlowState) -> Option<Self> {
-        let clean = FlowState {
-            last_seen: v.last_seen,
-            state: v.state,
-            origin: v.origin,
-            flags: v.flags,
-            timer: v.timer,
-            peer_addr: v.peer_addr,
-            peer_port: v.peer_port,
-            ..FlowState::default()
-        };
-        if clean != *v {
-            return None;
-        }
-        Some(Tracked {
-            state: State::from_u8(v.state)?,
-            origin: v.origin,
-            flags: v.flags,
-            timer: Timeout::from_u8(v.timer)?,
-            peer: (
-                Ipv4Addr::from(v.peer_addr.to_ne_bytes()),
-                host16(v.peer_port),
-            ),
-        })
-    }
-}
-
-/// Which part of the policy decided a frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Path {
-    /// A live flow (ESTABLISHED).
-    Established,
-    /// An ICMP error quoting a live flow (RELATED).
-    Related,
-    /// Allowed by an ingress rule or the egress policy.
-    Rule,
-    /// Dropped.
-    Denied,
-    /// Hairpin: the reply binding belongs to a live flow of another sender (passed).
-    Collision,
-    /// Hairpin reply: a binding exists, but the flow it names is gone or refuses the packet
-    /// (passed).
-    Stale,
 }
 
 /// The rules of a desired state, as natd holds them.
@@ -319,8 +261,8 @@ pub struct Quoted {
     /// The quoted packet's other end (not the mapping's address).
     pub remote: Ipv4Addr,
     pub proto: u8,
-    /// (guest's port, remote's port), host order, when the quote holds 8 transport bytes of
-    /// TCP, UDP or an ICMP query (identifier, type the guest sends in its flow).
+    /// The quoted packet's (source, destination) ports as it travelled, host order, when the
+    /// quote holds 8 transport bytes of TCP or UDP; for an ICMP query (identifier, type).
     pub ports: Option<(u16, u16)>,
 }
 
@@ -366,41 +308,13 @@ impl Rules {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    /// What the program stores.
-    tracked: Tracked,
-    /// What netfilter keeps (of which the model uses what [`Conntrack::kept`] says).
-    conn: NfConn,
-    last_seen: u64,
-}
-
 const ICMP: u8 = 1;
 
-/// ICMP type of a query message, `None` for anything else (other protocols included).
-fn query_type(f: &Facts) -> Option<u8> {
-    match f.icmp {
-        Some((ty, _)) if f.proto == ICMP && nf_state::icmp_inverse(ty).is_some() => Some(ty),
-        _ => None,
-    }
-}
-
-/// What a packet found in the connection table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Found {
-    /// Part of a live flow (ESTABLISHED).
-    Hit,
-    /// No live flow, a flow it ends (SYN on a closed one), or not a tracked message.
-    Miss,
-    /// A live flow that netfilter would not let this packet belong to: the flow stays.
-    Invalid,
-}
-
-/// The model's connection table and its settings (`CONFIG` timeouts, 0 = netfilter default;
-/// what of netfilter's per-flow data is kept).
+/// The model's flow table and its settings (`CONFIG` timeouts, 0 = netfilter's default; what
+/// of netfilter's per-flow data is kept).
 #[derive(Clone, Debug, Default)]
 pub struct Conntrack {
-    flows: BTreeMap<Flow, Entry>,
+    pub table: Table,
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
     pub kept: Kept,
 }
@@ -410,259 +324,45 @@ impl Conntrack {
         nf_state::length_ns(&self.timeouts_ns, Timer::of_slot(t))
     }
 
-    fn live(&self, e: &Entry, now: u64) -> bool {
-        now.wrapping_sub(e.last_seen) <= self.timeout_ns(e.tracked.timer)
+    /// Whether the flow has been idle past its running timer at `now`.
+    pub fn expired(&self, r: &Rec, now: u64) -> bool {
+        let (_, _, timer) = r.encoded();
+        now.wrapping_sub(r.last_seen) > self.timeout_ns(timer)
     }
 
-    /// The entry of `flow` if it exists and has not expired, untouched.
-    pub(super) fn live_entry(&self, flow: &Flow, now: u64) -> Option<Tracked> {
-        let e = self.flows.get(flow)?;
-        self.live(e, now).then_some(e.tracked)
-    }
-
-    /// The entry of `flow`, live or not.
-    pub(super) fn entry(&self, flow: &Flow) -> Option<Tracked> {
-        self.flows.get(flow).map(|e| e.tracked)
-    }
-
-    /// Every entry, live or not.
+    /// The logical view (see [`Table::flows`]).
     pub fn flows(&self) -> BTreeMap<Flow, Tracked> {
-        self.flows.iter().map(|(k, e)| (*k, e.tracked)).collect()
-    }
-
-    /// Writes an entry as the program would find it (nothing known beyond what it stores).
-    pub fn put(&mut self, flow: Flow, tracked: Tracked, last_seen: u64) {
-        let conn = NfConn::from_encoded(tracked.state, tracked.flags, tracked.timer);
-        self.flows.insert(
-            flow,
-            Entry {
-                tracked,
-                conn,
-                last_seen,
-            },
-        );
+        self.table.flows()
     }
 
     pub fn clear(&mut self) {
-        self.flows.clear();
+        self.table.clear();
     }
 
-    /// ESTABLISHED: a live flow advances its state. Of ICMP only queries are tracked (no
-    /// lookup, no event otherwise), a request in the flow's direction and a reply against it.
-    pub(super) fn track(
-        &mut self,
-        flow: &Flow,
-        f: &Facts,
-        from_guest: bool,
-        now: u64,
-        ev: &mut Events,
-    ) -> Found {
-        if f.proto == ICMP && query_type(f).is_none() {
-            return Found::Miss;
-        }
-        let Some(mut e) = self.flows.get(flow).copied() else {
-            ev.bump(Event::ConntrackMiss);
-            return Found::Miss;
-        };
-        if !self.live(&e, now) {
-            ev.bump(Event::ConntrackExpired);
-            ev.bump(Event::ConntrackMiss);
-            return Found::Miss;
-        }
-        let reply = (e.tracked.origin == ORIGIN_GUEST) != from_guest;
-        if query_type(f).is_some_and(|ty| nf_state::icmp_valid_new(ty) == reply) {
-            ev.bump(Event::ConntrackMiss);
-            return Found::Miss;
-        }
-        let ret = e
-            .conn
-            .packet(reply, &f.seg, &self.kept, &self.timeouts_ns, now);
-        let found = match ret {
-            Ret::Accept(refresh) => {
-                if refresh.is_some() {
-                    e.last_seen = now;
-                }
-                Found::Hit
+    /// The flow a first packet opens, if it may open one: a tracked protocol netfilter would
+    /// track as new; of ICMP only a query's request.
+    pub fn opens(&self, f: &Facts, now: u64) -> Option<NfConn> {
+        if f.proto == ICMP {
+            let (ty, _) = f.icmp?;
+            if !nf_state::icmp_valid_new(ty) {
+                return None;
             }
-            Ret::Ignore => Found::Hit,
-            Ret::Close => {
-                self.flows.remove(flow);
-                ev.bump(Event::ConntrackHit);
-                return Found::Hit;
-            }
-            Ret::New => Found::Miss,
-            Ret::Invalid(lower) => {
-                // nf_tcp_handle_invalid: at least two minutes left and more than UNACK's.
-                let unack = Timer::Tcp(nf_state::names::UNACK);
-                let left = self
-                    .timeout_ns(e.tracked.timer)
-                    .saturating_sub(now.wrapping_sub(e.last_seen));
-                let unack_ns = nf_state::length_ns(&self.timeouts_ns, unack);
-                if lower && left >= 120_000_000_000 && left > unack_ns {
-                    e.conn.timer = unack;
-                    e.last_seen = now;
-                }
-                Found::Invalid
-            }
-        };
-        if found != Found::Miss {
-            let (state, flags, timer) = e.conn.encoded();
-            e.tracked = Tracked {
-                state,
-                flags,
-                timer,
-                ..e.tracked
-            };
-            self.flows.insert(*flow, e);
         }
-        ev.bump(if found == Found::Hit {
-            Event::ConntrackHit
-        } else {
-            Event::ConntrackMiss
-        });
-        found
-    }
-
-    /// Opens `flow` for a packet the policy admitted and the route forwards, unless the packet
-    /// cannot open one (ICMP other than a query request, TCP netfilter would not track as new);
-    /// replaces whatever entry was there. Returns the new entry.
-    pub(super) fn open(
-        &mut self,
-        flow: Flow,
-        f: &Facts,
-        from_guest: bool,
-        now: u64,
-        ev: &mut Events,
-    ) -> Option<Tracked> {
-        if f.proto == ICMP && !query_type(f).is_some_and(nf_state::icmp_valid_new) {
-            return None;
-        }
-        let conn = NfConn::open(f.proto, &f.seg, &self.kept, &self.timeouts_ns, now)?;
-        let (state, flags, timer) = conn.encoded();
-        let origin = if from_guest {
-            ORIGIN_GUEST
-        } else {
-            ORIGIN_PUBLIC
-        };
-        let tracked = Tracked {
-            state,
-            origin,
-            flags,
-            timer,
-            peer: NO_PEER,
-        };
-        self.flows.insert(
-            flow,
-            Entry {
-                tracked,
-                conn,
-                last_seen: now,
-            },
-        );
-        ev.bump(Event::ConntrackCreate);
-        Some(tracked)
-    }
-
-    /// Keeps `rev` (if present) alive and in the state and timer of `fwd` (if present).
-    pub(super) fn refresh(&mut self, rev: &Flow, fwd: &Flow, now: u64) {
-        let of_fwd = self
-            .flows
-            .get(fwd)
-            .map(|e| (e.tracked.state, e.tracked.timer));
-        if let (Some((state, timer)), Some(e)) = (of_fwd, self.flows.get_mut(rev)) {
-            e.last_seen = now;
-            e.tracked.state = state;
-            e.tracked.timer = timer;
-        }
+        NfConn::open(f.proto, &f.seg, &self.kept, &self.timeouts_ns, now)
     }
 }
 
-/// What the policy made of a packet it lets through.
-#[derive(Clone, Copy, Debug)]
-pub enum Admit {
-    /// A live flow's packet, an ICMP error (RELATED or allowed by a rule), or a packet INVALID
-    /// for its flow that the rules allow: opens nothing.
-    Tracked,
-    /// Allowed by a rule: opens this flow once the route lookup has forwarded the packet.
-    Open(Flow),
-}
-
-/// Rules plus connection table: the whole policy stage.
+/// Rules plus flow table: the whole policy.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyModel {
     pub rules: Rules,
     pub conntrack: Conntrack,
 }
 
-impl PolicyModel {
-    /// Decides a mapped, parsed frame of the mapping `public` <-> `private` at time `now`;
-    /// `Err` is the drop reason. Events go to `ev`.
-    pub fn check(
-        &mut self,
-        f: &Facts,
-        inbound: bool,
-        public: Ipv4Addr,
-        private: Ipv4Addr,
-        now: u64,
-        ev: &mut Events,
-    ) -> (Path, Result<Admit, Reason>) {
-        let (remote, guest_port, remote_port) = if inbound {
-            (f.saddr, f.dport, f.sport)
-        } else {
-            (f.daddr, f.sport, f.dport)
-        };
-        // An ICMP query's flow is named by the type the guest sends in it.
-        let remote_port = match query_type(f) {
-            Some(ty) => nf_state::icmp_guest_type(ty, !inbound).map_or(remote_port, u16::from),
-            None => remote_port,
-        };
-        let flow = Flow {
-            guest: private,
-            remote,
-            guest_port,
-            remote_port,
-            proto: f.proto,
-            kind: Kind::Nat,
-        };
-        let found = self.conntrack.track(&flow, f, !inbound, now, ev);
-        if found == Found::Hit {
-            return (Path::Established, Ok(Admit::Tracked));
-        }
-        if let Some(Quoted {
-            remote,
-            proto,
-            ports: Some((guest_port, remote_port)),
-        }) = f.quoted
-        {
-            let related = Flow {
-                guest: private,
-                remote,
-                guest_port,
-                remote_port,
-                proto,
-                kind: Kind::Nat,
-            };
-            if self.conntrack.live_entry(&related, now).is_some() {
-                return (Path::Related, Ok(Admit::Tracked));
-            }
-        }
-        let allowed = if inbound {
-            self.rules.ingress_allows(public, f)
-        } else {
-            self.rules.egress_allows(f)
-        };
-        if !allowed {
-            let reason = if inbound {
-                Reason::InboundDenied
-            } else {
-                Reason::OutboundDenied
-            };
-            return (Path::Denied, Err(reason));
-        }
-        // ICMP errors never open flows, nor does a packet INVALID for its flow.
-        if f.quoted.is_some() || found == Found::Invalid {
-            return (Path::Rule, Ok(Admit::Tracked));
-        }
-        (Path::Rule, Ok(Admit::Open(flow)))
-    }
+/// A stored state as the model takes it (the program stores state, status bits and timer).
+pub fn conn_of(state: State, flags: u8, timer: Timeout) -> NfConn {
+    NfConn::from_encoded(state, flags, timer)
 }
+
+/// Marks a flow opened by the guest side.
+pub const FROM_GUEST: u8 = ORIGIN_GUEST;

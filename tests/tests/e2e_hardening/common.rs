@@ -11,8 +11,8 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use aya::maps::{Map, MapData, PerCpuHashMap};
-use nat_common::NatEntry;
+use aya::maps::{HashMap, Map, MapData};
+use nat_common::NatValue;
 use nat_tests::topology::{Natd, Topology};
 use nat_userspace::api::Response;
 
@@ -151,7 +151,7 @@ pub fn error_message(resp: Option<Response>, what: &str) -> anyhow::Result<Strin
 pub fn pinned_keys(topo: &Topology, map: &str) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
     let path = Natd::pin_dir(topo).join("maps").join(map);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let m: PerCpuHashMap<MapData, u32, NatEntry> = Map::from_map_data(data)?.try_into()?;
+    let m: HashMap<MapData, u32, NatValue> = Map::from_map_data(data)?.try_into()?;
     m.keys()
         .map(|k| Ok(Ipv4Addr::from(k?.to_ne_bytes())))
         .collect::<Result<_, aya::maps::MapError>>()

@@ -444,8 +444,12 @@ fn egress_rule_for_all_protocols() {
 #[test]
 fn bench_writes_firewall_maps_as_natd_does() {
     let h = harness();
-    let mut dp = Dataplane::load_with(nat_userspace::EBPF_OBJECT, 1024)
-        .unwrap_or_else(|e| panic!("natd's Dataplane::load_with: {e:#}"));
+    let sizes = nat_userspace::ebpf::Sizes {
+        flows: 1024,
+        mappings: 1024,
+    };
+    let mut dp =
+        Dataplane::load(sizes).unwrap_or_else(|e| panic!("natd's Dataplane::load: {e:#}"));
     let mut a = base_state();
     ingress(
         &mut a,

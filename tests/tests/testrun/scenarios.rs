@@ -27,8 +27,8 @@ use crate::{
 /// Most steps of a scenario.
 const MAX_STEPS: usize = 48;
 
-/// Every (leg, policy path) the scenarios must reach.
-const EXPECTED_PATHS: [(Leg, Path); 14] = [
+/// Every (leg, path) the scenarios must reach.
+const EXPECTED_PATHS: [(Leg, Path); 17] = [
     (Leg::Inbound, Path::Rule),
     (Leg::Inbound, Path::Established),
     (Leg::Inbound, Path::Related),
@@ -42,7 +42,10 @@ const EXPECTED_PATHS: [(Leg, Path); 14] = [
     (Leg::HairpinForward, Path::Denied),
     (Leg::HairpinForward, Path::Collision),
     (Leg::HairpinReply, Path::Established),
-    (Leg::HairpinReply, Path::Stale),
+    (Leg::Inbound, Path::Fast),
+    (Leg::Outbound, Path::Fast),
+    (Leg::HairpinForward, Path::Fast),
+    (Leg::HairpinReply, Path::Fast),
 ];
 
 /// What the scenarios reached.
