@@ -141,7 +141,8 @@ pub struct FlowEntry {
     pub _pad: [u8; 3],
     /// `bpf_jiffies64()` when this direction last refreshed the flow's last-seen time.
     pub seen: u64,
-    /// Original entry: CLOCK_MONOTONIC (ns) of the flow's last packet, to about a second.
+    /// Original entry: CLOCK_MONOTONIC (ns) of the flow's last packet (to a second on the
+    /// established path, which refreshes it once a second).
     pub last_seen: u64,
     /// The other direction's key.
     pub peer: FlowTuple,

@@ -254,18 +254,28 @@ pub const META: MapSpec = MapSpec {
     resize: Resize::Fixed,
 };
 
-/// Two per-CPU [`FlowEntry`] slots where the program builds a new flow's entries before it
-/// inserts them: two entries do not fit the 512-byte BPF stack next to everything else the
-/// path keeps there. Never read by natd, never pinned.
+/// The program's per-CPU scratch space ([`Scratch`]): what does not fit the 512-byte BPF
+/// stack next to everything else a path keeps there. Never read by natd, never pinned.
 pub const SCRATCH: MapSpec = MapSpec {
     name: "SCRATCH",
     kind: MapKind::PerCpuArray,
     key_size: size::<u32>(),
-    value_size: size::<FlowEntry>(),
-    max_entries: 2,
+    value_size: size::<Scratch>(),
+    max_entries: 1,
     flags: 0,
     resize: Resize::Fixed,
 };
+
+/// Value of [`SCRATCH`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scratch {
+    /// A new flow's two entries, built here and inserted from here.
+    pub entries: [FlowEntry; 2],
+    /// The `struct bpf_fib_lookup` a route lookup fills (64 bytes, 8-aligned).
+    pub fib: [u64; 8],
+}
+const _: () = assert!(core::mem::size_of::<Scratch>() == 2 * 104 + 64);
 
 /// Every map of the program, for loading, pinning and adoption.
 pub const MAPS: [MapSpec; 17] = [

@@ -1,6 +1,6 @@
 //! The flow table: lookups in `FLOWS` (assured flows) then `PENDING`, entry creation,
 //! state-dependent flags, promotion of a flow that became assured, removal, and the clocks.
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use nat_common::{
     COUNT_IN, COUNT_OUT, ENTRY_FAST, ENTRY_ORIG, ENTRY_PENDING, ENTRY_UDP, Event, FLOW_HAIRPIN,
     FLOW_NAT, FlowEntry, FlowKey, FlowTuple, NatConfig, ORIGIN_GUEST, ORIGIN_PUBLIC, Reason,
@@ -88,11 +88,13 @@ pub fn jiffies() -> u64 {
     unsafe { bpf_jiffies64() }
 }
 
-/// CLOCK_MONOTONIC at tick resolution, the clock natd's collector compares with.
+/// CLOCK_MONOTONIC, the clock natd's collector compares with. Read only on the full path and
+/// once a second per flow direction on the established path (which otherwise reads only
+/// jiffies): precise, so that a flow's age is exact whatever the tick.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// netfilter's tracking settings as the program applies them: it keeps no TCP windows and
@@ -253,11 +255,12 @@ pub fn set_route(e: &mut FlowEntry, r: &Route, generation: u32) {
     e.route_gen = generation;
 }
 
-/// Scratch slot `i` of this CPU (see `nat_common::maps::SCRATCH`).
+/// This CPU's scratch space (see `nat_common::maps::SCRATCH`): XDP runs in softirq and the
+/// tc programs with bottom halves disabled, so one never interrupts another's use of it.
 #[inline(always)]
-pub fn scratch(i: u32) -> Option<&'static mut FlowEntry> {
-    // SAFETY: this CPU's slot; nothing else uses it while the program runs.
-    SCRATCH.get_ptr_mut(i).map(|p| unsafe { &mut *p })
+pub fn scratch() -> Option<&'static mut nat_common::Scratch> {
+    // SAFETY: this CPU's slot; nothing else uses it while the program runs (see above).
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// Opens a flow: both entries, in `PENDING` (a new flow is not assured). The reply entry's
@@ -269,8 +272,7 @@ pub fn scratch(i: u32) -> Option<&'static mut FlowEntry> {
 pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     let now = now_ns();
     let j = jiffies();
-    let r = scratch(1)?;
-    let o = scratch(0)?;
+    let [o, r] = &mut scratch()?.entries;
     // The reply direction: answers to what the original direction becomes, turned back into
     // what its sender expects.
     fill(

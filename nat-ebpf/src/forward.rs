@@ -52,8 +52,16 @@ pub struct NoRoute {
 /// resolves neighbours and sends "fragmentation needed" itself.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, pkt: &Packet, q: &Query) -> Result<Route, NoRoute> {
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    // The request lives in this CPU's scratch space, off the BPF stack (64 bytes, 8-aligned:
+    // the size `nat_common::Scratch::fib` has).
+    const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+    let fail = |reason, ifindex| Err(NoRoute { reason, ifindex });
+    let Some(scratch) = crate::flows::scratch() else {
+        return fail(Reason::NoRoute, 0);
+    };
+    scratch.fib = [0; 8];
+    // SAFETY: `fib` is 64 bytes, 8-aligned, all zeros: a valid, empty `bpf_fib_lookup`.
+    let p = unsafe { &mut *(scratch.fib.as_mut_ptr() as *mut FibParams) };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
     if matches!(pkt.proto, proto::TCP | proto::UDP) {
@@ -66,15 +74,8 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, q: &Query) -> Result<Route, NoRout
     p.__bindgen_anon_3.ipv4_src = q.src;
     p.__bindgen_anon_4.ipv4_dst = q.dst;
     // SAFETY: `p` is a live, correctly sized `bpf_fib_lookup`.
-    let ret = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    let fail = |reason, ifindex| Err(NoRoute { reason, ifindex });
+    let ret =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<FibParams>() as i32, 0) };
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         // The kernel filled in the egress interface before it missed the neighbour.

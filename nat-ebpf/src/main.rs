@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     Counter, EgSvcData, FlowEntry, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MappingStats,
-    NatConfig, NatValue, Reason, RuleBits, maps as spec,
+    NatConfig, NatValue, Reason, RuleBits, Scratch, maps as spec,
 };
 
 use crate::{parse::Packet, tracked::Tracked};
@@ -95,9 +95,9 @@ static EG_SVC: LpmTrie<EgSvcData, RuleBits> =
 #[map]
 static CONFIG: Array<NatConfig> =
     Array::with_max_entries(spec::CONFIG.max_entries, spec::CONFIG.flags);
-/// Where new flows' entries are built (see `nat_common::maps::SCRATCH`).
+/// Per-CPU scratch space (see `nat_common::maps::SCRATCH`).
 #[map]
-static SCRATCH: PerCpuArray<FlowEntry> =
+static SCRATCH: PerCpuArray<Scratch> =
     PerCpuArray::with_max_entries(spec::SCRATCH.max_entries, spec::SCRATCH.flags);
 /// The layout version of the pins (natd's; never read here).
 #[map]
@@ -126,16 +126,19 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let l4 = pkt.transport(ctx)?;
     let ingress = ctx.ingress_ifindex() as u32;
     let mut may_open = true;
-    if let Some(tuple) = l4.tuple(&pkt)
-        && let Some(found) = flows::lookup(&tuple)
-    {
-        if let Some(done) = fast::forward(ctx, &pkt, &l4, &found, ingress) {
-            return Ok(done);
-        }
-        match tracked::forward(ctx, &pkt, &l4, &found)? {
-            Tracked::Done(action, reason) => return Ok((action, reason)),
-            Tracked::New => {}
-            Tracked::Invalid => may_open = false,
+    if let Some(tuple) = l4.tuple(&pkt) {
+        match flows::lookup(&tuple) {
+            Some(found) => {
+                if let Some(done) = fast::forward(ctx, &pkt, &l4, &found, ingress) {
+                    return Ok(done);
+                }
+                match tracked::forward(ctx, &pkt, &l4, &found)? {
+                    Tracked::Done(action, reason) => return Ok((action, reason)),
+                    Tracked::New => {}
+                    Tracked::Invalid => may_open = false,
+                }
+            }
+            None => stats::event(nat_common::Event::ConntrackMiss),
         }
     }
     newflow::forward(ctx, &pkt, &l4, may_open)

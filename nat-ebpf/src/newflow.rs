@@ -118,7 +118,7 @@ fn open_and_translate(
         // Translated without a flow (e.g. an ICMP reply a rule allows).
         _ => {
             let from = FlowTuple::new(pkt.saddr, pkt.daddr, to.sport, to.dport, pkt.proto);
-            scratch = flows::scratch(0).ok_or(Reason::NoRoute)?;
+            scratch = &mut flows::scratch().ok_or(Reason::NoRoute)?.entries[0];
             flows::fill(scratch, &rewrite(&from, &to), 0);
             flows::set_route(scratch, route, 0);
             &*scratch

@@ -362,7 +362,6 @@ fn key(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
 
-
 impl Harness {
     /// Creates and enters a namespace, builds the topology, loads and configures the program.
     pub fn new() -> anyhow::Result<Self> {

@@ -265,16 +265,19 @@ impl Model {
         let ip = parse_ip(f)?;
         let facts = transport(f, &ip)?;
         let mut may_open = true;
-        if let Some(key) = tuple_of(&ip, &facts)
-            && self.policy.conntrack.table.find(&key).is_some()
-        {
-            if let Some(out) = self.fast(f, &ip, &facts, &key, ingress, now, ev) {
-                return Ok(out);
-            }
-            match self.tracked(f, &ip, &facts, &key, ingress, now, ev)? {
-                paths::Tracked::Done(out) => return Ok(out),
-                paths::Tracked::New => {}
-                paths::Tracked::Invalid => may_open = false,
+        if let Some(key) = tuple_of(&ip, &facts) {
+            if self.policy.conntrack.table.find(&key).is_some() {
+                if let Some(out) = self.fast(f, &ip, &facts, &key, ingress, now, ev) {
+                    return Ok(out);
+                }
+                match self.tracked(f, &ip, &facts, &key, ingress, now, ev)? {
+                    paths::Tracked::Done(out) => return Ok(out),
+                    paths::Tracked::New => {}
+                    paths::Tracked::Invalid => may_open = false,
+                }
+            } else {
+                // No flow has this key.
+                ev.bump(nat_common::Event::ConntrackMiss);
             }
         }
         self.classify(f, &ip, &facts, ingress, may_open, now, ev)
@@ -466,8 +469,7 @@ fn quote(f: &[u8], ip: &Ip, inbound: bool, old: Ipv4Addr) -> Result<(ErrorEdit, 
     let ports = match inner_proto {
         _ if quoted < 8 => None,
         6 | 17 => Some((be16(f, EMB_L4), be16(f, EMB_L4 + 2))),
-        1 => nf_state::icmp_inverse(f[EMB_L4])
-            .map(|_| (be16(f, EMB_L4 + 4), u16::from(f[EMB_L4]))),
+        1 => nf_state::icmp_inverse(f[EMB_L4]).map(|_| (be16(f, EMB_L4 + 4), u16::from(f[EMB_L4]))),
         _ => None,
     };
     let q = Quoted {
@@ -487,7 +489,12 @@ fn rewrite(out: &mut [u8], from: &Tuple, to: &Tuple, hop: &Hop) {
     match from.proto {
         6 | 17 => {
             let at = if from.proto == 6 { L4 + 16 } else { L4 + 6 };
-            let old_l4 = [&old[..], &from.sport.to_be_bytes(), &from.dport.to_be_bytes()].concat();
+            let old_l4 = [
+                &old[..],
+                &from.sport.to_be_bytes(),
+                &from.dport.to_be_bytes(),
+            ]
+            .concat();
             let new_l4 = [&new[..], &to.sport.to_be_bytes(), &to.dport.to_be_bytes()].concat();
             put16(out, L4, to.sport);
             put16(out, L4 + 2, to.dport);

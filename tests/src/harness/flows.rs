@@ -14,8 +14,7 @@ use nat_common::{
 
 use super::{Harness, maps};
 use crate::model::{
-    DirView, Direction, Flow, Kind, NO_PEER, Tracked, Tuple,
-    nf_state,
+    DirView, Direction, Flow, Kind, NO_PEER, Tracked, Tuple, nf_state,
     policy::conn_of,
     table::{Dir, Rec},
 };
@@ -111,14 +110,19 @@ impl Harness {
                 e.peer
             );
             ensure!(
-                (e.flags & ENTRY_PENDING != 0) == *pending && (peer.flags & ENTRY_ORIG != 0) != orig,
+                (e.flags & ENTRY_PENDING != 0) == *pending
+                    && (peer.flags & ENTRY_ORIG != 0) != orig,
                 "{k:?}: flags {:#x} in {}",
                 e.flags,
                 if *pending { "PENDING" } else { "FLOWS" }
             );
-            ensure!(e._pad == [0; 3] && k._pad == [0; 3], "{k:?}: padding set: {e:?}");
+            ensure!(
+                e._pad == [0; 3] && k._pad == [0; 3],
+                "{k:?}: padding set: {e:?}"
+            );
             let o = if orig { e } else { peer };
-            let state = State::from_u8(o.state).with_context(|| format!("{k:?}: state {}", o.state))?;
+            let state =
+                State::from_u8(o.state).with_context(|| format!("{k:?}: state {}", o.state))?;
             let fast = !*pending && o.ct_flags & ASSURED != 0 && stable(state);
             ensure!(
                 (e.flags & ENTRY_FAST != 0) == fast,
@@ -242,7 +246,14 @@ impl Harness {
                         proto: flow.proto,
                     }
                 };
-                (key, Tuple { daddr: flow.guest, ..key }, 1)
+                (
+                    key,
+                    Tuple {
+                        daddr: flow.guest,
+                        ..key
+                    },
+                    1,
+                )
             }
             (Kind::HairpinFwd, ORIGIN_GUEST) => {
                 let v1 = *m
@@ -250,7 +261,11 @@ impl Harness {
                     .get(&flow.remote)
                     .with_context(|| format!("{} is not mapped", flow.remote))?;
                 let dev = m.fib.route_dev(v1).context("no route to V1")?;
-                let r = m.ifaces.get(&dev).map(|i| i.addr).context("V1's interface")?;
+                let r = m
+                    .ifaces
+                    .get(&dev)
+                    .map(|i| i.addr)
+                    .context("V1's interface")?;
                 let key = Tuple {
                     saddr: flow.guest,
                     daddr: flow.remote,
@@ -258,7 +273,15 @@ impl Harness {
                     dport: flow.remote_port,
                     proto: flow.proto,
                 };
-                (key, Tuple { saddr: r, daddr: v1, ..key }, 2)
+                (
+                    key,
+                    Tuple {
+                        saddr: r,
+                        daddr: v1,
+                        ..key
+                    },
+                    2,
+                )
             }
             other => bail!("a test can write translated and hairpin flows, not {other:?}"),
         };
@@ -273,13 +296,34 @@ impl Harness {
             .find(|(_, pv)| **pv == (p, v))
             .map(|(s, _)| *s)
             .with_context(|| format!("no mapping {p} <-> {v}"))?;
-        let ingress = m.fib.route_dev(key.saddr).context("no route to the sender")?;
-        let egress = m.fib.route_dev(to.daddr).context("no route to the receiver")?;
+        let ingress = m
+            .fib
+            .route_dev(key.saddr)
+            .context("no route to the sender")?;
+        let egress = m
+            .fib
+            .route_dev(to.daddr)
+            .context("no route to the receiver")?;
         let (ins, outs) = ((Direction::Inbound, p), (Direction::Outbound, v));
         let (reason, counted, reply_reason, reply_counted) = match kind {
-            0 => (Reason::OutboundForwarded, outs, Reason::InboundForwarded, ins),
-            1 => (Reason::InboundForwarded, ins, Reason::OutboundForwarded, outs),
-            _ => (Reason::HairpinForwarded, ins, Reason::HairpinForwarded, outs),
+            0 => (
+                Reason::OutboundForwarded,
+                outs,
+                Reason::InboundForwarded,
+                ins,
+            ),
+            1 => (
+                Reason::InboundForwarded,
+                ins,
+                Reason::OutboundForwarded,
+                outs,
+            ),
+            _ => (
+                Reason::HairpinForwarded,
+                ins,
+                Reason::HairpinForwarded,
+                outs,
+            ),
         };
         let pending = t.flags & ASSURED == 0;
         let rec = Rec {
@@ -342,7 +386,13 @@ impl Harness {
             }
         };
         let o = entry(&rec.orig_key, &rec.orig.to, &rec.orig, true, &rec.reply_key);
-        let r = entry(&rec.reply_key, &rec.reply.to, &rec.reply, false, &rec.orig_key);
+        let r = entry(
+            &rec.reply_key,
+            &rec.reply.to,
+            &rec.reply,
+            false,
+            &rec.orig_key,
+        );
         {
             let mut ebpf = self.ebpf.borrow_mut();
             maps::put_entry(&mut ebpf, pending, &wire(&rec.reply_key), &r)?;

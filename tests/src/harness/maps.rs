@@ -13,9 +13,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
 };
 use nat_common::{
-    EgSvcData, Event, FlowEntry, FlowTuple, FwSrcData, FwSvcData, MAP_CONFIG, MAP_FLOWS,
-    MAP_PENDING,
-    MAP_EG_DST, MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FW_SRC, MAP_FW_SVC, NatConfig, RuleBits,
+    EgSvcData, Event, FlowEntry, FlowTuple, FwSrcData, FwSvcData, MAP_CONFIG, MAP_EG_DST,
+    MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_PENDING, NatConfig,
+    RuleBits,
 };
 use nat_userspace::tables::Entry;
 
@@ -98,7 +98,8 @@ fn table<'a>(
     name: &str,
 ) -> anyhow::Result<HashMap<&'a mut MapData, FlowTuple, FlowEntry>> {
     Ok(HashMap::try_from(
-        ebpf.map_mut(name).with_context(|| format!("no map {name}"))?,
+        ebpf.map_mut(name)
+            .with_context(|| format!("no map {name}"))?,
     )?)
 }
 

@@ -10,10 +10,8 @@ use std::net::Ipv4Addr;
 use nat_common::{ROLE_GUEST, Reason};
 
 use super::{
-    Direction, Events, Facts, Ip, Model, Outcome, Path, dropped, is_error,
-    newflow::Way,
-    table::Tuple,
-    tuple_of,
+    Direction, Events, Facts, Ip, Model, Outcome, Path, dropped, is_error, newflow::Way,
+    table::Tuple, tuple_of,
 };
 
 /// Attempts at a free port, the sender's own first.
@@ -103,7 +101,11 @@ impl Model {
     /// The first port whose answer key (V1 -> R) no live flow holds; a stale flow holding it
     /// is removed. Protocols without ports get one try.
     fn free_port(&mut self, k: &Tuple, r: Ipv4Addr, v1: Ipv4Addr, now: u64) -> Result<u16, Reason> {
-        let tries = if matches!(k.proto, 6 | 17 | 1) { TRIES } else { 1 };
+        let tries = if matches!(k.proto, 6 | 17 | 1) {
+            TRIES
+        } else {
+            1
+        };
         for attempt in 0..tries {
             let p = port(k.sport, attempt);
             let answer = Tuple {

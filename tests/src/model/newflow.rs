@@ -13,11 +13,11 @@
 //! (both directions, pending; the reply direction's route is resolved by its first packet).
 use std::net::Ipv4Addr;
 
-use nat_common::{ORIGIN_GUEST, ORIGIN_PUBLIC, ROLE_GUEST, ROLE_PUBLIC, Reason, Event};
+use nat_common::{Event, ORIGIN_GUEST, ORIGIN_PUBLIC, ROLE_GUEST, ROLE_PUBLIC, Reason};
 
 use super::{
-    Direction, Events, Facts, Flow, Hop, Ip, Kind, Leg, Model, Outcome, Path, dropped,
-    is_error, quote, redirected, rewrite, rewrite_error,
+    Direction, Events, Facts, Flow, Hop, Ip, Kind, Leg, Model, Outcome, Path, dropped, is_error,
+    quote, redirected, rewrite, rewrite_error,
     table::{Dir, Rec, Tuple},
     tuple_of,
 };
@@ -42,11 +42,7 @@ impl Model {
         now: u64,
         ev: &mut Events,
     ) -> Result<Outcome, Reason> {
-        let role = self
-            .ifaces
-            .get(&ingress)
-            .ok_or(Reason::UnknownIface)?
-            .role;
+        let role = self.ifaces.get(&ingress).ok_or(Reason::UnknownIface)?.role;
         if role == ROLE_PUBLIC {
             if let Some(&v) = self.nat_in.get(&ip.daddr) {
                 self.last_leg = Some(Leg::Inbound);
@@ -129,7 +125,17 @@ impl Model {
             ..from.unwrap_or_else(|| plain(ip, facts))
         };
         self.open_and_translate(
-            f, facts, from, to, Way::Inbound, ingress, (hop, mtu), (p, v), may_open, now, ev,
+            f,
+            facts,
+            from,
+            to,
+            Way::Inbound,
+            ingress,
+            (hop, mtu),
+            (p, v),
+            may_open,
+            now,
+            ev,
         )
     }
 
@@ -207,7 +213,17 @@ impl Model {
             ..from.unwrap_or_else(|| plain(ip, facts))
         };
         self.open_and_translate(
-            f, facts, from, to, Way::Outbound, ingress, (hop, mtu), (p, v), may_open, now, ev,
+            f,
+            facts,
+            from,
+            to,
+            Way::Outbound,
+            ingress,
+            (hop, mtu),
+            (p, v),
+            may_open,
+            now,
+            ev,
         )
     }
 

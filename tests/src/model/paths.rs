@@ -14,14 +14,11 @@
 //! is now so. TTL 1 goes to the kernel (the state has advanced). The direction's route is
 //! resolved again if it never was, the route generation moved, the packet is larger than its
 //! MTU or it arrived on another interface of its side; a failure passes the packet.
-use nat_common::{
-    Event, ROLE_GUEST, ROLE_PUBLIC, Reason,
-    conntrack::State,
-};
+use nat_common::{Event, ROLE_GUEST, ROLE_PUBLIC, Reason, conntrack::State};
 
 use super::{
-    Events, Facts, Ip, Leg, Model, Outcome, Path, XDP_REDIRECT, nf_state::Ret, redirected,
-    rewrite, table::Tuple,
+    Events, Facts, Ip, Leg, Model, Outcome, Path, XDP_REDIRECT, nf_state::Ret, redirected, rewrite,
+    table::Tuple,
 };
 
 /// What became of a packet of a known flow on the tracked path.

@@ -24,11 +24,11 @@ use nat_userspace::{
     state::DesiredState,
 };
 
+pub use super::nf_state::{Kept, Seg};
 use super::{
     nf_state::{self, NfConn, Timer},
     table::{Rec, Table},
 };
-pub use super::nf_state::{Kept, Seg};
 
 /// Conntrack events of one frame, by [`Event`] discriminant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -210,7 +210,6 @@ impl Tracked {
             ..Tracked::new(state, ORIGIN_GUEST, 0)
         }
     }
-
 }
 
 /// The rules of a desired state, as natd holds them.

@@ -103,7 +103,11 @@ impl Rec {
     }
 
     pub fn dir_mut(&mut self, orig: bool) -> &mut Dir {
-        if orig { &mut self.orig } else { &mut self.reply }
+        if orig {
+            &mut self.orig
+        } else {
+            &mut self.reply
+        }
     }
 }
 
@@ -215,7 +219,9 @@ impl Table {
         for r in self.recs.values() {
             for (key, d, orig) in [(r.orig_key, r.orig, true), (r.reply_key, r.reply, false)] {
                 let route = match d.route {
-                    Some((hop, mtu, generation)) => (hop.ifindex, hop.smac, hop.dmac, mtu, generation),
+                    Some((hop, mtu, generation)) => {
+                        (hop.ifindex, hop.smac, hop.dmac, mtu, generation)
+                    }
                     None => (0, [0; 6], [0; 6], 0, 0),
                 };
                 out.insert(

@@ -189,9 +189,18 @@ pub fn ev(list: &[(Event, u64)]) -> Events {
 pub fn new_flow() -> Events {
     ev(&[(ConntrackMiss, 1), (ConntrackCreate, 1)])
 }
-/// A frame of a live flow.
+/// A frame of a live flow through the state machine.
 pub fn hit() -> Events {
     ev(&[(ConntrackHit, 1)])
+}
+/// The first frame of a flow's reply direction: through the state machine, its route
+/// resolved.
+pub fn first_answer() -> Events {
+    ev(&[(ConntrackHit, 1), (RouteResolved, 1)])
+}
+/// A frame of an assured flow that took its direction's cached rewrite and route.
+pub fn fast() -> Events {
+    ev(&[(FastPath, 1)])
 }
 /// A frame that found no flow and opened none (denied, a bare RST, an echo reply).
 pub fn miss() -> Events {

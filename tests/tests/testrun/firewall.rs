@@ -334,9 +334,13 @@ fn egress_default_deny_with_allow_exception() {
         raw_l3(PROTO_GRE, a, REMOTE, t)
     });
     // The allowed flow's reply needs no ingress rule.
-    p.inbound("reply to the allowed flow", G1, true, hit(), |a, t| {
-        tcp_l3(REMOTE, a, (443, 40000), SYN | TCP_ACK, t)
-    });
+    p.inbound(
+        "reply to the allowed flow",
+        G1,
+        true,
+        first_answer(),
+        |a, t| tcp_l3(REMOTE, a, (443, 40000), SYN | TCP_ACK, t),
+    );
     p.inbound("reply to a denied one", G1, false, miss(), |a, t| {
         tcp_l3(REMOTE, a, (80, 40001), SYN | TCP_ACK, t)
     });
@@ -448,8 +452,7 @@ fn bench_writes_firewall_maps_as_natd_does() {
         flows: 1024,
         mappings: 1024,
     };
-    let mut dp =
-        Dataplane::load(sizes).unwrap_or_else(|e| panic!("natd's Dataplane::load: {e:#}"));
+    let mut dp = Dataplane::load(sizes).unwrap_or_else(|e| panic!("natd's Dataplane::load: {e:#}"));
     let mut a = base_state();
     ingress(
         &mut a,

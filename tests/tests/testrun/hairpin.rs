@@ -103,19 +103,25 @@ pub fn legs(
     state: State,
     flags: u8,
 ) -> [(Flow, Tracked); 2] {
+    // An echo flow: the identifier and the type each side sends (request to P, reply to R).
+    let (fwd_ports, rev_ports) = if proto == PROTO_ICMP {
+        ((sport, 8), (sport, 0))
+    } else {
+        ((sport, dport), (dport, sport))
+    };
     let fwd = Flow {
         guest: sender,
         remote: p,
-        guest_port: sport,
-        remote_port: dport,
+        guest_port: fwd_ports.0,
+        remote_port: fwd_ports.1,
         proto,
         kind: Kind::HairpinFwd,
     };
     let rev = Flow {
         guest: target,
         remote: r,
-        guest_port: dport,
-        remote_port: sport,
+        guest_port: rev_ports.0,
+        remote_port: rev_ports.1,
         proto,
         kind: Kind::HairpinRev,
     };
@@ -123,6 +129,27 @@ pub fn legs(
         (fwd, Tracked::new(state, ORIGIN_GUEST, flags)),
         (rev, Tracked::binding(state, (sender, sport))),
     ]
+}
+
+/// The two legs of a hairpin ICMP query flow: identifier `id`, `request` type to P and its
+/// answering type back to R.
+#[allow(clippy::too_many_arguments)]
+pub fn icmp_legs(
+    sender: Ipv4Addr,
+    p: Ipv4Addr,
+    target: Ipv4Addr,
+    r: Ipv4Addr,
+    id: u16,
+    request: u8,
+    state: State,
+    flags: u8,
+) -> [(Flow, Tracked); 2] {
+    let [(mut fwd, ft), (mut rev, rt)] =
+        legs(sender, p, target, r, PROTO_ICMP, (id, id), state, flags);
+    fwd.remote_port = u16::from(request);
+    // Echo (8) is answered by 0; timestamp, information, address mask by the next type.
+    rev.remote_port = u16::from(if request == 8 { 0 } else { request + 1 });
+    [(fwd, ft), (rev, rt)]
 }
 
 /// `legs` whose last packet started `timer` (both legs run the forward leg's).
@@ -178,6 +205,56 @@ impl Hp<'_> {
             reason: Reason::HairpinForwarded,
             frame: ether(to.mac, to.link.mac, ETH_P_IP, &l3(r, to.ip, 63)),
             counted: Some((Direction::Inbound, p)),
+            denied: None,
+            events,
+        };
+        self.run(name, from, input, want)
+    }
+
+    /// [`Hp::forward`] where the packet leaves as `out(r, to, ttl)` (another source port).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_as(
+        &mut self,
+        name: &str,
+        from: Host,
+        p: Ipv4Addr,
+        to: Host,
+        r: Ipv4Addr,
+        events: Events,
+        l3: impl Fn(Ipv4Addr, Ipv4Addr, u8) -> Vec<u8>,
+        out: impl Fn(Ipv4Addr, Ipv4Addr, u8) -> Vec<u8>,
+    ) -> Option<Outcome> {
+        let input = ether(from.link.mac, from.mac, ETH_P_IP, &l3(from.ip, p, 64));
+        let want = Outcome {
+            action: XDP_REDIRECT,
+            reason: Reason::HairpinForwarded,
+            frame: ether(to.mac, to.link.mac, ETH_P_IP, &out(r, to.ip, 63)),
+            counted: Some((Direction::Inbound, p)),
+            denied: None,
+            events,
+        };
+        self.run(name, from, input, want)
+    }
+
+    /// [`Hp::reply`] where `from` answers as `l3` and `to` gets `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reply_as(
+        &mut self,
+        name: &str,
+        from: Host,
+        r: Ipv4Addr,
+        to: Host,
+        p: Ipv4Addr,
+        events: Events,
+        l3: impl Fn(Ipv4Addr, Ipv4Addr, u8) -> Vec<u8>,
+        out: impl Fn(Ipv4Addr, Ipv4Addr, u8) -> Vec<u8>,
+    ) -> Option<Outcome> {
+        let input = ether(from.link.mac, from.mac, ETH_P_IP, &l3(from.ip, r, 64));
+        let want = Outcome {
+            action: XDP_REDIRECT,
+            reason: Reason::HairpinForwarded,
+            frame: ether(to.mac, to.link.mac, ETH_P_IP, &out(p, to.ip, 63)),
+            counted: Some((Direction::Outbound, from.ip)),
             denied: None,
             events,
         };
@@ -315,20 +392,28 @@ fn hairpin_translates_both_ways() {
 
     b.forward("ping", v2, P1, v1, r, new_flow(), ping(8, 0x77));
     b.flows("ping opens both legs", &ping_legs(0));
-    b.reply("pong", v1, r, v2, P1, hit(), ping(0, 0x77));
+    b.reply("pong", v1, r, v2, P1, first_answer(), ping(0, 0x77));
     b.forward("second ping", v2, P1, v1, r, hit(), ping(8, 0x77));
 
     let (out, back) = ((40000, 80), (80, 40000));
     let tcp_legs = |s, flags| legs(V2, P1, V1, r, PROTO_TCP, out, s, flags);
     b.forward("syn", v2, P1, v1, r, new_flow(), tcp_f(out, SYN));
     b.flows("syn", &[ping_legs(R), tcp_legs(TcpSynSent, 0)].concat());
-    b.reply("syn-ack", v1, r, v2, P1, hit(), tcp_f(back, SYN | ACK));
+    b.reply(
+        "syn-ack",
+        v1,
+        r,
+        v2,
+        P1,
+        first_answer(),
+        tcp_f(back, SYN | ACK),
+    );
     b.flows(
         "binding follows",
         &[ping_legs(R), tcp_legs(TcpSynRecv, R)].concat(),
     );
     b.forward("ack", v2, P1, v1, r, hit(), tcp_f(out, ACK));
-    b.forward("data with options", v2, P1, v1, r, hit(), |s, d, t| {
+    b.forward("data with options", v2, P1, v1, r, fast(), |s, d, t| {
         Ip::new(PROTO_TCP, s, d).ttl(t).packet(&tcp(
             s,
             d,
@@ -338,7 +423,7 @@ fn hairpin_translates_both_ways() {
             b"GET /",
         ))
     });
-    b.reply("data back", v1, r, v2, P1, hit(), |s, d, t| {
+    b.reply("data back", v1, r, v2, P1, fast(), |s, d, t| {
         Ip::new(PROTO_TCP, s, d)
             .ttl(t)
             .packet(&tcp(s, d, 80, 40000, &[], &[0x42; 700]))
@@ -360,7 +445,15 @@ fn hairpin_translates_both_ways() {
     let q = (5353, 53);
     let udp_legs = |s, flags| legs(V2, P1, V1, r, PROTO_UDP, q, s, flags);
     b.forward("udp query", v2, P1, v1, r, new_flow(), udp_f(q));
-    b.reply("udp answer", v1, r, v2, P1, hit(), udp_f((53, 5353)));
+    b.reply(
+        "udp answer",
+        v1,
+        r,
+        v2,
+        P1,
+        first_answer(),
+        udp_f((53, 5353)),
+    );
     b.forward("udp without checksum", v2, P1, v1, r, hit(), |s, d, t| {
         udp_ip(s, d, t, b"nock", false)
     });
@@ -371,11 +464,11 @@ fn hairpin_translates_both_ways() {
         P1,
         v1,
         r,
-        hit(),
+        fast(),
         move |s, d, t| udp_ip(s, d, t, &zero_out, true),
     );
     let ffff_in = data_for_ffff(V2, P1);
-    b.forward("udp ffff before", v2, P1, v1, r, hit(), move |s, d, t| {
+    b.forward("udp ffff before", v2, P1, v1, r, fast(), move |s, d, t| {
         udp_ip(s, d, t, &ffff_in, true)
     });
     b.forward(
@@ -384,7 +477,7 @@ fn hairpin_translates_both_ways() {
         P1,
         v1,
         r,
-        hit(),
+        fast(),
         |s, d, t| udp_ip(s, d, t, &[7; 1400 - 28], true),
     );
     b.flows(
@@ -420,7 +513,7 @@ fn hairpin_across_guest_interfaces() {
         GST_ADDR,
         t.v5,
         P1,
-        hit(),
+        first_answer(),
         tcp_f((80, 1234), SYN | ACK),
     );
     // gst0 -> gsb0: the router's gsb0 address.
@@ -439,7 +532,7 @@ fn hairpin_across_guest_interfaces() {
         GSB_ADDR,
         t.v1,
         P5,
-        hit(),
+        first_answer(),
         udp_f((53, 5353)),
     );
     b.forward(
@@ -453,7 +546,15 @@ fn hairpin_across_guest_interfaces() {
     );
     // gsn0 has no router address, but a sender there can hairpin into gst0.
     b.forward("V6 to P1", t.v6, P1, t.v1, GST_ADDR, new_flow(), ping(8, 6));
-    b.reply("V1 answers V6", t.v1, GST_ADDR, t.v6, P1, hit(), ping(0, 6));
+    b.reply(
+        "V1 answers V6",
+        t.v1,
+        GST_ADDR,
+        t.v6,
+        P1,
+        first_answer(),
+        ping(0, 6),
+    );
     // A reply to the router's address of another interface is not a hairpin reply.
     b.passed(
         "V1 to the gsb0 address",
@@ -482,7 +583,15 @@ fn hairpin_to_own_public_ip() {
     let (v1, r) = (t.v1, GST_ADDR);
     let mut b = Hp::new(&h);
     b.forward("V1 to P1", v1, P1, v1, r, new_flow(), udp_f((5353, 53)));
-    b.reply("V1 answers itself", v1, r, v1, P1, hit(), udp_f((53, 5353)));
+    b.reply(
+        "V1 answers itself",
+        v1,
+        r,
+        v1,
+        P1,
+        first_answer(),
+        udp_f((53, 5353)),
+    );
     b.forward(
         "same ports both ends",
         v1,
@@ -492,9 +601,17 @@ fn hairpin_to_own_public_ip() {
         new_flow(),
         tcp_f((80, 80), SYN),
     );
-    b.reply("answer", v1, r, v1, P1, hit(), tcp_f((80, 80), SYN | ACK));
+    b.reply(
+        "answer",
+        v1,
+        r,
+        v1,
+        P1,
+        first_answer(),
+        tcp_f((80, 80), SYN | ACK),
+    );
     b.forward("V1 pings P1", v1, P1, v1, r, new_flow(), ping(8, 1));
-    b.reply("and answers", v1, r, v1, P1, hit(), ping(0, 1));
+    b.reply("and answers", v1, r, v1, P1, first_answer(), ping(0, 1));
     b.flows(
         "the guest is both ends",
         &[
@@ -542,8 +659,8 @@ fn hairpin_obeys_the_public_ips_firewall() {
     b.flows(
         "only the requests opened flows",
         &[
-            legs(V1, P5, V5, v5r, PROTO_ICMP, (0, 0), Icmp, 0),
-            legs(V1, P5, V5, v5r, PROTO_ICMP, (10, 10), Icmp, 0),
+            icmp_legs(V1, P5, V5, v5r, 0, 13, Icmp, 0),
+            icmp_legs(V1, P5, V5, v5r, 10, 8, Icmp, 0),
         ]
         .concat(),
     );
@@ -566,7 +683,7 @@ fn hairpin_obeys_the_public_ips_firewall() {
         r,
         v2,
         P1,
-        hit(),
+        first_answer(),
         tcp_f((80, 40000), SYN | ACK),
     );
     b.forward("ack", v2, P1, v1, r, hit(), tcp_f((40000, 80), ACK));

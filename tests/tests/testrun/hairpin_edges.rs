@@ -1,32 +1,29 @@
-//! Golden hairpin cases the program leaves to the kernel or treats specially: a reply binding
-//! taken by another live sender (collision), bindings whose flow has expired or refuses the
-//! packet (stale), ICMP errors, and frames that cannot be routed; and the order in which the
-//! guest side classifies a frame (hairpin forward, hairpin reply, outbound).
+//! Golden hairpin cases the program treats specially: a sender whose source port another live
+//! flow already holds towards the same target (another port is taken), flows that expired,
+//! ICMP errors, and frames that cannot be routed; and the order in which the guest side
+//! classifies a frame.
 use std::{net::Ipv4Addr, time::Duration};
 
 use nat_common::{
     Event::*,
+    ORIGIN_GUEST,
     Reason::*,
     TIMEOUT_SLOTS,
     conntrack::{State::*, Timeout},
 };
 use nat_tests::{
     harness::*,
-    model::{Flow, Tracked},
+    model::{Flow, Kind, Tracked},
     packet::{Ip, PROTO_ICMP, PROTO_TCP, PROTO_UDP, icmp_error, udp},
 };
+use nat_userspace::{cidr::Cidr, firewall::Proto};
 
 use crate::{
     common::*,
-    hairpin::{ACK, Host, Hp, R, RA, SYN, bench, hosts, legs, ping, tcp_f, timed, udp_f},
+    hairpin::{
+        ACK, Host, Hp, R, RA, SYN, bench, hairpin_policy, hosts, legs, ping, tcp_f, timed, udp_f,
+    },
 };
-
-/// Seeds both legs of a hairpin flow in program and model, last seen `last_seen`.
-fn put_legs(h: &Harness, legs: [(Flow, Tracked); 2], last_seen: u64) {
-    for (f, t) in legs {
-        h.put_flow(f, t, last_seen).expect("put flow");
-    }
-}
 
 fn secs_ago(s: u64) -> u64 {
     let now = monotonic_ns();
@@ -35,79 +32,158 @@ fn secs_ago(s: u64) -> u64 {
     now - d
 }
 
+/// The source port (host order) the hairpin flow of a sender using `sport` takes at its
+/// `attempt`-th try: the sender's own first, then a fixed sequence over 1024..=65535.
+fn nth_port(sport: u16, attempt: u32) -> u16 {
+    if attempt == 0 {
+        return sport;
+    }
+    (1024 + (u32::from(sport) + attempt * 7919) % 64512) as u16
+}
+
+/// A hairpin flow from `sender:sport` to P1:80 that reaches V1 from `r:port`, in `state`.
+fn moved(
+    sender: Ipv4Addr,
+    sport: u16,
+    r: Ipv4Addr,
+    port: u16,
+    state: nat_common::conntrack::State,
+    flags: u8,
+) -> [(Flow, Tracked); 2] {
+    let t = Tracked::new(state, ORIGIN_GUEST, flags);
+    [
+        (
+            Flow {
+                guest: sender,
+                remote: P1,
+                guest_port: sport,
+                remote_port: 80,
+                proto: PROTO_TCP,
+                kind: Kind::HairpinFwd,
+            },
+            t,
+        ),
+        (
+            Flow {
+                guest: V1,
+                remote: r,
+                guest_port: 80,
+                remote_port: port,
+                proto: PROTO_TCP,
+                kind: Kind::HairpinRev,
+            },
+            Tracked {
+                flags: 0,
+                peer: (sender, sport),
+                ..t
+            },
+        ),
+    ]
+}
+
+/// Two senders reaching V1 through P1 from the same source port would share the translated
+/// 4-tuple (R:port -> V1:80): the second flow takes the next free port of a fixed sequence, so
+/// each guest gets its own answers. With every port of the sequence held by a live flow the
+/// kernel gets the packet (its NAT picks a port); an expired flow's port is free again.
 #[test]
-fn hairpin_collision_passes_to_the_kernel() {
+fn hairpin_collisions_take_another_port() {
     let h = bench();
     let t = hosts(&h.topo);
     let (v1, v2, v4, v5, r) = (t.v1, t.v2, t.v4, t.v5, GST_ADDR);
     let mut b = Hp::new(&h);
     let syn = tcp_f((40000, 80), SYN);
+    let (alt1, alt2) = (nth_port(40000, 1), nth_port(40000, 2));
     b.forward("V2 opens", v2, P1, v1, r, new_flow(), &syn);
-    b.passed("V4, same ports", v4, P1, HairpinCollision, miss(), &syn);
-    b.passed(
-        "V5 on gsb0, same ports",
+    b.forward_as(
+        "V4, same ports: the next port",
+        v4,
+        P1,
+        v1,
+        r,
+        new_flow(),
+        &syn,
+        tcp_f((alt1, 80), SYN),
+    );
+    b.forward_as(
+        "V5 on gsb0, same ports: the port after",
         v5,
         P1,
-        HairpinCollision,
-        miss(),
-        &syn,
-    );
-    b.forward(
-        "V4, another port",
-        v4,
-        P1,
-        v1,
-        r,
-        new_flow(),
-        tcp_f((40001, 80), SYN),
-    );
-    b.forward("V2 again", v2, P1, v1, r, hit(), &syn);
-    let v2_legs = |s| legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), s, 0);
-    let v4_other = legs(V4, P1, V1, r, PROTO_TCP, (40001, 80), TcpSynSent, 0);
-    b.flows(
-        "no leg for the collisions",
-        &[v2_legs(TcpSynSent), v4_other].concat(),
-    );
-
-    // Once V2's flow has expired its binding is free: V4 takes it, and V2 collides.
-    h.set_timeouts([0; TIMEOUT_SLOTS]).expect("timeouts");
-    put_legs(&h, v2_legs(TcpSynSent), secs_ago(121));
-    b.forward(
-        "V4 takes the expired binding",
-        v4,
-        P1,
         v1,
         r,
         new_flow(),
         &syn,
+        tcp_f((alt2, 80), SYN),
     );
-    b.reply(
-        "the reply goes to V4",
+    b.reply_as(
+        "V1 answers V4's flow: to V4",
         v1,
         r,
         v4,
         P1,
-        hit(),
+        first_answer(),
+        tcp_f((80, alt1), SYN | ACK),
         tcp_f((80, 40000), SYN | ACK),
     );
-    let expired = ev(&[(ConntrackExpired, 1), (ConntrackMiss, 1)]);
-    b.passed("V2 now collides", v2, P1, HairpinCollision, expired, &syn);
-    let v4_legs = legs(V4, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynRecv, R);
+    b.reply(
+        "V1 answers V2's flow: to V2",
+        v1,
+        r,
+        v2,
+        P1,
+        first_answer(),
+        tcp_f((80, 40000), SYN | ACK),
+    );
+    b.forward("V2 again", v2, P1, v1, r, hit(), tcp_f((40000, 80), ACK));
     b.flows(
-        "V2's forward leg stays until collected",
+        "three flows, three ports",
         &[
-            v2_legs(TcpSynSent)[0],
-            v4_legs[0],
-            v4_legs[1],
-            v4_other[0],
-            v4_other[1],
-        ],
+            moved(V2, 40000, r, 40000, TcpEstablished, RA),
+            moved(V4, 40000, r, alt1, TcpSynRecv, R),
+            moved(V5, 40000, r, alt2, TcpSynSent, 0),
+        ]
+        .concat(),
+    );
+
+    // Every port of the sequence held by a live flow of another sender: the kernel's.
+    h.clear_flows().expect("clear");
+    let now = monotonic_ns();
+    for attempt in 0..8 {
+        let port = nth_port(40000, attempt);
+        let sender = Ipv4Addr::new(10, 0, 0, 100 + attempt as u8);
+        for (f, tr) in legs(sender, P1, V1, r, PROTO_TCP, (port, 80), TcpSynSent, 0) {
+            if f.kind == Kind::HairpinFwd {
+                h.put_flow(f, tr, now).expect("put flow");
+            }
+        }
+    }
+    b.passed("every port taken", v2, P1, HairpinCollision, miss(), &syn);
+
+    // Once the flow holding the first port has expired, the port is free again.
+    h.clear_flows().expect("clear");
+    h.set_timeouts([0; TIMEOUT_SLOTS]).expect("timeouts");
+    let [held, _] = legs(V4, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynSent, 0);
+    h.put_flow(held.0, held.1, secs_ago(121)).expect("put flow");
+    b.forward(
+        "V2 takes the expired flow's port",
+        v2,
+        P1,
+        v1,
+        r,
+        new_flow(),
+        &syn,
+    );
+    b.flows(
+        "the expired flow is gone",
+        &legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynSent, 0),
     );
     b.finish("hairpin collision");
 }
 
+/// A hairpin flow that expired is gone once a packet finds it so: its answer is then V1's own
+/// packet to the router, and the sender's next query opens a new flow. A target's SYN on a
+/// closed flow is judged afresh (to the router itself: the kernel's).
 #[test]
-fn stale_binding_after_flow_expiry() {
+fn expired_and_closed_hairpin_flows() {
     let h = bench();
     let t = hosts(&h.topo);
     let (v1, v2, r) = (t.v1, t.v2, GST_ADDR);
@@ -119,67 +195,43 @@ fn stale_binding_after_flow_expiry() {
     let udp_legs = legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpUnreplied, 0);
     b.forward("query", v2, P1, v1, r, new_flow(), udp_f((5353, 53)));
     b.passed(
-        "answer after 1 ns: stale",
+        "answer after 1 ns: to the router itself",
         v1,
         r,
-        Unmapped,
+        NoRoute,
         expired,
         udp_f((53, 5353)),
     );
-    b.flows("both legs stay", &udp_legs);
-    let recreated = ev(&[
-        (ConntrackExpired, 1),
-        (ConntrackMiss, 1),
-        (ConntrackCreate, 1),
-    ]);
+    b.flows("the flow is gone", &[]);
     b.forward(
-        "query again: same sender",
+        "query again: a new flow",
         v2,
         P1,
         v1,
         r,
-        recreated,
+        new_flow(),
         udp_f((5353, 53)),
     );
-    b.flows("replaced", &udp_legs);
+    b.flows("opened again", &udp_legs);
 
-    // A binding whose forward leg is gone, or refuses the packet.
     h.set_timeouts([TEST_TIMEOUT_NS; TIMEOUT_SLOTS])
         .expect("timeouts");
     h.clear_flows().expect("clear");
-    let [_, binding] = legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, 0);
-    h.put_flow(binding.0, binding.1, monotonic_ns())
-        .expect("put");
-    b.passed(
-        "binding without its flow",
-        v1,
-        r,
-        Unmapped,
-        miss(),
-        udp_f((53, 5353)),
-    );
-    let closed = legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpTimeWait, RA);
-    put_legs(&h, closed, monotonic_ns());
+    let closed = legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpTimeWait, R);
+    h.put_flow(closed[0].0, closed[0].1, monotonic_ns())
+        .expect("put flow");
+    // A SYN on TIME_WAIT ends the flow; V1 -> R is then outbound to the router itself.
     b.passed(
         "syn from the target of a closed flow",
         v1,
         r,
-        Unmapped,
+        NoRoute,
         miss(),
         tcp_f((80, 40000), SYN),
     );
-    b.reply(
-        "its last ack",
-        v1,
-        r,
-        t.v2,
-        P1,
-        hit(),
-        tcp_f((80, 40000), ACK),
-    );
-    // A SYN on TIME_WAIT is a new flow: P1's rule admits it, both legs are replaced.
+    b.flows("closed flow ended", &[]);
     b.forward(
-        "the sender reopens it",
+        "the sender opens it again",
         v2,
         P1,
         v1,
@@ -187,32 +239,19 @@ fn stale_binding_after_flow_expiry() {
         new_flow(),
         tcp_f((40000, 80), SYN),
     );
-    let reopened = legs(V2, P1, V1, r, PROTO_TCP, (40000, 80), TcpSynSent, 0);
-    b.flows(
-        "reopened, binding follows",
-        &[binding, reopened[0], reopened[1]],
-    );
     b.forward("ping", v2, P1, v1, r, new_flow(), ping(8, 3));
+    // An echo request from the target is not the flow's answer (another type): outbound to
+    // the router itself.
     b.passed(
         "echo request from the target",
         v1,
         r,
-        Unmapped,
+        NoRoute,
         miss(),
         ping(8, 3),
     );
-    // A query is bound by its identifier: none with identifier 0, so outbound to the router
-    // itself (a tracked message: looked up, not found).
-    b.passed(
-        "timestamp from the target",
-        v1,
-        r,
-        NoRoute,
-        miss(),
-        |s, d, t| icmp_l3(s, d, 13, 0, 0, t),
-    );
-    b.reply("echo reply", v1, r, v2, P1, hit(), ping(0, 3));
-    b.finish("stale binding");
+    b.reply("echo reply", v1, r, v2, P1, first_answer(), ping(0, 3));
+    b.finish("expired and closed hairpin flows");
 }
 
 #[test]
@@ -280,13 +319,13 @@ fn hairpin_icmp_errors_pass() {
         untracked(),
         error(not_v1, usize::MAX),
     );
-    // An echo flow with identifier 0 binds the key every ICMP error to R has.
+    // An echo flow with identifier 0: an error to R still quotes no packet of it.
     b.forward("ping, identifier 0", v2, P1, v1, r, new_flow(), ping(8, 0));
     b.passed(
-        "error to R with a binding",
+        "error to R with an echo flow",
         v1,
         r,
-        IcmpErrorUnrelated,
+        NoRoute,
         untracked(),
         error(from_r, usize::MAX),
     );
@@ -308,8 +347,30 @@ fn hairpin_passes_what_it_cannot_route() {
     let (v1, v2, v6, r) = (t.v1, t.v2, t.v6, GST_ADDR);
     let mut b = Hp::new(&h);
     let q = udp_f((5353, 53));
-    let none = untracked();
-    // The route comes before the firewall: P3 has no rule, V3 no neighbour.
+    // The firewall comes first (a denied packet gets no answer): open UDP 53 on every public
+    // IP whose route fails.
+    let mut policy = hairpin_policy();
+    let guests: Cidr = "10.0.0.0/8".parse().expect("CIDR");
+    for p in [
+        P3,
+        P6,
+        P_TO_REMOTE,
+        P_TO_OTHER,
+        P_TO_LOCAL,
+        P_TO_BCAST,
+        P_TO_UNROUTED,
+    ] {
+        policy
+            .add_ingress(
+                None,
+                p,
+                service(Proto::Udp, Some((53, 53)), None),
+                vec![guests],
+            )
+            .expect("rule");
+    }
+    h.set_policy(&policy).expect("policy");
+    let none = miss();
     b.passed(
         "to a guest without neighbour",
         v2,
@@ -362,7 +423,8 @@ fn hairpin_passes_what_it_cannot_route() {
     b.flows("nothing opened", &[]);
 
     b.forward("query", v2, P1, v1, r, new_flow(), &q);
-    b.passed("answer with ttl 1", v1, r, TtlExpired, none, |s, d, _| {
+    // Part of the flow: its state advances (netfilter tracks it before the kernel's TTL check).
+    b.passed("answer with ttl 1", v1, r, TtlExpired, hit(), |s, d, _| {
         udp_l3(s, d, (53, 5353), 1)
     });
     b.passed(
@@ -377,21 +439,17 @@ fn hairpin_passes_what_it_cannot_route() {
                 .packet(&udp(s, d, 53, 5353, &[7; 1401 - 28], true))
         },
     );
-    // The state advanced all the same.
+    // The state advanced all the same: replied, then (a second answer) assured.
     b.flows(
         "replied, not forwarded",
-        &timed(
-            legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, R),
-            Timeout::UdpUnreplied,
-        ),
+        &legs(V2, P1, V1, r, PROTO_UDP, (5353, 53), UdpReplied, RA),
     );
     b.finish("hairpin route pass");
 }
 
-/// On the guest side a frame is a hairpin forward if its destination is mapped, else a hairpin
-/// reply if it is for the router's address and a binding exists, else outbound. Each leg has
-/// its own order of checks; a frame to the router's address is parsed (transport, ICMP error)
-/// before its TTL and mapping are looked at.
+/// On the guest side a frame is first parsed (transport included), then looked up as a packet
+/// of a flow; a frame of no flow is a hairpin forward if its destination is mapped, else
+/// outbound if its source is.
 #[test]
 fn guest_side_classification_order() {
     let h = bench();
@@ -409,7 +467,7 @@ fn guest_side_classification_order() {
         "cut tcp to P1, ttl 1",
         v2,
         cut_tcp(V2, P1, 1),
-        TtlExpired,
+        Malformed,
         untracked(),
     );
     b.passed_frame(
@@ -430,7 +488,7 @@ fn guest_side_classification_order() {
         "cut tcp to a remote, ttl 1",
         v1,
         cut_tcp(V1, REMOTE, 1),
-        TtlExpired,
+        Malformed,
         untracked(),
     );
     b.passed_frame(
@@ -444,7 +502,7 @@ fn guest_side_classification_order() {
         "unmapped source, cut tcp to a remote",
         v1,
         cut_tcp(unmapped, REMOTE, 64),
-        Unmapped,
+        Malformed,
         untracked(),
     );
     // A mapped destination wins over a mapped source, whatever the source.
@@ -466,15 +524,8 @@ fn guest_side_classification_order() {
         miss(),
         udp_f((7, 53)),
     );
-    // Not for R without a binding: outbound (and local).
-    b.passed(
-        "V1 to R, no binding",
-        v1,
-        r,
-        NoRoute,
-        miss(),
-        udp_f((53, 8)),
-    );
+    // To R without a flow: outbound (and local).
+    b.passed("V1 to R, no flow", v1, r, NoRoute, miss(), udp_f((53, 8)));
     let fwd_ok = timed(
         legs(unmapped, P1, V1, r, PROTO_UDP, (7, 53), UdpReplied, R),
         Timeout::UdpUnreplied,

@@ -146,14 +146,14 @@ fn passes_what_it_cannot_parse() {
         "last fragment out", gst0, g(ip(PROTO_UDP, V1, REMOTE).frag(185).packet(b"x")) => Fragment;
         "fragment, unmapped", pub0, edit(&n(udp_in(REMOTE)), 20, &be(MF)) => Fragment;
         "unmapped in", pub0, n(udp_in(Ipv4Addr::new(198, 51, 100, 99))) => Unmapped;
-        "private address in", pub0, n(udp_in(V1)) => Unmapped;
         "unmapped out", gst0, g(udp_out(Ipv4Addr::new(10, 0, 0, 99), REMOTE)) => Unmapped;
         "public address out", gst0, g(udp_out(P1, REMOTE)) => Unmapped;
         "unmapped, ttl 1", gst0, g(udp_ip(GST_ADDR, REMOTE, 1, b"", true)) => Unmapped;
         "ttl 1 in", pub0, n(udp_ip(REMOTE, P1, 1, b"", true)) => TtlExpired;
         "ttl 0 out", gst0, g(tcp_ip(V1, REMOTE, 0, &[], b"")) => TtlExpired;
         "ttl 1, unroutable", pub0, n(udp_ip(REMOTE, P_TO_REMOTE, 1, b"", true)) => TtlExpired;
-        "ttl 1, tcp cut", pub0, edit(&cut_tcp(10), 22, &[1]) => TtlExpired;
+        // A malformed transport header is malformed whatever the TTL (it is parsed first).
+        "ttl 1, tcp cut", pub0, edit(&cut_tcp(10), 22, &[1]) => Malformed;
         "tcp cut at 19", pub0, cut_tcp(19) => Malformed;
         "tcp cut at 10, padded", pub0, pad(cut_tcp(10), 20) => Malformed;
         "tcp doff 4", pub0, edit(&tcp, 46, &[0x40]) => Malformed;
@@ -177,8 +177,28 @@ fn passes_what_it_cannot_parse() {
         "outbound error quoting own", gst0, g(error_out(&udp_out(V1, REMOTE))) => UNRELATED;
         "loopback ingress", lo, good.clone() => UnknownIface;
         "ingress not in IFACES", oth0, good.clone() => UnknownIface;
-        "unknown iface before parsing", lo, good[..14].to_vec() => UnknownIface;
+        // The interface's role is looked up only for a packet of no flow: a frame is parsed
+        // first, wherever it arrives.
+        "unknown iface, parsed first", lo, good[..14].to_vec() => Malformed;
     }
+    // A guest is reached only through its public address: dropped, no mapping counted.
+    let private_in = n(udp_in(V1));
+    let want = Outcome {
+        action: nat_tests::model::XDP_DROP,
+        reason: DirectToPrivate,
+        frame: private_in.clone(),
+        counted: None,
+        denied: None,
+        events: Events::default(),
+    };
+    expect(
+        &h,
+        &mut c.errs,
+        "private address in",
+        pub0,
+        &private_in,
+        &want,
+    );
     assert_no_errors(&c.errs);
     eprintln!("{} parse/classify pass cases", c.count);
 }
