@@ -203,11 +203,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _pad: 0,
         timeouts_ns,
     })?;
-    let nft = Nft {
-        public_ifaces: args.public_ifaces.clone(),
-        guest_ifaces: args.guest_ifaces.clone(),
-        manage_addresses: args.manage_addresses,
-    };
+    let nft = Nft::new(
+        args.public_ifaces.clone(),
+        args.guest_ifaces.clone(),
+        args.manage_addresses,
+    );
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
     let roles = args
         .public_ifaces
@@ -236,6 +236,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(()) => info!("attached the tc egress learner to {name}"),
             // Without it the fast path works; only flows the kernel forwarded stay unknown.
             Err(e) => warn!("{e}: flows the kernel forwards will not be known to the fast path"),
+        }
+        match ctl.fast_mut().attach_marker(name) {
+            Ok(()) => info!("attached the tc ingress marker to {name}"),
+            // Without it the fast path works; what it passes to the kernel of its own flows
+            // (fragments above all) meets the slow path's rules as a new flow.
+            Err(e) => warn!(
+                "{e}: packets of fast-path flows passed to the kernel are judged as new flows"
+            ),
         }
     }
 
