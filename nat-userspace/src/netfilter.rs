@@ -8,6 +8,7 @@
 use std::{
     fmt::Write as _,
     io::Write as _,
+    net::Ipv4Addr,
     process::{Command, Stdio},
 };
 
@@ -258,7 +259,8 @@ pub trait SlowPath {
     /// Atomically replaces natd's table with the rules for `state`.
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError>;
     /// Installs the table for `state` again if what it derives from the kernel (the policy
-    /// rules the routing marks follow) changed; says whether it did.
+    /// rules the routing marks follow) changed, and natd's policy rules; says whether the
+    /// table was installed again.
     fn refresh(&mut self, _state: &DesiredState) -> Result<bool, NetfilterError> {
         Ok(false)
     }
@@ -267,6 +269,10 @@ pub trait SlowPath {
     /// Forgets the kernel's connection-tracking entries of removed mappings, so flows the
     /// slow path translated stop being translated with them (best effort, logged).
     fn forget(&mut self, removed: &[Mapping]);
+    /// Forgets the kernel's connection-tracking entries of the public IPs `publics`, mapped or
+    /// not (any more): flows DNATed from one (its original destination) or SNATed to one (its
+    /// reply destination). Best effort, logged.
+    fn forget_publics(&mut self, publics: &[Ipv4Addr]);
 }
 
 /// Removed mappings whose kernel flows are forgotten before a change is acknowledged.
@@ -283,6 +289,20 @@ fn forget_now(removed: &[Mapping]) {
             m.public, m.private
         );
     }
+    conntrack_delete(&script, removed.len(), "mapping(s)");
+}
+
+/// The `conntrack -R` script that deletes the kernel's flows of the public IPs `publics`.
+fn forget_publics_script(publics: &[Ipv4Addr]) -> String {
+    let mut script = String::new();
+    for p in publics {
+        let _ = writeln!(script, "-D --orig-dst {p}\n-D --reply-dst {p}");
+    }
+    script
+}
+
+/// Runs `conntrack -R -` with `script` (deletions of the flows of `n` `what`).
+fn conntrack_delete(script: &str, n: usize, what: &str) {
     let run = || -> std::io::Result<std::process::Output> {
         let mut child = Command::new("conntrack")
             .args(["-R", "-"])
@@ -298,8 +318,7 @@ fn forget_now(removed: &[Mapping]) {
     match run() {
         Ok(out) if out.status.success() => {}
         Ok(out) => warn!(
-            "conntrack -R (forgetting {} mapping(s)): {}",
-            removed.len(),
+            "conntrack -R (forgetting the flows of {n} {what}): {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ),
         Err(e) => warn!("cannot run conntrack (is the conntrack package installed?): {e}"),
@@ -406,6 +425,8 @@ impl SlowPath for Nft {
     fn refresh(&mut self, state: &DesiredState) -> Result<bool, NetfilterError> {
         let routes = Self::plan(state)?;
         if routes == self.routes {
+            // natd's rules may have been removed by hand: put them back.
+            policy_routing::sync(&routes.mark_rules())?;
             return Ok(false);
         }
         self.install(state, routes)?;
@@ -439,6 +460,22 @@ impl SlowPath for Nft {
                     "forgot the kernel's flows of {} removed mappings",
                     removed.len()
                 );
+            });
+        }
+    }
+
+    fn forget_publics(&mut self, publics: &[Ipv4Addr]) {
+        if publics.is_empty() {
+            return;
+        }
+        let script = forget_publics_script(publics);
+        let n = publics.len();
+        if n <= FORGET_INLINE {
+            conntrack_delete(&script, n, "public IP(s)");
+        } else {
+            std::thread::spawn(move || {
+                conntrack_delete(&script, n, "public IP(s)");
+                log::info!("forgot the kernel's flows of {n} public IPs");
             });
         }
     }

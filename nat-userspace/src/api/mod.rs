@@ -79,7 +79,11 @@ pub enum Request {
     },
     EgressList,
     ConntrackList,
-    ConntrackFlush,
+    /// Ends tracked flows: all of them, or those of one public IP (mapped or not any more).
+    ConntrackFlush {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public: Option<Ipv4Addr>,
+    },
     Stats,
     Status,
     /// One CloudStack payload file (`staticnatrules` or `firewallrules` JSON), all or nothing.

@@ -413,7 +413,12 @@ async fn watch_kernel(
     daemon: Arc<Mutex<Daemon>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    daemon.lock().await.check_interfaces();
+    {
+        let mut d = daemon.lock().await;
+        d.check_interfaces();
+        // Policy rules the operator added while natd was starting.
+        d.refresh_routing();
+    }
     loop {
         tokio::select! {
             ev = events.next() => match ev {

@@ -13,14 +13,20 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Forget every tracked flow (established connections then need a rule again).
-    Flush,
+    /// End tracked flows: every one, or those of PUBLIC (also after its mapping was
+    /// removed, whose established flows run on until they end or are flushed). Flows the
+    /// kernel tracks for the public IPs go too. A connection whose flow was flushed needs a
+    /// rule again.
+    Flush {
+        /// Only the flows translated to or from this public IP.
+        public: Option<std::net::Ipv4Addr>,
+    },
 }
 
 pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
     let (req, json) = match cmd {
         Cmd::List { json } => (Request::ConntrackList, json),
-        Cmd::Flush => (Request::ConntrackFlush, false),
+        Cmd::Flush { public } => (Request::ConntrackFlush { public }, false),
     };
     match call(socket, req)? {
         Reply::Done { message } => println!("{message}"),
