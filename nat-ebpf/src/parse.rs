@@ -110,6 +110,9 @@ pub struct Packet {
     pub proto: u8,
     pub tos: u8,
     pub ttl: u8,
+    /// A first fragment (MF set; only [`Packet::parse_leaving`] lets one through): its UDP
+    /// length is the whole datagram's.
+    pub first_fragment: bool,
     /// Network byte order, as in the packet.
     pub saddr: u32,
     pub daddr: u32,
@@ -194,7 +197,8 @@ impl Packet {
         }
         // MF flag or a nonzero offset (RFC 791); leaving, only the offset matters.
         let frag_mask = if whole { 0x3fff } else { 0x1fff };
-        if u16::from_be_bytes(ip.frags) & frag_mask != 0 {
+        let frags = u16::from_be_bytes(ip.frags);
+        if frags & frag_mask != 0 {
             return Err(Reason::Fragment);
         }
         Ok(Packet {
@@ -202,6 +206,7 @@ impl Packet {
             proto: ip.proto,
             tos: ip.tos,
             ttl: ip.ttl,
+            first_fragment: frags & 0x2000 != 0,
             saddr: u32::from_ne_bytes(ip.src_addr),
             daddr: u32::from_ne_bytes(ip.dst_addr),
         })
@@ -243,7 +248,10 @@ impl Packet {
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
                 let ulen = u16::from_be_bytes(h.len) as usize;
-                if l4_len < UdpHdr::LEN || ulen < UdpHdr::LEN || ulen > l4_len {
+                if l4_len < UdpHdr::LEN
+                    || ulen < UdpHdr::LEN
+                    || (ulen > l4_len && !self.first_fragment)
+                {
                     return Err(Reason::Malformed);
                 }
                 t.sport = u16::from_ne_bytes(h.src);

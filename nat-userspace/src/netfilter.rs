@@ -351,8 +351,8 @@ impl Nft {
 
     /// The routing plan for `state` under the kernel's policy rules now.
     fn plan(state: &DesiredState) -> Result<RoutePlan, NetfilterError> {
-        let rules = policy_routing::source_rules()?;
-        let plan = RoutePlan::of(state.mappings(), &rules);
+        let (rules, existing) = policy_routing::rules()?;
+        let plan = RoutePlan::of(state.mappings(), &rules, &existing);
         if !plan.unmarked.is_empty() {
             warn!(
                 "policy routing: more than {} policy rules route mapped public IPs; the kernel \
@@ -375,10 +375,11 @@ impl Nft {
         policy_routing::sync(&routes.mark_rules())?;
         if routes != self.routes {
             for g in &routes.groups {
+                let sources: Vec<String> = g.sources.iter().map(ToString::to_string).collect();
                 log::info!(
-                    "policy routing: {} mapping(s) of from {} lookup {}: {}",
+                    "policy routing: {} mapping(s) of `from {} lookup {}`: {}",
                     g.mappings.len(),
-                    g.source,
+                    sources.join(", "),
                     g.rule.table,
                     g.rule
                 );

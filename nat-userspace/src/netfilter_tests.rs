@@ -22,6 +22,7 @@ pub fn plan(state: &DesiredState) -> RoutePlan {
                 table: 101,
             },
         ],
+        &[],
     )
 }
 

@@ -14,9 +14,12 @@
 //!
 //! Only rules whose one selector is a source prefix are mirrored (no destination, TOS,
 //! interface, mark, port, protocol, uid range or `not`). A mapping follows the first such rule
-//! (lowest priority) whose prefix holds its P; at most [`MAX_ROUTE_MARKS`] rules are mirrored
-//! (the rest are logged and their mappings routed as before). natd's rules are known by their
-//! protocol and mark mask; no other rule is ever changed.
+//! (lowest priority) whose prefix holds its P; rules of the same priority and table share one
+//! mark and one rule of natd's, and a mark keeps its priority and table while natd's rule for
+//! it exists (across restarts too), so the marks of live connections keep their meaning. At
+//! most [`MAX_ROUTE_MARKS`] priority and table pairs are mirrored (the rest are logged and
+//! their mappings routed as before). natd's rules are known by their protocol and mark mask;
+//! no other rule is ever changed.
 use std::{fmt, net::Ipv4Addr};
 
 use futures::TryStreamExt as _;
@@ -82,55 +85,86 @@ impl fmt::Display for MarkRule {
     }
 }
 
-/// The mappings one mirrored rule routes, and natd's rule for them.
+/// The mappings the operator's source rules of one priority and table route, and natd's rule
+/// for them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteGroup {
     pub rule: MarkRule,
-    /// The operator's rule's source prefix.
-    pub source: Cidr,
+    /// The source prefixes of the operator's rules (of that priority and table) that hold
+    /// the mappings' public IPs.
+    pub sources: Vec<Cidr>,
     pub mappings: Vec<Mapping>,
 }
 
 /// What natd installs so the kernel routes translated traffic as the fast path does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutePlan {
-    /// In the order of the operator's rules; group `i` (from 0) has mark `route_mark(i + 1)`.
+    /// By priority, then table.
     pub groups: Vec<RouteGroup>,
     /// Mappings a source rule routes for which no mark was left (more than
-    /// [`MAX_ROUTE_MARKS`] rules route mapped public IPs).
+    /// [`MAX_ROUTE_MARKS`] priority and table pairs route mapped public IPs).
     pub unmarked: Vec<Mapping>,
 }
 
 impl RoutePlan {
     /// The plan for `mappings` under the operator's source rules `rules` (in the kernel's
-    /// order: by priority, then as listed).
-    pub fn of(mappings: impl IntoIterator<Item = Mapping>, rules: &[SourceRule]) -> Self {
+    /// order: by priority, then as listed). Mappings routed by rules of the same priority and
+    /// table share a mark; a priority and table that `existing` (natd's rules in the kernel)
+    /// already has a mark for keep it, so the marks of live connections keep their meaning
+    /// when rules come and go; the others take the lowest free marks.
+    pub fn of(
+        mappings: impl IntoIterator<Item = Mapping>,
+        rules: &[SourceRule],
+        existing: &[MarkRule],
+    ) -> Self {
         let mut ordered: Vec<&SourceRule> = rules.iter().collect();
         ordered.sort_by_key(|r| r.priority);
-        let mut by_rule: Vec<Vec<Mapping>> = vec![Vec::new(); ordered.len()];
+        let mut groups: std::collections::BTreeMap<(u32, u32), RouteGroup> = Default::default();
         for m in mappings {
-            if let Some(i) = ordered.iter().position(|r| r.source.holds(m.public)) {
-                by_rule[i].push(m);
+            let Some(r) = ordered.iter().find(|r| r.source.holds(m.public)) else {
+                continue;
+            };
+            let g = groups
+                .entry((r.priority, r.table))
+                .or_insert_with(|| RouteGroup {
+                    rule: MarkRule {
+                        priority: r.priority,
+                        mark: 0,
+                        table: r.table,
+                    },
+                    sources: Vec::new(),
+                    mappings: Vec::new(),
+                });
+            if !g.sources.contains(&r.source) {
+                g.sources.push(r.source);
+            }
+            g.mappings.push(m);
+        }
+        let mut taken: std::collections::BTreeSet<u32> = Default::default();
+        for g in groups.values_mut() {
+            let kept = existing.iter().find(|e| {
+                (e.priority, e.table) == (g.rule.priority, g.rule.table) && !taken.contains(&e.mark)
+            });
+            if let Some(e) = kept {
+                g.rule.mark = e.mark;
+                taken.insert(e.mark);
             }
         }
+        let mut free = (1..=MAX_ROUTE_MARKS)
+            .map(route_mark)
+            .filter(|m| !taken.contains(m));
         let mut plan = RoutePlan::default();
-        for (rule, mappings) in ordered.into_iter().zip(by_rule) {
-            if mappings.is_empty() {
-                continue;
+        for mut g in groups.into_values() {
+            if g.rule.mark == 0 {
+                match free.next() {
+                    Some(m) => g.rule.mark = m,
+                    None => {
+                        plan.unmarked.extend(g.mappings);
+                        continue;
+                    }
+                }
             }
-            if plan.groups.len() as u32 >= MAX_ROUTE_MARKS {
-                plan.unmarked.extend(mappings);
-                continue;
-            }
-            plan.groups.push(RouteGroup {
-                rule: MarkRule {
-                    priority: rule.priority,
-                    mark: route_mark(plan.groups.len() as u32 + 1),
-                    table: rule.table,
-                },
-                source: rule.source,
-                mappings,
-            });
+            plan.groups.push(g);
         }
         plan
     }
@@ -246,9 +280,12 @@ async fn dump(
     Ok((sources, mine))
 }
 
-/// The operator's source rules now (natd's own left out).
-pub fn source_rules() -> Result<Vec<SourceRule>, RoutingError> {
-    with_netlink(|handle| async move { Ok(dump(&handle).await?.0) })
+/// The operator's source rules and natd's own rules in the kernel now.
+pub fn rules() -> Result<(Vec<SourceRule>, Vec<MarkRule>), RoutingError> {
+    with_netlink(|handle| async move {
+        let (sources, mine) = dump(&handle).await?;
+        Ok((sources, mine.into_iter().map(|(r, _)| r).collect()))
+    })
 }
 
 /// Makes natd's rules in the kernel exactly `want`: adds the missing ones, then removes the

@@ -134,6 +134,7 @@ fn each_mapping_follows_the_first_rule_holding_its_public_ip() {
             mapping("198.51.100.9", "10.0.0.9"),
         ],
         &rules,
+        &[],
     );
     let got: Vec<_> = plan
         .groups
@@ -178,7 +179,7 @@ fn beyond_the_marks_the_field_holds_mappings_are_left_unmarked() {
     let mappings: Vec<Mapping> = (0..70u8)
         .map(|i| mapping(&format!("203.0.113.{i}"), &format!("10.0.1.{i}")))
         .collect();
-    let plan = RoutePlan::of(mappings, &rules);
+    let plan = RoutePlan::of(mappings, &rules, &[]);
     assert_eq!(plan.groups.len(), MAX_ROUTE_MARKS as usize);
     assert_eq!(plan.unmarked.len(), 70 - MAX_ROUTE_MARKS as usize);
     assert_eq!(
@@ -189,6 +190,66 @@ fn beyond_the_marks_the_field_holds_mappings_are_left_unmarked() {
 
 #[test]
 fn no_rules_no_plan() {
-    let plan = RoutePlan::of([mapping("203.0.113.10", "10.0.0.10")], &[]);
+    let plan = RoutePlan::of([mapping("203.0.113.10", "10.0.0.10")], &[], &[]);
     assert_eq!(plan, RoutePlan::default());
+}
+
+#[test]
+fn rules_of_one_priority_and_table_share_a_mark() {
+    // CloudStack's router: one `from NETWORK lookup Table_ethN` per public network, here
+    // two prefixes of one network's table.
+    let rule = |source: &str| SourceRule {
+        priority: 32764,
+        source: source.parse().unwrap(),
+        table: 102,
+    };
+    let plan = RoutePlan::of(
+        [
+            mapping("192.0.2.10", "10.0.0.10"),
+            mapping("198.51.100.20", "10.0.0.20"),
+        ],
+        &[rule("192.0.2.0/24"), rule("198.51.100.0/24")],
+        &[],
+    );
+    assert_eq!(plan.groups.len(), 1, "{plan:?}");
+    assert_eq!(plan.groups[0].rule.mark, route_mark(1));
+    assert_eq!(plan.groups[0].mappings.len(), 2);
+    assert_eq!(plan.groups[0].sources.len(), 2);
+}
+
+#[test]
+fn a_mark_keeps_its_table_while_natd_has_a_rule_for_it() {
+    let rules = [
+        SourceRule {
+            priority: 32765,
+            source: "203.0.113.10/32".parse().unwrap(),
+            table: 101,
+        },
+        SourceRule {
+            priority: 32764,
+            source: "203.0.113.20/32".parse().unwrap(),
+            table: 102,
+        },
+    ];
+    let maps = [
+        mapping("203.0.113.10", "10.0.0.10"),
+        mapping("203.0.113.20", "10.0.0.20"),
+    ];
+    // Installed when only the rule of 203.0.113.10 existed: it holds mark 1.
+    let existing = [MarkRule {
+        priority: 32765,
+        mark: route_mark(1),
+        table: 101,
+    }];
+    let plan = RoutePlan::of(maps, &rules, &existing);
+    let marks: Vec<_> = plan
+        .groups
+        .iter()
+        .map(|g| (g.rule.table, g.rule.mark))
+        .collect();
+    assert_eq!(marks, [(102, route_mark(2)), (101, route_mark(1))]);
+    // Without natd's rules the marks follow the priorities.
+    let fresh = RoutePlan::of(maps, &rules, &[]);
+    assert_eq!(fresh.groups[0].rule.mark, route_mark(1));
+    assert_eq!(fresh.groups[0].rule.table, 102);
 }
