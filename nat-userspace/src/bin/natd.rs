@@ -53,8 +53,9 @@ struct Args {
     /// bpffs directory for the pinned maps and XDP links (mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
-    /// On SIGINT/SIGTERM detach XDP and remove the pins and the nftables table. Without it
-    /// natd leaves the fast path running on exit, for the next natd to adopt.
+    /// On SIGINT/SIGTERM detach XDP and remove the pins, the nftables table and natd's policy
+    /// rules. Without it natd leaves the fast path running on exit, for the next natd to
+    /// adopt.
     #[arg(long)]
     detach_on_exit: bool,
     /// Add each mapped public IP to the public interface whose subnet holds it (with a
@@ -361,7 +362,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mappings: Vec<_> = ctl.state().mappings().collect();
         match ctl.slow_mut().remove() {
             Ok(()) => {
-                info!("removed nftables table {}", nat_userspace::netfilter::TABLE);
+                info!(
+                    "removed nftables table {} and natd's policy rules",
+                    nat_userspace::netfilter::TABLE
+                );
                 ctl.slow_mut().forget(&mappings);
             }
             Err(e) => {
