@@ -222,3 +222,32 @@ pub struct StatsReport {
     pub conntrack: ConntrackStats,
     pub mappings: Vec<MappingStatus>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `conntrack flush` without a public IP is the request an older natctl sends.
+    #[test]
+    fn conntrack_flush_names_a_public_ip_or_none() {
+        let all: Request = serde_json::from_str(r#"{"command":"conntrack_flush"}"#).unwrap();
+        assert_eq!(all, Request::ConntrackFlush { public: None });
+        assert_eq!(
+            serde_json::to_string(&all).unwrap(),
+            r#"{"command":"conntrack_flush"}"#
+        );
+        let one = Request::ConntrackFlush {
+            public: Some(Ipv4Addr::new(203, 0, 113, 10)),
+        };
+        let text = serde_json::to_string(&one).unwrap();
+        assert_eq!(
+            text,
+            r#"{"command":"conntrack_flush","public":"203.0.113.10"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), one);
+        assert!(
+            serde_json::from_str::<Request>(r#"{"command":"conntrack_flush","public":"P"}"#)
+                .is_err()
+        );
+    }
+}

@@ -13,10 +13,12 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// End tracked flows: every one, or those of PUBLIC (also after its mapping was
-    /// removed, whose established flows run on until they end or are flushed). Flows the
-    /// kernel tracks for the public IPs go too. A connection whose flow was flushed needs a
-    /// rule again.
+    /// End tracked flows: every one, or those of one public IP
+    ///
+    /// With PUBLIC, only the flows translated to or from that public IP, also after its
+    /// mapping was removed (a removed mapping's established flows run on until they end or
+    /// are flushed). The kernel's connection-tracking entries of the public IPs go too. A
+    /// connection whose flow was flushed needs a rule again.
     Flush {
         /// Only the flows translated to or from this public IP.
         public: Option<std::net::Ipv4Addr>,
