@@ -438,10 +438,13 @@ impl SlowPath for Nft {
         if self.manage_addresses {
             crate::addresses::remove_all(&self.public_ifaces)?;
         }
-        policy_routing::sync(&[])?;
+        // The table goes even if the rules cannot: a rule without the table's marks matches
+        // nothing.
+        let rules = policy_routing::sync(&[]);
         self.routes = RoutePlan::default();
         // Declaring the table first makes the delete succeed whether or not it exists.
-        run_nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+        run_nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+        Ok(rules?)
     }
 
     fn forget(&mut self, removed: &[Mapping]) {
