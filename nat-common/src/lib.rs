@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod flow;
 pub mod maps;
+pub mod marks;
 pub mod reason;
 
 pub use flow::*;

@@ -15,7 +15,7 @@ mod fast;
 mod flows;
 mod forward;
 mod learn;
-
+mod mark;
 mod newflow;
 mod parse;
 mod policy;

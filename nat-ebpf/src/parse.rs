@@ -110,6 +110,9 @@ pub struct Packet {
     pub proto: u8,
     pub tos: u8,
     pub ttl: u8,
+    /// A first fragment (MF set; only [`Packet::parse_leaving`] lets one through): its UDP
+    /// length is the whole datagram's.
+    pub first_fragment: bool,
     /// Network byte order, as in the packet.
     pub saddr: u32,
     pub daddr: u32,
@@ -194,7 +197,8 @@ impl Packet {
         }
         // MF flag or a nonzero offset (RFC 791); leaving, only the offset matters.
         let frag_mask = if whole { 0x3fff } else { 0x1fff };
-        if u16::from_be_bytes(ip.frags) & frag_mask != 0 {
+        let frags = u16::from_be_bytes(ip.frags);
+        if frags & frag_mask != 0 {
             return Err(Reason::Fragment);
         }
         Ok(Packet {
@@ -202,6 +206,7 @@ impl Packet {
             proto: ip.proto,
             tos: ip.tos,
             ttl: ip.ttl,
+            first_fragment: frags & 0x2000 != 0,
             saddr: u32::from_ne_bytes(ip.src_addr),
             daddr: u32::from_ne_bytes(ip.dst_addr),
         })
@@ -243,7 +248,10 @@ impl Packet {
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
                 let ulen = u16::from_be_bytes(h.len) as usize;
-                if l4_len < UdpHdr::LEN || ulen < UdpHdr::LEN || ulen > l4_len {
+                if l4_len < UdpHdr::LEN
+                    || ulen < UdpHdr::LEN
+                    || (ulen > l4_len && !self.first_fragment)
+                {
                     return Err(Reason::Malformed);
                 }
                 t.sport = u16::from_ne_bytes(h.src);
@@ -351,4 +359,59 @@ pub fn embedded(
         proto: ip.proto,
         ports,
     })
+}
+
+/// Longest IPv4 header (IHL 15).
+pub const IP_MAX_LEN: usize = 60;
+
+/// The flow-table key of a packet arriving at the kernel, as the XDP program keys it
+/// ([`Transport::tuple`]) but for what it passes on: the IPv4 header may carry options, and a
+/// first fragment (offset 0, MF set) is keyed by the ports its transport header carries. A
+/// later fragment, an ICMP error, DCCP and UDP-Lite have no key. Only the headers need to be
+/// in the linear data.
+#[inline(always)]
+pub fn wire_tuple(ctx: &impl Frame) -> Option<FlowTuple> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: in bounds per `ptr_at`.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF)?;
+    // SAFETY: in bounds per `ptr_at`.
+    let ip = unsafe { &*ip };
+    let (version, ihl) = (ip.vihl >> 4, (ip.vihl & 0x0f) as usize);
+    if version != 4 || ihl < 5 || u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+        return None;
+    }
+    let l4 = IP_OFF + ihl * 4;
+    let (sport, dport) = match ip.proto {
+        proto::TCP | proto::UDP => {
+            let h = ptr_at::<[u8; 4]>(ctx, l4)?;
+            // SAFETY: in bounds per `ptr_at`.
+            let h = unsafe { &*h };
+            (
+                u16::from_ne_bytes([h[0], h[1]]),
+                u16::from_ne_bytes([h[2], h[3]]),
+            )
+        }
+        proto::ICMP => {
+            let h = ptr_at::<[u8; 8]>(ctx, l4)?;
+            // SAFETY: in bounds per `ptr_at`.
+            let h = unsafe { &*h };
+            nat_common::conntrack::icmp_query(h[0])?;
+            (
+                u16::from_ne_bytes([h[ICMP_ID_AT], h[ICMP_ID_AT + 1]]),
+                u16::from_ne_bytes([h[0], 0]),
+            )
+        }
+        proto::DCCP | proto::UDPLITE => return None,
+        _ => (0, 0),
+    };
+    Some(FlowTuple::new(
+        u32::from_ne_bytes(ip.src_addr),
+        u32::from_ne_bytes(ip.dst_addr),
+        sport,
+        dport,
+        ip.proto,
+    ))
 }

@@ -30,7 +30,7 @@ const LABEL_SUFFIX: &str = ":xnat";
 #[derive(Debug, thiserror::Error)]
 pub enum AddressError {
     #[error("cannot open an rtnetlink socket: {0}")]
-    Socket(#[source] std::io::Error),
+    Socket(#[from] std::io::Error),
     #[error("public interface {0} does not exist")]
     UnknownIface(String),
     #[error("listing the IPv4 addresses of {ifaces:?}: {source}")]
@@ -69,20 +69,20 @@ struct Addr {
 
 /// Runs `job` with an rtnetlink handle on a thread of its own (natd calls this from
 /// synchronous code that may itself run on the async runtime), in the caller's namespace.
-fn with_netlink<T, F>(job: impl FnOnce(Handle) -> F + Send) -> Result<T, AddressError>
+/// `E` says how a socket that cannot be opened is reported.
+pub(crate) fn with_netlink<T, E, F>(job: impl FnOnce(Handle) -> F + Send) -> Result<T, E>
 where
     T: Send,
-    F: Future<Output = Result<T, AddressError>>,
+    E: Send + From<std::io::Error>,
+    F: Future<Output = Result<T, E>>,
 {
     std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .map_err(AddressError::Socket)?;
+                .build()?;
             rt.block_on(async {
-                let (conn, handle, _) =
-                    rtnetlink::new_connection().map_err(AddressError::Socket)?;
+                let (conn, handle, _) = rtnetlink::new_connection()?;
                 let driver = tokio::spawn(conn);
                 let out = job(handle).await;
                 driver.abort();
@@ -91,7 +91,7 @@ where
         })
         .join()
         .unwrap_or_else(|_| {
-            Err(AddressError::Socket(std::io::Error::other(
+            Err(E::from(std::io::Error::other(
                 "the netlink thread panicked",
             )))
         })

@@ -54,6 +54,11 @@ impl Cidr {
             && u32::from(other.addr) & Self::mask(self.len) == u32::from(self.addr)
     }
 
+    /// Whether `self` contains the address `addr`.
+    pub fn holds(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & Self::mask(self.len) == u32::from(self.addr)
+    }
+
     /// The prefix of length `len` (<= self.len) that contains `self`.
     pub fn truncate(&self, len: u8) -> Cidr {
         Cidr {

@@ -49,6 +49,9 @@ pub struct Daemon {
     /// Link-layer addresses of the usable neighbours seen, by (ifindex, address): a change or
     /// a removal bumps the route generation.
     neighbours: std::collections::BTreeMap<(u32, std::net::Ipv4Addr), [u8; 6]>,
+    /// Public IPs whose mapping was removed since natd started: their flows may run on (in
+    /// the kernel too) until a flush.
+    revoked: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 pub use crate::clock::monotonic_ns;
@@ -94,6 +97,7 @@ impl Daemon {
             evictions: 0,
             missing: Default::default(),
             neighbours: Default::default(),
+            revoked: Default::default(),
         }
     }
 
@@ -217,14 +221,7 @@ impl Daemon {
                 Ok(r) => Response::Ok(r),
                 Err(e) => refuse(e),
             },
-            Request::ConntrackFlush => {
-                let n = self.remove_flows(|_| true);
-                // The kernel's entries for the mapped addresses too: flows the slow path
-                // tracked must not outlive a flush either.
-                let mappings: Vec<Mapping> = self.ctl.state().mappings().collect();
-                self.ctl.slow_mut().forget(&mappings);
-                done(format!("{n} flows flushed"))
-            }
+            Request::ConntrackFlush { public } => self.flush(public),
             Request::CloudstackApply { name, payload } => self.apply_cloudstack(&name, &payload),
             Request::Status => match self.status() {
                 Ok(s) => Response::Ok(Reply::Status(s)),
@@ -265,10 +262,44 @@ impl Daemon {
         }
     }
 
+    /// Ends the flows of `public`, or every flow: in the fast path, and the kernel's
+    /// connection-tracking entries of the public IPs concerned (flows the slow path tracked
+    /// must not outlive a flush either): every mapped public IP, every public IP revoked since
+    /// natd started and every one a fast-path flow named.
+    fn flush(&mut self, public: Option<Ipv4Addr>) -> Response {
+        let named = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let n = self.remove_flows(|v| {
+            let p = v.public();
+            let hit = public.is_none_or(|want| want == p);
+            if hit {
+                named.borrow_mut().insert(p);
+            }
+            hit
+        });
+        let mut publics = named.into_inner();
+        match public {
+            Some(p) => {
+                publics.insert(p);
+                self.revoked.remove(&p);
+            }
+            None => {
+                publics.extend(self.ctl.state().mappings().map(|m| m.public));
+                publics.append(&mut self.revoked);
+            }
+        }
+        let publics: Vec<Ipv4Addr> = publics.into_iter().collect();
+        self.ctl.slow_mut().forget_publics(&publics);
+        match public {
+            Some(p) => done(format!("{n} flows of {p} flushed")),
+            None => done(format!("{n} flows flushed")),
+        }
+    }
+
     /// A removed mapping refuses new flows at once; its established flows run on with their
     /// binding until they end or time out, as netfilter keeps them on a CloudStack router
     /// (`natctl conntrack flush` ends them).
     fn forget_flows(&mut self, removed: &[Mapping]) {
+        self.revoked.extend(removed.iter().map(|m| m.public));
         if !removed.is_empty() {
             info!(
                 "{} mapping(s) removed: new flows refused, established flows kept until they end",

@@ -1,5 +1,5 @@
-//! Kernel events over rtnetlink: links, IPv4 routes, IPv4 neighbours and IPv4 addresses, as
-//! typed [`KernelEvent`]s, instead of polling.
+//! Kernel events over rtnetlink: links, IPv4 routes, IPv4 neighbours, IPv4 addresses and IPv4
+//! policy rules, as typed [`KernelEvent`]s, instead of polling.
 //!
 //! # Use
 //!
@@ -18,7 +18,7 @@
 //!
 //! # Guarantees
 //! - One netlink socket subscribed to the groups `RTNLGRP_LINK`, `RTNLGRP_IPV4_ROUTE`,
-//!   `RTNLGRP_NEIGH` and `RTNLGRP_IPV4_IFADDR`; a background task turns its messages into
+//!   `RTNLGRP_NEIGH`, `RTNLGRP_IPV4_IFADDR` and `RTNLGRP_IPV4_RULE`; a background task turns its messages into
 //!   events, in the kernel's order. Dropping [`KernelEvents`] ends the task and closes the socket.
 //! - Links: the watcher knows the links of the namespace (one dump while subscribing, kept up
 //!   to date by the events). [`KernelEvent::LinkAdded`] is a link it did not know,
@@ -26,7 +26,7 @@
 //!   [`KernelEvents::subscribe`] runs may be reported as changed), [`KernelEvent::LinkRemoved`]
 //!   a link deleted (or moved to another namespace). A consumer that acts on a name treats
 //!   added and changed alike.
-//! - Routes, neighbours and addresses are IPv4 only (the fast path's family): bridge FDB and IPv6
+//! - Routes, neighbours, addresses and rules are IPv4 only (the fast path's family): bridge FDB and IPv6
 //!   neighbours, IPv6 routes and addresses are not reported.
 //! - Nothing is lost silently: when the kernel dropped notifications because the socket's
 //!   buffer was full (`ENOBUFS`), or the socket failed and was opened again, the task reports the
@@ -51,6 +51,7 @@ use rtnetlink::{
         link::{LinkAttribute, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
         route::{RouteAddress, RouteAttribute, RouteMessage},
+        rule::{RuleAttribute, RuleMessage},
     },
     sys::{AsyncSocket as _, SocketAddr},
 };
@@ -102,6 +103,15 @@ pub enum KernelEvent {
         addr: Ipv4Addr,
         prefix: u8,
         label: Option<String>,
+        removed: bool,
+    },
+    /// An IPv4 policy routing rule was added or deleted.
+    RuleChanged {
+        priority: u32,
+        /// The table it looks up (0 for other actions).
+        table: u32,
+        /// Who made it (`ip rule ... protocol`; 0 if unspecified).
+        protocol: u8,
         removed: bool,
     },
     /// Notifications were lost (socket buffer overflow, or the socket was opened again):
@@ -164,6 +174,7 @@ impl Connection {
             MulticastGroup::Ipv4Route,
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv4Rule,
         ])
         .map_err(KernelEventsError::Socket)?;
         if let Err(e) = conn.socket_mut().socket_mut().set_rx_buf_sz(SOCKET_BUFFER) {
@@ -308,6 +319,8 @@ fn translate(msg: RouteNetlinkMessage, links: &mut BTreeMap<u32, String>) -> Opt
         RouteNetlinkMessage::DelNeighbour(m) => neighbour(&m, true),
         RouteNetlinkMessage::NewAddress(m) => address(&m, false),
         RouteNetlinkMessage::DelAddress(m) => address(&m, true),
+        RouteNetlinkMessage::NewRule(m) => rule(&m, false),
+        RouteNetlinkMessage::DelRule(m) => rule(&m, true),
         _ => None,
     }
 }
@@ -384,6 +397,27 @@ fn address(m: &AddressMessage, removed: bool) -> Option<KernelEvent> {
         addr: addr?,
         prefix: m.header.prefix_len,
         label,
+        removed,
+    })
+}
+
+fn rule(m: &RuleMessage, removed: bool) -> Option<KernelEvent> {
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let (mut priority, mut table, mut protocol) = (0, u32::from(m.header.table), 0);
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => priority = *p,
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Protocol(p) => protocol = u8::from(*p),
+            _ => {}
+        }
+    }
+    Some(KernelEvent::RuleChanged {
+        priority,
+        table,
+        protocol,
         removed,
     })
 }

@@ -174,3 +174,34 @@ fn ipv4_addresses_prefer_the_local_address_and_keep_the_label() {
         })
     );
 }
+
+#[test]
+fn ipv4_policy_rules_are_reported_with_priority_and_table() {
+    let mut m = RuleMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.table = 101;
+    m.attributes = vec![RuleAttribute::Priority(32765)];
+    let mut links = BTreeMap::new();
+    assert_eq!(
+        translate(RouteNetlinkMessage::NewRule(m.clone()), &mut links),
+        Some(KernelEvent::RuleChanged {
+            priority: 32765,
+            table: 101,
+            protocol: 0,
+            removed: false,
+        })
+    );
+    m.attributes.push(RuleAttribute::Table(1000));
+    m.attributes.push(RuleAttribute::Protocol(167.into()));
+    assert_eq!(
+        translate(RouteNetlinkMessage::DelRule(m.clone()), &mut links),
+        Some(KernelEvent::RuleChanged {
+            priority: 32765,
+            table: 1000,
+            protocol: 167,
+            removed: true,
+        })
+    );
+    m.header.family = AddressFamily::Inet6;
+    assert_eq!(translate(RouteNetlinkMessage::NewRule(m), &mut links), None);
+}

@@ -2,7 +2,7 @@
 //!
 //! Library first: the binaries are thin layers over [`daemon`] (request handling),
 //! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
-//! [`netfilter`] (the slow path) and [`api`] (the control socket). [`cloudstack`] turns CloudStack
+//! [`netfilter`] (the slow path, with [`policy_routing`]) and [`api`] (the control socket). [`cloudstack`] turns CloudStack
 //! virtual-router payloads into desired-state changes; [`kernel_events`] reports link, route,
 //! neighbour and address changes over rtnetlink; [`metrics`] serves Prometheus.
 pub mod addresses;
@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod netfilter;
 pub mod persist;
 pub mod pins;
+pub mod policy_routing;
 pub mod reconcile;
 pub mod state;
 pub mod tables;

@@ -1,18 +1,25 @@
 //! The slow path: an nftables table of natd's own that translates exactly what the XDP program
 //! translates, for every frame the program passes to the kernel (fragments above all; the kernel
-//! reassembles before NAT). The table is replaced whole in one `nft -f` transaction; nothing
-//! outside it is touched.
+//! reassembles before NAT), and gives it the same verdict: what the tc marker marked as part of
+//! a flow the fast path admitted ([`FASTPATH_MARK`]) is accepted, the rest meets the same rules
+//! as in the fast path. Routing by the public IP's network ([`crate::policy_routing`]) is done
+//! with marks set here. The table is replaced whole in one `nft -f` transaction; nothing
+//! outside it is touched but natd's own policy rules.
 use std::{
     fmt::Write as _,
     io::Write as _,
+    net::Ipv4Addr,
     process::{Command, Stdio},
 };
 
 use log::warn;
 
+use nat_common::marks::{FASTPATH_MARK, ROUTE_MARK_MASK};
+
 use crate::{
     cidr::Cidr,
     firewall::{Proto, Service},
+    policy_routing::{self, RoutePlan, RoutingError},
     state::{DesiredState, Mapping},
 };
 
@@ -27,18 +34,37 @@ pub enum NetfilterError {
     Refused(String),
     #[error("public addresses: {0}")]
     Addresses(#[from] crate::addresses::AddressError),
+    #[error("policy routing: {0}")]
+    Routing(#[from] RoutingError),
 }
+
+/// Priority of the chain that drops what is addressed to a private address from the public
+/// side and sets the routing marks: after conntrack (-200) and before the NAT of the
+/// prerouting hook (-100), so it sees every packet's addresses as they arrived (a reply's
+/// destination is still P), and after the `mangle` priority (-150) where a router's own
+/// iptables (CloudStack's `CONNMARK --restore-mark`) writes the marks.
+const ROUTE_PRIORITY: i32 = -140;
 
 /// Renders the whole table: DNAT P -> V for what arrives on a public interface, SNAT V -> P for
 /// what leaves through one (the scope the XDP program uses), hairpin (a guest to a mapped P:
 /// DNAT, and the source masqueraded to the router's guest-side address), the router's own
 /// traffic to a mapped P (DNAT in the output hook, as the CloudStack router's `OUTPUT -d P -j
-/// DNAT`), and the same policy in the forward hook: established and related flows pass, each
-/// mapped public IP accepts what its active ingress rules allow and drops the rest, mapped
-/// guests' traffic to the public side obeys the egress policy (source, destination, service). The kernel reassembles fragments before these hooks, so a fragmented packet meets
-/// exactly the rules an unfragmented one does. Interface names are quoted; natd checked they
-/// exist, so they contain no quote.
-pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &DesiredState) -> String {
+/// DNAT`), and the same policy in the forward hook: what the tc marker marked as part of a
+/// fast-path flow passes, established and related flows pass, each mapped public IP accepts
+/// what its active ingress rules allow and drops the rest, mapped guests' traffic to the
+/// public side obeys the egress policy (source, destination, service). What arrives on a
+/// public interface addressed to a mapped private address is dropped, as the XDP program drops
+/// it (`direct_to_private`). The connections of the mappings `routes` covers get their routing
+/// mark ([`route_section`]). The kernel reassembles fragments before these hooks, so a
+/// fragmented packet meets exactly the rules an unfragmented one does (and carries the mark of
+/// its first fragment). Interface names are quoted; natd checked they exist, so they contain
+/// no quote.
+pub fn render(
+    public_ifaces: &[String],
+    guest_ifaces: &[String],
+    state: &DesiredState,
+    routes: &RoutePlan,
+) -> String {
     let set = |items: &[String]| {
         items
             .iter()
@@ -102,6 +128,8 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
             r.id
         );
     }
+    let (route_defs, route_rules) = route_section(&pubs, &guests, routes);
+    let fastpath = FASTPATH_MARK;
     format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
@@ -110,6 +138,12 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
          \tmap snat_v4 {{ type ipv4_addr : ipv4_addr;{snat} }}\n\
          \tset publics {{ type ipv4_addr;{publics} }}\n\
          \tset privates {{ type ipv4_addr;{privates} }}\n\
+         {route_defs}\
+         \tchain route {{\n\
+         \t\ttype filter hook prerouting priority {ROUTE_PRIORITY}; policy accept;\n\
+         \t\tiifname {{ {pubs} }} ip daddr @privates drop\n\
+         {route_rules}\
+         \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\tiifname {{ {pubs} }} dnat ip to ip daddr map @dnat_v4\n\
@@ -126,6 +160,7 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tmeta mark and {fastpath:#x} == {fastpath:#x} accept\n\
          \t\tiifname {{ {pubs} }} ct original ip daddr @publics jump ingress\n\
          \t\tiifname {{ {pubs} }} ip daddr @publics drop\n\
          \t\tiifname {{ {guests} }} ct original ip daddr @publics jump ingress\n\
@@ -143,6 +178,50 @@ pub fn render(public_ifaces: &[String], guest_ifaces: &[String], state: &Desired
          \t}}\n\
          }}\n"
     )
+}
+
+/// The routing marks of [`crate::policy_routing`]: the chains and maps (before the `route`
+/// chain, which refers to them) and the rules of the `route` chain. Group `i`'s chain `route_i`
+/// puts its mark in the connection mark of a new connection to one of its public IPs arriving
+/// on a public interface, or from one of its private addresses arriving on a guest interface
+/// and not to a mapped public IP (hairpin is routed by its private addresses, as in the fast
+/// path); `mark_i` copies the mark into the packet's mark for every packet of such a
+/// connection arriving on a guest interface, which the kernel routes next. Both keep the
+/// other bits of the marks.
+fn route_section(pubs: &str, guests: &str, routes: &RoutePlan) -> (String, String) {
+    if routes.groups.is_empty() {
+        return (String::new(), String::new());
+    }
+    let keep = !ROUTE_MARK_MASK;
+    let mut defs = String::new();
+    let (mut ins, mut outs, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, g) in routes.groups.iter().enumerate() {
+        let (n, mark) = (i + 1, g.rule.mark);
+        let _ = write!(
+            defs,
+            "\tchain route_{n} {{\n\t\tct mark set ct mark and {keep:#x} or {mark:#x}\n\t}}\n\
+             \tchain mark_{n} {{\n\t\tmeta mark set meta mark and {keep:#x} or {mark:#x}\n\t}}\n"
+        );
+        for m in &g.mappings {
+            ins.push(format!("{} : jump route_{n}", m.public));
+            outs.push(format!("{} : jump route_{n}", m.private));
+        }
+        marks.push(format!("{mark:#x} : jump mark_{n}"));
+    }
+    let _ = write!(
+        defs,
+        "\tmap route_in {{ type ipv4_addr : verdict; elements = {{ {} }} }}\n\
+         \tmap route_out {{ type ipv4_addr : verdict; elements = {{ {} }} }}\n",
+        ins.join(", "),
+        outs.join(", ")
+    );
+    let rules = format!(
+        "\t\tct state new iifname {{ {pubs} }} ip daddr vmap @route_in\n\
+         \t\tct state new iifname {{ {guests} }} ip daddr != @publics ip saddr vmap @route_out\n\
+         \t\tiifname {{ {guests} }} ct mark and {ROUTE_MARK_MASK:#x} vmap {{ {} }}\n",
+        marks.join(", ")
+    );
+    (defs, rules)
 }
 
 /// ` ip saddr { ... }` for the CIDRs, or nothing when one of them is 0.0.0.0/0.
@@ -179,11 +258,21 @@ fn service_match(s: &Service) -> String {
 pub trait SlowPath {
     /// Atomically replaces natd's table with the rules for `state`.
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError>;
-    /// Removes natd's table, if present.
+    /// Installs the table for `state` again if what it derives from the kernel (the policy
+    /// rules the routing marks follow) changed, and natd's policy rules; says whether the
+    /// table was installed again.
+    fn refresh(&mut self, _state: &DesiredState) -> Result<bool, NetfilterError> {
+        Ok(false)
+    }
+    /// Removes natd's table and policy rules, if present.
     fn remove(&mut self) -> Result<(), NetfilterError>;
     /// Forgets the kernel's connection-tracking entries of removed mappings, so flows the
     /// slow path translated stop being translated with them (best effort, logged).
     fn forget(&mut self, removed: &[Mapping]);
+    /// Forgets the kernel's connection-tracking entries of the public IPs `publics`, mapped or
+    /// not (any more): flows DNATed from one (its original destination) or SNATed to one (its
+    /// reply destination). Best effort, logged.
+    fn forget_publics(&mut self, publics: &[Ipv4Addr]);
 }
 
 /// Removed mappings whose kernel flows are forgotten before a change is acknowledged.
@@ -200,6 +289,20 @@ fn forget_now(removed: &[Mapping]) {
             m.public, m.private
         );
     }
+    conntrack_delete(&script, removed.len(), "mapping(s)");
+}
+
+/// The `conntrack -R` script that deletes the kernel's flows of the public IPs `publics`.
+fn forget_publics_script(publics: &[Ipv4Addr]) -> String {
+    let mut script = String::new();
+    for p in publics {
+        let _ = writeln!(script, "-D --orig-dst {p}\n-D --reply-dst {p}");
+    }
+    script
+}
+
+/// Runs `conntrack -R -` with `script` (deletions of the flows of `n` `what`).
+fn conntrack_delete(script: &str, n: usize, what: &str) {
     let run = || -> std::io::Result<std::process::Output> {
         let mut child = Command::new("conntrack")
             .args(["-R", "-"])
@@ -215,20 +318,76 @@ fn forget_now(removed: &[Mapping]) {
     match run() {
         Ok(out) if out.status.success() => {}
         Ok(out) => warn!(
-            "conntrack -R (forgetting {} mapping(s)): {}",
-            removed.len(),
+            "conntrack -R (forgetting the flows of {n} {what}): {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ),
         Err(e) => warn!("cannot run conntrack (is the conntrack package installed?): {e}"),
     }
 }
 
-/// The real slow path, through the `nft` command.
+/// The real slow path, through the `nft` command, and natd's policy rules.
 pub struct Nft {
     pub public_ifaces: Vec<String>,
     pub guest_ifaces: Vec<String>,
     /// `--manage-addresses`: keep mapped public IPs on the public interfaces.
     pub manage_addresses: bool,
+    /// The routing plan installed with the table.
+    routes: RoutePlan,
+}
+
+impl Nft {
+    pub fn new(
+        public_ifaces: Vec<String>,
+        guest_ifaces: Vec<String>,
+        manage_addresses: bool,
+    ) -> Self {
+        Nft {
+            public_ifaces,
+            guest_ifaces,
+            manage_addresses,
+            routes: RoutePlan::default(),
+        }
+    }
+
+    /// The routing plan for `state` under the kernel's policy rules now.
+    fn plan(state: &DesiredState) -> Result<RoutePlan, NetfilterError> {
+        let (rules, existing) = policy_routing::rules()?;
+        let plan = RoutePlan::of(state.mappings(), &rules, &existing);
+        if !plan.unmarked.is_empty() {
+            warn!(
+                "policy routing: more than {} policy rules route mapped public IPs; the kernel \
+                 routes what it translates of {} mapping(s) by their private address",
+                nat_common::marks::MAX_ROUTE_MARKS,
+                plan.unmarked.len()
+            );
+        }
+        Ok(plan)
+    }
+
+    /// Installs the table for `state` with `routes`, then natd's policy rules for them.
+    fn install(&mut self, state: &DesiredState, routes: RoutePlan) -> Result<(), NetfilterError> {
+        run_nft(&render(
+            &self.public_ifaces,
+            &self.guest_ifaces,
+            state,
+            &routes,
+        ))?;
+        policy_routing::sync(&routes.mark_rules())?;
+        if routes != self.routes {
+            for g in &routes.groups {
+                let sources: Vec<String> = g.sources.iter().map(ToString::to_string).collect();
+                log::info!(
+                    "policy routing: {} mapping(s) of `from {} lookup {}`: {}",
+                    g.mappings.len(),
+                    sources.join(", "),
+                    g.rule.table,
+                    g.rule
+                );
+            }
+        }
+        self.routes = routes;
+        Ok(())
+    }
 }
 
 fn run_nft(script: &str) -> Result<(), NetfilterError> {
@@ -256,19 +415,36 @@ fn run_nft(script: &str) -> Result<(), NetfilterError> {
 
 impl SlowPath for Nft {
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError> {
-        run_nft(&render(&self.public_ifaces, &self.guest_ifaces, state))?;
+        let routes = Self::plan(state)?;
+        self.install(state, routes)?;
         if self.manage_addresses {
             crate::addresses::sync(&self.public_ifaces, state)?;
         }
         Ok(())
     }
 
+    fn refresh(&mut self, state: &DesiredState) -> Result<bool, NetfilterError> {
+        let routes = Self::plan(state)?;
+        if routes == self.routes {
+            // natd's rules may have been removed by hand: put them back.
+            policy_routing::sync(&routes.mark_rules())?;
+            return Ok(false);
+        }
+        self.install(state, routes)?;
+        Ok(true)
+    }
+
     fn remove(&mut self) -> Result<(), NetfilterError> {
         if self.manage_addresses {
             crate::addresses::remove_all(&self.public_ifaces)?;
         }
+        // The table goes even if the rules cannot: a rule without the table's marks matches
+        // nothing.
+        let rules = policy_routing::sync(&[]);
+        self.routes = RoutePlan::default();
         // Declaring the table first makes the delete succeed whether or not it exists.
-        run_nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+        run_nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+        Ok(rules?)
     }
 
     fn forget(&mut self, removed: &[Mapping]) {
@@ -291,11 +467,32 @@ impl SlowPath for Nft {
             });
         }
     }
+
+    fn forget_publics(&mut self, publics: &[Ipv4Addr]) {
+        if publics.is_empty() {
+            return;
+        }
+        let script = forget_publics_script(publics);
+        let n = publics.len();
+        if n <= FORGET_INLINE {
+            conntrack_delete(&script, n, "public IP(s)");
+        } else {
+            std::thread::spawn(move || {
+                conntrack_delete(&script, n, "public IP(s)");
+                log::info!("forgot the kernel's flows of {n} public IPs");
+            });
+        }
+    }
 }
+
+#[cfg(test)]
+#[path = "netfilter_tests.rs"]
+pub(crate) mod tests_routes;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netfilter::tests_routes;
 
     fn state() -> DesiredState {
         let mut s = DesiredState::default();
@@ -309,7 +506,12 @@ mod tests {
 
     #[test]
     fn renders_both_directions_scoped_to_public_ifaces() {
-        let r = render(&["eth2".into(), "eth3".into()], &["eth0".into()], &state());
+        let r = render(
+            &["eth2".into(), "eth3".into()],
+            &["eth0".into()],
+            &state(),
+            &RoutePlan::default(),
+        );
         assert!(r.contains("elements = { 203.0.113.10 : 10.0.0.10 }"), "{r}");
         assert!(r.contains("elements = { 10.0.0.10 : 203.0.113.10 }"), "{r}");
         assert!(
@@ -375,7 +577,12 @@ mod tests {
             ],
         )
         .unwrap();
-        let r = render(&["eth2".into()], &["eth0".into()], &s);
+        let r = render(
+            &["eth2".into()],
+            &["eth0".into()],
+            &s,
+            &RoutePlan::default(),
+        );
         assert!(!r.contains("rule 14"), "{r}");
         assert!(
             r.contains(
@@ -448,8 +655,18 @@ mod tests {
         )
         .unwrap();
         for script in [
-            render(&["eth2".into()], &["eth0".into(), "eth1".into()], &s),
-            render(&["x".into()], &["y".into()], &DesiredState::default()),
+            render(
+                &["eth2".into()],
+                &["eth0".into(), "eth1".into()],
+                &s,
+                &tests_routes::plan(&s),
+            ),
+            render(
+                &["x".into()],
+                &["y".into()],
+                &DesiredState::default(),
+                &RoutePlan::default(),
+            ),
         ] {
             let mut child = Command::new("nft")
                 .args(["-c", "-f", "-"])
@@ -474,7 +691,12 @@ mod tests {
 
     #[test]
     fn empty_state_has_empty_maps() {
-        let r = render(&["eth2".into()], &["eth0".into()], &DesiredState::default());
+        let r = render(
+            &["eth2".into()],
+            &["eth0".into()],
+            &DesiredState::default(),
+            &RoutePlan::default(),
+        );
         assert!(!r.contains("elements"), "{r}");
     }
 }

@@ -182,6 +182,12 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
         Ok(diff)
     }
 
+    /// Brings the slow path up to date with what it derives from the kernel for the installed
+    /// state (policy rules changed); says whether its table was installed again.
+    pub fn refresh_slow(&mut self) -> Result<bool, NetfilterError> {
+        self.slow.refresh(&self.state)
+    }
+
     /// Gives the slow path the installed state again after a failed change.
     fn restore_slow(&mut self) {
         if let Err(e) = self.slow.replace(&self.state) {
@@ -339,6 +345,7 @@ mod tests {
             Ok(())
         }
         fn forget(&mut self, _: &[Mapping]) {}
+        fn forget_publics(&mut self, _: &[std::net::Ipv4Addr]) {}
     }
 
     fn m(p: &str, v: &str) -> Mapping {

@@ -796,9 +796,9 @@ fn deleting_a_mapping_keeps_its_rules_inactive() -> anyhow::Result<()> {
 
 /// A guest's UDP flow whose answer comes back fragmented: the small request took the fast
 /// path (XDP tracks the flow), the 4000-byte answer takes the slow path, where it must count as
-/// a reply of that flow, not as a new inbound flow no rule allows.
+/// a reply of that flow, not as a new inbound flow no rule allows (the tc marker marks it as
+/// the fast path's, and natd's table accepts what is marked).
 #[test]
-#[ignore = "known limitation (README): nftables' ingress chain knows only the kernel's conntrack, not XDP's flows"]
 fn a_fragmented_answer_to_a_fast_path_flow_arrives() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING))?;

@@ -79,7 +79,11 @@ pub enum Request {
     },
     EgressList,
     ConntrackList,
-    ConntrackFlush,
+    /// Ends tracked flows: all of them, or those of one public IP (mapped or not any more).
+    ConntrackFlush {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public: Option<Ipv4Addr>,
+    },
     Stats,
     Status,
     /// One CloudStack payload file (`staticnatrules` or `firewallrules` JSON), all or nothing.
@@ -217,4 +221,33 @@ pub struct StatsReport {
     pub reasons: Vec<ReasonStat>,
     pub conntrack: ConntrackStats,
     pub mappings: Vec<MappingStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `conntrack flush` without a public IP is the request an older natctl sends.
+    #[test]
+    fn conntrack_flush_names_a_public_ip_or_none() {
+        let all: Request = serde_json::from_str(r#"{"command":"conntrack_flush"}"#).unwrap();
+        assert_eq!(all, Request::ConntrackFlush { public: None });
+        assert_eq!(
+            serde_json::to_string(&all).unwrap(),
+            r#"{"command":"conntrack_flush"}"#
+        );
+        let one = Request::ConntrackFlush {
+            public: Some(Ipv4Addr::new(203, 0, 113, 10)),
+        };
+        let text = serde_json::to_string(&one).unwrap();
+        assert_eq!(
+            text,
+            r#"{"command":"conntrack_flush","public":"203.0.113.10"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), one);
+        assert!(
+            serde_json::from_str::<Request>(r#"{"command":"conntrack_flush","public":"P"}"#)
+                .is_err()
+        );
+    }
 }

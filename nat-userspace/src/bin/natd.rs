@@ -53,8 +53,9 @@ struct Args {
     /// bpffs directory for the pinned maps and XDP links (mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
-    /// On SIGINT/SIGTERM detach XDP and remove the pins and the nftables table. Without it
-    /// natd leaves the fast path running on exit, for the next natd to adopt.
+    /// On SIGINT/SIGTERM detach XDP and remove the pins, the nftables table and natd's policy
+    /// rules. Without it natd leaves the fast path running on exit, for the next natd to
+    /// adopt.
     #[arg(long)]
     detach_on_exit: bool,
     /// Add each mapped public IP to the public interface whose subnet holds it (with a
@@ -203,11 +204,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _pad: 0,
         timeouts_ns,
     })?;
-    let nft = Nft {
-        public_ifaces: args.public_ifaces.clone(),
-        guest_ifaces: args.guest_ifaces.clone(),
-        manage_addresses: args.manage_addresses,
-    };
+    let nft = Nft::new(
+        args.public_ifaces.clone(),
+        args.guest_ifaces.clone(),
+        args.manage_addresses,
+    );
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
     let roles = args
         .public_ifaces
@@ -236,6 +237,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(()) => info!("attached the tc egress learner to {name}"),
             // Without it the fast path works; only flows the kernel forwarded stay unknown.
             Err(e) => warn!("{e}: flows the kernel forwards will not be known to the fast path"),
+        }
+        match ctl.fast_mut().attach_marker(name) {
+            Ok(()) => info!("attached the tc ingress marker to {name}"),
+            // Without it the fast path works; what it passes to the kernel of its own flows
+            // (fragments above all) meets the slow path's rules as a new flow.
+            Err(e) => warn!(
+                "{e}: packets of fast-path flows passed to the kernel are judged as new flows"
+            ),
         }
     }
 
@@ -353,7 +362,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mappings: Vec<_> = ctl.state().mappings().collect();
         match ctl.slow_mut().remove() {
             Ok(()) => {
-                info!("removed nftables table {}", nat_userspace::netfilter::TABLE);
+                info!(
+                    "removed nftables table {} and natd's policy rules",
+                    nat_userspace::netfilter::TABLE
+                );
                 ctl.slow_mut().forget(&mappings);
             }
             Err(e) => {
@@ -405,7 +417,12 @@ async fn watch_kernel(
     daemon: Arc<Mutex<Daemon>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    daemon.lock().await.check_interfaces();
+    {
+        let mut d = daemon.lock().await;
+        d.check_interfaces();
+        // Policy rules the operator added while natd was starting.
+        d.refresh_routing();
+    }
     loop {
         tokio::select! {
             ev = events.next() => match ev {

@@ -1,9 +1,10 @@
 //! natd's answer to kernel events ([`crate::kernel_events`]): interfaces deleted and created
 //! again are attached again, an attached interface's own address is kept current in the
-//! program, and every route, address or link change, and every neighbour whose link-layer
-//! address changed or went away, bumps the route generation: each flow resolves its route and
-//! next hop again on its next packet (a neighbour that is gone sends the flow to the kernel,
-//! which resolves it).
+//! program, and every route, address, link or policy rule change, and every neighbour whose
+//! link-layer address changed or went away, bumps the route generation: each flow resolves its
+//! route and next hop again on its next packet (a neighbour that is gone sends the flow to the
+//! kernel, which resolves it). A policy rule change also brings the slow path's routing marks
+//! and natd's own rules up to date ([`crate::policy_routing`]).
 use log::{debug, info, warn};
 
 use super::Daemon;
@@ -33,6 +34,13 @@ impl Daemon {
                 self.bump_routes("address");
             }
             KernelEvent::RouteChanged { .. } => self.bump_routes("route"),
+            KernelEvent::RuleChanged { protocol, .. } => {
+                // natd's own rules match marked packets only, never the fast path's lookups.
+                if protocol != crate::policy_routing::RULE_PROTOCOL {
+                    self.bump_routes("policy rule");
+                }
+                self.refresh_routing();
+            }
             KernelEvent::NeighbourChanged {
                 ifindex,
                 addr,
@@ -72,6 +80,7 @@ impl Daemon {
                 }
                 self.neighbours.clear();
                 self.bump_routes("lost notifications");
+                self.refresh_routing();
             }
         }
     }
@@ -81,6 +90,16 @@ impl Daemon {
         match self.ctl.fast_mut().bump_route_generation() {
             Ok(g) => debug!("route generation {g} ({why})"),
             Err(e) => warn!("bumping the route generation ({why}): {e}"),
+        }
+    }
+
+    /// Brings the slow path's routing marks and natd's policy rules up to date with the
+    /// kernel's policy rules (see [`crate::policy_routing`]).
+    pub fn refresh_routing(&mut self) {
+        match self.ctl.refresh_slow() {
+            Ok(true) => info!("policy rules changed: the slow path's routing marks follow them"),
+            Ok(false) => {}
+            Err(e) => warn!("policy routing: {}", crate::report(&e)),
         }
     }
 

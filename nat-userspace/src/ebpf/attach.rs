@@ -1,5 +1,5 @@
-//! XDP attachments (pinned links adopted or created), the tc egress learner, re-attachment
-//! after an interface was deleted and created again, detaching.
+//! XDP attachments (pinned links adopted or created), the tc egress learner and ingress
+//! marker, re-attachment after an interface was deleted and created again, detaching.
 use super::*;
 
 impl Dataplane {
@@ -170,6 +170,9 @@ impl Dataplane {
         if let Err(e) = self.attach_learner(name) {
             log::warn!("{e}");
         }
+        if let Err(e) = self.attach_marker(name) {
+            log::warn!("{e}");
+        }
         a.reattached = old.reattached + 1;
         if let Some((last, _)) = self.attached.last_mut() {
             last.reattached = a.reattached;
@@ -201,16 +204,44 @@ impl Dataplane {
         Ok(())
     }
 
-    fn detach_learners(&mut self) {
-        let Some(Ok(prog)) = self
+    /// Attaches the tc ingress marker to `name`, so the kernel accepts what XDP passes it of
+    /// the flows the fast path admitted (see nat-ebpf/src/mark.rs).
+    pub fn attach_marker(&mut self, name: &str) -> Result<(), DataplaneError> {
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(name) {
+            log::debug!("clsact on {name}: {e}");
+        }
+        let prog: &mut SchedClassifier = self
             .ebpf
-            .program_mut(LEARNER)
-            .map(<&mut SchedClassifier>::try_from)
-        else {
-            return;
-        };
-        for (_, id) in self.learners.drain(..) {
-            let _ = prog.detach(id);
+            .program_mut(MARKER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        let id =
+            prog.attach(name, TcAttachType::Ingress)
+                .map_err(|source| DataplaneError::Marker {
+                    iface: name.to_string(),
+                    source,
+                })?;
+        self.markers.retain(|(n, _)| n != name);
+        self.markers.push((name.to_string(), id));
+        Ok(())
+    }
+
+    fn detach_learners(&mut self) {
+        for (program, held) in [
+            (LEARNER, std::mem::take(&mut self.learners)),
+            (MARKER, std::mem::take(&mut self.markers)),
+        ] {
+            let Some(Ok(prog)) = self
+                .ebpf
+                .program_mut(program)
+                .map(<&mut SchedClassifier>::try_from)
+            else {
+                continue;
+            };
+            for (_, id) in held {
+                let _ = prog.detach(id);
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use nat_common::{
-    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING,
+    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, ORIGIN_GUEST,
     conntrack::{ASSURED, SEEN_REPLY, State},
 };
 
@@ -35,6 +35,19 @@ pub struct FlowView {
 }
 
 impl FlowView {
+    /// The public IP the flow is translated to or from: for a flow a guest opened to the
+    /// public side, the destination of its reply direction (the P its answers come to); for a
+    /// flow opened from the public side, and for hairpin, the destination of its original
+    /// direction (the P it reached).
+    pub fn public(&self) -> std::net::Ipv4Addr {
+        let outbound = self.flow.kind == FLOW_NAT && self.flow.origin == ORIGIN_GUEST;
+        addr(if outbound {
+            self.peer.daddr
+        } else {
+            self.key.daddr
+        })
+    }
+
     fn of(key: FlowTuple, e: &FlowEntry) -> Self {
         let pending = e.flags & ENTRY_PENDING != 0;
         FlowView {
@@ -181,5 +194,52 @@ impl Dataplane {
         };
         self.write_config(&cfg)?;
         Ok(cfg.route_gen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nat_common::{FLOW_HAIRPIN, ORIGIN_PUBLIC, proto};
+
+    use super::*;
+
+    fn ip(s: &str) -> u32 {
+        key(s.parse().unwrap())
+    }
+
+    fn view(key: FlowTuple, peer: FlowTuple, kind: u8, origin: u8) -> FlowView {
+        FlowView {
+            key,
+            peer,
+            flow: FlowKey {
+                kind,
+                origin,
+                ..FlowKey::default()
+            },
+            state: State::Other,
+            timer: 0,
+            assured: false,
+            last_seen: 0,
+            pending: false,
+            replied: false,
+            learned: false,
+            slot: 1,
+        }
+    }
+
+    #[test]
+    fn a_flow_tells_its_public_ip_whichever_side_opened_it() {
+        let (v, p, r) = (ip("10.0.0.10"), ip("203.0.113.10"), ip("198.51.100.2"));
+        let t = |s, d| FlowTuple::new(s, d, 1, 2, proto::UDP);
+        // A guest's flow: V -> R, answered R -> P.
+        let out = view(t(v, r), t(r, p), FLOW_NAT, ORIGIN_GUEST);
+        // A remote's flow: R -> P, answered V -> R.
+        let inb = view(t(r, p), t(v, r), FLOW_NAT, ORIGIN_PUBLIC);
+        // Hairpin: V2 -> P, answered V -> the router's guest address.
+        let (v2, g) = (ip("10.0.0.20"), ip("10.0.0.1"));
+        let hairpin = view(t(v2, p), t(v, g), FLOW_HAIRPIN, ORIGIN_GUEST);
+        for f in [out, inb, hairpin] {
+            assert_eq!(f.public(), addr(p), "{f:?}");
+        }
     }
 }

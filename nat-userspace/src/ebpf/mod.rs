@@ -51,6 +51,8 @@ use crate::{
 pub const PROGRAM: &str = "nat";
 /// Name of the tc egress learner (see nat-ebpf/src/learn.rs).
 pub const LEARNER: &str = "learn";
+/// Name of the tc ingress marker (see nat-ebpf/src/mark.rs).
+pub const MARKER: &str = "mark";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -101,6 +103,12 @@ pub enum DataplaneError {
     },
     #[error("cannot attach the tc learner to {iface}: {source}")]
     Learner {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach the tc ingress marker to {iface}: {source}")]
+    Marker {
         iface: String,
         #[source]
         source: ProgramError,
@@ -219,6 +227,8 @@ pub struct Dataplane {
     /// The tc egress learner's attachments (tcx links, gone with natd: the learner only
     /// matters while natd runs, a new natd attaches it again).
     learners: Vec<(String, SchedClassifierLinkId)>,
+    /// The tc ingress marker's attachments, held like the learner's.
+    markers: Vec<(String, SchedClassifierLinkId)>,
     /// Counter slots of the mappings (see [`slots::Slots`]).
     slots: slots::Slots,
     sizes: Sizes,
@@ -344,12 +354,19 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Program)?;
         learner.load().map_err(DataplaneError::Program)?;
+        let marker: &mut SchedClassifier = ebpf
+            .program_mut(MARKER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        marker.load().map_err(DataplaneError::Program)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
         let mut dp = Self {
             ebpf,
             nr_cpus,
             attached: Vec::new(),
             learners: Vec::new(),
+            markers: Vec::new(),
             pins,
             adopted,
             slots: slots::Slots::new(sizes.mappings),

@@ -260,10 +260,10 @@ async fn next_event<T>(
 }
 
 /// natd's kernel-event subscription (`nat_userspace::kernel_events`) in a namespace of its own:
-/// a link created, brought up, given an address (and with it a route), a route and a neighbour
-/// entered, and the link deleted each arrive as their typed event.
+/// a link created, brought up, given an address (and with it a route), a route, a neighbour and
+/// a policy rule entered, and the link deleted each arrive as their typed event.
 #[test]
-fn kernel_events_report_links_addresses_routes_and_neighbours() -> anyhow::Result<()> {
+fn kernel_events_report_links_addresses_routes_neighbours_and_rules() -> anyhow::Result<()> {
     let ns = NetnsGuard::new()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -336,6 +336,22 @@ fn kernel_events_report_links_addresses_routes_and_neighbours() -> anyhow::Resul
             ensure!(l == Some([2, 0, 0, 0, 0, 2]), "lladdr {l:?}");
             Ok(())
         })?;
+        ns.ip(&[
+            "rule", "add", "from", "192.0.2.1", "table", "100", "priority", "1000",
+        ])?;
+        next_event(&mut events, "the rule from 192.0.2.1", |e| {
+            matches!(
+                e,
+                KernelEvent::RuleChanged {
+                    priority: 1000,
+                    table: 100,
+                    removed: false,
+                    ..
+                }
+            )
+            .then_some(())
+        })
+        .await?;
         ns.ip(&["link", "del", "xk0"])?;
         next_event(&mut events, "xk0 removed", |e| {
             (*e == KernelEvent::LinkRemoved {

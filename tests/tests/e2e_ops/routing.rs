@@ -260,11 +260,11 @@ fn datagram_leaves_through(
 /// What the kernel translates must take the same way as what XDP does: a fragmented datagram
 /// (XDP passes fragments to the kernel) and the first datagram towards a gateway whose
 /// neighbour entry the router does not have yet (XDP passes it too) must leave through the
-/// public network owning P2. They do not: the kernel routes them before nftables' SNAT, by the
-/// private source V2, which no `ip rule from P2` matches, so through the main table's default
-/// (network 1) — with P2 as source. Run with `--ignored`; see the report of the ops tests.
+/// public network owning P2. The kernel routes them before nftables' SNAT, by the private
+/// source V2, which no `ip rule from P2` matches: natd's routing mark and its `fwmark` rule
+/// for table 102 send them through network 2 (before, the main table's default sent them
+/// through network 1, with P2 as source).
 #[test]
-#[ignore = "known limitation (README): the kernel's slow path routes by the private source, not by `from P`"]
 fn what_the_kernel_translates_leaves_through_its_own_network_too() -> anyhow::Result<()> {
     let t = TwoNetworks::new()?;
     datagram_leaves_through(&t.topo.guest, (V2, P2), 4000, &t.upstream2, &t.topo.client)
@@ -274,5 +274,126 @@ fn what_the_kernel_translates_leaves_through_its_own_network_too() -> anyhow::Re
         .ip(&["neigh", "flush", "dev", ROUTER_PUBLIC2_IF])?;
     datagram_leaves_through(&t.topo.guest, (V2, P2), 64, &t.upstream2, &t.topo.client)
         .context("the first packet, gateway 2 not yet resolved")?;
+    Ok(())
+}
+
+/// A remote behind network 2 sends a fragmented datagram to P2 (a rule opens it): the kernel
+/// translates it, and the guest's fragmented answer, which the kernel translates too, must
+/// leave through network 2, where the connection came from, not by the main table's default.
+#[test]
+fn the_kernels_answers_leave_through_the_network_the_connection_came_from() -> anyhow::Result<()> {
+    let t = TwoNetworks::new()?;
+    let natctl = t.natd.natctl()?;
+    natctl.firewall_add(P2, &["--proto", "udp", "--ports", "7000"])?;
+    let service = udp_bind(&t.topo.guest, at(V2, 7000))?;
+    let (remote, wrong) = (
+        udp_bind(&t.upstream2, at(REMOTE, 7100))?,
+        udp_bind(&t.topo.client, at(REMOTE, 7100))?,
+    );
+    remote.send_to(&vec![1u8; 4000], at(P2, 7000))?;
+    let (data, from) = udp_receive(&service)?;
+    assert_eq!((data.len(), from), (4000, at(REMOTE, 7100).into()));
+    service.send_to(&vec![2u8; 4000], from)?;
+    let arrived = udp_receive(&remote);
+    let stray = assert_no_datagram(&wrong);
+    let (answer, from) =
+        arrived.with_context(|| format!("at {}: {stray:?}", t.topo.client.name()))?;
+    assert_eq!((answer.len(), from), (4000, at(P2, 7000).into()));
+    stray
+}
+
+/// natd's own policy rules (`ip -j rule`): (priority, table) of each, sorted.
+fn natd_rules(router: &Netns) -> anyhow::Result<Vec<(u64, String)>> {
+    let text = router.ip(&["-j", "rule", "show"])?;
+    let rules: serde_json::Value = serde_json::from_str(&text).context("ip -j rule")?;
+    let mut out = Vec::new();
+    for r in rules.as_array().context("ip -j rule: not an array")? {
+        if r["protocol"] != "167" {
+            continue;
+        }
+        ensure!(
+            r["fwmask"] == "0x3f000000" && r["src"] == "all",
+            "natd's rule {r}"
+        );
+        let priority = r["priority"].as_u64().context("a rule without priority")?;
+        out.push((
+            priority,
+            r["table"].as_str().unwrap_or_default().to_string(),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Polls natd's rules until they are `want` (bounded).
+fn wait_rules(router: &Netns, want: &[(u64, &str)], what: &str) -> anyhow::Result<()> {
+    let mut want: Vec<(u64, String)> = want.iter().map(|(p, t)| (*p, t.to_string())).collect();
+    want.sort();
+    let deadline = std::time::Instant::now() + nat_tests::topology::observe::ARRIVAL;
+    loop {
+        let now = natd_rules(router)?;
+        if now == want {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: natd's rules are {now:?}, not {want:?}; all rules: {}",
+            router.ip(&["rule", "show"])?
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// natd mirrors each `from P lookup T` rule of the operator with a `fwmark` rule of its own
+/// (protocol 167) at the same priority, follows the operator's changes, drops the rule of a
+/// table no mapping needs any more, and removes its rules when it exits with
+/// `--detach-on-exit`; the operator's rules stay as they were.
+#[test]
+fn natd_keeps_its_policy_rules_in_step_with_the_operators_and_the_mappings() -> anyhow::Result<()> {
+    let mut t = TwoNetworks::new()?;
+    let r = &t.topo.router;
+    let operator = |r: &Netns| -> anyhow::Result<String> {
+        let all = r.ip(&["rule", "show"])?;
+        Ok(all
+            .lines()
+            .filter(|l| !l.contains("proto 167"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    let priority = |from: Ipv4Addr| -> anyhow::Result<u64> {
+        let text = r.ip(&["-j", "rule", "show", "from", &from.to_string()])?;
+        let rules: serde_json::Value = serde_json::from_str(&text)?;
+        rules[0]["priority"]
+            .as_u64()
+            .with_context(|| format!("no rule from {from}: {text}"))
+    };
+    let (p1, p2) = (priority(P1)?, priority(P2)?);
+    wait_rules(r, &[(p2, "102"), (p1, "101")], "at start")?;
+
+    t.natd.natctl()?.ok(&["mapping", "del", "203.0.113.20"])?;
+    wait_rules(r, &[(p1, "101")], "after P2's mapping went")?;
+
+    r.ip(&["rule", "del", "from", &P1.to_string(), "table", "101"])?;
+    wait_rules(r, &[], "after the operator's rule for P1 went")?;
+    r.ip(&[
+        "rule",
+        "add",
+        "from",
+        &P1.to_string(),
+        "table",
+        "102",
+        "priority",
+        "100",
+    ])?;
+    wait_rules(
+        r,
+        &[(100, "102")],
+        "after the operator moved P1 to table 102",
+    )?;
+    let before = operator(r)?;
+
+    t.natd.terminate()?;
+    assert_eq!(natd_rules(r)?, [], "natd's rules after it exited");
+    assert_eq!(operator(r)?, before, "the operator's rules");
     Ok(())
 }

@@ -13,14 +13,22 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Forget every tracked flow (established connections then need a rule again).
-    Flush,
+    /// End tracked flows: every one, or those of one public IP
+    ///
+    /// With PUBLIC, only the flows translated to or from that public IP, also after its
+    /// mapping was removed (a removed mapping's established flows run on until they end or
+    /// are flushed). The kernel's connection-tracking entries of the public IPs go too. A
+    /// connection whose flow was flushed needs a rule again.
+    Flush {
+        /// Only the flows translated to or from this public IP.
+        public: Option<std::net::Ipv4Addr>,
+    },
 }
 
 pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
     let (req, json) = match cmd {
         Cmd::List { json } => (Request::ConntrackList, json),
-        Cmd::Flush => (Request::ConntrackFlush, false),
+        Cmd::Flush { public } => (Request::ConntrackFlush { public }, false),
     };
     match call(socket, req)? {
         Reply::Done { message } => println!("{message}"),
