@@ -364,10 +364,13 @@ fn status_counts_the_listed_flows_and_dates_the_last_change() -> anyhow::Result<
     Ok(())
 }
 
-/// A flow the slow path translated (its first datagram was fragmented, so the router's
-/// conntrack holds a DNAT entry for it) must stop reaching the guest once the mapping is gone.
+/// Revoking a static NAT keeps what netfilter keeps: a flow already translated runs on with its
+/// binding (here one the slow path translated: its first datagram was fragmented, so the
+/// router's conntrack holds its DNAT), a new flow is refused at once, and `natctl conntrack
+/// flush` ends the old one. (Formerly the mapping's removal cut its flows, unlike a CloudStack
+/// router.)
 #[test]
-fn mapping_del_stops_flows_the_slow_path_translated() -> anyhow::Result<()> {
+fn mapping_del_keeps_established_flows_until_flushed() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING_OPEN))?;
     let listener = udp_bind(&topo.guest, at(GUEST_ADDR, 7000))?;
@@ -376,10 +379,19 @@ fn mapping_del_stops_flows_the_slow_path_translated() -> anyhow::Result<()> {
         Probe::Delivered(from) => assert_eq!(from.ip(), CLIENT_ADDR),
         Probe::Rejected(e) => panic!("with the mapping, the datagram was rejected: {e}"),
     }
-    natd.natctl()?.ok(&["mapping", "del", "203.0.113.10"])?;
+    let natctl = natd.natctl()?;
+    natctl.ok(&["mapping", "del", "203.0.113.10"])?;
     assert_eq!(topo.nft_maps()?, Some(expected_nft(&[])));
-    // Same socket, so the same 5-tuple as the translated datagram.
-    assert_unreachable(flow.probe(&listener, 32)?, "same flow after del");
+    // Same socket, so the same 5-tuple as the translated datagram: still the flow's.
+    match flow.probe(&listener, 32)? {
+        Probe::Delivered(from) => assert_eq!(from.ip(), CLIENT_ADDR),
+        Probe::Rejected(e) => panic!("the established flow was cut by the revoke: {e}"),
+    }
+    // A new flow to the revoked address is refused.
+    let mut other = ProbeSender::new(&topo.client, at(PUBLIC_ADDR, 7000))?;
+    assert_unreachable(other.probe(&listener, 32)?, "a new flow after del");
+    natctl.ok(&["conntrack", "flush"])?;
+    assert_unreachable(flow.probe(&listener, 32)?, "the old flow after the flush");
     Ok(())
 }
 
