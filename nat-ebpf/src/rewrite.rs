@@ -27,9 +27,7 @@ pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason
         }
         // Only a query whose identifier the rewrite changes has one to write (other messages
         // carry other data there).
-        proto::ICMP if e.l4_csum == ICMP_ID_CSUM_AT => {
-            store16(ctx, L4_OFF + ICMP_ID_AT, e.sport)?
-        }
+        proto::ICMP if e.l4_csum == ICMP_ID_CSUM_AT => store16(ctx, L4_OFF + ICMP_ID_AT, e.sport)?,
         _ => {}
     }
     // One arm per checksum position: the verifier only proves packet accesses at constant

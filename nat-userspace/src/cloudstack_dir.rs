@@ -85,7 +85,7 @@ fn candidate(name: &str) -> bool {
 }
 
 /// Payload files in `dir` not yet handled, in name order.
-fn pending(dir: &Path, record: &Record) -> std::io::Result<Vec<String>> {
+pub fn pending(dir: &Path, record: &Record) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -244,9 +244,11 @@ impl Watcher {
     }
 }
 
-/// Handles files as they come until `stop` turns true.
+/// Handles `initial` (the files [`pending`] found before natd served anyone: written while no
+/// natd watched), then files as they come, until `stop` turns true.
 pub async fn watch_dir(
     mut watcher: Watcher,
+    initial: Vec<String>,
     state_dir: PathBuf,
     mut record: Record,
     daemon: Arc<Mutex<Daemon>>,
@@ -262,7 +264,7 @@ pub async fn watch_dir(
         Ok(names) => names.into_iter().for_each(|n| queue.push(n)),
         Err(e) => warn!("reading {}: {e}", dir.display()),
     };
-    scan(&mut queue, &record);
+    initial.into_iter().for_each(|n| queue.push(n));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         while let Some(name) = queue.next(Instant::now()).cloned() {

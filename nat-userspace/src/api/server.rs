@@ -1,6 +1,7 @@
 //! natd's side of the control API: accepts root clients only, reads one JSON request per line
 //! (bounded), answers each with one JSON line. Malformed input gets an error reply, never a
 //! crash.
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -59,15 +60,19 @@ pub async fn serve(
     daemon: Arc<Mutex<Daemon>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let daemon = daemon.clone();
+                    let open = open.clone();
+                    open.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, daemon).await {
+                        if let Err(e) = connection(stream, daemon, &open).await {
                             warn!("control connection: {e}");
                         }
+                        open.fetch_sub(1, Ordering::Relaxed);
                     });
                 }
                 Err(e) => {
@@ -85,6 +90,11 @@ pub async fn serve(
 /// A client that sends nothing for this long is disconnected (natctl sends its request at
 /// once): idle clients cannot hold natd's file descriptors for long.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+/// With more than [`CROWD`] clients connected, one idle for [`IDLE_CROWDED`] is dropped: a
+/// crowd of idle clients (beyond what natd's file descriptors allow at once, the rest waiting
+/// in the listen queue) is gone in a fraction of a second, not a second per batch.
+const CROWD: usize = 8;
+const IDLE_CROWDED: std::time::Duration = std::time::Duration::from_millis(100);
 /// Pause after a failed accept.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -97,7 +107,11 @@ async fn reply(
     stream.write_all(line.as_bytes()).await
 }
 
-async fn connection(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> std::io::Result<()> {
+async fn connection(
+    mut stream: UnixStream,
+    daemon: Arc<Mutex<Daemon>>,
+    open: &AtomicUsize,
+) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (rd, mut wr) = stream.split();
     let mut rd = BufReader::new(rd);
@@ -115,7 +129,12 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> std::
         let mut buf = Vec::new();
         let mut limited = (&mut rd).take(MAX_REQUEST as u64 + 1);
         let read = limited.read_until(b'\n', &mut buf);
-        let Ok(n) = tokio::time::timeout(IDLE, read).await else {
+        let idle = if open.load(Ordering::Relaxed) > CROWD {
+            IDLE_CROWDED
+        } else {
+            IDLE
+        };
+        let Ok(n) = tokio::time::timeout(idle, read).await else {
             return Ok(());
         };
         let n = n?;

@@ -277,6 +277,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    // The files already there are read before natd serves anyone: anything written after it
+    // is taken on its close-write (or moved-to) event, never half-written.
+    let cs_initial = match &args.cloudstack_dir {
+        Some(dir) => cloudstack_dir::pending(dir, &cs_record)
+            .with_context(|| format!("--cloudstack-dir {}: cannot read it", dir.display()))?,
+        None => Vec::new(),
+    };
     let listener = match server::bind(&args.socket) {
         Ok(l) => l,
         Err(e) => {
@@ -313,6 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cloudstack = match cs_watcher {
         Some(watcher) => Some(tokio::spawn(cloudstack_dir::watch_dir(
             watcher,
+            cs_initial,
             args.state_dir.clone(),
             cs_record,
             daemon.clone(),

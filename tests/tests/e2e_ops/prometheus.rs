@@ -99,7 +99,8 @@ const MANY: u32 = 100_000;
 const SCRAPE_BOUND: usize = 10 << 20;
 
 /// `MANY` mappings 100.64.0.0/10 -> 10.128.0.0/9 (RFC 6598 and RFC 1918 space) as a config
-/// file, with the open mapping of [`ONE_MAPPING_OPEN`] beside them.
+/// file, with the open mapping of [`ONE_MAPPING_OPEN`] beside them, and room for them
+/// (`[limits] mappings`; the default is 65,536).
 fn many_mappings() -> String {
     let mut toml = String::from(ONE_MAPPING_OPEN);
     for i in 1..=MANY {
@@ -110,6 +111,7 @@ fn many_mappings() -> String {
             128 + a
         ));
     }
+    toml.push_str("[limits]\nmappings = 131072\n");
     toml
 }
 
