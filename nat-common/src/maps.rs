@@ -474,24 +474,20 @@ pub struct NatConfig {
     /// Kernel ticks per second (`CONFIG_HZ`): a flow entry refreshes its last-seen time at
     /// most once per this many jiffies. 0: 1000 (at least a second on any kernel).
     pub jiffies_per_sec: u32,
-    pub _pad: u32,
+    /// [`POLICY_XDP`] (the zeroed default) or [`POLICY_KERNEL`].
+    pub policy: u32,
     /// Idle timeouts in nanoseconds, by [`crate::conntrack::Timeout`] (0: netfilter's).
     pub timeouts_ns: [u64; TIMEOUT_SLOTS],
 }
 const _: () = assert!(core::mem::size_of::<NatConfig>() == 16 + 8 * TIMEOUT_SLOTS);
 
-impl NatConfig {
-    /// Settings with netfilter's default timeouts and egress allowed by default.
-    pub const fn with_timeouts(timeouts_ns: [u64; TIMEOUT_SLOTS]) -> Self {
-        NatConfig {
-            egress_default_deny: 0,
-            route_gen: 1,
-            jiffies_per_sec: 0,
-            _pad: 0,
-            timeouts_ns,
-        }
-    }
-}
+/// [`NatConfig::policy`]: the program judges new flows (firewall, egress policy,
+/// connection tracking) and fast-paths them.
+pub const POLICY_XDP: u32 = 0;
+/// [`NatConfig::policy`]: the kernel's netfilter judges and tracks every flow (e.g. a
+/// CloudStack router's own iptables); the program only fast-paths the established flows the tc
+/// learner saw the kernel translate, and hands everything else to the kernel untouched.
+pub const POLICY_KERNEL: u32 = 1;
 
 /// The checks above for every spec: sizes agree with the types.
 const _: () = {

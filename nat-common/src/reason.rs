@@ -51,11 +51,14 @@ pub enum Reason {
     /// A protocol whose checksum covers the addresses but that the program does not parse
     /// (DCCP, UDP-Lite): the kernel translates it.
     UnsupportedProto,
+    /// `--policy kernel`: a mapped packet the fast path does not carry (no established flow
+    /// the kernel admitted, or one whose state the packet may change): the kernel decides.
+    KernelDecides,
 }
 
 impl Reason {
     /// Number of reasons, the size of [`crate::MAP_STATS`].
-    pub const COUNT: u32 = Reason::UnsupportedProto as u32 + 1;
+    pub const COUNT: u32 = Reason::KernelDecides as u32 + 1;
 
     /// Every reason, in discriminant order.
     pub const ALL: [Reason; Reason::COUNT as usize] = [
@@ -80,6 +83,7 @@ impl Reason {
         Reason::DirectToPrivate,
         Reason::WrongNetwork,
         Reason::UnsupportedProto,
+        Reason::KernelDecides,
     ];
 
     /// The reason of discriminant `v` (a forwarded reason stored in a flow entry); `Malformed`
@@ -120,6 +124,7 @@ impl Reason {
             Reason::DirectToPrivate => "direct_to_private",
             Reason::WrongNetwork => "wrong_network",
             Reason::UnsupportedProto => "unsupported_proto",
+            Reason::KernelDecides => "kernel_decides",
         }
     }
 

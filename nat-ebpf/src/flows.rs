@@ -66,6 +66,12 @@ pub fn config() -> Option<&'static NatConfig> {
     CONFIG.get(0)
 }
 
+/// Whether the kernel judges new flows (`--policy kernel`).
+#[inline(always)]
+pub fn kernel_policy() -> bool {
+    config().is_some_and(|c| c.policy == nat_common::POLICY_KERNEL)
+}
+
 /// The route generation entries must carry to be used as they are.
 #[inline(always)]
 pub fn route_gen() -> u32 {

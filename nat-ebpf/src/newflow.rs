@@ -46,19 +46,33 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, l4: &Transport, may_open: bool) -
     let role = unsafe { IFACES.get(&ingress) }
         .ok_or(Reason::UnknownIface)?
         .role;
+    // `--policy kernel`: a mapped packet of no flow is the kernel's to judge.
+    let kernel = flows::kernel_policy();
     if role == ROLE_PUBLIC {
         if let Some(m) = mapping(&NAT_IN, pkt.daddr) {
+            if kernel {
+                return Err(Reason::KernelDecides);
+            }
             return inbound(ctx, pkt, l4, ingress, &m);
         }
         if mapping(&NAT_OUT, pkt.daddr).is_some() {
+            if kernel {
+                return Err(Reason::KernelDecides);
+            }
             return Ok((XDP_DROP, Reason::DirectToPrivate));
         }
         return Err(Reason::Unmapped);
     }
     if let Some(m) = mapping(&NAT_IN, pkt.daddr) {
+        if kernel {
+            return Err(Reason::KernelDecides);
+        }
         return hairpin(ctx, pkt, l4, ingress, &m);
     }
     let m = mapping(&NAT_OUT, pkt.saddr).ok_or(Reason::Unmapped)?;
+    if kernel {
+        return Err(Reason::KernelDecides);
+    }
     outbound(ctx, pkt, l4, ingress, &m)
 }
 

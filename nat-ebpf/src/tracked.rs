@@ -10,7 +10,7 @@ use nat_common::{
 use crate::{
     flows::{self, Found},
     forward::{self, Query},
-    parse::{Packet, Transport},
+    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN, Transport},
     rewrite, stats,
 };
 
@@ -69,6 +69,20 @@ pub fn forward(
     // SAFETY: a live map value; see `fast::forward` on races.
     let o = unsafe { &mut *orig };
     let now = flows::now_ns();
+    if flows::kernel_policy() {
+        // The kernel tracks every flow; its tc learner moves ours. The program only resolves
+        // the route of an assured flow's packet that cannot change its state (the learner
+        // left its route unresolved), and hands everything else to the kernel.
+        // SAFETY: as above.
+        let cur = unsafe { &*found.entry };
+        let stable = cur.flags & nat_common::ENTRY_FAST != 0
+            && !(pkt.proto == nat_common::proto::TCP
+                && l4.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0);
+        if !stable || pkt.ttl <= 1 {
+            return Err(Reason::KernelDecides);
+        }
+        return resolve_and_forward(ctx, pkt, tuple, ingress, false, &orig_key, &reply_key);
+    }
     if flows::expired(o, now) {
         flows::remove_flow(found.pending, &orig_key, &reply_key);
         stats::event(Event::ConntrackExpired);
@@ -111,6 +125,23 @@ pub fn forward(
     if pkt.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
+    resolve_and_forward(ctx, pkt, tuple, ingress, close, &orig_key, &reply_key)
+}
+
+/// Resolves the route of the packet's direction if it never was, the route generation moved,
+/// the packet is larger than its MTU or it arrived on another interface of its side, then
+/// translates and forwards it; `close`: the flow ends with this packet.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn resolve_and_forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    tuple: &nat_common::FlowTuple,
+    ingress: u32,
+    close: bool,
+    orig_key: &nat_common::FlowTuple,
+    reply_key: &nat_common::FlowTuple,
+) -> Result<Tracked, Reason> {
     // The entry again: `settle` may have moved the flow to `FLOWS`.
     let live = flows::lookup(tuple).ok_or(Reason::NoRoute)?;
     // SAFETY: as above.
@@ -133,7 +164,7 @@ pub fn forward(
             Ok(r) => r,
             Err(n) => {
                 if close {
-                    flows::remove_flow(live.pending, &orig_key, &reply_key);
+                    flows::remove_flow(live.pending, orig_key, reply_key);
                 }
                 return Err(n.reason);
             }
@@ -150,7 +181,7 @@ pub fn forward(
     );
     if close {
         // The flow ends with this packet (an RST that was its only answer).
-        flows::remove_flow(live.pending, &orig_key, &reply_key);
+        flows::remove_flow(live.pending, orig_key, reply_key);
     }
     Ok(done)
 }

@@ -20,6 +20,9 @@ use crate::{
 };
 
 mod events;
+mod kernel;
+
+pub use kernel::{RoundFlow, kernel_round};
 
 pub type NatController = Controller<Dataplane, Nft, StateDir>;
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod firewall;
+pub mod kernel_conntrack;
 pub mod kernel_events;
 pub mod metrics;
 pub mod netfilter;

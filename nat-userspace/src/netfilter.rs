@@ -331,6 +331,10 @@ pub struct Nft {
     pub guest_ifaces: Vec<String>,
     /// `--manage-addresses`: keep mapped public IPs on the public interfaces.
     pub manage_addresses: bool,
+    /// natd's own table and policy rules are installed. Off with `--slow-path none` (the
+    /// default of `--policy kernel`: a CloudStack router's own rules translate and judge
+    /// what the kernel gets, and two NAT tables at the same hooks would fight).
+    pub table: bool,
     /// The routing plan installed with the table.
     routes: RoutePlan,
 }
@@ -345,8 +349,15 @@ impl Nft {
             public_ifaces,
             guest_ifaces,
             manage_addresses,
+            table: true,
             routes: RoutePlan::default(),
         }
+    }
+
+    /// The same without natd's own table and policy rules (`--slow-path none`).
+    pub fn without_table(mut self) -> Self {
+        self.table = false;
+        self
     }
 
     /// The routing plan for `state` under the kernel's policy rules now.
@@ -415,8 +426,10 @@ fn run_nft(script: &str) -> Result<(), NetfilterError> {
 
 impl SlowPath for Nft {
     fn replace(&mut self, state: &DesiredState) -> Result<(), NetfilterError> {
-        let routes = Self::plan(state)?;
-        self.install(state, routes)?;
+        if self.table {
+            let routes = Self::plan(state)?;
+            self.install(state, routes)?;
+        }
         if self.manage_addresses {
             crate::addresses::sync(&self.public_ifaces, state)?;
         }
@@ -424,6 +437,9 @@ impl SlowPath for Nft {
     }
 
     fn refresh(&mut self, state: &DesiredState) -> Result<bool, NetfilterError> {
+        if !self.table {
+            return Ok(false);
+        }
         let routes = Self::plan(state)?;
         if routes == self.routes {
             // natd's rules may have been removed by hand: put them back.
@@ -437,6 +453,9 @@ impl SlowPath for Nft {
     fn remove(&mut self) -> Result<(), NetfilterError> {
         if self.manage_addresses {
             crate::addresses::remove_all(&self.public_ifaces)?;
+        }
+        if !self.table {
+            return Ok(());
         }
         // The table goes even if the rules cannot: a rule without the table's marks matches
         // nothing.

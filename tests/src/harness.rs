@@ -453,7 +453,7 @@ impl Harness {
             route_gen: TEST_ROUTE_GEN,
             // Beyond any test's length: see the module's documentation.
             jiffies_per_sec: u32::MAX,
-            _pad: 0,
+            policy: nat_common::POLICY_XDP,
             timeouts_ns: [TEST_TIMEOUT_NS; TIMEOUT_SLOTS],
         };
         maps::write_config(&mut ebpf, &config)?;

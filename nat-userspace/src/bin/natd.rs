@@ -37,6 +37,18 @@ struct Args {
     /// translated to its public IP. Repeat for several.
     #[arg(long = "guest-iface", value_name = "IF", required = true)]
     guest_ifaces: Vec<String>,
+    /// Who judges new flows: `xdp`, natd's own firewall, egress policy and connection tracking
+    /// in the XDP program; or `kernel`, the kernel's netfilter (a CloudStack router's own
+    /// iptables, or natd's nftables table with --slow-path nftables), the XDP program only
+    /// carrying the established flows the kernel admitted and translated.
+    #[arg(long, value_enum, default_value_t = PolicyMode::Xdp)]
+    policy: PolicyMode,
+    /// What natd installs for the packets the kernel handles: `nftables`, its own table
+    /// translating and judging them as the fast path does, and its policy routing rules; or
+    /// `none`. Default: nftables with --policy xdp, none with --policy kernel (a CloudStack
+    /// router's own rules translate; two NAT tables at the same hooks would fight).
+    #[arg(long, value_enum)]
+    slow_path: Option<SlowPathMode>,
     /// XDP attach mode. natd never falls back from native to generic by itself.
     #[arg(long, value_enum, default_value_t = Mode::Native)]
     xdp_mode: Mode,
@@ -75,6 +87,22 @@ struct Args {
     #[arg(long, value_name = "off|all|top:N", default_value_t = PerMapping::default())]
     metrics_per_mapping: PerMapping,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PolicyMode {
+    Xdp,
+    Kernel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SlowPathMode {
+    Nftables,
+    None,
+}
+
+/// How often `--policy kernel` refreshes the kernel's timeouts of the flows the fast path
+/// carries and forgets the flows the kernel ended.
+const KERNEL_ROUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -201,14 +229,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         egress_default_deny: u32::from(tables.egress_default_deny),
         route_gen,
         jiffies_per_sec: nat_userspace::clock::jiffies_per_sec(),
-        _pad: 0,
+        policy: match args.policy {
+            PolicyMode::Xdp => nat_common::POLICY_XDP,
+            PolicyMode::Kernel => nat_common::POLICY_KERNEL,
+        },
         timeouts_ns,
     })?;
+    let slow_path = args.slow_path.unwrap_or(match args.policy {
+        PolicyMode::Xdp => SlowPathMode::Nftables,
+        PolicyMode::Kernel => SlowPathMode::None,
+    });
     let nft = Nft::new(
         args.public_ifaces.clone(),
         args.guest_ifaces.clone(),
         args.manage_addresses,
     );
+    let nft = match slow_path {
+        SlowPathMode::Nftables => nft,
+        SlowPathMode::None => {
+            info!(
+                "no nftables table of natd's own (--slow-path none): the kernel's own rules translate and judge what the fast path hands it"
+            );
+            nft.without_table()
+        }
+    };
+    if args.policy == PolicyMode::Kernel {
+        info!(
+            "--policy kernel: the kernel's netfilter judges every new flow; the fast path carries the established flows it admitted, and natd keeps the kernel's timeouts of those current every {KERNEL_ROUND:?}"
+        );
+    }
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
     let roles = args
         .public_ifaces
@@ -295,7 +344,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Arc::new(Mutex::new(Daemon::new(ctl, timeouts_ns)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
-    let gc = tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone()));
+    // The fast path's own timers expire its flows with --policy xdp; with --policy kernel the
+    // kernel's do, and natd follows them.
+    let gc = match args.policy {
+        PolicyMode::Xdp => tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone())),
+        PolicyMode::Kernel => tokio::spawn(kernel_rounds(daemon.clone(), stop_rx.clone())),
+    };
     let ifaces = tokio::spawn(watch_kernel(events, daemon.clone(), stop_rx.clone()));
     let ranking = Arc::new(Ranking::default());
     let ranker = match args.metrics_per_mapping {
@@ -446,6 +500,25 @@ async fn watch_kernel(
 }
 
 /// Deletes expired flows now and every [`GC_INTERVAL`] until shutdown.
+/// `--policy kernel`: every [`KERNEL_ROUND`], the kernel's timeouts of the flows the fast path
+/// carried are refreshed and the flows the kernel ended forgotten, until shutdown.
+async fn kernel_rounds(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KERNEL_ROUND) => {
+                let flows = daemon.lock().await.round_flows();
+                let gone = tokio::task::spawn_blocking(move || {
+                    nat_userspace::daemon::kernel_round(&flows, KERNEL_ROUND)
+                })
+                .await
+                .unwrap_or_default();
+                daemon.lock().await.forget_ended(&gone);
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 async fn collect_expired(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
     if let Err(e) = daemon.lock().await.collect_expired() {
         warn!("conntrack collection: {e}");

@@ -1,0 +1,94 @@
+//! `--policy kernel`: the kernel's connection table kept in step with the fast path's (see
+//! [`crate::kernel_conntrack`]). Every round the kernel's timeout of each flow the fast path
+//! carried since the last round is set to what the fast path's last-seen time leaves of it,
+//! and the fast path forgets the flows the kernel no longer has (ended, expired, flushed).
+//! The kernel's table is read and written without holding the daemon: a round's middle
+//! ([`kernel_round`]) runs on its own.
+use std::{collections::BTreeSet, time::Duration};
+
+use log::{debug, warn};
+use nat_common::FlowTuple;
+
+use super::{Daemon, monotonic_ns};
+use crate::kernel_conntrack::{self, KernelFlow};
+
+/// A fast-path flow as a round sees it: its original key, last-seen time and idle timeout.
+pub type RoundFlow = (FlowTuple, u64, u64);
+
+fn kernel_flow(k: &FlowTuple) -> KernelFlow {
+    KernelFlow {
+        proto: k.proto,
+        src: std::net::Ipv4Addr::from(k.saddr.to_ne_bytes()),
+        dst: std::net::Ipv4Addr::from(k.daddr.to_ne_bytes()),
+        sport: u16::from_be(k.sport),
+        dport: u16::from_be(k.dport),
+    }
+}
+
+impl Daemon {
+    /// The fast path's flows, for a round.
+    pub fn round_flows(&mut self) -> Vec<RoundFlow> {
+        match self.ctl.fast_mut().flows() {
+            Ok(flows) => flows
+                .iter()
+                .map(|f| (f.key, f.last_seen, self.timeout(f.timer)))
+                .collect(),
+            Err(e) => {
+                warn!("keeping the kernel's flows: reading the fast path's: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Forgets the fast path's flows whose original key is in `gone` (the kernel ended them);
+    /// returns how many went.
+    pub fn forget_ended(&mut self, gone: &BTreeSet<FlowTuple>) -> usize {
+        if gone.is_empty() {
+            return 0;
+        }
+        match self.ctl.fast_mut().remove_flows(|v| gone.contains(&v.key)) {
+            Ok((n, _)) => n,
+            Err(e) => {
+                warn!("forgetting flows the kernel ended: {e}");
+                0
+            }
+        }
+    }
+}
+
+/// A round's middle, `interval` after the last: refreshes the kernel's timeouts of the flows
+/// the fast path carried recently; returns the original keys of the flows the kernel no
+/// longer has.
+pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTuple> {
+    let mut gone = BTreeSet::new();
+    let kernel = match kernel_conntrack::list() {
+        Ok(k) => k,
+        Err(e) => {
+            warn!("keeping the kernel's flows: {e}");
+            return gone;
+        }
+    };
+    let now = monotonic_ns();
+    let recent = 2 * interval.as_nanos() as u64;
+    let mut updates = Vec::new();
+    for (key, last_seen, timeout) in flows {
+        let k = kernel_flow(key);
+        if !kernel.contains(&k) {
+            gone.insert(*key);
+            continue;
+        }
+        let idle = now.saturating_sub(*last_seen);
+        if idle < recent {
+            updates.push((k, timeout.saturating_sub(idle) / 1_000_000_000));
+        }
+    }
+    if let Err(e) = kernel_conntrack::refresh(&updates) {
+        warn!("refreshing the kernel's timeouts of {} flows: {e}", updates.len());
+    }
+    debug!(
+        "kernel flows: {} timeouts refreshed, {} ended",
+        updates.len(),
+        gone.len()
+    );
+    gone
+}
