@@ -40,7 +40,8 @@ fn parse_line(line: &str) -> Option<KernelFlow> {
     let mut words = line.split_whitespace();
     let _name = words.next()?;
     let proto: u8 = words.next()?.parse().ok()?;
-    let (mut src, mut dst, mut sport, mut dport, mut ty, mut id) = (None, None, None, None, None, None);
+    let (mut src, mut dst, mut sport, mut dport, mut ty, mut id) =
+        (None, None, None, None, None, None);
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
             continue;
@@ -108,7 +109,10 @@ pub fn refresh(flows: &[(KernelFlow, u64)]) -> Result<(), KernelConntrackError> 
     if flows.is_empty() {
         return Ok(());
     }
-    let script: String = flows.iter().map(|(f, s)| update_line(f, (*s).max(1))).collect();
+    let script: String = flows
+        .iter()
+        .map(|(f, s)| update_line(f, (*s).max(1)))
+        .collect();
     let mut child = Command::new("conntrack")
         .args(["-R", "-"])
         .stdin(Stdio::piped())

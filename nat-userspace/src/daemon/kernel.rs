@@ -83,7 +83,10 @@ pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTup
         }
     }
     if let Err(e) = kernel_conntrack::refresh(&updates) {
-        warn!("refreshing the kernel's timeouts of {} flows: {e}", updates.len());
+        warn!(
+            "refreshing the kernel's timeouts of {} flows: {e}",
+            updates.len()
+        );
     }
     debug!(
         "kernel flows: {} timeouts refreshed, {} ended",
