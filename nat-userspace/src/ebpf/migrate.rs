@@ -1,11 +1,11 @@
 //! Migration of pinned maps whose capacity differs from this natd's (decided in [`plan`]):
-//! the loader creates the new map under a staging pin (`maps/NAME.migrating`), natd fills it
-//! from the pinned one (counts slot by slot as far as both reach; table entries, the most
-//! recently seen flows where a smaller table cannot hold them all) and then renames the
-//! staging pin over the old one. A crash at any point leaves the old pin or the new one, never
-//! none; staging pins left behind are removed by the next start. The old program keeps running
-//! on the old maps until natd replaces it on each interface: what it counts or opens between
-//! the copy and the replacement is lost.
+//! the loader creates the new map under a staging pin (`maps/NAME_migrating`: bpffs reserves
+//! names with a dot), natd fills it from the pinned one (counts slot by slot as far as both
+//! reach; table entries, the most recently seen flows where a smaller table cannot hold them
+//! all) and then renames the staging pin over the old one. A crash at any point leaves the old
+//! pin or the new one, never none; staging pins left behind are removed by the next start. The
+//! old program keeps running on the old maps until natd replaces it on each interface: what it
+//! counts or opens between the copy and the replacement is lost.
 use std::collections::BTreeMap;
 
 use nat_common::ENTRY_ORIG;
@@ -14,7 +14,7 @@ use super::{plan::Action, *};
 
 /// Where the new map of `name` is pinned while it is filled.
 fn staging(pins: &PinDir, name: &str) -> PathBuf {
-    pins.maps().join(format!("{name}.migrating"))
+    pins.maps().join(format!("{name}_migrating"))
 }
 
 /// The path the loader pins (or opens) `name` at: the staging pin when it is migrated.
@@ -69,7 +69,10 @@ enum Copied {
     Slots(u32),
     Entries(usize),
     /// Flows in the new table, of how many in the old one.
-    Flows { kept: usize, found: usize },
+    Flows {
+        kept: usize,
+        found: usize,
+    },
 }
 
 /// The pinned map `name`, opened.
@@ -224,14 +227,36 @@ fn copy_flows(
     Ok(Copied::Flows { kept, found })
 }
 
-/// Fills every migrated map's new map (created by the loader under its staging pin) from the
-/// pinned one, then renames each staging pin over the old pin, and says what it did. On an
-/// error before the renames the caller removes the staging pins: the old pins are untouched.
-pub(super) fn migrate(
+/// Completes a load whose loader created each migrated map's new map under its staging pin:
+/// fills the new maps from the pinned ones, then renames each staging pin over the old pin,
+/// and says what it did. On an error the staging pins go: the old pins of the maps not yet
+/// put in place stay as they were.
+pub(super) fn finish(
+    loaded: Result<Dataplane, DataplaneError>,
+    pins: &PinDir,
+    plan: &[(spec::MapSpec, Action)],
+) -> Result<Dataplane, DataplaneError> {
+    let done = loaded.and_then(|mut dp| {
+        let copied = fill(&mut dp, pins, plan)?;
+        put_in_place(pins, &copied)?;
+        Ok(dp)
+    });
+    if done.is_err()
+        && let Err(e) = clear_staging(pins)
+    {
+        log::warn!("{}", crate::report(&e));
+    }
+    done
+}
+
+/// A map filled from its pin: name, action and what was copied.
+type Filled = (&'static str, Action, Copied);
+
+fn fill(
     dp: &mut Dataplane,
     pins: &PinDir,
     plan: &[(spec::MapSpec, Action)],
-) -> Result<(), DataplaneError> {
+) -> Result<Vec<Filled>, DataplaneError> {
     let mut done = Vec::new();
     for (m, a) in plan.iter().filter(|(_, a)| a.migrates()) {
         let copied = match Copier::of(m.name).ok_or(DataplaneError::NoMigration(m.name))? {
@@ -248,7 +273,11 @@ pub(super) fn migrate(
         };
         done.push((m.name, *a, copied));
     }
-    for (name, a, copied) in done {
+    Ok(done)
+}
+
+fn put_in_place(pins: &PinDir, filled: &[Filled]) -> Result<(), DataplaneError> {
+    for &(name, a, copied) in filled {
         let (from, to) = match a {
             Action::Counters { from, to } | Action::Entries { from, to } => (from, to),
             Action::Create | Action::Adopt => continue,
@@ -263,17 +292,17 @@ pub(super) fn migrate(
             Copied::Slots(n) => log::info!(
                 "migrated the pinned {name}: {from} -> {to} slots, the counts of {n} carried over"
             ),
-            Copied::Entries(n) => log::info!(
-                "migrated the pinned {name}: {from} -> {to} entries, {n} entries copied"
-            ),
+            Copied::Entries(n) => {
+                log::info!("migrated the pinned {name}: {from} -> {to} entries, {n} copied")
+            }
             Copied::Flows { kept, found } if kept < found => log::warn!(
-                "migrated the pinned {name}: {from} -> {to} entries, {kept} of {found} flows \
+                "migrated the pinned {name}: {from} -> {to} entries, {kept} of {found} flow(s) \
                  copied, {} dropped (the least recently seen: the smaller table cannot hold \
                  them)",
                 found - kept
             ),
             Copied::Flows { kept, .. } => log::info!(
-                "migrated the pinned {name}: {from} -> {to} entries, {kept} flows copied"
+                "migrated the pinned {name}: {from} -> {to} entries, {kept} flow(s) copied"
             ),
         }
     }
@@ -288,7 +317,10 @@ mod tests {
 
     #[test]
     fn every_resizable_map_has_a_copier_for_its_value() {
-        for m in spec::MAPS.iter().filter(|m| m.resize != spec::Resize::Fixed) {
+        for m in spec::MAPS
+            .iter()
+            .filter(|m| m.resize != spec::Resize::Fixed)
+        {
             let c = Copier::of(m.name).unwrap_or_else(|| panic!("no copier for {}", m.name));
             let size = match c {
                 Copier::Stats => size_of::<Counter>(),

@@ -2,8 +2,9 @@
 //! userspace side. Split by concern: loading (here), [`attach`] (XDP links, the tc learner,
 //! re-attachment), [`maps`] (mappings, firewall entries, counters, flows), [`adopt`]
 //! (reading back what pinned maps hold), [`plan`] (adopt, migrate or refuse each pin) and
-//! [`migrate`] (re-creating a pinned map at another capacity). Write order keeps a mapping whole at every instant: the reverse (private ->
-//! public) entry goes in before the forward one, and comes out after it.
+//! [`migrate`] (re-creating a pinned map at another capacity). Write order keeps a mapping
+//! whole at every instant: the reverse (private -> public) entry goes in before the forward
+//! one, and comes out after it.
 mod adopt;
 mod attach;
 mod flows;
@@ -11,6 +12,8 @@ mod maps;
 mod migrate;
 pub mod plan;
 mod slots;
+#[cfg(test)]
+mod upgrade_tests;
 
 pub use flows::FlowView;
 pub use maps::write_entry;
@@ -357,56 +360,33 @@ impl Dataplane {
                 loader.map_max_entries(m.name, n);
             }
         }
-        let plan = match &pins {
-            Some(p) => {
-                let plan = adopt::read_pins(p, &sizes)?;
-                migrate::check_fit(p, &plan)?;
-                migrate::clear_staging(p)?;
-                for (m, action) in &plan {
-                    loader.map_pin_path(m.name, migrate::pin_path(p, m.name, *action));
-                }
-                plan
+        let mut plan = Vec::new();
+        if let Some(p) = &pins {
+            plan = adopt::read_pins(p, &sizes)?;
+            migrate::check_fit(p, &plan)?;
+            migrate::clear_staging(p)?;
+            for (m, action) in &plan {
+                loader.map_pin_path(m.name, migrate::pin_path(p, m.name, *action));
             }
-            None => Vec::new(),
-        };
+        }
         let adopted = plan.iter().any(|(_, a)| *a != plan::Action::Create);
-        let migrating = plan.iter().any(|(_, a)| a.migrates());
-        let loaded = Self::load_programs(&mut loader, object).and_then(|ebpf| {
-            let nr_cpus =
-                aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
-            let mut dp = Self {
-                ebpf,
-                nr_cpus,
-                attached: Vec::new(),
-                learners: Vec::new(),
-                markers: Vec::new(),
-                pins: pins.clone(),
-                adopted,
-                slots: slots::Slots::new(sizes.mappings),
-                sizes,
-            };
-            if let (Some(p), true) = (&pins, migrating) {
-                migrate::migrate(&mut dp, p, &plan)?;
-            }
-            Ok(dp)
-        });
-        let mut dp = match (loaded, &pins) {
-            (Ok(dp), _) => dp,
-            (Err(e), Some(p)) if migrating => {
-                // The old pins stay as they were; the new maps go with their staging pins.
-                if let Err(c) = migrate::clear_staging(p) {
-                    log::warn!("{}", crate::report(&c));
-                }
-                return Err(e);
-            }
-            (Err(e), _) => return Err(e),
+        let loaded = Self::load_with(loader, object, sizes, pins.clone(), adopted);
+        let mut dp = match &pins {
+            Some(p) if plan.iter().any(|(_, a)| a.migrates()) => migrate::finish(loaded, p, &plan)?,
+            _ => loaded?,
         };
         dp.stamp_layout()?;
         Ok(dp)
     }
 
-    /// Loads the object and its programs into the kernel.
-    fn load_programs(loader: &mut aya::EbpfLoader, object: &[u8]) -> Result<Ebpf, DataplaneError> {
+    /// Loads the object and its programs into the kernel with `loader`'s maps.
+    fn load_with(
+        mut loader: aya::EbpfLoader,
+        object: &[u8],
+        sizes: Sizes,
+        pins: Option<PinDir>,
+        adopted: bool,
+    ) -> Result<Self, DataplaneError> {
         let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
@@ -414,15 +394,30 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Program)?;
         prog.load().map_err(DataplaneError::Program)?;
-        for name in [LEARNER, MARKER] {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram)?
-                .try_into()
-                .map_err(DataplaneError::Program)?;
-            tc.load().map_err(DataplaneError::Program)?;
-        }
-        Ok(ebpf)
+        let learner: &mut SchedClassifier = ebpf
+            .program_mut(LEARNER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        learner.load().map_err(DataplaneError::Program)?;
+        let marker: &mut SchedClassifier = ebpf
+            .program_mut(MARKER)
+            .ok_or(DataplaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        marker.load().map_err(DataplaneError::Program)?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
+        Ok(Self {
+            ebpf,
+            nr_cpus,
+            attached: Vec::new(),
+            learners: Vec::new(),
+            markers: Vec::new(),
+            pins,
+            adopted,
+            slots: slots::Slots::new(sizes.mappings),
+            sizes,
+        })
     }
 
     /// The capacities the maps were loaded with.
