@@ -211,7 +211,11 @@ pub fn plan(pinned: &[Pinned], version: Option<u32>) -> Result<Vec<(MapSpec, Act
             return Err(afresh(vec![Mismatch {
                 map: spec::META.name,
                 what: "layout version",
-                found: v.to_string(),
+                found: match v {
+                    0 => "0 (never stamped: the natd that pinned the maps stopped while starting)"
+                        .into(),
+                    v => v.to_string(),
+                },
                 wanted: spec::LAYOUT_VERSION.to_string(),
             }]));
         }

@@ -179,6 +179,8 @@ fn another_layout_version_or_none_is_refused_whatever_the_maps() {
             spec::LAYOUT_VERSION
         )]
     );
+    let r = plan(&all_as_wanted(), Some(0)).unwrap_err();
+    assert!(r.mismatches[0].found.contains("never stamped"), "{r:?}");
     // main's layout: CONNTRACK and no META; the maps of the same name look alike.
     let old = with(all_as_wanted(), "META", |p| p.found = None);
     let r = plan(&old, None).unwrap_err();
