@@ -1,8 +1,8 @@
-//! End to end, operating natd: restarts that keep traffic flowing, Prometheus scraping its
-//! metrics, CloudStack payloads (natctl apply and the drop-in directory) and their databag
-//! semantics, two public networks with policy routing by source, natd managing the mapped
-//! public IPs on the public interface, and the slow path's output hook and restoration. One
-//! module per topic under `e2e_ops/`.
+//! End to end, operating natd: restarts that keep traffic flowing, upgrades that migrate or
+//! refuse an earlier natd's pinned maps, Prometheus scraping its metrics, CloudStack payloads
+//! (natctl apply and the drop-in directory) and their databag semantics, two public networks
+//! with policy routing by source, natd managing the mapped public IPs on the public interface,
+//! and the slow path's output hook and restoration. One module per topic under `e2e_ops/`.
 //!
 //! Same ground rules as `e2e.rs`: each test builds its own namespaces and natd and removes them
 //! when it ends, also on failure; every check is on something observed (the peer address a
@@ -32,6 +32,8 @@ mod restart;
 mod routing;
 #[path = "e2e_ops/slow_path.rs"]
 mod slow_path;
+#[path = "e2e_ops/upgrade.rs"]
+mod upgrade;
 
 /// P 203.0.113.10 <-> V 10.0.0.10, open to TCP, UDP and ICMP from anywhere.
 const ONE_MAPPING_OPEN: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n\

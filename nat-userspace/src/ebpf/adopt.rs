@@ -1,4 +1,5 @@
-//! Adoption of an earlier natd's pinned maps: layout checks, and reading back what they hold.
+//! Adoption of an earlier natd's pinned maps: what the pins are (decided in [`plan`]), and
+//! reading back what they hold.
 use super::*;
 
 /// The maps that are pinned: all but the per-CPU scratch space.
@@ -6,113 +7,66 @@ pub(super) fn pinned_maps() -> impl Iterator<Item = &'static spec::MapSpec> {
     spec::MAPS.iter().filter(|m| m.name != spec::SCRATCH.name)
 }
 
-fn adopt_error(path: &Path, why: String) -> DataplaneError {
-    DataplaneError::Adopt {
+/// What the kernel says of the map pinned at `path`.
+fn shape(path: &Path) -> Result<plan::Shape, DataplaneError> {
+    let err = |source| DataplaneError::ReadPin {
         path: path.to_path_buf(),
-        why,
-    }
+        source,
+    };
+    let info = MapInfo::from_pin(path).map_err(err)?;
+    Ok(plan::Shape {
+        kind: info.map_type().map_or(u32::MAX, |t| t as u32),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
 }
 
-/// Checks every pinned map left by an earlier natd against this natd's layout (type, key and
-/// value size, capacity, flags, and the layout version stamped in `META`); adopting one that
-/// differs would misread it. Returns whether there were pins to adopt. On any difference natd
-/// refuses to start, naming the map and what differs.
-pub(super) fn check_pins(pins: &PinDir, sizes: &Sizes) -> Result<bool, DataplaneError> {
-    let mut adopted = false;
-    let mut missing = Vec::new();
+/// Reads every pin an earlier natd left and decides what becomes of each map (see [`plan`]):
+/// created (nothing pinned), adopted, migrated, or refused, naming every difference (type,
+/// key and value size, capacity, flags, the layout version stamped in `META`) and what to run.
+pub(super) fn read_pins(
+    pins: &PinDir,
+    sizes: &Sizes,
+) -> Result<Vec<(spec::MapSpec, plan::Action)>, DataplaneError> {
+    let mut pinned = Vec::new();
     for m in pinned_maps() {
         let path = pins.map(m.name);
-        if !path.exists() {
-            missing.push(m.name);
-            continue;
-        }
-        adopted = true;
-        let info = MapInfo::from_pin(&path).map_err(|e| adopt_error(&path, e.to_string()))?;
-        let want_max = sizes.of(m.name).unwrap_or(m.max_entries);
-        let found = (
-            info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-            info.map_flags(),
-        );
-        let want = (m.kind as u32, m.key_size, m.value_size, want_max, m.flags);
-        if found.0 != want.0 || found.1 != want.1 || found.2 != want.2 || found.4 != want.4 {
-            return Err(adopt_error(
-                &path,
-                format!(
-                    "it is a {} map with key/value size {}/{} and flags {:#x}, this natd's \
-                     program needs a {} map with {}/{} and flags {:#x} (layout version {})",
-                    kind_name(found.0),
-                    found.1,
-                    found.2,
-                    found.4,
-                    m.kind.name(),
-                    want.1,
-                    want.2,
-                    want.4,
-                    spec::LAYOUT_VERSION,
-                ),
-            ));
-        }
-        if found.3 != want.3 {
-            return Err(adopt_error(
-                &path,
-                format!(
-                    "it holds {} entries, this natd is configured for {} ({}); start natd \
-                     with the earlier size, or stop the old natd with --detach-on-exit to \
-                     resize",
-                    found.3,
-                    want.3,
-                    match m.name {
-                        MAP_FLOWS | MAP_PENDING => "[conntrack] size",
-                        MAP_NAT_IN | MAP_NAT_OUT | MAP_MAPPING_STATS => "[limits] mappings",
-                        _ => "the program's layout",
-                    }
-                ),
-            ));
-        }
+        let found = if path.exists() {
+            Some(shape(&path)?)
+        } else {
+            None
+        };
+        pinned.push(plan::Pinned {
+            spec: *m,
+            want_max: sizes.of(m.name).unwrap_or(m.max_entries),
+            found,
+        });
     }
-    if adopted {
-        if let Some(name) = missing.first() {
-            return Err(adopt_error(
-                &pins.map(name),
-                "it is missing while other maps are pinned (left by a natd of another layout)"
-                    .to_string(),
-            ));
+    // The version is read only from a META of this layout's shape.
+    let meta = pinned.iter().find(|p| p.spec.name == MAP_META);
+    let version = match meta.and_then(|p| p.found) {
+        Some(s) if s == plan::Shape::wanted(&spec::META, spec::META.max_entries) => {
+            let path = pins.map(MAP_META);
+            let err = |source| DataplaneError::ReadPin {
+                path: path.clone(),
+                source,
+            };
+            let m = aya::maps::Map::Array(MapData::from_pin(&path).map_err(err)?);
+            Some(
+                Array::<_, u32>::try_from(m)
+                    .and_then(|a| a.get(&0, 0))
+                    .map_err(err)?,
+            )
         }
-        let path = pins.map(MAP_META);
-        let m = aya::maps::Map::Array(
-            MapData::from_pin(&path).map_err(|e| adopt_error(&path, e.to_string()))?,
-        );
-        let version = Array::<_, u32>::try_from(m)
-            .and_then(|a| a.get(&0, 0))
-            .map_err(|e| adopt_error(&path, e.to_string()))?;
-        if version != spec::LAYOUT_VERSION {
-            return Err(adopt_error(
-                &path,
-                format!(
-                    "the pins are of layout version {version}, this natd's is {}",
-                    spec::LAYOUT_VERSION
-                ),
-            ));
-        }
-    }
-    Ok(adopted)
-}
-
-fn kind_name(raw: u32) -> String {
-    [
-        spec::MapKind::Hash,
-        spec::MapKind::Array,
-        spec::MapKind::PerCpuArray,
-        spec::MapKind::LruHash,
-        spec::MapKind::LpmTrie,
-        spec::MapKind::DevMapHash,
-    ]
-    .into_iter()
-    .find(|k| *k as u32 == raw)
-    .map_or_else(|| format!("type-{raw}"), |k| k.name().to_string())
+        _ => None,
+    };
+    plan::plan(&pinned, version).map_err(|r| DataplaneError::Refused {
+        dir: pins.root().to_path_buf(),
+        mismatches: r.mismatches,
+        remedy: r.remedy,
+    })
 }
 
 impl Dataplane {

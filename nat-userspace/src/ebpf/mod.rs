@@ -1,13 +1,19 @@
 //! Typed wrapper over the loaded XDP object: the only place that knows map layouts on the
 //! userspace side. Split by concern: loading (here), [`attach`] (XDP links, the tc learner,
-//! re-attachment), [`maps`] (mappings, firewall entries, counters, flows) and [`adopt`]
-//! (reading back what pinned maps hold). Write order keeps a mapping whole at every instant: the reverse (private ->
-//! public) entry goes in before the forward one, and comes out after it.
+//! re-attachment), [`maps`] (mappings, firewall entries, counters, flows), [`adopt`]
+//! (reading back what pinned maps hold), [`plan`] (adopt, migrate or refuse each pin) and
+//! [`migrate`] (re-creating a pinned map at another capacity). Write order keeps a mapping
+//! whole at every instant: the reverse (private -> public) entry goes in before the forward
+//! one, and comes out after it.
 mod adopt;
 mod attach;
 mod flows;
 mod maps;
+mod migrate;
+pub mod plan;
 mod slots;
+#[cfg(test)]
+mod upgrade_tests;
 
 pub use flows::FlowView;
 pub use maps::write_entry;
@@ -131,11 +137,29 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "cannot adopt pinned map {path}: {why}; stop the old natd with --detach-on-exit or \
-         remove the pins to start afresh (connection tracking is then lost)"
-    )]
-    Adopt { path: PathBuf, why: String },
+    #[error("cannot read the pinned map {path}: {source}")]
+    ReadPin {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    /// The pins cannot be adopted or migrated; nothing was changed.
+    #[error("{}", plan::refusal_text(.dir, .mismatches, .remedy))]
+    Refused {
+        /// The pin directory (`--bpffs`).
+        dir: PathBuf,
+        mismatches: Vec<plan::Mismatch>,
+        remedy: plan::Remedy,
+    },
+    #[error("no migration is known for map {0}")]
+    NoMigration(&'static str),
+    #[error("cannot put the migrated map's pin {from} in place of {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "no counter slot left for a new mapping: all {capacity} are taken (natd's [limits] mappings)"
     )]
@@ -326,7 +350,9 @@ impl Dataplane {
     }
 
     /// Loads `object`; with `pins`, every map is adopted from its pin if one exists (an earlier
-    /// natd's state, connection table and counters) and pinned otherwise.
+    /// natd's state, connection table and counters) and pinned otherwise. Pins of another
+    /// capacity are migrated where their spec allows it ([`migrate`]); anything else that
+    /// differs from this natd's layout is refused before anything is changed ([`plan`]).
     pub fn open(object: &[u8], sizes: Sizes, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
         let mut loader = aya::EbpfLoader::new();
         for m in spec::MAPS {
@@ -334,13 +360,33 @@ impl Dataplane {
                 loader.map_max_entries(m.name, n);
             }
         }
-        let mut adopted = false;
+        let mut plan = Vec::new();
         if let Some(p) = &pins {
-            adopted = adopt::check_pins(p, &sizes)?;
-            for m in adopt::pinned_maps() {
-                loader.map_pin_path(m.name, p.map(m.name));
+            plan = adopt::read_pins(p, &sizes)?;
+            migrate::check_fit(p, &plan)?;
+            migrate::clear_staging(p)?;
+            for (m, action) in &plan {
+                loader.map_pin_path(m.name, migrate::pin_path(p, m.name, *action));
             }
         }
+        let adopted = plan.iter().any(|(_, a)| *a != plan::Action::Create);
+        let loaded = Self::load_with(loader, object, sizes, pins.clone(), adopted);
+        let mut dp = match &pins {
+            Some(p) if plan.iter().any(|(_, a)| a.migrates()) => migrate::finish(loaded, p, &plan)?,
+            _ => loaded?,
+        };
+        dp.stamp_layout()?;
+        Ok(dp)
+    }
+
+    /// Loads the object and its programs into the kernel with `loader`'s maps.
+    fn load_with(
+        mut loader: aya::EbpfLoader,
+        object: &[u8],
+        sizes: Sizes,
+        pins: Option<PinDir>,
+        adopted: bool,
+    ) -> Result<Self, DataplaneError> {
         let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
@@ -361,7 +407,7 @@ impl Dataplane {
             .map_err(DataplaneError::Program)?;
         marker.load().map_err(DataplaneError::Program)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(what, e))?;
-        let mut dp = Self {
+        Ok(Self {
             ebpf,
             nr_cpus,
             attached: Vec::new(),
@@ -371,9 +417,7 @@ impl Dataplane {
             adopted,
             slots: slots::Slots::new(sizes.mappings),
             sizes,
-        };
-        dp.stamp_layout()?;
-        Ok(dp)
+        })
     }
 
     /// The capacities the maps were loaded with.

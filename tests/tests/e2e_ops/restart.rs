@@ -18,14 +18,14 @@ use super::{Desired, ONE_MAPPING_OPEN, at, status};
 /// A second mapping for the state to have more than one of each kind.
 const OTHER_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 /// One echo request every 10 ms.
-const PING_INTERVAL: Duration = Duration::from_millis(10);
+pub(super) const PING_INTERVAL: Duration = Duration::from_millis(10);
 /// One 8 KiB chunk every 5 ms (about 1.6 MB/s).
-const WRITE_PACE: Duration = Duration::from_millis(5);
+pub(super) const WRITE_PACE: Duration = Duration::from_millis(5);
 /// Progress each phase must show: echo replies, and bytes the guest read.
 const PHASE_REPLIES: u64 = 30;
 const PHASE_BYTES: u64 = 128 * 1024;
 
-fn assert_xdp_attached(topo: &Topology, when: &str) -> anyhow::Result<()> {
+pub(super) fn assert_xdp_attached(topo: &Topology, when: &str) -> anyhow::Result<()> {
     for dev in [ROUTER_PUBLIC_IF, ROUTER_GUEST_IF] {
         let link = topo.router_link(dev)?;
         assert!(
@@ -37,7 +37,7 @@ fn assert_xdp_attached(topo: &Topology, when: &str) -> anyhow::Result<()> {
 }
 
 /// The tracked flow of the transfer: the client's connection to P:8080, in the guest's view.
-fn transfer_flow(flows: &[FlowInfo], client_port: u16) -> Option<FlowInfo> {
+pub(super) fn transfer_flow(flows: &[FlowInfo], client_port: u16) -> Option<FlowInfo> {
     flows
         .iter()
         .find(|f| {
@@ -48,7 +48,7 @@ fn transfer_flow(flows: &[FlowInfo], client_port: u16) -> Option<FlowInfo> {
 }
 
 /// Waits until the stream and the transfer both made a phase's progress past where they are.
-fn progress(pings: &PingStream, transfer: &TcpTransfer) -> anyhow::Result<()> {
+pub(super) fn progress(pings: &PingStream, transfer: &TcpTransfer) -> anyhow::Result<()> {
     pings.wait_replies(pings.replied() + PHASE_REPLIES)?;
     transfer.wait_received(transfer.received() + PHASE_BYTES)
 }

@@ -1,0 +1,231 @@
+//! Every case of [`super`]: what becomes of each pin, and the refusal's text.
+use super::*;
+
+fn shape(m: &MapSpec) -> Shape {
+    Shape::wanted(m, m.max_entries)
+}
+
+/// Every map pinned as this natd's layout wants it, `META` with this layout's version.
+fn all_as_wanted() -> Vec<Pinned> {
+    super::super::adopt::pinned_maps()
+        .map(|m| Pinned {
+            spec: *m,
+            want_max: m.max_entries,
+            found: Some(shape(m)),
+        })
+        .collect()
+}
+
+fn with(mut all: Vec<Pinned>, name: &str, f: impl Fn(&mut Pinned)) -> Vec<Pinned> {
+    for p in all.iter_mut().filter(|p| p.spec.name == name) {
+        f(p);
+    }
+    all
+}
+
+fn actions(p: &[(MapSpec, Action)]) -> Vec<(&'static str, Action)> {
+    p.iter()
+        .filter(|(_, a)| *a != Action::Adopt)
+        .map(|(m, a)| (m.name, *a))
+        .collect()
+}
+
+const V: Option<u32> = Some(spec::LAYOUT_VERSION);
+
+#[test]
+fn nothing_pinned_creates_every_map_and_an_identical_layout_is_adopted() {
+    let none: Vec<Pinned> = all_as_wanted()
+        .into_iter()
+        .map(|p| Pinned { found: None, ..p })
+        .collect();
+    let p = plan(&none, None).unwrap();
+    assert!(p.iter().all(|(_, a)| *a == Action::Create), "{p:?}");
+    let p = plan(&all_as_wanted(), V).unwrap();
+    assert_eq!(actions(&p), []);
+    assert_eq!(p.len(), spec::MAPS.len() - 1, "all but SCRATCH");
+}
+
+#[test]
+fn counter_arrays_of_another_size_are_migrated() {
+    let fewer = spec::STATS.max_entries - 3;
+    let pins = with(all_as_wanted(), "STATS", |p| {
+        p.found.as_mut().unwrap().max_entries = fewer
+    });
+    let pins = with(pins, "MAPPING_STATS", |p| p.want_max = 512);
+    let p = plan(&pins, V).unwrap();
+    assert_eq!(
+        actions(&p),
+        [
+            (
+                "MAPPING_STATS",
+                Action::Counters {
+                    from: spec::DEFAULT_MAPPINGS,
+                    to: 512
+                }
+            ),
+            (
+                "STATS",
+                Action::Counters {
+                    from: fewer,
+                    to: spec::STATS.max_entries
+                }
+            ),
+        ]
+    );
+}
+
+#[test]
+fn tables_natd_sizes_are_migrated_to_the_configured_size() {
+    let pins = with(all_as_wanted(), "FLOWS", |p| p.want_max = 2048);
+    let pins = with(pins, "PENDING", |p| p.want_max = 1024);
+    let pins = with(pins, "NAT_IN", |p| {
+        p.found.as_mut().unwrap().max_entries = 256
+    });
+    let p = plan(&pins, V).unwrap();
+    let from = spec::DEFAULT_MAPPINGS;
+    assert_eq!(
+        actions(&p),
+        [
+            (
+                "NAT_IN",
+                Action::Entries {
+                    from: 256,
+                    to: from
+                }
+            ),
+            (
+                "FLOWS",
+                Action::Entries {
+                    from: spec::FLOWS.max_entries,
+                    to: 2048
+                }
+            ),
+            (
+                "PENDING",
+                Action::Entries {
+                    from: spec::PENDING.max_entries,
+                    to: 1024
+                }
+            ),
+        ]
+    );
+    assert!(p.iter().filter(|(_, a)| a.migrates()).count() == 3);
+}
+
+#[test]
+fn another_key_or_value_size_type_or_flags_is_refused_naming_each_difference() {
+    let pins = with(all_as_wanted(), "FLOWS", |p| {
+        let f = p.found.as_mut().unwrap();
+        f.value_size = 96;
+        f.max_entries = 4;
+    });
+    let pins = with(pins, "EVENTS", |p| {
+        let f = p.found.as_mut().unwrap();
+        f.kind = MapKind::Array as u32;
+        f.key_size = 8;
+    });
+    let pins = with(pins, "IFACES", |p| p.found.as_mut().unwrap().flags = 1);
+    let r = plan(&pins, V).unwrap_err();
+    assert_eq!(r.remedy, Remedy::Afresh);
+    let text: Vec<String> = r.mismatches.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "FLOWS: value size found 96, wanted 104",
+            "IFACES: flags found 0x1, wanted 0x0",
+            "EVENTS: type found array, wanted percpu_array",
+            "EVENTS: key size found 8, wanted 4",
+        ]
+    );
+    let msg = refusal_text(Path::new("/sys/fs/bpf/x"), &r.mismatches, &r.remedy);
+    assert!(
+        msg.starts_with(
+            "cannot adopt the fast path pinned under /sys/fs/bpf/x: FLOWS: value size \
+             found 96, wanted 104; IFACES: "
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("natd changed nothing"), "{msg}");
+    assert!(msg.contains("remove /sys/fs/bpf/x"), "{msg}");
+    assert!(msg.contains("--detach-on-exit"), "{msg}");
+}
+
+#[test]
+fn a_fixed_capacity_that_differs_is_refused() {
+    let pins = with(all_as_wanted(), "DEVMAP", |p| {
+        p.found.as_mut().unwrap().max_entries = 32
+    });
+    let r = plan(&pins, V).unwrap_err();
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["DEVMAP: capacity found 32, wanted 64"]
+    );
+}
+
+#[test]
+fn another_layout_version_or_none_is_refused_whatever_the_maps() {
+    let r = plan(&all_as_wanted(), Some(spec::LAYOUT_VERSION - 1)).unwrap_err();
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [format!(
+            "META: layout version found {}, wanted {}",
+            spec::LAYOUT_VERSION - 1,
+            spec::LAYOUT_VERSION
+        )]
+    );
+    let r = plan(&all_as_wanted(), Some(0)).unwrap_err();
+    assert!(r.mismatches[0].found.contains("never stamped"), "{r:?}");
+    // main's layout: CONNTRACK and no META; the maps of the same name look alike.
+    let old = with(all_as_wanted(), "META", |p| p.found = None);
+    let r = plan(&old, None).unwrap_err();
+    assert_eq!(r.mismatches.len(), 1, "{r:?}");
+    assert!(r.mismatches[0].found.starts_with("none"), "{r:?}");
+    // A META of another shape: named, the version not read.
+    let odd = with(all_as_wanted(), "META", |p| {
+        p.found.as_mut().unwrap().value_size = 8
+    });
+    let r = plan(&odd, None).unwrap_err();
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["META: value size found 8, wanted 4"]
+    );
+}
+
+#[test]
+fn a_map_missing_among_pinned_ones_is_refused() {
+    let pins = with(all_as_wanted(), "PENDING", |p| p.found = None);
+    let r = plan(&pins, V).unwrap_err();
+    assert_eq!(r.mismatches.len(), 1);
+    assert_eq!(
+        (r.mismatches[0].map, r.mismatches[0].what),
+        ("PENDING", "pin")
+    );
+}
+
+#[test]
+fn fewer_mappings_are_refused_while_slots_beyond_are_in_use() {
+    assert_eq!(mappings_fit(256, 65_536, 255, 200), Ok(()));
+    let r = mappings_fit(256, 65_536, 300, 2).unwrap_err();
+    assert_eq!(r.remedy, Remedy::Mappings { at_least: 301 });
+    assert_eq!(
+        r.mismatches[0].to_string(),
+        "MAPPING_STATS: capacity found 65536 with 2 mapping(s) installed and counter slot \
+         300 in use, wanted 256 ([limits] mappings)"
+    );
+    let r = mappings_fit(256, 65_536, 3, 400).unwrap_err();
+    assert_eq!(r.remedy, Remedy::Mappings { at_least: 400 });
+    let msg = refusal_text(Path::new("/p"), &r.mismatches, &r.remedy);
+    assert!(
+        msg.contains("Start natd with [limits] mappings of at least 400"),
+        "{msg}"
+    );
+}
