@@ -60,8 +60,7 @@ pub(super) fn check_pins(pins: &PinDir, sizes: &Sizes) -> Result<bool, Dataplane
                 &path,
                 format!(
                     "it holds {} entries, this natd is configured for {} ({}); start natd \
-                     with the earlier size, or stop the old natd with --detach-on-exit to \
-                     resize",
+                     with the earlier size, or start afresh with the new one",
                     found.3,
                     want.3,
                     match m.name {
