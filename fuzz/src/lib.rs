@@ -1,16 +1,20 @@
 //! Oracles the fuzz targets share: what must hold for any state natd accepts, beyond "no
 //! panic". natd persists every accepted state and must restore exactly it at the next start
 //! (else a payload it accepted today stops it from starting tomorrow), and the plan of map
-//! writes between two states must lead from one to the other and its undo back.
+//! writes between two states must lead from one to the other and its undo back. They need
+//! natd's library (feature `natd`, on by default).
+#![cfg(feature = "natd")]
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
 };
 
+use nat_api::Cidr;
 use nat_common::RuleBits;
 use nat_userspace::{
     netfilter,
     persist::Snapshot,
+    policy_routing::{RoutePlan, SourceRule},
     state::{DesiredState, Mapping},
     tables::{Entry, Op, Tables, plan},
 };
@@ -87,8 +91,15 @@ pub fn check_accepted(before: &DesiredState, after: &DesiredState) {
         "undoing the plan does not restore the old state"
     );
 
+    // Every mapping routed by one source rule, so the routing marks render too.
+    let rule = SourceRule {
+        priority: 100,
+        source: Cidr::ANY,
+        table: 101,
+    };
+    let routes = RoutePlan::of(after.mappings(), &[rule], &[]);
     let ifaces = (["eth2".to_string()], ["eth0".to_string()]);
-    let _ = netfilter::render(&ifaces.0, &ifaces.1, after);
+    let _ = netfilter::render(&ifaces.0, &ifaces.1, after, &routes);
 }
 
 /// A state with a couple of mappings (and an ingress rule) for payloads to change.

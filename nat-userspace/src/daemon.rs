@@ -9,10 +9,9 @@ use nat_common::{Event, ORIGIN_GUEST, Reason, TIMEOUT_SLOTS, conntrack::Timeout}
 use crate::{
     api::{
         ConntrackStats, FlowInfo, ListedIngressRule, MappingStatus, ReasonStat, Reply, Request,
-        Response, RuleSpec, StatsReport, StatusReport,
+        Response, StatsReport, StatusReport,
     },
     ebpf::{Dataplane, DataplaneError, FlowView},
-    firewall::{RuleError, Service, icmp_field},
     netfilter::{Nft, SlowPath as _},
     persist::StateDir,
     reconcile::{ApplyError, Controller},
@@ -69,28 +68,6 @@ fn ip(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(raw.to_ne_bytes())
 }
 
-impl RuleSpec {
-    /// The validated service of an ingress rule's spec (which has no `sources`).
-    pub fn ingress_service(&self) -> Result<Service, RuleError> {
-        if !self.sources.is_empty() {
-            return Err(RuleError::SourcesInIngress);
-        }
-        self.service()
-    }
-
-    /// The validated service of this spec.
-    pub fn service(&self) -> Result<Service, RuleError> {
-        let s = Service {
-            proto: self.proto,
-            ports: self.ports,
-            icmp_type: icmp_field("icmp type", self.icmp_type)?,
-            icmp_code: icmp_field("icmp code", self.icmp_code)?,
-        };
-        s.validate()?;
-        Ok(s)
-    }
-}
-
 impl Daemon {
     pub fn new(ctl: NatController, timeouts_ns: [u64; TIMEOUT_SLOTS]) -> Self {
         Self {
@@ -109,7 +86,9 @@ impl Daemon {
         timeout_of(&self.timeouts_ns, timer)
     }
 
-    /// Answers one request. Every refusal is an `Error` response naming what was wrong.
+    /// Answers one request. Every refusal (bad input, a conflict) and every failure (natd
+    /// could not apply or read what was asked; nothing changed) is an `Error` response naming
+    /// what was wrong, and saying which of the two it is.
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
             Request::MappingAdd { public, private } => {
@@ -147,7 +126,7 @@ impl Daemon {
             }
             Request::MappingList => match self.mappings() {
                 Ok(mappings) => Response::Ok(Reply::Mappings { mappings }),
-                Err(e) => refuse(e),
+                Err(e) => fail(e),
             },
             Request::FirewallAdd { public, rule } => {
                 let what = format!("firewall add {public}");
@@ -222,17 +201,17 @@ impl Daemon {
             }),
             Request::ConntrackList => match self.flows() {
                 Ok(r) => Response::Ok(r),
-                Err(e) => refuse(e),
+                Err(e) => fail(e),
             },
             Request::ConntrackFlush { public } => self.flush(public),
             Request::CloudstackApply { name, payload } => self.apply_cloudstack(&name, &payload),
             Request::Status => match self.status() {
                 Ok(s) => Response::Ok(Reply::Status(s)),
-                Err(e) => refuse(e),
+                Err(e) => fail(e),
             },
             Request::Stats => match self.stats(true) {
                 Ok(s) => Response::Ok(Reply::Stats(s)),
-                Err(e) => refuse(e),
+                Err(e) => fail(e),
             },
         }
     }
@@ -258,7 +237,7 @@ impl Daemon {
                 Ok(out)
             }
             Err(ApplyError::Invalid(e)) => Err(Box::new(refuse(format!("{what} refused: {e}")))),
-            Err(e) => Err(Box::new(refuse(format!(
+            Err(e) => Err(Box::new(fail(format!(
                 "{what} failed, nothing changed: {}",
                 crate::report(&e)
             )))),
@@ -315,7 +294,8 @@ impl Daemon {
     pub fn apply_cloudstack(&mut self, name: &str, text: &str) -> Response {
         match self.apply_payload(name, text) {
             Payload::Applied(message) => done(message),
-            Payload::Refused(message) | Payload::Failed(message) => refuse(message),
+            Payload::Refused(message) => refuse(message),
+            Payload::Failed(message) => fail(message),
         }
     }
 
@@ -561,7 +541,14 @@ fn done(message: String) -> Response {
     Response::Ok(Reply::Done { message })
 }
 
+/// The request is refused: bad input or a conflict (natctl exits 1).
 fn refuse(message: String) -> Response {
     warn!("{message}");
-    Response::Error { message }
+    Response::refused(message)
+}
+
+/// natd could not carry out a valid request, and changed nothing (natctl exits 2).
+fn fail(message: String) -> Response {
+    warn!("{message}");
+    Response::failed(message)
 }

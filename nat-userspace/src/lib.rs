@@ -1,13 +1,16 @@
-//! natd and natctl: the control plane of the XDP static NAT.
+//! natd: the control plane of the XDP static NAT (natctl, its client, is a crate of its own).
 //!
-//! Library first: the binaries are thin layers over [`daemon`] (request handling),
+//! Library first: the binary is a thin layer over [`daemon`] (request handling),
 //! [`reconcile`] (the one path every change takes), [`ebpf`] (the fast path's maps and links),
-//! [`netfilter`] (the slow path, with [`policy_routing`]) and [`api`] (the control socket). [`cloudstack`] turns CloudStack
-//! virtual-router payloads into desired-state changes; [`kernel_events`] reports link, route,
-//! neighbour and address changes over rtnetlink; [`metrics`] serves Prometheus.
+//! [`netfilter`] (the slow path, with [`policy_routing`]) and [`api`] (the control socket; its
+//! wire types, rule specs and CIDRs are the nat-api crate's, re-exported at their old paths).
+//! [`cloudstack`] turns CloudStack virtual-router payloads into desired-state changes;
+//! [`kernel_events`] reports link, route, neighbour and address changes over rtnetlink;
+//! [`metrics`] serves Prometheus.
 pub mod addresses;
 pub mod api;
-pub mod cidr;
+/// IPv4 prefixes: [`nat_api::cidr`], at its old path.
+pub use nat_api::cidr;
 pub mod clock;
 pub mod cloudstack;
 pub mod cloudstack_dir;

@@ -93,13 +93,8 @@ pub fn check_unicast(field: &'static str, addr: Ipv4Addr) -> Result<(), StateErr
 /// as doubles (jq, JavaScript) keep natd's ids exact.
 pub const LOCAL_RULE_IDS: u64 = 1_000_000_000_000_000;
 
-/// One static NAT mapping, public P <-> private V.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Mapping {
-    pub public: Ipv4Addr,
-    pub private: Ipv4Addr,
-}
+/// One static NAT mapping, public P <-> private V (nat-api's, at its old path).
+pub use nat_api::spec::Mapping;
 
 /// A rule and the bit it owns in the XDP program's rule bitmaps (stable while it exists).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

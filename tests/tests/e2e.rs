@@ -395,7 +395,7 @@ fn mapping_del_keeps_established_flows_until_flushed() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each refused natctl command exits non-zero naming the problem, and changes nothing: not
+/// Each refused natctl command exits 1 (refused) naming the problem, and changes nothing: not
 /// natctl's list, not nftables, not what is translated.
 #[test]
 fn refused_commands_change_nothing() -> anyhow::Result<()> {
@@ -455,6 +455,13 @@ fn refused_commands_change_nothing() -> anyhow::Result<()> {
             "`natctl {}` succeeded",
             args.join(" ")
         );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "`natctl {}`: {}",
+            args.join(" "),
+            out.stderr
+        );
         for text in *expected {
             assert!(
                 out.stderr.contains(text),
@@ -478,7 +485,8 @@ fn refused_commands_change_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Without natd, natctl says natd is not running: no socket, or a socket nobody listens on.
+/// Without natd, natctl says natd is not running (and exits 3, natd not reached): no socket,
+/// or a socket nobody listens on.
 #[test]
 fn natctl_without_natd_says_it_is_not_running() -> anyhow::Result<()> {
     let dir = ScratchDir::new()?;
@@ -496,7 +504,7 @@ fn natctl_without_natd_says_it_is_not_running() -> anyhow::Result<()> {
         (&stale, &["mapping", "list"][..]),
     ] {
         let out = Natctl::new(socket)?.run(args)?;
-        assert!(!out.status.success(), "{out:?}");
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
         assert!(out.stderr.contains("natd is not running"), "{out:?}");
         assert!(
             out.stderr.contains(&*socket.to_string_lossy()),
@@ -545,7 +553,10 @@ fn natd_refuses_bad_config_and_interfaces_and_leaves_nothing() -> anyhow::Result
         // after the nftables table went in.
         (
             &["--public-iface", ROUTER_PUBLIC_IF, "--guest-iface", "lo"],
-            &["cannot attach XDP to lo"],
+            &[
+                "cannot attach XDP to lo in native mode",
+                "run natd with --xdp-mode generic",
+            ],
         ),
     ];
     for (args, expected) in cases {

@@ -592,7 +592,7 @@ fn conntrack_lists_flows_and_flush_cuts_connections_without_a_rule() -> anyhow::
     Ok(())
 }
 
-/// Each refused rule command exits non-zero naming the problem and changes nothing: not the
+/// Each refused rule command exits 1 naming the problem and changes nothing: not the
 /// rule lists, not nftables, not the generation.
 #[test]
 fn refused_rule_commands_change_nothing() -> anyhow::Result<()> {
@@ -683,6 +683,8 @@ fn refused_rule_commands_change_nothing() -> anyhow::Result<()> {
         let out = natctl.run(args)?;
         let what = format!("natctl {}", args.join(" "));
         assert!(!out.status.success(), "`{what}` succeeded: {}", out.stdout);
+        // Refused (bad input or a conflict, by natd or by natctl's own parsing): status 1.
+        assert_eq!(out.status.code(), Some(1), "`{what}`: {}", out.stderr);
         for text in expected {
             assert!(
                 out.stderr.contains(text),

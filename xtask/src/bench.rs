@@ -17,6 +17,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "nat-bench",
         "-p",
         "nat-userspace",
+        "-p",
+        "natctl",
         "--bins",
     ]))?;
     let release = util::target_dir()?.join("release");

@@ -1,6 +1,6 @@
 //! natd's side of the control API: accepts root clients only, reads one JSON request per line
-//! (bounded), answers each with one JSON line. Malformed input gets an error reply, never a
-//! crash.
+//! (bounded), answers each with one JSON line. Malformed input gets an error reply (refused),
+//! never a crash.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -123,7 +123,7 @@ async fn connection(
         let read = head.read_until(b'\n', &mut sink);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
         let message = "permission denied: natd's control socket is for root only".to_string();
-        return reply(&mut wr, &Response::Error { message }).await;
+        return reply(&mut wr, &Response::refused(message)).await;
     }
     loop {
         let mut buf = Vec::new();
@@ -143,16 +143,14 @@ async fn connection(
         }
         if buf.len() > MAX_REQUEST {
             let message = format!("request longer than {MAX_REQUEST} bytes refused");
-            return reply(&mut wr, &Response::Error { message }).await;
+            return reply(&mut wr, &Response::refused(message)).await;
         }
         let resp = match serde_json::from_slice::<Request>(&buf) {
             Ok(req) => {
                 info!("control request: {}", req.summary());
                 daemon.lock().await.handle(req)
             }
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
+            Err(e) => Response::refused(format!("malformed request: {e}")),
         };
         reply(&mut wr, &resp).await?;
     }

@@ -11,7 +11,7 @@ use nat_userspace::{
     cloudstack_dir,
     config::Config,
     daemon::Daemon,
-    ebpf::{Dataplane, Mode, Role, Sizes},
+    ebpf::{Dataplane, DataplaneError, Mode, Role, Sizes},
     kernel_events::KernelEvents,
     metrics::{self, DEFAULT_METRICS_ADDR, DaemonSource, Metrics, PerMapping, Ranking},
     netfilter::{Nft, SlowPath as _},
@@ -50,8 +50,8 @@ struct Args {
     #[arg(long, value_enum)]
     slow_path: Option<SlowPathMode>,
     /// XDP attach mode. natd never falls back from native to generic by itself.
-    #[arg(long, value_enum, default_value_t = Mode::Native)]
-    xdp_mode: Mode,
+    #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+    xdp_mode: XdpMode,
     /// Control socket for natctl (root only).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -104,6 +104,52 @@ enum SlowPathMode {
 /// carries and forgets the flows the kernel ended.
 const KERNEL_ROUND: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// `--xdp-mode`: the library's [`Mode`], as the command line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum XdpMode {
+    /// In the driver (default): the fast path proper.
+    Native,
+    /// In the kernel's generic hook, for drivers without native XDP: much slower.
+    Generic,
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Mode::from(*self).fmt(f)
+    }
+}
+
+impl From<XdpMode> for Mode {
+    fn from(m: XdpMode) -> Self {
+        match m {
+            XdpMode::Native => Mode::Native,
+            XdpMode::Generic => Mode::Generic,
+        }
+    }
+}
+
+/// What the operator can do about `e`, in natd's flags (the library does not know them).
+fn flag_hint(e: &DataplaneError) -> Option<&'static str> {
+    match e {
+        DataplaneError::AttachNative { .. } => {
+            Some("if its driver has no native XDP support, run natd with --xdp-mode generic")
+        }
+        _ => None,
+    }
+}
+
+/// The error natd exits with, on one line, with the flag that helps if there is one.
+fn exit_message(e: &anyhow::Error) -> String {
+    let text = nat_userspace::report(e.as_ref());
+    match e
+        .chain()
+        .find_map(|c| c.downcast_ref::<DataplaneError>().and_then(flag_hint))
+    {
+        Some(hint) => format!("{text}; {hint}"),
+        None => text,
+    }
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -120,7 +166,7 @@ fn main() {
     };
     if let Err(e) = rt.block_on(run(args)) {
         // env_logger writes to stderr too: one line, in the log's format.
-        log::error!("{}", nat_userspace::report(e.as_ref()));
+        log::error!("{}", exit_message(&e));
         std::process::exit(1);
     }
 }
@@ -265,7 +311,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|i| (i, Role::Public))
         .chain(args.guest_ifaces.iter().map(|i| (i, Role::Guest)));
     for (name, role) in roles {
-        match ctl.fast_mut().attach(name, role, args.xdp_mode) {
+        match ctl.fast_mut().attach(name, role, args.xdp_mode.into()) {
             Ok(a) if a.adopted => info!(
                 "replaced the program on {} (ifindex {}, {:?}) atomically, keeping its attachment",
                 a.name, a.ifindex, a.role

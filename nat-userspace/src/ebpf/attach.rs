@@ -23,7 +23,7 @@ impl Dataplane {
             .insert(
                 ifindex,
                 IfaceConfig {
-                    role: role.raw(),
+                    role: role_raw(role),
                     addr: iface_ipv4(name).map_or(0, |a| u32::from_ne_bytes(a.octets())),
                 },
                 0,
@@ -130,7 +130,7 @@ impl Dataplane {
         let mut map = HashMap::<_, u32, IfaceConfig>::try_from(self.map(MAP_IFACES)?)
             .map_err(map_err(MAP_IFACES))?;
         let mut cfg = map.get(&ifindex, 0).unwrap_or(IfaceConfig {
-            role: role.raw(),
+            role: role_raw(role),
             addr: 0,
         });
         if cfg.addr == addr {

@@ -44,7 +44,6 @@ use nat_common::{
     MAP_MAPPING_STATS, MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats,
     NatConfig, NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::{
     cidr::Cidr,
@@ -86,10 +85,8 @@ pub enum DataplaneError {
     Program(#[source] ProgramError),
     #[error("interface {0} does not exist")]
     UnknownIface(String),
-    #[error(
-        "cannot attach XDP to {iface} in native mode: {source}; if its driver has no native XDP \
-         support, run natd with --xdp-mode generic"
-    )]
+    /// (natd adds how to run it in generic mode.)
+    #[error("cannot attach XDP to {iface} in native mode: {source}")]
     AttachNative {
         iface: String,
         #[source]
@@ -170,68 +167,15 @@ pub enum DataplaneError {
     Link(#[from] LinkError),
 }
 
-/// XDP attach mode, as the operator names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// In the driver (default): the fast path proper.
-    Native,
-    /// In the kernel's generic hook, for drivers without native XDP: much slower.
-    Generic,
-}
+/// The interface and counter types natd reports are nat-api's, at their old paths.
+pub use nat_api::report::{Attached, MappingCounters, Mode, Role};
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Native => "native",
-            Mode::Generic => "generic",
-        })
+/// The role's value in the program's `IFACES` map.
+const fn role_raw(role: Role) -> u32 {
+    match role {
+        Role::Public => ROLE_PUBLIC,
+        Role::Guest => ROLE_GUEST,
     }
-}
-
-/// Role of an interface, as the operator names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Public,
-    Guest,
-}
-
-impl Role {
-    const fn raw(self) -> u32 {
-        match self {
-            Role::Public => ROLE_PUBLIC,
-            Role::Guest => ROLE_GUEST,
-        }
-    }
-}
-
-/// An interface the program is attached to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attached {
-    pub name: String,
-    pub ifindex: u32,
-    pub role: Role,
-    pub mode: Mode,
-    /// The attachment was taken over from an earlier natd (its link updated in place).
-    #[serde(default)]
-    pub adopted: bool,
-    /// How often natd attached again after the interface was deleted and created again.
-    #[serde(default)]
-    pub reattached: u64,
-}
-
-/// Frames and bytes a mapping translated, per direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MappingCounters {
-    pub inbound_packets: u64,
-    pub inbound_bytes: u64,
-    /// Dropped by the public IP's ingress firewall.
-    pub inbound_denied: u64,
-    pub outbound_packets: u64,
-    pub outbound_bytes: u64,
-    /// Dropped by the egress policy.
-    pub outbound_denied: u64,
 }
 
 /// Writes the fast path's maps, one [`Op`] at a time. A trait so the reconciler can be tested

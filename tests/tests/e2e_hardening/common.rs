@@ -14,7 +14,7 @@ use anyhow::{Context as _, ensure};
 use aya::maps::{HashMap, Map, MapData};
 use nat_common::NatValue;
 use nat_tests::topology::{Natd, Topology};
-use nat_userspace::api::Response;
+use nat_userspace::api::{ErrorKind, Response};
 
 /// P 203.0.113.10 <-> V 10.0.0.10 and no rules: P is closed.
 pub const ONE_MAPPING: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n";
@@ -137,10 +137,18 @@ impl RawClient {
     }
 }
 
-/// The error message of `resp`, or a failure naming `what` if natd accepted it.
+/// The error message of `resp`, which must be a refusal (hostile input is bad input, never a
+/// failure of natd's), or a failure naming `what` if natd accepted it.
 pub fn error_message(resp: Option<Response>, what: &str) -> anyhow::Result<String> {
     match resp {
-        Some(Response::Error { message }) => Ok(message),
+        Some(Response::Error {
+            message,
+            kind: ErrorKind::Refused,
+        }) => Ok(message),
+        Some(Response::Error {
+            message,
+            kind: ErrorKind::Failed,
+        }) => anyhow::bail!("natd failed (rather than refused) {what}: {message}"),
         Some(Response::Ok(reply)) => anyhow::bail!("natd accepted {what}: {reply:?}"),
         None => anyhow::bail!("natd closed the connection without answering {what}"),
     }

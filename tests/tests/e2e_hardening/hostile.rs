@@ -264,12 +264,13 @@ fn idle_connections_beyond_the_fd_limit_do_not_stop_natd() -> anyhow::Result<()>
     Ok(())
 }
 
-/// natctl as user nobody (uid 65534), copied where nobody may run it.
+/// natctl as user nobody (uid 65534), copied where nobody may run it: its exit status and
+/// its output.
 fn natctl_as_nobody(
     topo: &Topology,
     socket: &Path,
     args: &[&str],
-) -> anyhow::Result<(bool, String)> {
+) -> anyhow::Result<(Option<i32>, String)> {
     let copy = topo.dir.path().join("natctl-nobody");
     if !copy.exists() {
         std::fs::copy(binary("natctl")?, &copy)?;
@@ -284,14 +285,12 @@ fn natctl_as_nobody(
             .args(args),
         COMMAND_TIMEOUT,
     )?;
-    Ok((
-        out.status.success(),
-        format!("{}{}", out.stdout, out.stderr),
-    ))
+    Ok((out.status.code(), format!("{}{}", out.stdout, out.stderr)))
 }
 
-/// Runs natctl as nobody with `args` and fails unless it failed saying "permission denied"
-/// and that the socket is root's; counts the request, and its refusal, in `fig`.
+/// Runs natctl as nobody with `args` and fails unless it was refused (status 1) saying
+/// "permission denied" and that the socket is root's; counts the request, and its refusal, in
+/// `fig`.
 fn refused_as_nobody(
     topo: &Topology,
     socket: &Path,
@@ -299,12 +298,18 @@ fn refused_as_nobody(
     when: &str,
     fig: &mut Figures,
 ) -> anyhow::Result<()> {
-    let (ok, out) = natctl_as_nobody(topo, socket, args)?;
+    let (status, out) = natctl_as_nobody(topo, socket, args)?;
+    let ok = status == Some(0);
     fig.add("non-root requests sent", 1);
     fig.add("non-root requests refused", u64::from(!ok));
     ensure!(
         !ok,
         "natctl {} as nobody succeeded {when}: {out}",
+        args.join(" ")
+    );
+    ensure!(
+        status == Some(1),
+        "natctl {} as nobody {when} exited {status:?}, not 1 (refused): {out}",
         args.join(" ")
     );
     ensure!(

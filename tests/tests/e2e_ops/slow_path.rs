@@ -103,7 +103,8 @@ fn the_routers_own_traffic_to_its_own_public_ip_reaches_the_guest() -> anyhow::R
 
 /// `--manage-addresses` cannot place a public IP outside every public subnet: `nft -f` had
 /// already replaced the table when address management failed, and the table is restored
-/// with the maps: nothing of the refused mapping is left in the slow path.
+/// with the maps: nothing of the failed mapping is left in the slow path, and natctl says it
+/// failed (status 2: natd could not apply a valid change), not that it was refused.
 #[test]
 fn a_change_failing_after_the_table_was_replaced_restores_it() -> anyhow::Result<()> {
     let topo = Topology::new()?;
@@ -120,7 +121,9 @@ fn a_change_failing_after_the_table_was_replaced_restores_it() -> anyhow::Result
     let before = topo.nft_text()?.context("no nftables table")?;
     let out = natctl.run(&["mapping", "add", "192.0.2.99", "10.0.0.11"])?;
     ensure!(
-        !out.status.success() && out.stderr.contains("192.0.2.99 is in no subnet"),
+        out.status.code() == Some(2)
+            && out.stderr.contains("failed, nothing changed")
+            && out.stderr.contains("192.0.2.99 is in no subnet"),
         "natctl mapping add 192.0.2.99: {out:?}"
     );
     let after = topo.nft_text()?.context("no nftables table")?;

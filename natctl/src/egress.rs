@@ -2,13 +2,10 @@
 use std::path::Path;
 
 use clap::{Subcommand, ValueEnum};
-use nat_userspace::{
-    api::{Reply, Request},
-    cidr::Cidr,
-};
+use nat_api::{Cidr, Reply, Request};
 
 use crate::{
-    call, print_json,
+    call, exit, print_json,
     rule::{RuleArgs, describe, list},
 };
 
@@ -40,7 +37,7 @@ pub enum Cmd {
     },
 }
 
-pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), exit::Error> {
     let (req, json) = match cmd {
         Cmd::Policy { policy } => (
             Request::EgressPolicy {
@@ -86,7 +83,7 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
                 );
             }
         }
-        other => return Err(format!("unexpected answer from natd: {other:?}")),
+        other => return Err(exit::Error::unexpected(&other)),
     }
     Ok(())
 }

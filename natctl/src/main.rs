@@ -1,20 +1,27 @@
-//! natctl: changes and inspects a running natd over its control socket.
+//! natctl: changes and inspects a running natd over its control socket. Built from nat-api
+//! alone (no eBPF toolchain); one file per subcommand, [`exit`] for the exit statuses.
 mod apply;
 mod conntrack;
 mod egress;
+mod exit;
 mod firewall;
 mod mapping;
 mod rule;
 mod stats;
 mod status;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use nat_userspace::api::{DEFAULT_SOCKET, Reply, Request, Response, client};
+use exit::Error;
+use nat_api::{DEFAULT_SOCKET, MappingStatus, Reply, Request, client};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Control a running natd (XDP static NAT)")]
+#[command(
+    version,
+    about = "Control a running natd (XDP static NAT)",
+    after_help = exit::EXIT_STATUS
+)]
 struct Args {
     /// natd's control socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
@@ -59,17 +66,25 @@ enum Command {
     },
 }
 
-/// Sends `req`; returns natd's reply, or the message to print for an error.
-fn call(socket: &std::path::Path, req: Request) -> Result<Reply, String> {
-    match client::call(socket, &req) {
-        Ok(Response::Ok(reply)) => Ok(reply),
-        Ok(Response::Error { message }) => Err(message),
-        Err(e) => Err(e.to_string()),
-    }
+/// Sends `req`; returns natd's reply, or the error to print and exit with.
+fn call(socket: &std::path::Path, req: Request) -> Result<Reply, Error> {
+    exit::reply_of(client::call(socket, &req))
 }
 
-fn main() {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // Help and version go to stdout (status 0); a usage error is refused like bad input
+        // natd refuses (status 1, not clap's 2, which is natctl's "failed").
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(Error::Refused(String::new()).status())
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match args.command {
         Command::Mapping(cmd) => mapping::run(&args.socket, cmd),
         Command::Firewall(cmd) => firewall::run(&args.socket, cmd),
@@ -89,21 +104,25 @@ fn main() {
             Ok(())
         }
     };
-    if let Err(message) = result {
-        eprintln!("natctl: {message}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("natctl: {}", e.message());
+            ExitCode::from(e.status())
+        }
     }
 }
 
 /// Prints `value` as pretty JSON.
-fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
-    let s = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Error> {
+    let s = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Failed(format!("cannot print natd's answer as JSON: {e}")))?;
     println!("{s}");
     Ok(())
 }
 
 /// Prints mappings and their counters as a table.
-fn print_mappings(mappings: &[nat_userspace::api::MappingStatus]) {
+fn print_mappings(mappings: &[MappingStatus]) {
     println!(
         "{:<16} {:<16} {:>10} {:>12} {:>9} {:>10} {:>12} {:>9}",
         "PUBLIC", "PRIVATE", "IN_PKTS", "IN_BYTES", "IN_DENY", "OUT_PKTS", "OUT_BYTES", "OUT_DENY"

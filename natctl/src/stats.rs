@@ -1,14 +1,14 @@
 //! `natctl stats`.
 use std::path::Path;
 
-use nat_userspace::api::{Reply, Request};
+use nat_api::{Reply, Request};
 
-use crate::{call, print_json, print_mappings};
+use crate::{call, exit, print_json, print_mappings};
 
-pub fn run(socket: &Path, json: bool) -> Result<(), String> {
+pub fn run(socket: &Path, json: bool) -> Result<(), exit::Error> {
     let s = match call(socket, Request::Stats)? {
         Reply::Stats(s) => s,
-        other => return Err(format!("unexpected answer from natd: {other:?}")),
+        other => return Err(exit::Error::unexpected(&other)),
     };
     if json {
         return print_json(&s);

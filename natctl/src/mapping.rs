@@ -2,9 +2,9 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use clap::Subcommand;
-use nat_userspace::api::{Reply, Request};
+use nat_api::{Reply, Request};
 
-use crate::{call, print_json, print_mappings};
+use crate::{call, exit, print_json, print_mappings};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -19,7 +19,7 @@ pub enum Cmd {
     },
 }
 
-pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), exit::Error> {
     let (req, json) = match cmd {
         Cmd::Add { public, private } => (Request::MappingAdd { public, private }, false),
         Cmd::Del { public } => (Request::MappingDel { public }, false),
@@ -29,7 +29,7 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
         Reply::Done { message } => println!("{message}"),
         Reply::Mappings { mappings } if json => print_json(&mappings)?,
         Reply::Mappings { mappings } => print_mappings(&mappings),
-        other => return Err(format!("unexpected answer from natd: {other:?}")),
+        other => return Err(exit::Error::unexpected(&other)),
     }
     Ok(())
 }

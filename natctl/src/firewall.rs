@@ -2,9 +2,9 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use clap::Subcommand;
-use nat_userspace::api::{Reply, Request};
+use nat_api::{Reply, Request};
 
-use crate::{call, print_json, rule::RuleArgs, rule::describe};
+use crate::{call, exit, print_json, rule::RuleArgs, rule::describe};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -24,7 +24,7 @@ pub enum Cmd {
     },
 }
 
-pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), exit::Error> {
     let (req, json) = match cmd {
         Cmd::Add { public, rule } => (
             Request::FirewallAdd {
@@ -61,7 +61,7 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
                 );
             }
         }
-        other => return Err(format!("unexpected answer from natd: {other:?}")),
+        other => return Err(exit::Error::unexpected(&other)),
     }
     Ok(())
 }

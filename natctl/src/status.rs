@@ -1,14 +1,14 @@
 //! `natctl status`: natd at a glance.
 use std::path::Path;
 
-use nat_userspace::api::{Reply, Request};
+use nat_api::{Reply, Request};
 
-use crate::{call, print_json};
+use crate::{call, exit, print_json};
 
-pub fn run(socket: &Path, json: bool) -> Result<(), String> {
+pub fn run(socket: &Path, json: bool) -> Result<(), exit::Error> {
     let s = match call(socket, Request::Status)? {
         Reply::Status(s) => s,
-        other => return Err(format!("unexpected answer from natd: {other:?}")),
+        other => return Err(exit::Error::unexpected(&other)),
     };
     if json {
         return print_json(&s);

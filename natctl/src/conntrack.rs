@@ -2,9 +2,9 @@
 use std::path::Path;
 
 use clap::Subcommand;
-use nat_userspace::api::{Reply, Request};
+use nat_api::{Reply, Request};
 
-use crate::{call, print_json};
+use crate::{call, exit, print_json};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -25,7 +25,7 @@ pub enum Cmd {
     },
 }
 
-pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
+pub fn run(socket: &Path, cmd: Cmd) -> Result<(), exit::Error> {
     let (req, json) = match cmd {
         Cmd::List { json } => (Request::ConntrackList, json),
         Cmd::Flush { public } => (Request::ConntrackFlush { public }, false),
@@ -54,7 +54,7 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), String> {
                 );
             }
         }
-        other => return Err(format!("unexpected answer from natd: {other:?}")),
+        other => return Err(exit::Error::unexpected(&other)),
     }
     Ok(())
 }

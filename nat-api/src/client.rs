@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Request, Response};
+use crate::wire::{Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
