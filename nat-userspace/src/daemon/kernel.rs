@@ -7,7 +7,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use log::{debug, warn};
-use nat_common::FlowTuple;
+use nat_common::{FlowTuple, TIMEOUT_SLOTS, conntrack::Timeout};
 
 use super::{Daemon, monotonic_ns};
 use crate::kernel_conntrack::{self, KernelFlow};
@@ -56,6 +56,24 @@ impl Daemon {
     }
 }
 
+/// The interval of the rounds: `max`, or a third of the shortest timeout a flow the fast path
+/// carries can have (established TCP, replied UDP, ICMP, other protocols) where that is
+/// shorter, so that a busy flow's kernel entry is refreshed at least twice before it could
+/// expire; at least a second.
+pub fn round_interval(timeouts_ns: &[u64; TIMEOUT_SLOTS], max: Duration) -> Duration {
+    let shortest = [
+        Timeout::TcpEstablished,
+        Timeout::UdpReplied,
+        Timeout::Icmp,
+        Timeout::Other,
+    ]
+    .iter()
+    .map(|t| timeouts_ns[*t as usize])
+    .min()
+    .unwrap_or(u64::MAX);
+    Duration::from_nanos(shortest / 3).clamp(Duration::from_secs(1).min(max), max)
+}
+
 /// A round's middle, `interval` after the last: refreshes the kernel's timeouts of the flows
 /// the fast path carried recently; returns the original keys of the flows the kernel no
 /// longer has.
@@ -94,4 +112,20 @@ pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTup
         gone.len()
     );
     gone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_come_often_enough_for_the_shortest_timeout() {
+        let max = Duration::from_secs(5);
+        let mut t = Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000);
+        assert_eq!(round_interval(&t, max), max);
+        t[Timeout::UdpReplied as usize] = 9_000_000_000;
+        assert_eq!(round_interval(&t, max), Duration::from_secs(3));
+        t[Timeout::Icmp as usize] = 1_000_000_000;
+        assert_eq!(round_interval(&t, max), Duration::from_secs(1));
+    }
 }
