@@ -192,28 +192,30 @@ pub fn list() -> Result<HashSet<KernelFlow>, KernelConntrackError> {
         .collect())
 }
 
-/// The `conntrack -R` line that sets the kernel's timeout of `f` to `secs`.
-fn update_line(f: &KernelFlow, secs: u64) -> String {
+/// The `conntrack -R` line that sets the kernel's timeout of `f` to `secs`, and marks it
+/// assured if `assured` (a status bit conntrack only ever sets).
+fn update_line(f: &KernelFlow, secs: u64, assured: bool) -> String {
     let ports = match f.proto {
         6 | 17 => format!("--sport {} --dport {}", f.sport, f.dport),
         1 => format!("--icmp-type {} --icmp-id {}", f.dport, f.sport),
         _ => String::new(),
     };
+    let status = if assured { " --status ASSURED" } else { "" };
     format!(
-        "-U -p {} -s {} -d {} {ports} --timeout {secs}\n",
+        "-U -p {} -s {} -d {} {ports} --timeout {secs}{status}\n",
         f.proto, f.src, f.dst
     )
 }
 
-/// Sets the kernel's timeouts of `flows` (seconds, at least 1), in one batch. A flow the
-/// kernel no longer has is skipped.
-pub fn refresh(flows: &[(KernelFlow, u64)]) -> Result<(), KernelConntrackError> {
+/// Sets the kernel's timeouts of `flows` (seconds, at least 1) and marks those assured that
+/// say so, in one batch. A flow the kernel no longer has is skipped.
+pub fn refresh(flows: &[(KernelFlow, u64, bool)]) -> Result<(), KernelConntrackError> {
     if flows.is_empty() {
         return Ok(());
     }
     let script: String = flows
         .iter()
-        .map(|(f, s)| update_line(f, (*s).max(1)))
+        .map(|(f, s, assured)| update_line(f, (*s).max(1), *assured))
         .collect();
     let mut child = Command::new("conntrack")
         .args(["-R", "-"])
@@ -310,8 +312,13 @@ mod tests {
             dport: 53,
         };
         assert_eq!(
-            update_line(&f, 120),
+            update_line(&f, 120, false),
             "-U -p 17 -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 --timeout 120\n"
+        );
+        assert_eq!(
+            update_line(&f, 9, true),
+            "-U -p 17 -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 --timeout 9 \
+             --status ASSURED\n"
         );
     }
 }

@@ -12,8 +12,20 @@ use nat_common::{FlowTuple, TIMEOUT_SLOTS, conntrack::Timeout};
 use super::{Daemon, monotonic_ns};
 use crate::kernel_conntrack::{self, KernelFlow};
 
-/// A fast-path flow as a round sees it: its original key, last-seen time and idle timeout.
-pub type RoundFlow = (FlowTuple, u64, u64);
+/// A fast-path flow as a round sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundFlow {
+    /// Its original key.
+    pub key: FlowTuple,
+    /// CLOCK_MONOTONIC (ns) of its last packet.
+    pub last_seen: u64,
+    /// Its idle timeout (ns).
+    pub timeout: u64,
+    /// Assured: the kernel's entry is marked so too (which it would be, had it seen the
+    /// packets: a UDP flow's are all carried by XDP once it is assured), so that the kernel
+    /// never drops it early for room.
+    pub assured: bool,
+}
 
 fn kernel_flow(k: &FlowTuple) -> KernelFlow {
     KernelFlow {
@@ -31,7 +43,12 @@ impl Daemon {
         match self.ctl.fast_mut().flows() {
             Ok(flows) => flows
                 .iter()
-                .map(|f| (f.key, f.last_seen, self.timeout(f.timer)))
+                .map(|f| RoundFlow {
+                    key: f.key,
+                    last_seen: f.last_seen,
+                    timeout: self.timeout(f.timer),
+                    assured: f.assured,
+                })
                 .collect(),
             Err(e) => {
                 warn!("keeping the kernel's flows: reading the fast path's: {e}");
@@ -89,15 +106,16 @@ pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTup
     let now = monotonic_ns();
     let recent = 2 * interval.as_nanos() as u64;
     let mut updates = Vec::new();
-    for (key, last_seen, timeout) in flows {
-        let k = kernel_flow(key);
+    for f in flows {
+        let k = kernel_flow(&f.key);
         if !kernel.contains(&k) {
-            gone.insert(*key);
+            gone.insert(f.key);
             continue;
         }
-        let idle = now.saturating_sub(*last_seen);
+        let idle = now.saturating_sub(f.last_seen);
         if idle < recent {
-            updates.push((k, timeout.saturating_sub(idle) / 1_000_000_000));
+            let secs = f.timeout.saturating_sub(idle) / 1_000_000_000;
+            updates.push((k, secs, f.assured));
         }
     }
     if let Err(e) = kernel_conntrack::refresh(&updates) {
