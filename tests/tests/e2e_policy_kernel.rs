@@ -25,7 +25,8 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use nat_tests::topology::{
-    CLIENT_ADDR, GUEST_ADDR, Natctl, Natd, NatdOptions, Netns, PUBLIC_ADDR, Topology,
+    CLIENT_ADDR, GUEST_ADDR, Natctl, Natd, NatdOptions, Netns, PUBLIC_ADDR, ROUTER_GUEST_ADDR,
+    Topology,
     attempt::{TcpAttempt, assert_no_connection, tcp_listen, udp_receive, udp_send},
     fastpath::{self, Arrived},
     observe::{
@@ -231,7 +232,7 @@ fn read_exactly(conn: &mut TcpStream, want: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every probe, in order, with its fate.
+/// Every probe across the router, in order, with its fate.
 fn run_probes(topo: &Topology) -> anyhow::Result<Vec<(&'static str, Fate)>> {
     let (c, g) = (&topo.client, &topo.guest);
     let into = |port| (c, at(PUBLIC_ADDR, port));
@@ -274,14 +275,34 @@ fn run_probes(topo: &Topology) -> anyhow::Result<Vec<(&'static str, Fate)>> {
     ])
 }
 
+/// The guest reaching its own public IP (CloudStack's hairpin: DNAT to V, SNAT to the
+/// router's guest address), with its fate.
+fn hairpin_probes(topo: &Topology) -> anyhow::Result<Vec<(&'static str, Fate)>> {
+    let g = &topo.guest;
+    let served = |port| (g, at(GUEST_ADDR, port));
+    Ok(vec![
+        (
+            "tcp hairpin, 1 MiB and close",
+            bulk_probe(topo, (g, at(PUBLIC_ADDR, TCP_OPEN)), served(TCP_OPEN))?,
+        ),
+        (
+            "tcp hairpin, closed port",
+            tcp_probe(topo, (g, at(PUBLIC_ADDR, TCP_CLOSED)), served(TCP_CLOSED))?,
+        ),
+    ])
+}
+
 /// The same probes with the ruleset alone and then with natd: the same fates, those the
 /// ruleset gives (open ports arrive with the client's address, what the guest sends arrives
-/// as P, closed ports and the egress exception are dropped); with natd, the XDP program saw
-/// the first packet of every probe and left it to the kernel (`kernel_decides`).
+/// as P, hairpin as the router's guest address, closed ports and the egress exception are
+/// dropped); with natd, the XDP program saw the first packet of every probe and left it to
+/// the kernel (`kernel_decides`), carried the 1 MiB transfers across the router, and left
+/// hairpin to the kernel entirely (no flow entered for it).
 #[test]
 fn every_verdict_is_the_rulesets() -> anyhow::Result<()> {
     let topo = virtual_router()?;
-    let alone = run_probes(&topo).context("the ruleset alone")?;
+    let mut alone = run_probes(&topo).context("the ruleset alone")?;
+    alone.extend(hairpin_probes(&topo).context("the ruleset alone")?);
     let expected = [
         Fate::Arrived(CLIENT_ADDR),
         Fate::Dropped,
@@ -294,6 +315,8 @@ fn every_verdict_is_the_rulesets() -> anyhow::Result<()> {
         Fate::Dropped,
         Fate::Arrived(PUBLIC_ADDR),
         Fate::Arrived(PUBLIC_ADDR),
+        Fate::Arrived(ROUTER_GUEST_ADDR),
+        Fate::Dropped,
     ];
     let fates: Vec<Fate> = alone.iter().map(|(_, f)| *f).collect();
     assert_eq!(fates, expected, "the ruleset alone: {alone:?}");
@@ -303,7 +326,15 @@ fn every_verdict_is_the_rulesets() -> anyhow::Result<()> {
     let natd = natd_kernel(&topo)?;
     let natctl = natd.natctl()?;
     let before = natctl.stats()?;
-    let with_natd = run_probes(&topo).context("with natd --policy kernel")?;
+    let mut with_natd = run_probes(&topo).context("with natd --policy kernel")?;
+    let creates = natctl.stats()?.conntrack.creates;
+    with_natd.extend(hairpin_probes(&topo).context("with natd --policy kernel")?);
+    let hairpin_flows = natctl.stats()?.conntrack.creates - creates;
+    ensure!(
+        hairpin_flows == 0,
+        "the learner entered {hairpin_flows} flows for hairpin connections, whose translation \
+         (also SNAT to the router's own address) it cannot read off the packets"
+    );
     for ((what, a), (_, n)) in alone.iter().zip(&with_natd) {
         assert_eq!(
             a, n,
