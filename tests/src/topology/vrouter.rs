@@ -171,7 +171,7 @@ impl VirtualRouter {
 
 /// One entry of the kernel's connection table, from a line of `conntrack -L`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelFlow {
+pub struct KernelEntry {
     pub line: String,
     /// Seconds left before the kernel forgets it.
     pub timeout: u64,
@@ -180,7 +180,7 @@ pub struct KernelFlow {
     pub packets: Option<(u64, u64)>,
 }
 
-impl KernelFlow {
+impl KernelEntry {
     fn parse(line: &str) -> anyhow::Result<Self> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let timeout = words
@@ -251,7 +251,7 @@ impl Topology {
         proto: &str,
         src: Ipv4Addr,
         dport: u16,
-    ) -> anyhow::Result<Vec<KernelFlow>> {
+    ) -> anyhow::Result<Vec<KernelEntry>> {
         let (src, dport) = (src.to_string(), dport.to_string());
         let out = run_bounded(
             self.router
@@ -261,7 +261,7 @@ impl Topology {
         )?;
         // It exits 0 with or without entries; its summary goes to stderr.
         ensure!(out.status.success(), "conntrack -L: {}", out.stderr.trim());
-        out.stdout.lines().map(KernelFlow::parse).collect()
+        out.stdout.lines().map(KernelEntry::parse).collect()
     }
 
     /// Forgets every flow of the router's kernel connection table (`conntrack -F`).
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn reads_a_conntrack_line_with_accounting() {
-        let f = KernelFlow::parse(
+        let f = KernelEntry::parse(
             "udp      17 117 src=10.0.0.10 dst=198.51.100.2 sport=40000 dport=7000 packets=3 \
              bytes=99 src=198.51.100.2 dst=203.0.113.10 sport=7000 dport=40000 packets=2 \
              bytes=66 [ASSURED] mark=0 use=1",
