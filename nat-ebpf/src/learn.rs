@@ -4,7 +4,10 @@
 //! opens that flow in the flow table from the packet as the kernel received it (its original
 //! direction) if it has none, or advances its state; its routes are resolved by the XDP
 //! program on their first packets. Frames XDP redirects never pass here, nor what the router
-//! itself sends.
+//! itself sends. Only packets that crossed from one side to the other are read: one that
+//! arrived on the side it leaves (hairpin, which the kernel also SNATs to the router's own
+//! address, or guest to guest) or on an interface natd does not watch carries no translation
+//! the learner could read off it, and stays the kernel's.
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use nat_common::{
     ENTRY_LEARNED, FlowTuple, ROLE_PUBLIC,
@@ -37,6 +40,10 @@ fn try_learn(ctx: &TcContext) -> Option<()> {
     }
     // SAFETY: a shared read of a value natd only replaces whole.
     let role = unsafe { IFACES.get(&ifindex) }?.role;
+    // SAFETY: as above.
+    if unsafe { IFACES.get(&ingress) }?.role == role {
+        return None;
+    }
     let _ = ctx.pull_data(HEADERS);
     let pkt = Packet::parse_leaving(ctx).ok()?;
     let l4 = pkt.transport(ctx).ok()?;

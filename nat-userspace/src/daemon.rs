@@ -21,7 +21,7 @@ use crate::{
 mod events;
 mod kernel;
 
-pub use kernel::{RoundFlow, kernel_round};
+pub use kernel::{RoundFlow, kernel_round, round_interval};
 
 pub type NatController = Controller<Dataplane, Nft, StateDir>;
 

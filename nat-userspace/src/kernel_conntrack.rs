@@ -5,6 +5,14 @@
 //! timeout of every flow the fast path saw recently, and forgets the fast path's flows the
 //! kernel ended.
 //!
+//! XDP carries TCP segments the kernel never sees, so the kernel's idea of each window stops
+//! where the fast path took over: natd makes the kernel's TCP tracking liberal about windows
+//! ([`make_tcp_liberal`]), as the kernel's own flowtable does for the flows it offloads.
+//!
+//! The flows' timers are the kernel's: natd takes the idle timeouts from the kernel's own
+//! settings ([`kernel_timeouts`]), so a refreshed entry never has more time left than the
+//! kernel would have given it had it seen the packets.
+//!
 //! Through the `conntrack` tool: no maintained Rust library speaks ctnetlink, and one
 //! `conntrack -L` and one `conntrack -R -` (a batch of `-U` updates) per round is cheap next to
 //! a round's interval.
@@ -12,8 +20,72 @@ use std::{
     collections::HashSet,
     io::Write as _,
     net::Ipv4Addr,
+    path::Path,
     process::{Command, Stdio},
 };
+
+use nat_common::{TIMEOUT_SLOTS, conntrack::Timeout};
+
+/// `net.netfilter.nf_conntrack_tcp_be_liberal` of natd's network namespace.
+pub const TCP_BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
+/// Where the kernel's connection tracking settings of natd's network namespace are.
+const NETFILTER_SYSCTLS: &str = "/proc/sys/net/netfilter";
+
+/// The kernel's setting (`net.netfilter.*`) of a timer slot's timeout; netfilter has none for
+/// SYN_SENT2.
+fn sysctl_of(t: Timeout) -> Option<&'static str> {
+    Some(match t {
+        Timeout::TcpSynSent => "nf_conntrack_tcp_timeout_syn_sent",
+        Timeout::TcpSynRecv => "nf_conntrack_tcp_timeout_syn_recv",
+        Timeout::TcpEstablished => "nf_conntrack_tcp_timeout_established",
+        Timeout::TcpFinWait => "nf_conntrack_tcp_timeout_fin_wait",
+        Timeout::TcpCloseWait => "nf_conntrack_tcp_timeout_close_wait",
+        Timeout::TcpLastAck => "nf_conntrack_tcp_timeout_last_ack",
+        Timeout::TcpTimeWait => "nf_conntrack_tcp_timeout_time_wait",
+        Timeout::TcpClose => "nf_conntrack_tcp_timeout_close",
+        Timeout::TcpSynSent2 => return None,
+        Timeout::TcpRetrans => "nf_conntrack_tcp_timeout_max_retrans",
+        Timeout::TcpUnack => "nf_conntrack_tcp_timeout_unacknowledged",
+        Timeout::UdpUnreplied => "nf_conntrack_udp_timeout",
+        Timeout::UdpReplied => "nf_conntrack_udp_timeout_stream",
+        Timeout::Icmp => "nf_conntrack_icmp_timeout",
+        Timeout::Other => "nf_conntrack_generic_timeout",
+    })
+}
+
+/// `timeouts_ns` with every slot the kernel has a setting for replaced by the kernel's own,
+/// from natd's network namespace (`--policy kernel`: the kernel's timers are the flows'
+/// timers); a slot whose setting cannot be read keeps its value. Also returns the names of
+/// the slots that changed, with the kernel's seconds.
+pub fn kernel_timeouts(
+    timeouts_ns: [u64; TIMEOUT_SLOTS],
+) -> ([u64; TIMEOUT_SLOTS], Vec<(&'static str, u64)>) {
+    kernel_timeouts_at(Path::new(NETFILTER_SYSCTLS), timeouts_ns)
+}
+
+fn kernel_timeouts_at(
+    dir: &Path,
+    mut timeouts_ns: [u64; TIMEOUT_SLOTS],
+) -> ([u64; TIMEOUT_SLOTS], Vec<(&'static str, u64)>) {
+    let mut changed = Vec::new();
+    for t in Timeout::ALL {
+        let Some(name) = sysctl_of(t) else {
+            continue;
+        };
+        let secs = std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&s| s > 0);
+        if let Some(secs) = secs {
+            let ns = secs.saturating_mul(1_000_000_000);
+            if timeouts_ns[t as usize] != ns {
+                timeouts_ns[t as usize] = ns;
+                changed.push((t.name(), secs));
+            }
+        }
+    }
+    (timeouts_ns, changed)
+}
 
 /// A flow by its original tuple as the kernel tracks it (host order; ICMP: identifier and
 /// type).
@@ -32,6 +104,36 @@ pub enum KernelConntrackError {
     Spawn(#[source] std::io::Error),
     #[error("conntrack {what} failed: {stderr}")]
     Failed { what: &'static str, stderr: String },
+    #[error("{path} (is nf_conntrack loaded?): {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Makes the kernel's TCP connection tracking accept segments outside the windows it saw
+/// ([`TCP_BE_LIBERAL`] = 1); returns whether it was off. Without it, the first segment of a
+/// fast-path flow the kernel gets again after more than a window went through XDP (the FIN,
+/// an RST, a fragment, a segment XDP cannot forward) is INVALID to it: not translated, and
+/// dropped by any ruleset that admits only NEW and ESTABLISHED packets, so the connection
+/// cannot close. The kernel's flowtable sets the same per flow (`IP_CT_TCP_FLAG_BE_LIBERAL`)
+/// for the same reason.
+pub fn make_tcp_liberal() -> Result<bool, KernelConntrackError> {
+    make_liberal_at(Path::new(TCP_BE_LIBERAL))
+}
+
+fn make_liberal_at(path: &Path) -> Result<bool, KernelConntrackError> {
+    let err = |source| KernelConntrackError::Sysctl {
+        path: path.display().to_string(),
+        source,
+    };
+    let now = std::fs::read_to_string(path).map_err(err)?;
+    if now.trim() != "0" {
+        return Ok(false);
+    }
+    std::fs::write(path, "1").map_err(err)?;
+    Ok(true)
 }
 
 /// The original tuple of one line of `conntrack -L` (`None` for a protocol without ports the
@@ -90,28 +192,30 @@ pub fn list() -> Result<HashSet<KernelFlow>, KernelConntrackError> {
         .collect())
 }
 
-/// The `conntrack -R` line that sets the kernel's timeout of `f` to `secs`.
-fn update_line(f: &KernelFlow, secs: u64) -> String {
+/// The `conntrack -R` line that sets the kernel's timeout of `f` to `secs`, and marks it
+/// assured if `assured` (a status bit conntrack only ever sets).
+fn update_line(f: &KernelFlow, secs: u64, assured: bool) -> String {
     let ports = match f.proto {
         6 | 17 => format!("--sport {} --dport {}", f.sport, f.dport),
         1 => format!("--icmp-type {} --icmp-id {}", f.dport, f.sport),
         _ => String::new(),
     };
+    let status = if assured { " --status ASSURED" } else { "" };
     format!(
-        "-U -p {} -s {} -d {} {ports} --timeout {secs}\n",
+        "-U -p {} -s {} -d {} {ports} --timeout {secs}{status}\n",
         f.proto, f.src, f.dst
     )
 }
 
-/// Sets the kernel's timeouts of `flows` (seconds, at least 1), in one batch. A flow the
-/// kernel no longer has is skipped.
-pub fn refresh(flows: &[(KernelFlow, u64)]) -> Result<(), KernelConntrackError> {
+/// Sets the kernel's timeouts of `flows` (seconds, at least 1) and marks those assured that
+/// say so, in one batch. A flow the kernel no longer has is skipped.
+pub fn refresh(flows: &[(KernelFlow, u64, bool)]) -> Result<(), KernelConntrackError> {
     if flows.is_empty() {
         return Ok(());
     }
     let script: String = flows
         .iter()
-        .map(|(f, s)| update_line(f, (*s).max(1)))
+        .map(|(f, s, assured)| update_line(f, (*s).max(1), *assured))
         .collect();
     let mut child = Command::new("conntrack")
         .args(["-R", "-"])
@@ -164,6 +268,41 @@ mod tests {
     }
 
     #[test]
+    fn takes_the_kernels_timeouts() {
+        let dir = std::env::temp_dir().join(format!("kct-timeouts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("nf_conntrack_udp_timeout_stream"), "10\n").unwrap();
+        std::fs::write(dir.join("nf_conntrack_udp_timeout"), "30\n").unwrap();
+        std::fs::write(dir.join("nf_conntrack_icmp_timeout"), "junk\n").unwrap();
+        let defaults = Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000);
+        let (t, changed) = kernel_timeouts_at(&dir, defaults);
+        assert_eq!(changed, [("udp_replied", 10)]);
+        assert_eq!(t[Timeout::UdpReplied as usize], 10_000_000_000);
+        assert_eq!(t[Timeout::UdpUnreplied as usize], 30_000_000_000);
+        assert_eq!(t[Timeout::Icmp as usize], defaults[Timeout::Icmp as usize]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn makes_tcp_tracking_liberal_once() {
+        let dir = std::env::temp_dir().join(format!("kct-liberal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("nf_conntrack_tcp_be_liberal");
+        std::fs::write(&path, "0\n").unwrap();
+        assert!(make_liberal_at(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "1");
+        assert!(!make_liberal_at(&path).unwrap());
+        let missing = make_liberal_at(&dir.join("absent"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("absent (is nf_conntrack loaded?)"),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn writes_updates_conntrack_reads() {
         let f = KernelFlow {
             proto: 17,
@@ -173,8 +312,13 @@ mod tests {
             dport: 53,
         };
         assert_eq!(
-            update_line(&f, 120),
+            update_line(&f, 120, false),
             "-U -p 17 -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 --timeout 120\n"
+        );
+        assert_eq!(
+            update_line(&f, 9, true),
+            "-U -p 17 -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 --timeout 9 \
+             --status ASSURED\n"
         );
     }
 }

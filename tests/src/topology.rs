@@ -15,7 +15,8 @@
 //! `observe` records what endpoints saw; `fastpath` checks from that that the fast path
 //! carried it; `attempt` sends traffic that may be dropped and checks
 //! that nothing arrived; `links` adds further guests and public networks to the three; `stream`
-//! keeps traffic flowing while natd restarts; `prometheus` runs a Prometheus server.
+//! keeps traffic flowing while natd restarts; `prometheus` runs a Prometheus server; `vrouter`
+//! gives the router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
 pub mod fastpath;
 pub mod links;
@@ -24,6 +25,7 @@ pub mod policy;
 pub mod process;
 pub mod prometheus;
 pub mod stream;
+pub mod vrouter;
 
 use std::{
     fs::File,

@@ -12,6 +12,9 @@ use crate::util::{self, command};
 /// Debian packages the tests, the demo and the benchmarks call.
 const DEB_PACKAGES: &[&str] = &[
     "nftables",
+    // The `conntrack` tool: `natd --policy kernel` runs it to keep the kernel's entries of the
+    // flows the fast path carries (so natd needs it at runtime too); the tests read the
+    // kernel's connection table with it.
     "conntrack",
     "iproute2",
     "iputils-ping",
@@ -24,7 +27,8 @@ const DEB_PACKAGES: &[&str] = &[
     "kmod",
     // e2e_ops: a real Prometheus server scrapes natd, and promtool checks its exposition.
     "prometheus",
-    // `cargo xtask bench`: CloudStack's iptables static NAT, for comparison.
+    // `cargo xtask bench`: CloudStack's iptables static NAT, for comparison; e2e_policy_kernel:
+    // a CloudStack router's iptables in front of `natd --policy kernel`.
     "iptables",
 ];
 

@@ -101,7 +101,8 @@ enum SlowPathMode {
 }
 
 /// How often `--policy kernel` refreshes the kernel's timeouts of the flows the fast path
-/// carries and forgets the flows the kernel ended.
+/// carries and forgets the flows the kernel ended, at most (see
+/// `nat_userspace::daemon::round_interval`).
 const KERNEL_ROUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `--xdp-mode`: the library's [`Mode`], as the command line names it.
@@ -271,6 +272,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         1
     };
+    // `--policy kernel`: the kernel's timers are the flows' timers.
+    let timeouts_ns = match args.policy {
+        PolicyMode::Xdp => timeouts_ns,
+        PolicyMode::Kernel => {
+            let (kernel, changed) = nat_userspace::kernel_conntrack::kernel_timeouts(timeouts_ns);
+            if !changed.is_empty() {
+                info!(
+                    "--policy kernel: the kernel's connection tracking timeouts apply (seconds): {changed:?}"
+                );
+            }
+            kernel
+        }
+    };
+    if args.policy == PolicyMode::Kernel {
+        // Before any flow is carried: the kernel must not judge a carried flow's next segment
+        // by a window it last saw before the fast path took over.
+        if nat_userspace::kernel_conntrack::make_tcp_liberal()
+            .context("--policy kernel needs the kernel's TCP tracking liberal about windows")?
+        {
+            info!(
+                "set net.netfilter.nf_conntrack_tcp_be_liberal=1: the kernel does not see the TCP segments the fast path carries, so it cannot keep their windows"
+            );
+        }
+    }
     dataplane.write_config(&NatConfig {
         egress_default_deny: u32::from(tables.egress_default_deny),
         route_gen,
@@ -301,7 +326,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.policy == PolicyMode::Kernel {
         info!(
-            "--policy kernel: the kernel's netfilter judges every new flow; the fast path carries the established flows it admitted, and natd keeps the kernel's timeouts of those current every {KERNEL_ROUND:?}"
+            "--policy kernel: the kernel's netfilter judges every new flow; the fast path carries the established flows it admitted, and natd keeps the kernel's timeouts of those current every {:?}",
+            nat_userspace::daemon::round_interval(&timeouts_ns, KERNEL_ROUND)
         );
     }
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
@@ -394,7 +420,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // kernel's do, and natd follows them.
     let gc = match args.policy {
         PolicyMode::Xdp => tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone())),
-        PolicyMode::Kernel => tokio::spawn(kernel_rounds(daemon.clone(), stop_rx.clone())),
+        PolicyMode::Kernel => tokio::spawn(kernel_rounds(
+            daemon.clone(),
+            stop_rx.clone(),
+            nat_userspace::daemon::round_interval(&timeouts_ns, KERNEL_ROUND),
+        )),
     };
     let ifaces = tokio::spawn(watch_kernel(events, daemon.clone(), stop_rx.clone()));
     let ranking = Arc::new(Ranking::default());
@@ -546,15 +576,19 @@ async fn watch_kernel(
 }
 
 /// Deletes expired flows now and every [`GC_INTERVAL`] until shutdown.
-/// `--policy kernel`: every [`KERNEL_ROUND`], the kernel's timeouts of the flows the fast path
+/// `--policy kernel`: every `every`, the kernel's timeouts of the flows the fast path
 /// carried are refreshed and the flows the kernel ended forgotten, until shutdown.
-async fn kernel_rounds(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+async fn kernel_rounds(
+    daemon: Arc<Mutex<Daemon>>,
+    mut stop: watch::Receiver<bool>,
+    every: std::time::Duration,
+) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(KERNEL_ROUND) => {
+            _ = tokio::time::sleep(every) => {
                 let flows = daemon.lock().await.round_flows();
                 let gone = tokio::task::spawn_blocking(move || {
-                    nat_userspace::daemon::kernel_round(&flows, KERNEL_ROUND)
+                    nat_userspace::daemon::kernel_round(&flows, every)
                 })
                 .await
                 .unwrap_or_default();

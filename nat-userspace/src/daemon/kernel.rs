@@ -7,13 +7,25 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use log::{debug, warn};
-use nat_common::FlowTuple;
+use nat_common::{FlowTuple, TIMEOUT_SLOTS, conntrack::Timeout};
 
 use super::{Daemon, monotonic_ns};
 use crate::kernel_conntrack::{self, KernelFlow};
 
-/// A fast-path flow as a round sees it: its original key, last-seen time and idle timeout.
-pub type RoundFlow = (FlowTuple, u64, u64);
+/// A fast-path flow as a round sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundFlow {
+    /// Its original key.
+    pub key: FlowTuple,
+    /// CLOCK_MONOTONIC (ns) of its last packet.
+    pub last_seen: u64,
+    /// Its idle timeout (ns).
+    pub timeout: u64,
+    /// Assured: the kernel's entry is marked so too (which it would be, had it seen the
+    /// packets: a UDP flow's are all carried by XDP once it is assured), so that the kernel
+    /// never drops it early for room.
+    pub assured: bool,
+}
 
 fn kernel_flow(k: &FlowTuple) -> KernelFlow {
     KernelFlow {
@@ -31,7 +43,12 @@ impl Daemon {
         match self.ctl.fast_mut().flows() {
             Ok(flows) => flows
                 .iter()
-                .map(|f| (f.key, f.last_seen, self.timeout(f.timer)))
+                .map(|f| RoundFlow {
+                    key: f.key,
+                    last_seen: f.last_seen,
+                    timeout: self.timeout(f.timer),
+                    assured: f.assured,
+                })
                 .collect(),
             Err(e) => {
                 warn!("keeping the kernel's flows: reading the fast path's: {e}");
@@ -56,6 +73,24 @@ impl Daemon {
     }
 }
 
+/// The interval of the rounds: `max`, or a third of the shortest timeout a flow the fast path
+/// carries can have (established TCP, replied UDP, ICMP, other protocols) where that is
+/// shorter, so that a busy flow's kernel entry is refreshed at least twice before it could
+/// expire; at least a second.
+pub fn round_interval(timeouts_ns: &[u64; TIMEOUT_SLOTS], max: Duration) -> Duration {
+    let shortest = [
+        Timeout::TcpEstablished,
+        Timeout::UdpReplied,
+        Timeout::Icmp,
+        Timeout::Other,
+    ]
+    .iter()
+    .map(|t| timeouts_ns[*t as usize])
+    .min()
+    .unwrap_or(u64::MAX);
+    Duration::from_nanos(shortest / 3).clamp(Duration::from_secs(1).min(max), max)
+}
+
 /// A round's middle, `interval` after the last: refreshes the kernel's timeouts of the flows
 /// the fast path carried recently; returns the original keys of the flows the kernel no
 /// longer has.
@@ -71,15 +106,16 @@ pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTup
     let now = monotonic_ns();
     let recent = 2 * interval.as_nanos() as u64;
     let mut updates = Vec::new();
-    for (key, last_seen, timeout) in flows {
-        let k = kernel_flow(key);
+    for f in flows {
+        let k = kernel_flow(&f.key);
         if !kernel.contains(&k) {
-            gone.insert(*key);
+            gone.insert(f.key);
             continue;
         }
-        let idle = now.saturating_sub(*last_seen);
+        let idle = now.saturating_sub(f.last_seen);
         if idle < recent {
-            updates.push((k, timeout.saturating_sub(idle) / 1_000_000_000));
+            let secs = f.timeout.saturating_sub(idle) / 1_000_000_000;
+            updates.push((k, secs, f.assured));
         }
     }
     if let Err(e) = kernel_conntrack::refresh(&updates) {
@@ -94,4 +130,20 @@ pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTup
         gone.len()
     );
     gone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_come_often_enough_for_the_shortest_timeout() {
+        let max = Duration::from_secs(5);
+        let mut t = Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000);
+        assert_eq!(round_interval(&t, max), max);
+        t[Timeout::UdpReplied as usize] = 9_000_000_000;
+        assert_eq!(round_interval(&t, max), Duration::from_secs(3));
+        t[Timeout::Icmp as usize] = 1_000_000_000;
+        assert_eq!(round_interval(&t, max), Duration::from_secs(1));
+    }
 }
