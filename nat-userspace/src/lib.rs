@@ -26,6 +26,7 @@ pub mod persist;
 pub mod pins;
 pub mod policy_routing;
 pub mod reconcile;
+pub mod service;
 pub mod state;
 pub mod tables;
 

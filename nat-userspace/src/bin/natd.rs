@@ -1,30 +1,21 @@
 //! natd: loads the XDP static NAT program, attaches it to the public and guest interfaces,
 //! installs the mappings (fast path maps + nftables slow path) and serves natctl.
-use std::{path::PathBuf, sync::Arc};
+//!
+//! The binary parses its arguments, sets up logging and waits for a signal; the lifecycle is
+//! the library's [`nat_userspace::service::Natd`].
+use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
 use clap::Parser;
-use log::{info, warn};
-use nat_common::NatConfig;
+use log::info;
 use nat_userspace::{
-    api::{DEFAULT_SOCKET, server},
-    cloudstack_dir,
-    config::Config,
-    daemon::Daemon,
-    ebpf::{Dataplane, DataplaneError, Mode, Role, Sizes},
-    kernel_events::KernelEvents,
-    metrics::{self, DEFAULT_METRICS_ADDR, DaemonSource, Metrics, PerMapping, Ranking},
-    netfilter::{Nft, SlowPath as _},
-    persist::{DEFAULT_STATE_DIR, StateDir},
-    pins::{DEFAULT_BPFFS, PinDir},
-    reconcile::Controller,
-    state::DesiredState,
-    tables::Tables,
+    api::DEFAULT_SOCKET,
+    ebpf::{DataplaneError, Mode},
+    metrics::{DEFAULT_METRICS_ADDR, PerMapping},
+    persist::DEFAULT_STATE_DIR,
+    pins::DEFAULT_BPFFS,
+    service::{Exit, Natd, Options, Policy, SlowPath, StartError},
 };
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{Mutex, watch},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "XDP fast path for 1:1 static NAT: the loader daemon")]
@@ -100,10 +91,6 @@ enum SlowPathMode {
     None,
 }
 
-/// How often `--policy kernel` refreshes the kernel's timeouts of the flows the fast path
-/// carries and forgets the flows the kernel ended, at most (see
-/// `nat_userspace::daemon::round_interval`).
-const KERNEL_ROUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `--xdp-mode`: the library's [`Mode`], as the command line names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,11 +117,15 @@ impl From<XdpMode> for Mode {
 }
 
 /// What the operator can do about `e`, in natd's flags (the library does not know them).
-fn flag_hint(e: &DataplaneError) -> Option<&'static str> {
+fn flag_hint(e: &StartError) -> Option<&'static str> {
     match e {
-        DataplaneError::AttachNative { .. } => {
+        StartError::Dataplane(DataplaneError::AttachNative { .. }) => {
             Some("if its driver has no native XDP support, run natd with --xdp-mode generic")
         }
+        StartError::CloudstackDir { .. } => Some("(--cloudstack-dir)"),
+        StartError::MetricsAddress { .. } => Some("(--metrics-addr)"),
+        StartError::KernelTracking(_) => Some("(--policy kernel)"),
+        StartError::Socket(_) => Some("(--socket)"),
         _ => None,
     }
 }
@@ -142,10 +133,7 @@ fn flag_hint(e: &DataplaneError) -> Option<&'static str> {
 /// The error natd exits with, on one line, with the flag that helps if there is one.
 fn exit_message(e: &anyhow::Error) -> String {
     let text = nat_userspace::report(e.as_ref());
-    match e
-        .chain()
-        .find_map(|c| c.downcast_ref::<DataplaneError>().and_then(flag_hint))
-    {
+    match e.downcast_ref::<StartError>().and_then(flag_hint) {
         Some(hint) => format!("{text}; {hint}"),
         None => text,
     }
@@ -172,445 +160,47 @@ fn main() {
     }
 }
 
-fn check_ifaces(args: &Args) -> anyhow::Result<()> {
-    let mut seen = std::collections::BTreeSet::new();
-    for name in args.public_ifaces.iter().chain(&args.guest_ifaces) {
-        if !seen.insert(name) {
-            bail!("interface {name} is given more than once (each interface has one role)");
-        }
-        if name.is_empty() || name.len() >= nix::libc::IFNAMSIZ || name.contains(['"', '/', ' ']) {
-            bail!("{name:?} is not a valid interface name");
-        }
-        nat_userspace::ebpf::ifindex(name)?;
-        let fwd = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
-        if std::fs::read_to_string(&fwd)
-            .map(|s| s.trim() == "0")
-            .unwrap_or(false)
-        {
-            warn!(
-                "IPv4 forwarding is off on {name}: the kernel will not route translated traffic (sysctl net.ipv4.ip_forward=1)"
-            );
-        }
-    }
-    Ok(())
-}
-
-fn raise_memlock() {
-    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
-    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
-        // Kernels >= 5.11 account BPF memory to the cgroup and ignore this limit; on older
-        // ones map creation would fail with its own clear error.
-        log::debug!("RLIMIT_MEMLOCK left as is ({e}); kernels since 5.11 do not need it");
+fn options(args: Args) -> Options {
+    let policy = match args.policy {
+        PolicyMode::Xdp => Policy::Xdp,
+        PolicyMode::Kernel => Policy::Kernel,
+    };
+    Options {
+        public_ifaces: args.public_ifaces,
+        guest_ifaces: args.guest_ifaces,
+        policy,
+        slow_path: match args.slow_path {
+            Some(SlowPathMode::Nftables) => SlowPath::Nftables,
+            Some(SlowPathMode::None) => SlowPath::None,
+            None => SlowPath::default_for(policy),
+        },
+        xdp_mode: args.xdp_mode.into(),
+        socket: args.socket,
+        config: args.config,
+        state_dir: args.state_dir,
+        bpffs: args.bpffs,
+        metrics_addr: args.metrics_addr,
+        metrics_per_mapping: args.metrics_per_mapping,
+        manage_addresses: args.manage_addresses,
+        cloudstack_dir: args.cloudstack_dir,
     }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    check_ifaces(&args)?;
-    // Bound before anything is installed, so a taken port changes nothing.
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
-    let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    let path = args.config.clone().unwrap_or_default();
-    let (ct_size, timeouts_ns) = config.conntrack(&path)?;
-    let sizes = Sizes {
-        flows: ct_size,
-        mappings: config.mappings(&path)?,
-    };
-    let store = StateDir::new(&args.state_dir);
-    store.ensure()?;
-    if let Some(dir) = &args.cloudstack_dir
-        && !dir.is_dir()
-    {
-        anyhow::bail!("--cloudstack-dir {} is not a directory", dir.display());
-    }
-    let cs_record = cloudstack_dir::Record::load(&args.state_dir)?;
-    // Watching before anything is installed, so a directory natd cannot watch changes nothing.
-    let cs_watcher = match &args.cloudstack_dir {
-        Some(dir) => Some(
-            cloudstack_dir::Watcher::new(dir)
-                .with_context(|| format!("--cloudstack-dir {}: cannot watch it", dir.display()))?,
-        ),
-        None => None,
-    };
-    let (desired, generation) = match store.load()? {
-        Some((snap, state)) => {
-            info!(
-                "restored state generation {} from {} ({} mapping(s))",
-                snap.generation,
-                store.file().display(),
-                state.len()
-            );
-            if args.config.is_some() {
-                info!("the state file takes precedence over the config file's mappings and rules");
-            }
-            (state, snap.generation)
-        }
-        None => (config.desired_state(&path)?, 0),
-    };
-    raise_memlock();
-    let pins = PinDir::prepare(&args.bpffs)?;
-    let mut dataplane = Dataplane::open(nat_userspace::EBPF_OBJECT, sizes, Some(pins))?;
-    let (installed, tables) = if dataplane.adopted() {
-        let (s, t) = dataplane.installed()?;
-        info!(
-            "adopted the pinned fast path under {} ({} mapping(s) installed); connection tracking and counters carry over",
-            args.bpffs.display(),
-            s.len()
-        );
-        (s, t)
+    let exit = if args.detach_on_exit {
+        Exit::Detach
     } else {
-        (DesiredState::default(), Tables::default())
+        Exit::Leave
     };
-    // An adopted fast path keeps its route generation, moved on: what changed while no natd
-    // watched the kernel's routes is resolved again.
-    let route_gen = if dataplane.adopted() {
-        dataplane.config()?.route_gen.wrapping_add(1).max(1)
-    } else {
-        1
-    };
-    // `--policy kernel`: the kernel's timers are the flows' timers.
-    let timeouts_ns = match args.policy {
-        PolicyMode::Xdp => timeouts_ns,
-        PolicyMode::Kernel => {
-            let (kernel, changed) = nat_userspace::kernel_conntrack::kernel_timeouts(timeouts_ns);
-            if !changed.is_empty() {
-                info!(
-                    "--policy kernel: the kernel's connection tracking timeouts apply (seconds): {changed:?}"
-                );
-            }
-            kernel
-        }
-    };
-    if args.policy == PolicyMode::Kernel {
-        // Before any flow is carried: the kernel must not judge a carried flow's next segment
-        // by a window it last saw before the fast path took over.
-        if nat_userspace::kernel_conntrack::make_tcp_liberal()
-            .context("--policy kernel needs the kernel's TCP tracking liberal about windows")?
-        {
-            info!(
-                "set net.netfilter.nf_conntrack_tcp_be_liberal=1: the kernel does not see the TCP segments the fast path carries, so it cannot keep their windows"
-            );
-        }
-    }
-    dataplane.write_config(&NatConfig {
-        egress_default_deny: u32::from(tables.egress_default_deny),
-        route_gen,
-        jiffies_per_sec: nat_userspace::clock::jiffies_per_sec(),
-        policy: match args.policy {
-            PolicyMode::Xdp => nat_common::POLICY_XDP,
-            PolicyMode::Kernel => nat_common::POLICY_KERNEL,
-        },
-        timeouts_ns,
-    })?;
-    let slow_path = args.slow_path.unwrap_or(match args.policy {
-        PolicyMode::Xdp => SlowPathMode::Nftables,
-        PolicyMode::Kernel => SlowPathMode::None,
-    });
-    let nft = Nft::new(
-        args.public_ifaces.clone(),
-        args.guest_ifaces.clone(),
-        args.manage_addresses,
-    );
-    let nft = match slow_path {
-        SlowPathMode::Nftables => nft,
-        SlowPathMode::None => {
-            info!(
-                "no nftables table of natd's own (--slow-path none): the kernel's own rules translate and judge what the fast path hands it"
-            );
-            nft.without_table()
-        }
-    };
-    if args.policy == PolicyMode::Kernel {
-        info!(
-            "--policy kernel: the kernel's netfilter judges every new flow; the fast path carries the established flows it admitted, and natd keeps the kernel's timeouts of those current every {:?}",
-            nat_userspace::daemon::round_interval(&timeouts_ns, KERNEL_ROUND)
-        );
-    }
-    let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
-    let roles = args
-        .public_ifaces
-        .iter()
-        .map(|i| (i, Role::Public))
-        .chain(args.guest_ifaces.iter().map(|i| (i, Role::Guest)));
-    for (name, role) in roles {
-        match ctl.fast_mut().attach(name, role, args.xdp_mode.into()) {
-            Ok(a) if a.adopted => info!(
-                "replaced the program on {} (ifindex {}, {:?}) atomically, keeping its attachment",
-                a.name, a.ifindex, a.role
-            ),
-            Ok(a) => info!(
-                "attached XDP to {} (ifindex {}, {:?}) in {} mode",
-                a.name, a.ifindex, a.role, a.mode
-            ),
-            Err(e) => {
-                // A fast path we created ourselves goes entirely; an adopted one keeps running.
-                if !ctl.fast_mut().adopted() {
-                    abandon(&mut ctl);
-                }
-                return Err(e.into());
-            }
-        }
-        match ctl.fast_mut().attach_learner(name) {
-            Ok(()) => info!("attached the tc egress learner to {name}"),
-            // Without it the fast path works; only flows the kernel forwarded stay unknown.
-            Err(e) => warn!("{e}: flows the kernel forwards will not be known to the fast path"),
-        }
-        match ctl.fast_mut().attach_marker(name) {
-            Ok(()) => info!("attached the tc ingress marker to {name}"),
-            // Without it the fast path works; what it passes to the kernel of its own flows
-            // (fragments above all) meets the slow path's rules as a new flow.
-            Err(e) => warn!(
-                "{e}: packets of fast-path flows passed to the kernel are judged as new flows"
-            ),
-        }
-    }
-
-    // Interfaces are attached first: a mapping's public IP is bound to the public interface
-    // whose network holds it. A failure leaves a fast path natd created itself removed.
-    if let Err(e) = ctl.apply(desired) {
-        if !ctl.fast_mut().adopted() {
-            abandon(&mut ctl);
-        }
-        return Err(anyhow::Error::from(e).context("installing the desired state"));
-    }
-    info!(
-        "installed {} mapping(s), {} ingress rule(s) ({} inactive), {} egress rule(s) (default {}), connection table of {ct_size}, and the nftables slow path",
-        ctl.state().len(),
-        ctl.state().ingress_rules().count(),
-        ctl.state().ingress_rules().count() - ctl.state().active_ingress_rules().count(),
-        ctl.state().egress_rules().count(),
-        if ctl.state().egress_default_allow() {
-            "allow"
-        } else {
-            "deny"
-        },
-    );
-
-    // Link events from here on: an interface deleted and created again is attached again.
-    let events = match KernelEvents::subscribe().await {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = ctl.slow_mut().remove();
-            return Err(e.into());
-        }
-    };
-    // The files already there are read before natd serves anyone: anything written after it
-    // is taken on its close-write (or moved-to) event, never half-written.
-    let cs_initial = match &args.cloudstack_dir {
-        Some(dir) => cloudstack_dir::pending(dir, &cs_record)
-            .with_context(|| format!("--cloudstack-dir {}: cannot read it", dir.display()))?,
-        None => Vec::new(),
-    };
-    let listener = match server::bind(&args.socket) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ctl.slow_mut().remove();
-            return Err(e.into());
-        }
-    };
-    info!("control socket {}", args.socket.display());
-    let daemon = Arc::new(Mutex::new(Daemon::new(ctl, timeouts_ns)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, daemon.clone(), stop_rx.clone()));
-    // The fast path's own timers expire its flows with --policy xdp; with --policy kernel the
-    // kernel's do, and natd follows them.
-    let gc = match args.policy {
-        PolicyMode::Xdp => tokio::spawn(collect_expired(daemon.clone(), stop_rx.clone())),
-        PolicyMode::Kernel => tokio::spawn(kernel_rounds(
-            daemon.clone(),
-            stop_rx.clone(),
-            nat_userspace::daemon::round_interval(&timeouts_ns, KERNEL_ROUND),
-        )),
-    };
-    let ifaces = tokio::spawn(watch_kernel(events, daemon.clone(), stop_rx.clone()));
-    let ranking = Arc::new(Ranking::default());
-    let ranker = match args.metrics_per_mapping {
-        PerMapping::Top(n) => Some(tokio::spawn(metrics::ranking::run(
-            daemon.clone(),
-            ranking.clone(),
-            n,
-            stop_rx.clone(),
-        ))),
-        PerMapping::Off | PerMapping::All => None,
-    };
-    let exposition = Arc::new(Metrics::new(DaemonSource {
-        daemon: daemon.clone(),
-        per_mapping: args.metrics_per_mapping,
-        ranking,
-    }));
-    let metrics = tokio::spawn(metrics::serve(
-        metrics_listener,
-        exposition,
-        stop_rx.clone(),
-    ));
-    let cloudstack = match cs_watcher {
-        Some(watcher) => Some(tokio::spawn(cloudstack_dir::watch_dir(
-            watcher,
-            cs_initial,
-            args.state_dir.clone(),
-            cs_record,
-            daemon.clone(),
-            stop_rx,
-        ))),
-        None => None,
-    };
-
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let natd = Natd::start(options(args)).await?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
-    let _ = stop_tx.send(true);
-    let _ = server.await;
-    let _ = gc.await;
-    let _ = ifaces.await;
-    let _ = metrics.await;
-    if let Some(r) = ranker {
-        let _ = r.await;
+    if exit == Exit::Leave {
+        info!("(--detach-on-exit would remove the fast path instead)");
     }
-    if let Some(c) = cloudstack {
-        let _ = c.await;
-    }
-
-    let mut daemon = daemon.lock().await;
-    let ctl = &mut daemon.ctl;
-    let mut failed = false;
-    if !args.detach_on_exit {
-        info!(
-            "leaving the fast path attached and pinned under {} and the nftables table in place; the next natd adopts them (--detach-on-exit removes them)",
-            args.bpffs.display()
-        );
-    } else {
-        match ctl.fast_mut().detach_all() {
-            Ok(list) => {
-                for a in list {
-                    info!("detached XDP from {}", a.name);
-                }
-            }
-            Err(e) => {
-                warn!("{e}");
-                failed = true;
-            }
-        }
-        let mappings: Vec<_> = ctl.state().mappings().collect();
-        match ctl.slow_mut().remove() {
-            Ok(()) => {
-                info!(
-                    "removed nftables table {} and natd's policy rules",
-                    nat_userspace::netfilter::TABLE
-                );
-                ctl.slow_mut().forget(&mappings);
-            }
-            Err(e) => {
-                warn!("{e}");
-                failed = true;
-            }
-        }
-        if let Some(p) = ctl.fast_mut().pins() {
-            match p.remove_all() {
-                Ok(()) => info!("removed the pins under {}", p.root().display()),
-                Err(e) => {
-                    warn!("{e}");
-                    failed = true;
-                }
-            }
-        }
-    }
-    if let Err(e) = std::fs::remove_file(&args.socket) {
-        warn!("removing {}: {e}", args.socket.display());
-    }
-    if failed {
-        bail!("shutdown was not clean, see the warnings above");
-    }
-    info!("stopped");
-    Ok(())
-}
-
-/// Removes a fast path this natd created itself (startup failed): detaches it, removes its
-/// nftables table and its pins.
-fn abandon(ctl: &mut nat_userspace::daemon::NatController) {
-    let _ = ctl.fast_mut().detach_all();
-    if let Err(e) = ctl.slow_mut().remove() {
-        warn!("removing the nftables table: {e}");
-    }
-    if let Some(p) = ctl.fast_mut().pins()
-        && let Err(e) = p.remove_all()
-    {
-        warn!("removing the pins: {e}");
-    }
-}
-
-/// How often expired flows are collected.
-const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Hands kernel events (links, routes, neighbours, addresses) to the daemon until shutdown.
-/// Interfaces are checked once first: one may have gone between attaching and subscribing.
-async fn watch_kernel(
-    mut events: KernelEvents,
-    daemon: Arc<Mutex<Daemon>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    {
-        let mut d = daemon.lock().await;
-        d.check_interfaces();
-        // Policy rules the operator added while natd was starting.
-        d.refresh_routing();
-    }
-    loop {
-        tokio::select! {
-            ev = events.next() => match ev {
-                Some(ev) => daemon.lock().await.on_kernel_event(ev),
-                None => {
-                    warn!("kernel events ended: natd no longer notices interfaces created again");
-                    return;
-                }
-            },
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// Deletes expired flows now and every [`GC_INTERVAL`] until shutdown.
-/// `--policy kernel`: every `every`, the kernel's timeouts of the flows the fast path
-/// carried are refreshed and the flows the kernel ended forgotten, until shutdown.
-async fn kernel_rounds(
-    daemon: Arc<Mutex<Daemon>>,
-    mut stop: watch::Receiver<bool>,
-    every: std::time::Duration,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {
-                let flows = daemon.lock().await.round_flows();
-                let gone = tokio::task::spawn_blocking(move || {
-                    nat_userspace::daemon::kernel_round(&flows, every)
-                })
-                .await
-                .unwrap_or_default();
-                daemon.lock().await.forget_ended(&gone);
-            }
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn collect_expired(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
-    if let Err(e) = daemon.lock().await.collect_expired() {
-        warn!("conntrack collection: {e}");
-    }
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(GC_INTERVAL) => {
-                if let Err(e) = daemon.lock().await.collect_expired() {
-                    warn!("conntrack collection: {e}");
-                }
-            }
-            _ = stop.changed() => return,
-        }
-    }
+    Ok(natd.stop(exit).await?)
 }
