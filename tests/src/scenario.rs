@@ -426,7 +426,7 @@ fn step() -> impl Strategy<Value = Step> {
         8 => (any::<Index>(), sender()).prop_map(|(of, sender)| Step::OtherSender { of, sender }),
         14 => error,
         18 => frame_spec().prop_map(Step::Frame),
-        3 => env::change_and_bump().prop_map(|(change, bump)| Step::Env { change, bump }),
+        2 => env::change_and_bump().prop_map(|(change, bump)| Step::Env { change, bump }),
     ]
 }
 
