@@ -9,10 +9,11 @@
 //! - `ip neigh flush` on the router: the flow goes to the kernel while its neighbours are
 //!   resolved again, then back to the fast path.
 //!
-//! Each time the byte stream arrives whole on its one connection, and from a settled point
-//! after the change on, the fast path carried every packet that arrived and the kernel none
-//! (`topology::fastpath`). Nothing waits for a time: each step waits, bounded, for what
-//! proves it.
+//! Each time the byte stream arrives whole on its one connection, and the fast path carried
+//! every packet that arrived and the kernel none (`topology::fastpath`): from the change on
+//! (the transfer paused until nothing of it was on the way, then changed), or for the flush,
+//! from the neighbours' return on. Nothing waits for a time: each step waits, bounded, for
+//! what proves it.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
@@ -29,6 +30,7 @@ use nat_tests::topology::{
     policy,
     stream::TcpTransfer,
 };
+use nat_userspace::api::StatsReport;
 
 /// One mapping, no rules: the guest opens the flows (egress is allowed by default).
 const ONE_MAPPING: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n";
@@ -110,26 +112,34 @@ fn wait_until(what: &str, done: impl Fn() -> anyhow::Result<bool>) -> anyhow::Re
     Ok(())
 }
 
-/// From a settled point of `transfer` on, a phase's worth more, then the end: every packet of
-/// the transfer that arrived in between (segments at the client, and at the guest) was
-/// forwarded by the fast path and none passed to the kernel; the byte stream arrived whole on
-/// the one connection, from P. `frames` is read at both settled points (to compare captures).
-fn carried_from_here<T>(
-    natctl: &Natctl,
-    transfer: TcpTransfer,
-    frames: impl Fn() -> T,
-) -> anyhow::Result<(T, T)> {
+/// natd's counters and the segments each end of `transfer` received, at a point where nothing
+/// of it is on the way (the transfer is left paused).
+struct Settled {
+    stats: StatsReport,
+    /// (guest, client)
+    segs: (u64, u64),
+}
+
+fn settle(natctl: &Natctl, transfer: &TcpTransfer) -> anyhow::Result<Settled> {
     transfer.pause()?;
-    let (guest0, client0) = transfer.segs_in()?;
-    let (before, f0) = (natctl.stats()?, frames());
+    let segs = transfer.segs_in()?;
+    Ok(Settled {
+        stats: natctl.stats()?,
+        segs,
+    })
+}
+
+/// Resumes `transfer` for a phase's worth more, then ends it: every packet of it that arrived
+/// from `from` on (segments at the client, and at the guest) was forwarded by the fast path
+/// and none passed to the kernel; the byte stream arrived whole on its one connection, from P.
+fn finish(natctl: &Natctl, transfer: TcpTransfer, from: &Settled) -> anyhow::Result<()> {
     transfer.resume();
     transfer.wait_received(transfer.received() + PHASE_BYTES)?;
-    transfer.pause()?;
-    let (guest1, client1) = transfer.segs_in()?;
-    let (after, f1) = (natctl.stats()?, frames());
+    let end = settle(natctl, &transfer)?;
+    let ((guest0, client0), (guest1, client1)) = (from.segs, end.segs);
     fastpath::carried(
-        &before,
-        &after,
+        &from.stats,
+        &end.stats,
         &[
             Arrived::new(
                 "outbound_forwarded",
@@ -153,12 +163,13 @@ fn carried_from_here<T>(
         "the client saw the connection come from {}, not P: {tally:?}",
         tally.server_peer
     );
-    Ok((f0, f1))
+    Ok(())
 }
 
 /// The route to the client's address moves from the gateway on pub0 to a new one on a second
-/// link (pub1): the guest's data goes on through the new gateway (frames at its MAC), none
-/// through the old one, all of it on the fast path.
+/// link (pub1) while the guest sends: its data goes on through the new gateway (frames at its
+/// MAC) and, once there, none through the old one; the fast path carried every packet from
+/// the change on.
 #[test]
 fn a_route_moved_to_a_new_gateway_mid_transfer_loses_nothing() -> anyhow::Result<()> {
     let topo = Topology::new()?;
@@ -182,6 +193,7 @@ fn a_route_moved_to_a_new_gateway_mid_transfer_loses_nothing() -> anyhow::Result
         FrameCounter::start(&b.topo.client, NEW_IF, FAR)?,
     );
     let transfer = b.transfer(FAR)?;
+    let start = settle(&natctl, &transfer)?;
     ensure!(
         old_path.to(old_mac) > 0 && new_path.to(new_mac) == 0,
         "before the change the data must come through the old gateway: {:?} / {:?}",
@@ -199,19 +211,19 @@ fn a_route_moved_to_a_new_gateway_mid_transfer_loses_nothing() -> anyhow::Result
         "dev",
         NEW_LINK.router_if,
     ])?;
+    transfer.resume();
     wait_until("data frames at the new gateway's MAC", || {
         Ok(new_path.to(new_mac) > 0)
-    })
-    .with_context(|| format!("natd log:\n{}", b.natd.log_text()))?;
-    transfer.wait_received(transfer.received() + PHASE_BYTES)?;
-
-    let ((old0, new0), (old1, new1)) = carried_from_here(&natctl, transfer, || {
-        (old_path.to(old_mac), new_path.to(new_mac))
     })?;
+    transfer.wait_received(transfer.received() + PHASE_BYTES)?;
+    settle(&natctl, &transfer)?;
+    let (old0, new0) = (old_path.to(old_mac), new_path.to(new_mac));
+    finish(&natctl, transfer, &start)?;
+    let (old1, new1) = (old_path.to(old_mac), new_path.to(new_mac));
     ensure!(
         new1 > new0 && old1 == old0,
-        "after the change every frame must reach the new gateway ({new0} -> {new1} frames at \
-         {}), none the old one ({old0} -> {old1} at {})",
+        "once at the new gateway every frame must go there ({new0} -> {new1} frames at {}), \
+         none to the old one ({old0} -> {old1} at {})",
         mac_text(new_mac),
         mac_text(old_mac)
     );
@@ -219,8 +231,9 @@ fn a_route_moved_to_a_new_gateway_mid_transfer_loses_nothing() -> anyhow::Result
 }
 
 /// The client's `eth0` takes another link-layer address and the router's neighbour entry
-/// follows (as a gratuitous ARP would make it): frames to the old address, which the client
-/// drops, stop; the data arrives at the new one, all of it on the fast path.
+/// follows (as a gratuitous ARP would make it) while the guest sends: frames to the old
+/// address, which the client drops, stop; the data arrives at the new one; the fast path
+/// carried every packet from the change on.
 #[test]
 fn a_gateway_mac_change_mid_transfer_loses_nothing() -> anyhow::Result<()> {
     let b = Bench::start(Topology::new()?, &[ROUTER_PUBLIC_IF])?;
@@ -228,6 +241,7 @@ fn a_gateway_mac_change_mid_transfer_loses_nothing() -> anyhow::Result<()> {
     let old_mac = mac_of(&b.topo.client, HOST_IF)?;
     let capture = FrameCounter::start(&b.topo.client, HOST_IF, CLIENT_ADDR)?;
     let transfer = b.transfer(CLIENT_ADDR)?;
+    let start = settle(&natctl, &transfer)?;
 
     let (new, client) = (mac_text(MOVED_MAC), CLIENT_ADDR.to_string());
     b.topo
@@ -244,28 +258,29 @@ fn a_gateway_mac_change_mid_transfer_loses_nothing() -> anyhow::Result<()> {
         "nud",
         "reachable",
     ])?;
+    transfer.resume();
     wait_until("data frames at the client's new MAC", || {
         Ok(capture.to(MOVED_MAC) > 0)
-    })
-    .with_context(|| format!("natd log:\n{}", b.natd.log_text()))?;
-    transfer.wait_received(transfer.received() + PHASE_BYTES)?;
-
-    let ((old0, new0), (old1, new1)) = carried_from_here(&natctl, transfer, || {
-        (capture.to(old_mac), capture.to(MOVED_MAC))
     })?;
+    transfer.wait_received(transfer.received() + PHASE_BYTES)?;
+    settle(&natctl, &transfer)?;
+    let (old0, new0) = (capture.to(old_mac), capture.to(MOVED_MAC));
+    finish(&natctl, transfer, &start)?;
+    let (old1, new1) = (capture.to(old_mac), capture.to(MOVED_MAC));
     ensure!(
         new1 > new0 && old1 == old0,
-        "after the change every frame must go to {} ({new0} -> {new1} frames), none to {} \
-         ({old0} -> {old1})",
+        "once at the new MAC every frame must go there ({new0} -> {new1} frames to {}), none \
+         to the old one ({old0} -> {old1} to {})",
         mac_text(MOVED_MAC),
         mac_text(old_mac)
     );
     Ok(())
 }
 
-/// `ip neigh flush all` on the router: the flow's packets go to the kernel (which translates
-/// them by natd's nftables table and resolves both neighbours again), then back to the fast
-/// path, which carries everything from then on.
+/// `ip neigh flush all` on the router while the guest sends: natd bumps the generation, the
+/// flow's packets find no neighbour and go to the kernel (which translates them by natd's
+/// nftables table and resolves both neighbours again), then come back to the fast path,
+/// which carries every packet from then on.
 #[test]
 fn a_neighbour_flush_mid_transfer_loses_nothing() -> anyhow::Result<()> {
     let b = Bench::start(Topology::new()?, &[ROUTER_PUBLIC_IF])?;
@@ -275,13 +290,9 @@ fn a_neighbour_flush_mid_transfer_loses_nothing() -> anyhow::Result<()> {
     let before = no_neighbour(&natctl.stats()?)?;
 
     b.topo.router.ip(&["neigh", "flush", "all"])?;
-    // natd bumped the generation: the flow's next packets found no neighbour and went to the
-    // kernel.
-    natctl
-        .wait_stats("packets passed for want of a neighbour", |s| {
-            Ok(no_neighbour(s)? > before)
-        })
-        .with_context(|| format!("natd log:\n{}", b.natd.log_text()))?;
+    natctl.wait_stats("packets passed for want of a neighbour", |s| {
+        Ok(no_neighbour(s)? > before)
+    })?;
     let resolved = |addr: Ipv4Addr, dev: &str| -> anyhow::Result<bool> {
         Ok(b.topo.router.neighbour(addr, dev)?.is_some_and(|n| {
             n.lladdr.is_some() && !n.state.iter().any(|s| s == "INCOMPLETE" || s == "FAILED")
@@ -291,7 +302,6 @@ fn a_neighbour_flush_mid_transfer_loses_nothing() -> anyhow::Result<()> {
         Ok(resolved(CLIENT_ADDR, ROUTER_PUBLIC_IF)? && resolved(GUEST_ADDR, ROUTER_GUEST_IF)?)
     })?;
     transfer.wait_received(transfer.received() + PHASE_BYTES)?;
-
-    carried_from_here(&natctl, transfer, || ())?;
-    Ok(())
+    let back = settle(&natctl, &transfer)?;
+    finish(&natctl, transfer, &back)
 }
