@@ -143,16 +143,11 @@ impl Harness {
                 }
             }
             Change::Remote(via) => {
-                let (dev, gw) = match via {
-                    RemoteVia::Gateway => (self.topo.pub0, PUB_GW),
-                    RemoteVia::Gateway2 => (self.topo.pub0, PUB_GW2),
-                    RemoteVia::NoNeighbour => (self.topo.pub0, PUB_NO_NEIGH),
-                    RemoteVia::Unmanaged => (self.topo.oth0, OTH_HOST),
-                };
-                let name = if dev.ifindex == self.topo.oth0.ifindex {
-                    "oth0"
-                } else {
-                    "pub0"
+                let (dev, name, gw) = match via {
+                    RemoteVia::Gateway => (self.topo.pub0, "pub0", PUB_GW),
+                    RemoteVia::Gateway2 => (self.topo.pub0, "pub0", PUB_GW2),
+                    RemoteVia::NoNeighbour => (self.topo.pub0, "pub0", PUB_NO_NEIGH),
+                    RemoteVia::Unmanaged => (self.topo.oth0, "oth0", OTH_HOST),
                 };
                 let (net, gw_s) = (format!("{REMOTE_NET}/24"), gw.to_string());
                 self._netns
