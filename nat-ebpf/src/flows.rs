@@ -305,6 +305,14 @@ pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     o.peer = reply_of(&f.orig_to);
     o.flow = r.flow;
 
+    // Another flow may hold the reply's key (a hairpin flow's reply V1 -> R, and a packet
+    // from R on the public side to P1): that flow goes, both its entries, as a map insert
+    // replaces an entry; left alone, its other entry would name an entry of this flow.
+    if let Some(other) = lookup(&o.peer) {
+        // SAFETY: a live map value.
+        let other_peer = unsafe { (*other.entry).peer };
+        remove_flow(other.pending, &o.peer, &other_peer);
+    }
     // Reply first: an original entry never exists without its reply entry. `o.peer` is the
     // reply's key, `r.peer` the original's.
     if PENDING.insert(&o.peer, &*r, 0).is_ok() {

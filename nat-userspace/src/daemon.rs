@@ -48,8 +48,9 @@ pub struct Daemon {
     evictions: u64,
     /// Configured interfaces found missing (logged once each).
     missing: std::collections::BTreeSet<String>,
-    /// Link-layer addresses of the usable neighbours seen, by (ifindex, address): a change or
-    /// a removal bumps the route generation.
+    /// Link-layer addresses of the usable neighbours seen (all of them: the kernel events
+    /// report the ones there are first), by (ifindex, address): a change or a removal bumps
+    /// the route generation.
     neighbours: std::collections::BTreeMap<(u32, std::net::Ipv4Addr), [u8; 6]>,
     /// Public IPs whose mapping was removed since natd started: their flows may run on (in
     /// the kernel too) until a flush.

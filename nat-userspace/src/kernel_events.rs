@@ -26,12 +26,18 @@
 //!   [`KernelEvents::subscribe`] runs may be reported as changed), [`KernelEvent::LinkRemoved`]
 //!   a link deleted (or moved to another namespace). A consumer that acts on a name treats
 //!   added and changed alike.
+//! - Neighbours: the IPv4 neighbour entries there are when subscribing are reported first, as
+//!   [`KernelEvent::NeighbourChanged`] (and again right after each [`KernelEvent::Lost`]), so
+//!   the consumer knows the link-layer address of every neighbour, not only of those that
+//!   change later: a neighbour the router resolved before natd started that then moves to
+//!   another MAC, or goes, is a change like any other.
 //! - Routes, neighbours, addresses and rules are IPv4 only (the fast path's family): bridge FDB and IPv6
 //!   neighbours, IPv6 routes and addresses are not reported.
 //! - Nothing is lost silently: when the kernel dropped notifications because the socket's
 //!   buffer was full (`ENOBUFS`), or the socket failed and was opened again, the task reports the
-//!   link differences it finds by a new dump and then [`KernelEvent::Lost`]: the consumer must
-//!   re-read whatever it derives from routes, neighbours or addresses.
+//!   link differences it finds by a new dump, then [`KernelEvent::Lost`], then the neighbour
+//!   entries there are: the consumer must re-read whatever it derives from routes or
+//!   addresses.
 //! - Backpressure: events wait in a bounded queue; a consumer slower than the kernel makes the
 //!   socket's buffer overflow, which ends in [`KernelEvent::Lost`], never in unbounded memory.
 use std::{
@@ -115,8 +121,9 @@ pub enum KernelEvent {
         removed: bool,
     },
     /// Notifications were lost (socket buffer overflow, or the socket was opened again):
-    /// links were re-read and their differences reported before this; routes, neighbours and
-    /// addresses must be re-read by whoever depends on them.
+    /// links were re-read and their differences reported before this, and the neighbour
+    /// entries there are follow it; routes and addresses must be re-read by whoever depends
+    /// on them.
     Lost,
 }
 
@@ -126,6 +133,8 @@ pub enum KernelEventsError {
     Socket(#[source] std::io::Error),
     #[error("cannot list the links: {0}")]
     Links(#[source] rtnetlink::Error),
+    #[error("cannot list the neighbours: {0}")]
+    Neighbours(#[source] rtnetlink::Error),
 }
 
 /// A subscription to kernel events; dropping it ends the background task.
@@ -135,14 +144,16 @@ pub struct KernelEvents {
 }
 
 impl KernelEvents {
-    /// Subscribes, reads the links there are, and starts the background task: every change
-    /// after this returns is reported (a link created while it runs may be reported as
-    /// changed rather than added). Needs a tokio runtime.
+    /// Subscribes, reads the links and neighbours there are, and starts the background task:
+    /// the neighbours come first, then every change after this returns is reported (a link
+    /// created while it runs may be reported as changed rather than added). Needs a tokio
+    /// runtime.
     pub async fn subscribe() -> Result<Self, KernelEventsError> {
         let conn = Connection::open()?;
         let links = dump_links(&conn.handle).await?;
+        let neighbours = dump_neighbours(&conn.handle).await?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(conn, links, tx));
+        let task = tokio::spawn(run(conn, links, neighbours, tx));
         Ok(Self { rx, task })
     }
 
@@ -195,13 +206,19 @@ impl Drop for Connection {
     }
 }
 
-/// The background task: translates notifications until the consumer goes; opens the socket
-/// again if it fails.
+/// The background task: reports the neighbours there were, then translates notifications
+/// until the consumer goes; opens the socket again if it fails.
 async fn run(
     mut conn: Connection,
     mut links: BTreeMap<u32, String>,
+    neighbours: Vec<KernelEvent>,
     tx: mpsc::Sender<KernelEvent>,
 ) {
+    for ev in neighbours {
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
     loop {
         while let Some((msg, _)) = conn.messages.next().await {
             let events = match msg.payload {
@@ -240,7 +257,8 @@ async fn run(
     }
 }
 
-/// Re-reads the links after lost notifications: their differences, then [`KernelEvent::Lost`].
+/// Re-reads the links after lost notifications: their differences, then [`KernelEvent::Lost`],
+/// then the neighbours there are.
 async fn resync(handle: &Handle, links: &mut BTreeMap<u32, String>) -> Vec<KernelEvent> {
     let mut out = Vec::new();
     match dump_links(handle).await {
@@ -251,7 +269,29 @@ async fn resync(handle: &Handle, links: &mut BTreeMap<u32, String>) -> Vec<Kerne
         Err(e) => warn!("kernel events: {e}"),
     }
     out.push(KernelEvent::Lost);
+    match dump_neighbours(handle).await {
+        Ok(mut now) => out.append(&mut now),
+        Err(e) => warn!("kernel events: {e}"),
+    }
     out
+}
+
+/// Every IPv4 neighbour entry, as [`KernelEvent::NeighbourChanged`].
+async fn dump_neighbours(handle: &Handle) -> Result<Vec<KernelEvent>, KernelEventsError> {
+    let mut out = Vec::new();
+    let mut dump = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    while let Some(m) = dump
+        .try_next()
+        .await
+        .map_err(KernelEventsError::Neighbours)?
+    {
+        out.extend(neighbour(&m, false));
+    }
+    Ok(out)
 }
 
 /// Every link of the namespace: ifindex -> name.

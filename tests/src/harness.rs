@@ -6,10 +6,12 @@
 //!
 //! ```text
 //!  pub0 198.51.100.1/24 (PUBLIC)  -- pub1     neighbour 198.51.100.2 (gateway to 192.0.2.0/24)
+//!                                             neighbour 198.51.100.4 (a second gateway)
 //!  gst0 10.0.0.1/24 mtu 1400 (GUEST, addr 10.0.0.1) -- gst1
 //!                                neighbours V1 10.0.0.10, V2 10.0.0.11, V4 10.0.0.12;
 //!                                V3 10.0.0.20 none
-//!  gsb0 10.0.1.1/24 (GUEST, addr 10.0.1.1) -- gsb1   neighbour V5 10.0.1.10
+//!  gsb0 10.0.1.1/24 (GUEST, addr 10.0.1.1) -- gsb1   neighbour V5 10.0.1.10, and V6 10.0.2.10
+//!                                                    (another MAC) for when 10.0.2.0/24 moves here
 //!  gsn0 no address, route 10.0.2.0/24 (GUEST, addr 0) -- gsn1   neighbour V6 10.0.2.10
 //!  oth0 203.0.113.1/24 (not in IFACES) -- oth1 neighbour 203.0.113.2
 //!  lo   (down, not in IFACES)
@@ -27,18 +29,26 @@
 //! `NAT_OUT` one slot); a slot's inbound half is reported as `(Inbound, P)`, its outbound half
 //! as `(Outbound, V)`.
 //!
+//! Between packets, `env` changes neighbours, routes and mappings in the namespace, the
+//! program's maps and the model alike, as an operator and natd would.
+//!
 //! Connection-tracking timeouts are [`TEST_TIMEOUT_NS`] for every state unless a test sets
 //! others, so no flow expires while a test runs; the refresh interval of the flows' last-seen
 //! times is set beyond any test's length (a flow's once-a-second liveness check runs only for
 //! entries a test wrote with [`flows::STALE_SEEN`]). Rules, timeouts and the flow tables of
 //! program and model are set and read through the methods in `policy` and `flows`.
+pub mod env;
 pub mod flows;
 pub mod maps;
 mod policy;
 
 pub use self::policy::{allow_all, base_state, service};
 
-use std::{cell::RefCell, collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeMap,
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
@@ -189,6 +199,8 @@ pub struct Harness {
     mappings: RefCell<MappingCounters>,
     /// Counter slot -> mapping pair.
     pub(crate) slots: BTreeMap<u32, (Ipv4Addr, Ipv4Addr)>,
+    /// Neighbours, routes or mappings changed since the last [`Harness::reset_env`].
+    env_changed: Cell<bool>,
     /// Dropped last: leaves and deletes the namespace.
     _netns: NetnsGuard,
 }
@@ -235,6 +247,8 @@ neigh add {V4} lladdr {} dev gst0 nud permanent
 neigh add {V5} lladdr {} dev gsb0 nud permanent
 neigh add {V6} lladdr {} dev gsn0 nud permanent
 neigh add {OTH_HOST} lladdr {} dev oth0 nud permanent
+neigh add {} lladdr {} dev pub0 nud permanent
+neigh add {V6} lladdr {} dev gsb0 nud permanent
 route add {REMOTE_NET}/24 via {PUB_GW}
 ",
         mac_str(PUB_GW_MAC),
@@ -243,7 +257,10 @@ route add {REMOTE_NET}/24 via {PUB_GW}
         mac_str(V4_MAC),
         mac_str(V5_MAC),
         mac_str(V6_MAC),
-        mac_str(OTH_HOST_MAC)
+        mac_str(OTH_HOST_MAC),
+        env::PUB_GW2,
+        mac_str(env::PUB_GW2_MAC),
+        mac_str(env::V6_GSB_MAC),
     )
 }
 
@@ -324,6 +341,8 @@ fn model_for(t: &Topology) -> Model {
     fib.add_neighbour(t.gsb0.ifindex, V5, V5_MAC);
     fib.add_neighbour(t.gsn0.ifindex, V6, V6_MAC);
     fib.add_neighbour(t.oth0.ifindex, OTH_HOST, OTH_HOST_MAC);
+    fib.add_neighbour(t.pub0.ifindex, env::PUB_GW2, env::PUB_GW2_MAC);
+    fib.add_neighbour(t.gsb0.ifindex, V6, env::V6_GSB_MAC);
     fib.add_gateway_route(t.pub0.ifindex, REMOTE_NET, 24, PUB_GW);
     let ifaces = managed(t)
         .into_iter()
@@ -470,6 +489,7 @@ impl Harness {
             events: RefCell::new(Events::default()),
             mappings: RefCell::new(BTreeMap::new()),
             slots,
+            env_changed: Cell::new(false),
             _netns: netns,
         };
         *h.stats.borrow_mut() = h.read_stats()?;

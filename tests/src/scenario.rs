@@ -3,13 +3,18 @@
 //! packets match it, and a sequence of steps: packets that open flows, answer or repeat earlier
 //! packets (with other TCP flags), the same packet from another guest (hairpin collisions), ICMP
 //! errors quoting earlier packets as they left the router, and arbitrary, often damaged frames
-//! from [`crate::strategy`].
+//! from [`crate::strategy`]; between packets, changes of the bench's neighbours, routes,
+//! route generation and mappings ([`env`]).
 //!
 //! Flows go inbound, outbound, or hairpin: a guest (a [`Sender`]) to another guest's public
 //! address, answered by that guest to the router's address on its interface.
 //!
-//! A [`Scenario`] is the shrinkable description; [`Scenario::frames`] turns it into frames.
+//! A [`Scenario`] is the shrinkable description; [`Scenario::actions`] turns it into frames
+//! and changes. A [`RouteScenario`] is a narrower kind: established flows through an open
+//! policy meeting changes of the surroundings.
+pub mod env;
 mod flow;
+mod routes;
 
 use std::net::Ipv4Addr;
 
@@ -25,9 +30,12 @@ use proptest::{
     sample::{Index, select},
 };
 
-pub use self::flow::{GUESTS, Guest, L4, Net, Pkt, SENDERS, Sender, Way};
+pub use self::{
+    flow::{GUESTS, Guest, L4, Net, Pkt, SENDERS, Sender, Way},
+    routes::{RouteScenario, RouteStep, route_scenario},
+};
 use crate::{
-    harness::*,
+    harness::{env::Change, *},
     packet::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     strategy::{FrameSpec, frame_spec},
 };
@@ -133,12 +141,17 @@ pub enum Step {
         quote: usize,
     },
     Frame(FrameSpec),
+    /// A change of the surroundings, and natd's generation bump after it if `bump`.
+    Env {
+        change: Change,
+        bump: bool,
+    },
 }
 
-/// What a step became.
-pub struct StepFrame {
-    pub ingress: u32,
-    pub frame: Vec<u8>,
+/// What a step became: a frame arriving, or a change of the surroundings.
+pub enum Action {
+    Frame { ingress: u32, frame: Vec<u8> },
+    Env(Change),
 }
 
 /// The rules and timeouts of a scenario.
@@ -176,8 +189,8 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// The frames of the steps, in order.
-    pub fn frames(&self, topo: &Topology) -> Vec<StepFrame> {
+    /// The frames and changes of the steps, in order.
+    pub fn actions(&self, topo: &Topology) -> Vec<Action> {
         let mut history: Vec<Pkt> = Vec::new();
         let mut out = Vec::new();
         for step in &self.steps {
@@ -206,21 +219,28 @@ impl Scenario {
                 } => {
                     if let Some(p) = earlier(of) {
                         let (ingress, frame) = p.error(topo, *ty, *code, *from_router, *quote);
-                        out.push(StepFrame { ingress, frame });
+                        out.push(Action::Frame { ingress, frame });
                     }
                     None
                 }
                 Step::Frame(spec) => {
-                    out.push(StepFrame {
+                    out.push(Action::Frame {
                         ingress: spec.ingress_ifindex(topo),
                         frame: spec.build(),
                     });
                     None
                 }
+                Step::Env { change, bump } => {
+                    out.push(Action::Env(*change));
+                    if *bump {
+                        out.push(Action::Env(Change::Bump));
+                    }
+                    None
+                }
             };
             if let Some(p) = pkt {
                 let (ingress, frame) = p.frame(topo);
-                out.push(StepFrame { ingress, frame });
+                out.push(Action::Frame { ingress, frame });
                 history.push(p);
             }
         }
@@ -406,6 +426,7 @@ fn step() -> impl Strategy<Value = Step> {
         8 => (any::<Index>(), sender()).prop_map(|(of, sender)| Step::OtherSender { of, sender }),
         14 => error,
         18 => frame_spec().prop_map(Step::Frame),
+        2 => env::change_and_bump().prop_map(|(change, bump)| Step::Env { change, bump }),
     ]
 }
 

@@ -15,9 +15,11 @@
 //! `observe` records what endpoints saw; `fastpath` checks from that that the fast path
 //! carried it; `attempt` sends traffic that may be dropped and checks
 //! that nothing arrived; `links` adds further guests and public networks to the three; `stream`
-//! keeps traffic flowing while natd restarts; `prometheus` runs a Prometheus server; `vrouter`
-//! gives the router a CloudStack virtual router's iptables and reads the kernel's flows.
+//! keeps traffic flowing while natd restarts; `capture` counts the frames an interface
+//! receives by destination MAC; `prometheus` runs a Prometheus server; `vrouter` gives the
+//! router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
+pub mod capture;
 pub mod fastpath;
 pub mod links;
 pub mod observe;

@@ -1,8 +1,9 @@
 //! The XDP program under `BPF_PROG_TEST_RUN`, each test in a namespace of its own (topology in
 //! `nat_tests::harness`): golden frames with hand-written expectations (translation, pass
 //! reasons, firewall and egress rules, connection tracking, hairpin), and differential property tests
-//! against the reference model (`nat_tests::model`): random frames, and random firewall
-//! scenarios.
+//! against the reference model (`nat_tests::model`): random frames, random firewall
+//! scenarios, and random route scenarios (route, neighbour and mapping changes between
+//! packets).
 //!
 //! Needs root (namespaces, BPF); without it every test fails saying so. CI runs as root.
 #[path = "testrun/common.rs"]
@@ -21,5 +22,7 @@ mod hairpin_edges;
 mod passed;
 #[path = "testrun/random.rs"]
 mod random;
+#[path = "testrun/routes.rs"]
+mod routes;
 #[path = "testrun/scenarios.rs"]
 mod scenarios;

@@ -57,7 +57,9 @@ impl Daemon {
                 match (usable, lladdr) {
                     (true, Some(mac)) => {
                         self.neighbours.insert((ifindex, addr), mac);
-                        // A neighbour seen the first time changes no route a flow holds.
+                        // A neighbour seen the first time changes no route a flow holds: the
+                        // ones there were when natd subscribed (or lost notifications) are
+                        // reported to it first.
                         if known.is_some_and(|k| k != mac) {
                             self.bump_routes("neighbour address");
                         }
@@ -78,6 +80,7 @@ impl Daemon {
                 for ifindex in attached {
                     self.refresh_address(ifindex);
                 }
+                // The neighbours there are follow this event.
                 self.neighbours.clear();
                 self.bump_routes("lost notifications");
                 self.refresh_routing();

@@ -106,6 +106,33 @@ impl Fib {
         self.neighbours.insert((dev, ip), mac);
     }
 
+    /// `ip neigh del IP dev DEV`.
+    pub fn remove_neighbour(&mut self, dev: u32, ip: Ipv4Addr) {
+        self.neighbours.remove(&(dev, ip));
+    }
+
+    /// The link-layer address of neighbour `ip` on `dev`, if it has one.
+    pub fn neighbour(&self, dev: u32, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.neighbours.get(&(dev, ip)).copied()
+    }
+
+    /// `ip route replace NET/LEN via GW dev DEV` (`gw` some) or `ip route replace NET/LEN dev
+    /// DEV`: the forwarding route of that prefix is replaced (local and broadcast routes stay).
+    pub fn replace_route(&mut self, dev: u32, net: Ipv4Addr, len: u8, gw: Option<Ipv4Addr>) {
+        let net = u32::from(net) & mask(len);
+        self.routes.retain(|r| {
+            !(r.net == net
+                && r.len == len
+                && matches!(r.kind, RouteKind::Connected | RouteKind::Gateway(_)))
+        });
+        self.routes.push(Route {
+            net,
+            len,
+            kind: gw.map_or(RouteKind::Connected, RouteKind::Gateway),
+            dev,
+        });
+    }
+
     /// The MTU of interface `ifindex` (0 if unknown).
     pub fn mtu(&self, ifindex: u32) -> u16 {
         self.ifaces.get(&ifindex).map_or(0, |i| i.mtu)

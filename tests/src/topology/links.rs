@@ -8,6 +8,9 @@
 //! guest2   eth0 10.0.1.10  ── gst1 10.0.1.1   router   (a second guest network)
 //! upstream eth0 192.0.2.2  ── pub1 192.0.2.1  router   (a second public network)
 //! ```
+//!
+//! [`Topology::add_link`] wires a further link into a namespace that exists already (the
+//! client's second way to the router, say); it goes when that namespace does.
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, ensure};
@@ -81,6 +84,19 @@ impl Topology {
             .context("the router namespace's name does not end in \"router\"")?;
         // The guard exists as soon as the namespace does, so a failure below removes it.
         let ns = Netns::create(format!("{prefix}{role}"))?;
+        self.add_link(&ns, HOST_IF, link)?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        for route in routes {
+            let args: Vec<&str> = ["route", "add"].iter().chain(*route).copied().collect();
+            ns.ip(&args)?;
+        }
+        Ok(ns)
+    }
+
+    /// A veth pair from the router (`link.router_if`) to `peer_if` in `ns`, with the
+    /// link's addresses, up, with NAPI on the far end (see [`Topology::new`]); the router has
+    /// reached the far end once (so it knows its neighbour).
+    pub fn add_link(&self, ns: &Netns, peer_if: &str, link: Link<'_>) -> anyhow::Result<()> {
         let r = &self.router;
         r.ip(&[
             "link",
@@ -90,13 +106,13 @@ impl Topology {
             "veth",
             "peer",
             "name",
-            HOST_IF,
+            peer_if,
             "netns",
             ns.name(),
         ])?;
         for (n, dev, addr) in [
             (r, link.router_if, link.router_addr),
-            (&ns, HOST_IF, link.peer_addr),
+            (ns, peer_if, link.peer_addr),
         ] {
             n.ip(&[
                 "addr",
@@ -107,17 +123,12 @@ impl Topology {
             ])?;
             n.ip(&["link", "set", dev, "up"])?;
         }
-        ns.ip(&["link", "set", "lo", "up"])?;
-        for route in routes {
-            let args: Vec<&str> = ["route", "add"].iter().chain(*route).copied().collect();
-            ns.ip(&args)?;
-        }
         // As for the first two: NAPI for XDP_REDIRECT, full checksums on the wire.
-        ns.exec("ethtool", &["-K", HOST_IF, "gro", "on", "tx", "off"])?;
+        ns.exec("ethtool", &["-K", peer_if, "gro", "on", "tx", "off"])?;
         let peer = link.peer_addr.to_string();
         r.exec("ping", &["-n", "-q", "-c", "1", "-W", "5", &peer])
             .with_context(|| format!("the router cannot reach {peer}"))?;
-        Ok(ns)
+        Ok(())
     }
 
     /// natd's nftables table in the router as `nft list table` text (no handles, so two

@@ -209,6 +209,11 @@ pub struct TcpSeen {
 /// them (a merged packet counts its segments), so it is the number of segments that arrived
 /// at this end, handshake included (give or take the SYN).
 pub fn segs_in(conn: &TcpStream) -> anyhow::Result<u64> {
+    Ok(u64::from(tcp_info(conn)?.tcpi_segs_in))
+}
+
+/// `TCP_INFO` of `conn`.
+pub fn tcp_info(conn: &TcpStream) -> anyhow::Result<libc::tcp_info> {
     // SAFETY: zeroed plain C struct.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -223,7 +228,7 @@ pub fn segs_in(conn: &TcpStream) -> anyhow::Result<u64> {
         )
     };
     ensure!(rc == 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    Ok(u64::from(info.tcpi_segs_in))
+    Ok(info)
 }
 
 /// A listener bound to `listen` in `server_ns`; a client in `client_ns` connects to `target`,

@@ -1,7 +1,9 @@
 //! Traffic that keeps flowing while a test does something else (restarts natd): a stream of
 //! ICMP echo requests at a fixed interval whose replies are matched by sequence number, and a
-//! TCP connection that keeps sending a known byte pattern. Each runs on its own thread until
-//! stopped; stopping waits, bounded, for what is still on the way, then reports what arrived.
+//! TCP connection that keeps sending a known byte pattern (and can pause until nothing of it
+//! is on the way, so a test can count what arrives from then on). Each runs on its own thread
+//! until stopped; stopping waits, bounded, for what is still on the way, then reports what
+//! arrived.
 //! Sockets are made in the namespaces given and stay there.
 use std::{
     collections::BTreeSet,
@@ -21,7 +23,7 @@ use anyhow::{Context as _, bail, ensure};
 use super::{
     Netns,
     attempt::accept,
-    observe::{ARRIVAL, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST},
+    observe::{ARRIVAL, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, tcp_info},
 };
 
 const POLL: Duration = Duration::from_millis(10);
@@ -266,11 +268,18 @@ pub struct TransferTally {
 /// checks every byte and answers with the count when the client shuts its side.
 pub struct TcpTransfer {
     stop: Arc<AtomicBool>,
+    /// The writer is to write nothing more until resumed; `idle`: it noticed.
+    paused: Arc<AtomicBool>,
+    idle: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
     client_local: SocketAddr,
     server_peer: SocketAddr,
     listener: TcpListener,
+    /// Second handles of the two ends, to read their `TCP_INFO` (they keep the sockets open
+    /// until the transfer is dropped).
+    client_probe: TcpStream,
+    server_probe: TcpStream,
     writer: Option<JoinHandle<anyhow::Result<u64>>>,
     reader: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -300,20 +309,32 @@ impl TcpTransfer {
         conn.set_write_timeout(Some(ARRIVAL))?;
         conn.set_read_timeout(Some(ARRIVAL))?;
         let client_local = conn.local_addr()?;
+        let (client_probe, server_probe) = (conn.try_clone()?, server_conn.try_clone()?);
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let received = Arc::new(AtomicU64::new(0));
-        let (s, w) = (stop.clone(), written.clone());
-        let writer = std::thread::spawn(move || write_until_stopped(conn, pace, &s, &w));
+        let writing = Writing {
+            stop: stop.clone(),
+            paused: paused.clone(),
+            idle: idle.clone(),
+            written: written.clone(),
+        };
+        let writer = std::thread::spawn(move || write_until_stopped(conn, pace, &writing));
         let r = received.clone();
         let reader = std::thread::spawn(move || read_and_confirm(server_conn, &r));
         Ok(Self {
             stop,
+            paused,
+            idle,
             written,
             received,
             client_local,
             server_peer,
             listener,
+            client_probe,
+            server_probe,
             writer: Some(writer),
             reader: Some(reader),
         })
@@ -344,6 +365,53 @@ impl TcpTransfer {
             std::thread::sleep(POLL);
         }
         Ok(())
+    }
+
+    /// TCP segments each end has received so far (`tcpi_segs_in`): (client, server).
+    pub fn segs_in(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((
+            u64::from(tcp_info(&self.client_probe)?.tcpi_segs_in),
+            u64::from(tcp_info(&self.server_probe)?.tcpi_segs_in),
+        ))
+    }
+
+    /// Stops the writer after its current chunk and waits, up to [`ARRIVAL`], until nothing
+    /// of the transfer is on the way: the server read everything written, the client has
+    /// nothing unacknowledged, and neither end received a segment for [`QUIET`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.paused.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + ARRIVAL;
+        let mut last = None;
+        let mut since = Instant::now();
+        loop {
+            let settled = self.idle.load(Ordering::Relaxed)
+                && self.received() == self.written()
+                && tcp_info(&self.client_probe)?.tcpi_unacked == 0;
+            let segs = self.segs_in()?;
+            if !settled || last != Some(segs) {
+                (last, since) = (Some(segs), Instant::now());
+            } else if since.elapsed() >= QUIET {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the transfer did not settle within {ARRIVAL:?}: {} of {} bytes read, writer \
+                 {}",
+                self.received(),
+                self.written(),
+                if self.idle.load(Ordering::Relaxed) {
+                    "paused"
+                } else {
+                    "still writing"
+                }
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The writer goes on after [`TcpTransfer::pause`].
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
     }
 
     /// Stops writing, shuts the client's side, and waits for the server's count. Fails if the
@@ -389,15 +457,29 @@ fn joined<T>(r: std::thread::Result<anyhow::Result<T>>) -> anyhow::Result<T> {
     }
 }
 
-/// Writes the pattern until `stop`, then shuts down writing and reads the server's count.
-fn write_until_stopped(
-    mut conn: TcpStream,
-    pace: Duration,
-    stop: &AtomicBool,
-    written: &AtomicU64,
-) -> anyhow::Result<u64> {
+/// How long a paused transfer's ends must receive nothing to count as settled.
+pub const QUIET: Duration = Duration::from_millis(100);
+
+/// The writer's side of a [`TcpTransfer`]'s flags.
+struct Writing {
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    idle: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+}
+
+/// Writes the pattern until `stop` (nothing while `paused`), then shuts down writing and
+/// reads the server's count.
+fn write_until_stopped(mut conn: TcpStream, pace: Duration, w: &Writing) -> anyhow::Result<u64> {
+    let (stop, written) = (&w.stop, &w.written);
     let mut offset = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        if w.paused.load(Ordering::Relaxed) {
+            w.idle.store(true, Ordering::Relaxed);
+            std::thread::sleep(POLL);
+            continue;
+        }
+        w.idle.store(false, Ordering::Relaxed);
         conn.write_all(&pattern(offset, CHUNK))
             .with_context(|| format!("writing at offset {offset}"))?;
         offset += CHUNK as u64;

@@ -1,7 +1,7 @@
 //! The router's interfaces going away under natd: link down and up (XDP stays attached, the
 //! same program), and an interface deleted and created again under the same name (natd
 //! notices and attaches to the new one, told by a link event); the kernel events natd
-//! subscribes to, one of each kind.
+//! subscribes to, one of each kind, and the neighbours there were when it subscribed.
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -361,6 +361,45 @@ fn kernel_events_report_links_addresses_routes_neighbours_and_rules() -> anyhow:
             .then_some(())
         })
         .await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Neighbours the kernel had before natd subscribed are reported first, with their link-layer
+/// addresses: natd knows what a flow's cached route was resolved to even if the neighbour
+/// never changed since (and so notices when it moves or goes).
+#[test]
+fn kernel_events_report_the_neighbours_there_were_first() -> anyhow::Result<()> {
+    let ns = NetnsGuard::new()?;
+    ns.ip(&["link", "add", "xk0", "type", "veth", "peer", "name", "xk1"])?;
+    ns.ip(&["link", "set", "xk0", "up"])?;
+    ns.ip(&[
+        "neigh",
+        "add",
+        "192.0.2.7",
+        "lladdr",
+        "02:00:00:00:00:07",
+        "dev",
+        "xk0",
+        "nud",
+        "permanent",
+    ])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut events = KernelEvents::subscribe().await?;
+        let lladdr = next_event(&mut events, "the neighbour 192.0.2.7", |e| match e {
+            KernelEvent::NeighbourChanged {
+                addr,
+                lladdr,
+                removed: false,
+                ..
+            } if *addr == Ipv4Addr::new(192, 0, 2, 7) => Some(*lladdr),
+            _ => None,
+        })
+        .await?;
+        ensure!(lladdr == Some([2, 0, 0, 0, 0, 7]), "lladdr {lladdr:?}");
         anyhow::Ok(())
     })
 }

@@ -1,7 +1,7 @@
 //! Golden hairpin cases the program treats specially: a sender whose source port another live
 //! flow already holds towards the same target (another port is taken), flows that expired,
-//! ICMP errors, and frames that cannot be routed; and the order in which the guest side
-//! classifies a frame.
+//! ICMP errors, frames that cannot be routed, and a flow from the public side taking a hairpin
+//! flow's answers; and the order in which the guest side classifies a frame.
 use std::{net::Ipv4Addr, time::Duration};
 
 use nat_common::{
@@ -13,7 +13,7 @@ use nat_common::{
 };
 use nat_tests::{
     harness::*,
-    model::{Flow, Kind, Tracked},
+    model::{Direction, Flow, Kind, Outcome, Tracked, XDP_REDIRECT},
     packet::{Ip, PROTO_ICMP, PROTO_TCP, PROTO_UDP, icmp_error, udp},
 };
 use nat_userspace::{cidr::Cidr, firewall::Proto};
@@ -532,4 +532,58 @@ fn guest_side_classification_order() {
     );
     b.flows("one hairpin flow", &fwd_ok);
     b.finish("classification order");
+}
+
+/// A flow opened from the public side whose answers would arrive as a hairpin flow's do (a
+/// datagram from the router's guest address R to P1, with the ports the hairpin flow reached
+/// V1 with: V1 answers both to R) replaces the hairpin flow, both its entries, as the model's
+/// table does: no half of it is left naming an entry of the new flow. The hairpin sender's next
+/// datagram opens its flow again, on the next free port.
+#[test]
+fn a_new_flow_replaces_the_flow_holding_its_answers() {
+    let h = bench();
+    let t = hosts(&h.topo);
+    let (v1, v5, r) = (t.v1, t.v5, GST_ADDR);
+    let wire = Wire(h.topo);
+    let mut b = Hp::new(&h);
+    let ports = (53000, 53);
+    b.forward("V5 to P1", v5, P1, v1, r, new_flow(), udp_f(ports));
+    b.flows(
+        "the hairpin flow",
+        &legs(V5, P1, V1, r, PROTO_UDP, ports, UdpUnreplied, 0),
+    );
+    let want = Outcome {
+        action: XDP_REDIRECT,
+        reason: InboundForwarded,
+        frame: wire.leaving_guest(V1_MAC, &udp_l3(r, V1, ports, 63)),
+        counted: Some((Direction::Inbound, P1)),
+        denied: None,
+        events: new_flow(),
+    };
+    b.count += 1;
+    expect_exact(
+        &h,
+        &mut b.errs,
+        "R to P1 from the public side, the same ports",
+        h.topo.pub0.ifindex,
+        &wire.arriving_public(&udp_l3(r, P1, ports, 64)),
+        &want,
+    );
+    match h.flows() {
+        Ok(f) if f.len() == 1 && f.keys().all(|k| k.kind == Kind::Nat) => {}
+        other => b
+            .errs
+            .push(format!("only the new flow must be left: {other:?}")),
+    }
+    b.forward_as(
+        "V5 again: its flow opens anew, on the next port",
+        v5,
+        P1,
+        v1,
+        r,
+        new_flow(),
+        udp_f(ports),
+        udp_f((nth_port(53000, 1), 53)),
+    );
+    b.finish("flow replacement");
 }

@@ -2,8 +2,10 @@
 //! through the program and the model must agree on verdict, reason, output bytes, the mapping
 //! counted and the conntrack events; a translated frame whose checksums were all valid must
 //! have them all valid still. The connection tables (hairpin legs and bindings included) are compared (and emptied)
-//! every [`FLOW_CHECK_EVERY`] frames. The report counts frames by leg and policy path, and the
-//! hairpin legs by reason.
+//! every [`FLOW_CHECK_EVERY`] frames. Before about one frame in [`CHANGE_EVERY`] the
+//! surroundings change (a neighbour, a route, a mapping or the route generation, see
+//! `nat_tests::harness::env`), in program and model alike. The report counts frames by leg and
+//! policy path, and the hairpin legs by reason.
 //! The policy is open ([`open_policy`]), so the translation paths stay reachable.
 //! `NAT_PROPTEST_CASES` sets the number of frames (default 20 000, plus a quarter of that
 //! again aimed at ICMP errors, and another quarter at hairpin).
@@ -11,10 +13,11 @@ use std::{cell::RefCell, collections::BTreeMap, time::Instant};
 
 use nat_common::Reason;
 use nat_tests::{
-    harness::{Harness, allow_all, service},
+    harness::{Harness, allow_all, env::Change, service},
     model::{Leg, Path, XDP_REDIRECT},
     packet::{PROTO_ICMP, verify_checksums},
     reliability::Figures,
+    scenario::env::change_and_bump,
     strategy::{FrameSpec, frame_spec, hairpin_frame_spec, icmp_error_frame_spec},
 };
 use nat_userspace::{firewall::Proto, state::DesiredState};
@@ -28,6 +31,8 @@ use crate::common::*;
 const DEFAULT_CASES: u32 = 20_000;
 /// Frames between two comparisons of the connection tables.
 const FLOW_CHECK_EVERY: u32 = 256;
+/// About one frame in this many comes after a change of the surroundings.
+const CHANGE_EVERY: f64 = 64.0;
 
 /// [`allow_all`], and egress allowed but to one of the strategy's destinations, so both drop
 /// reasons occur (inbound: protocols other than TCP, UDP and ICMP).
@@ -83,10 +88,28 @@ struct Coverage {
     paths: BTreeMap<(Leg, Option<Path>), u32>,
     /// (leg, reason) -> frames, for the hairpin legs.
     hairpin: BTreeMap<(Leg, Reason), u32>,
+    /// Changes of the surroundings made between frames.
+    changes: u32,
 }
 
-/// One case: program and model agree; an undamaged translated frame has valid checksums.
-fn check(h: &Harness, cov: &RefCell<Coverage>, spec: &FrameSpec) -> Result<(), TestCaseError> {
+/// One case: the change before the frame (and natd's bump after it) if any, then the frame:
+/// program and model agree; an undamaged translated frame has valid checksums.
+fn check(
+    h: &Harness,
+    cov: &RefCell<Coverage>,
+    (change, spec): &(Option<(Change, bool)>, FrameSpec),
+) -> Result<(), TestCaseError> {
+    if let Some((change, bump)) = change {
+        let apply = || -> anyhow::Result<()> {
+            h.change(change)?;
+            if *bump {
+                h.change(&Change::Bump)?;
+            }
+            Ok(())
+        };
+        apply().map_err(|e| TestCaseError::fail(format!("{change:?}: {e:#}")))?;
+        cov.borrow_mut().changes += 1;
+    }
     let ingress = spec.ingress_ifindex(&h.topo);
     let frame = spec.build();
     let got = h
@@ -137,8 +160,12 @@ fn run(
     s: impl Strategy<Value = FrameSpec>,
 ) -> Result<(), String> {
     let (config, seed) = config(cases);
+    let s = (
+        proptest::option::weighted(1.0 / CHANGE_EVERY, change_and_bump()),
+        s,
+    );
     TestRunner::new(config)
-        .run(&s, |spec| check(h, cov, &spec))
+        .run(&s, |case| check(h, cov, &case))
         .map_err(|e| {
             format!("{e}\nreplay with PROPTEST_RNG_SEED={seed} (and the same NAT_PROPTEST_CASES)")
         })
@@ -190,9 +217,10 @@ fn program_matches_model() {
         .map(|((leg, r), n)| format!("{leg:?} {}={n}", r.name()))
         .collect();
     eprintln!(
-        "{} random frames in {elapsed:.1?}, {} translated ICMP errors; {}\n  policy: {}\n  \
-         hairpin: {}",
+        "{} random frames in {elapsed:.1?} ({} changes of the surroundings between them), {} \
+         translated ICMP errors; {}\n  policy: {}\n  hairpin: {}",
         cases + cases / 2,
+        cov.changes,
         cov.icmp_errors_translated,
         report.join(" "),
         paths.join(", "),

@@ -1,9 +1,13 @@
 //! Differential property test of the policy stage: random firewall scenarios (see
 //! `nat_tests::scenario`: random ingress rules, egress policy and conntrack timeouts, then
 //! packets that open flows, answer and repeat them, ICMP errors quoting them, and arbitrary
-//! frames) through program and model. After every frame they must agree on verdict, reason,
-//! output bytes, counters (translated and denied) and conntrack events, and hold the same
-//! connection table (keys, state, origin, status bits, timer).
+//! frames) through program and model; between frames, changes of neighbours (new link-layer
+//! address, gone), routes (another gateway, one without neighbour, an unmanaged interface),
+//! mappings (removed, installed again) and route generation bumps (see
+//! `nat_tests::harness::env`). After every frame they must agree on verdict, reason, output
+//! bytes, counters (translated and denied) and conntrack events, and hold the same connection
+//! table (keys, state, origin, status bits, timer) and flow entries (rewrite, ingress, route
+//! and the generation it was resolved under).
 //!
 //! `NAT_PROPTEST_CASES` sets the size (scenarios = 5 % of it, 1 000 by default, up to
 //! [`MAX_STEPS`] frames each). The report gives how often each policy path decided a frame.
@@ -15,13 +19,14 @@ use nat_tests::{
     model::{Events, Leg, Path, XDP_REDIRECT},
     packet::verify_checksums,
     reliability::Figures,
-    scenario::{Scenario, scenario},
+    scenario::{Action, Scenario, scenario},
 };
 use proptest::test_runner::{TestCaseError, TestRunner};
 
 use crate::{
     common::*,
     random::{cases_from_env, config},
+    routes::{RouteCoverage, Watch},
 };
 
 /// Most steps of a scenario.
@@ -50,17 +55,18 @@ const EXPECTED_PATHS: [(Leg, Path); 17] = [
 
 /// What the scenarios reached.
 #[derive(Default)]
-struct Coverage {
-    scenarios: u32,
-    frames: u32,
+pub(crate) struct Coverage {
+    pub scenarios: u32,
+    pub frames: u32,
     /// (leg, path) -> frames that reached the policy.
-    paths: BTreeMap<(Leg, Path), u32>,
+    pub paths: BTreeMap<(Leg, Path), u32>,
     /// (leg, reason) -> frames that were classified to a leg.
-    legs: BTreeMap<(Leg, Reason), u32>,
-    reasons: BTreeMap<Reason, u32>,
-    events: Events,
+    pub legs: BTreeMap<(Leg, Reason), u32>,
+    pub reasons: BTreeMap<Reason, u32>,
+    pub events: Events,
     /// Most flows in a table at the end of a scenario.
-    max_flows: usize,
+    pub max_flows: usize,
+    pub routes: RouteCoverage,
 }
 
 fn fail(step: usize, frame: &[u8], e: impl std::fmt::Display) -> TestCaseError {
@@ -69,6 +75,7 @@ fn fail(step: usize, frame: &[u8], e: impl std::fmt::Display) -> TestCaseError {
 
 fn check(h: &Harness, cov: &RefCell<Coverage>, sc: &Scenario) -> Result<(), TestCaseError> {
     let setup = || -> anyhow::Result<()> {
+        h.reset_env()?;
         h.set_policy(&sc.policy.state())?;
         h.set_timeouts(sc.policy.timeouts_ns)?;
         h.clear_flows()
@@ -76,17 +83,37 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, sc: &Scenario) -> Result<(), Test
     setup().map_err(|e| TestCaseError::fail(format!("setup: {e:#}")))?;
     let mut c = cov.borrow_mut();
     c.scenarios += 1;
-    for (i, s) in sc.frames(&h.topo).iter().enumerate() {
+    play(h, &mut c, &sc.actions(&h.topo))?;
+    let flows = h.model_flows().len();
+    c.max_flows = c.max_flows.max(flows);
+    Ok(())
+}
+
+/// Applies the changes and runs the frames of a scenario through program and model, which
+/// must agree on each frame and hold the same flow table after it.
+pub(crate) fn play(h: &Harness, c: &mut Coverage, actions: &[Action]) -> Result<(), TestCaseError> {
+    let mut watch = Watch::new(h);
+    for (i, a) in actions.iter().enumerate() {
+        let (ingress, frame) = match a {
+            Action::Frame { ingress, frame } => (*ingress, frame),
+            Action::Env(change) => {
+                h.change(change)
+                    .map_err(|e| TestCaseError::fail(format!("step {i}, {change:?}: {e:#}")))?;
+                watch.changed(&mut c.routes, change);
+                continue;
+            }
+        };
         let got = h
-            .run(s.ingress, &s.frame)
-            .map_err(|e| fail(i, &s.frame, format!("{e:#}")))?;
-        let want = h.run_model(s.ingress, &s.frame);
+            .run(ingress, frame)
+            .map_err(|e| fail(i, frame, format!("{e:#}")))?;
+        let want = h.run_model(ingress, frame);
         c.frames += 1;
         *c.reasons.entry(got.reason).or_default() += 1;
         for (a, b) in c.events.0.iter_mut().zip(got.events.0) {
             *a += b;
         }
-        if let (Some(leg), path) = h.model_decision() {
+        let (leg, path) = h.model_decision();
+        if let Some(leg) = leg {
             *c.legs.entry((leg, got.reason)).or_default() += 1;
             if let Some(p) = path {
                 *c.paths.entry((leg, p)).or_default() += 1;
@@ -95,20 +122,15 @@ fn check(h: &Harness, cov: &RefCell<Coverage>, sc: &Scenario) -> Result<(), Test
         if got != want {
             let (g, w) = (describe(&got), describe(&want));
             let d = diff(&got.frame, &want.frame);
-            return Err(fail(
-                i,
-                &s.frame,
-                format!("\nprogram: {g}\nmodel:   {w}\n{d}"),
-            ));
+            return Err(fail(i, frame, format!("\nprogram: {g}\nmodel:   {w}\n{d}")));
         }
-        if got.action == XDP_REDIRECT && verify_checksums(&s.frame).is_ok() {
-            verify_checksums(&got.frame).map_err(|e| fail(i, &s.frame, e))?;
+        if got.action == XDP_REDIRECT && verify_checksums(frame).is_ok() {
+            verify_checksums(&got.frame).map_err(|e| fail(i, frame, e))?;
         }
         h.check_flows()
-            .map_err(|e| fail(i, &s.frame, format!("{e:#}")))?;
+            .map_err(|e| fail(i, frame, format!("{e:#}")))?;
+        watch.framed(&mut c.routes, h, frame, path, &got);
     }
-    let flows = h.model_flows().len();
-    c.max_flows = c.max_flows.max(flows);
     Ok(())
 }
 
@@ -164,16 +186,23 @@ fn scenarios_match_model() {
         .collect();
     eprintln!(
         "{} scenarios, {} frames in {elapsed:.1?}; {decided} reached the policy: {}\n  hairpin: \
-         {}\n  events: {}\n  reasons: {}\n  largest connection table: {} flows",
+         {}\n  events: {}\n  reasons: {}\n  largest connection table: {} flows\n  \
+         surroundings: {}",
         c.scenarios,
         c.frames,
         report.join(", "),
         legs.join(" "),
         events.join(" "),
         reasons.join(" "),
-        c.max_flows
+        c.max_flows,
+        c.routes
     );
     if scenarios >= 300 {
+        assert!(
+            c.routes.changes >= scenarios / 5,
+            "scenarios rarely changed the surroundings: {}",
+            c.routes
+        );
         let thin: Vec<_> = EXPECTED_PATHS
             .into_iter()
             .filter(|(leg, p)| path(*leg, *p) < 20)
