@@ -47,6 +47,13 @@ pub fn payload(n: u32) -> String {
     s
 }
 
+/// natd's config for `n` mappings: no state, a mapping capacity with room for them (natd's
+/// default is 65,536).
+fn limits(n: u32) -> String {
+    let cap = (n + n / 4).max(nat_common::DEFAULT_MAPPINGS);
+    format!("[limits]\nmappings = {cap}\n")
+}
+
 fn mapping_count(topo: &Topo) -> anyhow::Result<u64> {
     let v: serde_json::Value = serde_json::from_str(&topo.natd()?.natctl(&["status", "--json"])?)?;
     v["mappings"].as_u64().context("natctl status: no mappings")
@@ -82,7 +89,7 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         for r in 0..reps {
             util::check_interrupted()?;
             eprintln!("bench: control: apply {n} mappings, run {}", r + 1);
-            topo.restart_natd(None)?;
+            topo.restart_natd(Some(&limits(n)))?;
             match timed_natctl(&topo, &["apply", &file_arg]) {
                 Ok(s) => {
                     let got = mapping_count(&topo)?;
@@ -128,7 +135,7 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
     }
     // A loop of `natctl mapping add`, bounded in time.
     eprintln!("bench: control: loop of natctl mapping add for up to {loop_secs} s");
-    topo.restart_natd(None)?;
+    topo.restart_natd(Some(&limits(10_000)))?;
     let start = Instant::now();
     let mut lat = Vec::new();
     let mut added = 0u32;
@@ -188,7 +195,8 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         title: "4. Control plane".into(),
         intro: format!(
             "natd (release build) on the three-namespace topology, started afresh (empty state) \
-             for each run. 'natctl apply': one CloudStack `staticnatrules` payload with N \
+             for each run, its mapping capacity (`[limits] mappings`) at least 65,536 and a \
+             quarter above N. 'natctl apply': one CloudStack `staticnatrules` payload with N \
              mappings (public 100.64.x.y -> private 10.128.x.y), timed from spawning natctl to \
              its exit, after which `natctl status` must report N mappings. natctl has no batch \
              command for mappings, so the other figure is a loop of `natctl mapping add` (one \

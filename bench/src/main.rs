@@ -1,5 +1,6 @@
 //! `nat-bench`: the benchmarks of xdp-static-nat (run through `cargo xtask bench`). Needs root.
 mod bpf;
+mod breakdown;
 mod control;
 mod flood;
 mod forward;

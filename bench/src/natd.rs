@@ -93,6 +93,11 @@ impl Natd {
         Ok(natd)
     }
 
+    /// Where natd pinned map `name` (its `--bpffs` layout: `DIR/maps/NAME`).
+    pub fn pinned_map(&self, name: &str) -> PathBuf {
+        self.pins.join("maps").join(name)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("natd.log")).unwrap_or_default()
     }

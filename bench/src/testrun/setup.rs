@@ -1,22 +1,22 @@
-//! The test-run bed: topology, the program loaded by natd's loader, mappings, rules, flows.
-use std::{net::Ipv4Addr, os::fd::AsFd as _, os::fd::AsRawFd as _};
+//! The test-run bed: topology, the program loaded by natd's loader, mappings, rules, and
+//! established flows opened by sending their first packets through the program.
+use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use aya::maps::{DevMapHash, HashMap};
 use nat_common::{
-    Event, FlowKey, FlowState, IfaceConfig, MAP_CONNTRACK, MAP_DEVMAP, MAP_IFACES, NatConfig,
-    ORIGIN_GUEST, ROLE_GUEST, ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
-    conntrack::{ASSURED, SEEN_REPLY, State, Timeout},
+    Event, IfaceConfig, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, NatConfig, NatValue, ROLE_GUEST,
+    ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
 };
 use nat_userspace::{
     cidr::Cidr,
-    ebpf::{Dataplane, FastPath as _, Mode, Role},
+    ebpf::{Dataplane, FastPath as _, Mode, Role, Sizes},
     firewall::{PortRange, Proto, Service},
     state::{DesiredState, Mapping},
     tables::{Op, Tables, plan},
 };
 
-use crate::{frame::Udp, netns::Netns, util};
+use crate::{bpf, frame::Udp, netns::Netns, util};
 
 pub const PUB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const PUB_GW: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -36,9 +36,13 @@ pub const SPORT: u16 = 40_000;
 pub const DPORT: u16 = 10_000;
 /// Matches rule 1's port while the source matches rule 0's CIDRs: denied by [`Rules::Many`].
 pub const DPORT_OTHER_RULE: u16 = 10_001;
-/// Idle timeout while measuring (nothing expires), and the one that expires everything.
+/// Idle timeout of every timer while measuring: nothing expires.
 pub const HOUR_NS: u64 = 3_600_000_000_000;
-pub const EXPIRE_NS: u64 = 1;
+/// Repetitions per `BPF_PROG_TEST_RUN` call of a rewriting path: the TTL of a 255-TTL frame
+/// allows 254 passes.
+pub const REPS_PER_CALL: u32 = 254;
+/// Flows opened per round while seeding a cycle: `PENDING` holds them until they are assured.
+const SEED_CHUNK: u32 = 16_384;
 
 /// The i-th address of the mapping cycle.
 pub fn chain_addr(i: u32) -> Ipv4Addr {
@@ -107,10 +111,10 @@ pub fn is_enomem(e: &(dyn std::error::Error + 'static)) -> bool {
 /// The loaded program and its maps; lives on the thread that entered the namespace.
 pub struct Bed {
     pub dp: Dataplane,
-    pub pub0: (u32, [u8; 6]),
-    pub pub1_mac: [u8; 6],
+    pub pub0: u32,
     pub gst0: u32,
     pub oth0: u32,
+    pub frames: Frames,
     /// Number of mappings in the cycle (0: none).
     pub chain: u32,
     rules: Option<(DesiredState, Tables)>,
@@ -118,21 +122,39 @@ pub struct Bed {
     pub enomem_retries: u64,
 }
 
+/// (reason counters, event counters), summed over CPUs, in `Reason::ALL` / `Event::ALL`
+/// order.
+pub type Counters = (Vec<u64>, Vec<u64>);
+
+/// What a run of the program must have done: every repetition ended with `reason`, and the
+/// events moved by exactly `events` (every other event stayed still).
+pub struct Expect<'a> {
+    pub reason: Reason,
+    pub events: &'a [(Event, u64)],
+}
+
 impl Bed {
-    /// Loads the program, declares the interfaces, installs the hot pair, Z and a cycle of
-    /// `chain` mappings. Must run in the namespace.
-    pub fn new(ns: &Netns, holder: &str, chain: u32, conntrack_size: u32) -> anyhow::Result<Self> {
-        let pub0 = ns.link("pub0")?;
+    /// Loads the program with `sizes`, declares the interfaces, installs the hot pair, Z and a
+    /// cycle of `chain` mappings. Must run in the namespace.
+    pub fn new(ns: &Netns, holder: &str, chain: u32, sizes: Sizes) -> anyhow::Result<Self> {
+        let (pub0, pub0_mac) = ns.link("pub0")?;
         let (_, pub1_mac) = ns.link("pub1")?;
-        let (gst0, _) = ns.link("gst0")?;
+        let (gst0, gst0_mac) = ns.link("gst0")?;
+        let (_, gst1_mac) = ns.link("gst1")?;
         let (oth0, _) = ns.link("oth0")?;
-        let mut dp = Dataplane::load(conntrack_size).context("loading the XDP program")?;
+        let frames = Frames {
+            pub0_mac,
+            pub1_mac,
+            gst0_mac,
+            gst1_mac,
+        };
+        let mut dp = Dataplane::load(sizes).context("loading the XDP program")?;
         {
             let ebpf = dp.ebpf_mut();
             let mut ifaces: HashMap<_, u32, IfaceConfig> =
                 ebpf.map_mut(MAP_IFACES).context("IFACES")?.try_into()?;
             ifaces.insert(
-                pub0.0,
+                pub0,
                 IfaceConfig {
                     role: ROLE_PUBLIC,
                     addr: key(PUB_ADDR),
@@ -149,28 +171,29 @@ impl Bed {
             )?;
             let mut devmap: DevMapHash<_> =
                 ebpf.map_mut(MAP_DEVMAP).context("DEVMAP")?.try_into()?;
-            for i in [pub0.0, gst0] {
+            for i in [pub0, gst0] {
                 devmap.insert(i, i, None, 0)?;
             }
         }
         dp.attach(holder, Role::Public, Mode::Native)
             .with_context(|| format!("attaching to {holder}"))?;
+        // Route generation 1 (0 marks never-resolved entries), nothing expires.
+        dp.write_config(&NatConfig::with_timeouts([HOUR_NS; TIMEOUT_SLOTS]))?;
         let mut bed = Self {
             dp,
             pub0,
-            pub1_mac,
             gst0,
             oth0,
+            frames,
             chain,
             rules: None,
             enomem_retries: 0,
         };
-        bed.set_timeouts(HOUR_NS)?;
         let mut add = |public, private| -> anyhow::Result<()> {
             let op = Op::AddMapping(Mapping { public, private });
-            // A burst of inserts into the per-CPU, non-preallocated mapping maps meets
-            // transient ENOMEM (the kernel's per-CPU element cache refills asynchronously):
-            // retried here and counted (see RESULTS.md).
+            // A burst of inserts into the non-preallocated mapping maps may meet transient
+            // ENOMEM (the kernel refills its element cache asynchronously): retried here and
+            // counted (see RESULTS.md).
             for _ in 0..1000 {
                 match bed.dp.apply(&op) {
                     Ok(()) => return Ok(()),
@@ -195,15 +218,6 @@ impl Bed {
             }
         }
         Ok(bed)
-    }
-
-    pub fn set_timeouts(&mut self, ns: u64) -> anyhow::Result<()> {
-        self.dp.write_config(&NatConfig {
-            egress_default_deny: 0,
-            _pad: 0,
-            timeouts_ns: [ns; TIMEOUT_SLOTS],
-        })?;
-        Ok(())
     }
 
     /// Installs `rules` on H0 and H1 with natd's compile step and write plan.
@@ -259,78 +273,19 @@ impl Bed {
         Ok(())
     }
 
-    /// Writes established (UDP replied, opened by the guest) flows for inbound frames from
-    /// [`SRC`]:[`SPORT`] to `dport` on each of `privates` (the guest's view of the flow).
-    pub fn forge_established(
-        &mut self,
-        privates: impl Iterator<Item = Ipv4Addr>,
-        dport: u16,
-    ) -> anyhow::Result<()> {
-        let now = util::monotonic_ns();
-        let mut ct: HashMap<_, FlowKey, FlowState> = self
+    /// The loaded program.
+    pub fn prog(&mut self) -> anyhow::Result<&aya::programs::Xdp> {
+        let prog: &aya::programs::Xdp = self
             .dp
             .ebpf_mut()
-            .map_mut(MAP_CONNTRACK)
-            .context("CONNTRACK")?
-            .try_into()?;
-        let value = FlowState {
-            last_seen: now,
-            state: State::UdpReplied as u8,
-            origin: ORIGIN_GUEST,
-            flags: SEEN_REPLY | ASSURED,
-            timer: Timeout::UdpReplied as u8,
-            ..FlowState::default()
-        };
-        for (n, guest) in privates.enumerate() {
-            let k = FlowKey {
-                guest: key(guest),
-                remote: key(SRC),
-                guest_port: u16::from_ne_bytes(dport.to_be_bytes()),
-                remote_port: u16::from_ne_bytes(SPORT.to_be_bytes()),
-                proto: 17,
-                ..FlowKey::default()
-            };
-            ct.insert(k, value, 0)?;
-            if n % 65_536 == 0 {
-                util::check_interrupted()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The raw fd of the loaded program.
-    pub fn prog_fd(&mut self) -> anyhow::Result<i32> {
-        let ebpf = self.dp.ebpf_mut();
-        let prog: &aya::programs::Xdp = ebpf
             .program(nat_userspace::ebpf::PROGRAM)
             .context("no program")?
             .try_into()?;
-        Ok(prog.fd()?.as_fd().as_raw_fd())
+        Ok(prog)
     }
 
-    /// The raw fd of one of the program's maps.
-    pub fn map_fd(&mut self, name: &str) -> anyhow::Result<i32> {
-        let map = self
-            .dp
-            .ebpf_mut()
-            .map(name)
-            .with_context(|| format!("no map {name}"))?;
-        use aya::maps::Map as M;
-        let data = match map {
-            M::LpmTrie(m)
-            | M::HashMap(m)
-            | M::LruHashMap(m)
-            | M::PerCpuHashMap(m)
-            | M::PerCpuArray(m)
-            | M::Array(m)
-            | M::DevMapHash(m) => m,
-            _ => bail!("map {name}: unexpected type"),
-        };
-        Ok(data.fd().as_fd().as_raw_fd())
-    }
-
-    /// (reason counters, event counters), summed over CPUs.
-    pub fn counters(&mut self) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+    /// Counters summed over CPUs.
+    pub fn counters(&mut self) -> anyhow::Result<Counters> {
         let s = self.dp.stats()?;
         let e = self.dp.events()?;
         Ok((
@@ -345,34 +300,176 @@ impl Bed {
         ))
     }
 
-    /// The conntrack key of the hot inbound flow to H0 (guest's view: H1).
-    pub fn hot_flow_key(&self) -> [u8; 16] {
-        let k = FlowKey {
-            guest: key(H1),
-            remote: key(SRC),
-            guest_port: u16::from_ne_bytes(DPORT.to_be_bytes()),
-            remote_port: u16::from_ne_bytes(SPORT.to_be_bytes()),
-            proto: 17,
-            ..FlowKey::default()
+    /// Fails unless the counters moved from `before` as `want` says for `n` runs.
+    pub fn check(&mut self, what: &str, before: &Counters, n: u64, want: &Expect) -> anyhow::Result<()> {
+        let (s1, e1) = self.counters()?;
+        let ds: Vec<u64> = s1.iter().zip(&before.0).map(|(a, b)| a.wrapping_sub(*b)).collect();
+        let de: Vec<u64> = e1.iter().zip(&before.1).map(|(a, b)| a.wrapping_sub(*b)).collect();
+        let moved = |names: Vec<(&str, u64)>| {
+            names
+                .into_iter()
+                .filter(|(_, d)| *d > 0)
+                .map(|(n, d)| format!("{n} {d}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        let mut out = [0u8; 16];
-        out[0..4].copy_from_slice(&k.guest.to_ne_bytes());
-        out[4..8].copy_from_slice(&k.remote.to_ne_bytes());
-        out[8..10].copy_from_slice(&k.guest_port.to_ne_bytes());
-        out[10..12].copy_from_slice(&k.remote_port.to_ne_bytes());
-        out[12] = k.proto;
-        out
+        let reasons = moved(Reason::ALL.iter().map(|r| r.name()).zip(ds.iter().copied()).collect());
+        let events = moved(Event::ALL.iter().map(|e| e.name()).zip(de.iter().copied()).collect());
+        let total: u64 = ds.iter().sum();
+        let events_ok = Event::ALL.iter().zip(&de).all(|(e, d)| {
+            *d == want
+                .events
+                .iter()
+                .find(|(w, _)| w == e)
+                .map_or(0, |(_, n)| *n)
+        });
+        ensure!(
+            ds[want.reason as usize] == n && total == n && events_ok,
+            "{what}: expected {n} x {} with events {:?}; STATS moved: {reasons}; EVENTS moved: \
+             {events}",
+            want.reason.name(),
+            want.events
+                .iter()
+                .map(|(e, n)| format!("{} {n}", e.name()))
+                .collect::<Vec<_>>()
+        );
+        Ok(())
     }
 
-    /// An inbound frame from the remote sender to `dst`.
+    /// Runs the program `n` times as if arriving on `ifindex`, in calls of at most
+    /// [`REPS_PER_CALL`] repetitions, each call starting from `frame_at(k)` (k = repetitions
+    /// already run); returns the kernel's time per repetition (ns), summed over calls.
+    pub fn walk(
+        &mut self,
+        ifindex: u32,
+        n: u64,
+        mut frame_at: impl FnMut(u64) -> Vec<u8>,
+    ) -> anyhow::Result<f64> {
+        let prog = self.prog()?;
+        let (mut done, mut total_ns) = (0u64, 0u64);
+        while done < n {
+            let reps = (n - done).min(u64::from(REPS_PER_CALL)) as u32;
+            let r = bpf::test_run(prog, &frame_at(done), ifindex, reps)?;
+            total_ns += u64::from(r.duration_ns) * u64::from(reps);
+            done += u64::from(reps);
+        }
+        Ok(total_ns as f64 / n.max(1) as f64)
+    }
+
+    /// Opens and assures the guest-opened UDP flows of the hot pair (H1 -> [`SRC`] leaving as
+    /// H0, and H0 -> SRC leaving as H1) and of every mapping of the cycle, by sending their
+    /// first packets through the program: the guest's request (the flow opens, in
+    /// `PENDING`), the remote's reply (its route is resolved), the guest's next request (the
+    /// flow is assured and moves to `FLOWS`). Every step is checked against the counters.
+    /// Afterwards an inbound frame from SRC to any mapped public address of the pair or the
+    /// cycle is a `FLOWS` hit whose rewrite leads to the next one.
+    pub fn seed(&mut self) -> anyhow::Result<()> {
+        let (pub0, gst0) = (self.pub0, self.gst0);
+        // The hot pair: two flows per walk.
+        self.seed_walks("hot pair", 2, |k| [H1, H0][k as usize % 2], |k| [H0, H1][k as usize % 2], pub0, gst0)?;
+        let n = self.chain;
+        let mut a = 0;
+        while a < n {
+            util::check_interrupted()?;
+            let b = (a + SEED_CHUNK).min(n);
+            // Mapping i is chain_addr(i) -> chain_addr(i + 1): its guest's requests leave from
+            // chain_addr(i + 1) and walk the cycle downwards (b-1, b-2, ... a), the replies
+            // arrive at chain_addr(i) and walk upwards (a, a+1, ... b-1).
+            self.seed_walks(
+                &format!("cycle {a}..{b}"),
+                b - a,
+                |k| chain_addr(((u64::from(b) - k) % u64::from(n)) as u32),
+                |k| chain_addr(((u64::from(a) + k) % u64::from(n)) as u32),
+                pub0,
+                gst0,
+            )?;
+            a = b;
+        }
+        Ok(())
+    }
+
+    fn seed_walks(
+        &mut self,
+        what: &str,
+        flows: u32,
+        guest_at: impl Fn(u64) -> Ipv4Addr,
+        public_at: impl Fn(u64) -> Ipv4Addr,
+        pub0: u32,
+        gst0: u32,
+    ) -> anyhow::Result<()> {
+        let n = u64::from(flows);
+        let steps = [
+            ("guest's first requests", Reason::OutboundForwarded, Event::ConntrackCreate, None),
+            ("replies", Reason::InboundForwarded, Event::ConntrackHit, Some(Event::RouteResolved)),
+            ("guest's second requests", Reason::OutboundForwarded, Event::ConntrackHit, None),
+        ];
+        for (step, reason, event, extra) in steps {
+            let before = self.counters()?;
+            let f = self.frames;
+            if reason == Reason::OutboundForwarded {
+                self.walk(gst0, n, |k| f.outbound(guest_at(k)))?;
+            } else {
+                self.walk(pub0, n, |k| f.inbound(SRC, SPORT, public_at(k), DPORT))?;
+            }
+            let mut events = vec![(event, n)];
+            events.extend(extra.map(|e| (e, n)));
+            self.check(&format!("seeding {what}: {step}"), &before, n, &Expect { reason, events: &events })?;
+        }
+        Ok(())
+    }
+
+    /// The hot mapping's counter slot (from its `NAT_IN` value).
+    pub fn hot_slot(&mut self) -> anyhow::Result<u32> {
+        let m: HashMap<_, u32, NatValue> = self
+            .dp
+            .ebpf_mut()
+            .map(MAP_NAT_IN)
+            .context("NAT_IN")?
+            .try_into()?;
+        Ok(m.get(&key(H0), 0)?.slot)
+    }
+
+    /// An inbound frame from the remote sender ([`SRC`]:[`SPORT`]) to `dst`:`dport`.
     pub fn frame(&self, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+        self.frames.inbound(SRC, SPORT, dst, dport)
+    }
+}
+
+/// The MAC addresses frames need: inbound ones arrive on pub0 from pub1, the guests' on gst0
+/// from gst1.
+#[derive(Clone, Copy, Debug)]
+pub struct Frames {
+    pub pub0_mac: [u8; 6],
+    pub pub1_mac: [u8; 6],
+    pub gst0_mac: [u8; 6],
+    pub gst1_mac: [u8; 6],
+}
+
+impl Frames {
+    /// An inbound frame from `src`:`sport` to `dst`:`dport`, arriving on pub0.
+    pub fn inbound(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
         Udp {
-            dst_mac: self.pub0.1,
+            dst_mac: self.pub0_mac,
             src_mac: self.pub1_mac,
-            src: SRC,
+            src,
             dst,
-            sport: SPORT,
+            sport,
             dport,
+            ttl: 255,
+            checksum: true,
+        }
+        .build(60)
+    }
+
+    /// A guest's frame from `guest`:[`DPORT`] to [`SRC`]:[`SPORT`], arriving on gst0.
+    pub fn outbound(&self, guest: Ipv4Addr) -> Vec<u8> {
+        Udp {
+            dst_mac: self.gst0_mac,
+            src_mac: self.gst1_mac,
+            src: guest,
+            dst: SRC,
+            sport: DPORT,
+            dport: SPORT,
             ttl: 255,
             checksum: true,
         }
