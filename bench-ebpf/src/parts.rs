@@ -6,9 +6,9 @@
 //! misses. The counter parts (`STATS`, `EVENTS`, `MAPPING_STATS`) are checked by the bench
 //! from the counters they moved.
 //!
-//! `p_key*` programs only produce the key (the baselines subtracted); `*_cyc` programs take
-//! the next of `CYCLE_N` keys each run, so lookups miss the CPU caches as traffic over many
-//! flows would.
+//! `p_none` only counts its run, `p_key*` programs also produce a key (the baselines
+//! subtracted); `*_cyc` programs take the next of `CYCLE_N` keys each run, so lookups miss the
+//! CPU caches as traffic over many flows would.
 #![no_std]
 #![no_main]
 
@@ -42,10 +42,15 @@ use aya_ebpf::{
 use nat_common::{
     COUNT_IN, Counter, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry, FlowTuple,
     FwSrcData, FwSvcData, IfaceConfig, MappingStats, NatConfig, ROLE_GUEST, Reason, RuleBits,
+    conntrack::{State, Timeout},
     maps as spec, proto,
 };
 
-use crate::{forward::Query, parse::Packet};
+use crate::{
+    flows::{Kind, NewFlow},
+    forward::{Query, Route},
+    parse::Packet,
+};
 
 // The program's maps, declared as nat-ebpf declares them; the loader points each at the
 // loaded program's own map (pins), so these programs read and write the real tables.
@@ -200,6 +205,11 @@ fn src_key(source: u32) -> Key<FwSrcData> {
 }
 
 #[xdp]
+pub fn p_none(_ctx: XdpContext) -> u32 {
+    finish(true)
+}
+
+#[xdp]
 pub fn p_key(_ctx: XdpContext) -> u32 {
     finish(black_box(hot_tuple()).proto == proto::UDP)
 }
@@ -227,6 +237,78 @@ pub fn p_parse(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn p_flows(_ctx: XdpContext) -> u32 {
     finish(matches!(flows::lookup(&hot_tuple()), Some(f) if !f.pending))
+}
+
+/// A flow no table holds (the hot flow's tuple as TCP): both tables miss, as for a new flow.
+#[xdp]
+pub fn p_flows_miss(_ctx: XdpContext) -> u32 {
+    let t = FlowTuple {
+        proto: proto::TCP,
+        ..hot_tuple()
+    };
+    finish(flows::lookup(&t).is_none())
+}
+
+/// A new flow's entry written into `PENDING` (the hot flow's tuple as ESP, which no packet
+/// uses; each run replaces the last run's entry).
+#[xdp]
+pub fn p_pend_ins(_ctx: XdpContext) -> u32 {
+    let t = FlowTuple {
+        proto: 50,
+        ..hot_tuple()
+    };
+    finish(matches!(ENTRY.get(0), Some(e) if PENDING.insert(&t, e, 0).is_ok()))
+}
+
+/// The same with the next cycled destination each run (a different entry each time).
+#[xdp]
+pub fn p_pend_ins_cyc(_ctx: XdpContext) -> u32 {
+    let Some(t) = cycled_tuple() else {
+        return XDP_DROP;
+    };
+    let t = FlowTuple { proto: 50, ..t };
+    finish(matches!(ENTRY.get(0), Some(e) if PENDING.insert(&t, e, 0).is_ok()))
+}
+
+/// A flow opened as the program opens a new one (`flows::create`: both entries built and
+/// written into `PENDING`), keyed `t` as ESP (which no packet uses). Counted by the bench from
+/// `EVENTS` (`conntrack_create` counts only when both entries were written).
+#[inline(always)]
+fn create(t: FlowTuple) -> u32 {
+    let orig = FlowTuple { proto: 50, ..t };
+    let route = Route {
+        addr: 0,
+        ifindex: OUT_IFINDEX.load(),
+        smac: [2, 0, 0, 0, 0, 1],
+        dmac: [2, 0, 0, 0, 0, 2],
+        mtu: 1500,
+    };
+    let f = NewFlow {
+        orig,
+        orig_to: FlowTuple {
+            daddr: PRIVATE.load(),
+            ..orig
+        },
+        kind: Kind::Inbound,
+        conn: (State::Other as u8, 0, Timeout::Other as u8),
+        ingress: 0,
+        route: &route,
+        slot: SLOT.load(),
+    };
+    finish(flows::create(&f).is_some())
+}
+
+#[xdp]
+pub fn p_create(_ctx: XdpContext) -> u32 {
+    create(hot_tuple())
+}
+
+#[xdp]
+pub fn p_create_cyc(_ctx: XdpContext) -> u32 {
+    match cycled_tuple() {
+        Some(t) => create(t),
+        None => XDP_DROP,
+    }
 }
 
 #[xdp]
@@ -323,6 +405,11 @@ pub fn p_lpm_svc(_ctx: XdpContext) -> u32 {
         },
     );
     finish(FW_SVC.get(k).is_some())
+}
+
+#[xdp]
+pub fn p_key_src(_ctx: XdpContext) -> u32 {
+    finish(black_box(src_key(SRC.load())).prefix_len != 0)
 }
 
 #[xdp]

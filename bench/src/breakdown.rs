@@ -116,6 +116,7 @@ enum Moved {
     Stats,
     Events,
     MappingStats,
+    Creates,
 }
 
 /// One micro-benchmark: a `bench-parts` program, the baseline program subtracted from it,
@@ -139,33 +140,34 @@ const fn case(name: &'static str, prog: &'static str, base: &'static str) -> Cas
 }
 
 /// The established path's parts (`fast_path`: how often a packet makes the operation).
-const PARTS: [Case; 13] = [
-    case("key only (the hot flow's tuple)", "p_key", "p_key"),
+const PARTS: [Case; 17] = [
+    case("nothing (the run's own count: the baseline)", "p_none", "p_none"),
     Case {
         fast_path: 1,
         ..case(
             "parse: Ethernet, IPv4 and UDP checks, the flow tuple",
             "p_parse",
-            "p_key",
+            "p_none",
         )
     },
+    case("key only (the hot flow's tuple, from constants)", "p_key", "p_none"),
     Case {
         fast_path: 1,
-        ..case("`FLOWS` lookup, hit (LRU hash)", "p_flows", "p_key")
+        ..case("`FLOWS` lookup, hit (LRU hash; minus the key)", "p_flows", "p_key")
     },
     Case {
         fast_path: 2,
         ..case(
             "`CONFIG` lookup (array; 2 per packet: route generation, refresh interval)",
             "p_config",
-            "p_key",
+            "p_none",
         )
     },
     Case {
         fast_path: 1,
-        ..case("`bpf_jiffies64()`", "p_jiffies", "p_key")
+        ..case("`bpf_jiffies64()`", "p_jiffies", "p_none")
     },
-    case("entry only (a one-entry array: the rewrite's baseline)", "p_entry", "p_entry"),
+    case("entry only (a one-entry array: the rewrite's baseline)", "p_entry", "p_none"),
     Case {
         fast_path: 1,
         ..case(
@@ -177,45 +179,76 @@ const PARTS: [Case; 13] = [
     Case {
         fast_path: 1,
         moved: Moved::Stats,
-        ..case("`STATS` count (per-CPU array)", "p_stats", "p_key")
+        ..case("`STATS` count (per-CPU array)", "p_stats", "p_none")
     },
     Case {
         fast_path: 1,
         moved: Moved::Events,
-        ..case("`EVENTS` count (per-CPU array)", "p_events", "p_key")
+        ..case("`EVENTS` count (per-CPU array)", "p_events", "p_none")
     },
     Case {
         fast_path: 1,
         moved: Moved::MappingStats,
-        ..case("`MAPPING_STATS` count by slot (per-CPU array)", "p_mapstats", "p_key")
+        ..case("`MAPPING_STATS` count by slot (per-CPU array)", "p_mapstats", "p_none")
     },
     Case {
         fast_path: 1,
-        ..case("`bpf_redirect_map()` (DEVMAP hash)", "p_redirect", "p_key")
+        ..case("`bpf_redirect_map()` (DEVMAP hash)", "p_redirect", "p_none")
     },
     case(
         "not on the fast path: route resolution, `bpf_fib_lookup()` + `IFACES` (a flow's first packets)",
         "p_fib",
-        "p_key",
+        "p_none",
     ),
     case(
         "not on the fast path: `bpf_ktime_get_coarse_ns()` (once a second per direction)",
         "p_coarse_ns",
+        "p_none",
+    ),
+    case(
+        "not on the fast path: `FLOWS` and `PENDING` lookups of a flow neither holds (a new flow's two misses; minus the key)",
+        "p_flows_miss",
         "p_key",
     ),
+    case(
+        "not on the fast path: an entry written into `PENDING` (LRU hash; a new flow writes 2; minus the key)",
+        "p_pend_ins",
+        "p_key",
+    ),
+    Case {
+        moved: Moved::Creates,
+        ..case(
+            "not on the fast path: a flow opened (`flows::create`: both entries built and written into `PENDING`; minus the key)",
+            "p_create",
+            "p_key",
+        )
+    },
 ];
 
 /// The same lookup with a different flow each run, on the big table.
-const COLD: [Case; 2] = [
+const COLD: [Case; 4] = [
     case("key only (cycling over every flow of the cycle)", "p_key_cyc", "p_key_cyc"),
     case("`FLOWS` lookup, hit, a different flow each run", "p_flows_cyc", "p_key_cyc"),
+    case(
+        "an entry written into `PENDING`, a different key each run",
+        "p_pend_ins_cyc",
+        "p_key_cyc",
+    ),
+    Case {
+        moved: Moved::Creates,
+        ..case(
+            "a flow opened (`flows::create`), a different flow each run",
+            "p_create_cyc",
+            "p_key_cyc",
+        )
+    },
 ];
 
 const LPM: [Case; 6] = [
-    case("key only (same source)", "p_key", "p_key"),
-    case("FW_SRC, 1 CIDR (0.0.0.0/0)", "p_lpm1", "p_key"),
-    case("FW_SRC, 65,536 CIDRs, same source", "p_lpm_src", "p_key"),
-    case("FW_SVC, 256 rules, same port", "p_lpm_svc", "p_key"),
+    case("key only (same source)", "p_key_src", "p_key_src"),
+    case("FW_SRC, 1 CIDR (0.0.0.0/0)", "p_lpm1", "p_key_src"),
+    case("FW_SRC, 65,536 CIDRs, same source", "p_lpm_src", "p_key_src"),
+    case("FW_SVC, 256 rules, same port", "p_lpm_svc", "p_key_src"),
     case("key only (cycling source)", "p_key_src_cyc", "p_key_src_cyc"),
     case(
         "FW_SRC, 65,536 CIDRs, each lookup another /24",
@@ -230,6 +263,7 @@ fn moved_count(bed: &mut Bed, m: Moved) -> anyhow::Result<u64> {
         Moved::Nothing => 0,
         Moved::Stats => bed.counters()?.0[Reason::InboundForwarded as usize],
         Moved::Events => bed.counters()?.1[Event::FastPath as usize],
+        Moved::Creates => bed.counters()?.1[Event::ConntrackCreate as usize],
         Moved::MappingStats => bed.dp.counters(Mapping { public: H0, private: H1 })?.inbound_packets,
     })
 }
@@ -345,7 +379,7 @@ pub fn section(hot: &mut Bed, big: &mut Bed, whole: &[f64], plan: &Plan) -> anyh
         format!(
             "- A `FLOWS` hit costs {} ns when the same flow is looked up every run and {} ns \
              when every run looks up another of {} flows (cache-cold).",
-            show(Summary::of(&part_nets[2]), 1),
+            show(Summary::of(&part_nets[3]), 1),
             show(Summary::of(&cold_nets[1]), 1),
             big.chain
         ),
@@ -378,7 +412,7 @@ pub fn section(hot: &mut Bed, big: &mut Bed, whole: &[f64], plan: &Plan) -> anyh
                 "The established (fast) path's operations, each measured alone:".into(),
                 parts_t,
             ),
-            ("The `FLOWS` lookup, cache-cold:".into(), cold_t),
+            ("Cache-cold (a different flow each run, over every flow of the big table):".into(), cold_t),
         ],
         notes: summary.join("\n") + "\n",
         summary,

@@ -463,13 +463,18 @@ impl Frames {
 
     /// A guest's frame from `guest`:[`DPORT`] to [`SRC`]:[`SPORT`], arriving on gst0.
     pub fn outbound(&self, guest: Ipv4Addr) -> Vec<u8> {
+        self.outbound_to(guest, SPORT)
+    }
+
+    /// A guest's frame from `guest`:[`DPORT`] to [`SRC`]:`port`, arriving on gst0.
+    pub fn outbound_to(&self, guest: Ipv4Addr, port: u16) -> Vec<u8> {
         Udp {
             dst_mac: self.gst0_mac,
             src_mac: self.gst1_mac,
             src: guest,
             dst: SRC,
             sport: DPORT,
-            dport: SPORT,
+            dport: port,
             ttl: 255,
             checksum: true,
         }
