@@ -369,7 +369,13 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
         eprintln!("bench: testrun: loading '{name}'");
         let mut bed = Bed::new(ns, &format!("hd{}", i + 1), chain, sizes(chain))?;
         bed.set_rules(rules)?;
+        let t = std::time::Instant::now();
         bed.seed().with_context(|| format!("{name}: opening the established flows"))?;
+        eprintln!(
+            "bench: testrun: '{name}': {} flows opened in {:.1} s",
+            chain + 2,
+            t.elapsed().as_secs_f64()
+        );
         let mut samples: Vec<(Scenario, Vec<f64>)> =
             scenarios.iter().map(|s| (*s, Vec::new())).collect();
         if scenarios.contains(&NewFlow) {

@@ -43,6 +43,8 @@ pub const HOUR_NS: u64 = 3_600_000_000_000;
 pub const REPS_PER_CALL: u32 = 254;
 /// Flows opened per round while seeding a cycle: `PENDING` holds them until they are assured.
 const SEED_CHUNK: u32 = 16_384;
+/// The seeding order's stride through the cycle (a prime: coprime with the cycle lengths).
+const SEED_STRIDE: u64 = 7_919;
 
 /// The i-th address of the mapping cycle.
 pub fn chain_addr(i: u32) -> Ipv4Addr {
@@ -343,12 +345,23 @@ impl Bed {
         &mut self,
         ifindex: u32,
         n: u64,
+        frame_at: impl FnMut(u64) -> Vec<u8>,
+    ) -> anyhow::Result<f64> {
+        self.walk_by(ifindex, n, REPS_PER_CALL, frame_at)
+    }
+
+    /// [`Bed::walk`] in calls of at most `per_call` repetitions.
+    pub fn walk_by(
+        &mut self,
+        ifindex: u32,
+        n: u64,
+        per_call: u32,
         mut frame_at: impl FnMut(u64) -> Vec<u8>,
     ) -> anyhow::Result<f64> {
         let prog = self.prog()?;
         let (mut done, mut total_ns) = (0u64, 0u64);
         while done < n {
-            let reps = (n - done).min(u64::from(REPS_PER_CALL)) as u32;
+            let reps = (n - done).min(u64::from(per_call)) as u32;
             let r = bpf::test_run(prog, &frame_at(done), ifindex, reps)?;
             total_ns += u64::from(r.duration_ns) * u64::from(reps);
             done += u64::from(reps);
@@ -363,40 +376,39 @@ impl Bed {
     /// flow is assured and moves to `FLOWS`). Every step is checked against the counters.
     /// Afterwards an inbound frame from SRC to any mapped public address of the pair or the
     /// cycle is a `FLOWS` hit whose rewrite leads to the next one.
+    ///
+    /// One packet per call, the cycle's flows in a scattered order (a stride through the
+    /// cycle): the table's entries are taken in the order flows open, so flows opened along
+    /// the cycle would lie in memory in the order a walk along the cycle visits them, and the
+    /// "different flow each packet" walk would read memory almost sequentially, unlike
+    /// traffic.
     pub fn seed(&mut self) -> anyhow::Result<()> {
-        let (pub0, gst0) = (self.pub0, self.gst0);
-        // The hot pair: two flows per walk.
-        self.seed_walks("hot pair", 2, |k| [H1, H0][k as usize % 2], |k| [H0, H1][k as usize % 2], pub0, gst0)?;
+        self.seed_flows("hot pair", 2, |k| if k == 0 { (H1, H0) } else { (H0, H1) })?;
         let n = self.chain;
         let mut a = 0;
         while a < n {
             util::check_interrupted()?;
             let b = (a + SEED_CHUNK).min(n);
-            // Mapping i is chain_addr(i) -> chain_addr(i + 1): its guest's requests leave from
-            // chain_addr(i + 1) and walk the cycle downwards (b-1, b-2, ... a), the replies
-            // arrive at chain_addr(i) and walk upwards (a, a+1, ... b-1).
-            self.seed_walks(
-                &format!("cycle {a}..{b}"),
-                b - a,
-                |k| chain_addr(((u64::from(b) - k) % u64::from(n)) as u32),
-                |k| chain_addr(((u64::from(a) + k) % u64::from(n)) as u32),
-                pub0,
-                gst0,
-            )?;
+            // Mapping m is chain_addr(m) -> chain_addr(m + 1): its guest is chain_addr(m + 1).
+            let (nn, a64) = (u64::from(n), u64::from(a));
+            self.seed_flows(&format!("cycle, flows {a}..{b} in seeding order"), b - a, |k| {
+                let m = ((a64 + k) * SEED_STRIDE % nn) as u32;
+                (chain_addr((m + 1) % n), chain_addr(m))
+            })?;
             a = b;
         }
         Ok(())
     }
 
-    fn seed_walks(
+    /// Opens `flows` flows; flow k is the one whose guest (private address) and public
+    /// address `addrs(k)` gives.
+    fn seed_flows(
         &mut self,
         what: &str,
         flows: u32,
-        guest_at: impl Fn(u64) -> Ipv4Addr,
-        public_at: impl Fn(u64) -> Ipv4Addr,
-        pub0: u32,
-        gst0: u32,
+        addrs: impl Fn(u64) -> (Ipv4Addr, Ipv4Addr),
     ) -> anyhow::Result<()> {
+        let (pub0, gst0) = (self.pub0, self.gst0);
         let n = u64::from(flows);
         let steps = [
             ("guest's first requests", Reason::OutboundForwarded, Event::ConntrackCreate, None),
@@ -407,9 +419,9 @@ impl Bed {
             let before = self.counters()?;
             let f = self.frames;
             if reason == Reason::OutboundForwarded {
-                self.walk(gst0, n, |k| f.outbound(guest_at(k)))?;
+                self.walk_by(gst0, n, 1, |k| f.outbound(addrs(k).0))?;
             } else {
-                self.walk(pub0, n, |k| f.inbound(SRC, SPORT, public_at(k), DPORT))?;
+                self.walk_by(pub0, n, 1, |k| f.inbound(SRC, SPORT, addrs(k).1, DPORT))?;
             }
             let mut events = vec![(event, n)];
             events.extend(extra.map(|e| (e, n)));
