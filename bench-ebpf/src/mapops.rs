@@ -1,5 +1,7 @@
 //! Section 5's micro-benchmarks: one lookup of a u32 key and the count of one 60-byte packet
-//! per run, in three layouts of a mapping's value and counters. A run whose operation
+//! per run, in three layouts of a mapping's value and counters; and one lookup of a flow
+//! (16-byte key, 104-byte value, as `FLOWS`) in an LRU hash (preallocated, as `FLOWS`) and in
+//! a hash without preallocation. A run whose operation
 //! succeeded (the lookup hit) adds one to `HITS` and returns `XDP_PASS`; otherwise it returns
 //! `XDP_DROP` without counting, so the bench can refuse a measurement of misses.
 //!
@@ -17,7 +19,7 @@ use aya_ebpf::{
     Global,
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 
@@ -36,6 +38,12 @@ static CNT: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 /// Plain hash whose shared value carries the counters, updated atomically.
 #[map]
 static ATOM: HashMap<u32, [u64; 4]> = HashMap::with_max_entries(1, NO_PREALLOC);
+/// Flow-sized entries: key [k, 1, 2, 3] -> 104 bytes, in an LRU hash (preallocated, like
+/// `FLOWS`) and in a hash allocating entries as they are inserted.
+#[map]
+static FLOW_LRU: LruHashMap<[u32; 4], [u64; 13]> = LruHashMap::with_max_entries(1, 0);
+#[map]
+static FLOW_HASH: HashMap<[u32; 4], [u64; 13]> = HashMap::with_max_entries(1, NO_PREALLOC);
 /// The cycling key's counter.
 #[map]
 static CTR: Array<u64> = Array::with_max_entries(1, 0);
@@ -111,6 +119,23 @@ fn atomic(k: u32) -> bool {
     }
 }
 
+/// A flow's entry read as the fast path reads it (a field of its first cache line).
+#[inline(always)]
+fn flow_lru(k: u32) -> bool {
+    FLOW_LRU
+        .get_ptr(&[k, 1, 2, 3])
+        // SAFETY: a live map value.
+        .is_some_and(|v| unsafe { core::ptr::read_volatile(&(*v)[1]) } != u64::MAX)
+}
+
+#[inline(always)]
+fn flow_hash(k: u32) -> bool {
+    FLOW_HASH
+        .get_ptr(&[k, 1, 2, 3])
+        // SAFETY: a live map value.
+        .is_some_and(|v| unsafe { core::ptr::read_volatile(&(*v)[1]) } != u64::MAX)
+}
+
 #[inline(always)]
 fn finish(ok: bool) -> u32 {
     if !ok {
@@ -146,3 +171,7 @@ program!(cyc_key, cycle, key_only);
 program!(cyc_pcpu, cycle, percpu);
 program!(cyc_hash, cycle, hash_counters);
 program!(cyc_atomic, cycle, atomic);
+program!(hot_flru, hot, flow_lru);
+program!(hot_fhash, hot, flow_hash);
+program!(cyc_flru, cycle, flow_lru);
+program!(cyc_fhash, cycle, flow_hash);

@@ -3,6 +3,8 @@
 //! fast path, from the flow entry) against a per-CPU hash whose value carries them and a plain
 //! hash updated atomically. Each measured by a small XDP program of `bench-ebpf`
 //! (`bench-mapops`) doing one lookup and one count per run, timed with `BPF_PROG_TEST_RUN`.
+//! Beside them, the flow table's kind: a flow-sized entry looked up in an LRU hash
+//! (preallocated, as `FLOWS`) and in a hash that allocates entries as they are inserted.
 use anyhow::{Context as _, ensure};
 use aya::{
     Ebpf,
@@ -86,9 +88,11 @@ impl Variants {
     fn new(n: u32) -> anyhow::Result<Self> {
         let cpus = bpf::possible_cpus()?;
         let mut ebpf = bpf::load(bpf::MAPOPS, |l| {
-            for m in ["PCPU", "HASH", "CNT", "ATOM"] {
+            for m in ["PCPU", "HASH", "CNT", "ATOM", "FLOW_HASH"] {
                 l.map_max_entries(m, n);
             }
+            // An LRU map may evict before it is full (per-CPU free lists): room to spare.
+            l.map_max_entries("FLOW_LRU", n + n / 4 + 1024);
             l.override_global("CYCLE_N", &n, true);
         })?;
         let mut retries = 0;
@@ -111,6 +115,24 @@ impl Variants {
                 }
             }
         }
+        {
+            // Flows inserted in a scattered order (a stride through the keys): entries are
+            // laid out in insertion order, so inserting them in the order the cycling key
+            // visits them would make the lookups read memory almost sequentially.
+            let [lru, hash] = ebpf.maps_disjoint_mut(["FLOW_LRU", "FLOW_HASH"]);
+            let mut lru: aya::maps::HashMap<_, [u32; 4], [u64; 13]> =
+                lru.context("no map FLOW_LRU")?.try_into()?;
+            let mut hash: HashMap<_, [u32; 4], [u64; 13]> =
+                hash.context("no map FLOW_HASH")?.try_into()?;
+            for j in 0..u64::from(n) {
+                let i = (j * 7_919 % u64::from(n)) as u32;
+                retry(&mut retries, || lru.insert([i, 1, 2, 3], [0u64; 13], 0))?;
+                retry(&mut retries, || hash.insert([i, 1, 2, 3], [0u64; 13], 0))?;
+                if j % 65_536 == 0 {
+                    util::check_interrupted()?;
+                }
+            }
+        }
         Ok(Self { ebpf, retries })
     }
 
@@ -118,6 +140,12 @@ impl Variants {
         bpf::map_fd(&self.ebpf, map).ok().and_then(memlock)
     }
 }
+
+/// The flow-table kinds, in table order: index 0 is the project's.
+const FLOW_OPS: [(&str, &str); 2] = [
+    ("LRU hash, preallocated (the kind of FLOWS)", "flru"),
+    ("hash, BPF_F_NO_PREALLOC", "fhash"),
+];
 
 /// Section 5.
 pub fn section(quick: bool) -> anyhow::Result<Section> {
@@ -132,6 +160,14 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         "ratio to project layout",
         "memory (memlock)",
     ]);
+    let mut flows_t = Table::new(&[
+        "entries",
+        "key",
+        "flow table",
+        "ns/lookup (minus key only)",
+        "ratio to LRU",
+        "memory (memlock)",
+    ]);
     let mut bars = Vec::new();
     let mut retries = 0;
     // At the largest size, for the verdict: per key kind, each layout's time per run over
@@ -142,14 +178,48 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         let mut v = Variants::new(n)?;
         retries += v.retries;
         let keys = [("same key", "hot"), ("next key each run", "cyc")];
-        // samples[key][op]
+        // samples[key][op], then the flow tables' flow_samples[key][kind]
         let mut samples = vec![vec![Vec::new(); OPS.len()]; keys.len()];
+        let mut flow_samples = vec![vec![Vec::new(); FLOW_OPS.len()]; keys.len()];
         for _ in 0..plan.repeats {
             for (ki, (_, kp)) in keys.iter().enumerate() {
                 for (oi, (_, op)) in OPS.iter().enumerate() {
                     util::check_interrupted()?;
                     let name = format!("{kp}_{op}");
                     samples[ki][oi].push(run_prog(&mut v.ebpf, &name, &frame, 0)?);
+                }
+                for (fi, (_, op)) in FLOW_OPS.iter().enumerate() {
+                    util::check_interrupted()?;
+                    let name = format!("{kp}_{op}");
+                    flow_samples[ki][fi].push(run_prog(&mut v.ebpf, &name, &frame, 0)?);
+                }
+            }
+        }
+        let flow_mem = [v.memlock("FLOW_LRU"), v.memlock("FLOW_HASH")];
+        for (ki, (kname, _)) in keys.iter().enumerate() {
+            let base = &samples[ki][0];
+            let net: Vec<Vec<f64>> = flow_samples[ki]
+                .iter()
+                .map(|s| s.iter().zip(base).map(|(a, b)| a - b).collect())
+                .collect();
+            for (fi, (fname, _)) in FLOW_OPS.iter().enumerate() {
+                let r: Vec<f64> = net[fi].iter().zip(&net[0]).map(|(a, b)| a / b).collect();
+                flows_t.row(vec![
+                    n.to_string(),
+                    kname.to_string(),
+                    fname.to_string(),
+                    show(Summary::of(&net[fi]), 1),
+                    if fi == 0 {
+                        "1".into()
+                    } else {
+                        show(Summary::of(&r), 2)
+                    },
+                    flow_mem[fi].map_or(String::new(), |b| {
+                        format!("{:.1} MiB", b as f64 / 1048576.0)
+                    }),
+                ]);
+                if n == plan.big && ki == 1 && fi == 1 {
+                    big.flow_ratios = r;
                 }
             }
         }
@@ -228,7 +298,15 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
             plan.repeats,
             bpf::possible_cpus().unwrap_or(0)
         ),
-        tables: vec![(String::new(), t)],
+        tables: vec![
+            (String::new(), t),
+            (
+                "The flow table's kind: one lookup of a flow-sized entry (16-byte key, 104-byte \
+                 value, as `FLOWS`), the flows inserted in a scattered order:"
+                    .into(),
+                flows_t,
+            ),
+        ],
         notes: verdict(&big, plan.big).join("\n")
             + &format!(
                 "\n- Filling these maps from userspace met {retries} transient ENOMEM answers \
@@ -251,6 +329,8 @@ struct Big {
     ratios: [Vec<Vec<f64>>; 2],
     /// memlock bytes per layout.
     mem: [Option<u64>; 4],
+    /// Cycling keys: the hash without preallocation's time per lookup over the LRU's.
+    flow_ratios: Vec<f64>,
 }
 
 /// The layouts compared with the project's, by key kind, and which is faster in every run;
@@ -302,6 +382,14 @@ fn verdict(big: &Big, n: u32) -> Vec<String> {
         mib(big.mem[2]),
         mib(big.mem[3])
     ));
+    if !big.flow_ratios.is_empty() {
+        out.push(crate::verdict::compare(
+            &format!("{n} flows, cycling keys: a hash without preallocation"),
+            "an LRU hash (the kind of FLOWS)",
+            "time",
+            &big.flow_ratios,
+        ));
+    }
     out
 }
 
