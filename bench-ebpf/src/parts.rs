@@ -40,8 +40,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nat_common::{
-    COUNT_IN, Counter, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry, FlowTuple,
-    FwSrcData, FwSvcData, IfaceConfig, MappingStats, NatConfig, ROLE_GUEST, Reason, RuleBits,
+    COUNT_IN, Counter, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry, FlowTuple, FwSrcData,
+    FwSvcData, IfaceConfig, MappingStats, NatConfig, ROLE_GUEST, Reason, RuleBits,
     conntrack::{State, Timeout},
     maps as spec, proto,
 };

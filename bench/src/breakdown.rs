@@ -100,7 +100,9 @@ fn load_parts(bed: &mut Bed) -> anyhow::Result<Ebpf> {
     e.set(0, entry, 0)?;
     let mut lpm1: LpmTrie<_, FwSrcData, RuleBits> =
         parts.map_mut("LPM1").context("no map LPM1")?.try_into()?;
-    let all = RuleBits { bits: [u64::MAX; 4] };
+    let all = RuleBits {
+        bits: [u64::MAX; 4],
+    };
     let data = FwSrcData {
         public: H0.octets(),
         source: [0; 4],
@@ -141,7 +143,11 @@ const fn case(name: &'static str, prog: &'static str, base: &'static str) -> Cas
 
 /// The established path's parts (`fast_path`: how often a packet makes the operation).
 const PARTS: [Case; 17] = [
-    case("nothing (the run's own count: the baseline)", "p_none", "p_none"),
+    case(
+        "nothing (the run's own count: the baseline)",
+        "p_none",
+        "p_none",
+    ),
     Case {
         fast_path: 1,
         ..case(
@@ -150,10 +156,18 @@ const PARTS: [Case; 17] = [
             "p_none",
         )
     },
-    case("key only (the hot flow's tuple, from constants)", "p_key", "p_none"),
+    case(
+        "key only (the hot flow's tuple, from constants)",
+        "p_key",
+        "p_none",
+    ),
     Case {
         fast_path: 1,
-        ..case("`FLOWS` lookup, hit (LRU hash; minus the key)", "p_flows", "p_key")
+        ..case(
+            "`FLOWS` lookup, hit (LRU hash; minus the key)",
+            "p_flows",
+            "p_key",
+        )
     },
     Case {
         fast_path: 2,
@@ -167,7 +181,11 @@ const PARTS: [Case; 17] = [
         fast_path: 1,
         ..case("`bpf_jiffies64()`", "p_jiffies", "p_none")
     },
-    case("entry only (a one-entry array: the rewrite's baseline)", "p_entry", "p_none"),
+    case(
+        "entry only (a one-entry array: the rewrite's baseline)",
+        "p_entry",
+        "p_none",
+    ),
     Case {
         fast_path: 1,
         ..case(
@@ -189,7 +207,11 @@ const PARTS: [Case; 17] = [
     Case {
         fast_path: 1,
         moved: Moved::MappingStats,
-        ..case("`MAPPING_STATS` count by slot (per-CPU array)", "p_mapstats", "p_none")
+        ..case(
+            "`MAPPING_STATS` count by slot (per-CPU array)",
+            "p_mapstats",
+            "p_none",
+        )
     },
     Case {
         fast_path: 1,
@@ -227,8 +249,16 @@ const PARTS: [Case; 17] = [
 
 /// The same lookup with a different flow each run, on the big table.
 const COLD: [Case; 4] = [
-    case("key only (cycling over every flow of the cycle)", "p_key_cyc", "p_key_cyc"),
-    case("`FLOWS` lookup, hit, a different flow each run", "p_flows_cyc", "p_key_cyc"),
+    case(
+        "key only (cycling over every flow of the cycle)",
+        "p_key_cyc",
+        "p_key_cyc",
+    ),
+    case(
+        "`FLOWS` lookup, hit, a different flow each run",
+        "p_flows_cyc",
+        "p_key_cyc",
+    ),
     case(
         "an entry written into `PENDING`, a different key each run",
         "p_pend_ins_cyc",
@@ -247,9 +277,17 @@ const COLD: [Case; 4] = [
 const LPM: [Case; 6] = [
     case("key only (same source)", "p_key_src", "p_key_src"),
     case("FW_SRC, 1 CIDR (0.0.0.0/0)", "p_lpm1", "p_key_src"),
-    case("FW_SRC, 65,536 CIDRs, same source", "p_lpm_src", "p_key_src"),
+    case(
+        "FW_SRC, 65,536 CIDRs, same source",
+        "p_lpm_src",
+        "p_key_src",
+    ),
     case("FW_SVC, 256 rules, same port", "p_lpm_svc", "p_key_src"),
-    case("key only (cycling source)", "p_key_src_cyc", "p_key_src_cyc"),
+    case(
+        "key only (cycling source)",
+        "p_key_src_cyc",
+        "p_key_src_cyc",
+    ),
     case(
         "FW_SRC, 65,536 CIDRs, each lookup another /24",
         "p_lpm_src_cyc",
@@ -264,7 +302,14 @@ fn moved_count(bed: &mut Bed, m: Moved) -> anyhow::Result<u64> {
         Moved::Stats => bed.counters()?.0[Reason::InboundForwarded as usize],
         Moved::Events => bed.counters()?.1[Event::FastPath as usize],
         Moved::Creates => bed.counters()?.1[Event::ConntrackCreate as usize],
-        Moved::MappingStats => bed.dp.counters(Mapping { public: H0, private: H1 })?.inbound_packets,
+        Moved::MappingStats => {
+            bed.dp
+                .counters(Mapping {
+                    public: H0,
+                    private: H1,
+                })?
+                .inbound_packets
+        }
     })
 }
 
@@ -304,7 +349,11 @@ fn table(cases: &[Case], samples: &[Vec<f64>]) -> (Table, Vec<Vec<f64>>) {
         let net: Vec<f64> = if base == i {
             Vec::new()
         } else {
-            samples[i].iter().zip(&samples[base]).map(|(a, b)| a - b).collect()
+            samples[i]
+                .iter()
+                .zip(&samples[base])
+                .map(|(a, b)| a - b)
+                .collect()
         };
         t.row(vec![
             c.name.to_string(),
@@ -331,7 +380,12 @@ fn bars(cases: &[Case], nets: &[Vec<f64>]) -> Vec<(String, Summary)> {
 /// Section 1b on `hot` (the '1 mapping, 256 rules' bed: the LPM tries and the hot flow) and
 /// `big` (the cold `FLOWS` lookups); `whole` is the established path minus the empty program
 /// measured in section 1 on `hot`, run by run.
-pub fn section(hot: &mut Bed, big: &mut Bed, whole: &[f64], plan: &Plan) -> anyhow::Result<Section> {
+pub fn section(
+    hot: &mut Bed,
+    big: &mut Bed,
+    whole: &[f64],
+    plan: &Plan,
+) -> anyhow::Result<Section> {
     let mut parts = load_parts(hot)?;
     let lpm_samples = measure(hot, &mut parts, &LPM, plan.repeats)?;
     let part_samples = measure(hot, &mut parts, &PARTS, plan.repeats)?;
@@ -387,8 +441,9 @@ pub fn section(hot: &mut Bed, big: &mut Bed, whole: &[f64], plan: &Plan) -> anyh
     let mut all_bars = bars(&PARTS, &part_nets);
     all_bars.extend(bars(&COLD, &cold_nets));
     Ok(Section {
-        title: "1b. Where the time goes: the established path's parts, and the firewall's LPM lookups"
-            .into(),
+        title:
+            "1b. Where the time goes: the established path's parts, and the firewall's LPM lookups"
+                .into(),
         intro: format!(
             "One operation per run of a small XDP program (`bench-parts`), {REPS} repetitions \
              per run, median (min–max) over {} interleaved repeats; the baseline named in each \
@@ -412,7 +467,10 @@ pub fn section(hot: &mut Bed, big: &mut Bed, whole: &[f64], plan: &Plan) -> anyh
                 "The established (fast) path's operations, each measured alone:".into(),
                 parts_t,
             ),
-            ("Cache-cold (a different flow each run, over every flow of the big table):".into(), cold_t),
+            (
+                "Cache-cold (a different flow each run, over every flow of the big table):".into(),
+                cold_t,
+            ),
         ],
         notes: summary.join("\n") + "\n",
         summary,

@@ -211,7 +211,8 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
                      UDP to the client every ~20 µs while V3 is unmapped (the router forwards \
                      it untranslated); `natctl mapping add {P3} {V3}` is run, and the client \
                      records when the first packet with source {P3} arrives. Between runs the \
-                     mapping is deleted again."
+                     mapping is deleted again and natd's flow table flushed (a deleted mapping \
+                     keeps its flows: the stream's would go on being translated)."
                 ),
                 t2,
             ),
@@ -316,7 +317,10 @@ fn first_packet(topo: &Topo, runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)
                 };
                 after.push((first as f64 - t1 as f64) / 1e6);
                 took.push((t1 - t0) as f64 / 1e6);
+                // A deleted mapping keeps its flows (the stream's flow would go on being
+                // translated): flushed, so the next run starts untranslated again.
                 natd.natctl(&["mapping", "del", &p])?;
+                natd.natctl(&["conntrack", "flush"])?;
                 std::thread::sleep(Duration::from_millis(50));
             }
             Ok(())

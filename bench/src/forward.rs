@@ -62,7 +62,9 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
                 if !direct {
                     traffic::establish(topo, *flows, *dir)?;
                 }
-                runs[0][row][ki].push(traffic::timed(topo, *flows, *dir, p.max_secs, None, direct)?);
+                runs[0][row][ki].push(traffic::timed(
+                    topo, *flows, *dir, p.max_secs, None, direct,
+                )?);
                 runs[1][row][ki].push(traffic::timed(
                     topo,
                     *flows,
@@ -117,7 +119,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
     let xdp = SETUPS.iter().position(|s| *s == Setup::Natd);
     let plain = SETUPS.iter().position(|s| *s == Setup::Plain);
     let ipt = SETUPS.iter().position(|s| *s == Setup::Iptables);
-    for ki in 0..KINDS.len() {
+    for (ki, _) in KINDS.iter().enumerate() {
         let label = kind_label(ki);
         let direct_max = col(&runs[0][0][ki], |r| r.kernel_ns);
         let direct_fix = col(&runs[1][0][ki], |r| r.kernel_ns);
@@ -262,7 +264,13 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
                 cpu,
             ),
         ],
-        notes: targets.iter().chain(&summary).cloned().collect::<Vec<_>>().join("\n") + "\n",
+        notes: targets
+            .iter()
+            .chain(&summary)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
         summary: targets.into_iter().chain(summary).collect(),
         charts: vec![
             Chart {
@@ -285,7 +293,8 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
 /// packet at most 0.5x plain kernel forwarding's and at most 0.25x iptables static NAT's.
 fn targets(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
     let row = |s: Setup| SETUPS.iter().position(|x| *x == s).map(|i| i + 1);
-    let (Some(x), Some(plain), Some(ipt)) = (row(Setup::Natd), row(Setup::Plain), row(Setup::Iptables))
+    let (Some(x), Some(plain), Some(ipt)) =
+        (row(Setup::Natd), row(Setup::Plain), row(Setup::Iptables))
     else {
         return Vec::new();
     };
@@ -296,7 +305,10 @@ fn targets(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
         }
         let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
         let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
-        for (other, limit, what) in [(plain, 0.5, "plain kernel forwarding"), (ipt, 0.25, "iptables static NAT")] {
+        for (other, limit, what) in [
+            (plain, 0.5, "plain kernel forwarding"),
+            (ipt, 0.25, "iptables static NAT"),
+        ] {
             let name = format!(
                 "XDP router CPU per packet, {}, many flows, at most {limit}x {what}",
                 dir.label()

@@ -62,7 +62,10 @@ struct Variants {
 
 /// `op` retried on transient ENOMEM (non-preallocated hashes refill their element cache
 /// asynchronously); adds the retries to `retries`.
-fn retry(retries: &mut u64, mut op: impl FnMut() -> Result<(), aya::maps::MapError>) -> anyhow::Result<()> {
+fn retry(
+    retries: &mut u64,
+    mut op: impl FnMut() -> Result<(), aya::maps::MapError>,
+) -> anyhow::Result<()> {
     for _ in 0..1000 {
         match op() {
             Ok(()) => return Ok(()),
@@ -225,9 +228,7 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         }
         let mem = [
             None,
-            v.memlock("HASH")
-                .zip(v.memlock("CNT"))
-                .map(|(a, b)| a + b),
+            v.memlock("HASH").zip(v.memlock("CNT")).map(|(a, b)| a + b),
             v.memlock("PCPU"),
             v.memlock("ATOM"),
         ];
@@ -468,8 +469,7 @@ mod root_tests {
     }
 
     fn atom_remove(ebpf: &mut Ebpf, k: u32) {
-        let mut atom: HashMap<_, u32, [u64; 4]> =
-            ebpf.map_mut("ATOM").unwrap().try_into().unwrap();
+        let mut atom: HashMap<_, u32, [u64; 4]> = ebpf.map_mut("ATOM").unwrap().try_into().unwrap();
         atom.remove(&k).unwrap();
     }
 }

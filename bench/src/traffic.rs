@@ -123,7 +123,13 @@ impl Generator {
                 topo.guest_direct_mac,
                 topo.client_direct_if,
             ),
-            (false, false) => (V1, CLIENT, topo.guest_mac, topo.router_gst_mac, topo.guest_if),
+            (false, false) => (
+                V1,
+                CLIENT,
+                topo.guest_mac,
+                topo.router_gst_mac,
+                topo.guest_if,
+            ),
             (false, true) => (
                 V1,
                 CLIENT,
@@ -180,7 +186,11 @@ impl Generator {
 
 /// The namespace a sender runs in.
 fn sender_ns(topo: &Topo, sender: Sender) -> &Netns {
-    if sender.client() { &topo.client } else { &topo.guest }
+    if sender.client() {
+        &topo.client
+    } else {
+        &topo.guest
+    }
 }
 
 /// Establishes every flow of `flows` in `dir` through the router the way traffic does: each

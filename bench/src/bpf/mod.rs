@@ -30,7 +30,9 @@ pub const XDP_PASS: u32 = 2;
 pub fn load<'a>(object: &[u8], prepare: impl FnOnce(&mut EbpfLoader<'a>)) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     prepare(&mut loader);
-    loader.load(object).context("loading a bench program object")
+    loader
+        .load(object)
+        .context("loading a bench program object")
 }
 
 /// Program `name` of `ebpf`, loaded into the kernel (once).

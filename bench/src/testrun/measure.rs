@@ -179,7 +179,12 @@ impl Setting {
                 })?;
                 self.walk_pos = ((pos + n - reps % n) % n) as u32;
                 self.next_port += walk_calls;
-                (ns, reps, Reason::OutboundForwarded, Some(Event::ConntrackCreate))
+                (
+                    ns,
+                    reps,
+                    Reason::OutboundForwarded,
+                    Some(Event::ConntrackCreate),
+                )
             }
             Scenario::DenyNoRule => (
                 self.bed.walk(pub0, reps, inbound(Z, DPORT))?,
@@ -205,7 +210,10 @@ impl Setting {
             &format!("{}: {s:?}", self.name),
             &before,
             n,
-            &Expect { reason, events: &events },
+            &Expect {
+                reason,
+                events: &events,
+            },
         )?;
         self.push(s, ns);
         Ok(())
@@ -324,7 +332,9 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
     let mut empty_obj = bpf::load(bpf::EMPTY, |_| {})?;
     let empty = bpf::xdp(&mut empty_obj, "bench_empty")?;
     // Attached to a spare interface, as every program under test: see `setup::HOLDERS`.
-    empty.attach("hd0", XdpMode::Driver).context("attaching the empty program to hd0")?;
+    empty
+        .attach("hd0", XdpMode::Driver)
+        .context("attaching the empty program to hd0")?;
     let empty: &Xdp = empty;
     let big = plan.big;
     let big_name = if big >= 1_000_000 {
@@ -337,7 +347,14 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             "1 mapping".into(),
             0,
             Rules::Open,
-            vec![Empty, UnknownIface, Established, EstablishedOnce, NewFlow, DenyNoRule],
+            vec![
+                Empty,
+                UnknownIface,
+                Established,
+                EstablishedOnce,
+                NewFlow,
+                DenyNoRule,
+            ],
         ),
         (
             "1 mapping, 256 rules".into(),
@@ -349,19 +366,40 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             "10,000 mappings".into(),
             10_000,
             Rules::Open,
-            vec![Empty, Established, EstablishedCycle, NewFlow, NewFlowWalk, DenyNoRule],
+            vec![
+                Empty,
+                Established,
+                EstablishedCycle,
+                NewFlow,
+                NewFlowWalk,
+                DenyNoRule,
+            ],
         ),
         (
             format!("{big_name} mappings"),
             big,
             Rules::Open,
-            vec![Empty, Established, EstablishedCycle, NewFlow, NewFlowWalk, DenyNoRule],
+            vec![
+                Empty,
+                Established,
+                EstablishedCycle,
+                NewFlow,
+                NewFlowWalk,
+                DenyNoRule,
+            ],
         ),
         (
             format!("{big_name} mappings, 256 rules"),
             big,
             Rules::Many,
-            vec![Empty, Established, EstablishedCycle, NewFlow, NewFlowWalk, DenyOtherRule],
+            vec![
+                Empty,
+                Established,
+                EstablishedCycle,
+                NewFlow,
+                NewFlowWalk,
+                DenyOtherRule,
+            ],
         ),
     ];
     let mut settings = Vec::new();
@@ -370,7 +408,8 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
         let mut bed = Bed::new(ns, &format!("hd{}", i + 1), chain, sizes(chain))?;
         bed.set_rules(rules)?;
         let t = std::time::Instant::now();
-        bed.seed().with_context(|| format!("{name}: opening the established flows"))?;
+        bed.seed()
+            .with_context(|| format!("{name}: opening the established flows"))?;
         eprintln!(
             "bench: testrun: '{name}': {} flows opened in {:.1} s",
             chain + 2,

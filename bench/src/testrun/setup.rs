@@ -303,10 +303,24 @@ impl Bed {
     }
 
     /// Fails unless the counters moved from `before` as `want` says for `n` runs.
-    pub fn check(&mut self, what: &str, before: &Counters, n: u64, want: &Expect) -> anyhow::Result<()> {
+    pub fn check(
+        &mut self,
+        what: &str,
+        before: &Counters,
+        n: u64,
+        want: &Expect,
+    ) -> anyhow::Result<()> {
         let (s1, e1) = self.counters()?;
-        let ds: Vec<u64> = s1.iter().zip(&before.0).map(|(a, b)| a.wrapping_sub(*b)).collect();
-        let de: Vec<u64> = e1.iter().zip(&before.1).map(|(a, b)| a.wrapping_sub(*b)).collect();
+        let ds: Vec<u64> = s1
+            .iter()
+            .zip(&before.0)
+            .map(|(a, b)| a.wrapping_sub(*b))
+            .collect();
+        let de: Vec<u64> = e1
+            .iter()
+            .zip(&before.1)
+            .map(|(a, b)| a.wrapping_sub(*b))
+            .collect();
         let moved = |names: Vec<(&str, u64)>| {
             names
                 .into_iter()
@@ -315,8 +329,20 @@ impl Bed {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let reasons = moved(Reason::ALL.iter().map(|r| r.name()).zip(ds.iter().copied()).collect());
-        let events = moved(Event::ALL.iter().map(|e| e.name()).zip(de.iter().copied()).collect());
+        let reasons = moved(
+            Reason::ALL
+                .iter()
+                .map(|r| r.name())
+                .zip(ds.iter().copied())
+                .collect(),
+        );
+        let events = moved(
+            Event::ALL
+                .iter()
+                .map(|e| e.name())
+                .zip(de.iter().copied())
+                .collect(),
+        );
         let total: u64 = ds.iter().sum();
         let events_ok = Event::ALL.iter().zip(&de).all(|(e, d)| {
             *d == want
@@ -391,10 +417,14 @@ impl Bed {
             let b = (a + SEED_CHUNK).min(n);
             // Mapping m is chain_addr(m) -> chain_addr(m + 1): its guest is chain_addr(m + 1).
             let (nn, a64) = (u64::from(n), u64::from(a));
-            self.seed_flows(&format!("cycle, flows {a}..{b} in seeding order"), b - a, |k| {
-                let m = ((a64 + k) * SEED_STRIDE % nn) as u32;
-                (chain_addr((m + 1) % n), chain_addr(m))
-            })?;
+            self.seed_flows(
+                &format!("cycle, flows {a}..{b} in seeding order"),
+                b - a,
+                |k| {
+                    let m = ((a64 + k) * SEED_STRIDE % nn) as u32;
+                    (chain_addr((m + 1) % n), chain_addr(m))
+                },
+            )?;
             a = b;
         }
         Ok(())
@@ -411,9 +441,24 @@ impl Bed {
         let (pub0, gst0) = (self.pub0, self.gst0);
         let n = u64::from(flows);
         let steps = [
-            ("guest's first requests", Reason::OutboundForwarded, Event::ConntrackCreate, None),
-            ("replies", Reason::InboundForwarded, Event::ConntrackHit, Some(Event::RouteResolved)),
-            ("guest's second requests", Reason::OutboundForwarded, Event::ConntrackHit, None),
+            (
+                "guest's first requests",
+                Reason::OutboundForwarded,
+                Event::ConntrackCreate,
+                None,
+            ),
+            (
+                "replies",
+                Reason::InboundForwarded,
+                Event::ConntrackHit,
+                Some(Event::RouteResolved),
+            ),
+            (
+                "guest's second requests",
+                Reason::OutboundForwarded,
+                Event::ConntrackHit,
+                None,
+            ),
         ];
         for (step, reason, event, extra) in steps {
             let before = self.counters()?;
@@ -425,7 +470,15 @@ impl Bed {
             }
             let mut events = vec![(event, n)];
             events.extend(extra.map(|e| (e, n)));
-            self.check(&format!("seeding {what}: {step}"), &before, n, &Expect { reason, events: &events })?;
+            self.check(
+                &format!("seeding {what}: {step}"),
+                &before,
+                n,
+                &Expect {
+                    reason,
+                    events: &events,
+                },
+            )?;
         }
         Ok(())
     }
