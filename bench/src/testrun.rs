@@ -20,6 +20,8 @@
 //! (guest request, reply, request: see [`setup::Bed::seed`]). Every measurement checks with
 //! `STATS` and `EVENTS` that the intended path ran on every repetition.
 pub mod measure;
+mod report;
+pub mod runs;
 pub mod setup;
 
 pub use measure::{Plan, run};
