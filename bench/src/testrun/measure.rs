@@ -407,8 +407,13 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
     let mut settings = Vec::new();
     for (i, (name, chain, rules, scenarios)) in specs.into_iter().enumerate() {
         eprintln!("bench: testrun: loading '{name}'");
+        let t = std::time::Instant::now();
         let mut bed = Bed::new(ns, &format!("hd{}", i + 1), chain, sizes(chain))?;
         bed.set_rules(rules)?;
+        eprintln!(
+            "bench: testrun: '{name}': loaded and filled in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let t = std::time::Instant::now();
         bed.seed()
             .with_context(|| format!("{name}: opening the established flows"))?;
