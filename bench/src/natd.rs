@@ -114,6 +114,11 @@ impl Natd {
         Ok(ticks as f64 / hz.max(1) as f64)
     }
 
+    /// Where natd pinned the XDP link of interface `iface` (`DIR/links/IFNAME`).
+    pub fn pinned_link(&self, iface: &str) -> PathBuf {
+        self.pins.join("links").join(iface)
+    }
+
     /// Where natd pinned map `name` (its `--bpffs` layout: `DIR/maps/NAME`).
     pub fn pinned_map(&self, name: &str) -> PathBuf {
         self.pins.join("maps").join(name)

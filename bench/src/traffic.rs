@@ -9,7 +9,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+    },
+};
 use nat_common::{Event, MAP_EVENTS};
 
 use crate::{
@@ -223,6 +229,9 @@ pub struct Run {
     pub softirq_secs: f64,
     /// natd only: frames that took its fast path during the run.
     pub fast_path: Option<u64>,
+    /// natd only, with the kernel's BPF run-time statistics on: its XDP program's own time
+    /// per run, ns.
+    pub prog_ns: Option<f64>,
 }
 
 impl Run {
@@ -241,6 +250,24 @@ impl Run {
         self.fast_path
             .map(|f| f as f64 / (self.generated as f64).max(1.0))
     }
+}
+
+/// natd's XDP program's (run time ns, run count) as the kernel's BPF statistics count them
+/// (they count only while enabled), if the topology runs natd: the program its pinned eth2
+/// link runs.
+fn prog_stats(topo: &Topo) -> anyhow::Result<Option<(u64, u64)>> {
+    let Some(n) = &topo.natd else {
+        return Ok(None);
+    };
+    let link = PinnedLink::from_pin(n.pinned_link("eth2"))?;
+    let id = FdLink::from(link).info()?.program_id();
+    for p in loaded_programs() {
+        let p = p?;
+        if p.id() == id {
+            return Ok(Some((p.run_time().as_nanos() as u64, p.run_count())));
+        }
+    }
+    anyhow::bail!("natd's program {id} is not loaded")
 }
 
 /// natd's `fast_path` event count (its pinned `EVENTS`), if the topology runs natd.
@@ -290,6 +317,7 @@ pub fn timed_until(
         std::thread::sleep(Duration::from_millis(20));
         let sink0 = sink.count()?;
         let fast0 = fast_path_count(topo)?;
+        let prog0 = prog_stats(topo)?;
         let cpu0 = CpuTimes::read()?;
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(secs);
@@ -317,6 +345,7 @@ pub fn timed_until(
         let cpu1 = CpuTimes::read()?;
         let delivered = sink.count()? - sink0;
         let fast1 = fast_path_count(topo)?;
+        let prog1 = prog_stats(topo)?;
         Ok(Run {
             generated,
             delivered,
@@ -324,6 +353,9 @@ pub fn timed_until(
             kernel_ns: kernel_ns / (generated as f64).max(1.0),
             softirq_secs: cpu1.softirq_secs_since(&cpu0),
             fast_path: fast0.zip(fast1).map(|(a, b)| b.saturating_sub(a)),
+            prog_ns: prog0.zip(prog1).and_then(|((t0, n0), (t1, n1))| {
+                (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64)
+            }),
         })
     })
 }

@@ -168,8 +168,12 @@ impl Bed {
         // filling a million mappings take many minutes.
         dp.attach(holder, Role::Guest, Mode::Native)
             .with_context(|| format!("attaching to {holder}"))?;
-        // Route generation 1 (0 marks never-resolved entries), nothing expires.
-        dp.write_config(&NatConfig::with_timeouts([HOUR_NS; TIMEOUT_SLOTS]))?;
+        // As natd writes it: route generation 1 (0 marks never-resolved entries), the kernel's
+        // tick rate (a flow refreshes its last-seen time once a second); nothing expires.
+        dp.write_config(&NatConfig {
+            jiffies_per_sec: nat_userspace::clock::jiffies_per_sec(),
+            ..NatConfig::with_timeouts([HOUR_NS; TIMEOUT_SLOTS])
+        })?;
         let mut bed = Self {
             dp,
             pub0,
