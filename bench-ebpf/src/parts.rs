@@ -118,6 +118,9 @@ static PRIVATE: Global<u32> = Global::new(0);
 /// The hot mapping's counter slot.
 #[unsafe(no_mangle)]
 static SLOT: Global<u32> = Global::new(0);
+/// The first mapping of the cycle's counter slot (the cycle's slots follow it).
+#[unsafe(no_mangle)]
+static CYCLE_SLOT: Global<u32> = Global::new(0);
 /// Cycling keys: `CYCLE_N` destinations from `CYCLE_BASE` (host order).
 #[unsafe(no_mangle)]
 static CYCLE_N: Global<u32> = Global::new(1);
@@ -364,6 +367,34 @@ pub fn p_events(_ctx: XdpContext) -> u32 {
 pub fn p_mapstats(_ctx: XdpContext) -> u32 {
     stats::forwarded(SLOT.load(), COUNT_IN, FRAME_LEN);
     finish(true)
+}
+
+/// The next of the cycle's counter slots in a scattered order (a stride through them), as
+/// traffic over many mappings would count.
+#[inline(always)]
+fn scattered_slot() -> Option<u32> {
+    let n = u64::from(CYCLE_N.load().max(1));
+    Some(CYCLE_SLOT.load() + (u64::from(next()?) * 7_919 % n) as u32)
+}
+
+#[xdp]
+pub fn p_key_slot_cyc(_ctx: XdpContext) -> u32 {
+    match scattered_slot() {
+        Some(s) => finish(black_box(s) != 0),
+        None => XDP_DROP,
+    }
+}
+
+/// A different mapping's counters each run.
+#[xdp]
+pub fn p_mapstats_cyc(_ctx: XdpContext) -> u32 {
+    match scattered_slot() {
+        Some(s) => {
+            stats::forwarded(s, COUNT_IN, FRAME_LEN);
+            finish(true)
+        }
+        None => XDP_DROP,
+    }
 }
 
 #[xdp]

@@ -65,6 +65,7 @@ fn load_parts(bed: &mut Bed) -> anyhow::Result<Ebpf> {
             pins.push((name, path));
         }
         let slot = bed.hot_slot()?;
+        let cycle_slot = bed.cycle_slots()?;
         let (src, public, private) = (ne(SRC), ne(H0), ne(H1));
         let (sport, dport) = (SPORT.to_be(), DPORT.to_be());
         let gst0 = bed.gst0;
@@ -80,6 +81,7 @@ fn load_parts(bed: &mut Bed) -> anyhow::Result<Ebpf> {
                 .override_global("DPORT", &dport, true)
                 .override_global("OUT_IFINDEX", &gst0, true)
                 .override_global("SLOT", &slot, true)
+                .override_global("CYCLE_SLOT", &cycle_slot, true)
                 .override_global("CYCLE_N", &chain, true)
                 .override_global("CYCLE_BASE", &base, true);
         })
@@ -248,7 +250,7 @@ const PARTS: [Case; 17] = [
 ];
 
 /// The same lookup with a different flow each run, on the big table.
-const COLD: [Case; 4] = [
+const COLD: [Case; 6] = [
     case(
         "key only (cycling over every flow of the cycle)",
         "p_key_cyc",
@@ -258,6 +260,16 @@ const COLD: [Case; 4] = [
         "`FLOWS` lookup, hit, a different flow each run",
         "p_flows_cyc",
         "p_key_cyc",
+    ),
+    case(
+        "key only (cycling over every mapping's counter slot, in a scattered order)",
+        "p_key_slot_cyc",
+        "p_key_slot_cyc",
+    ),
+    case(
+        "`MAPPING_STATS` count, a different mapping's slot each run",
+        "p_mapstats_cyc",
+        "p_key_slot_cyc",
     ),
     case(
         "an entry written into `PENDING`, a different key each run",
@@ -369,6 +381,15 @@ fn table(cases: &[Case], samples: &[Vec<f64>]) -> (Table, Vec<Vec<f64>>) {
     (t, nets)
 }
 
+/// The net samples of the case running `prog`.
+fn net<'a>(cases: &[Case], nets: &'a [Vec<f64>], prog: &str) -> &'a [f64] {
+    cases
+        .iter()
+        .position(|c| c.prog == prog)
+        .and_then(|i| nets.get(i))
+        .map_or(&[], Vec::as_slice)
+}
+
 fn bars(cases: &[Case], nets: &[Vec<f64>]) -> Vec<(String, Summary)> {
     cases
         .iter()
@@ -432,10 +453,14 @@ pub fn section(
         ),
         format!(
             "- A `FLOWS` hit costs {} ns when the same flow is looked up every run and {} ns \
-             when every run looks up another of {} flows (cache-cold).",
-            show(Summary::of(&part_nets[3]), 1),
-            show(Summary::of(&cold_nets[1]), 1),
-            big.chain
+             when every run looks up another of {} flows (cache-cold); counting on the \
+             mapping's `MAPPING_STATS` slot costs {} ns hot and {} ns when every run counts on \
+             another mapping's.",
+            show(Summary::of(net(&PARTS, &part_nets, "p_flows")), 1),
+            show(Summary::of(net(&COLD, &cold_nets, "p_flows_cyc")), 1),
+            big.chain,
+            show(Summary::of(net(&PARTS, &part_nets, "p_mapstats")), 1),
+            show(Summary::of(net(&COLD, &cold_nets, "p_mapstats_cyc")), 1),
         ),
     ];
     let mut all_bars = bars(&PARTS, &part_nets);

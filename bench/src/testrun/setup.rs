@@ -279,15 +279,35 @@ impl Bed {
         Ok(prog)
     }
 
-    /// The hot mapping's counter slot (from its `NAT_IN` value).
-    pub fn hot_slot(&mut self) -> anyhow::Result<u32> {
+    /// The counter slot of the mapping of `public` (from its `NAT_IN` value).
+    fn slot(&mut self, public: Ipv4Addr) -> anyhow::Result<u32> {
         let m: HashMap<_, u32, NatValue> = self
             .dp
             .ebpf_mut()
             .map(MAP_NAT_IN)
             .context("NAT_IN")?
             .try_into()?;
-        Ok(m.get(&key(H0), 0)?.slot)
+        Ok(m.get(&key(public), 0)?.slot)
+    }
+
+    /// The hot mapping's counter slot.
+    pub fn hot_slot(&mut self) -> anyhow::Result<u32> {
+        self.slot(H0)
+    }
+
+    /// The first mapping of the cycle's counter slot, checked to be the first of as many
+    /// consecutive slots as the cycle has mappings (0 without a cycle).
+    pub fn cycle_slots(&mut self) -> anyhow::Result<u32> {
+        if self.chain == 0 {
+            return Ok(0);
+        }
+        let first = self.slot(chain_addr(0))?;
+        let last = self.slot(chain_addr(self.chain - 1))?;
+        anyhow::ensure!(
+            last == first + self.chain - 1,
+            "the cycle's counter slots are not consecutive ({first}..={last})"
+        );
+        Ok(first)
     }
 
     /// An inbound frame from the remote sender ([`SRC`]:[`SPORT`]) to `dst`:`dport`.
