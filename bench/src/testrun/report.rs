@@ -88,7 +88,14 @@ pub fn section(settings: &[Setting], plan: &Plan) -> Section {
          flow opens in `PENDING`), the remote's reply (its route is resolved), the guest's \
          second request (the flow is assured and moves to `FLOWS`), each step checked against \
          the counters. The measured packets are the remote's: each is one `FLOWS` lookup and \
-         the entry's cached rewrite and route (the fast path).\n\n\
+         the entry's cached rewrite and route (the fast path). The cycle's flows are opened \
+         one packet per call in a scattered order, so that their entries do not lie in memory \
+         in the order the measurement visits them. A flow's last-seen time is refreshed at \
+         most once a second per direction; a packet that arrives more than a second after its \
+         direction last refreshed (in the 1,000,000-mapping cycle, nearly every one) refreshes \
+         it, and as the remote's packets belong to the reply direction of these guest-opened \
+         flows, that refresh looks up the flow's original entry too (a second cache-cold \
+         lookup) and writes its last-seen time.\n\n\
          How repetitions stay on one path: the program rewrites the frame and the next \
          repetition sees the result, so every mapping used points at another mapped public \
          address routed out of the guest interface: the hot pair H0 -> H1 -> H0, and a cycle \
