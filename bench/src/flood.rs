@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use crate::{
     report::{Section, Table},
     topo::{P2, Setup, Topo, V2},
-    traffic::{self, Flows, Run, Steady},
+    traffic::{self, Direction, Flows, Run, Steady},
     util, verdict,
 };
 
@@ -161,6 +161,7 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
                     traffic::timed_until(
                         topo,
                         Flows::Distinct(flows),
+                        Direction::Inbound,
                         secs,
                         None,
                         false,

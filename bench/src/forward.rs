@@ -1,15 +1,21 @@
 //! Section 2: forwarding rate and CPU cost of kernel forwarding, iptables static NAT and the
-//! project, side by side in one run.
+//! project, side by side in one run, inbound and outbound, over established flows.
 use crate::{
     report::{Chart, Section, Table},
     topo::{Setup, Topo},
-    traffic::{self, Flows, Run},
+    traffic::{self, Direction, Flows, Run},
     util::{self, Summary, ratios, show},
-    verdict,
+    verdict::{self, Target},
 };
 
 const SETUPS: [Setup; 3] = [Setup::Plain, Setup::Iptables, Setup::Natd];
-const FLOWS: [Flows; 2] = [Flows::Many, Flows::One];
+/// The traffic kinds measured, in table order.
+const KINDS: [(Flows, Direction); 4] = [
+    (Flows::Many, Direction::Inbound),
+    (Flows::One, Direction::Inbound),
+    (Flows::Many, Direction::Outbound),
+    (Flows::One, Direction::Outbound),
+];
 /// The fixed offered load of the CPU-cost measurement, frames/s.
 pub const FIXED_RATE: u64 = 100_000;
 
@@ -19,7 +25,8 @@ struct Params {
     fixed_secs: f64,
 }
 
-pub fn section(quick: bool) -> anyhow::Result<Section> {
+/// Section 2; `bpf_stats`: also time natd's program alone (see `Args::bpf_stats`).
+pub fn section(quick: bool, bpf_stats: bool) -> anyhow::Result<Section> {
     let p = if quick {
         Params {
             repeats: 3,
@@ -37,10 +44,12 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         .iter()
         .map(|s| Topo::new(*s))
         .collect::<anyhow::Result<_>>()?;
-    // runs[mode][row][flows], one Run per repeat; mode 0 = flat out, 1 = fixed load; row 0 =
+    // runs[mode][row][kind], one Run per repeat; mode 0 = flat out, 1 = fixed load; row 0 =
     // generator straight into the sink (no router), then the setups.
     let rows = SETUPS.len() + 1;
-    let mut runs = vec![vec![vec![Vec::<Run>::new(); FLOWS.len()]; rows]; 2];
+    let mut runs = vec![vec![vec![Vec::<Run>::new(); KINDS.len()]; rows]; 2];
+    // natd's program alone, ns per packet, per kind (with `bpf_stats`).
+    let mut prog = vec![Vec::new(); KINDS.len()];
     for r in 0..p.repeats {
         eprintln!("bench: forwarding: repeat {}/{}", r + 1, p.repeats);
         // Rotate the order so no setup always runs first.
@@ -51,20 +60,70 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
             } else {
                 (&topos[row - 1], false)
             };
-            for (fi, flows) in FLOWS.iter().enumerate() {
+            for (ki, (flows, dir)) in KINDS.iter().enumerate() {
                 util::check_interrupted()?;
-                runs[0][row][fi].push(traffic::timed(topo, *flows, p.max_secs, None, direct)?);
-                runs[1][row][fi].push(traffic::timed(
+                if !direct {
+                    traffic::establish(topo, *flows, *dir)?;
+                }
+                runs[0][row][ki].push(traffic::timed(
+                    topo, *flows, *dir, p.max_secs, None, direct,
+                )?);
+                runs[1][row][ki].push(traffic::timed(
                     topo,
                     *flows,
+                    *dir,
                     p.fixed_secs,
                     Some(FIXED_RATE),
                     direct,
                 )?);
+                if bpf_stats && !direct && topo.setup == Setup::Natd {
+                    // A run of its own: the statistics cost every program run two clock
+                    // reads, which the figures above must not include.
+                    let _on = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+                    let run = traffic::timed(topo, *flows, *dir, 0.5, Some(FIXED_RATE), false)?;
+                    prog[ki].extend(run.prog_ns);
+                }
             }
         }
     }
-    Ok(report(&runs, &p))
+    let mut section = report(&runs, &p);
+    if bpf_stats {
+        section.tables.push(program_table(&runs, &prog));
+    }
+    Ok(section)
+}
+
+/// natd's XDP program alone beside the router's whole CPU time per packet (`--bpf-stats`).
+fn program_table(runs: &[Vec<Vec<Vec<Run>>>], prog: &[Vec<f64>]) -> (String, Table) {
+    let mut t = Table::new(&[
+        "traffic",
+        "natd's XDP program, ns/packet (BPF statistics)",
+        "router CPU, ns/packet (above)",
+    ]);
+    let x = SETUPS.iter().position(|s| *s == Setup::Natd);
+    for (ki, samples) in prog.iter().enumerate() {
+        let router = x.map_or(Vec::new(), |x| {
+            minus(
+                &col(&runs[1][x + 1][ki], |r| r.kernel_ns),
+                &col(&runs[1][0][ki], |r| r.kernel_ns),
+            )
+        });
+        t.row(vec![
+            kind_label(ki),
+            show(Summary::of(samples), 0),
+            show(Summary::of(&router), 0),
+        ]);
+    }
+    (
+        format!(
+            "natd's XDP program alone (`--bpf-stats`): its run time per packet as the kernel's \
+             BPF run-time statistics count it (`run_time_ns / run_cnt` of the program natd \
+             attached), in separate runs of 0.5 s at {FIXED_RATE} frames/s with the statistics \
+             on (each program run then also pays two clock reads); the rest of the router's \
+             time is the kernel's: the veth receive, the redirect and the transmit:"
+        ),
+        t,
+    )
 }
 
 fn col(runs: &[Run], f: impl Fn(&Run) -> f64) -> Vec<f64> {
@@ -73,6 +132,11 @@ fn col(runs: &[Run], f: impl Fn(&Run) -> f64) -> Vec<f64> {
 
 fn minus(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(a, b)| a - b).collect()
+}
+
+fn kind_label(ki: usize) -> String {
+    let (flows, dir) = KINDS[ki];
+    format!("{}, {}", dir.label(), flows.label())
 }
 
 fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
@@ -92,42 +156,45 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
         "delivered / offered",
         "router CPU, ns/packet",
         "ratio to kernel forwarding",
+        "ratio to iptables NAT",
         "/proc/stat softirq, ns/packet",
+        "frames on natd's fast path",
     ]);
     let mut rate_bars = Vec::new();
     let mut cost_bars = Vec::new();
     let mut summary = Vec::new();
-    for (fi, flows) in FLOWS.iter().enumerate() {
-        let direct_max = col(&runs[0][0][fi], |r| r.kernel_ns);
-        let direct_fix = col(&runs[1][0][fi], |r| r.kernel_ns);
+    let xdp = SETUPS.iter().position(|s| *s == Setup::Natd);
+    let plain = SETUPS.iter().position(|s| *s == Setup::Plain);
+    let ipt = SETUPS.iter().position(|s| *s == Setup::Iptables);
+    for (ki, _) in KINDS.iter().enumerate() {
+        let label = kind_label(ki);
+        let direct_max = col(&runs[0][0][ki], |r| r.kernel_ns);
+        let direct_fix = col(&runs[1][0][ki], |r| r.kernel_ns);
         max.row(vec![
             "generator into the sink, no router".into(),
-            flows.label(),
+            label.clone(),
             show(
-                Summary::of(&col(&runs[0][0][fi], |r| r.delivered_pps() / 1e3)),
+                Summary::of(&col(&runs[0][0][ki], |r| r.delivered_pps() / 1e3)),
                 0,
             ),
             String::new(),
             show(
-                Summary::of(&col(&runs[0][0][fi], Run::delivered_fraction)),
+                Summary::of(&col(&runs[0][0][ki], Run::delivered_fraction)),
                 3,
             ),
             show(Summary::of(&direct_max), 0),
             String::new(),
             String::new(),
         ]);
-        let base_pps = col(&runs[0][1][fi], |r| r.delivered_pps() / 1e3);
-        let base_cost = minus(&col(&runs[1][1][fi], |r| r.kernel_ns), &direct_fix);
+        let base_pps = col(&runs[0][1][ki], |r| r.delivered_pps() / 1e3);
         // The router's CPU per packet at the fixed load, per setup (SETUPS order), per run.
-        let cost_of = |si: usize| minus(&col(&runs[1][si + 1][fi], |r| r.kernel_ns), &direct_fix);
-        let xdp = SETUPS.iter().position(|s| *s == Setup::Natd);
-        for (si, setup) in SETUPS.iter().enumerate() {
-            if let Some(x) = xdp.filter(|x| *x != si) {
+        let cost_of = |si: usize| minus(&col(&runs[1][si + 1][ki], |r| r.kernel_ns), &direct_fix);
+        if let Some(x) = xdp {
+            for (si, setup) in SETUPS.iter().enumerate().filter(|(si, _)| *si != x) {
                 summary.push(verdict::compare(
                     &format!(
-                        "{} router CPU per packet at {FIXED_RATE} frames/s, {}",
+                        "{} router CPU per packet at {FIXED_RATE} frames/s, {label}",
                         SETUPS[x].name(),
-                        flows.label()
                     ),
                     setup.name(),
                     "CPU",
@@ -136,13 +203,13 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
             }
         }
         for (si, setup) in SETUPS.iter().enumerate() {
-            let m = &runs[0][si + 1][fi];
+            let m = &runs[0][si + 1][ki];
             let pps = col(m, |r| r.delivered_pps() / 1e3);
             let router = minus(&col(m, |r| r.kernel_ns), &direct_max);
             let capacity: Vec<f64> = router.iter().map(|ns| 1e6 / ns.max(1.0)).collect();
             max.row(vec![
                 setup.name().into(),
-                flows.label(),
+                label.clone(),
                 show(Summary::of(&pps), 0),
                 show(Summary::of(&ratios(&pps, &base_pps)), 2),
                 show(Summary::of(&col(m, Run::delivered_fraction)), 3),
@@ -150,55 +217,72 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
                 show(Summary::of(&router), 0),
                 show(Summary::of(&capacity), 0),
             ]);
-            let label = format!(
-                "{} · {}",
-                setup.short(),
-                if fi == 0 { "many flows" } else { "one flow" }
-            );
+            let bar = format!("{} · {label}", setup.short());
             if let Some(s) = Summary::of(&pps) {
-                rate_bars.push((label.clone(), s));
+                rate_bars.push((bar.clone(), s));
             }
-            let c = &runs[1][si + 1][fi];
-            let cost = minus(&col(c, |r| r.kernel_ns), &direct_fix);
+            let c = &runs[1][si + 1][ki];
+            let cost = cost_of(si);
+            let ratio_to = |other: Option<usize>| {
+                other.map_or(String::new(), |o| {
+                    show(Summary::of(&ratios(&cost, &cost_of(o))), 2)
+                })
+            };
+            let fast: Vec<f64> = c.iter().filter_map(Run::fast_path_share).collect();
             cpu.row(vec![
                 setup.name().into(),
-                flows.label(),
+                label.clone(),
                 show(Summary::of(&col(c, Run::delivered_fraction)), 3),
                 show(Summary::of(&cost), 0),
-                show(Summary::of(&ratios(&cost, &base_cost)), 2),
+                ratio_to(plain),
+                ratio_to(ipt),
                 show(Summary::of(&col(c, Run::softirq_ns)), 0),
+                if fast.is_empty() {
+                    String::new()
+                } else {
+                    show(Summary::of(&fast), 3)
+                },
             ]);
             if let Some(s) = Summary::of(&cost) {
-                cost_bars.push((label, s));
+                cost_bars.push((bar, s));
             }
         }
     }
+    let targets = targets(runs);
     let intro = format!(
         "Three namespaces (client, router, guest) joined by veth pairs; 60-byte frames (64 \
-         on the wire) of UDP from the client to the guest, through the router in each setup: \
-         kernel forwarding without NAT (to the guest's address), iptables static NAT exactly \
-         as CloudStack's router writes it for the mapping (mangle FIREWALL_/VPN_ chains with \
-         the one ingress rule, marks, DNAT/SNAT, FORWARD; conntrack), and natd in native XDP \
-         mode (`--detach-on-exit`, its own state dir, bpffs and metrics port; the mapping and \
-         the same rule). The three topologies exist side by side and every repeat measures \
-         each setup in turn (the order rotates), so the ratios compare runs made moments \
-         apart; median (min–max) over {r} repeats.\n\n\
-         Generator: the bench's own XDP program run with `BPF_PROG_TEST_RUN` in live-frames \
-         mode on the client's veth; it writes the headers afresh into every frame (pages are \
-         recycled after the router rewrote them) and returns `XDP_TX`, which sends the frame \
-         to the router. 'Many flows': a random source port of 64,512 per frame; 'one flow': a \
-         fixed 5-tuple. Delivered = frames counted by an XDP program on the guest's veth \
-         (which drops them). Each batch of 64 frames is flushed and the router's and the \
-         guest's NAPI polls run inline, as softirqs on the generator's CPU: the generator \
-         cannot outrun the router, and the kernel's own timer of each generator call \
-         ('pipeline, ns/frame') is the CPU time of generator + router + sink per frame, not \
-         counting time the thread was preempted. The same generator into a veth pair straight \
-         to the guest's sink gives the generator + sink share, which is subtracted to give \
-         the router's CPU time per packet; its inverse is the rate one fully available CPU \
-         would forward. The wall-clock delivered rate is what the run achieved on this \
-         machine: both cores are shared by generator, router and whatever else runs (other \
-         engineers' test suites), so it swings with the machine's load; hence the repeats, \
-         min/max and ratios measured side by side.\n\n\
+         on the wire) of UDP through the router in each setup, inbound (client to the guest's \
+         public address) and outbound (guest to the client): kernel forwarding without NAT \
+         (to and from the guest's own address), iptables static NAT exactly as CloudStack's \
+         router writes it for the mapping (mangle FIREWALL_/VPN_ chains with the one ingress \
+         rule, marks, DNAT/SNAT, FORWARD; conntrack), and natd in native XDP mode \
+         (`--detach-on-exit`, its own state dir, bpffs and metrics port; the mapping and the \
+         same rule). The three topologies exist side by side and every repeat measures each \
+         setup in turn (the order rotates), so the ratios compare runs made moments apart; \
+         median (min–max) over {r} repeats.\n\n\
+         Generator: the bench's own XDP program (`bench-gen`) run with `BPF_PROG_TEST_RUN` in \
+         live-frames mode on the sender's veth; it writes the headers afresh into every frame \
+         (pages are recycled after the router rewrote them) and returns `XDP_TX`, which sends \
+         the frame to the router. 'Many flows': a random port of 64,512 per frame (the \
+         client's in inbound flows, the guest's in outbound ones); 'one flow': a fixed \
+         5-tuple. Before each measurement every flow of the traffic is established through \
+         the router as real traffic establishes it: each flow's first packet, the other end's \
+         answer, the flow's second packet (UDP flows are assured, in netfilter and in natd, \
+         from the first packet after a reply; natd's fast path carries assured flows only, \
+         one-way traffic would take its full path on every packet). The last column shows the \
+         share of the measured frames that took natd's fast path (its `fast_path` event \
+         count, read from natd's pinned `EVENTS`). Delivered = frames counted by an XDP sink \
+         (`bench-sink`) on the receiving end (which drops them). Each batch of 64 frames is \
+         flushed and the router's and the receiver's NAPI polls run inline, as softirqs on the \
+         generator's CPU: the generator cannot outrun the router, and the kernel's own timer \
+         of each generator call ('pipeline, ns/frame') is the CPU time of generator + router \
+         + sink per frame, not counting time the thread was preempted. The same generator \
+         into a veth pair straight to the other end's sink gives the generator + sink share, \
+         which is subtracted to give the router's CPU time per packet; its inverse is the rate \
+         one fully available CPU would forward. The wall-clock delivered rate is what the run \
+         achieved on this machine: both cores are shared by generator, router and whatever \
+         else runs (other engineers' test suites), so it swings with the machine's load; hence \
+         the repeats, min/max and ratios measured side by side.\n\n\
          CPU cost at a fixed load: the same traffic paced at {FIXED_RATE} frames/s (a batch \
          every 10 ms; the 'delivered / offered' column shows whether a setup sustained it), \
          {fs} s per run. The router's CPU per packet is again pipeline minus \
@@ -227,13 +311,19 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
                 cpu,
             ),
         ],
-        notes: summary.join("\n") + "\n",
-        summary,
+        notes: targets
+            .iter()
+            .chain(&summary)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
+        summary: targets.into_iter().chain(summary).collect(),
         charts: vec![
             Chart {
                 file: "forwarding.svg".into(),
                 title: "Delivered rate, 64-byte UDP, generator and router on 2 shared cores".into(),
-                unit: "thousand packets per second delivered to the guest (wall clock)".into(),
+                unit: "thousand packets per second delivered (wall clock)".into(),
                 bars: rate_bars,
             },
             Chart {
@@ -244,4 +334,42 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
             },
         ],
     }
+}
+
+/// Issue 9's targets, many flows, inbound and outbound, run by run: natd's router CPU per
+/// packet at most 0.5x plain kernel forwarding's and at most 0.25x iptables static NAT's.
+fn targets(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
+    let row = |s: Setup| SETUPS.iter().position(|x| *x == s).map(|i| i + 1);
+    let (Some(x), Some(plain), Some(ipt)) =
+        (row(Setup::Natd), row(Setup::Plain), row(Setup::Iptables))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (ki, (flows, dir)) in KINDS.iter().enumerate() {
+        if *flows != Flows::Many {
+            continue;
+        }
+        let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
+        let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
+        for (other, limit, what) in [
+            (plain, 0.5, "plain kernel forwarding"),
+            (ipt, 0.25, "iptables static NAT"),
+        ] {
+            let name = format!(
+                "XDP router CPU per packet, {}, many flows, at most {limit}x {what}",
+                dir.label()
+            );
+            out.push(
+                Target {
+                    name: &name,
+                    limit,
+                    below: true,
+                    unit: "x",
+                }
+                .line(&ratios(&cost(x), &cost(other)), 0),
+            );
+        }
+    }
+    out
 }

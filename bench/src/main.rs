@@ -1,5 +1,6 @@
 //! `nat-bench`: the benchmarks of xdp-static-nat (run through `cargo xtask bench`). Needs root.
 mod bpf;
+mod breakdown;
 mod control;
 mod flood;
 mod forward;
@@ -35,6 +36,11 @@ struct Args {
     /// Run even though the tree has uncommitted changes; RESULTS.md then says so at its top.
     #[arg(long)]
     allow_dirty: bool,
+    /// Section 2 also times natd's XDP program alone, per packet, with the kernel's BPF
+    /// run-time statistics, in runs of their own (the statistics are on for the whole machine
+    /// while those runs last, so this is off by default).
+    #[arg(long)]
+    bpf_stats: bool,
 }
 
 fn main() {
@@ -69,7 +75,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         sections.extend(testrun::run(args.quick).context("section 1 (test run)")?);
     }
     if want("forward") {
-        sections.push(forward::section(args.quick).context("section 2 (forwarding)")?);
+        sections
+            .push(forward::section(args.quick, args.bpf_stats).context("section 2 (forwarding)")?);
     }
     if want("flood") {
         sections.push(flood::section(args.quick).context("section 3 (flood)")?);

@@ -1,61 +1,43 @@
-//! Map operations in isolation (section 5: per-CPU mapping values carrying their counters vs
-//! a plain hash plus per-CPU counters) and the firewall's LPM lookups (issue 3), each as a raw
-//! XDP program doing one operation per run, timed with `BPF_PROG_TEST_RUN`.
+//! Map operations in isolation (section 5): a mapping's counters in a per-CPU array indexed
+//! by a slot (the project's layout: the slot comes from the mapping's hash value or, on the
+//! fast path, from the flow entry) against a per-CPU hash whose value carries them and a plain
+//! hash updated atomically. Each measured by a small XDP program of `bench-ebpf`
+//! (`bench-mapops`) doing one lookup and one count per run, timed with `BPF_PROG_TEST_RUN`.
+//! Beside them, the flow table's kind: a flow-sized entry looked up in an LRU hash
+//! (preallocated, as `FLOWS`) and in a hash that allocates entries as they are inserted.
 use anyhow::{Context as _, ensure};
-use nat_common::{
-    MAP_CONFIG, MAP_CONNTRACK, MAP_DEVMAP, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_NAT_IN,
-    MAP_STATS,
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, PerCpuHashMap, PerCpuValues},
 };
 
 use crate::{
-    bpf::{
-        asm::XDP_PASS,
-        progs::{self, KeySource, Op},
-        sys::{self, F_NO_PREALLOC, MAP_ARRAY, MAP_HASH, MAP_PERCPU_ARRAY, MAP_PERCPU_HASH, Map},
-    },
+    bpf::{self, XDP_PASS},
     report::{Chart, Section, Table},
-    testrun::{
-        Plan,
-        setup::{Bed, DPORT, H0, H1, SRC},
-    },
+    testrun::{Plan, setup::is_enomem},
     util::{self, Summary, show},
 };
 
 /// Repetitions per run: these programs do not modify the frame, so one call can repeat freely.
-const REPS: u32 = 1_000_000;
+pub const REPS: u32 = 1_000_000;
 
-/// The hit counter of the [`progs::map_op`] programs: an array of one u64.
-struct Hits(Map);
-
-impl Hits {
-    fn new() -> anyhow::Result<Self> {
-        Ok(Self(Map::create("bench_hits", MAP_ARRAY, 4, 8, 1, 0)?))
-    }
-
-    fn fd(&self) -> i32 {
-        self.0.raw()
-    }
-
-    /// The count so far, reset to 0.
-    fn take(&self) -> anyhow::Result<u64> {
-        let mut v = [0u8; 8];
-        self.0.lookup(&0u32.to_ne_bytes(), &mut v)?;
-        self.0.update(&0u32.to_ne_bytes(), &[0u8; 8])?;
-        Ok(u64::from_ne_bytes(v))
-    }
+/// The count in `HITS` of `ebpf` (runs whose operation succeeded), reset to 0.
+pub fn take_hits(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
+    let mut hits: Array<_, u64> = ebpf.map_mut("HITS").context("no map HITS")?.try_into()?;
+    let n = hits.get(&0, 0)?;
+    hits.set(0, 0, 0)?;
+    Ok(n)
 }
 
-/// Runs `insns` (a [`progs::map_op`] program counting into `hits`) [`REPS`] times; ns per
-/// run from the kernel's timer. Fails unless every run's operation hit: a lookup that missed
-/// is cheaper and would pass for a fast one.
-fn run_prog(insns: &[crate::bpf::asm::Insn], name: &str, hits: &Hits) -> anyhow::Result<f64> {
-    let prog = sys::Prog::load_xdp(name, insns)?;
-    let frame = [0u8; 60];
-    hits.take()?;
-    let r = sys::test_run(prog.raw(), &frame, 0, REPS, None)?;
-    let hit = hits.take()?;
+/// Runs program `name` of `ebpf` [`REPS`] times on `frame` as if arriving on `ifindex`; ns
+/// per run from the kernel's timer. Fails unless every run's operation succeeded (counted in
+/// the object's `HITS`): a lookup that missed is cheaper and would pass for a fast one.
+pub fn run_prog(ebpf: &mut Ebpf, name: &str, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+    take_hits(ebpf)?;
+    let r = bpf::test_run(bpf::xdp(ebpf, name)?, frame, ifindex, REPS)?;
+    let hit = take_hits(ebpf)?;
     ensure!(
-        hit == u64::from(REPS) && r.retval == XDP_PASS as u32,
+        hit == u64::from(REPS) && r.retval == XDP_PASS,
         "{name}: the operation succeeded in {hit} of {REPS} runs (the last returned {}): a \
          lookup missed, so its time is not that of a hit",
         r.retval
@@ -71,87 +53,122 @@ fn memlock(fd: i32) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn counter_map() -> anyhow::Result<Map> {
-    Map::create("bench_ctr", MAP_ARRAY, 4, 8, 1, 0)
-}
-
-/// Variant maps with `n` entries, keys 0..n.
+/// The programs' maps with `n` entries, keys 0..n.
 struct Variants {
-    percpu: Map,
-    hash: Map,
-    counters: Map,
-    atomic: Map,
+    ebpf: Ebpf,
     /// Transient ENOMEM answers while filling (retried).
     retries: u64,
 }
 
+/// `op` retried on transient ENOMEM (non-preallocated hashes refill their element cache
+/// asynchronously); adds the retries to `retries`.
+fn retry(
+    retries: &mut u64,
+    mut op: impl FnMut() -> Result<(), aya::maps::MapError>,
+) -> anyhow::Result<()> {
+    for _ in 0..1000 {
+        match op() {
+            Ok(()) => return Ok(()),
+            Err(e) if is_enomem(&e) => {
+                *retries += 1;
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("bpf_map_update_elem: ENOMEM 1000 times in a row")
+}
+
+/// The layouts, in table order: index 1 is the project's.
+const OPS: [(&str, &str); 4] = [
+    ("key only", "key"),
+    ("hash + per-CPU array of counters by slot (project)", "hash"),
+    ("per-CPU hash, counters in the value", "pcpu"),
+    ("hash, atomic counters in the value", "atomic"),
+];
+
 impl Variants {
     fn new(n: u32) -> anyhow::Result<Self> {
-        let cpus = sys::possible_cpus()?;
-        let percpu = Map::create("bench_pcpu", MAP_PERCPU_HASH, 4, 32, n, F_NO_PREALLOC)?;
-        let hash = Map::create("bench_hash", MAP_HASH, 4, 8, n, F_NO_PREALLOC)?;
-        let counters = Map::create("bench_cnt", MAP_PERCPU_ARRAY, 4, 16, n, 0)?;
-        let atomic = Map::create("bench_atom", MAP_HASH, 4, 32, n, F_NO_PREALLOC)?;
-        let pv = vec![0u8; 32 * cpus];
+        let cpus = bpf::possible_cpus()?;
+        let mut ebpf = bpf::load(bpf::MAPOPS, |l| {
+            for m in ["PCPU", "HASH", "CNT", "ATOM", "FLOW_HASH"] {
+                l.map_max_entries(m, n);
+            }
+            // An LRU map may evict before it is full (per-CPU free lists): room to spare.
+            l.map_max_entries("FLOW_LRU", n + n / 4 + 1024);
+            l.override_global("CYCLE_N", &n, true);
+        })?;
         let mut retries = 0;
-        for i in 0..n {
-            let k = i.to_ne_bytes();
-            retries += percpu.update_retry(&k, &pv)?;
-            let mut v = [0u8; 8];
-            v[4..].copy_from_slice(&i.to_ne_bytes());
-            retries += hash.update_retry(&k, &v)?;
-            retries += atomic.update_retry(&k, &[0u8; 32])?;
-            if i % 65_536 == 0 {
-                util::check_interrupted()?;
+        {
+            let [pcpu, hash, atom] = ebpf.maps_disjoint_mut(["PCPU", "HASH", "ATOM"]);
+            let mut pcpu: PerCpuHashMap<_, u32, [u64; 4]> =
+                pcpu.context("no map PCPU")?.try_into()?;
+            let mut hash: HashMap<_, u32, [u32; 2]> = hash.context("no map HASH")?.try_into()?;
+            let mut atom: HashMap<_, u32, [u64; 4]> = atom.context("no map ATOM")?.try_into()?;
+            for i in 0..n {
+                retry(&mut retries, || {
+                    let zeros = PerCpuValues::try_from(vec![[0u64; 4]; cpus])
+                        .map_err(aya::maps::MapError::IoError)?;
+                    pcpu.insert(i, zeros, 0)
+                })?;
+                retry(&mut retries, || hash.insert(i, [i, i], 0))?;
+                retry(&mut retries, || atom.insert(i, [0u64; 4], 0))?;
+                if i % 65_536 == 0 {
+                    util::check_interrupted()?;
+                }
             }
         }
-        Ok(Self {
-            percpu,
-            hash,
-            counters,
-            atomic,
-            retries,
-        })
+        {
+            // Flows inserted in a scattered order (a stride through the keys): entries are
+            // laid out in insertion order, so inserting them in the order the cycling key
+            // visits them would make the lookups read memory almost sequentially.
+            let [lru, hash] = ebpf.maps_disjoint_mut(["FLOW_LRU", "FLOW_HASH"]);
+            let mut lru: aya::maps::HashMap<_, [u32; 4], [u64; 13]> =
+                lru.context("no map FLOW_LRU")?.try_into()?;
+            let mut hash: HashMap<_, [u32; 4], [u64; 13]> =
+                hash.context("no map FLOW_HASH")?.try_into()?;
+            for j in 0..u64::from(n) {
+                let i = (j * 7_919 % u64::from(n)) as u32;
+                retry(&mut retries, || lru.insert([i, 1, 2, 3], [0u64; 13], 0))?;
+                retry(&mut retries, || hash.insert([i, 1, 2, 3], [0u64; 13], 0))?;
+                if j % 65_536 == 0 {
+                    util::check_interrupted()?;
+                }
+            }
+        }
+        Ok(Self { ebpf, retries })
     }
 
-    fn ops(&self) -> [(&'static str, Op); 4] {
-        [
-            ("key only", Op::KeyOnly),
-            (
-                "per-CPU hash, counters in the value (project)",
-                Op::PerCpuValue {
-                    map: self.percpu.raw(),
-                },
-            ),
-            (
-                "hash + per-CPU array of counters",
-                Op::HashThenPerCpuArray {
-                    hash: self.hash.raw(),
-                    counters: self.counters.raw(),
-                },
-            ),
-            (
-                "hash, atomic counters in the value",
-                Op::HashAtomic {
-                    map: self.atomic.raw(),
-                },
-            ),
-        ]
+    fn memlock(&self, map: &str) -> Option<u64> {
+        bpf::map_fd(&self.ebpf, map).ok().and_then(memlock)
     }
 }
+
+/// The flow-table kinds, in table order: index 0 is the project's.
+const FLOW_OPS: [(&str, &str); 2] = [
+    ("LRU hash, preallocated (the kind of FLOWS)", "flru"),
+    ("hash, BPF_F_NO_PREALLOC", "fhash"),
+];
 
 /// Section 5.
 pub fn section(quick: bool) -> anyhow::Result<Section> {
     let plan = Plan::new(quick);
     let sizes = [1u32, 10_000, plan.big];
-    let ctr = counter_map()?;
-    let hits = Hits::new()?;
+    let frame = [0u8; 60];
     let mut t = Table::new(&[
         "entries",
         "key",
         "variant",
         "ns/op (minus key only)",
         "ratio to project layout",
+        "memory (memlock)",
+    ]);
+    let mut flows_t = Table::new(&[
+        "entries",
+        "key",
+        "flow table",
+        "ns/lookup (minus key only)",
+        "ratio to LRU",
         "memory (memlock)",
     ]);
     let mut bars = Vec::new();
@@ -161,46 +178,59 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
     let mut big = Big::default();
     for n in sizes {
         eprintln!("bench: map ops: {n} entries");
-        let v = Variants::new(n)?;
+        let mut v = Variants::new(n)?;
         retries += v.retries;
-        let keys = [
-            ("same key", KeySource::Hot(0)),
-            (
-                "next key each run",
-                KeySource::Cycle {
-                    map: ctr.raw(),
-                    base: 0,
-                    n,
-                    shift: 0,
-                },
-            ),
-        ];
-        let progs: Vec<Vec<Vec<crate::bpf::asm::Insn>>> = keys
-            .iter()
-            .map(|(_, k)| {
-                v.ops()
-                    .iter()
-                    .map(|(_, op)| progs::map_op(*k, *op, hits.fd()))
-                    .collect()
-            })
-            .collect();
-        // samples[key][op]
-        let mut samples = vec![vec![Vec::new(); 4]; keys.len()];
+        let keys = [("same key", "hot"), ("next key each run", "cyc")];
+        // samples[key][op], then the flow tables' flow_samples[key][kind]
+        let mut samples = vec![vec![Vec::new(); OPS.len()]; keys.len()];
+        let mut flow_samples = vec![vec![Vec::new(); FLOW_OPS.len()]; keys.len()];
         for _ in 0..plan.repeats {
-            for (ki, per_op) in progs.iter().enumerate() {
-                for (oi, p) in per_op.iter().enumerate() {
+            for (ki, (_, kp)) in keys.iter().enumerate() {
+                for (oi, (_, op)) in OPS.iter().enumerate() {
                     util::check_interrupted()?;
-                    samples[ki][oi].push(run_prog(p, "bench_mapop", &hits)?);
+                    let name = format!("{kp}_{op}");
+                    samples[ki][oi].push(run_prog(&mut v.ebpf, &name, &frame, 0)?);
+                }
+                for (fi, (_, op)) in FLOW_OPS.iter().enumerate() {
+                    util::check_interrupted()?;
+                    let name = format!("{kp}_{op}");
+                    flow_samples[ki][fi].push(run_prog(&mut v.ebpf, &name, &frame, 0)?);
+                }
+            }
+        }
+        let flow_mem = [v.memlock("FLOW_LRU"), v.memlock("FLOW_HASH")];
+        for (ki, (kname, _)) in keys.iter().enumerate() {
+            let base = &samples[ki][0];
+            let net: Vec<Vec<f64>> = flow_samples[ki]
+                .iter()
+                .map(|s| s.iter().zip(base).map(|(a, b)| a - b).collect())
+                .collect();
+            for (fi, (fname, _)) in FLOW_OPS.iter().enumerate() {
+                let r: Vec<f64> = net[fi].iter().zip(&net[0]).map(|(a, b)| a / b).collect();
+                flows_t.row(vec![
+                    n.to_string(),
+                    kname.to_string(),
+                    fname.to_string(),
+                    show(Summary::of(&net[fi]), 1),
+                    if fi == 0 {
+                        "1".into()
+                    } else {
+                        show(Summary::of(&r), 2)
+                    },
+                    flow_mem[fi].map_or(String::new(), |b| {
+                        format!("{:.1} MiB", b as f64 / 1048576.0)
+                    }),
+                ]);
+                if n == plan.big && ki == 1 && fi == 1 {
+                    big.flow_ratios = r;
                 }
             }
         }
         let mem = [
             None,
-            memlock(v.percpu.raw()),
-            memlock(v.hash.raw())
-                .zip(memlock(v.counters.raw()))
-                .map(|(a, b)| a + b),
-            memlock(v.atomic.raw()),
+            v.memlock("HASH").zip(v.memlock("CNT")).map(|(a, b)| a + b),
+            v.memlock("PCPU"),
+            v.memlock("ATOM"),
         ];
         for (ki, (kname, _)) in keys.iter().enumerate() {
             let base = &samples[ki][0];
@@ -209,12 +239,12 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
                 .map(|s| s.iter().zip(base).map(|(a, b)| a - b).collect())
                 .collect();
             if n == plan.big {
-                big.ratios[ki] = (0..4)
+                big.ratios[ki] = (0..OPS.len())
                     .map(|oi| net[oi].iter().zip(&net[1]).map(|(a, b)| a / b).collect())
                     .collect();
                 big.mem = mem;
             }
-            for (oi, (oname, _)) in v.ops().iter().enumerate() {
+            for (oi, (oname, _)) in OPS.iter().enumerate() {
                 let (cell, ratio) = if oi == 0 {
                     (
                         show(Summary::of(&samples[ki][0]), 1) + " (absolute)",
@@ -251,23 +281,33 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         }
     }
     Ok(Section {
-        title: "5. Mapping values: per-CPU with counters vs plain hash plus counters".into(),
+        title: "5. Mapping counters: per-CPU array by slot vs per-CPU value vs atomics".into(),
         intro: format!(
-            "The program cannot be rebuilt here in a second layout without the project's eBPF \
-             crate, so the map operations themselves are measured: raw XDP programs that each \
-             do one lookup of a u32 key and count one 60-byte packet, timed by \
+            "One lookup of a u32 key and the count of one 60-byte packet per run, in three \
+             layouts, each a small XDP program of the bench's own (`bench-ebpf`), timed by \
              `BPF_PROG_TEST_RUN` ({REPS} repetitions per run, median (min–max) over {} \
-             interleaved repeats). Maps are created like the project's (`BPF_F_NO_PREALLOC` \
-             hashes). 'Next key each run' walks all entries in turn (a one-entry array counter \
-             picks the key), so lookups miss the caches as traffic spread over many mappings \
-             would; the cost of producing the key ('key only') is subtracted. Memory is the \
-             kernel's `memlock` accounting of the maps at that size on this {}-CPU machine \
-             (per-CPU values scale with the CPU count). Each run is on one CPU, so what several \
-             CPUs updating the same mapping cost is not measured.",
+             interleaved repeats); a run counts only if every lookup hit. The project's \
+             layout: the mapping's hash value names a counter slot in a per-CPU array \
+             (`NAT_IN`/`NAT_OUT` -> `MAPPING_STATS`; on the fast path the flow entry carries \
+             the slot, so only the array is touched). Hashes are created like the project's \
+             (`BPF_F_NO_PREALLOC`). 'Next key each run' walks all entries in turn (a one-entry \
+             array counter picks the key), so lookups miss the caches as traffic spread over \
+             many mappings would; the cost of producing the key ('key only') is subtracted. \
+             Memory is the kernel's `memlock` accounting of the maps at that size on this \
+             {}-CPU machine (per-CPU values scale with the CPU count). Each run is on one CPU, \
+             so what several CPUs updating the same mapping cost is not measured.",
             plan.repeats,
-            sys::possible_cpus().unwrap_or(0)
+            bpf::possible_cpus().unwrap_or(0)
         ),
-        tables: vec![(String::new(), t)],
+        tables: vec![
+            (String::new(), t),
+            (
+                "The flow table's kind: one lookup of a flow-sized entry (16-byte key, 104-byte \
+                 value, as `FLOWS`), the flows inserted in a scattered order:"
+                    .into(),
+                flows_t,
+            ),
+        ],
         notes: verdict(&big, plan.big).join("\n")
             + &format!(
                 "\n- Filling these maps from userspace met {retries} transient ENOMEM answers \
@@ -290,6 +330,8 @@ struct Big {
     ratios: [Vec<Vec<f64>>; 2],
     /// memlock bytes per layout.
     mem: [Option<u64>; 4],
+    /// Cycling keys: the hash without preallocation's time per lookup over the LRU's.
+    flow_ratios: Vec<f64>,
 }
 
 /// The layouts compared with the project's, by key kind, and which is faster in every run;
@@ -301,7 +343,7 @@ fn verdict(big: &Big, n: u32) -> Vec<String> {
             if let Some(r) = ratios.get(oi) {
                 out.push(crate::verdict::compare(
                     &format!("{n} entries, {}: '{}'", short_key(ki), short_op(oi)),
-                    "the project's per-CPU value",
+                    "the project's hash + per-CPU array",
                     "time",
                     r,
                 ));
@@ -335,12 +377,20 @@ fn verdict(big: &Big, n: u32) -> Vec<String> {
         })
     };
     out.push(format!(
-        "- Memory at {n} entries (memlock): per-CPU value {}, hash + per-CPU array {}, hash \
-         with atomics {}.",
+        "- Memory at {n} entries (memlock): hash + per-CPU array (project) {}, per-CPU value {}, \
+         hash with atomics {}.",
         mib(big.mem[1]),
         mib(big.mem[2]),
         mib(big.mem[3])
     ));
+    if !big.flow_ratios.is_empty() {
+        out.push(crate::verdict::compare(
+            &format!("{n} flows, cycling keys: a hash without preallocation"),
+            "an LRU hash (the kind of FLOWS)",
+            "time",
+            &big.flow_ratios,
+        ));
+    }
     out
 }
 
@@ -351,259 +401,26 @@ fn short_key(ki: usize) -> &'static str {
 fn short_op(oi: usize) -> &'static str {
     [
         "key only",
-        "per-CPU value",
         "hash+per-CPU array",
+        "per-CPU value",
         "hash+atomics",
     ][oi]
-}
-
-/// Issue 3's figure (one lookup in the firewall tries as natd filled them with 256 rules and
-/// 65,536 CIDRs per public IP, next to a one-entry trie) and the cost of each helper and map
-/// operation the established path makes, in the same loaded program's maps.
-pub fn breakdown_section(bed: &mut Bed, plan: &Plan) -> anyhow::Result<Section> {
-    let src_trie = bed.map_fd(MAP_FW_SRC)?;
-    let svc_trie = bed.map_fd(MAP_FW_SVC)?;
-    let ctr = counter_map()?;
-    let hits = Hits::new()?;
-    let public = u32::from_ne_bytes(H0.octets());
-    let src = u32::from_ne_bytes(SRC.octets());
-    // A trie with one entry: (H0, 0.0.0.0/0).
-    let small = Map::create("bench_lpm1", 11, 12, 32, 16, F_NO_PREALLOC)?;
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&32u32.to_ne_bytes());
-    k[4..8].copy_from_slice(&H0.octets());
-    small.update(&k, &[0xffu8; 32])?;
-    let key4 = |v: u32| {
-        let mut k = [0u8; 16];
-        k[..4].copy_from_slice(&v.to_ne_bytes());
-        k
-    };
-    let lookup = |map: i32, key: [u8; 16]| Op::Lookup { map, key };
-    let cycle = KeySource::Cycle {
-        map: ctr.raw(),
-        base: src,
-        n: 65_536,
-        shift: 8,
-    };
-    let hot = KeySource::Hot(src);
-    let lpm: Vec<(&str, KeySource, Op)> = vec![
-        ("key only (same source)", hot, Op::KeyOnly),
-        (
-            "FW_SRC, 1 CIDR (0.0.0.0/0)",
-            hot,
-            Op::LpmSrc {
-                map: small.raw(),
-                public,
-            },
-        ),
-        (
-            "FW_SRC, 65,536 CIDRs, same source",
-            hot,
-            Op::LpmSrc {
-                map: src_trie,
-                public,
-            },
-        ),
-        (
-            "FW_SVC, 256 rules, same port",
-            KeySource::Hot(u32::from(DPORT)),
-            Op::LpmSvc {
-                map: svc_trie,
-                public,
-            },
-        ),
-        ("key only (cycling source)", cycle, Op::KeyOnly),
-        (
-            "FW_SRC, 65,536 CIDRs, each lookup another /24",
-            cycle,
-            Op::LpmSrc {
-                map: src_trie,
-                public,
-            },
-        ),
-    ];
-    let parts: Vec<(&str, KeySource, Op)> = vec![
-        ("key only", hot, Op::KeyOnly),
-        (
-            "IFACES lookup (hash, ingress role)",
-            hot,
-            lookup(bed.map_fd(MAP_IFACES)?, key4(bed.pub0.0)),
-        ),
-        (
-            "NAT_IN lookup (per-CPU hash)",
-            hot,
-            lookup(bed.map_fd(MAP_NAT_IN)?, key4(public)),
-        ),
-        (
-            "CONFIG lookup (array; the path makes 1-2)",
-            hot,
-            lookup(bed.map_fd(MAP_CONFIG)?, key4(0)),
-        ),
-        ("bpf_ktime_get_ns()", hot, Op::Ktime),
-        (
-            "CONNTRACK lookup (LRU hash, hit)",
-            hot,
-            lookup(bed.map_fd(MAP_CONNTRACK)?, bed.hot_flow_key()),
-        ),
-        (
-            "EVENTS / STATS slot (per-CPU array)",
-            hot,
-            lookup(bed.map_fd(MAP_STATS)?, key4(0)),
-        ),
-        (
-            "bpf_fib_lookup() of the translated packet",
-            hot,
-            Op::Fib {
-                ifindex: bed.pub0.0,
-                src,
-                dst: u32::from_ne_bytes(H1.octets()),
-            },
-        ),
-        (
-            "IFACES lookup (hash, egress role)",
-            hot,
-            lookup(bed.map_fd(MAP_IFACES)?, key4(bed.gst0)),
-        ),
-        (
-            "bpf_redirect_map() (DEVMAP hash)",
-            hot,
-            Op::Redirect {
-                devmap: bed.map_fd(MAP_DEVMAP)?,
-                ifindex: bed.gst0,
-            },
-        ),
-    ];
-    let measure = |cases: &[(&str, KeySource, Op)]| -> anyhow::Result<Vec<Vec<f64>>> {
-        let progs: Vec<_> = cases
-            .iter()
-            .map(|(_, k, o)| progs::map_op(*k, *o, hits.fd()))
-            .collect();
-        let mut samples = vec![Vec::new(); cases.len()];
-        for _ in 0..plan.repeats {
-            for (i, p) in progs.iter().enumerate() {
-                util::check_interrupted()?;
-                samples[i].push(
-                    run_prog(p, "bench_part", &hits).with_context(|| cases[i].0.to_string())?,
-                );
-            }
-        }
-        Ok(samples)
-    };
-    let table = |cases: &[(&str, KeySource, Op)],
-                 samples: &[Vec<f64>],
-                 bars: &mut Vec<(String, Summary)>| {
-        let mut t = Table::new(&["operation", "ns/run", "ns/operation (minus key only)"]);
-        let mut base = &samples[0];
-        for (i, (name, _, op)) in cases.iter().enumerate() {
-            if matches!(op, Op::KeyOnly) {
-                base = &samples[i];
-                t.row(vec![
-                    name.to_string(),
-                    show(Summary::of(&samples[i]), 1),
-                    String::new(),
-                ]);
-                continue;
-            }
-            let net: Vec<f64> = samples[i].iter().zip(base).map(|(a, b)| a - b).collect();
-            t.row(vec![
-                name.to_string(),
-                show(Summary::of(&samples[i]), 1),
-                show(Summary::of(&net), 1),
-            ]);
-            if let Some(s) = Summary::of(&net) {
-                bars.push((name.to_string(), s));
-            }
-        }
-        t
-    };
-    let (mut lpm_bars, mut part_bars) = (Vec::new(), Vec::new());
-    let lpm_samples = measure(&lpm)?;
-    let parts_samples = measure(&parts)?;
-    let lpm_t = table(&lpm, &lpm_samples, &mut lpm_bars);
-    let parts_t = table(&parts, &parts_samples, &mut part_bars);
-    let summary = vec![
-        format!(
-            "- Firewall LPM lookups, ns per lookup with the key's cost subtracted, median \
-             (min–max) over the runs: {}.",
-            lpm_bars
-                .iter()
-                .map(|(name, s)| format!("{name} {}", s.show(0)))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-        costliest(&part_bars),
-    ];
-    Ok(Section {
-        title: "1b. Where the time goes: firewall LPM lookups (issue 3) and the established path's operations".into(),
-        intro: format!(
-            "One operation per run of a raw XDP program, in the loaded program's own maps \
-             (the '1 mapping, 256 rules' setting above): `FW_SRC` / `FW_SVC` as natd's \
-             compile step filled them with 256 UDP rules on each of two public IPs (rule r: \
-             port 10000+r from 16.r.j.0/24, j = 0..255: 65,536 CIDRs per IP, 131,072 `FW_SRC` \
-             entries in all), next to a one-entry trie; then each helper call and map lookup \
-             the established inbound path makes. {REPS} repetitions per run, median (min–max) \
-             over {} interleaved repeats; the cost of building the key is subtracted. A packet \
-             that opens a flow costs one `FW_SRC` plus (if that finds a rule) one `FW_SVC` \
-             lookup; packets of tracked flows skip both.",
-            plan.repeats
-        ),
-        tables: vec![
-            ("Firewall LPM lookups:".into(), lpm_t),
-            ("Operations of the established inbound path (each measured alone):".into(), parts_t),
-        ],
-        notes: summary.join("\n") + "\n",
-        summary,
-        charts: vec![
-            Chart {
-                file: "lpm.svg".into(),
-                title: "Firewall LPM lookup cost".into(),
-                unit: "ns per lookup (minus key production)".into(),
-                bars: lpm_bars,
-            },
-            Chart {
-                file: "breakdown.svg".into(),
-                title: "Operations of the established path, each alone".into(),
-                unit: "ns per operation (minus key production)".into(),
-                bars: part_bars,
-            },
-        ],
-    })
-}
-
-/// "The costliest operation measured alone: NAME, X ns (min–max), of the N measured."
-fn costliest(parts: &[(String, Summary)]) -> String {
-    match parts
-        .iter()
-        .max_by(|a, b| a.1.median.total_cmp(&b.1.median))
-    {
-        Some((name, s)) => format!(
-            "- The costliest of the {} operations of the established path, each measured \
-             alone: {name}, {} ns (median (min–max)).",
-            parts.len(),
-            s.show(0)
-        ),
-        None => "- No operation of the established path was measured.".into(),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn s(v: &[f64]) -> Summary {
-        Summary::of(v).unwrap()
-    }
-
     #[test]
-    fn verdict_and_costliest_follow_the_numbers() {
+    fn verdict_follows_the_numbers() {
         let mut big = Big::default();
-        // Cycling keys: hash+per-CPU array faster in one run only, atomics in every run.
+        // Cycling keys: per-CPU value faster in one run only, atomics in every run.
         big.ratios[1] = vec![vec![], vec![1.0, 1.0], vec![0.9, 1.1], vec![0.8, 0.9]];
         big.mem = [None, Some(1 << 20), None, Some(3 << 20)];
         let v = verdict(&big, 100);
         assert!(
             v.iter()
-                .any(|l| l.contains("'hash+per-CPU array': no clear difference"))
+                .any(|l| l.contains("'per-CPU value': no clear difference"))
         );
         assert!(
             v.iter()
@@ -614,7 +431,7 @@ mod tests {
                 .any(|l| l.contains("every run with 100 entries and cycling keys: hash+atomics."))
         );
         assert!(v.iter().any(|l| l.contains(
-            "per-CPU value 1.0 MiB, hash + per-CPU array n/a, hash with atomics 3.0 MiB"
+            "hash + per-CPU array (project) 1.0 MiB, per-CPU value n/a, hash with atomics 3.0 MiB"
         )));
         big.ratios[1][3] = vec![0.8, 1.2];
         assert!(
@@ -622,12 +439,6 @@ mod tests {
                 .iter()
                 .any(|l| l.contains("no layout was faster"))
         );
-        let parts = vec![
-            ("a".to_string(), s(&[10.0])),
-            ("fib".to_string(), s(&[100.0, 120.0])),
-        ];
-        assert!(costliest(&parts).contains("of the 2 operations"));
-        assert!(costliest(&parts).contains("fib, 110 (100–120) ns"));
     }
 }
 
@@ -642,33 +453,23 @@ mod root_tests {
         // SAFETY: plain syscall without arguments.
         let euid = unsafe { libc::geteuid() };
         assert_eq!(euid, 0, "needs root (BPF maps and programs)");
-        let v = Variants::new(4).unwrap();
-        let hits = Hits::new().unwrap();
-        for key in [KeySource::Hot(0), KeySource::Hot(3)] {
-            let p = progs::map_op(
-                key,
-                Op::HashAtomic {
-                    map: v.atomic.raw(),
-                },
-                hits.fd(),
-            );
-            run_prog(&p, "t", &hits).unwrap();
+        let frame = [0u8; 60];
+        let mut v = Variants::new(4).unwrap();
+        for p in ["hot_atomic", "cyc_atomic", "hot_hash", "cyc_pcpu"] {
+            run_prog(&mut v.ebpf, p, &frame, 0).unwrap();
         }
+        // Key 0 and (cycling over 4) key 3 were counted: REPS hot plus REPS / 4 cycled.
+        let atom: HashMap<_, u32, [u64; 4]> = v.ebpf.map("ATOM").unwrap().try_into().unwrap();
+        assert_eq!(atom.get(&0, 0).unwrap()[1], u64::from(REPS + REPS / 4));
+        assert_eq!(atom.get(&3, 0).unwrap()[1], u64::from(REPS / 4));
         // A key that is not in the map: every lookup misses, and the run is refused.
-        let p = progs::map_op(
-            KeySource::Hot(4),
-            Op::HashAtomic {
-                map: v.atomic.raw(),
-            },
-            hits.fd(),
-        );
-        let e = run_prog(&p, "t", &hits).unwrap_err();
+        atom_remove(&mut v.ebpf, 0);
+        let e = run_prog(&mut v.ebpf, "hot_atomic", &frame, 0).unwrap_err();
         assert!(format!("{e:#}").contains("succeeded in 0 of"), "{e:#}");
-        for k in [0u32, 3] {
-            let mut val = [0u8; 32];
-            v.atomic.lookup(&k.to_ne_bytes(), &mut val).unwrap();
-            let packets = u64::from_ne_bytes(val[8..16].try_into().unwrap());
-            assert_eq!(packets, u64::from(REPS), "key {k}");
-        }
+    }
+
+    fn atom_remove(ebpf: &mut Ebpf, k: u32) {
+        let mut atom: HashMap<_, u32, [u64; 4]> = ebpf.map_mut("ATOM").unwrap().try_into().unwrap();
+        atom.remove(&k).unwrap();
     }
 }

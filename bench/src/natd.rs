@@ -93,6 +93,37 @@ impl Natd {
         Ok(natd)
     }
 
+    /// CPU time natd and its waited-for children have used so far (user + system), seconds.
+    pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name (which may hold spaces): state is field 3, utime,
+        // stime, cutime and cstime are fields 14 to 17.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("unexpected /proc/PID/stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f
+            .get(11..15)
+            .context("short /proc/PID/stat")?
+            .iter()
+            .map(|v| v.parse::<u64>())
+            .sum::<Result<u64, _>>()?;
+        // SAFETY: plain libc call without arguments.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Ok(ticks as f64 / hz.max(1) as f64)
+    }
+
+    /// Where natd pinned the XDP link of interface `iface` (`DIR/links/IFNAME`).
+    pub fn pinned_link(&self, iface: &str) -> PathBuf {
+        self.pins.join("links").join(iface)
+    }
+
+    /// Where natd pinned map `name` (its `--bpffs` layout: `DIR/maps/NAME`).
+    pub fn pinned_map(&self, name: &str) -> PathBuf {
+        self.pins.join("maps").join(name)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("natd.log")).unwrap_or_default()
     }

@@ -16,9 +16,12 @@
 //! of the same kind: the hot pair `H0 -> H1 -> H0`, and a cycle `X0 -> X1 -> ... -> X0` over all
 //! other mappings. The TTL decrements on every pass, so a run is at most 254 repetitions; runs
 //! are chained (each starts where the last ended) and their kernel-measured times summed.
-//! Every measurement checks with `STATS` (and `EVENTS`) that the intended path ran on every
-//! repetition.
+//! Established flows are opened by their first packets, sent through the program the same way
+//! (guest request, reply, request: see [`setup::Bed::seed`]). Every measurement checks with
+//! `STATS` and `EVENTS` that the intended path ran on every repetition.
 pub mod measure;
+mod report;
+pub mod runs;
 pub mod setup;
 
 pub use measure::{Plan, run};

@@ -6,20 +6,21 @@
 //! ```
 //!
 //! Router interfaces are named as on a CloudStack virtual router (eth2 public, eth0 guest).
-//! Every neighbour is permanent, every veth end has GRO on (NAPI, so frames redirected into
-//! it are delivered) and TX checksum offload off (full checksums survive XDP rewrites). The
-//! guest runs the counting [`Sink`] in native XDP: it counts and drops the generated UDP
-//! (destination ports [`GEN_PORT_LO`]..=[`GEN_PORT_HI`]) and passes everything else to its
-//! stack. Each namespace, natd and the sink's link go when the topology drops.
-use std::{net::Ipv4Addr, os::fd::OwnedFd};
+//! A second veth pair joins client and guest directly (eth1 on both: the generator-and-sink
+//! cost without a router). Every neighbour is permanent, every veth end has GRO on (NAPI, so
+//! frames redirected into it are delivered) and TX checksum offload off (full checksums
+//! survive XDP rewrites). Guest and client each run a counting [`Sink`] in native XDP on both
+//! their interfaces: it counts and drops the generated UDP (either port in
+//! [`GEN_PORT_LO`]..=[`GEN_PORT_HI`]: the generated flows and their answers) and passes
+//! everything else to the stack. Each namespace, natd and the sinks' links go when the
+//! topology drops.
+use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
+use aya::{Ebpf, programs::XdpMode};
 
 use crate::{
-    bpf::{
-        progs,
-        sys::{self, MAP_ARRAY, Map},
-    },
+    bpf,
     natd::Natd,
     netns::{Netns, mac_str, unique_stem},
 };
@@ -71,18 +72,33 @@ impl Setup {
     }
 }
 
-/// The guest's counting XDP program and its counter.
+/// A namespace's counting XDP program (`bench-sink`), attached to its eth0 and eth1 (the
+/// links go with the object).
 pub struct Sink {
-    count: Map,
-    _links: [OwnedFd; 2],
-    _prog: sys::Prog,
+    ebpf: Ebpf,
 }
 
 impl Sink {
+    fn attach(ns: &Netns) -> anyhow::Result<Self> {
+        let (lo, hi) = (u32::from(GEN_PORT_LO), u32::from(GEN_PORT_HI));
+        let mut ebpf = bpf::load(bpf::SINK, |l| {
+            l.override_global("PORT_LO", &lo, true)
+                .override_global("PORT_HI", &hi, true);
+        })?;
+        let prog = bpf::xdp(&mut ebpf, "bench_sink")?;
+        ns.run(|| {
+            for dev in ["eth0", "eth1"] {
+                prog.attach(dev, XdpMode::Driver)
+                    .with_context(|| format!("attaching the sink to {} {dev}", ns.name()))?;
+            }
+            Ok(())
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    /// Frames counted so far.
     pub fn count(&self) -> anyhow::Result<u64> {
-        let mut v = [0u8; 8];
-        self.count.lookup(&0u32.to_ne_bytes(), &mut v)?;
-        Ok(u64::from_ne_bytes(v))
+        bpf::percpu_sum(&self.ebpf, "COUNT", 0)
     }
 }
 
@@ -94,11 +110,18 @@ pub struct Topo {
     pub client_if: u32,
     pub client_mac: [u8; 6],
     pub router_pub_mac: [u8; 6],
-    /// A veth pair straight from the client (eth1) to the guest (eth1, sink attached): the
+    pub guest_if: u32,
+    pub guest_mac: [u8; 6],
+    pub router_gst_mac: [u8; 6],
+    /// A veth pair straight from the client (eth1) to the guest (eth1), both with a sink: the
     /// generator-and-sink cost without any router, subtracted to get the router's share.
-    pub direct_if: u32,
-    pub direct_mac: [u8; 6],
-    pub sink: Sink,
+    pub client_direct_if: u32,
+    pub client_direct_mac: [u8; 6],
+    pub guest_direct_if: u32,
+    pub guest_direct_mac: [u8; 6],
+    /// Counts what reaches the guest (inbound traffic) and the client (outbound traffic).
+    pub guest_sink: Sink,
+    pub client_sink: Sink,
     /// Declared after the namespaces it runs in, so it stops before they go... see Drop.
     pub natd: Option<Natd>,
 }
@@ -155,12 +178,12 @@ impl Topo {
         ])?;
         client.ip(&["link", "set", "eth1", "up"])?;
         guest.ip(&["link", "set", "eth1", "up"])?;
-        let (direct_if, _) = client.link("eth1")?;
-        let (_, direct_mac) = guest.link("eth1")?;
+        let (client_direct_if, client_direct_mac) = client.link("eth1")?;
+        let (guest_direct_if, guest_direct_mac) = guest.link("eth1")?;
         let (client_if, client_mac) = client.link("eth0")?;
         let (_, router_pub_mac) = router.link("eth2")?;
         let (_, router_gst_mac) = router.link("eth0")?;
-        let (_, guest_mac) = guest.link("eth0")?;
+        let (guest_if, guest_mac) = guest.link("eth0")?;
         client.ip_batch(&format!(
             "addr add {CLIENT}/24 dev eth0\nlink set eth0 up\n\
              route add 203.0.113.0/24 via {ROUTER_PUB}\nroute add 10.0.0.0/24 via {ROUTER_PUB}\n\
@@ -200,19 +223,8 @@ impl Topo {
         ] {
             ns.exec("ethtool", &["-K", dev, "gro", "on", "tx", "off"])?;
         }
-        let count = Map::create("bench_sink", MAP_ARRAY, 4, 8, 1, 0)?;
-        let prog = sys::Prog::load_xdp(
-            "bench_sink",
-            &progs::sink(count.raw(), GEN_PORT_LO, GEN_PORT_HI),
-        )?;
-        let links = guest.run(|| {
-            let (eth0, _) = guest.link("eth0")?;
-            let (eth1, _) = guest.link("eth1")?;
-            Ok([
-                sys::attach_xdp(prog.raw(), eth0)?,
-                sys::attach_xdp(prog.raw(), eth1)?,
-            ])
-        })?;
+        let guest_sink = Sink::attach(&guest)?;
+        let client_sink = Sink::attach(&client)?;
         let mut topo = Self {
             setup,
             client,
@@ -221,13 +233,15 @@ impl Topo {
             client_if,
             client_mac,
             router_pub_mac,
-            direct_if,
-            direct_mac,
-            sink: Sink {
-                count,
-                _links: links,
-                _prog: prog,
-            },
+            guest_if,
+            guest_mac,
+            router_gst_mac,
+            client_direct_if,
+            client_direct_mac,
+            guest_direct_if,
+            guest_direct_mac,
+            guest_sink,
+            client_sink,
             natd: None,
         };
         match setup {

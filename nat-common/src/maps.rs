@@ -481,6 +481,20 @@ pub struct NatConfig {
 }
 const _: () = assert!(core::mem::size_of::<NatConfig>() == 16 + 8 * TIMEOUT_SLOTS);
 
+impl NatConfig {
+    /// Settings with the given timeouts, route generation 1, egress allowed by default and
+    /// the XDP policy.
+    pub const fn with_timeouts(timeouts_ns: [u64; TIMEOUT_SLOTS]) -> Self {
+        NatConfig {
+            egress_default_deny: 0,
+            route_gen: 1,
+            jiffies_per_sec: 0,
+            policy: POLICY_XDP,
+            timeouts_ns,
+        }
+    }
+}
+
 /// [`NatConfig::policy`]: the program judges new flows (firewall, egress policy,
 /// connection tracking) and fast-paths them.
 pub const POLICY_XDP: u32 = 0;

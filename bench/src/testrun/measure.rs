@@ -2,34 +2,45 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, ensure};
-use nat_common::{Event, Reason};
+use aya::programs::{Xdp, XdpMode};
+use nat_common::{DEFAULT_MAPPINGS, Event, Reason};
+use nat_userspace::ebpf::Sizes;
 
-use super::setup::{
-    Bed, DPORT, DPORT_OTHER_RULE, EXPIRE_NS, H0, H1, HOUR_NS, Rules, Z, build_topology, chain_addr,
+use super::{
+    runs::Expect,
+    setup::{
+        Bed, DPORT, DPORT_OTHER_RULE, H0, REPS_PER_CALL, Rules, SPORT, SRC, Z, build_topology,
+        chain_addr,
+    },
 };
 use crate::{
-    bpf::{asm::XDP_PASS, progs, sys},
+    bpf::{self, XDP_PASS},
     netns::{Netns, unique_stem},
-    report::{Chart, Section, Table},
-    util::{self, Summary, ratios, show},
-    verdict::{self, Target},
+    report::Section,
+    util,
 };
 
-/// Repetitions per `BPF_PROG_TEST_RUN` call: the TTL of a 255-TTL frame allows 254 passes.
-pub const REPS_PER_CALL: u32 = 254;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Scenario {
-    /// The raw `return XDP_PASS` program.
+pub enum Scenario {
+    /// The bench's `return XDP_PASS` program, 254 repetitions per call.
     Empty,
-    /// The project's program on an interface natd did not configure: its first check.
-    FirstExit,
-    /// A conntrack hit on the hot pair: translate, route, rewrite, redirect.
+    /// The same, one repetition per call (measured beside [`Scenario::NewFlow`]).
+    EmptyOnce,
+    /// The project's program on an interface natd did not configure: parse, two flow-table
+    /// misses, the interface lookup.
+    UnknownIface,
+    /// A `FLOWS` hit on the hot pair: the fast path (rewrite, count, redirect).
     Established,
     /// The same over the cycle of every other mapping: each pass a different mapping and flow.
     EstablishedCycle,
-    /// A flow found expired: firewall allows it, the flow is re-created, then translated.
+    /// A packet of a flow never seen: firewall allows it, route, both entries created.
     NewFlow,
+    /// [`Scenario::Established`] measured the way [`Scenario::NewFlow`] is (one repetition
+    /// per call): what that method adds to a path both ways measure.
+    EstablishedOnce,
+    /// New flows in the test-run loop: guests of the cycle open flows to a remote port no
+    /// flow used, each repetition the next mapping (its rewrite leads to a fresh tuple).
+    NewFlowWalk,
     /// A mapped public IP without any rule: one trie searched, dropped.
     DenyNoRule,
     /// 256 rules: the source matches rule 0, the port rule 1: both tries searched, dropped.
@@ -37,170 +48,237 @@ enum Scenario {
 }
 
 impl Scenario {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Scenario::Empty => "empty program (`return XDP_PASS`)",
-            Scenario::FirstExit => "project program, first check (unknown interface)",
-            Scenario::Established => "established flow, hot mapping",
-            Scenario::EstablishedCycle => "established flow, a different mapping each packet",
-            Scenario::NewFlow => "new flow (firewall allows, flow created)",
+            Scenario::EmptyOnce => "empty program, one repetition per call",
+            Scenario::UnknownIface => "no flow, interface not configured (parse, 2 misses, IFACES)",
+            Scenario::Established => "established flow, hot mapping (fast path)",
+            Scenario::EstablishedCycle => {
+                "established flow, a different mapping each packet (fast path)"
+            }
+            Scenario::NewFlow => "new flow (firewall allows, route, flow created)",
+            Scenario::EstablishedOnce => {
+                "established flow, hot mapping, measured as the new flow is (one repetition per call)"
+            }
+            Scenario::NewFlowWalk => {
+                "new flow, a different mapping each packet (outbound, egress policy, route, flow created)"
+            }
             Scenario::DenyNoRule => "firewall deny (public IP without rules)",
             Scenario::DenyOtherRule => "firewall deny (source and port match different rules)",
         }
     }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Scenario::Empty => "empty prog",
+            Scenario::EmptyOnce => "empty prog, 1 rep",
+            Scenario::UnknownIface => "unknown iface",
+            Scenario::Established => "established",
+            Scenario::EstablishedCycle => "established, cold",
+            Scenario::NewFlow => "new flow",
+            Scenario::EstablishedOnce => "established, 1 rep",
+            Scenario::NewFlowWalk => "new flow, cycle",
+            Scenario::DenyNoRule => "deny, no rule",
+            Scenario::DenyOtherRule => "deny, 256 rules",
+        }
+    }
 }
 
-/// One loaded program with its mappings and rules, and what to measure on it.
-struct Setting {
-    name: String,
-    bed: Bed,
+/// One loaded program with its mappings, rules and flows, and what to measure on it.
+pub struct Setting {
+    pub name: String,
+    pub bed: Bed,
     scenarios: Vec<Scenario>,
     /// Next position in the mapping cycle.
     pos: u32,
-    samples: Vec<(Scenario, Vec<f64>)>,
-}
-
-/// Runs `frame_at(call)` through `prog` `calls` x [`REPS_PER_CALL`] times; ns per packet from
-/// the kernel's own timer (sum of per-call averages weighted by repetitions).
-fn timed(
-    prog: i32,
-    ifindex: u32,
-    calls: u32,
-    mut frame_at: impl FnMut(u32) -> Vec<u8>,
-    mut check: impl FnMut(&sys::RunResult) -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
-    let mut total_ns = 0u64;
-    for c in 0..calls {
-        let f = frame_at(c);
-        let r = sys::test_run(prog, &f, ifindex, REPS_PER_CALL, None)?;
-        check(&r)?;
-        total_ns += u64::from(r.duration_ns) * u64::from(REPS_PER_CALL);
-    }
-    Ok(total_ns as f64 / f64::from(calls * REPS_PER_CALL))
-}
-
-fn delta(after: &[u64], before: &[u64]) -> Vec<u64> {
-    after
-        .iter()
-        .zip(before)
-        .map(|(a, b)| a.wrapping_sub(*b))
-        .collect()
+    /// Next never-used flow of [`Scenario::NewFlow`].
+    next_flow: u32,
+    /// Next mapping and never-used remote port of [`Scenario::NewFlowWalk`].
+    walk_pos: u32,
+    next_port: u32,
+    pub samples: Vec<(Scenario, Vec<f64>)>,
 }
 
 impl Setting {
-    fn measure(&mut self, s: Scenario, empty: i32, calls: u32) -> anyhow::Result<f64> {
+    pub fn samples_of(&self, s: Scenario) -> Option<&[f64]> {
+        self.samples
+            .iter()
+            .find(|(sc, _)| *sc == s)
+            .map(|(_, v)| v.as_slice())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn push(&mut self, s: Scenario, v: f64) {
+        if let Some((_, samples)) = self.samples.iter_mut().find(|(sc, _)| *sc == s) {
+            samples.push(v);
+        }
+    }
+
+    /// Measures `s` (`NewFlow` also measures `EmptyOnce`) and records the samples.
+    fn measure(&mut self, s: Scenario, empty: &Xdp, plan: &Plan) -> anyhow::Result<()> {
+        let (calls, newflow_calls, walk_calls) = (plan.calls, plan.newflow_calls, plan.walk_calls);
         let reps = u64::from(calls) * u64::from(REPS_PER_CALL);
-        let pub0 = self.bed.pub0.0;
-        if s == Scenario::Empty {
-            let f = self.bed.frame(H0, DPORT);
-            return timed(
-                empty,
-                pub0,
-                calls,
-                |_| f.clone(),
-                |r| {
-                    ensure!(
-                        r.retval == XDP_PASS as u32,
-                        "empty program returned {}",
-                        r.retval
-                    );
-                    Ok(())
-                },
-            );
-        }
-        let prog = self.bed.prog_fd()?;
-        // Established flows are (re)written before each measurement: a NewFlow run replaces
-        // the hot pair's flows with fresh ones.
-        if s == Scenario::Established {
-            self.bed.forge_established([H0, H1].into_iter(), DPORT)?;
-        }
-        if s == Scenario::NewFlow {
-            self.bed.set_timeouts(EXPIRE_NS)?;
-        }
-        let (stats0, events0) = self.bed.counters()?;
-        let chain = self.bed.chain;
-        let start = self.pos;
-        let frame = |dst: Ipv4Addr, dport| self.bed.frame(dst, dport);
-        let (hot, z, other) = (
-            frame(H0, DPORT),
-            frame(Z, DPORT),
-            frame(H0, DPORT_OTHER_RULE),
-        );
-        let result = match s {
-            Scenario::FirstExit => timed(prog, self.bed.oth0, calls, |_| hot.clone(), |_| Ok(())),
-            Scenario::Established | Scenario::NewFlow => {
-                timed(prog, pub0, calls, |_| hot.clone(), |_| Ok(()))
+        let (pub0, oth0) = (self.bed.pub0, self.bed.oth0);
+        let f = self.bed.frames;
+        match s {
+            Scenario::Empty => {
+                let frame = self.bed.frame(H0, DPORT);
+                let mut total = 0u64;
+                for _ in 0..calls {
+                    let r = bpf::test_run(empty, &frame, pub0, REPS_PER_CALL)?;
+                    ensure!(r.retval == XDP_PASS, "empty program returned {}", r.retval);
+                    total += u64::from(r.duration_ns) * u64::from(REPS_PER_CALL);
+                }
+                self.push(s, total as f64 / reps as f64);
+                return Ok(());
             }
-            Scenario::DenyNoRule => timed(prog, pub0, calls, |_| z.clone(), |_| Ok(())),
-            Scenario::DenyOtherRule => timed(prog, pub0, calls, |_| other.clone(), |_| Ok(())),
-            Scenario::EstablishedCycle => timed(
-                prog,
-                pub0,
-                calls,
-                |c| {
-                    let i = (u64::from(start) + u64::from(c) * u64::from(REPS_PER_CALL))
-                        % u64::from(chain);
-                    frame(chain_addr(i as u32), DPORT)
-                },
-                |_| Ok(()),
+            Scenario::NewFlow | Scenario::EstablishedOnce => {
+                return self.once(s, empty, newflow_calls);
+            }
+            _ => {}
+        }
+        let before = self.bed.counters()?;
+        let inbound = |dst, dport| move |_| f.inbound(SRC, SPORT, dst, dport);
+        // (ns per repetition, repetitions, the reason each must end with, the one event each
+        // must count if any)
+        let (ns, n, reason, event) = match s {
+            Scenario::UnknownIface => (
+                self.bed.walk(oth0, reps, inbound(H0, DPORT))?,
+                reps,
+                Reason::UnknownIface,
+                None,
             ),
-            Scenario::Empty => unreachable!("handled above"),
+            Scenario::Established => (
+                self.bed.walk(pub0, reps, inbound(H0, DPORT))?,
+                reps,
+                Reason::InboundForwarded,
+                Some(Event::FastPath),
+            ),
+            Scenario::EstablishedCycle => {
+                let (start, n) = (u64::from(self.pos), u64::from(self.bed.chain));
+                let ns = self.bed.walk(pub0, reps, |k| {
+                    f.inbound(SRC, SPORT, chain_addr(((start + k) % n) as u32), DPORT)
+                })?;
+                self.pos = ((start + reps) % n) as u32;
+                (ns, reps, Reason::InboundForwarded, Some(Event::FastPath))
+            }
+            Scenario::NewFlowWalk => {
+                // Guests open flows to a remote port no flow used yet, one port per call: the
+                // k-th repetition is mapping `pos - k` of the cycle (its guest is
+                // chain_addr(pos - k + 1)), whose rewrite leads to the next one down.
+                let (pos, n, port0) = (
+                    u64::from(self.walk_pos),
+                    u64::from(self.bed.chain),
+                    self.next_port,
+                );
+                let reps = u64::from(walk_calls) * u64::from(REPS_PER_CALL);
+                let gst0 = self.bed.gst0;
+                let ns = self.bed.walk(gst0, reps, |k| {
+                    let m = (pos + n - k % n) % n;
+                    let call = port0 + (k / u64::from(REPS_PER_CALL)) as u32;
+                    f.outbound_to(chain_addr(((m + 1) % n) as u32), remote_port(call))
+                })?;
+                self.walk_pos = ((pos + n - reps % n) % n) as u32;
+                self.next_port += walk_calls;
+                (
+                    ns,
+                    reps,
+                    Reason::OutboundForwarded,
+                    Some(Event::ConntrackCreate),
+                )
+            }
+            Scenario::DenyNoRule => (
+                self.bed.walk(pub0, reps, inbound(Z, DPORT))?,
+                reps,
+                Reason::InboundDenied,
+                None,
+            ),
+            Scenario::DenyOtherRule => (
+                self.bed.walk(pub0, reps, inbound(H0, DPORT_OTHER_RULE))?,
+                reps,
+                Reason::InboundDenied,
+                None,
+            ),
+            Scenario::Empty
+            | Scenario::EmptyOnce
+            | Scenario::NewFlow
+            | Scenario::EstablishedOnce => unreachable!("above"),
         };
+        // Every repetition must have ended with the intended reason and taken the intended
+        // path (events), or the figure is not what it claims.
+        let events: Vec<(Event, u64)> = event.map(|e| (e, n)).into_iter().collect();
+        self.bed.check(
+            &format!("{}: {s:?}", self.name),
+            &before,
+            n,
+            &Expect {
+                reason,
+                events: &events,
+            },
+        )?;
+        self.push(s, ns);
+        Ok(())
+    }
+
+    /// `calls` packets, one per `BPF_PROG_TEST_RUN` call, alternating with the empty program
+    /// on the same frame; records both means (the call's fixed cost is in both and cancels).
+    /// [`Scenario::NewFlow`]: each packet the first of a flow never seen (a fresh source
+    /// address and port); [`Scenario::EstablishedOnce`]: the hot flow's.
+    fn once(&mut self, s: Scenario, empty: &Xdp, calls: u32) -> anyhow::Result<()> {
+        let pub0 = self.bed.pub0;
+        let f = self.bed.frames;
+        let before = self.bed.counters()?;
+        let (mut project, mut baseline) = (0u64, 0u64);
+        for _ in 0..calls {
+            let frame = if s == Scenario::NewFlow {
+                let i = self.next_flow;
+                self.next_flow += 1;
+                // 16.0.1.1 and up (inside rule 0's CIDRs of `Rules::Many`), ports 1024 and up.
+                let src =
+                    Ipv4Addr::from(u32::from(Ipv4Addr::new(16, 0, 1, 1)) + (i / 64_000) * 256);
+                f.inbound(src, 1024 + (i % 64_000) as u16, H0, DPORT)
+            } else {
+                f.inbound(SRC, SPORT, H0, DPORT)
+            };
+            let e = bpf::test_run(empty, &frame, pub0, 1)?;
+            ensure!(e.retval == XDP_PASS, "empty program returned {}", e.retval);
+            let p = bpf::test_run(self.bed.prog()?, &frame, pub0, 1)?;
+            baseline += u64::from(e.duration_ns);
+            project += u64::from(p.duration_ns);
+        }
+        let n = u64::from(calls);
+        let event = if s == Scenario::NewFlow {
+            Event::ConntrackCreate
+        } else {
+            Event::FastPath
+        };
+        self.bed.check(
+            &format!("{}: {s:?}", self.name),
+            &before,
+            n,
+            &Expect {
+                reason: Reason::InboundForwarded,
+                events: &[(event, n)],
+            },
+        )?;
+        self.push(s, project as f64 / n as f64);
         if s == Scenario::NewFlow {
-            self.bed.set_timeouts(HOUR_NS)?;
+            self.push(Scenario::EmptyOnce, baseline as f64 / n as f64);
         }
-        if s == Scenario::EstablishedCycle {
-            self.pos = ((u64::from(start) + reps) % u64::from(chain)) as u32;
-        }
-        let ns = result?;
-        // Every repetition must have ended with the intended reason, and the conntrack events
-        // must say which policy path it took.
-        let (stats1, events1) = self.bed.counters()?;
-        let (ds, de) = (delta(&stats1, &stats0), delta(&events1, &events0));
-        let want = match s {
-            Scenario::FirstExit => Reason::UnknownIface,
-            Scenario::Established | Scenario::EstablishedCycle | Scenario::NewFlow => {
-                Reason::InboundForwarded
-            }
-            Scenario::DenyNoRule | Scenario::DenyOtherRule => Reason::InboundDenied,
-            Scenario::Empty => unreachable!(),
-        };
-        let total: u64 = ds.iter().sum();
-        ensure!(
-            ds[want as usize] == reps && total == reps,
-            "{}: {:?}: expected {reps} x {want:?}, STATS moved {:?}",
-            self.name,
-            s,
-            Reason::ALL
-                .iter()
-                .zip(&ds)
-                .filter(|(_, d)| **d > 0)
-                .collect::<Vec<_>>()
-        );
-        let ev = |e: Event| de[e as usize];
-        let ok = match s {
-            Scenario::Established | Scenario::EstablishedCycle => {
-                ev(Event::ConntrackHit) == reps && ev(Event::ConntrackCreate) == 0
-            }
-            Scenario::NewFlow => ev(Event::ConntrackCreate) == reps && ev(Event::ConntrackHit) == 0,
-            Scenario::DenyNoRule | Scenario::DenyOtherRule => {
-                ev(Event::ConntrackMiss) == reps && ev(Event::ConntrackCreate) == 0
-            }
-            _ => true,
-        };
-        ensure!(
-            ok,
-            "{}: {s:?}: conntrack events {de:?} for {reps} repetitions",
-            self.name
-        );
-        Ok(ns)
+        Ok(())
     }
 }
 
 /// Sizes and repeat counts of one run.
 pub struct Plan {
     pub repeats: usize,
+    /// Calls of [`REPS_PER_CALL`] repetitions per measurement.
     pub calls: u32,
+    /// Calls of one repetition per new-flow measurement.
+    pub newflow_calls: u32,
+    /// Calls of [`REPS_PER_CALL`] new flows per cycle new-flow measurement.
+    pub walk_calls: u32,
     pub big: u32,
 }
 
@@ -210,19 +288,23 @@ impl Plan {
             Self {
                 repeats: 3,
                 calls: 400,
+                newflow_calls: 2_000,
+                walk_calls: 20,
                 big: 100_000,
             }
         } else {
             Self {
                 repeats: 5,
                 calls: 2_000,
+                newflow_calls: 5_000,
+                walk_calls: 50,
                 big: 1_000_000,
             }
         }
     }
 }
 
-/// Section 1; `extra` runs more measurements on the same beds (LPM lookups).
+/// Sections 1 and 1b.
 pub fn run(quick: bool) -> anyhow::Result<Vec<Section>> {
     let plan = Plan::new(quick);
     let ns = Netns::create(format!("{}-testrun", unique_stem()))?;
@@ -230,68 +312,130 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Section>> {
     ns.run(|| in_namespace(&ns, &plan))
 }
 
+/// The remote port of the `i`-th call of [`Scenario::NewFlowWalk`]: 1024 and up, never the
+/// seeded flows' [`SPORT`].
+fn remote_port(i: u32) -> u16 {
+    let p = 1024 + (i % 60_000) as u16;
+    if p >= SPORT { p + 1 } else { p }
+}
+
+/// Capacities for a bed with a cycle of `chain` mappings: room for every flow of the cycle
+/// with a quarter to spare, and for every flow the new-flow measurements open (an LRU map must
+/// never evict one while it is measured).
+fn sizes(chain: u32) -> Sizes {
+    Sizes {
+        flows: (chain + chain / 4 + 65_536).max(1 << 18),
+        mappings: (chain + 4).max(DEFAULT_MAPPINGS),
+    }
+}
+
 fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
     use Scenario::*;
-    let empty = sys::Prog::load_xdp("bench_empty", &progs::empty())?;
-    let (hold, _) = ns.link("hd0")?;
-    let _empty_link = sys::attach_xdp(empty.raw(), hold)?;
+    let mut empty_obj = bpf::load(bpf::EMPTY, |_| {})?;
+    let empty = bpf::xdp(&mut empty_obj, "bench_empty")?;
+    // Attached to a spare interface, as every program under test: see `setup::HOLDERS`.
+    empty
+        .attach("hd0", XdpMode::Driver)
+        .context("attaching the empty program to hd0")?;
+    let empty: &Xdp = empty;
     let big = plan.big;
     let big_name = if big >= 1_000_000 {
         "1,000,000".to_string()
     } else {
         format!("{big}")
     };
-    let specs: Vec<(String, u32, u32, Rules, Vec<Scenario>)> = vec![
+    let specs: Vec<(String, u32, Rules, Vec<Scenario>)> = vec![
         (
             "1 mapping".into(),
             0,
-            1 << 16,
             Rules::Open,
-            vec![Empty, FirstExit, Established, NewFlow, DenyNoRule],
+            vec![
+                Empty,
+                UnknownIface,
+                Established,
+                EstablishedOnce,
+                NewFlow,
+                DenyNoRule,
+            ],
         ),
         (
             "1 mapping, 256 rules".into(),
             0,
-            1 << 16,
             Rules::Many,
             vec![Empty, Established, NewFlow, DenyOtherRule],
         ),
         (
             "10,000 mappings".into(),
             10_000,
-            1 << 16,
             Rules::Open,
-            vec![Empty, Established, EstablishedCycle, NewFlow, DenyNoRule],
+            vec![
+                Empty,
+                Established,
+                EstablishedCycle,
+                NewFlow,
+                NewFlowWalk,
+                DenyNoRule,
+            ],
         ),
         (
             format!("{big_name} mappings"),
             big,
-            (big + 65_536).next_power_of_two(),
             Rules::Open,
-            vec![Empty, Established, EstablishedCycle, NewFlow, DenyNoRule],
+            vec![
+                Empty,
+                Established,
+                EstablishedCycle,
+                NewFlow,
+                NewFlowWalk,
+                DenyNoRule,
+            ],
         ),
         (
             format!("{big_name} mappings, 256 rules"),
             big,
-            (big + 65_536).next_power_of_two(),
             Rules::Many,
-            vec![Empty, Established, EstablishedCycle, NewFlow, DenyOtherRule],
+            vec![
+                Empty,
+                Established,
+                EstablishedCycle,
+                NewFlow,
+                NewFlowWalk,
+                DenyOtherRule,
+            ],
         ),
     ];
     let mut settings = Vec::new();
-    for (i, (name, chain, ct, rules, scenarios)) in specs.into_iter().enumerate() {
+    for (i, (name, chain, rules, scenarios)) in specs.into_iter().enumerate() {
         eprintln!("bench: testrun: loading '{name}'");
-        let mut bed = Bed::new(ns, &format!("hd{}", i + 1), chain, ct)?;
+        let t = std::time::Instant::now();
+        let mut bed = Bed::new(ns, &format!("hd{}", i + 1), chain, sizes(chain))?;
         bed.set_rules(rules)?;
-        if chain > 0 {
-            bed.forge_established((0..chain).map(chain_addr), DPORT)?;
+        eprintln!(
+            "bench: testrun: '{name}': loaded and filled in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let t = std::time::Instant::now();
+        bed.seed()
+            .with_context(|| format!("{name}: opening the established flows"))?;
+        eprintln!(
+            "bench: testrun: '{name}': {} flows opened in {:.1} s",
+            chain + 2,
+            t.elapsed().as_secs_f64()
+        );
+        let mut samples: Vec<(Scenario, Vec<f64>)> =
+            scenarios.iter().map(|s| (*s, Vec::new())).collect();
+        if scenarios.contains(&NewFlow) {
+            samples.push((EmptyOnce, Vec::new()));
         }
         settings.push(Setting {
             name,
             bed,
-            scenarios: scenarios.clone(),
+            scenarios,
             pos: 0,
-            samples: scenarios.iter().map(|s| (*s, Vec::new())).collect(),
+            next_flow: 0,
+            walk_pos: 0,
+            next_port: 0,
+            samples,
         });
     }
     // Interleaved: every repeat measures every scenario of every setting once, so a busy
@@ -302,183 +446,15 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             for i in 0..st.scenarios.len() {
                 util::check_interrupted()?;
                 let s = st.scenarios[i];
-                let ns_pp = st
-                    .measure(s, empty.raw(), plan.calls)
+                st.measure(s, empty, plan)
                     .with_context(|| format!("{}: {}", st.name, s.label()))?;
-                st.samples[i].1.push(ns_pp);
             }
         }
     }
-    let lpm = crate::mapops::breakdown_section(&mut settings[1].bed, plan)?;
-    Ok(vec![report(&settings, plan), lpm])
-}
-
-fn report(settings: &[Setting], plan: &Plan) -> Section {
-    let mut t = Table::new(&[
-        "setting",
-        "scenario",
-        "ns/packet",
-        "minus empty program",
-        "ratio to '1 mapping' established",
-    ]);
-    let base_est = settings
-        .first()
-        .and_then(|s| {
-            s.samples
-                .iter()
-                .find(|(sc, _)| *sc == Scenario::Established)
-        })
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let mut bars = Vec::new();
-    for st in settings {
-        let empty = st
-            .samples
-            .iter()
-            .find(|(s, _)| *s == Scenario::Empty)
-            .map(|(_, v)| v.clone());
-        for (s, v) in &st.samples {
-            let net = match (&empty, s) {
-                (Some(e), sc) if *sc != Scenario::Empty => {
-                    let d: Vec<f64> = v.iter().zip(e).map(|(a, b)| a - b).collect();
-                    show(Summary::of(&d), 1)
-                }
-                _ => "".into(),
-            };
-            let ratio = if matches!(s, Scenario::Established | Scenario::EstablishedCycle) {
-                show(Summary::of(&ratios(v, &base_est)), 2)
-            } else {
-                String::new()
-            };
-            t.row(vec![
-                st.name.clone(),
-                s.label().into(),
-                show(Summary::of(v), 1),
-                net,
-                ratio,
-            ]);
-            if let Some(sum) = Summary::of(v) {
-                bars.push((format!("{} · {}", st.name, short(*s)), sum));
-            }
-        }
-    }
-    let intro = format!(
-        "`BPF_PROG_TEST_RUN` of the project's XDP program (loaded and filled by natd's own \
-         loader and map writers) in a namespace with veth interfaces, routes and permanent \
-         neighbours, so `bpf_fib_lookup` succeeds and frames are redirected. Figures are the \
-         kernel's own per-repetition time (`duration`), in ns per packet: median (min–max) \
-         over {r} interleaved repeats of {n} packets each ({c} calls x {REPS_PER_CALL} \
-         repetitions).\n\n\
-         How repetitions stay on one path: the program rewrites the frame and the next \
-         repetition sees the result, so every mapping used points at another mapped public \
-         address routed out of the guest interface: the hot pair H0 -> H1 -> H0, and a cycle \
-         over all other mappings (each packet a different mapping and flow: the cache-cold \
-         case). The TTL decrements on each pass, so one call is at most 254 repetitions \
-         (TTL 255 -> 1); calls are chained and their times summed. After every measurement \
-         the `STATS` delta of the intended reason must equal the number of repetitions (and \
-         no other reason may move), and the `EVENTS` deltas must show the intended conntrack \
-         path (hit / create / miss) on every repetition; the run fails otherwise.\n\n\
-         Baseline: a raw two-instruction program (`r0 = XDP_PASS; exit`, loaded with \
-         `bpf(BPF_PROG_LOAD)`) measures the test-run loop itself; the project's program on a \
-         frame from an interface natd did not configure exits at its first check (one hash \
-         lookup, one counter). 'New flow' makes every lookup find the flow expired (idle \
-         timeout set to 1 ns), so the firewall is evaluated and the flow re-created on every \
-         repetition; a real first packet differs only in finding no entry at all. Established \
-         flows are UDP flows opened by the guest (state replied), written into `CONNTRACK` \
-         beforehand. 256 rules = 256 UDP rules on each of H0 and H1, rule r: port 10000+r \
-         from 256 /24s (16.r.j.0/24): 65,536 CIDRs per public IP.",
-        r = plan.repeats,
-        n = u64::from(plan.calls) * u64::from(REPS_PER_CALL),
-        c = plan.calls,
-    );
-    Section {
-        title: "1. Per-packet cost (BPF_PROG_TEST_RUN)".into(),
-        intro,
-        tables: vec![(String::new(), t)],
-        notes: notes(settings),
-        summary: targets(settings),
-        charts: vec![Chart {
-            file: "testrun.svg".into(),
-            title: "Per-packet cost of the XDP program (BPF_PROG_TEST_RUN)".into(),
-            unit: "ns per packet (kernel timer)".into(),
-            bars,
-        }],
-    }
-}
-
-fn samples_of(st: &Setting, s: Scenario) -> Option<&[f64]> {
-    st.samples
-        .iter()
-        .find(|(sc, _)| *sc == s)
-        .map(|(_, v)| v.as_slice())
-        .filter(|v| !v.is_empty())
-}
-
-/// The targets, each met only if every run met it: the established path under 67 ns/packet,
-/// and at most 1.5x that (run by run) with the big table and 256 rules.
-fn targets(settings: &[Setting]) -> Vec<String> {
-    let mut out = Vec::new();
-    let Some(base) = settings
-        .first()
-        .and_then(|s| samples_of(s, Scenario::Established))
-    else {
-        return out;
+    let lpm = {
+        let (small, large) = settings.split_at_mut(3);
+        let whole = super::report::net_of(&small[1], Established);
+        crate::breakdown::section(&mut small[1].bed, &mut large[0].bed, &whole, plan)?
     };
-    out.push(
-        Target {
-            name: "established flow under 67 ns/packet (1 mapping)",
-            limit: 67.0,
-            below: true,
-            unit: "ns/packet",
-        }
-        .line(base, 0),
-    );
-    if let Some(big) = settings.last() {
-        for s in [Scenario::Established, Scenario::EstablishedCycle] {
-            if let Some(v) = samples_of(big, s) {
-                let name = format!(
-                    "<= 1.5x the 1-mapping established path at {} ({})",
-                    big.name,
-                    short(s)
-                );
-                out.push(
-                    Target {
-                        name: &name,
-                        limit: 1.5,
-                        below: true,
-                        unit: "x",
-                    }
-                    .line_noted(
-                        &ratios(v, base),
-                        0,
-                        &format!("ns/packet per run: {}", verdict::per_run(v)),
-                    ),
-                );
-            }
-        }
-    }
-    out
-}
-
-/// The notes under the table: the targets, and what filling the maps met.
-fn notes(settings: &[Setting]) -> String {
-    let mut out = targets(settings).join("\n");
-    let retries: u64 = settings.iter().map(|s| s.bed.enomem_retries).sum();
-    out.push_str(&format!(
-        "\n- Filling the mapping maps, `bpf_map_update_elem` on `NAT_IN`/`NAT_OUT` answered \
-         ENOMEM {retries} times (each retried until it succeeded).\n"
-    ));
-    out
-}
-
-fn short(s: Scenario) -> &'static str {
-    match s {
-        Scenario::Empty => "empty prog",
-        Scenario::FirstExit => "first check",
-        Scenario::Established => "established",
-        Scenario::EstablishedCycle => "established, cold",
-        Scenario::NewFlow => "new flow",
-        Scenario::DenyNoRule => "deny, no rule",
-        Scenario::DenyOtherRule => "deny, 256 rules",
-    }
+    Ok(vec![super::report::section(&settings, plan), lpm])
 }

@@ -1,22 +1,23 @@
-//! The test-run bed: topology, the program loaded by natd's loader, mappings, rules, flows.
-use std::{net::Ipv4Addr, os::fd::AsFd as _, os::fd::AsRawFd as _};
+//! The test-run bed: topology, the program loaded by natd's loader, mappings and rules (the
+//! flows are opened in `runs`).
+use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
 use aya::maps::{DevMapHash, HashMap};
 use nat_common::{
-    Event, FlowKey, FlowState, IfaceConfig, MAP_CONNTRACK, MAP_DEVMAP, MAP_IFACES, NatConfig,
-    ORIGIN_GUEST, ROLE_GUEST, ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
-    conntrack::{ASSURED, SEEN_REPLY, State, Timeout},
+    IfaceConfig, MAP_DEVMAP, MAP_IFACES, MAP_NAT_IN, NatConfig, NatValue, ROLE_GUEST, ROLE_PUBLIC,
+    TIMEOUT_SLOTS,
 };
 use nat_userspace::{
     cidr::Cidr,
-    ebpf::{Dataplane, FastPath as _, Mode, Role},
+    ebpf::{Dataplane, FastPath as _, Mode, Role, Sizes},
     firewall::{PortRange, Proto, Service},
     state::{DesiredState, Mapping},
     tables::{Op, Tables, plan},
 };
 
-use crate::{frame::Udp, netns::Netns, util};
+use super::runs::Frames;
+use crate::{netns::Netns, util};
 
 pub const PUB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const PUB_GW: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -36,10 +37,11 @@ pub const SPORT: u16 = 40_000;
 pub const DPORT: u16 = 10_000;
 /// Matches rule 1's port while the source matches rule 0's CIDRs: denied by [`Rules::Many`].
 pub const DPORT_OTHER_RULE: u16 = 10_001;
-/// Idle timeout while measuring (nothing expires), and the one that expires everything.
+/// Idle timeout of every timer while measuring: nothing expires.
 pub const HOUR_NS: u64 = 3_600_000_000_000;
-pub const EXPIRE_NS: u64 = 1;
-
+/// Repetitions per `BPF_PROG_TEST_RUN` call of a rewriting path: the TTL of a 255-TTL frame
+/// allows 254 passes.
+pub const REPS_PER_CALL: u32 = 254;
 /// The i-th address of the mapping cycle.
 pub fn chain_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 65, 0, 0)) + i)
@@ -107,10 +109,10 @@ pub fn is_enomem(e: &(dyn std::error::Error + 'static)) -> bool {
 /// The loaded program and its maps; lives on the thread that entered the namespace.
 pub struct Bed {
     pub dp: Dataplane,
-    pub pub0: (u32, [u8; 6]),
-    pub pub1_mac: [u8; 6],
+    pub pub0: u32,
     pub gst0: u32,
     pub oth0: u32,
+    pub frames: Frames,
     /// Number of mappings in the cycle (0: none).
     pub chain: u32,
     rules: Option<(DesiredState, Tables)>,
@@ -119,20 +121,27 @@ pub struct Bed {
 }
 
 impl Bed {
-    /// Loads the program, declares the interfaces, installs the hot pair, Z and a cycle of
-    /// `chain` mappings. Must run in the namespace.
-    pub fn new(ns: &Netns, holder: &str, chain: u32, conntrack_size: u32) -> anyhow::Result<Self> {
-        let pub0 = ns.link("pub0")?;
+    /// Loads the program with `sizes`, declares the interfaces, installs the hot pair, Z and a
+    /// cycle of `chain` mappings. Must run in the namespace.
+    pub fn new(ns: &Netns, holder: &str, chain: u32, sizes: Sizes) -> anyhow::Result<Self> {
+        let (pub0, pub0_mac) = ns.link("pub0")?;
         let (_, pub1_mac) = ns.link("pub1")?;
-        let (gst0, _) = ns.link("gst0")?;
+        let (gst0, gst0_mac) = ns.link("gst0")?;
+        let (_, gst1_mac) = ns.link("gst1")?;
         let (oth0, _) = ns.link("oth0")?;
-        let mut dp = Dataplane::load(conntrack_size).context("loading the XDP program")?;
+        let frames = Frames {
+            pub0_mac,
+            pub1_mac,
+            gst0_mac,
+            gst1_mac,
+        };
+        let mut dp = Dataplane::load(sizes).context("loading the XDP program")?;
         {
             let ebpf = dp.ebpf_mut();
             let mut ifaces: HashMap<_, u32, IfaceConfig> =
                 ebpf.map_mut(MAP_IFACES).context("IFACES")?.try_into()?;
             ifaces.insert(
-                pub0.0,
+                pub0,
                 IfaceConfig {
                     role: ROLE_PUBLIC,
                     addr: key(PUB_ADDR),
@@ -149,28 +158,37 @@ impl Bed {
             )?;
             let mut devmap: DevMapHash<_> =
                 ebpf.map_mut(MAP_DEVMAP).context("DEVMAP")?.try_into()?;
-            for i in [pub0.0, gst0] {
+            for i in [pub0, gst0] {
                 devmap.insert(i, i, None, 0)?;
             }
         }
-        dp.attach(holder, Role::Public, Mode::Native)
+        // The holder carries no traffic and no address, so its role changes nothing the
+        // program does; guest, because natd's mapping writer looks up the addresses of every
+        // attached public interface (a netlink dump) for each mapping it installs, which makes
+        // filling a million mappings take many minutes.
+        dp.attach(holder, Role::Guest, Mode::Native)
             .with_context(|| format!("attaching to {holder}"))?;
+        // As natd writes it: route generation 1 (0 marks never-resolved entries), the kernel's
+        // tick rate (a flow refreshes its last-seen time once a second); nothing expires.
+        dp.write_config(&NatConfig {
+            jiffies_per_sec: nat_userspace::clock::jiffies_per_sec(),
+            ..NatConfig::with_timeouts([HOUR_NS; TIMEOUT_SLOTS])
+        })?;
         let mut bed = Self {
             dp,
             pub0,
-            pub1_mac,
             gst0,
             oth0,
+            frames,
             chain,
             rules: None,
             enomem_retries: 0,
         };
-        bed.set_timeouts(HOUR_NS)?;
         let mut add = |public, private| -> anyhow::Result<()> {
             let op = Op::AddMapping(Mapping { public, private });
-            // A burst of inserts into the per-CPU, non-preallocated mapping maps meets
-            // transient ENOMEM (the kernel's per-CPU element cache refills asynchronously):
-            // retried here and counted (see RESULTS.md).
+            // A burst of inserts into the non-preallocated mapping maps may meet transient
+            // ENOMEM (the kernel refills its element cache asynchronously): retried here and
+            // counted (see RESULTS.md).
             for _ in 0..1000 {
                 match bed.dp.apply(&op) {
                     Ok(()) => return Ok(()),
@@ -195,15 +213,6 @@ impl Bed {
             }
         }
         Ok(bed)
-    }
-
-    pub fn set_timeouts(&mut self, ns: u64) -> anyhow::Result<()> {
-        self.dp.write_config(&NatConfig {
-            egress_default_deny: 0,
-            _pad: 0,
-            timeouts_ns: [ns; TIMEOUT_SLOTS],
-        })?;
-        Ok(())
     }
 
     /// Installs `rules` on H0 and H1 with natd's compile step and write plan.
@@ -259,123 +268,50 @@ impl Bed {
         Ok(())
     }
 
-    /// Writes established (UDP replied, opened by the guest) flows for inbound frames from
-    /// [`SRC`]:[`SPORT`] to `dport` on each of `privates` (the guest's view of the flow).
-    pub fn forge_established(
-        &mut self,
-        privates: impl Iterator<Item = Ipv4Addr>,
-        dport: u16,
-    ) -> anyhow::Result<()> {
-        let now = util::monotonic_ns();
-        let mut ct: HashMap<_, FlowKey, FlowState> = self
+    /// The loaded program.
+    pub fn prog(&mut self) -> anyhow::Result<&aya::programs::Xdp> {
+        let prog: &aya::programs::Xdp = self
             .dp
             .ebpf_mut()
-            .map_mut(MAP_CONNTRACK)
-            .context("CONNTRACK")?
-            .try_into()?;
-        let value = FlowState {
-            last_seen: now,
-            state: State::UdpReplied as u8,
-            origin: ORIGIN_GUEST,
-            flags: SEEN_REPLY | ASSURED,
-            timer: Timeout::UdpReplied as u8,
-            ..FlowState::default()
-        };
-        for (n, guest) in privates.enumerate() {
-            let k = FlowKey {
-                guest: key(guest),
-                remote: key(SRC),
-                guest_port: u16::from_ne_bytes(dport.to_be_bytes()),
-                remote_port: u16::from_ne_bytes(SPORT.to_be_bytes()),
-                proto: 17,
-                ..FlowKey::default()
-            };
-            ct.insert(k, value, 0)?;
-            if n % 65_536 == 0 {
-                util::check_interrupted()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The raw fd of the loaded program.
-    pub fn prog_fd(&mut self) -> anyhow::Result<i32> {
-        let ebpf = self.dp.ebpf_mut();
-        let prog: &aya::programs::Xdp = ebpf
             .program(nat_userspace::ebpf::PROGRAM)
             .context("no program")?
             .try_into()?;
-        Ok(prog.fd()?.as_fd().as_raw_fd())
+        Ok(prog)
     }
 
-    /// The raw fd of one of the program's maps.
-    pub fn map_fd(&mut self, name: &str) -> anyhow::Result<i32> {
-        let map = self
+    /// The counter slot of the mapping of `public` (from its `NAT_IN` value).
+    fn slot(&mut self, public: Ipv4Addr) -> anyhow::Result<u32> {
+        let m: HashMap<_, u32, NatValue> = self
             .dp
             .ebpf_mut()
-            .map(name)
-            .with_context(|| format!("no map {name}"))?;
-        use aya::maps::Map as M;
-        let data = match map {
-            M::LpmTrie(m)
-            | M::HashMap(m)
-            | M::LruHashMap(m)
-            | M::PerCpuHashMap(m)
-            | M::PerCpuArray(m)
-            | M::Array(m)
-            | M::DevMapHash(m) => m,
-            _ => bail!("map {name}: unexpected type"),
-        };
-        Ok(data.fd().as_fd().as_raw_fd())
+            .map(MAP_NAT_IN)
+            .context("NAT_IN")?
+            .try_into()?;
+        Ok(m.get(&key(public), 0)?.slot)
     }
 
-    /// (reason counters, event counters), summed over CPUs.
-    pub fn counters(&mut self) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
-        let s = self.dp.stats()?;
-        let e = self.dp.events()?;
-        Ok((
-            Reason::ALL
-                .iter()
-                .map(|r| s.get(r).map_or(0, |c| c.packets))
-                .collect(),
-            Event::ALL
-                .iter()
-                .map(|v| e.get(v).copied().unwrap_or(0))
-                .collect(),
-        ))
+    /// The hot mapping's counter slot.
+    pub fn hot_slot(&mut self) -> anyhow::Result<u32> {
+        self.slot(H0)
     }
 
-    /// The conntrack key of the hot inbound flow to H0 (guest's view: H1).
-    pub fn hot_flow_key(&self) -> [u8; 16] {
-        let k = FlowKey {
-            guest: key(H1),
-            remote: key(SRC),
-            guest_port: u16::from_ne_bytes(DPORT.to_be_bytes()),
-            remote_port: u16::from_ne_bytes(SPORT.to_be_bytes()),
-            proto: 17,
-            ..FlowKey::default()
-        };
-        let mut out = [0u8; 16];
-        out[0..4].copy_from_slice(&k.guest.to_ne_bytes());
-        out[4..8].copy_from_slice(&k.remote.to_ne_bytes());
-        out[8..10].copy_from_slice(&k.guest_port.to_ne_bytes());
-        out[10..12].copy_from_slice(&k.remote_port.to_ne_bytes());
-        out[12] = k.proto;
-        out
-    }
-
-    /// An inbound frame from the remote sender to `dst`.
-    pub fn frame(&self, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-        Udp {
-            dst_mac: self.pub0.1,
-            src_mac: self.pub1_mac,
-            src: SRC,
-            dst,
-            sport: SPORT,
-            dport,
-            ttl: 255,
-            checksum: true,
+    /// The first mapping of the cycle's counter slot, checked to be the first of as many
+    /// consecutive slots as the cycle has mappings (0 without a cycle).
+    pub fn cycle_slots(&mut self) -> anyhow::Result<u32> {
+        if self.chain == 0 {
+            return Ok(0);
         }
-        .build(60)
+        let first = self.slot(chain_addr(0))?;
+        let last = self.slot(chain_addr(self.chain - 1))?;
+        anyhow::ensure!(
+            last == first + self.chain - 1,
+            "the cycle's counter slots are not consecutive ({first}..={last})"
+        );
+        Ok(first)
+    }
+
+    /// An inbound frame from the remote sender ([`SRC`]:[`SPORT`]) to `dst`:`dport`.
+    pub fn frame(&self, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+        self.frames.inbound(SRC, SPORT, dst, dport)
     }
 }

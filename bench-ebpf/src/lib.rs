@@ -1,0 +1,3 @@
+#![no_std]
+
+// This file exists to enable the library target (nat-bench build-depends on it).

@@ -1,0 +1,561 @@
+//! Section 1b: where the established path's time goes, and issue 3's firewall LPM lookups.
+//! Each part of the path measured alone by a program of `bench-parts`, which compiles the XDP
+//! program's own modules (parse, flows, rewrite, stats, forward) and runs them on the loaded
+//! program's own maps: they are pinned for the moment of loading and the bench object is
+//! pointed at the pins (`EbpfLoader::map_pin_path`), so the lookups find the entries natd's
+//! writers and the seeded flows put there.
+use std::path::PathBuf;
+
+use anyhow::{Context as _, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, LpmTrie, lpm_trie::Key},
+};
+use nat_common::{
+    Event, FW_SRC_BASE_BITS, FlowEntry, FlowTuple, FwSrcData, MAP_CONFIG, MAP_DEVMAP, MAP_EVENTS,
+    MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_MAPPING_STATS, MAP_PENDING, MAP_SCRATCH,
+    MAP_STATS, Reason, RuleBits, proto,
+};
+use nat_userspace::{pins::PinDir, state::Mapping};
+
+use crate::{
+    bpf,
+    mapops::{REPS, run_prog},
+    netns::unique_stem,
+    report::{Chart, Section, Table},
+    testrun::{
+        Plan,
+        setup::{Bed, DPORT, H0, H1, SPORT, SRC, chain_addr},
+    },
+    util::{self, Summary, show},
+};
+
+/// The program's maps `bench-parts` uses.
+const SHARED: [&str; 11] = [
+    MAP_MAPPING_STATS,
+    MAP_FLOWS,
+    MAP_PENDING,
+    MAP_IFACES,
+    MAP_DEVMAP,
+    MAP_STATS,
+    MAP_EVENTS,
+    MAP_FW_SRC,
+    MAP_FW_SVC,
+    MAP_CONFIG,
+    MAP_SCRATCH,
+];
+
+fn ne(a: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// Loads `bench-parts` on the maps of `bed`'s program, with the hot flow's facts as globals.
+fn load_parts(bed: &mut Bed) -> anyhow::Result<Ebpf> {
+    let dir = PinDir::prepare(&std::path::Path::new("/sys/fs/bpf").join(unique_stem()))?;
+    let result = (|| {
+        let mut pins: Vec<(&str, PathBuf)> = Vec::new();
+        for name in SHARED {
+            let path = dir.maps().join(name);
+            bed.dp
+                .ebpf_mut()
+                .map(name)
+                .with_context(|| format!("no map {name}"))?
+                .pin(&path)
+                .with_context(|| format!("pinning {name}"))?;
+            pins.push((name, path));
+        }
+        let slot = bed.hot_slot()?;
+        let cycle_slot = bed.cycle_slots()?;
+        let (src, public, private) = (ne(SRC), ne(H0), ne(H1));
+        let (sport, dport) = (SPORT.to_be(), DPORT.to_be());
+        let gst0 = bed.gst0;
+        let (chain, base) = (bed.chain.max(1), u32::from(chain_addr(0)));
+        bpf::load(bpf::PARTS, |l| {
+            for (name, path) in &pins {
+                l.map_pin_path(name, path.as_path());
+            }
+            l.override_global("SRC", &src, true)
+                .override_global("PUBLIC", &public, true)
+                .override_global("PRIVATE", &private, true)
+                .override_global("SPORT", &sport, true)
+                .override_global("DPORT", &dport, true)
+                .override_global("OUT_IFINDEX", &gst0, true)
+                .override_global("SLOT", &slot, true)
+                .override_global("CYCLE_SLOT", &cycle_slot, true)
+                .override_global("CYCLE_N", &chain, true)
+                .override_global("CYCLE_BASE", &base, true);
+        })
+    })();
+    // The pins only carried the maps to the loader; the maps live on with their users.
+    let _ = std::fs::remove_dir_all(dir.root());
+    let mut parts = result?;
+    // The rewrite's entry: a copy of the hot flow's, and a one-entry trie beside FW_SRC.
+    let hot = FlowTuple::new(ne(SRC), ne(H0), SPORT.to_be(), DPORT.to_be(), proto::UDP);
+    let flows: aya::maps::HashMap<_, FlowTuple, FlowEntry> = bed
+        .dp
+        .ebpf_mut()
+        .map(MAP_FLOWS)
+        .context("no map FLOWS")?
+        .try_into()?;
+    let entry = flows.get(&hot, 0).context("the hot flow is not in FLOWS")?;
+    let mut e: Array<_, FlowEntry> = parts.map_mut("ENTRY").context("no map ENTRY")?.try_into()?;
+    e.set(0, entry, 0)?;
+    let mut lpm1: LpmTrie<_, FwSrcData, RuleBits> =
+        parts.map_mut("LPM1").context("no map LPM1")?.try_into()?;
+    let all = RuleBits {
+        bits: [u64::MAX; 4],
+    };
+    let data = FwSrcData {
+        public: H0.octets(),
+        source: [0; 4],
+    };
+    lpm1.insert(&Key::new(FW_SRC_BASE_BITS, data), all, 0)?;
+    Ok(parts)
+}
+
+/// What proves a part's operation happened on every run, besides its own hit count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Moved {
+    Nothing,
+    Stats,
+    Events,
+    MappingStats,
+    Creates,
+}
+
+/// One micro-benchmark: a `bench-parts` program, the baseline program subtracted from it,
+/// and whether it is a part of the established (fast) path.
+struct Case {
+    name: &'static str,
+    prog: &'static str,
+    base: &'static str,
+    moved: Moved,
+    fast_path: u32,
+}
+
+const fn case(name: &'static str, prog: &'static str, base: &'static str) -> Case {
+    Case {
+        name,
+        prog,
+        base,
+        moved: Moved::Nothing,
+        fast_path: 0,
+    }
+}
+
+/// The established path's parts (`fast_path`: how often a packet makes the operation).
+const PARTS: [Case; 17] = [
+    case(
+        "nothing (the run's own count: the baseline)",
+        "p_none",
+        "p_none",
+    ),
+    Case {
+        fast_path: 1,
+        ..case(
+            "parse: Ethernet, IPv4 and UDP checks, the flow tuple",
+            "p_parse",
+            "p_none",
+        )
+    },
+    case(
+        "key only (the hot flow's tuple, from constants)",
+        "p_key",
+        "p_none",
+    ),
+    Case {
+        fast_path: 1,
+        ..case(
+            "`FLOWS` lookup, hit (LRU hash; minus the key)",
+            "p_flows",
+            "p_key",
+        )
+    },
+    Case {
+        fast_path: 2,
+        ..case(
+            "`CONFIG` lookup (array; 2 per packet: route generation, refresh interval)",
+            "p_config",
+            "p_none",
+        )
+    },
+    Case {
+        fast_path: 1,
+        ..case("`bpf_jiffies64()`", "p_jiffies", "p_none")
+    },
+    case(
+        "entry only (a one-entry array: the rewrite's baseline)",
+        "p_entry",
+        "p_none",
+    ),
+    Case {
+        fast_path: 1,
+        ..case(
+            "rewrite from the entry (addresses, ports, checksum deltas, TTL, MACs)",
+            "p_rewrite",
+            "p_entry",
+        )
+    },
+    Case {
+        fast_path: 1,
+        moved: Moved::Stats,
+        ..case("`STATS` count (per-CPU array)", "p_stats", "p_none")
+    },
+    Case {
+        fast_path: 1,
+        moved: Moved::Events,
+        ..case("`EVENTS` count (per-CPU array)", "p_events", "p_none")
+    },
+    Case {
+        fast_path: 1,
+        moved: Moved::MappingStats,
+        ..case(
+            "`MAPPING_STATS` count by slot (per-CPU array)",
+            "p_mapstats",
+            "p_none",
+        )
+    },
+    Case {
+        fast_path: 1,
+        ..case("`bpf_redirect_map()` (DEVMAP hash)", "p_redirect", "p_none")
+    },
+    case(
+        "not on the fast path: route resolution, `bpf_fib_lookup()` + `IFACES` (a flow's first packets)",
+        "p_fib",
+        "p_none",
+    ),
+    case(
+        "not on the fast path: `bpf_ktime_get_coarse_ns()` (once a second per direction)",
+        "p_coarse_ns",
+        "p_none",
+    ),
+    case(
+        "not on the fast path: `FLOWS` and `PENDING` lookups of a flow neither holds (a new flow's two misses; minus the key)",
+        "p_flows_miss",
+        "p_key",
+    ),
+    case(
+        "not on the fast path: an entry written into `PENDING` (LRU hash; a new flow writes 2; minus the key)",
+        "p_pend_ins",
+        "p_key",
+    ),
+    Case {
+        moved: Moved::Creates,
+        ..case(
+            "not on the fast path: a flow opened (`flows::create`: both entries built and written into `PENDING`; minus the key)",
+            "p_create",
+            "p_key",
+        )
+    },
+];
+
+/// The same lookup with a different flow each run, on the big table.
+const COLD: [Case; 6] = [
+    case(
+        "key only (cycling over every flow of the cycle)",
+        "p_key_cyc",
+        "p_key_cyc",
+    ),
+    case(
+        "`FLOWS` lookup, hit, a different flow each run",
+        "p_flows_cyc",
+        "p_key_cyc",
+    ),
+    case(
+        "key only (cycling over every mapping's counter slot, in a scattered order)",
+        "p_key_slot_cyc",
+        "p_key_slot_cyc",
+    ),
+    case(
+        "`MAPPING_STATS` count, a different mapping's slot each run",
+        "p_mapstats_cyc",
+        "p_key_slot_cyc",
+    ),
+    case(
+        "an entry written into `PENDING`, a different key each run",
+        "p_pend_ins_cyc",
+        "p_key_cyc",
+    ),
+    Case {
+        moved: Moved::Creates,
+        ..case(
+            "a flow opened (`flows::create`), a different flow each run",
+            "p_create_cyc",
+            "p_key_cyc",
+        )
+    },
+];
+
+const LPM: [Case; 6] = [
+    case("key only (same source)", "p_key_src", "p_key_src"),
+    case("FW_SRC, 1 CIDR (0.0.0.0/0)", "p_lpm1", "p_key_src"),
+    case(
+        "FW_SRC, 65,536 CIDRs, same source",
+        "p_lpm_src",
+        "p_key_src",
+    ),
+    case("FW_SVC, 256 rules, same port", "p_lpm_svc", "p_key_src"),
+    case(
+        "key only (cycling source)",
+        "p_key_src_cyc",
+        "p_key_src_cyc",
+    ),
+    case(
+        "FW_SRC, 65,536 CIDRs, each lookup another /24",
+        "p_lpm_src_cyc",
+        "p_key_src_cyc",
+    ),
+];
+
+/// A counter of `bed` a part moves.
+fn moved_count(bed: &mut Bed, m: Moved) -> anyhow::Result<u64> {
+    Ok(match m {
+        Moved::Nothing => 0,
+        Moved::Stats => bed.counters()?.0[Reason::InboundForwarded as usize],
+        Moved::Events => bed.counters()?.1[Event::FastPath as usize],
+        Moved::Creates => bed.counters()?.1[Event::ConntrackCreate as usize],
+        Moved::MappingStats => {
+            bed.dp
+                .counters(Mapping {
+                    public: H0,
+                    private: H1,
+                })?
+                .inbound_packets
+        }
+    })
+}
+
+/// Every case of `cases` once per repeat (interleaved); samples[case][repeat], ns per run.
+fn measure(
+    bed: &mut Bed,
+    parts: &mut Ebpf,
+    cases: &[Case],
+    repeats: usize,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let frame = bed.frame(H0, DPORT);
+    let pub0 = bed.pub0;
+    let mut samples = vec![Vec::new(); cases.len()];
+    for _ in 0..repeats {
+        for (i, c) in cases.iter().enumerate() {
+            util::check_interrupted()?;
+            let before = moved_count(bed, c.moved)?;
+            let ns = run_prog(parts, c.prog, &frame, pub0).with_context(|| c.name)?;
+            let moved = moved_count(bed, c.moved)? - before;
+            ensure!(
+                c.moved == Moved::Nothing || moved == u64::from(REPS),
+                "{}: its counter moved by {moved} in {REPS} runs",
+                c.name
+            );
+            samples[i].push(ns);
+        }
+    }
+    Ok(samples)
+}
+
+/// Each case's table row and its net samples (minus its baseline, run by run).
+fn table(cases: &[Case], samples: &[Vec<f64>]) -> (Table, Vec<Vec<f64>>) {
+    let mut t = Table::new(&["operation", "ns/run", "ns/operation (minus its baseline)"]);
+    let mut nets = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let base = cases.iter().position(|b| b.prog == c.base).unwrap_or(i);
+        let net: Vec<f64> = if base == i {
+            Vec::new()
+        } else {
+            samples[i]
+                .iter()
+                .zip(&samples[base])
+                .map(|(a, b)| a - b)
+                .collect()
+        };
+        t.row(vec![
+            c.name.to_string(),
+            show(Summary::of(&samples[i]), 1),
+            if base == i {
+                "(baseline)".into()
+            } else {
+                show(Summary::of(&net), 1)
+            },
+        ]);
+        nets.push(net);
+    }
+    (t, nets)
+}
+
+/// The net samples of the case running `prog`.
+fn net<'a>(cases: &[Case], nets: &'a [Vec<f64>], prog: &str) -> &'a [f64] {
+    cases
+        .iter()
+        .position(|c| c.prog == prog)
+        .and_then(|i| nets.get(i))
+        .map_or(&[], Vec::as_slice)
+}
+
+fn bars(cases: &[Case], nets: &[Vec<f64>]) -> Vec<(String, Summary)> {
+    cases
+        .iter()
+        .zip(nets)
+        .filter_map(|(c, n)| Summary::of(n).map(|s| (c.name.to_string(), s)))
+        .collect()
+}
+
+/// Section 1b on `hot` (the '1 mapping, 256 rules' bed: the LPM tries and the hot flow) and
+/// `big` (the cold `FLOWS` lookups); `whole` is the established path minus the empty program
+/// measured in section 1 on `hot`, run by run.
+pub fn section(
+    hot: &mut Bed,
+    big: &mut Bed,
+    whole: &[f64],
+    plan: &Plan,
+) -> anyhow::Result<Section> {
+    let mut parts = load_parts(hot)?;
+    let lpm_samples = measure(hot, &mut parts, &LPM, plan.repeats)?;
+    let part_samples = measure(hot, &mut parts, &PARTS, plan.repeats)?;
+    drop(parts);
+    let mut cold_parts = load_parts(big)?;
+    let cold_samples = measure(big, &mut cold_parts, &COLD, plan.repeats)?;
+    let (lpm_t, lpm_nets) = table(&LPM, &lpm_samples);
+    let (parts_t, part_nets) = table(&PARTS, &part_samples);
+    let (cold_t, cold_nets) = table(&COLD, &cold_samples);
+    // The fast path's parts, added up run by run.
+    let sum: Vec<f64> = (0..plan.repeats)
+        .map(|r| {
+            PARTS
+                .iter()
+                .zip(&part_nets)
+                .filter(|(c, _)| c.fast_path > 0)
+                .map(|(c, n)| f64::from(c.fast_path) * n.get(r).copied().unwrap_or(0.0))
+                .sum()
+        })
+        .collect();
+    let fast: Vec<(String, Summary)> = PARTS
+        .iter()
+        .zip(&part_nets)
+        .filter(|(c, _)| c.fast_path > 0)
+        .filter_map(|(c, n)| Summary::of(n).map(|s| (c.name.to_string(), s)))
+        .collect();
+    let summary = vec![
+        format!(
+            "- Firewall LPM lookups, ns per lookup with the key's cost subtracted, median \
+             (min–max) over the runs: {}.",
+            bars(&LPM, &lpm_nets)
+                .iter()
+                .map(|(name, s)| format!("{name} {}", s.show(0)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        costliest(&fast),
+        format!(
+            "- The fast path's parts measured alone add up to {} ns per packet (each counted \
+             as often as a packet makes it); the whole path measured in section 1 on the same \
+             table costs {} ns beyond the empty program.",
+            show(Summary::of(&sum), 1),
+            show(Summary::of(whole), 1)
+        ),
+        format!(
+            "- A `FLOWS` hit costs {} ns when the same flow is looked up every run and {} ns \
+             when every run looks up another of {} flows (cache-cold); counting on the \
+             mapping's `MAPPING_STATS` slot costs {} ns hot and {} ns when every run counts on \
+             another mapping's.",
+            show(Summary::of(net(&PARTS, &part_nets, "p_flows")), 1),
+            show(Summary::of(net(&COLD, &cold_nets, "p_flows_cyc")), 1),
+            big.chain,
+            show(Summary::of(net(&PARTS, &part_nets, "p_mapstats")), 1),
+            show(Summary::of(net(&COLD, &cold_nets, "p_mapstats_cyc")), 1),
+        ),
+    ];
+    let mut all_bars = bars(&PARTS, &part_nets);
+    all_bars.extend(bars(&COLD, &cold_nets));
+    Ok(Section {
+        title:
+            "1b. Where the time goes: the established path's parts, and the firewall's LPM lookups"
+                .into(),
+        intro: format!(
+            "One operation per run of a small XDP program (`bench-parts`), {REPS} repetitions \
+             per run, median (min–max) over {} interleaved repeats; the baseline named in each \
+             row (producing the key, or reading the rewrite's entry) is subtracted run by run. \
+             The programs call the XDP program's own code (its parse, flows, rewrite, stats \
+             and forward modules compiled in unchanged) on the loaded program's own maps (the \
+             '1 mapping, 256 rules' setting above, with its seeded flows; the cold `FLOWS` \
+             lookups on the {} mappings setting). Every run must succeed: each lookup hit, the \
+             route found, the redirect target present (counted by the program), and each \
+             counter part must have moved its counter once per run; a measurement that missed \
+             is refused. The firewall tries are as natd's compile step filled them with 256 UDP \
+             rules on each of two public IPs (rule r: port 10000+r from 16.r.j.0/24, j = \
+             0..255: 65,536 CIDRs per public IP, 131,072 `FW_SRC` entries in all), next to a \
+             one-entry trie; a packet that opens a flow costs one `FW_SRC` plus (if that finds \
+             a rule) one `FW_SVC` lookup, packets of tracked flows none.",
+            plan.repeats, big.chain
+        ),
+        tables: vec![
+            ("Firewall LPM lookups:".into(), lpm_t),
+            (
+                "The established (fast) path's operations, each measured alone:".into(),
+                parts_t,
+            ),
+            (
+                "Cache-cold (a different flow each run, over every flow of the big table):".into(),
+                cold_t,
+            ),
+        ],
+        notes: summary.join("\n") + "\n",
+        summary,
+        charts: vec![
+            Chart {
+                file: "lpm.svg".into(),
+                title: "Firewall LPM lookup cost".into(),
+                unit: "ns per lookup (minus key production)".into(),
+                bars: bars(&LPM, &lpm_nets),
+            },
+            Chart {
+                file: "breakdown.svg".into(),
+                title: "Operations of the established path, each alone".into(),
+                unit: "ns per operation (minus its baseline)".into(),
+                bars: all_bars,
+            },
+        ],
+    })
+}
+
+/// "The costliest operation measured alone: NAME, X ns (min–max), of the N measured."
+fn costliest(parts: &[(String, Summary)]) -> String {
+    match parts
+        .iter()
+        .max_by(|a, b| a.1.median.total_cmp(&b.1.median))
+    {
+        Some((name, s)) => format!(
+            "- The costliest of the {} operations of the established path, each measured \
+             alone: {name}, {} ns (median (min–max)).",
+            parts.len(),
+            s.show(0)
+        ),
+        None => "- No operation of the established path was measured.".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[f64]) -> Summary {
+        Summary::of(v).unwrap()
+    }
+
+    #[test]
+    fn costliest_follows_the_numbers() {
+        let parts = vec![
+            ("a".to_string(), s(&[10.0])),
+            ("fib".to_string(), s(&[100.0, 120.0])),
+        ];
+        assert!(costliest(&parts).contains("of the 2 operations"));
+        assert!(costliest(&parts).contains("fib, 110 (100–120) ns"));
+    }
+
+    #[test]
+    fn every_case_has_its_baseline_in_its_table() {
+        for cases in [&PARTS[..], &COLD[..], &LPM[..]] {
+            for c in cases {
+                assert!(cases.iter().any(|b| b.prog == c.base), "{}", c.name);
+            }
+        }
+    }
+}
