@@ -10,10 +10,11 @@
 //! - `tracking`: connection tracking as netfilter keeps it: a SYN on a flow closed by RST is
 //!   new (and judged again), ICMP timestamp, information and address-mask queries, an echo
 //!   request reusing a guest ping's identifier, a flood that must not evict an assured flow.
-//! - `answers`: what gets an answer: a denied TTL-1 packet draws no time exceeded, hairpin
-//!   flows from the same source port each get their own answers, UDP-Lite arrives intact.
-//! - `paths`: the same frames with XDP attached and detached give the same delivery and the
-//!   same addresses.
+//! - `answers`: what gets an answer: a denied TTL-1 packet draws no time exceeded (on both
+//!   paths), hairpin flows from the same source port each get their own answers.
+//! - `protocols`: UDP-Lite and DCCP, whose checksums cover the addresses, are never corrupted.
+//! - `paths`: the same frames with XDP attached and with the kernel alone give the same
+//!   delivery and the same addresses.
 //!
 //! Same ground rules as `e2e.rs`: each test builds its own namespaces and natd and removes them
 //! when it ends, also on failure; every check is on something observed (the addresses a socket
@@ -23,12 +24,14 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::{Context as _, bail};
-use nat_tests::topology::Natctl;
+use nat_tests::topology::{Natctl, policy::reason};
 
 #[path = "e2e_parity/answers.rs"]
 mod answers;
 #[path = "e2e_parity/paths.rs"]
 mod paths;
+#[path = "e2e_parity/protocols.rs"]
+mod protocols;
 #[path = "e2e_parity/scope.rs"]
 mod scope;
 #[path = "e2e_parity/tracking.rs"]
@@ -57,10 +60,10 @@ fn counted<T>(
     what: &str,
     send: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let before = nat_tests::topology::policy::reason(&natctl.stats()?, name)?;
+    let before = reason(&natctl.stats()?, name)?;
     let out = send().with_context(|| format!("sending {what}"))?;
     natctl.wait_stats(&format!("{name} for {what}"), |s| {
-        Ok(nat_tests::topology::policy::reason(s, name)? > before)
+        Ok(reason(s, name)? > before)
     })?;
     Ok(out)
 }

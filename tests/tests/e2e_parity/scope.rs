@@ -4,9 +4,11 @@
 //! rule names the IP's interface).
 use anyhow::{Context as _, ensure};
 use nat_tests::topology::{
-    CLIENT_ADDR, GUEST_ADDR, Natd, NatdOptions, ROUTER_GUEST_ADDR, ROUTER_GUEST_IF,
+    CLIENT_ADDR, GUEST_ADDR, Natd, NatdOptions, PUBLIC_ADDR, ROUTER_GUEST_ADDR, ROUTER_GUEST_IF,
     ROUTER_PUBLIC_ADDR, ROUTER_PUBLIC_IF, Topology,
-    attempt::{assert_no_datagram, udp_receive, udp_send},
+    attempt::{
+        TcpAttempt, assert_no_connection, assert_no_datagram, tcp_listen, udp_receive, udp_send,
+    },
     links::{GUEST2_ADDR, GUEST2_LINK, ROUTER_GUEST2_IF, ROUTER_PUBLIC2_IF, UPSTREAM2_ADDR},
     observe::{payload, ping, tcp_exchange, udp_bind, udp_exchange},
     policy::{Way, reason},
@@ -35,7 +37,7 @@ fn egress_deny_filters_only_what_leaves_for_the_public_side() -> anyhow::Result<
 
     let client = udp_bind(&topo.client, at(CLIENT_ADDR, 53))?;
     natctl.dropped(
-        nat_tests::topology::PUBLIC_ADDR,
+        PUBLIC_ADDR,
         Way::Out,
         "the guest's datagram to the public side",
         || udp_send(&topo.guest, None, at(CLIENT_ADDR, 53), b"out?"),
@@ -149,13 +151,13 @@ fn a_public_ip_answers_only_on_its_own_network() -> anyhow::Result<()> {
             udp_send(other, None, at(p, 7000), b"wrong way")
         })?;
         assert_no_datagram(&service).context(what)?;
-        let listener = nat_tests::topology::attempt::tcp_listen(&t.topo.guest, at(v, 8080))?;
+        let listener = tcp_listen(&t.topo.guest, at(v, 8080))?;
         let what = format!("a SYN to {p} from {}", other.name());
         let attempt = counted(&natctl, "wrong_network", &what, || {
-            nat_tests::topology::attempt::TcpAttempt::start(other, None, at(p, 8080))
+            TcpAttempt::start(other, None, at(p, 8080))
         })?;
         ensure!(!attempt.is_connected()?, "{what}: connected");
-        nat_tests::topology::attempt::assert_no_connection(&listener).context(what)?;
+        assert_no_connection(&listener).context(what)?;
     }
     Ok(())
 }

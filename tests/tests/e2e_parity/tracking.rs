@@ -4,6 +4,7 @@
 //! new flows does not evict an assured one.
 use std::{
     io::{ErrorKind, Read as _, Write as _},
+    net::Ipv4Addr,
     os::fd::AsRawFd as _,
     time::Duration,
 };
@@ -197,6 +198,9 @@ fn a_remote_echo_request_reusing_a_guest_pings_identifier_is_a_flow_of_its_own()
 /// Flows opened in the flood: every source port from 1024 up, times this many destination
 /// ports, about 320,000 (the table holds 4,096 assured flows and 2,048 pending ones).
 const FLOOD_DPORTS: u16 = 5;
+/// The flood's target: a second guest address, its public IP open to UDP.
+const FLOOD_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const FLOOD_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const TABLE: u32 = 4096;
 
 /// The guest's UDP flow to the client has seen traffic both ways (assured); then the client
@@ -206,10 +210,7 @@ const TABLE: u32 = 4096;
 #[test]
 fn a_flood_of_new_flows_does_not_evict_an_assured_flow() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let (v2, p2) = (
-        std::net::Ipv4Addr::new(10, 0, 0, 20),
-        std::net::Ipv4Addr::new(203, 0, 113, 20),
-    );
+    let (v2, p2) = (FLOOD_GUEST, FLOOD_PUBLIC);
     topo.guest
         .ip(&["addr", "add", &format!("{v2}/24"), "dev", HOST_IF])?;
     topo.router
