@@ -1,9 +1,10 @@
-//! A flood of new UDP flows: one small datagram for each (source port, destination port) pair,
+//! A flood of new UDP flows: small datagrams for each (source port, destination port) pair,
 //! built by hand and sent from a raw IP socket in batches (`sendmmsg`), so a few hundred
 //! thousand flows take about a second instead of a socket each. The UDP checksum is 0 (none,
 //! valid for UDP over IPv4); the kernel fills in the IP header's length, identifier and
-//! checksum.
+//! checksum. [`OneCpu`] keeps a test's flows and its flood on one CPU.
 use std::{
+    marker::PhantomData,
     net::Ipv4Addr,
     ops::RangeInclusive,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -18,14 +19,15 @@ const BATCH: usize = 512;
 /// IPv4 header (20) + UDP header (8) + 4 bytes of payload.
 const FRAME: usize = 32;
 
-/// Sends one datagram from `src`:sport to `dst`:dport for every pair of `sports` x `dports`,
-/// from namespace `ns`; returns how many the kernel took (all, or an error).
+/// Sends `per_flow` datagrams in a row from `src`:sport to `dst`:dport for every pair of
+/// `sports` x `dports`, from namespace `ns`; returns how many the kernel took (all, or an
+/// error).
 pub fn udp_flows(
     ns: &Netns,
     src: Ipv4Addr,
     dst: Ipv4Addr,
-    sports: RangeInclusive<u16>,
-    dports: RangeInclusive<u16>,
+    (sports, dports): (RangeInclusive<u16>, RangeInclusive<u16>),
+    per_flow: usize,
 ) -> anyhow::Result<u64> {
     ns.run(|| {
         // SAFETY: plain syscall; the fd is owned right away.
@@ -45,6 +47,7 @@ pub fn udp_flows(
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let pairs: Vec<(u16, u16)> = dports
             .flat_map(|d| sports.clone().map(move |s| (s, d)))
+            .flat_map(|pair| std::iter::repeat_n(pair, per_flow))
             .collect();
         let mut sent = 0u64;
         for chunk in pairs.chunks(BATCH) {
@@ -131,4 +134,63 @@ fn frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> [u8; FRAME] {
     f[24..26].copy_from_slice(&((FRAME - 20) as u16).to_be_bytes());
     f[28..32].copy_from_slice(b"many");
     f
+}
+
+/// Keeps the calling thread (and the threads it starts, which inherit it) on one CPU until
+/// dropped, then restores its CPU set. A frame sent into a veth is handled by the kernel on
+/// the sending CPU, XDP included, so a flow opened and a flood sent under one `OneCpu` meet in
+/// the same CPU's share of an LRU map (a BPF LRU map keeps per-CPU lists; a flood on another
+/// CPU would spare a flow by chance, not by design).
+pub struct OneCpu {
+    before: libc::cpu_set_t,
+    /// Restored on the thread that pinned itself.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl OneCpu {
+    /// Pins the calling thread to the first CPU it may run on.
+    pub fn pin() -> anyhow::Result<Self> {
+        // SAFETY: zeroed plain C bit set.
+        let mut before: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: pid 0 = the calling thread; `before` is a valid set of `size` bytes.
+        let rc = unsafe { libc::sched_getaffinity(0, size, &raw mut before) };
+        ensure!(
+            rc == 0,
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        let first = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE.
+            .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &before) })
+            .ok_or_else(|| anyhow::anyhow!("the thread may run on no CPU"))?;
+        // SAFETY: zeroed plain C bit set.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `first` is below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(first, &mut one) };
+        // SAFETY: as above, with `one`.
+        let rc = unsafe { libc::sched_setaffinity(0, size, &raw const one) };
+        ensure!(
+            rc == 0,
+            "sched_setaffinity(CPU {first}): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(Self {
+            before,
+            _not_send: PhantomData,
+        })
+    }
+}
+
+impl Drop for OneCpu {
+    fn drop(&mut self) {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: pid 0 = the calling thread, the one that pinned itself (the guard is !Send).
+        if unsafe { libc::sched_setaffinity(0, size, &raw const self.before) } != 0 {
+            eprintln!(
+                "restoring the thread's CPU set: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
