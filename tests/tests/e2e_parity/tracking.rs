@@ -143,8 +143,9 @@ fn icmp_timestamp_information_and_address_mask_replies_come_back() -> anyhow::Re
 
 /// The guest pings the client with identifier I while the client sends echo requests to P with
 /// the same identifier: denied while P has no ICMP rule, then, once a rule allows them,
-/// answered by the guest from P. The guest's own ping gets every reply throughout: the remote's
-/// requests are flows of their own and never take the guest's over.
+/// answered by the guest from P. The remote's admitted request is a flow of its own (natd lists
+/// two flows of that identifier, one opened by each side) and the guest's own ping gets every
+/// reply throughout: the remote never takes the guest's flow over.
 #[test]
 fn a_remote_echo_request_reusing_a_guest_pings_identifier_is_a_flow_of_its_own()
 -> anyhow::Result<()> {
@@ -182,6 +183,18 @@ fn a_remote_echo_request_reusing_a_guest_pings_identifier_is_a_flow_of_its_own()
     ensure!(
         answer.len() == 1 && (answer[0].src, answer[0].dst) == (PUBLIC_ADDR, CLIENT_ADDR),
         "the guest's answer at the client: {answer:?}"
+    );
+    let flows = natctl.flows()?.flows;
+    let mut origins: Vec<&str> = flows
+        .iter()
+        .filter(|f| f.proto == 1 && f.guest_port == id && f.remote == CLIENT_ADDR)
+        .map(|f| f.origin.as_str())
+        .collect();
+    origins.sort_unstable();
+    assert_eq!(
+        origins,
+        ["guest", "public"],
+        "the ICMP flows of identifier {id}: {flows:#?}"
     );
     let replied = stream.replied();
     stream.wait_replies(replied + 3)?;
