@@ -6,6 +6,7 @@
 //! with marks set here. The table is replaced whole in one `nft -f` transaction; nothing
 //! outside it is touched but natd's own policy rules.
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::Write as _,
     net::Ipv4Addr,
@@ -45,6 +46,40 @@ pub enum NetfilterError {
 /// iptables (CloudStack's `CONNMARK --restore-mark`) writes the marks.
 const ROUTE_PRIORITY: i32 = -140;
 
+/// Priority of the chain that judges what arrives for a mapped public IP: after the NAT of the
+/// prerouting hook (-100), and before the kernel routes the packet, so a packet the ingress
+/// rules deny is dropped before the kernel could answer for it (time exceeded for TTL 1,
+/// unreachable), as the XDP program drops it before anything else.
+const JUDGE_PRIORITY: i32 = -90;
+
+/// Each mapped public IP's own public interface (by name), where the kernel takes new inbound
+/// flows to it; IPs whose network no single public interface holds are absent (taken on any).
+pub type Homes = BTreeMap<Ipv4Addr, String>;
+
+/// [`Homes`] of the mappings of `state`: the public interface whose IPv4 networks hold the
+/// public IP, if exactly one does (the rule the XDP program's `NatValue::ifindex` follows).
+pub fn homes(public_ifaces: &[String], state: &DesiredState) -> Homes {
+    // Each interface's networks read once, not once per mapping.
+    let networks: Vec<(&String, Vec<(Ipv4Addr, u32)>)> = public_ifaces
+        .iter()
+        .map(|i| (i, crate::ebpf::iface_subnets(i)))
+        .collect();
+    let holds = |nets: &[(Ipv4Addr, u32)], ip: Ipv4Addr| {
+        nets.iter()
+            .any(|(a, mask)| u32::from(*a) & mask == u32::from(ip) & mask)
+    };
+    state
+        .mappings()
+        .filter_map(|m| {
+            let mut owners = networks.iter().filter(|(_, n)| holds(n, m.public));
+            match (owners.next(), owners.next()) {
+                (Some((i, _)), None) => Some((m.public, (*i).clone())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// Renders the whole table: DNAT P -> V for what arrives on a public interface, SNAT V -> P for
 /// what leaves through one (the scope the XDP program uses), hairpin (a guest to a mapped P:
 /// DNAT, and the source masqueraded to the router's guest-side address), the router's own
@@ -55,15 +90,19 @@ const ROUTE_PRIORITY: i32 = -140;
 /// public side obeys the egress policy (source, destination, service). What arrives on a
 /// public interface addressed to a mapped private address is dropped, as the XDP program drops
 /// it (`direct_to_private`). The connections of the mappings `routes` covers get their routing
-/// mark ([`route_section`]). The kernel reassembles fragments before these hooks, so a
-/// fragmented packet meets exactly the rules an unfragmented one does (and carries the mark of
-/// its first fragment). Interface names are quoted; natd checked they exist, so they contain
-/// no quote.
+/// mark ([`route_section`]). A new connection to a mapped public IP arriving on a public
+/// interface other than the IP's own (`homes`) is dropped, as the XDP program drops it
+/// (`wrong_network`). The ingress rules judge in the prerouting hook ([`JUDGE_PRIORITY`]),
+/// before the kernel routes, so a denied packet draws no answer from the kernel either. The
+/// kernel reassembles fragments before these hooks, so a fragmented packet meets exactly the
+/// rules an unfragmented one does (and carries the mark of its first fragment). Interface
+/// names are quoted; natd checked they exist, so they contain no quote.
 pub fn render(
     public_ifaces: &[String],
     guest_ifaces: &[String],
     state: &DesiredState,
     routes: &RoutePlan,
+    homes: &Homes,
 ) -> String {
     let set = |items: &[String]| {
         items
@@ -93,6 +132,21 @@ pub fn render(
     );
     let publics = elements(ms.iter().map(|m| m.public.to_string()).collect());
     let privates = elements(ms.iter().map(|m| m.private.to_string()).collect());
+    let homed = elements(homes.keys().map(ToString::to_string).collect());
+    let home_pairs = elements(
+        homes
+            .iter()
+            .map(|(p, i)| format!("{p} . \"{i}\""))
+            .collect(),
+    );
+    let wrong_network = if homes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\t\tct state new iifname {{ {pubs} }} ip daddr @homed ip daddr . iifname != @homes \
+             drop\n"
+        )
+    };
 
     let mut ingress = String::new();
     for r in state.active_ingress_rules() {
@@ -138,10 +192,13 @@ pub fn render(
          \tmap snat_v4 {{ type ipv4_addr : ipv4_addr;{snat} }}\n\
          \tset publics {{ type ipv4_addr;{publics} }}\n\
          \tset privates {{ type ipv4_addr;{privates} }}\n\
+         \tset homed {{ type ipv4_addr;{homed} }}\n\
+         \tset homes {{ type ipv4_addr . ifname;{home_pairs} }}\n\
          {route_defs}\
          \tchain route {{\n\
          \t\ttype filter hook prerouting priority {ROUTE_PRIORITY}; policy accept;\n\
          \t\tiifname {{ {pubs} }} ip daddr @privates drop\n\
+         {wrong_network}\
          {route_rules}\
          \t}}\n\
          \tchain prerouting {{\n\
@@ -158,12 +215,16 @@ pub fn render(
          \t\toifname {{ {pubs} }} snat ip to ip saddr map @snat_v4\n\
          \t\tiifname {{ {guests} }} oifname {{ {guests} }} ct original ip daddr @publics masquerade\n\
          \t}}\n\
+         \tchain judge {{\n\
+         \t\ttype filter hook prerouting priority {JUDGE_PRIORITY}; policy accept;\n\
+         \t\tmeta mark and {fastpath:#x} == {fastpath:#x} accept\n\
+         \t\tiifname {{ {pubs} }} ct original ip daddr @publics jump ingress\n\
+         \t\tiifname {{ {guests} }} ct original ip daddr @publics jump ingress\n\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tmeta mark and {fastpath:#x} == {fastpath:#x} accept\n\
-         \t\tiifname {{ {pubs} }} ct original ip daddr @publics jump ingress\n\
          \t\tiifname {{ {pubs} }} ip daddr @publics drop\n\
-         \t\tiifname {{ {guests} }} ct original ip daddr @publics jump ingress\n\
          \t\tiifname {{ {guests} }} oifname {{ {pubs} }} ip saddr @privates jump egress\n\
          \t}}\n\
          \tchain ingress {{\n\
@@ -382,6 +443,7 @@ impl Nft {
             &self.guest_ifaces,
             state,
             &routes,
+            &homes(&self.public_ifaces, state),
         ))?;
         policy_routing::sync(&routes.mark_rules())?;
         if routes != self.routes {
@@ -530,6 +592,7 @@ mod tests {
             &["eth0".into()],
             &state(),
             &RoutePlan::default(),
+            &Homes::new(),
         );
         assert!(r.contains("elements = { 203.0.113.10 : 10.0.0.10 }"), "{r}");
         assert!(r.contains("elements = { 10.0.0.10 : 203.0.113.10 }"), "{r}");
@@ -601,6 +664,7 @@ mod tests {
             &["eth0".into()],
             &s,
             &RoutePlan::default(),
+            &Homes::new(),
         );
         assert!(!r.contains("rule 14"), "{r}");
         assert!(
@@ -679,12 +743,14 @@ mod tests {
                 &["eth0".into(), "eth1".into()],
                 &s,
                 &tests_routes::plan(&s),
+                &Homes::from([("203.0.113.10".parse().unwrap(), "eth2".to_string())]),
             ),
             render(
                 &["x".into()],
                 &["y".into()],
                 &DesiredState::default(),
                 &RoutePlan::default(),
+                &Homes::new(),
             ),
         ] {
             let mut child = Command::new("nft")
@@ -715,6 +781,7 @@ mod tests {
             &["eth0".into()],
             &DesiredState::default(),
             &RoutePlan::default(),
+            &Homes::new(),
         );
         assert!(!r.contains("elements"), "{r}");
     }

@@ -1,5 +1,6 @@
 //! Rendering tests of the kernel-path parts of natd's table: the fast path's mark, the drop of
-//! what the public side addresses to a private address, and the routing marks.
+//! what the public side addresses to a private address, the routing marks, the ingress rules
+//! judged before routing, and each public IP taken only on its own public interface.
 use nat_common::marks::{FASTPATH_MARK, route_mark};
 
 use super::*;
@@ -63,6 +64,7 @@ fn what_the_fast_path_marked_is_accepted_before_any_rule() {
         &["eth0".into()],
         &two_networks(),
         &RoutePlan::default(),
+        &Homes::new(),
     );
     let forward = chain(&r, "forward");
     assert_eq!(
@@ -83,6 +85,7 @@ fn what_the_public_side_addresses_to_a_private_address_is_dropped_before_nat() {
         &["eth0".into()],
         &two_networks(),
         &RoutePlan::default(),
+        &Homes::new(),
     );
     assert_eq!(
         chain(&r, "route"),
@@ -133,7 +136,13 @@ fn plans_group_mappings_by_the_first_rule_that_holds_their_public_ip() {
 #[test]
 fn renders_routing_marks_for_new_connections_and_guest_side_packets() {
     let s = two_networks();
-    let r = render(&["eth2".into()], &["eth0".into()], &s, &plan(&s));
+    let r = render(
+        &["eth2".into()],
+        &["eth0".into()],
+        &s,
+        &plan(&s),
+        &Homes::new(),
+    );
     assert_eq!(
         chain(&r, "route"),
         [
@@ -172,4 +181,52 @@ fn renders_routing_marks_for_new_connections_and_guest_side_packets() {
     let route = r.find("\tchain route {").unwrap();
     assert!(r.find("\tchain mark_2 {").unwrap() < route, "{r}");
     assert!(r.find("\tmap route_out {").unwrap() < route, "{r}");
+}
+
+#[test]
+fn ingress_rules_judge_before_the_kernel_routes_and_a_public_ip_is_taken_only_at_home() {
+    let homes = Homes::from([
+        ("203.0.113.10".parse().unwrap(), "eth2".to_string()),
+        ("203.0.113.11".parse().unwrap(), "eth3".to_string()),
+    ]);
+    let r = render(
+        &["eth2".into(), "eth3".into()],
+        &["eth0".into()],
+        &two_networks(),
+        &RoutePlan::default(),
+        &homes,
+    );
+    assert_eq!(
+        chain(&r, "judge"),
+        [
+            "type filter hook prerouting priority -90; policy accept;",
+            "meta mark and 0x40000000 == 0x40000000 accept",
+            "iifname { \"eth2\", \"eth3\" } ct original ip daddr @publics jump ingress",
+            "iifname { \"eth0\" } ct original ip daddr @publics jump ingress",
+        ],
+        "{r}"
+    );
+    assert!(
+        !chain(&r, "forward").iter().any(|l| l.contains("ingress")),
+        "{r}"
+    );
+    assert_eq!(
+        chain(&r, "route")[2..],
+        [
+            "ct state new iifname { \"eth2\", \"eth3\" } ip daddr @homed ip daddr . iifname != @homes \
+          drop"
+        ],
+        "{r}"
+    );
+    assert!(
+        r.contains(
+            "\tset homes { type ipv4_addr . ifname; elements = { 203.0.113.10 . \"eth2\", \
+             203.0.113.11 . \"eth3\" }; }\n"
+        ),
+        "{r}"
+    );
+    assert!(
+        r.contains("\tset homed { type ipv4_addr; elements = { 203.0.113.10, 203.0.113.11 }; }\n"),
+        "{r}"
+    );
 }

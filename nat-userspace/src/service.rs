@@ -142,7 +142,9 @@ pub enum StartError {
     },
     #[error("the CloudStack directory {}: {why}", .dir.display())]
     CloudstackDir { dir: PathBuf, why: String },
-    #[error("the kernel's TCP connection tracking must be liberal about windows for the kernel policy: {0}")]
+    #[error(
+        "the kernel's TCP connection tracking must be liberal about windows for the kernel policy: {0}"
+    )]
     KernelTracking(#[source] KernelConntrackError),
     #[error("installing the desired state: {0}")]
     Install(#[source] ApplyError),

@@ -14,19 +14,24 @@
 //! runs natd and natctl; `policy` drives natctl's firewall, egress and conntrack commands;
 //! `observe` records what endpoints saw; `fastpath` checks from that that the fast path
 //! carried it; `attempt` sends traffic that may be dropped and checks
-//! that nothing arrived; `links` adds further guests and public networks to the three; `stream`
+//! that nothing arrived; `icmp_error` reads the ICMP errors a sender got; `flood` opens many
+//! flows at once; `links` adds further guests and public networks to the three;
+//! `two_networks` builds two public networks with policy routing by source; `stream`
 //! keeps traffic flowing while natd restarts; `capture` counts the frames an interface
 //! receives by destination MAC; `prometheus` runs a Prometheus server; `vrouter` gives the
 //! router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
 pub mod capture;
 pub mod fastpath;
+pub mod flood;
+pub mod icmp_error;
 pub mod links;
 pub mod observe;
 pub mod policy;
 pub mod process;
 pub mod prometheus;
 pub mod stream;
+pub mod two_networks;
 pub mod vrouter;
 
 use std::{

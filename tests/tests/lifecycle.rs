@@ -47,7 +47,11 @@ impl Bed {
              link set {PUBLIC_IF} up\nlink set xpub1 up\n\
              link set {GUEST_IF} up\nlink set xgst1 up\n"
         ))?;
-        let n = format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let n = format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let dir = std::env::temp_dir().join(format!("xsn-life-{n}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("natd.toml"), MAPPING)?;
@@ -89,7 +93,13 @@ impl Bed {
     /// Whether natd's nftables table exists in the namespace.
     fn nft_table(&self) -> bool {
         self.ns
-            .exec(&["nft", "list", "table", "ip", nat_userspace::netfilter::TABLE])
+            .exec(&[
+                "nft",
+                "list",
+                "table",
+                "ip",
+                nat_userspace::netfilter::TABLE,
+            ])
             .is_ok()
     }
 
@@ -158,7 +168,9 @@ fn a_stopped_natd_leaves_the_fast_path_to_the_next_which_detaches_it() -> anyhow
             "attachments {:?}",
             s.interfaces
         );
-        let first = bed.xdp_prog(PUBLIC_IF)?.context("no XDP program on the public side")?;
+        let first = bed
+            .xdp_prog(PUBLIC_IF)?
+            .context("no XDP program on the public side")?;
         ensure!(bed.nft_table(), "no nftables table");
         ensure!(!bed.pins().is_empty(), "no pins");
         let metrics = natd.metrics_addr();
@@ -225,7 +237,10 @@ fn a_taken_metrics_address_changes_nothing() -> anyhow::Result<()> {
             }
         }
         ensure!(!bed.bpffs.exists(), "the pin directory was created");
-        ensure!(!bed.dir.join("state").exists(), "the state directory was created");
+        ensure!(
+            !bed.dir.join("state").exists(),
+            "the state directory was created"
+        );
         bed.nothing_left()
     })
 }

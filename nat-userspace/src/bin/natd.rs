@@ -91,7 +91,6 @@ enum SlowPathMode {
     None,
 }
 
-
 /// `--xdp-mode`: the library's [`Mode`], as the command line names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum XdpMode {

@@ -258,7 +258,7 @@ pub fn iface_holds(name: &str, ip: std::net::Ipv4Addr) -> bool {
 }
 
 /// The IPv4 addresses of interface `name` with their netmasks (host order).
-fn iface_subnets(name: &str) -> Vec<(std::net::Ipv4Addr, u32)> {
+pub fn iface_subnets(name: &str) -> Vec<(std::net::Ipv4Addr, u32)> {
     let Ok(all) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };

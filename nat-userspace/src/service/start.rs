@@ -32,9 +32,7 @@ pub(super) async fn start(opts: Options) -> Result<Natd, StartError> {
             addr: opts.metrics_addr,
             source,
         })?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .unwrap_or(opts.metrics_addr);
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(opts.metrics_addr);
     let config = match &opts.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -274,7 +272,9 @@ fn kernel_policy(
     }
     let (kernel, changed) = kernel_conntrack::kernel_timeouts(timeouts_ns);
     if !changed.is_empty() {
-        info!("kernel policy: the kernel's connection tracking timeouts apply (seconds): {changed:?}");
+        info!(
+            "kernel policy: the kernel's connection tracking timeouts apply (seconds): {changed:?}"
+        );
     }
     if kernel_conntrack::make_tcp_liberal().map_err(StartError::KernelTracking)? {
         info!(

@@ -45,6 +45,24 @@ impl TcpAttempt {
         source: Option<Ipv4Addr>,
         target: SocketAddrV4,
     ) -> anyhow::Result<Self> {
+        Self::start_bound(ns, source.map(|a| SocketAddrV4::new(a, 0)), target)
+    }
+
+    /// Starts connecting from `ns` to `target` from exactly `source` (address and port; the
+    /// port may be one a connection closed a moment ago: `SO_REUSEADDR`).
+    pub fn start_from(
+        ns: &Netns,
+        source: SocketAddrV4,
+        target: SocketAddrV4,
+    ) -> anyhow::Result<Self> {
+        Self::start_bound(ns, Some(source), target)
+    }
+
+    fn start_bound(
+        ns: &Netns,
+        source: Option<SocketAddrV4>,
+        target: SocketAddrV4,
+    ) -> anyhow::Result<Self> {
         let stream = ns.run(|| -> anyhow::Result<TcpStream> {
             // SAFETY: plain syscall; the fd is owned right away.
             let fd = unsafe {
@@ -59,7 +77,19 @@ impl TcpAttempt {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             if let Some(src) = source {
-                let sa = sockaddr(SocketAddrV4::new(src, 0));
+                let on: libc::c_int = 1;
+                // SAFETY: valid fd and a correctly sized int.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_REUSEADDR,
+                        (&raw const on).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                ensure!(rc == 0, "SO_REUSEADDR: {}", std::io::Error::last_os_error());
+                let sa = sockaddr(src);
                 // SAFETY: valid fd and a correctly sized `sockaddr_in`.
                 let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len) };
                 ensure!(

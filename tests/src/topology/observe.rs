@@ -325,6 +325,9 @@ pub struct IcmpSeen {
     pub icmp_type: u8,
     /// The IPv4 total length (after reassembly).
     pub ip_len: usize,
+    /// The identifier and sequence number words (meaningful in query messages).
+    pub id: u16,
+    pub seq: u16,
 }
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
@@ -385,9 +388,22 @@ impl IcmpSniffer {
     /// Sends an ICMP echo request of `len` data bytes to `dst` from this socket's namespace
     /// (the kernel adds the IPv4 header and picks the source).
     pub fn send_echo(&self, dst: Ipv4Addr, seq: u16, len: usize) -> anyhow::Result<()> {
-        let mut msg = vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0x58, 0x53];
+        self.send_query(dst, ICMP_ECHO_REQUEST, (0x5853, seq), &payload(len))
+    }
+
+    /// Sends an ICMP query message of type `icmp_type` (code 0) with identifier and sequence
+    /// number `id_seq` and `data` after them, to `dst` from this socket's namespace.
+    pub fn send_query(
+        &self,
+        dst: Ipv4Addr,
+        icmp_type: u8,
+        (id, seq): (u16, u16),
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut msg = vec![icmp_type, 0, 0, 0];
+        msg.extend(id.to_be_bytes());
         msg.extend(seq.to_be_bytes());
-        msg.extend(payload(len));
+        msg.extend(data);
         let sum = msg.chunks(2).fold(0u32, |acc, c| {
             acc + u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
         });
@@ -415,7 +431,7 @@ impl IcmpSniffer {
         };
         ensure!(
             usize::try_from(n) == Ok(msg.len()),
-            "sending an echo request to {dst}: {}",
+            "sending ICMP type {icmp_type} to {dst}: {}",
             std::io::Error::last_os_error()
         );
         Ok(())
@@ -446,15 +462,18 @@ impl IcmpSniffer {
                 continue;
             }
             let ihl = usize::from(buf[0] & 0x0f) * 4;
-            if n <= ihl {
+            if n < ihl + 8 {
                 continue;
             }
             let octets = |at: usize| Ipv4Addr::new(buf[at], buf[at + 1], buf[at + 2], buf[at + 3]);
+            let word = |at: usize| u16::from_be_bytes([buf[at], buf[at + 1]]);
             let p = IcmpSeen {
                 src: octets(12),
                 dst: octets(16),
                 icmp_type: buf[ihl],
-                ip_len: usize::from(u16::from_be_bytes([buf[2], buf[3]])),
+                ip_len: usize::from(word(2)),
+                id: word(ihl + 4),
+                seq: word(ihl + 6),
             };
             if pred(&p) {
                 seen.push(p);

@@ -41,6 +41,7 @@ pub struct PingTally {
 /// Echo requests from one namespace to one address, one every `interval`, on a raw ICMP socket
 /// with an identifier of its own.
 pub struct PingStream {
+    id: u16,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     replied: Arc<AtomicU64>,
@@ -94,11 +95,17 @@ impl PingStream {
         let (s, n, r) = (stop.clone(), sent.clone(), replied.clone());
         let thread = std::thread::spawn(move || run_pings(&fd, dst, id, interval, &s, &n, &r));
         Ok(Self {
+            id,
             stop,
             sent,
             replied,
             thread: Some(thread),
         })
+    }
+
+    /// The identifier of the stream's echo requests.
+    pub fn id(&self) -> u16 {
+        self.id
     }
 
     /// Echo requests sent so far.

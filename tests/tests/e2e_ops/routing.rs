@@ -2,7 +2,8 @@
 //! a per-network routing table with a default route via that network's gateway and an
 //! `ip rule from P table N` for each public IP P the network owns. The main table's default
 //! points at network 1's gateway. The same "internet" address is behind both gateways, so only
-//! the router's routing decides which one a packet reaches.
+//! the router's routing decides which one a packet reaches. The topology is
+//! `nat_tests::topology::two_networks`:
 //!
 //! ```text
 //! upstream1 (the client) 198.51.100.2 ── pub0 198.51.100.1         gst0 ── guest 10.0.0.10
@@ -16,105 +17,19 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, ensure};
 use nat_tests::topology::{
-    COMMAND_TIMEOUT, GUEST_ADDR, HOST_IF, Natd, NatdOptions, Netns, ROUTER_GUEST_IF,
-    ROUTER_PUBLIC_IF, Topology,
+    COMMAND_TIMEOUT, Netns,
     attempt::{
         TcpAttempt, accept, assert_no_connection, assert_no_datagram, tcp_listen, udp_receive,
         udp_send,
     },
     fastpath::{self, Arrived},
-    links::{PUBLIC2_LINK, ROUTER_PUBLIC2_IF},
+    links::ROUTER_PUBLIC2_IF,
     observe::{ICMP_ECHO_REQUEST, IcmpSniffer, segs_in, udp_bind},
     run_bounded,
+    two_networks::{P1, P2, REMOTE, TwoNetworks, V1, V2},
 };
 
 use super::at;
-
-const P1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const P2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
-const V1: Ipv4Addr = GUEST_ADDR;
-const V2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
-/// The "internet" address both upstreams answer on.
-const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
-const GATEWAY1: &str = "198.51.100.2";
-const GATEWAY2: &str = "192.0.2.2";
-
-const TWO_MAPPINGS: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n\
-                            [[mapping]]\npublic = \"203.0.113.20\"\nprivate = \"10.0.0.20\"\n";
-
-struct TwoNetworks {
-    // Field order is drop order: natd stops before the namespaces go.
-    natd: Natd,
-    upstream2: Netns,
-    topo: Topology,
-}
-
-impl TwoNetworks {
-    fn new() -> anyhow::Result<Self> {
-        let topo = Topology::new()?;
-        let upstream2 = topo.add_upstream("upstream2", PUBLIC2_LINK)?;
-        for ns in [&topo.client, &upstream2] {
-            ns.ip(&["addr", "add", &format!("{REMOTE}/32"), "dev", "lo"])?;
-        }
-        topo.guest
-            .ip(&["addr", "add", &format!("{V2}/24"), "dev", HOST_IF])?;
-        let r = &topo.router;
-        let (p1, p2) = (P1.to_string(), P2.to_string());
-        for cmd in [
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                GATEWAY1,
-                "dev",
-                ROUTER_PUBLIC_IF,
-            ][..],
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                GATEWAY1,
-                "dev",
-                ROUTER_PUBLIC_IF,
-                "table",
-                "101",
-            ],
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                GATEWAY2,
-                "dev",
-                ROUTER_PUBLIC2_IF,
-                "table",
-                "102",
-            ],
-            &["rule", "add", "from", &p1, "table", "101"],
-            &["rule", "add", "from", &p2, "table", "102"],
-        ] {
-            r.ip(cmd)?;
-        }
-        // The router knows the guest's second address before natd runs, as it knows the first.
-        r.exec("ping", &["-n", "-q", "-c", "1", "-W", "5", &V2.to_string()])?;
-        let natd = Natd::start_with(
-            &topo,
-            &NatdOptions {
-                public_ifaces: vec![ROUTER_PUBLIC_IF.into(), ROUTER_PUBLIC2_IF.into()],
-                guest_ifaces: vec![ROUTER_GUEST_IF.into()],
-                config: Some(TWO_MAPPINGS.into()),
-                ..NatdOptions::default()
-            },
-        )?;
-        Ok(Self {
-            natd,
-            upstream2,
-            topo,
-        })
-    }
-}
 
 /// `ping -c 3 -I SOURCE DST` in `ns`; fails unless all 3 were answered.
 fn ping_from(ns: &Netns, source: Ipv4Addr, dst: Ipv4Addr) -> anyhow::Result<()> {

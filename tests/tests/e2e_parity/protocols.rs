@@ -1,0 +1,260 @@
+//! The protocols the XDP program leaves to the kernel because their checksums cover the
+//! addresses (UDP-Lite, DCCP): what the NAT lets through arrives with a checksum valid for the
+//! addresses it arrives with, never corrupted.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::{Context as _, ensure};
+use nat_tests::topology::{
+    CLIENT_ADDR, GUEST_ADDR, Natd, Netns, PUBLIC_ADDR, Topology, attempt::udp_receive,
+    observe::ARRIVAL,
+};
+
+use super::{ONE_MAPPING, at, counted, v4};
+
+/// A UDP-Lite socket (`IPPROTO_UDPLITE`) in `ns` bound to `bind`.
+fn udplite_socket(ns: &Netns, bind: SocketAddrV4) -> anyhow::Result<UdpSocket> {
+    ns.run(|| -> anyhow::Result<UdpSocket> {
+        // SAFETY: plain syscall; the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_UDPLITE,
+            )
+        };
+        ensure!(
+            fd >= 0,
+            "UDP-Lite socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let s = UdpSocket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: bind.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*bind.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid fd and a correctly sized `sockaddr_in`.
+        let rc = unsafe {
+            libc::bind(
+                s.as_raw_fd(),
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "binding {bind}: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(s)
+    })?
+}
+
+/// The `UdpLite:` counter `name` of `ns` (`/proc/net/snmp`).
+fn udplite_counter(ns: &Netns, name: &str) -> anyhow::Result<u64> {
+    let text = ns.exec("cat", &["/proc/net/snmp"])?;
+    let mut lines = text.lines().filter(|l| l.starts_with("UdpLite: "));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("/proc/net/snmp has no UdpLite lines:\n{text}");
+    };
+    let i = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .with_context(|| format!("no UdpLite counter {name}: {names}"))?;
+    values
+        .split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no value for UdpLite {name}: {values}"))
+}
+
+/// A UDP-Lite datagram from the guest (whose checksum covers the addresses) is left to the
+/// kernel (`unsupported_proto`) and arrives at the client from P with a valid checksum (a
+/// UDP-Lite socket takes nothing else; the client counts no checksum error); the client's
+/// answer comes back to the guest the same way.
+#[test]
+fn udplite_is_left_to_the_kernel_and_arrives_intact() -> anyhow::Result<()> {
+    let topo = Topology::new()?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
+    let natctl = natd.natctl()?;
+    let server = udplite_socket(&topo.client, at(CLIENT_ADDR, 9000))?;
+    let guest = udplite_socket(&topo.guest, at(GUEST_ADDR, 9001))?;
+    counted(
+        &natctl,
+        "unsupported_proto",
+        "the guest's UDP-Lite datagram",
+        || Ok(guest.send_to(b"lite", at(CLIENT_ADDR, 9000))?),
+    )?;
+    let (data, from) = udp_receive(&server).context("the guest's datagram at the client")?;
+    assert_eq!(
+        (data.as_slice(), v4(from, "the client saw")?),
+        (&b"lite"[..], at(PUBLIC_ADDR, 9001))
+    );
+    counted(&natctl, "unsupported_proto", "the client's answer", || {
+        Ok(server.send_to(b"lite back", from)?)
+    })?;
+    let (data, from) = udp_receive(&guest).context("the answer at the guest")?;
+    assert_eq!(
+        (data.as_slice(), v4(from, "the guest saw")?),
+        (&b"lite back"[..], at(CLIENT_ADDR, 9000))
+    );
+    for ns in [&topo.client, &topo.guest] {
+        assert_eq!(udplite_counter(ns, "InCsumErrors")?, 0, "{}", ns.name());
+    }
+    Ok(())
+}
+
+/// The internet checksum (RFC 1071) of `data` after `sum` (unfolded, of earlier words).
+fn checksum(mut sum: u32, data: &[u8]) -> u16 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The sum of DCCP's pseudo-header (RFC 4340 9.1: addresses, protocol 33, length).
+fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, len: usize) -> u32 {
+    let word = |o: [u8; 4], i: usize| u32::from(u16::from_be_bytes([o[i], o[i + 1]]));
+    let (s, d) = (src.octets(), dst.octets());
+    word(s, 0) + word(s, 2) + word(d, 0) + word(d, 2) + IPPROTO_DCCP + len as u32
+}
+
+const IPPROTO_DCCP: u32 = 33;
+
+/// A DCCP-Request from `src`:`sport` to `dst`:`dport` (20 bytes: generic header with a 48-bit
+/// sequence number, and a service code), its checksum covering the whole packet.
+fn dccp_request(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.push(5); // data offset, in 32-bit words
+    p.push(0); // CCVal 0, checksum coverage 0: all of it
+    p.extend([0, 0]); // checksum, below
+    p.push(1); // type 0 (Request), X = 1 (48-bit sequence numbers)
+    p.push(0);
+    p.extend([0, 0, 0, 0, 0x12, 0x34]); // sequence number
+    p.extend(*b"xsn1"); // service code
+    let sum = checksum(pseudo_header(src, dst, p.len()), &p);
+    p[6..8].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// A raw socket for DCCP (protocol 33) in `ns`: sends DCCP packets (the kernel adds the IPv4
+/// header) and receives a copy of every DCCP packet the namespace receives, IPv4 header
+/// included, whether or not the kernel speaks DCCP.
+fn dccp_raw_socket(ns: &Netns) -> anyhow::Result<OwnedFd> {
+    ns.run(|| -> anyhow::Result<OwnedFd> {
+        // SAFETY: plain syscall; the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                IPPROTO_DCCP as libc::c_int,
+            )
+        };
+        ensure!(
+            fd >= 0,
+            "raw DCCP socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: ARRIVAL.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: valid fd and a correctly sized `timeval`.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        ensure!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        Ok(fd)
+    })?
+}
+
+/// A DCCP packet from the guest (whose checksum covers the addresses, like UDP-Lite's) is left
+/// to the kernel (`unsupported_proto`) and must arrive at the client translated, from P, with
+/// a checksum that is valid for the addresses it arrives with, or not at all: never corrupted.
+/// (This kernel has no DCCP sockets; raw sockets send and receive the packets.)
+#[test]
+fn a_dccp_packet_is_never_corrupted() -> anyhow::Result<()> {
+    let topo = Topology::new()?;
+    let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
+    let natctl = natd.natctl()?;
+    let (sender, receiver) = (
+        dccp_raw_socket(&topo.guest)?,
+        dccp_raw_socket(&topo.client)?,
+    );
+    let packet = dccp_request(GUEST_ADDR, CLIENT_ADDR, 5001, 5002);
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(CLIENT_ADDR).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    counted(
+        &natctl,
+        "unsupported_proto",
+        "the guest's DCCP packet",
+        || {
+            // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
+            let n = unsafe {
+                libc::sendto(
+                    sender.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const to).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            ensure!(
+                usize::try_from(n) == Ok(packet.len()),
+                "sending DCCP: {}",
+                std::io::Error::last_os_error()
+            );
+            Ok(())
+        },
+    )?;
+    let mut buf = [0u8; 1500];
+    // SAFETY: valid fd; the buffer outlives the call and its length is passed.
+    let n = unsafe { libc::recv(receiver.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n)
+        .map_err(|_| std::io::Error::last_os_error())
+        .context("no DCCP packet at the client")?;
+    let ihl = usize::from(buf[0] & 0x0f) * 4;
+    let (src, dst) = (
+        Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
+        Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
+    );
+    let dccp = &buf[ihl..n];
+    assert_eq!(
+        (src, dst),
+        (PUBLIC_ADDR, CLIENT_ADDR),
+        "the DCCP packet's addresses"
+    );
+    assert_eq!(
+        checksum(pseudo_header(src, dst, dccp.len()), dccp),
+        0,
+        "the DCCP checksum does not hold for {src} -> {dst}: {dccp:02x?}"
+    );
+    Ok(())
+}
