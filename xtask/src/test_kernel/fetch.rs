@@ -98,18 +98,30 @@ fn unpack(package: &str, dir: &Path) -> Result<()> {
     fs::remove_file(&deb).with_context(|| format!("cannot remove {}", deb.display()))?;
     let release = release_of(&root)?;
     util::run(command("depmod").arg("-b").arg(&root).arg(&release))?;
-    fs::rename(&tmp, dir)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))
+    match fs::rename(&tmp, dir) {
+        Ok(()) => Ok(()),
+        // Another run (another worktree) unpacked the same package meanwhile: keep its copy.
+        Err(_) if dir.is_dir() => {
+            fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))
+        }
+    }
 }
 
-/// Removes what an interrupted [`unpack`] left behind.
+/// Removes what an interrupted [`unpack`] left behind (a temporary directory whose process
+/// is gone).
 fn remove_stale(cache: &Path) -> Result<()> {
     for entry in fs::read_dir(cache).with_context(|| format!("cannot read {}", cache.display()))? {
         let path = entry?.path();
-        let stale = path
+        let pid = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"));
+            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.rsplit_once(".tmp-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        let stale = pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists());
         if stale {
             fs::remove_dir_all(&path)
                 .with_context(|| format!("cannot remove {}", path.display()))?;
