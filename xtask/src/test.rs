@@ -4,9 +4,10 @@
 //! test. At the end `RELIABILITY.md` is rendered from the figures the tests and the fuzzers
 //! reported (see `reliability`), also when something failed, and a full run writes its
 //! timings into the README (see `timing`). After `cargo test`, `test-kernel` boots Debian 12's
-//! 6.1 kernel under qemu and checks the programs and natd there (see `test_kernel`): about 3
-//! minutes on 2 CPUs under software emulation, the only way on the CI machines, whose
-//! `/dev/kvm` (kvm_pvm) cannot boot a stock kernel.
+//! 6.1 kernel under qemu and checks the programs and natd there (see `test_kernel`): about 2
+//! minutes on 2 CPUs under software emulation (measured 125-190 s, by the load of the
+//! machine), the only way on the CI machines, whose `/dev/kvm` (kvm_pvm) cannot boot a stock
+//! kernel; setup downloads and unpacks the kernel package once (about half a minute).
 
 use std::io::{BufRead, BufReader};
 use std::time::Instant;
