@@ -6,6 +6,7 @@ mod fuzz;
 mod reliability;
 mod setup;
 mod test;
+mod test_kernel;
 mod testlog;
 mod timing;
 mod util;
@@ -29,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (Debian packages, nightly rust-src, bpf-linker,
-    /// cargo-fuzz).
+    /// cargo-fuzz, Debian 12's kernel package for test-kernel, unpacked into /var/cache).
     /// Idempotent.
     Setup,
     /// Setup, then build the workspace (the eBPF object is built by nat-userspace's build.rs).
@@ -56,6 +57,23 @@ enum Task {
         /// Targets to run (all if none): cloudstack, config, api_request.
         targets: Vec<String>,
     },
+    /// Boot an older kernel (Debian 12's 6.1 by default) under qemu and run there: every
+    /// program through its verifier, a subset of the BPF_PROG_TEST_RUN tests and one
+    /// end-to-end test. Needs root; a few minutes (KVM) or several (software emulation).
+    TestKernel {
+        /// The kernel: the newest Debian package `linux-image-VERSION.N-M-amd64` apt knows.
+        #[arg(long, default_value = test_kernel::DEFAULT_VERSION)]
+        kernel_version: String,
+        /// How qemu runs the guest (auto: KVM with hardware virtualisation, else TCG).
+        #[arg(long, value_enum, default_value_t = test_kernel::Accel::Auto)]
+        accel: test_kernel::Accel,
+        /// Run every BPF_PROG_TEST_RUN test, not the subset (about 8 minutes under TCG).
+        #[arg(long)]
+        full: bool,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 1200)]
+        timeout_secs: u64,
+    },
     /// Run natd on a three-namespace demo topology and show NAT at work. Needs root.
     Demo,
     /// Run the benchmarks and write bench/RESULTS.md and its charts. Needs root; about a
@@ -81,6 +99,19 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds, targets } => {
             setup::run().and_then(|()| fuzz::check(&fuzz::run(seconds, &targets)?))
         }
+        Task::TestKernel {
+            kernel_version,
+            accel,
+            full,
+            timeout_secs,
+        } => setup::run().and_then(|()| {
+            test_kernel::run(&test_kernel::Options {
+                version: kernel_version,
+                accel,
+                full,
+                timeout: std::time::Duration::from_secs(timeout_secs),
+            })
+        }),
         Task::Demo => demo::run(),
         Task::Bench { bench_args } => bench::run(&bench_args),
     };

@@ -30,6 +30,9 @@ const DEB_PACKAGES: &[&str] = &[
     // `cargo xtask bench`: CloudStack's iptables static NAT, for comparison; e2e_policy_kernel:
     // a CloudStack router's iptables in front of `natd --policy kernel`.
     "iptables",
+    // `cargo xtask test-kernel`: boots Debian's 6.1 kernel with a static busybox initramfs.
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -42,6 +45,8 @@ pub fn run() -> Result<()> {
     stable_components()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    // The kernel `cargo xtask test-kernel` boots (Debian 12's 6.1), unpacked into /var/cache.
+    crate::test_kernel::fetch_default()?;
     Ok(())
 }
 

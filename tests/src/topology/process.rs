@@ -18,7 +18,21 @@ use super::{COMMAND_TIMEOUT, ROUTER_GUEST_IF, ROUTER_PUBLIC_IF, Topology};
 pub const NATD_START: Duration = Duration::from_secs(60);
 /// How long natd may take to exit after SIGTERM before it is killed.
 pub const NATD_STOP: Duration = Duration::from_secs(10);
+/// A whole factor the natd start and stop bounds are stretched by (default 1). `cargo xtask
+/// test-kernel` sets it when its guest kernel runs under software emulation, where verifying
+/// the programs alone takes about a minute.
+pub const SLOWDOWN_ENV: &str = "NAT_TEST_SLOWDOWN";
 const POLL: Duration = Duration::from_millis(20);
+
+/// `d` times [`SLOWDOWN_ENV`] (1 when unset or not a whole number from 1 to 100).
+pub fn stretched(d: Duration) -> Duration {
+    let factor = std::env::var(SLOWDOWN_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|f| (1..=100).contains(f))
+        .unwrap_or(1);
+    d * factor
+}
 
 /// A finished command's exit status and output.
 #[derive(Debug)]
@@ -297,7 +311,8 @@ impl Natd {
             log,
             exited: None,
         };
-        let deadline = Instant::now() + NATD_START;
+        let start = stretched(NATD_START);
+        let deadline = Instant::now() + start;
         // Connectable, not only present: the socket file exists a moment before natd listens.
         while std::os::unix::net::UnixStream::connect(&natd.socket).is_err() {
             if let Some(status) = natd.child.try_wait().context("waiting for natd")? {
@@ -309,7 +324,7 @@ impl Natd {
             }
             ensure!(
                 Instant::now() < deadline,
-                "natd did not listen on {} within {NATD_START:?}:\n{}",
+                "natd did not listen on {} within {start:?}:\n{}",
                 natd.socket.display(),
                 natd.log_text()
             );
@@ -405,14 +420,15 @@ impl Natd {
         let pid = libc::pid_t::try_from(self.child.id()).context("natd's pid")?;
         // SAFETY: plain syscall; `pid` is our own child, not yet reaped, so it is natd.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        if let Some(status) = wait_timeout(&mut self.child, NATD_STOP)? {
+        let stop = stretched(NATD_STOP);
+        if let Some(status) = wait_timeout(&mut self.child, stop)? {
             self.exited = Some(status);
             return Ok(status);
         }
         self.child.kill().context("killing natd")?;
         let status = self.child.wait().context("waiting for natd")?;
         self.exited = Some(status);
-        bail!("natd did not exit within {NATD_STOP:?} of SIGTERM; killed it ({status})")
+        bail!("natd did not exit within {stop:?} of SIGTERM; killed it ({status})")
     }
 }
 
