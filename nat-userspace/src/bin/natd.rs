@@ -139,7 +139,14 @@ fn exit_message(e: &anyhow::Error) -> String {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // aya warns at every load that the kernel refused the object's BTF: the Rust enums'
+    // debug types come out of LLVM in a shape the kernel's BTF checker rejects. natd's maps
+    // and programs do not use BTF (legacy map definitions, no CO-RE), so that warning says
+    // nothing an operator can act on; RUST_LOG=aya=warn shows it again.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,aya::bpf=error"),
+    )
+    .init();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
