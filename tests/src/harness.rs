@@ -13,6 +13,8 @@
 //!  gsb0 10.0.1.1/24 (GUEST, addr 10.0.1.1) -- gsb1   neighbour V5 10.0.1.10, and V6 10.0.2.10
 //!                                                    (another MAC) for when 10.0.2.0/24 moves here
 //!  gsn0 no address, route 10.0.2.0/24 (GUEST, addr 0) -- gsn1   neighbour V6 10.0.2.10
+//!  pbb0 no address (PUBLIC) -- pbb1   a second public network: every mapping's public IP is
+//!                                      on pub0's, so new inbound flows arriving here are dropped
 //!  oth0 203.0.113.1/24 (not in IFACES) -- oth1 neighbour 203.0.113.2
 //!  lo   (down, not in IFACES)
 //! ```
@@ -159,6 +161,8 @@ pub struct Link {
 #[derive(Clone, Copy, Debug)]
 pub struct Topology {
     pub pub0: Link,
+    /// A second public interface, owning none of the mappings' public IPs.
+    pub pbb0: Link,
     pub gst0: Link,
     pub gsb0: Link,
     pub gsn0: Link,
@@ -224,6 +228,7 @@ link add gst0 type veth peer name gst1
 link add gsb0 type veth peer name gsb1
 link add gsn0 type veth peer name gsn1
 link add oth0 type veth peer name oth1
+link add pbb0 type veth peer name pbb1
 link set dev gst0 mtu {GST_MTU}
 link set dev pub0 up
 link set dev pub1 up
@@ -235,6 +240,8 @@ link set dev gsn0 up
 link set dev gsn1 up
 link set dev oth0 up
 link set dev oth1 up
+link set dev pbb0 up
+link set dev pbb1 up
 addr add {PUB_ADDR}/24 dev pub0
 addr add {GST_ADDR}/24 dev gst0
 addr add {GSB_ADDR}/24 dev gsb0
@@ -296,6 +303,7 @@ fn read_links(ns: &NetnsGuard) -> anyhow::Result<Topology> {
     };
     Ok(Topology {
         pub0: find("pub0")?,
+        pbb0: find("pbb0")?,
         gst0: find("gst0")?,
         gsb0: find("gsb0")?,
         gsn0: find("gsn0")?,
@@ -305,9 +313,10 @@ fn read_links(ns: &NetnsGuard) -> anyhow::Result<Topology> {
 }
 
 /// The interfaces natd manages: link, role, and the address `IFACES` holds for it.
-fn managed(t: &Topology) -> [(Link, u32, Ipv4Addr); 4] {
+fn managed(t: &Topology) -> [(Link, u32, Ipv4Addr); 5] {
     [
         (t.pub0, ROLE_PUBLIC, PUB_ADDR),
+        (t.pbb0, ROLE_PUBLIC, Ipv4Addr::UNSPECIFIED),
         (t.gst0, ROLE_GUEST, GST_ADDR),
         (t.gsb0, ROLE_GUEST, GSB_ADDR),
         (t.gsn0, ROLE_GUEST, Ipv4Addr::UNSPECIFIED),
@@ -318,6 +327,7 @@ fn model_for(t: &Topology) -> Model {
     let mut fib = Fib::default();
     for (link, mtu) in [
         (t.pub0, 1500),
+        (t.pbb0, 1500),
         (t.gst0, GST_MTU),
         (t.gsb0, 1500),
         (t.gsn0, 1500),
@@ -354,6 +364,8 @@ fn model_for(t: &Topology) -> Model {
         nat_out: NAT_OUT.into(),
         fib,
         route_gen: TEST_ROUTE_GEN,
+        // natd's owner of a public IP: the public interface whose network holds it.
+        owner: NAT_IN.iter().map(|(p, _)| (*p, t.pub0.ifindex)).collect(),
         ..Model::default()
     };
     m.policy.conntrack.timeouts_ns = [TEST_TIMEOUT_NS; TIMEOUT_SLOTS];
@@ -450,6 +462,7 @@ impl Harness {
             let value = NatValue {
                 addr: key(v),
                 slot: slot_of(p, v)?,
+                ifindex: topo.pub0.ifindex,
                 ..NatValue::default()
             };
             nat_in.insert(key(p), value, 0)?;

@@ -127,6 +127,10 @@ pub struct Model {
     pub fib: Fib,
     /// The route generation (`CONFIG`): a direction resolved under another resolves again.
     pub route_gen: u32,
+    /// `--policy kernel` (`CONFIG`): a mapped packet of no flow is the kernel's to judge
+    /// (`KernelDecides`). Flows under this policy come only from the tc learner, which the
+    /// model does not run, so its flow table stays as it was.
+    pub kernel_policy: bool,
     /// Rules, flow table and timeouts.
     pub policy: PolicyModel,
     /// The leg of the last frame (`None`: it did not get that far).

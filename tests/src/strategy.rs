@@ -20,7 +20,10 @@ use crate::{
 /// Where a frame arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ingress {
+    /// `pub0`.
     Public,
+    /// `pbb0`: a second public network, owning no mapping's public IP.
+    PublicB,
     /// `gst0`.
     Guest,
     /// `gsb0`: the second guest network.
@@ -193,6 +196,7 @@ fn addr(pool: &'static [Ipv4Addr]) -> BoxedStrategy<Ipv4Addr> {
 fn ingress() -> impl Strategy<Value = Ingress> {
     prop_oneof![
         40 => Just(Ingress::Public),
+        4 => Just(Ingress::PublicB),
         36 => Just(Ingress::Guest),
         10 => Just(Ingress::GuestB),
         4 => Just(Ingress::GuestN),
@@ -496,6 +500,7 @@ impl FrameSpec {
     pub fn ingress_ifindex(&self, t: &Topology) -> u32 {
         match self.ingress {
             Ingress::Public => t.pub0.ifindex,
+            Ingress::PublicB => t.pbb0.ifindex,
             Ingress::Guest => t.gst0.ifindex,
             Ingress::GuestB => t.gsb0.ifindex,
             Ingress::GuestN => t.gsn0.ifindex,

@@ -206,6 +206,12 @@ impl Harness {
                 let value = NatValue {
                     addr: key(addr),
                     slot,
+                    // As natd writes it: `NAT_IN` names the interface owning the public IP.
+                    ifindex: if name == MAP_NAT_IN {
+                        self.topo.pub0.ifindex
+                    } else {
+                        0
+                    },
                     ..NatValue::default()
                 };
                 m.insert(key(k), value, 0)?;

@@ -82,6 +82,20 @@ impl Harness {
 
     /// Sets the conntrack idle timeouts (ns by state, 0 = netfilter's default) in program and
     /// model.
+    /// Sets `--policy kernel` (`true`) or `--policy xdp` in program and model.
+    pub fn set_kernel_policy(&self, kernel: bool) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf.borrow_mut();
+        let mut cfg = maps::read_config(&mut ebpf)?;
+        cfg.policy = if kernel {
+            nat_common::POLICY_KERNEL
+        } else {
+            nat_common::POLICY_XDP
+        };
+        maps::write_config(&mut ebpf, &cfg)?;
+        self.model.borrow_mut().kernel_policy = kernel;
+        Ok(())
+    }
+
     pub fn set_timeouts(&self, timeouts_ns: [u64; TIMEOUT_SLOTS]) -> anyhow::Result<()> {
         let mut ebpf = self.ebpf.borrow_mut();
         let mut cfg = maps::read_config(&mut ebpf)?;

@@ -43,21 +43,38 @@ impl Model {
         ev: &mut Events,
     ) -> Result<Outcome, Reason> {
         let role = self.ifaces.get(&ingress).ok_or(Reason::UnknownIface)?.role;
+        // `--policy kernel`: whatever involves a mapping is the kernel's to judge.
+        let kernel = |leg: Leg, m: &mut Model| {
+            m.last_leg = Some(leg);
+            Err(Reason::KernelDecides)
+        };
         if role == ROLE_PUBLIC {
             if let Some(&v) = self.nat_in.get(&ip.daddr) {
+                if self.kernel_policy {
+                    return kernel(Leg::Inbound, self);
+                }
                 self.last_leg = Some(Leg::Inbound);
                 return self.inbound(f, ip, facts, ingress, v, may_open, now, ev);
             }
             if self.nat_out.contains_key(&ip.daddr) {
+                if self.kernel_policy {
+                    return Err(Reason::KernelDecides);
+                }
                 return Ok(dropped(Reason::DirectToPrivate, f, None));
             }
             return Err(Reason::Unmapped);
         }
         if let Some(&v1) = self.nat_in.get(&ip.daddr) {
+            if self.kernel_policy {
+                return kernel(Leg::HairpinForward, self);
+            }
             self.last_leg = Some(Leg::HairpinForward);
             return self.hairpin(f, ip, facts, ingress, v1, may_open, now, ev);
         }
         let p = *self.nat_out.get(&ip.saddr).ok_or(Reason::Unmapped)?;
+        if self.kernel_policy {
+            return kernel(Leg::Outbound, self);
+        }
         self.last_leg = Some(Leg::Outbound);
         self.outbound(f, ip, facts, ingress, p, may_open, now, ev)
     }

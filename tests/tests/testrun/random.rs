@@ -8,7 +8,9 @@
 //! policy path, and the hairpin legs by reason.
 //! The policy is open ([`open_policy`]), so the translation paths stay reachable.
 //! `NAT_PROPTEST_CASES` sets the number of frames (default 20 000, plus a quarter of that
-//! again aimed at ICMP errors, and another quarter at hairpin).
+//! again aimed at ICMP errors, another quarter at hairpin, and an eighth under `--policy
+//! kernel`). The public side has two interfaces, so new inbound flows arriving on the one
+//! that does not own their public IP occur too.
 use std::{cell::RefCell, collections::BTreeMap, time::Instant};
 
 use nat_common::Reason;
@@ -179,15 +181,23 @@ fn program_matches_model() {
     let cases = cases_from_env();
     let mut fig = Figures::new("differential");
     fig.set(
-        "random frames planned (NAT_PROPTEST_CASES, plus a quarter for ICMP errors and a \
-         quarter for hairpin)",
-        u64::from(cases + cases / 4 + cases / 4),
+        "random frames planned (NAT_PROPTEST_CASES, plus a quarter for ICMP errors, a \
+         quarter for hairpin and an eighth under --policy kernel)",
+        u64::from(cases + cases / 4 + cases / 4 + cases / 8),
     );
     let cov = RefCell::new(Coverage::default());
     let start = Instant::now();
     let result = run(&h, &cov, cases, frame_spec())
         .and_then(|()| run(&h, &cov, cases / 4, icmp_error_frame_spec()))
-        .and_then(|()| run(&h, &cov, cases / 4, hairpin_frame_spec()));
+        .and_then(|()| run(&h, &cov, cases / 4, hairpin_frame_spec()))
+        .and_then(|()| {
+            // `--policy kernel`, from an empty flow table (its flows come from the tc
+            // learner, which this bench does not run).
+            h.clear_flows()
+                .and_then(|()| h.set_kernel_policy(true))
+                .map_err(|e| format!("{e:#}"))?;
+            run(&h, &cov, cases / 8, frame_spec())
+        });
     let elapsed = start.elapsed();
     fig.set(
         "random frames run through program and model",
@@ -219,7 +229,7 @@ fn program_matches_model() {
     eprintln!(
         "{} random frames in {elapsed:.1?} ({} changes of the surroundings between them), {} \
          translated ICMP errors; {}\n  policy: {}\n  hairpin: {}",
-        cases + cases / 2,
+        cases + cases / 2 + cases / 8,
         cov.changes,
         cov.icmp_errors_translated,
         report.join(" "),
@@ -227,7 +237,12 @@ fn program_matches_model() {
         hairpin.join(" ")
     );
     if cases >= 5_000 {
-        let missed: Vec<_> = Reason::ALL.iter().filter(|r| seen(**r) < 10).collect();
+        // Random frames cannot take every alternative source port of a hairpin flow:
+        // `hairpin_edges::hairpin_collisions_take_another_port` reaches that one.
+        let missed: Vec<_> = Reason::ALL
+            .iter()
+            .filter(|r| **r != Reason::HairpinCollision && seen(**r) < 10)
+            .collect();
         assert!(missed.is_empty(), "the generator rarely reached {missed:?}");
         let icmp = cov.icmp_errors_translated;
         assert!(
@@ -237,10 +252,11 @@ fn program_matches_model() {
         let hairpin = |leg, r| cov.hairpin.get(&(leg, r)).copied().unwrap_or(0);
         let thin: Vec<_> = [
             (Leg::HairpinForward, Reason::HairpinForwarded),
-            (Leg::HairpinForward, Reason::HairpinCollision),
             (Leg::HairpinForward, Reason::IcmpErrorUnrelated),
             (Leg::HairpinReply, Reason::HairpinForwarded),
-            (Leg::HairpinReply, Reason::Unmapped),
+            // A hairpin reply is one of a live flow, which outlives its mapping; its route
+            // is resolved by its first packet, so a reply meets a missing neighbour.
+            (Leg::HairpinReply, Reason::NoNeighbour),
         ]
         .into_iter()
         .filter(|(leg, r)| hairpin(*leg, *r) < 10)

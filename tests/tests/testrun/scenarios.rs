@@ -203,9 +203,12 @@ fn scenarios_match_model() {
             "scenarios rarely changed the surroundings: {}",
             c.routes
         );
+        // A hairpin flow takes another source port when its own is held (as netfilter's
+        // NAT does), so a collision needs every alternative held: scenarios never get there;
+        // `hairpin_edges::hairpin_collisions_take_another_port` does.
         let thin: Vec<_> = EXPECTED_PATHS
             .into_iter()
-            .filter(|(leg, p)| path(*leg, *p) < 20)
+            .filter(|(leg, p)| *p != Path::Collision && path(*leg, *p) < 20)
             .collect();
         assert!(
             thin.is_empty(),
