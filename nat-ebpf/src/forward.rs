@@ -64,7 +64,10 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, q: &Query) -> Result<Route, NoRout
     let p = unsafe { &mut *(scratch.fib.as_mut_ptr() as *mut FibParams) };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
-    if matches!(pkt.proto, proto::TCP | proto::UDP) {
+    if matches!(
+        pkt.proto,
+        proto::TCP | proto::UDP | proto::UDPLITE | proto::DCCP
+    ) {
         p.sport = q.sport;
         p.dport = q.dport;
     }

@@ -16,12 +16,12 @@ use crate::{
     },
 };
 
-/// Applies a flow entry's rewrite: addresses, ports (TCP/UDP) or identifier (ICMP), the
-/// checksums by their precomputed deltas, the TTL and the MACs.
+/// Applies a flow entry's rewrite: addresses, ports (TCP, UDP, UDP-Lite, DCCP: offsets 0 and
+/// 2) or identifier (ICMP), the checksums by their precomputed deltas, the TTL and the MACs.
 #[inline(always)]
 pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason> {
     match pkt.proto {
-        proto::TCP | proto::UDP => {
+        proto::TCP | proto::UDP | proto::UDPLITE | proto::DCCP => {
             store16(ctx, L4_OFF, e.sport)?;
             store16(ctx, L4_OFF + 2, e.dport)?;
         }
@@ -104,6 +104,7 @@ pub fn icmp_error(
     match q.quoted_csum {
         QuotedCsum::Tcp => icmp = quoted::<{ EMB_L4_OFF + 16 }>(ctx, icmp, old, new, false)?,
         QuotedCsum::Udp => icmp = quoted::<{ EMB_L4_OFF + 6 }>(ctx, icmp, old, new, true)?,
+        QuotedCsum::Dccp => icmp = quoted::<{ EMB_L4_OFF + 6 }>(ctx, icmp, old, new, false)?,
         QuotedCsum::None => {}
     }
     store16(ctx, icmp_csum_at, icmp)?;
