@@ -149,12 +149,12 @@ impl Transport {
     #[inline(always)]
     pub fn tuple(&self, pkt: &Packet) -> Option<FlowTuple> {
         let dport = match pkt.proto {
-            proto::TCP | proto::UDP | proto::UDPLITE | proto::DCCP => self.dport,
             proto::ICMP if nat_common::conntrack::icmp_query(self.service[0]).is_some() => {
                 u16::from_ne_bytes([0, self.service[0]])
             }
             proto::ICMP => return None,
-            _ => 0,
+            // The protocols with ports; the others have none parsed (0).
+            _ => self.dport,
         };
         Some(FlowTuple::new(
             pkt.saddr, pkt.daddr, self.sport, dport, pkt.proto,
@@ -263,44 +263,6 @@ impl Packet {
                 t.dport = u16::from_ne_bytes(h.dst);
                 t.service = h.dst;
             }
-            // UDP-Lite (RFC 3828 §3.1): UDP's header with the length field holding the
-            // checksum coverage (0: the whole datagram, else 8 up to the datagram's length);
-            // a zero checksum is illegal. netfilter deems either fault INVALID.
-            proto::UDPLITE => {
-                let h = ptr_at::<UdpHdr>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
-                // SAFETY: in bounds per `ptr_at`.
-                let h = unsafe { &*h };
-                let cov = u16::from_be_bytes(h.len) as usize;
-                if l4_len < UdpHdr::LEN
-                    || (cov != 0 && cov < UdpHdr::LEN)
-                    || (cov > l4_len && !self.first_fragment)
-                    || h.check == [0, 0]
-                {
-                    return Err(Reason::Malformed);
-                }
-                t.sport = u16::from_ne_bytes(h.src);
-                t.dport = u16::from_ne_bytes(h.dst);
-            }
-            // DCCP (RFC 4340 §5.1): ports at 0 and 2, data offset (32-bit words) at 4,
-            // checksum coverage in the low nibble of 5, checksum at 6, type in bits 1-4 of 8;
-            // the sanity checks of netfilter's `dccp_error`.
-            proto::DCCP => {
-                let h = ptr_at::<[u8; DCCP_HDR_LEN]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
-                // SAFETY: in bounds per `ptr_at`.
-                let h = unsafe { &*h };
-                let doff = h[4] as usize * 4;
-                let cscov = (h[5] & 0x0f) as usize;
-                if l4_len < DCCP_HDR_LEN
-                    || doff < DCCP_HDR_LEN
-                    || (doff > l4_len && !self.first_fragment)
-                    || (cscov != 0 && (cscov - 1) * 4 > l4_len && !self.first_fragment)
-                    || (h[8] >> 1) & 0x0f >= DCCP_PKT_INVALID
-                {
-                    return Err(Reason::Malformed);
-                }
-                t.sport = u16::from_ne_bytes([h[0], h[1]]);
-                t.dport = u16::from_ne_bytes([h[2], h[3]]);
-            }
             proto::ICMP => {
                 let h = ptr_at::<[u8; 8]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
                 if l4_len < 8 {
@@ -318,11 +280,73 @@ impl Packet {
                     ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
                 );
             }
-            // Other protocols (GRE, ESP, SCTP...) are translated at the IP header only.
-            _ => {}
+            // UDP-Lite and DCCP ([`ported`]); other protocols (GRE, ESP, SCTP...) are
+            // translated at the IP header only.
+            _ => {
+                if let Some((sport, dport)) = ported(ctx, l4_len, self.first_fragment)? {
+                    (t.sport, t.dport) = (sport, dport);
+                }
+            }
         }
         Ok(t)
     }
+}
+
+/// The ports of a UDP-Lite or DCCP packet (`None` for other protocols), after the sanity
+/// checks netfilter makes (`udplite_error`, `dccp_error`): their packets then take the same
+/// path as any other protocol's, keyed and rewritten by their ports like UDP's.
+///
+/// The protocol is read again from the packet, as a value of its own: the verifier learns it
+/// here only, not for the rest of the program, which stays one path for every protocol but
+/// TCP, UDP and ICMP (6.1's verifier explores each protocol the program knows apart).
+#[inline(always)]
+fn ported(
+    ctx: &impl Frame,
+    l4_len: usize,
+    first_fragment: bool,
+) -> Result<Option<(u16, u16)>, Reason> {
+    let p = ptr_at::<u8>(ctx, IP_OFF + offset_of!(Ipv4Hdr, proto)).ok_or(Reason::Malformed)?;
+    // SAFETY: in bounds per `ptr_at`.
+    let p = unsafe { core::ptr::read_volatile(p) };
+    if p != proto::UDPLITE && p != proto::DCCP {
+        return Ok(None);
+    }
+    let h = ptr_at::<[u8; DCCP_HDR_LEN]>(ctx, L4_OFF);
+    let h8 = ptr_at::<[u8; 8]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
+    // SAFETY: in bounds per `ptr_at`.
+    let h8 = unsafe { &*h8 };
+    if p == proto::UDPLITE {
+        // RFC 3828 §3.1: UDP's header with the length field holding the checksum coverage (0:
+        // the whole datagram, else 8 up to the datagram's length); a zero checksum is illegal.
+        let cov = u16::from_be_bytes([h8[4], h8[5]]) as usize;
+        if l4_len < 8
+            || (cov != 0 && cov < 8)
+            || (cov > l4_len && !first_fragment)
+            || (h8[6] | h8[7]) == 0
+        {
+            return Err(Reason::Malformed);
+        }
+    } else {
+        // RFC 4340 §5.1: data offset (32-bit words) at 4, checksum coverage in the low nibble
+        // of 5, type in bits 1-4 of 8; the generic header is 12 bytes at least.
+        let h = h.ok_or(Reason::Malformed)?;
+        // SAFETY: in bounds per `ptr_at`.
+        let h = unsafe { &*h };
+        let doff = h[4] as usize * 4;
+        let cscov = (h[5] & 0x0f) as usize;
+        if l4_len < DCCP_HDR_LEN
+            || doff < DCCP_HDR_LEN
+            || (doff > l4_len && !first_fragment)
+            || (cscov != 0 && (cscov - 1) * 4 > l4_len && !first_fragment)
+            || (h[8] >> 1) & 0x0f >= DCCP_PKT_INVALID
+        {
+            return Err(Reason::Malformed);
+        }
+    }
+    Ok(Some((
+        u16::from_ne_bytes([h8[0], h8[1]]),
+        u16::from_ne_bytes([h8[2], h8[3]]),
+    )))
 }
 
 /// Which transport checksum an ICMP error quotes whole.
