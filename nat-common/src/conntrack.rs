@@ -1,7 +1,15 @@
 //! Connection tracking as Linux netfilter (v6.1) keeps it: TCP after `nf_conntrack_proto_tcp.c`
 //! (the `tcp_conntracks` table, `get_conntrack_index`, `tcp_in_window`, the RST checks and the
-//! timeouts of `nf_conntrack_tcp_packet`), UDP after `nf_conntrack_proto_udp.c`, ICMP queries
-//! after `nf_conntrack_proto_icmp.c`, everything else with the generic tracker's one timeout.
+//! timeouts of `nf_conntrack_tcp_packet`), UDP and UDP-Lite after `nf_conntrack_proto_udp.c`
+//! (which tracks both alike, same states and timeouts), ICMP queries after
+//! `nf_conntrack_proto_icmp.c`, everything else with the generic tracker's one timeout.
+//!
+//! DCCP is tracked by the generic tracker too (state [`State::Other`], its one timeout,
+//! never ASSURED), keyed by its ports: netfilter's `nf_conntrack_proto_dccp.c` runs a state
+//! machine (REQUEST 240 s, OPEN 12 h, ASSURED after the handshake's ACK), and recent kernels
+//! (6.18 among them) have no DCCP tracker at all (the generic one, without ports). The generic timeout
+//! (600 s) lies within the state machine's range and the flow is never INVALID, so what
+//! netfilter lets through is let through; an idle DCCP flow ends sooner than in OPEN.
 //! Plain functions over plain `#[repr(C)]` data ([`Conn`]), `no_std`, for the XDP program and
 //! for host tests; the reference model in `nat-tests` has its own, independent encoding.
 //!
@@ -429,6 +437,7 @@ impl Conn {
 const PROTO_ICMP: u8 = 1;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
+const PROTO_UDPLITE: u8 = 136;
 
 /// The flow a first packet opens (from the originator), or `None` if it cannot open one (TCP
 /// that netfilter would not track as new: RST, FIN, SYN/ACK, impossible flags, mid-stream
@@ -458,7 +467,7 @@ pub fn open<F: Fn(Timeout) -> u64>(
                 _ => None,
             };
         }
-        PROTO_UDP => State::UdpUnreplied,
+        PROTO_UDP | PROTO_UDPLITE => State::UdpUnreplied,
         PROTO_ICMP => State::Icmp,
         _ => State::Other,
     };
@@ -480,8 +489,8 @@ pub fn packet<F: Fn(Timeout) -> u64>(
 ) -> Verdict {
     let v = match proto {
         PROTO_TCP => tcp::packet(c, dir, pkt, cfg, timeout_of),
-        PROTO_UDP => {
-            // nf_conntrack_udp_packet: the stream timer once a reply was seen and two seconds
+        PROTO_UDP | PROTO_UDPLITE => {
+            // nf_conntrack_udp_packet (nf_conntrack_udplite_packet alike): the stream timer once a reply was seen and two seconds
             // have passed; ASSURED from the first packet after a reply.
             let timer = if c.flags & SEEN_REPLY == 0 {
                 Timeout::UdpUnreplied
@@ -503,7 +512,7 @@ pub fn packet<F: Fn(Timeout) -> u64>(
     // nf_conntrack_in marks the reply seen once the protocol accepted a reply packet.
     if matches!(v, Verdict::Accept(_) | Verdict::Ignore) && matches!(dir, Dir::Reply) {
         c.flags |= SEEN_REPLY;
-        if proto == PROTO_UDP {
+        if matches!(proto, PROTO_UDP | PROTO_UDPLITE) {
             c.state = State::UdpReplied as u8;
         }
     }

@@ -206,27 +206,32 @@ pub struct Rewrite {
     pub udp: bool,
 }
 
-/// Offsets of the TCP and UDP checksums in their headers.
+/// Offsets of the TCP and UDP checksums in their headers. UDP-Lite (RFC 3828 §3.1) and DCCP
+/// (RFC 4340 §5.1) keep theirs where UDP does.
 pub const TCP_CSUM_AT: u8 = 16;
 pub const UDP_CSUM_AT: u8 = 6;
 /// Offset of the ICMP checksum, which covers the identifier an ICMP query's rewrite may
 /// change (hairpin flows that had to take another identifier).
 pub const ICMP_ID_CSUM_AT: u8 = 2;
 
-/// The rewrite that turns packets keyed `from` into `to` (addresses and, for TCP/UDP,
-/// ports), decrementing the TTL.
+/// The rewrite that turns packets keyed `from` into `to` (addresses and, for the protocols
+/// with ports, ports), decrementing the TTL. The transport checksums of TCP, UDP, UDP-Lite and
+/// DCCP cover the pseudo-header's addresses and the ports (RFC 9293 §3.1, RFC 768, RFC 3828
+/// §3.2, RFC 4340 §9.1). UDP-Lite takes UDP's rule for a computed zero (sent as 0xFFFF, as
+/// netfilter's `udplite_manip_pkt` does; a zero UDP-Lite checksum is illegal and never
+/// translated); DCCP's has no special value.
 #[inline(always)]
 pub const fn rewrite(from: &FlowTuple, to: &FlowTuple) -> Rewrite {
     let addrs = csum::delta4(from.saddr, to.saddr) + csum::delta4(from.daddr, to.daddr);
     let ip_delta = csum::fold(addrs + csum::TTL_DECREMENT);
     let (l4_csum, udp, ports) = match from.proto {
-        crate::proto::TCP | crate::proto::UDP => (
+        crate::proto::TCP | crate::proto::UDP | crate::proto::UDPLITE | crate::proto::DCCP => (
             if from.proto == crate::proto::TCP {
                 TCP_CSUM_AT
             } else {
                 UDP_CSUM_AT
             },
-            from.proto == crate::proto::UDP,
+            matches!(from.proto, crate::proto::UDP | crate::proto::UDPLITE),
             csum::delta2(from.sport, to.sport) + csum::delta2(from.dport, to.dport),
         ),
         // The ICMP checksum covers no address; only a changed identifier touches it.
@@ -298,9 +303,10 @@ mod tests {
             a in proptest::prelude::any::<[u32; 4]>(),
             p in proptest::prelude::any::<[u16; 4]>(),
             ttl in 2u8..=255,
+            proto in proptest::sample::select(&[17u8, 136][..]),
         ) {
-            let from = FlowTuple::new(a[0], a[1], p[0], p[1], 17);
-            let to = FlowTuple::new(a[2], a[3], p[2], p[3], 17);
+            let from = FlowTuple::new(a[0], a[1], p[0], p[1], proto);
+            let to = FlowTuple::new(a[2], a[3], p[2], p[3], proto);
             let mut pkt = packet(&from, ttl);
             let rw = rewrite(&from, &to);
             let ip = u16::from_ne_bytes([pkt[10], pkt[11]]);

@@ -22,8 +22,8 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
-    /// DCCP and UDP-Lite: their checksums cover the addresses but the program does not parse
-    /// them, so it leaves them to the kernel (RFC 4340 §9.1, RFC 3828 §3.2).
+    /// DCCP and UDP-Lite: ports at offsets 0 and 2 and a checksum at 6 that covers the IPv4
+    /// pseudo-header (RFC 4340 §9.1, RFC 3828 §3.2), translated like UDP's.
     pub const DCCP: u8 = 33;
     pub const UDPLITE: u8 = 136;
 }

@@ -48,8 +48,9 @@ pub enum Reason {
     /// Dropped: a new inbound flow to a public IP arrived on a public interface other than
     /// the one whose network owns the IP.
     WrongNetwork,
-    /// A protocol whose checksum covers the addresses but that the program does not parse
-    /// (DCCP, UDP-Lite): the kernel translates it.
+    /// No longer counted: DCCP and UDP-Lite, which the kernel used to translate, are translated
+    /// like UDP. Kept so that the counter slots (and [`crate::maps::LAYOUT_VERSION`]) of the
+    /// reasons after it stay as they are.
     UnsupportedProto,
     /// `--policy kernel`: a mapped packet the fast path does not carry (no established flow
     /// the kernel admitted, or one whose state the packet may change): the kernel decides.

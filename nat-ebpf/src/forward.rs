@@ -64,7 +64,9 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, q: &Query) -> Result<Route, NoRout
     let p = unsafe { &mut *(scratch.fib.as_mut_ptr() as *mut FibParams) };
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
-    if matches!(pkt.proto, proto::TCP | proto::UDP) {
+    // The ports of TCP, UDP, UDP-Lite and DCCP (0 for protocols without); not an ICMP
+    // query's identifier.
+    if pkt.proto != proto::ICMP {
         p.sport = q.sport;
         p.dport = q.dport;
     }

@@ -89,15 +89,11 @@ fn opens(pkt: &Packet, l4: &Transport) -> Option<(u8, u8, u8)> {
     Some((c.state, c.flags, c.timer))
 }
 
-/// Passes what the program does not translate: TTL 1 (the kernel answers), DCCP and UDP-Lite
-/// (their checksums cover the addresses; the kernel's NAT rewrites them).
+/// Passes what the program does not translate: TTL 1 (the kernel answers).
 #[inline(always)]
 fn translatable(pkt: &Packet) -> Result<(), Reason> {
     if pkt.ttl <= 1 {
         return Err(Reason::TtlExpired);
-    }
-    if matches!(pkt.proto, proto::DCCP | proto::UDPLITE) {
-        return Err(Reason::UnsupportedProto);
     }
     Ok(())
 }
@@ -306,7 +302,10 @@ fn hairpin(ctx: &XdpContext, pkt: &Packet, l4: &Transport, ingress: u32, m: &Nat
 /// flow holds. Protocols without ports have one try.
 #[inline(always)]
 fn free_port(k: &FlowTuple, r: u32, v1: u32) -> Result<u16, Reason> {
-    let tries = if matches!(k.proto, proto::TCP | proto::UDP | proto::ICMP) {
+    let tries = if matches!(
+        k.proto,
+        proto::TCP | proto::UDP | proto::UDPLITE | proto::DCCP | proto::ICMP
+    ) {
         HAIRPIN_PORT_TRIES
     } else {
         1

@@ -29,6 +29,11 @@ pub const IP_DST: usize = IP_OFF + offset_of!(Ipv4Hdr, dst_addr);
 pub const ICMP_ID_AT: usize = 4;
 /// Offset of the ICMP checksum.
 pub const ICMP_CSUM_AT: usize = 2;
+/// Length of DCCP's generic header without extended sequence numbers (RFC 4340 §5.1), the
+/// least netfilter accepts (`sizeof(struct dccp_hdr)`).
+pub const DCCP_HDR_LEN: usize = 12;
+/// DCCP packet types from 10 on are reserved (RFC 4340 §5.1); netfilter deems them INVALID.
+const DCCP_PKT_INVALID: u8 = 10;
 
 /// TCP flag bits of byte 13 of the TCP header (RFC 9293).
 pub const TCP_FIN: u8 = 0x01;
@@ -138,18 +143,18 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// The packet's key in the flow table, if its protocol is tracked by tuple: TCP, UDP,
-    /// the ICMP queries (identifier and type), and other protocols but ICMP errors and the
-    /// protocols whose checksums the program does not parse (DCCP, UDP-Lite).
+    /// The packet's key in the flow table, if its protocol is tracked by tuple: the protocols
+    /// with ports (TCP, UDP, UDP-Lite, DCCP), the ICMP queries (identifier and type), and
+    /// other protocols but ICMP errors.
     #[inline(always)]
     pub fn tuple(&self, pkt: &Packet) -> Option<FlowTuple> {
         let dport = match pkt.proto {
-            proto::TCP | proto::UDP => self.dport,
             proto::ICMP if nat_common::conntrack::icmp_query(self.service[0]).is_some() => {
                 u16::from_ne_bytes([0, self.service[0]])
             }
-            proto::ICMP | proto::DCCP | proto::UDPLITE => return None,
-            _ => 0,
+            proto::ICMP => return None,
+            // The protocols with ports; the others have none parsed (0).
+            _ => self.dport,
         };
         Some(FlowTuple::new(
             pkt.saddr, pkt.daddr, self.sport, dport, pkt.proto,
@@ -275,11 +280,73 @@ impl Packet {
                     ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
                 );
             }
-            // Other protocols (GRE, ESP, SCTP...) are translated at the IP header only.
-            _ => {}
+            // UDP-Lite and DCCP ([`ported`]); other protocols (GRE, ESP, SCTP...) are
+            // translated at the IP header only.
+            _ => {
+                if let Some((sport, dport)) = ported(ctx, l4_len, self.first_fragment)? {
+                    (t.sport, t.dport) = (sport, dport);
+                }
+            }
         }
         Ok(t)
     }
+}
+
+/// The ports of a UDP-Lite or DCCP packet (`None` for other protocols), after the sanity
+/// checks netfilter makes (`udplite_error`, `dccp_error`): their packets then take the same
+/// path as any other protocol's, keyed and rewritten by their ports like UDP's.
+///
+/// The protocol is read again from the packet, as a value of its own: the verifier learns it
+/// here only, not for the rest of the program, which stays one path for every protocol but
+/// TCP, UDP and ICMP (6.1's verifier explores each protocol the program knows apart).
+#[inline(always)]
+fn ported(
+    ctx: &impl Frame,
+    l4_len: usize,
+    first_fragment: bool,
+) -> Result<Option<(u16, u16)>, Reason> {
+    let p = ptr_at::<u8>(ctx, IP_OFF + offset_of!(Ipv4Hdr, proto)).ok_or(Reason::Malformed)?;
+    // SAFETY: in bounds per `ptr_at`.
+    let p = unsafe { core::ptr::read_volatile(p) };
+    if p != proto::UDPLITE && p != proto::DCCP {
+        return Ok(None);
+    }
+    let h = ptr_at::<[u8; DCCP_HDR_LEN]>(ctx, L4_OFF);
+    let h8 = ptr_at::<[u8; 8]>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
+    // SAFETY: in bounds per `ptr_at`.
+    let h8 = unsafe { &*h8 };
+    if p == proto::UDPLITE {
+        // RFC 3828 §3.1: UDP's header with the length field holding the checksum coverage (0:
+        // the whole datagram, else 8 up to the datagram's length); a zero checksum is illegal.
+        let cov = u16::from_be_bytes([h8[4], h8[5]]) as usize;
+        if l4_len < 8
+            || (cov != 0 && cov < 8)
+            || (cov > l4_len && !first_fragment)
+            || (h8[6] | h8[7]) == 0
+        {
+            return Err(Reason::Malformed);
+        }
+    } else {
+        // RFC 4340 §5.1: data offset (32-bit words) at 4, checksum coverage in the low nibble
+        // of 5, type in bits 1-4 of 8; the generic header is 12 bytes at least.
+        let h = h.ok_or(Reason::Malformed)?;
+        // SAFETY: in bounds per `ptr_at`.
+        let h = unsafe { &*h };
+        let doff = h[4] as usize * 4;
+        let cscov = (h[5] & 0x0f) as usize;
+        if l4_len < DCCP_HDR_LEN
+            || doff < DCCP_HDR_LEN
+            || (doff > l4_len && !first_fragment)
+            || (cscov != 0 && (cscov - 1) * 4 > l4_len && !first_fragment)
+            || (h[8] >> 1) & 0x0f >= DCCP_PKT_INVALID
+        {
+            return Err(Reason::Malformed);
+        }
+    }
+    Ok(Some((
+        u16::from_ne_bytes([h8[0], h8[1]]),
+        u16::from_ne_bytes([h8[2], h8[3]]),
+    )))
 }
 
 /// Which transport checksum an ICMP error quotes whole.
@@ -287,7 +354,10 @@ impl Packet {
 pub enum QuotedCsum {
     None,
     Tcp,
+    /// UDP and UDP-Lite (offset 6, RFC 768's zero rule).
     Udp,
+    /// DCCP (offset 6, no zero rule).
+    Dccp,
 }
 
 /// The quoted packet of an ICMP error.
@@ -332,7 +402,10 @@ pub fn embedded(
     let quoted = l4_len - 8 - IP_LEN;
     let quoted_csum = match ip.proto {
         proto::TCP if quoted >= 18 => QuotedCsum::Tcp,
-        proto::UDP if quoted >= 8 => QuotedCsum::Udp,
+        proto::UDP | proto::UDPLITE if quoted >= 8 => QuotedCsum::Udp,
+        // netfilter rewrites a quoted DCCP checksum only when the whole generic header is
+        // quoted (`dccp_manip_pkt`).
+        proto::DCCP if quoted >= DCCP_HDR_LEN => QuotedCsum::Dccp,
         _ => QuotedCsum::None,
     };
     let ports = match ptr_at::<[u8; 8]>(ctx, EMB_L4_OFF) {
@@ -340,7 +413,7 @@ pub fn embedded(
             // SAFETY: in bounds per `ptr_at`.
             let h = unsafe { &*h };
             match ip.proto {
-                proto::TCP | proto::UDP => Some((
+                proto::TCP | proto::UDP | proto::UDPLITE | proto::DCCP => Some((
                     u16::from_ne_bytes([h[0], h[1]]),
                     u16::from_ne_bytes([h[2], h[3]]),
                 )),
@@ -367,8 +440,8 @@ pub const IP_MAX_LEN: usize = 60;
 /// The flow-table key of a packet arriving at the kernel, as the XDP program keys it
 /// ([`Transport::tuple`]) but for what it passes on: the IPv4 header may carry options, and a
 /// first fragment (offset 0, MF set) is keyed by the ports its transport header carries. A
-/// later fragment, an ICMP error, DCCP and UDP-Lite have no key. Only the headers need to be
-/// in the linear data.
+/// later fragment and an ICMP error have no key. Only the headers need to be in the linear
+/// data.
 #[inline(always)]
 pub fn wire_tuple(ctx: &impl Frame) -> Option<FlowTuple> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
@@ -385,7 +458,7 @@ pub fn wire_tuple(ctx: &impl Frame) -> Option<FlowTuple> {
     }
     let l4 = IP_OFF + ihl * 4;
     let (sport, dport) = match ip.proto {
-        proto::TCP | proto::UDP => {
+        proto::TCP | proto::UDP | proto::UDPLITE | proto::DCCP => {
             let h = ptr_at::<[u8; 4]>(ctx, l4)?;
             // SAFETY: in bounds per `ptr_at`.
             let h = unsafe { &*h };
@@ -404,7 +477,6 @@ pub fn wire_tuple(ctx: &impl Frame) -> Option<FlowTuple> {
                 u16::from_ne_bytes([h[0], 0]),
             )
         }
-        proto::DCCP | proto::UDPLITE => return None,
         _ => (0, 0),
     };
     Some(FlowTuple::new(

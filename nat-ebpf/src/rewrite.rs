@@ -4,7 +4,6 @@ use aya_ebpf::programs::XdpContext;
 use nat_common::{
     ENTRY_UDP, FlowEntry, Reason, csum,
     flow::{ICMP_ID_CSUM_AT, TCP_CSUM_AT, UDP_CSUM_AT},
-    proto,
 };
 use network_types::eth::EthHdr;
 
@@ -16,26 +15,29 @@ use crate::{
     },
 };
 
-/// Applies a flow entry's rewrite: addresses, ports (TCP/UDP) or identifier (ICMP), the
-/// checksums by their precomputed deltas, the TTL and the MACs.
+/// Applies a flow entry's rewrite: addresses, ports (TCP, UDP, UDP-Lite, DCCP: offsets 0 and
+/// 2) or identifier (ICMP), the checksums by their precomputed deltas, the TTL and the MACs.
 #[inline(always)]
 pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason> {
-    match pkt.proto {
-        proto::TCP | proto::UDP => {
-            store16(ctx, L4_OFF, e.sport)?;
-            store16(ctx, L4_OFF + 2, e.dport)?;
-        }
-        // Only a query whose identifier the rewrite changes has one to write (other messages
-        // carry other data there).
-        proto::ICMP if e.l4_csum == ICMP_ID_CSUM_AT => store16(ctx, L4_OFF + ICMP_ID_AT, e.sport)?,
-        _ => {}
-    }
-    // One arm per checksum position: the verifier only proves packet accesses at constant
-    // offsets here (a variable offset loses its bounds when the compiler spills it).
+    // By the entry's checksum position, not the protocol (which the verifier would explore
+    // one path per protocol for): the protocols with ports have their checksum at TCP's or
+    // UDP's offset; only an ICMP query whose identifier the rewrite changes has one to write
+    // (other messages carry other data there). One arm per checksum position: the verifier
+    // only proves packet accesses at constant offsets here (a variable offset loses its
+    // bounds when the compiler spills it).
     match e.l4_csum {
-        TCP_CSUM_AT => l4_csum::<{ L4_OFF + TCP_CSUM_AT as usize }>(ctx, e)?,
-        UDP_CSUM_AT => l4_csum::<{ L4_OFF + UDP_CSUM_AT as usize }>(ctx, e)?,
-        ICMP_ID_CSUM_AT => l4_csum::<{ L4_OFF + ICMP_CSUM_AT }>(ctx, e)?,
+        TCP_CSUM_AT => {
+            ports(ctx, e)?;
+            l4_csum::<{ L4_OFF + TCP_CSUM_AT as usize }>(ctx, e)?
+        }
+        UDP_CSUM_AT => {
+            ports(ctx, e)?;
+            l4_csum::<{ L4_OFF + UDP_CSUM_AT as usize }>(ctx, e)?
+        }
+        ICMP_ID_CSUM_AT => {
+            store16(ctx, L4_OFF + ICMP_ID_AT, e.sport)?;
+            l4_csum::<{ L4_OFF + ICMP_CSUM_AT }>(ctx, e)?
+        }
         _ => {}
     }
     store32(ctx, IP_SRC, e.saddr)?;
@@ -45,6 +47,13 @@ pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason
     let ip = load16(ctx, IP_CSUM)?;
     store16(ctx, IP_CSUM, csum::apply(ip, e.ip_delta))?;
     l2(ctx, &e.smac, &e.dmac)
+}
+
+/// Writes the entry's ports (offsets 0 and 2 of TCP, UDP, UDP-Lite and DCCP).
+#[inline(always)]
+fn ports(ctx: &XdpContext, e: &FlowEntry) -> Result<(), Reason> {
+    store16(ctx, L4_OFF, e.sport)?;
+    store16(ctx, L4_OFF + 2, e.dport)
 }
 
 /// Applies the entry's transport checksum delta to the checksum at `AT`.
@@ -104,6 +113,7 @@ pub fn icmp_error(
     match q.quoted_csum {
         QuotedCsum::Tcp => icmp = quoted::<{ EMB_L4_OFF + 16 }>(ctx, icmp, old, new, false)?,
         QuotedCsum::Udp => icmp = quoted::<{ EMB_L4_OFF + 6 }>(ctx, icmp, old, new, true)?,
+        QuotedCsum::Dccp => icmp = quoted::<{ EMB_L4_OFF + 6 }>(ctx, icmp, old, new, false)?,
         QuotedCsum::None => {}
     }
     store16(ctx, icmp_csum_at, icmp)?;

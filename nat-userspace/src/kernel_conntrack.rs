@@ -159,8 +159,10 @@ fn parse_line(line: &str) -> Option<KernelFlow> {
             _ => {}
         }
     }
+    // UDP-Lite and DCCP have ports where their kernel trackers exist; a kernel without one
+    // (DCCP on 6.18) tracks them generically, without ports: not the fast path's flow.
     let (sport, dport) = match proto {
-        6 | 17 => (sport?, dport?),
+        6 | 17 | 33 | 136 => (sport?, dport?),
         1 => (id?, ty?),
         _ => (0, 0),
     };
@@ -196,7 +198,7 @@ pub fn list() -> Result<HashSet<KernelFlow>, KernelConntrackError> {
 /// assured if `assured` (a status bit conntrack only ever sets).
 fn update_line(f: &KernelFlow, secs: u64, assured: bool) -> String {
     let ports = match f.proto {
-        6 | 17 => format!("--sport {} --dport {}", f.sport, f.dport),
+        6 | 17 | 33 | 136 => format!("--sport {} --dport {}", f.sport, f.dport),
         1 => format!("--icmp-type {} --icmp-id {}", f.dport, f.sport),
         _ => String::new(),
     };
@@ -265,6 +267,15 @@ mod tests {
                     src=192.0.2.7 dst=203.0.113.10 type=0 code=0 id=77 mark=0 use=1";
         assert_eq!(parse_line(icmp).map(|f| (f.sport, f.dport)), Some((77, 8)));
         assert_eq!(parse_line("conntrack v1.4.7: 3 flow entries"), None);
+        let udplite = "udplite  136 29 src=10.0.0.10 dst=192.0.2.7 sport=5000 dport=53 \
+                       src=192.0.2.7 dst=203.0.113.10 sport=53 dport=5000 mark=0 use=1";
+        assert_eq!(
+            parse_line(udplite).map(|f| (f.proto, f.sport, f.dport)),
+            Some((136, 5000, 53))
+        );
+        let generic_dccp = "unknown  33 599 src=10.0.0.10 dst=192.0.2.7 src=192.0.2.7 \
+                            dst=203.0.113.10 mark=0 use=1";
+        assert_eq!(parse_line(generic_dccp), None);
     }
 
     #[test]

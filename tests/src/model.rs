@@ -303,17 +303,16 @@ impl Model {
     }
 }
 
-/// The key a packet has in the flow table: TCP and UDP by ports, an ICMP query by identifier
-/// and type, other protocols without ports; none for other ICMP messages, DCCP and UDP-Lite.
+/// The key a packet has in the flow table: TCP, UDP, UDP-Lite and DCCP by ports, an ICMP
+/// query by identifier and type, other protocols without ports; none for other ICMP messages.
 fn tuple_of(ip: &Ip, f: &Facts) -> Option<Tuple> {
     let (sport, dport) = match ip.proto {
-        6 | 17 => (f.sport, f.dport),
+        6 | 17 | 33 | 136 => (f.sport, f.dport),
         1 => {
             let (ty, _) = f.icmp?;
             nf_state::icmp_inverse(ty)?;
             (f.sport, u16::from(ty))
         }
-        33 | 136 => return None,
         _ => (0, 0),
     };
     Some(Tuple {
@@ -411,6 +410,34 @@ fn transport(f: &[u8], ip: &Ip) -> Result<Facts, Reason> {
             }
             (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
         }
+        // UDP-Lite (RFC 3828 §3.1): the length field is the checksum coverage, 0 for the
+        // whole datagram or 8 up to its length; the checksum is mandatory (netfilter's
+        // `udplite_error` deems a zero checksum or a bad coverage INVALID).
+        136 => {
+            if !holds(L4, 8) || l4_len < 8 {
+                return Err(Reason::Malformed);
+            }
+            let coverage = be16(f, L4 + 4) as usize;
+            if (coverage != 0 && coverage < 8) || coverage > l4_len || be16(f, L4 + 6) == 0 {
+                return Err(Reason::Malformed);
+            }
+            (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
+        }
+        // DCCP (RFC 4340 §5.1): the generic header (12 bytes at least), its data offset in
+        // words within the packet, CsCov (low nibble of byte 5) within the packet, and no
+        // reserved type (10-15): netfilter's `dccp_error`.
+        33 => {
+            if !holds(L4, 12) || l4_len < 12 {
+                return Err(Reason::Malformed);
+            }
+            let doff = f[L4 + 4] as usize * 4;
+            let cscov = (f[L4 + 5] & 0x0f) as usize;
+            let ty = (f[L4 + 8] >> 1) & 0x0f;
+            if doff < 12 || doff > l4_len || (cscov > 0 && (cscov - 1) * 4 > l4_len) || ty >= 10 {
+                return Err(Reason::Malformed);
+            }
+            (facts.sport, facts.dport) = (be16(f, L4), be16(f, L4 + 2));
+        }
         1 => {
             if !holds(L4, 8) || l4_len < 8 {
                 return Err(Reason::Malformed);
@@ -463,16 +490,21 @@ fn quote(f: &[u8], ip: &Ip, inbound: bool, old: Ipv4Addr) -> Result<(ErrorEdit, 
             at: EMB_L4 + 16,
             udp: false,
         }),
-        17 if quoted >= 8 => Some(Csum {
+        17 | 136 if quoted >= 8 => Some(Csum {
             at: EMB_L4 + 6,
             udp: true,
+        }),
+        // netfilter's `dccp_manip_pkt` updates the checksum only with the whole header.
+        33 if quoted >= 12 => Some(Csum {
+            at: EMB_L4 + 6,
+            udp: false,
         }),
         _ => None,
     };
     // The quoted packet's ports as it travelled; a query's identifier and type.
     let ports = match inner_proto {
         _ if quoted < 8 => None,
-        6 | 17 => Some((be16(f, EMB_L4), be16(f, EMB_L4 + 2))),
+        6 | 17 | 33 | 136 => Some((be16(f, EMB_L4), be16(f, EMB_L4 + 2))),
         1 => nf_state::icmp_inverse(f[EMB_L4]).map(|_| (be16(f, EMB_L4 + 4), u16::from(f[EMB_L4]))),
         _ => None,
     };
@@ -484,14 +516,15 @@ fn quote(f: &[u8], ip: &Ip, inbound: bool, old: Ipv4Addr) -> Result<(ErrorEdit, 
     Ok((ErrorEdit { addr, inner }, q))
 }
 
-/// The rewrite of a packet keyed `from` into `to` on its way to `hop`: addresses, TCP/UDP
-/// ports or an ICMP query's identifier, each checksum over every word that changed (one
-/// RFC 1624 update per checksum), the TTL and the MACs.
+/// The rewrite of a packet keyed `from` into `to` on its way to `hop`: addresses, the ports
+/// (TCP, UDP, UDP-Lite, DCCP) or an ICMP query's identifier, each checksum over every word
+/// that changed (one RFC 1624 update per checksum; UDP-Lite's, like UDP's, never becomes 0),
+/// the TTL and the MACs.
 fn rewrite(out: &mut [u8], from: &Tuple, to: &Tuple, hop: &Hop) {
     let old = [from.saddr.octets(), from.daddr.octets()].concat();
     let new = [to.saddr.octets(), to.daddr.octets()].concat();
     match from.proto {
-        6 | 17 => {
+        6 | 17 | 33 | 136 => {
             let at = if from.proto == 6 { L4 + 16 } else { L4 + 6 };
             let old_l4 = [
                 &old[..],
@@ -503,7 +536,7 @@ fn rewrite(out: &mut [u8], from: &Tuple, to: &Tuple, hop: &Hop) {
             put16(out, L4, to.sport);
             put16(out, L4 + 2, to.dport);
             let c = be16(out, at);
-            let c = if from.proto == 17 {
+            let c = if matches!(from.proto, 17 | 136) {
                 update_udp(c, &old_l4, &new_l4)
             } else {
                 update(c, &old_l4, &new_l4)

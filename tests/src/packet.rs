@@ -1,5 +1,6 @@
-//! A small frame builder (Ethernet, IPv4 with options and fragment fields, TCP, UDP, ICMP
-//! including errors that quote an inner packet) producing correct checksums, and a checker
+//! A small frame builder (Ethernet, IPv4 with options and fragment fields, TCP, UDP,
+//! UDP-Lite, DCCP, ICMP including errors that quote an inner packet) producing correct
+//! checksums, and a checker
 //! that recomputes every checksum of a frame from scratch.
 //!
 //! Checksums are computed with `nat_common::csum::{checksum, sum_words}` over the whole
@@ -14,6 +15,8 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_DCCP: u8 = 33;
+pub const PROTO_UDPLITE: u8 = 136;
 pub const PROTO_GRE: u8 = 47;
 pub const PROTO_ESP: u8 = 50;
 
@@ -193,6 +196,111 @@ pub fn udp(
     s
 }
 
+/// A UDP-Lite datagram (RFC 3828 §3.1) with a valid checksum over `coverage` bytes (0: the
+/// whole datagram; else clamped to it) and the pseudo-header, a computed 0 sent as 0xFFFF.
+pub fn udplite(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    coverage: u16,
+) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut s = Vec::with_capacity(len);
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&coverage.to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    let c = match checksum_covered(src, dst, PROTO_UDPLITE, &s, udplite_coverage(&s)) {
+        0 => 0xffff,
+        c => c,
+    };
+    s[6..8].copy_from_slice(&c.to_ne_bytes());
+    s
+}
+
+/// DCCP packet types (RFC 4340 §5.1).
+pub const DCCP_REQUEST: u8 = 0;
+pub const DCCP_DATA: u8 = 2;
+
+/// A DCCP packet (RFC 4340 §5.1) of type `ty` with extended (48-bit) sequence numbers, no
+/// options, `payload` after the header, checksum coverage `cscov` (0: everything, RFC 4340
+/// §9.2) and a valid checksum (§9.1). Request and Data carry no acknowledgement number.
+pub fn dccp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    ty: u8,
+    cscov: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    // Request: 4 bytes of service code after the 16-byte generic header; Data: nothing more;
+    // other types: an 8-byte acknowledgement subheader.
+    let extra = match ty {
+        DCCP_REQUEST => 4,
+        DCCP_DATA => 0,
+        _ => 8,
+    };
+    let doff = (16 + extra) / 4;
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.push(doff as u8);
+    s.push(cscov & 0x0f);
+    s.extend_from_slice(&[0, 0]); // checksum
+    s.push((ty << 1) | 1); // X = 1
+    s.push(0);
+    s.extend_from_slice(&[0, 0, 0, 0x01, 0x02, 0x03]); // 48-bit sequence number (bytes 10..16)
+    s.resize(16 + extra, 0);
+    s.extend_from_slice(payload);
+    let c = checksum_covered(src, dst, PROTO_DCCP, &s, dccp_coverage(&s));
+    s[6..8].copy_from_slice(&c.to_ne_bytes());
+    s
+}
+
+/// Bytes of a UDP-Lite datagram its checksum covers (RFC 3828 §3.1): the coverage field, 0
+/// meaning everything; `None` if the field is illegal.
+fn udplite_coverage(s: &[u8]) -> Option<usize> {
+    let cov = u16::from_be_bytes([s[4], s[5]]) as usize;
+    match cov {
+        0 => Some(s.len()),
+        8.. if cov <= s.len() => Some(cov),
+        _ => None,
+    }
+}
+
+/// Bytes of a DCCP packet its checksum covers (RFC 4340 §9.2): the header (data offset) plus
+/// `(CsCov - 1) * 4` bytes of payload, everything for CsCov 0; `None` if beyond the packet.
+fn dccp_coverage(s: &[u8]) -> Option<usize> {
+    let doff = s[4] as usize * 4;
+    let cscov = (s[5] & 0x0f) as usize;
+    let cov = if cscov == 0 {
+        s.len()
+    } else {
+        doff + (cscov - 1) * 4
+    };
+    (doff >= 12 && doff <= s.len() && cov <= s.len()).then_some(cov)
+}
+
+/// The checksum of `seg` (checksum field zero) over the pseudo-header (with the whole
+/// length) and its first `cov` bytes (the whole segment if `None`).
+fn checksum_covered(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    seg: &[u8],
+    cov: Option<usize>,
+) -> u16 {
+    let cov = cov.unwrap_or(seg.len());
+    !fold_wide(sum_words(
+        &seg[..cov],
+        pseudo_sum(src, dst, proto, seg.len()),
+    ))
+}
+
 /// An ICMP message with a valid checksum: type, code, the 4-byte "rest of header" and body.
 pub fn icmp(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     let mut m = vec![ty, code, 0, 0];
@@ -272,6 +380,17 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
             let ulen = u16::from_be_bytes([head[4], head[5]]) as usize;
             let dgram = l4.get(..ulen).ok_or("UDP length beyond packet")?;
             head[6..8] == [0, 0] || sums_to_ffff(dgram, pseudo_sum(src, dst, PROTO_UDP, ulen))
+        }
+        PROTO_UDPLITE => {
+            let head = l4.get(..8).ok_or("UDP-Lite header cut")?;
+            let cov = udplite_coverage(l4).ok_or("UDP-Lite coverage")?;
+            head[6..8] != [0, 0]
+                && sums_to_ffff(&l4[..cov], pseudo_sum(src, dst, PROTO_UDPLITE, l4.len()))
+        }
+        PROTO_DCCP => {
+            l4.get(..12).ok_or("DCCP header cut")?;
+            let cov = dccp_coverage(l4).ok_or("DCCP data offset or coverage")?;
+            sums_to_ffff(&l4[..cov], pseudo_sum(src, dst, PROTO_DCCP, l4.len()))
         }
         PROTO_ICMP => sums_to_ffff(l4, 0),
         _ => true,

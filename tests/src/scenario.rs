@@ -346,6 +346,8 @@ fn l4() -> impl Strategy<Value = L4> {
         35 => select(&TCP_FLAGS[..]).prop_map(|flags| L4::Tcp { flags }),
         5 => any::<u8>().prop_map(|flags| L4::Tcp { flags }),
         30 => Just(L4::Udp),
+        4 => Just(L4::UdpLite),
+        4 => Just(L4::Dccp),
         15 => any::<bool>().prop_map(|request| L4::Echo { request }),
         8 => (select(&ICMP_OTHER_TYPES[..]), 0u8..2).prop_map(|(ty, code)| L4::Icmp { ty, code }),
         7 => select(&[47u8, 50, 132][..]).prop_map(L4::Other),
@@ -381,7 +383,7 @@ fn pkt() -> impl Strategy<Value = Pkt> {
     )
         .prop_map(|(way, g, remote, sender, guest_port, remote_port, l4)| {
             let (guest_port, remote_port) = match l4 {
-                L4::Tcp { .. } | L4::Udp => (guest_port, remote_port),
+                L4::Tcp { .. } | L4::Udp | L4::UdpLite | L4::Dccp => (guest_port, remote_port),
                 L4::Echo { .. } => (guest_port, guest_port),
                 L4::Icmp { .. } | L4::Other(_) => (0, 0),
             };

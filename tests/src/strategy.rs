@@ -65,6 +65,21 @@ pub enum Transport {
         payload: usize,
         csum: bool,
     },
+    /// UDP-Lite with checksum coverage `coverage` (0: the whole datagram; may be illegal).
+    UdpLite {
+        sport: u16,
+        dport: u16,
+        payload: usize,
+        coverage: u16,
+    },
+    /// DCCP of packet type `ty` (may be reserved) and checksum coverage `cscov`.
+    Dccp {
+        sport: u16,
+        dport: u16,
+        ty: u8,
+        cscov: u8,
+        payload: usize,
+    },
     Echo {
         ty: u8,
         id: u16,
@@ -235,7 +250,7 @@ fn inner() -> impl Strategy<Value = Inner> {
         prop::bool::weighted(0.7),
         addr(&DESTINATIONS),
         addr(&NAT_OUT_KEYS),
-        prop_oneof![3 => select(&[6u8, 17, 1][..]), 1 => any::<u8>()],
+        prop_oneof![3 => select(&[6u8, 17, 1, 33, 136][..]), 1 => any::<u8>()],
         any::<bool>(),
         small(),
         prop_oneof![9 => Just(0usize), 1 => 1usize..=3],
@@ -274,6 +289,32 @@ fn udp() -> impl Strategy<Value = Transport> {
     )
 }
 
+fn udplite<S: Strategy<Value = u16>>(port: impl Fn() -> S) -> impl Strategy<Value = Transport> {
+    let coverage = prop_oneof![6 => Just(0u16), 3 => 8u16..=16, 1 => any::<u16>()];
+    (port(), port(), small(), coverage).prop_map(|(sport, dport, payload, coverage)| {
+        Transport::UdpLite {
+            sport,
+            dport,
+            payload,
+            coverage,
+        }
+    })
+}
+
+fn dccp<S: Strategy<Value = u16>>(port: impl Fn() -> S) -> impl Strategy<Value = Transport> {
+    let ty = prop_oneof![8 => 0u8..10, 1 => 10u8..16];
+    let cscov = prop_oneof![6 => Just(0u8), 3 => 1u8..=4, 1 => 0u8..16];
+    (port(), port(), ty, cscov, small()).prop_map(|(sport, dport, ty, cscov, payload)| {
+        Transport::Dccp {
+            sport,
+            dport,
+            ty,
+            cscov,
+            payload,
+        }
+    })
+}
+
 fn echo() -> impl Strategy<Value = Transport> {
     let id = prop_oneof![3 => Just(0x77u16), 1 => Just(0)];
     (select(&[0u8, 8][..]), id, small()).prop_map(|(ty, id, payload)| Transport::Echo {
@@ -300,7 +341,15 @@ fn other() -> impl Strategy<Value = Transport> {
 }
 
 fn transport() -> impl Strategy<Value = Transport> {
-    prop_oneof![30 => tcp(), 30 => udp(), 10 => echo(), 25 => icmp_error(), 5 => other()]
+    prop_oneof![
+        30 => tcp(),
+        30 => udp(),
+        5 => udplite(port),
+        5 => dccp(port),
+        10 => echo(),
+        25 => icmp_error(),
+        5 => other(),
+    ]
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -373,8 +422,15 @@ pub fn hairpin_frame_spec() -> impl Strategy<Value = FrameSpec> {
             csum,
         },
     );
-    let transport =
-        prop_oneof![30 => tcp, 30 => udp, 25 => echo(), 10 => icmp_error(), 5 => other()];
+    let transport = prop_oneof![
+        30 => tcp,
+        30 => udp,
+        5 => udplite(pooled),
+        5 => dccp(pooled),
+        25 => echo(),
+        10 => icmp_error(),
+        5 => other(),
+    ];
     let word = prop_oneof![select(&[0u16, 0xffff, 0xfffe, 1][..]), any::<u16>()];
     let word =
         (select(&CSUM_OFFSETS[..]), word).prop_map(|(at, value)| Mutation::Word { at, value });
@@ -485,6 +541,16 @@ impl Inner {
         let body = match self.proto {
             6 => packet::tcp(src, dst, 40000, 443, &[], &payload(self.payload)),
             17 => packet::udp(src, dst, 5000, 53, &payload(self.payload), self.udp_csum),
+            136 => packet::udplite(src, dst, 5000, 53, &payload(self.payload), 0),
+            33 => packet::dccp(
+                src,
+                dst,
+                5000,
+                53,
+                packet::DCCP_DATA,
+                0,
+                &payload(self.payload),
+            ),
             1 => packet::icmp_echo(8, 7, 1, &payload(self.payload)),
             _ => payload(self.payload),
         };
@@ -554,6 +620,31 @@ impl FrameSpec {
                 (
                     packet::PROTO_UDP,
                     packet::udp(self.src, self.dst, *sport, *dport, &payload(n), *csum),
+                )
+            }
+            Transport::UdpLite {
+                sport,
+                dport,
+                payload: n,
+                coverage,
+            } => {
+                let n = grow(8, *n);
+                (
+                    packet::PROTO_UDPLITE,
+                    packet::udplite(self.src, self.dst, *sport, *dport, &payload(n), *coverage),
+                )
+            }
+            Transport::Dccp {
+                sport,
+                dport,
+                ty,
+                cscov,
+                payload: n,
+            } => {
+                let n = grow(24, *n);
+                (
+                    packet::PROTO_DCCP,
+                    packet::dccp(self.src, self.dst, *sport, *dport, *ty, *cscov, &payload(n)),
                 )
             }
             Transport::Echo { ty, id, payload: n } => (

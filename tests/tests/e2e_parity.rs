@@ -12,7 +12,8 @@
 //!   request reusing a guest ping's identifier, a flood that must not evict an assured flow.
 //! - `answers`: what gets an answer: a denied TTL-1 packet draws no time exceeded (on both
 //!   paths), hairpin flows from the same source port each get their own answers.
-//! - `protocols`: UDP-Lite and DCCP, whose checksums cover the addresses, are never corrupted.
+//! - `protocols`: UDP-Lite and DCCP, whose checksums cover the addresses, are translated by the
+//!   fast path and never corrupted.
 //! - `paths`: the same frames with XDP attached and with the kernel alone give the same
 //!   delivery and the same addresses.
 //!

@@ -7,6 +7,8 @@ use super::{
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const UDPLITE: u8 = 136;
+const DCCP: u8 = 33;
 const ICMP: u8 = 1;
 const O: Dir = Dir::Original;
 const R: Dir = Dir::Reply;
@@ -346,6 +348,7 @@ fn options_and_sack() {
     assert_eq!(sack_edge(&opts, 1000), 1000);
 }
 
+/// UDP, and UDP-Lite alike (netfilter tracks both with `nf_conntrack_udp_packet`).
 #[test]
 fn udp_replied_after_two_seconds() {
     let early = Packet {
@@ -356,16 +359,31 @@ fn udp_replied_after_two_seconds() {
         udp_stream: true,
         ..Packet::default()
     };
-    let mut c = open(UDP, &early, &NF, secs).expect("udp opens");
-    assert_eq!((c.state(), c.timer), (State::UdpUnreplied, 11));
-    let v = packet(&mut c, UDP, R, &early, &NF, secs);
-    assert_eq!(v, Verdict::Accept(Some(Timeout::UdpUnreplied)));
-    assert_eq!((c.state(), c.flags), (State::UdpReplied, SEEN_REPLY));
-    let v = packet(&mut c, UDP, O, &early, &NF, secs);
-    assert_eq!(v, Verdict::Accept(Some(Timeout::UdpUnreplied)));
-    assert_eq!(c.flags, SEEN_REPLY | ASSURED);
-    let v = packet(&mut c, UDP, O, &late, &NF, secs);
-    assert_eq!(v, Verdict::Accept(Some(Timeout::UdpReplied)));
+    for proto in [UDP, UDPLITE] {
+        let mut c = open(proto, &early, &NF, secs).expect("udp opens");
+        assert_eq!((c.state(), c.timer), (State::UdpUnreplied, 11));
+        let v = packet(&mut c, proto, R, &early, &NF, secs);
+        assert_eq!(v, Verdict::Accept(Some(Timeout::UdpUnreplied)));
+        assert_eq!((c.state(), c.flags), (State::UdpReplied, SEEN_REPLY));
+        let v = packet(&mut c, proto, O, &early, &NF, secs);
+        assert_eq!(v, Verdict::Accept(Some(Timeout::UdpUnreplied)));
+        assert_eq!(c.flags, SEEN_REPLY | ASSURED);
+        let v = packet(&mut c, proto, O, &late, &NF, secs);
+        assert_eq!(v, Verdict::Accept(Some(Timeout::UdpReplied)));
+    }
+}
+
+/// DCCP: the generic tracker (one timeout, replied but never assured).
+#[test]
+fn dccp_is_tracked_generically() {
+    let p = Packet::default();
+    let mut c = open(DCCP, &p, &NF, secs).expect("dccp opens");
+    assert_eq!((c.state(), c.timer), (State::Other, Timeout::Other as u8));
+    let v = packet(&mut c, DCCP, R, &p, &NF, secs);
+    assert_eq!(v, Verdict::Accept(Some(Timeout::Other)));
+    let v = packet(&mut c, DCCP, O, &p, &NF, secs);
+    assert_eq!(v, Verdict::Accept(Some(Timeout::Other)));
+    assert_eq!((c.state(), c.flags), (State::Other, SEEN_REPLY));
 }
 
 #[test]

@@ -55,9 +55,6 @@ impl Model {
         if ip.ttl <= 1 {
             return Err(Reason::TtlExpired);
         }
-        if matches!(ip.proto, 33 | 136) {
-            return Err(Reason::UnsupportedProto);
-        }
         // V2 -> V1 must leave through a guest interface on which the router has an address,
         // the new source.
         let (hop, r, mtu) = self.route(v1, ip.tot_len, ROLE_GUEST)?;
@@ -101,7 +98,7 @@ impl Model {
     /// The first port whose answer key (V1 -> R) no live flow holds; a stale flow holding it
     /// is removed. Protocols without ports get one try.
     fn free_port(&mut self, k: &Tuple, r: Ipv4Addr, v1: Ipv4Addr, now: u64) -> Result<u16, Reason> {
-        let tries = if matches!(k.proto, 6 | 17 | 1) {
+        let tries = if matches!(k.proto, 6 | 17 | 33 | 136 | 1) {
             TRIES
         } else {
             1

@@ -9,7 +9,7 @@
 //! address V is outbound, but only if the route leaves through a public interface (or the
 //! kernel must resolve that interface's neighbour, or fragment): the egress policy judges it
 //! then; the router's own addresses and other guest networks get the packet untouched.
-//! TTL 1, DCCP and UDP-Lite go to the kernel. A forwarded packet that may open a flow opens it
+//! TTL 1 goes to the kernel. A forwarded packet that may open a flow opens it
 //! (both directions, pending; the reply direction's route is resolved by its first packet).
 use std::net::Ipv4Addr;
 
@@ -344,14 +344,10 @@ fn plain(ip: &Ip, facts: &Facts) -> Tuple {
     }
 }
 
-/// TTL 1 goes to the kernel (it answers); so do DCCP and UDP-Lite, whose checksums cover the
-/// addresses and which the program does not parse.
+/// TTL 1 goes to the kernel (it answers).
 fn translatable(ip: &Ip) -> Result<(), Reason> {
     if ip.ttl <= 1 {
         return Err(Reason::TtlExpired);
-    }
-    if matches!(ip.proto, 33 | 136) {
-        return Err(Reason::UnsupportedProto);
     }
     Ok(())
 }

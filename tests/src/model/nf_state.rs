@@ -1,6 +1,7 @@
 //! The model's own connection-tracking semantics, written from Linux netfilter v6.1
-//! (`nf_conntrack_proto_tcp.c`, `nf_conntrack_proto_udp.c`, `nf_conntrack_proto_icmp.c`,
-//! `nf_conntrack_core.c`'s SEEN_REPLY, the generic tracker) and never from
+//! (`nf_conntrack_proto_tcp.c`, `nf_conntrack_proto_udp.c` for UDP and UDP-Lite alike,
+//! `nf_conntrack_proto_icmp.c`, `nf_conntrack_core.c`'s SEEN_REPLY, the generic tracker, which
+//! the product uses for DCCP with its ports) and never from
 //! `nat_common::conntrack`: the TCP table is netfilter's array as printed there, with its own
 //! `sNO`/`sSS`/... names; timeouts are netfilter's tables; the C control flow of
 //! `nf_conntrack_tcp_packet` and `tcp_in_window` is followed step by step ([`tcp`],
@@ -329,6 +330,7 @@ pub fn length_ns(timeouts_ns: &[u64], t: Timer) -> u64 {
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_UDPLITE: u8 = 136;
 const IPPROTO_ICMP: u8 = 1;
 
 impl NfConn {
@@ -352,7 +354,7 @@ impl NfConn {
                 ct.l4 = L4::Tcp(tcp::tcp_new(seg)?);
                 ct.timer = Timer::Tcp(sSS);
             }
-            IPPROTO_UDP => {
+            IPPROTO_UDP | IPPROTO_UDPLITE => {
                 ct.l4 = L4::Udp {
                     stream_ts: now + 2_000_000_000,
                 };

@@ -138,6 +138,10 @@ pub enum L4 {
         flags: u8,
     },
     Udp,
+    /// UDP-Lite, checksum over the whole datagram.
+    UdpLite,
+    /// DCCP-Data packets.
+    Dccp,
     /// Echo request or reply; the identifier is the flow's guest port.
     Echo {
         request: bool,
@@ -187,6 +191,20 @@ fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, l4: L4, ttl: 
         L4::Udp => Ip::new(PROTO_UDP, src, dst)
             .ttl(ttl)
             .packet(&packet::udp(src, dst, sport, dport, b"data", true)),
+        L4::UdpLite => Ip::new(packet::PROTO_UDPLITE, src, dst)
+            .ttl(ttl)
+            .packet(&packet::udplite(src, dst, sport, dport, b"lite", 0)),
+        L4::Dccp => Ip::new(packet::PROTO_DCCP, src, dst)
+            .ttl(ttl)
+            .packet(&packet::dccp(
+                src,
+                dst,
+                sport,
+                dport,
+                packet::DCCP_DATA,
+                0,
+                b"dccp",
+            )),
         L4::Echo { request } => {
             let ty = if request {
                 packet::ICMP_ECHO

@@ -96,7 +96,7 @@ fn opener() -> impl Strategy<Value = Pkt> {
     )
         .prop_map(|(way, g, remote, sender, guest_port, remote_port, l4)| {
             let (guest_port, remote_port) = match l4 {
-                L4::Tcp { .. } | L4::Udp => (guest_port, remote_port),
+                L4::Tcp { .. } | L4::Udp | L4::UdpLite | L4::Dccp => (guest_port, remote_port),
                 L4::Echo { .. } => (guest_port, guest_port),
                 L4::Icmp { .. } | L4::Other(_) => (0, 0),
             };

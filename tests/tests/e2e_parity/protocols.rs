@@ -1,6 +1,7 @@
-//! The protocols the XDP program leaves to the kernel because their checksums cover the
-//! addresses (UDP-Lite, DCCP): what the NAT lets through arrives with a checksum valid for the
-//! addresses it arrives with, never corrupted.
+//! The protocols whose checksums cover the addresses besides TCP and UDP (UDP-Lite, DCCP):
+//! the XDP fast path translates them itself, whatever the kernel's conntrack knows of them
+//! (this kernel marks UDP-Lite INVALID and has no DCCP tracker), and what it forwards arrives
+//! with a checksum valid for the addresses it arrives with, never corrupted.
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -75,12 +76,12 @@ fn udplite_counter(ns: &Netns, name: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no value for UdpLite {name}: {values}"))
 }
 
-/// A UDP-Lite datagram from the guest (whose checksum covers the addresses) is left to the
-/// kernel (`unsupported_proto`) and arrives at the client from P with a valid checksum (a
-/// UDP-Lite socket takes nothing else; the client counts no checksum error); the client's
-/// answer comes back to the guest the same way.
+/// A UDP-Lite datagram from the guest (whose checksum covers the addresses) is translated by
+/// the fast path (`outbound_forwarded`) and arrives at the client from P with a valid
+/// checksum (a UDP-Lite socket takes nothing else; the client counts no checksum error); the
+/// client's answer comes back to the guest the same way (`inbound_forwarded`).
 #[test]
-fn udplite_is_left_to_the_kernel_and_arrives_intact() -> anyhow::Result<()> {
+fn udplite_is_translated_by_the_fast_path_and_arrives_intact() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
     let natctl = natd.natctl()?;
@@ -88,7 +89,7 @@ fn udplite_is_left_to_the_kernel_and_arrives_intact() -> anyhow::Result<()> {
     let guest = udplite_socket(&topo.guest, at(GUEST_ADDR, 9001))?;
     counted(
         &natctl,
-        "unsupported_proto",
+        "outbound_forwarded",
         "the guest's UDP-Lite datagram",
         || Ok(guest.send_to(b"lite", at(CLIENT_ADDR, 9000))?),
     )?;
@@ -97,7 +98,7 @@ fn udplite_is_left_to_the_kernel_and_arrives_intact() -> anyhow::Result<()> {
         (data.as_slice(), v4(from, "the client saw")?),
         (&b"lite"[..], at(PUBLIC_ADDR, 9001))
     );
-    counted(&natctl, "unsupported_proto", "the client's answer", || {
+    counted(&natctl, "inbound_forwarded", "the client's answer", || {
         Ok(server.send_to(b"lite back", from)?)
     })?;
     let (data, from) = udp_receive(&guest).context("the answer at the guest")?;
@@ -131,22 +132,87 @@ fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, len: usize) -> u32 {
 
 const IPPROTO_DCCP: u32 = 33;
 
-/// A DCCP-Request from `src`:`sport` to `dst`:`dport` (20 bytes: generic header with a 48-bit
-/// sequence number, and a service code), its checksum covering the whole packet.
-fn dccp_request(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+/// DCCP packet types (RFC 4340 §5.1).
+const DCCP_REQUEST: u8 = 0;
+const DCCP_RESPONSE: u8 = 1;
+
+/// A DCCP-Request (20 bytes: generic header with a 48-bit sequence number, and a service
+/// code) or DCCP-Response (28 bytes: also an acknowledgement number) from `src`:`sport` to
+/// `dst`:`dport`, its checksum covering the whole packet.
+fn dccp_packet(ty: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend(sport.to_be_bytes());
     p.extend(dport.to_be_bytes());
-    p.push(5); // data offset, in 32-bit words
+    p.push(if ty == DCCP_RESPONSE { 7 } else { 5 }); // data offset, in 32-bit words
     p.push(0); // CCVal 0, checksum coverage 0: all of it
     p.extend([0, 0]); // checksum, below
-    p.push(1); // type 0 (Request), X = 1 (48-bit sequence numbers)
+    p.push(ty << 1 | 1); // type, X = 1 (48-bit sequence numbers)
     p.push(0);
     p.extend([0, 0, 0, 0, 0x12, 0x34]); // sequence number
+    if ty == DCCP_RESPONSE {
+        p.extend([0, 0, 0, 0, 0, 0, 0x12, 0x34]); // acknowledgement number
+    }
     p.extend(*b"xsn1"); // service code
     let sum = checksum(pseudo_header(src, dst, p.len()), &p);
     p[6..8].copy_from_slice(&sum.to_be_bytes());
     p
+}
+
+/// Sends `packet` (a DCCP packet) from the raw socket `fd` to `dst`.
+fn send_dccp(fd: &OwnedFd, packet: &[u8], dst: Ipv4Addr) -> anyhow::Result<()> {
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        usize::try_from(n) == Ok(packet.len()),
+        "sending DCCP: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// Receives the next DCCP packet at the raw socket `fd` and checks that it came `src` ->
+/// `dst` with a checksum valid for those addresses; returns its DCCP bytes.
+fn receive_dccp(fd: &OwnedFd, what: &str, src: Ipv4Addr, dst: Ipv4Addr) -> anyhow::Result<Vec<u8>> {
+    let mut buf = [0u8; 1500];
+    // SAFETY: valid fd; the buffer outlives the call and its length is passed.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n)
+        .map_err(|_| std::io::Error::last_os_error())
+        .with_context(|| format!("no DCCP packet at {what}"))?;
+    let ihl = usize::from(buf[0] & 0x0f) * 4;
+    let got = (
+        Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
+        Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
+    );
+    let dccp = &buf[ihl..n];
+    assert_eq!(
+        got,
+        (src, dst),
+        "the addresses of the DCCP packet at {what}"
+    );
+    assert_eq!(
+        checksum(pseudo_header(src, dst, dccp.len()), dccp),
+        0,
+        "the DCCP checksum at {what} does not hold for {src} -> {dst}: {dccp:02x?}"
+    );
+    Ok(dccp.to_vec())
 }
 
 /// A raw socket for DCCP (protocol 33) in `ns`: sends DCCP packets (the kernel adds the IPv4
@@ -188,73 +254,39 @@ fn dccp_raw_socket(ns: &Netns) -> anyhow::Result<OwnedFd> {
     })?
 }
 
-/// A DCCP packet from the guest (whose checksum covers the addresses, like UDP-Lite's) is left
-/// to the kernel (`unsupported_proto`) and must arrive at the client translated, from P, with
-/// a checksum that is valid for the addresses it arrives with, or not at all: never corrupted.
+/// A DCCP-Request from the guest (whose checksum covers the addresses, like UDP-Lite's) is
+/// translated by the fast path (`outbound_forwarded`) and arrives at the client from P with a
+/// checksum valid for the addresses it arrives with, never corrupted; the client's
+/// DCCP-Response comes back to the guest the same way (`inbound_forwarded`), ports intact.
 /// (This kernel has no DCCP sockets; raw sockets send and receive the packets.)
 #[test]
-fn a_dccp_packet_is_never_corrupted() -> anyhow::Result<()> {
+fn a_dccp_flow_is_translated_by_the_fast_path_intact() -> anyhow::Result<()> {
     let topo = Topology::new()?;
     let natd = Natd::start(&topo, Some(ONE_MAPPING))?;
     let natctl = natd.natctl()?;
-    let (sender, receiver) = (
+    let (guest, client) = (
         dccp_raw_socket(&topo.guest)?,
         dccp_raw_socket(&topo.client)?,
     );
-    let packet = dccp_request(GUEST_ADDR, CLIENT_ADDR, 5001, 5002);
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(CLIENT_ADDR).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    let request = dccp_packet(DCCP_REQUEST, GUEST_ADDR, CLIENT_ADDR, 5001, 5002);
     counted(
         &natctl,
-        "unsupported_proto",
-        "the guest's DCCP packet",
-        || {
-            // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
-            let n = unsafe {
-                libc::sendto(
-                    sender.as_raw_fd(),
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&raw const to).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            ensure!(
-                usize::try_from(n) == Ok(packet.len()),
-                "sending DCCP: {}",
-                std::io::Error::last_os_error()
-            );
-            Ok(())
-        },
+        "outbound_forwarded",
+        "the guest's DCCP-Request",
+        || send_dccp(&guest, &request, CLIENT_ADDR),
     )?;
-    let mut buf = [0u8; 1500];
-    // SAFETY: valid fd; the buffer outlives the call and its length is passed.
-    let n = unsafe { libc::recv(receiver.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    let n = usize::try_from(n)
-        .map_err(|_| std::io::Error::last_os_error())
-        .context("no DCCP packet at the client")?;
-    let ihl = usize::from(buf[0] & 0x0f) * 4;
-    let (src, dst) = (
-        Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
-        Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
-    );
-    let dccp = &buf[ihl..n];
-    assert_eq!(
-        (src, dst),
-        (PUBLIC_ADDR, CLIENT_ADDR),
-        "the DCCP packet's addresses"
-    );
-    assert_eq!(
-        checksum(pseudo_header(src, dst, dccp.len()), dccp),
-        0,
-        "the DCCP checksum does not hold for {src} -> {dst}: {dccp:02x?}"
-    );
+    let got = receive_dccp(&client, "the client", PUBLIC_ADDR, CLIENT_ADDR)?;
+    assert_eq!(got[..6], request[..6], "ports and header at the client");
+    assert_eq!(got[8..], request[8..], "the rest of the DCCP-Request");
+    let response = dccp_packet(DCCP_RESPONSE, CLIENT_ADDR, PUBLIC_ADDR, 5002, 5001);
+    counted(
+        &natctl,
+        "inbound_forwarded",
+        "the client's DCCP-Response",
+        || send_dccp(&client, &response, PUBLIC_ADDR),
+    )?;
+    let got = receive_dccp(&guest, "the guest", CLIENT_ADDR, GUEST_ADDR)?;
+    assert_eq!(got[..6], response[..6], "ports and header at the guest");
+    assert_eq!(got[8..], response[8..], "the rest of the DCCP-Response");
     Ok(())
 }

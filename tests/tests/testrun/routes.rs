@@ -76,7 +76,7 @@ impl fmt::Display for RouteCoverage {
     }
 }
 
-/// The flow-table key of a frame (TCP/UDP ports, an ICMP query's identifier and type, other
+/// The flow-table key of a frame (TCP/UDP/UDP-Lite/DCCP ports, an ICMP query's identifier and type, other
 /// protocols none), read as the program does; `None` if it has none.
 fn key_of(f: &[u8]) -> Option<Tuple> {
     if f.len() < 42 || f[12..14] != [8, 0] || f[14] != 0x45 {
@@ -85,9 +85,9 @@ fn key_of(f: &[u8]) -> Option<Tuple> {
     let be = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
     let addr = |at: usize| Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]);
     let (sport, dport) = match f[23] {
-        6 | 17 => (be(34), be(36)),
+        6 | 17 | 33 | 136 => (be(34), be(36)),
         1 if matches!(f[34], 0 | 8 | 13 | 14 | 15 | 16 | 17 | 18) => (be(38), u16::from(f[34])),
-        1 | 33 | 136 => return None,
+        1 => return None,
         _ => (0, 0),
     };
     Some(Tuple {
