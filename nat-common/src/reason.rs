@@ -48,10 +48,6 @@ pub enum Reason {
     /// Dropped: a new inbound flow to a public IP arrived on a public interface other than
     /// the one whose network owns the IP.
     WrongNetwork,
-    /// No longer counted: DCCP and UDP-Lite, which the kernel used to translate, are translated
-    /// like UDP. Kept so that the counter slots (and [`crate::maps::LAYOUT_VERSION`]) of the
-    /// reasons after it stay as they are.
-    UnsupportedProto,
     /// `--policy kernel`: a mapped packet the fast path does not carry (no established flow
     /// the kernel admitted, or one whose state the packet may change): the kernel decides.
     KernelDecides,
@@ -83,7 +79,6 @@ impl Reason {
         Reason::HairpinCollision,
         Reason::DirectToPrivate,
         Reason::WrongNetwork,
-        Reason::UnsupportedProto,
         Reason::KernelDecides,
     ];
 
@@ -124,7 +119,6 @@ impl Reason {
             Reason::HairpinCollision => "hairpin_collision",
             Reason::DirectToPrivate => "direct_to_private",
             Reason::WrongNetwork => "wrong_network",
-            Reason::UnsupportedProto => "unsupported_proto",
             Reason::KernelDecides => "kernel_decides",
         }
     }

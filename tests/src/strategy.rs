@@ -396,6 +396,123 @@ pub fn icmp_error_frame_spec() -> impl Strategy<Value = FrameSpec> {
     frame_spec_with(icmp_error(), mutations)
 }
 
+/// The ports (TCP; UDP, UDP-Lite and DCCP) and echo identifier the quoted packet of an ICMP
+/// error carries (see [`Inner`]).
+const QUOTED_TCP_PORTS: (u16, u16) = (40000, 443);
+const QUOTED_PORTS: (u16, u16) = (5000, 53);
+const QUOTED_ECHO_ID: u16 = 7;
+
+/// A well-formed frame from `src` to `dst` arriving on `ingress`, of the flow an ICMP error of
+/// [`Inner`] quotes for protocol `proto`.
+fn opener(ingress: Ingress, src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> FrameSpec {
+    let (sport, dport) = QUOTED_PORTS;
+    let transport = match proto {
+        packet::PROTO_TCP => Transport::Tcp {
+            sport: QUOTED_TCP_PORTS.0,
+            dport: QUOTED_TCP_PORTS.1,
+            option_words: 0,
+            payload: 8,
+        },
+        packet::PROTO_ICMP => Transport::Echo {
+            ty: 8,
+            id: QUOTED_ECHO_ID,
+            payload: 8,
+        },
+        packet::PROTO_UDPLITE => Transport::UdpLite {
+            sport,
+            dport,
+            payload: 8,
+            coverage: 0,
+        },
+        packet::PROTO_DCCP => Transport::Dccp {
+            sport,
+            dport,
+            ty: packet::DCCP_DATA,
+            cscov: 0,
+            payload: 8,
+        },
+        _ => Transport::Udp {
+            sport,
+            dport,
+            payload: 8,
+            csum: true,
+        },
+    };
+    FrameSpec {
+        ingress,
+        ethertype: packet::ETH_P_IP,
+        src,
+        dst,
+        tos: 0,
+        ttl: 64,
+        frag: 0,
+        option_words: 0,
+        transport,
+        big: None,
+        padding: 0,
+        mutations: Vec::new(),
+    }
+}
+
+/// Two frames: one that opens a flow (a guest's, outbound, or a remote host's to a public IP,
+/// inbound), then an ICMP error about it from the flow's other end (type 3, 11 or 12, the
+/// quote whole or cut anywhere), so errors quoting live flows (RELATED) are frequent.
+pub fn related_error_pair() -> impl Strategy<Value = Vec<FrameSpec>> {
+    // (guest, its interface, its public IP)
+    const GUESTS: [(Ipv4Addr, Ingress, Ipv4Addr); 5] = [
+        (V1, Ingress::Guest, P1),
+        (V2, Ingress::Guest, P2),
+        (V4, Ingress::Guest, P4),
+        (V5, Ingress::GuestB, P5),
+        (V6, Ingress::GuestN, P6),
+    ];
+    const PROTOS: [u8; 5] = [
+        packet::PROTO_TCP,
+        packet::PROTO_UDP,
+        packet::PROTO_ICMP,
+        packet::PROTO_UDPLITE,
+        packet::PROTO_DCCP,
+    ];
+    const REMOTES: [Ipv4Addr; 3] = [REMOTE, REMOTE, Ipv4Addr::new(192, 0, 2, 200)];
+    let ty = select(&[3u8, 11, 12][..]);
+    let quote = prop_oneof![3 => Just(usize::MAX), 1 => 0usize..=64];
+    (
+        any::<bool>(),
+        select(&GUESTS[..]),
+        select(&REMOTES[..]),
+        select(&PROTOS[..]),
+        ty,
+        0u8..16,
+        quote,
+    )
+        .prop_map(|(outbound, (v, side, p), r, proto, ty, code, quote)| {
+            let (first, (ingress, src, dst)) = if outbound {
+                (opener(side, v, r, proto), (Ingress::Public, r, p))
+            } else {
+                (opener(Ingress::Public, r, p, proto), (side, v, r))
+            };
+            let inner = Inner {
+                related: true,
+                src,
+                dst,
+                proto,
+                udp_csum: true,
+                payload: 8,
+                options: 0,
+            };
+            let error = FrameSpec {
+                transport: Transport::Error {
+                    ty,
+                    code,
+                    inner,
+                    quote,
+                },
+                ..opener(ingress, src, dst, proto)
+            };
+            vec![first, error]
+        })
+}
+
 /// Frames on the guest side aimed at hairpin: a host sends to a mapped public IP, or a
 /// hairpin target answers the router's address on its interface; ports nearly always and echo
 /// identifiers from the pools, so bindings are created, found and collided with. Few frames are
@@ -539,19 +656,40 @@ impl Inner {
             (self.src, self.dst)
         };
         let body = match self.proto {
-            6 => packet::tcp(src, dst, 40000, 443, &[], &payload(self.payload)),
-            17 => packet::udp(src, dst, 5000, 53, &payload(self.payload), self.udp_csum),
-            136 => packet::udplite(src, dst, 5000, 53, &payload(self.payload), 0),
+            6 => packet::tcp(
+                src,
+                dst,
+                QUOTED_TCP_PORTS.0,
+                QUOTED_TCP_PORTS.1,
+                &[],
+                &payload(self.payload),
+            ),
+            17 => packet::udp(
+                src,
+                dst,
+                QUOTED_PORTS.0,
+                QUOTED_PORTS.1,
+                &payload(self.payload),
+                self.udp_csum,
+            ),
+            136 => packet::udplite(
+                src,
+                dst,
+                QUOTED_PORTS.0,
+                QUOTED_PORTS.1,
+                &payload(self.payload),
+                0,
+            ),
             33 => packet::dccp(
                 src,
                 dst,
-                5000,
-                53,
+                QUOTED_PORTS.0,
+                QUOTED_PORTS.1,
                 packet::DCCP_DATA,
                 0,
                 &payload(self.payload),
             ),
-            1 => packet::icmp_echo(8, 7, 1, &payload(self.payload)),
+            1 => packet::icmp_echo(8, QUOTED_ECHO_ID, 1, &payload(self.payload)),
             _ => payload(self.payload),
         };
         Ip::new(self.proto, src, dst)

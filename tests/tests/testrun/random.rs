@@ -20,10 +20,13 @@ use nat_tests::{
     packet::{PROTO_ICMP, verify_checksums},
     reliability::Figures,
     scenario::env::change_and_bump,
-    strategy::{FrameSpec, frame_spec, hairpin_frame_spec, icmp_error_frame_spec},
+    strategy::{
+        FrameSpec, frame_spec, hairpin_frame_spec, icmp_error_frame_spec, related_error_pair,
+    },
 };
 use nat_userspace::{firewall::Proto, state::DesiredState};
 use proptest::{
+    prop_oneof,
     strategy::Strategy,
     test_runner::{Config, RngSeed, TestCaseError, TestRunner},
 };
@@ -99,7 +102,7 @@ struct Coverage {
 fn check(
     h: &Harness,
     cov: &RefCell<Coverage>,
-    (change, spec): &(Option<(Change, bool)>, FrameSpec),
+    (change, specs): &(Option<(Change, bool)>, Vec<FrameSpec>),
 ) -> Result<(), TestCaseError> {
     if let Some((change, bump)) = change {
         let apply = || -> anyhow::Result<()> {
@@ -112,6 +115,15 @@ fn check(
         apply().map_err(|e| TestCaseError::fail(format!("{change:?}: {e:#}")))?;
         cov.borrow_mut().changes += 1;
     }
+    specs.iter().try_for_each(|spec| check_frame(h, cov, spec))
+}
+
+/// One frame: program and model agree; an undamaged translated frame has valid checksums.
+fn check_frame(
+    h: &Harness,
+    cov: &RefCell<Coverage>,
+    spec: &FrameSpec,
+) -> Result<(), TestCaseError> {
     let ingress = spec.ingress_ifindex(&h.topo);
     let frame = spec.build();
     let got = h
@@ -159,7 +171,7 @@ fn run(
     h: &Harness,
     cov: &RefCell<Coverage>,
     cases: u32,
-    s: impl Strategy<Value = FrameSpec>,
+    s: impl Strategy<Value = Vec<FrameSpec>>,
 ) -> Result<(), String> {
     let (config, seed) = config(cases);
     let s = (
@@ -187,16 +199,19 @@ fn program_matches_model() {
     );
     let cov = RefCell::new(Coverage::default());
     let start = Instant::now();
-    let result = run(&h, &cov, cases, frame_spec())
-        .and_then(|()| run(&h, &cov, cases / 4, icmp_error_frame_spec()))
-        .and_then(|()| run(&h, &cov, cases / 4, hairpin_frame_spec()))
+    let one = |s: FrameSpec| vec![s];
+    // Half the ICMP errors come right after the frame that opened the flow they quote.
+    let errors = prop_oneof![icmp_error_frame_spec().prop_map(one), related_error_pair()];
+    let result = run(&h, &cov, cases, frame_spec().prop_map(one))
+        .and_then(|()| run(&h, &cov, cases / 4, errors))
+        .and_then(|()| run(&h, &cov, cases / 4, hairpin_frame_spec().prop_map(one)))
         .and_then(|()| {
             // `--policy kernel`, from an empty flow table (its flows come from the tc
             // learner, which this bench does not run).
             h.clear_flows()
                 .and_then(|()| h.set_kernel_policy(true))
                 .map_err(|e| format!("{e:#}"))?;
-            run(&h, &cov, cases / 8, frame_spec())
+            run(&h, &cov, cases / 8, frame_spec().prop_map(one))
         });
     let elapsed = start.elapsed();
     fig.set(
