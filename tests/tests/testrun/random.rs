@@ -173,6 +173,9 @@ fn run(
     cases: u32,
     s: impl Strategy<Value = Vec<FrameSpec>>,
 ) -> Result<(), String> {
+    // Each batch starts from the bench's surroundings (changes accumulate within a batch,
+    // and a batch aimed at one kind of frame must not start with its targets gone).
+    h.reset_env().map_err(|e| format!("{e:#}"))?;
     let (config, seed) = config(cases);
     let s = (
         proptest::option::weighted(1.0 / CHANGE_EVERY, change_and_bump()),
