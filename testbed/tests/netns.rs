@@ -36,10 +36,8 @@ fn a_namespace_lives_as_long_as_its_guard() {
     let addrs = ns.ipv4_addrs("tb0").unwrap();
     assert_eq!(addrs.len(), 1);
     assert_eq!(addrs[0].addr.to_string(), "192.0.2.1");
-    // The closure runs in the namespace: it sees tb0, the host does not.
-    let inside = ns
-        .run(thread_netns)
-        .unwrap();
+    // The closure runs on a thread inside the namespace, not in this thread's.
+    let inside = ns.run(thread_netns).unwrap();
     assert_ne!(inside, thread_netns());
     assert!(ns.ip_counter("InReceives").is_ok());
     drop(ns);
