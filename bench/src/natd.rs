@@ -3,11 +3,12 @@
 //! metrics port of its own, and takes the fast path down when it exits (`--detach-on-exit`).
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
+use nat_testbed::{Process, ScratchDir};
 
 use crate::{netns::Netns, util};
 
@@ -16,25 +17,14 @@ const STOP: Duration = Duration::from_secs(20);
 
 /// `$NAME_BIN`, else the binary next to this one (`cargo xtask bench` builds them together).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let var = format!("{}_BIN", name.to_uppercase());
-    let path = match std::env::var_os(&var) {
-        Some(p) => PathBuf::from(p),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory above the bench binary")?
-            .join(name),
-    };
-    ensure!(
-        path.is_file(),
-        "{name} not found at {} (set {var})",
-        path.display()
-    );
-    Ok(path)
+    nat_testbed::binary(name, 1)
 }
 
 pub struct Natd {
-    child: Child,
-    dir: PathBuf,
+    /// Declared first: stopped before the directory holding its log goes.
+    process: Process,
+    /// Its socket, state, config and log; removed when natd is gone.
+    _dir: ScratchDir,
     pins: PathBuf,
     pub socket: PathBuf,
     natctl: PathBuf,
@@ -44,11 +34,9 @@ impl Natd {
     /// Starts natd on eth2 (public) and eth0 (guest) of `router` and waits for its socket.
     pub fn start(router: &Netns, config: Option<&str>) -> anyhow::Result<Self> {
         let stem = crate::netns::unique_stem();
-        let dir = std::env::temp_dir().join(&stem);
-        std::fs::create_dir_all(&dir)?;
+        let dir = ScratchDir::create(&stem)?;
         let pins = Path::new("/sys/fs/bpf").join(&stem);
-        let socket = dir.join("natd.sock");
-        let log = std::fs::File::create(dir.join("natd.log"))?;
+        let socket = dir.path().join("natd.sock");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", router.path().display()))
             .arg(binary("natd")?)
@@ -56,30 +44,28 @@ impl Natd {
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
-            .arg(dir.join("state"))
+            .arg(dir.path().join("state"))
             .arg("--bpffs")
             .arg(&pins)
             .args(["--metrics-addr", "127.0.0.1:0", "--detach-on-exit"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .env("RUST_LOG", "warn");
         if let Some(text) = config {
-            let path = dir.join("natd.toml");
+            let path = dir.path().join("natd.toml");
             std::fs::write(&path, text)?;
             cmd.arg("--config").arg(path);
         }
-        let child = cmd.spawn().context("starting natd")?;
+        let process = Process::spawn_logged("natd", &mut cmd, &dir.path().join("natd.log"))?
+            .with_stop_grace(STOP);
         let mut natd = Self {
-            child,
-            dir,
+            process,
+            _dir: dir,
             pins,
             socket,
             natctl: binary("natctl")?,
         };
         let end = Instant::now() + START;
         while !natd.socket.exists() {
-            if let Some(s) = natd.child.try_wait()? {
+            if let Some(s) = natd.process.try_wait()? {
                 bail!("natd exited ({s}) before serving:\n{}", natd.log());
             }
             ensure!(
@@ -95,7 +81,7 @@ impl Natd {
 
     /// CPU time natd and its waited-for children have used so far (user + system), seconds.
     pub fn cpu_secs(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.pid()))?;
         // Fields after the command name (which may hold spaces): state is field 3, utime,
         // stime, cutime and cstime are fields 14 to 17.
         let rest = stat
@@ -125,7 +111,7 @@ impl Natd {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("natd.log")).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// `natctl --socket S ARGS...`; stdout, or an error unless it exited 0.
@@ -147,21 +133,13 @@ impl Natd {
     /// SIGTERM, then waits up to `limit` (SIGKILL after that); returns how long natd took.
     pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
-        if self.child.try_wait()?.is_some() {
+        if self.process.try_wait()?.is_some() {
             return Ok(Duration::ZERO);
         }
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: plain syscall; `pid` is our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        while start.elapsed() < limit {
-            if self.child.try_wait()?.is_some() {
-                return Ok(start.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if self.process.terminate(limit)?.killed {
+            bail!("natd did not exit within {limit:?} of SIGTERM; killed it");
         }
-        self.child.kill()?;
-        self.child.wait()?;
-        bail!("natd did not exit within {limit:?} of SIGTERM; killed it")
+        Ok(start.elapsed())
     }
 
     /// SIGKILL: for restarts between runs, where natd's own shutdown (which takes time in
@@ -169,9 +147,7 @@ impl Natd {
     /// then removes its pins (detaching XDP); its nftables table stays until the namespace
     /// goes or the next natd replaces it.
     pub fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
+        self.process.kill().map(drop)
     }
 }
 
@@ -180,12 +156,11 @@ impl Drop for Natd {
         if let Err(e) = self.terminate(STOP) {
             eprintln!("cleanup: {e:#}\n{}", self.log());
         }
-        for p in [&self.pins, &self.dir] {
-            if p.exists()
-                && let Err(e) = std::fs::remove_dir_all(p)
-            {
-                eprintln!("cleanup: removing {}: {e}", p.display());
-            }
+        // The scratch directory goes with the field.
+        if self.pins.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.pins)
+        {
+            eprintln!("cleanup: removing {}: {e}", self.pins.display());
         }
     }
 }

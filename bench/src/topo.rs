@@ -22,7 +22,7 @@ use aya::{Ebpf, programs::XdpMode};
 use crate::{
     bpf,
     natd::Natd,
-    netns::{Netns, mac_str, unique_stem},
+    netns::{self, Netns, mac_str, unique_stem},
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -86,13 +86,13 @@ impl Sink {
                 .override_global("PORT_HI", &hi, true);
         })?;
         let prog = bpf::xdp(&mut ebpf, "bench_sink")?;
-        ns.run(|| {
+        ns.run(|| -> anyhow::Result<()> {
             for dev in ["eth0", "eth1"] {
                 prog.attach(dev, XdpMode::Driver)
                     .with_context(|| format!("attaching the sink to {} {dev}", ns.name()))?;
             }
             Ok(())
-        })?;
+        })??;
         Ok(Self { ebpf })
     }
 
@@ -137,9 +137,9 @@ impl Drop for Topo {
 impl Topo {
     pub fn new(setup: Setup) -> anyhow::Result<Self> {
         let stem = unique_stem();
-        let client = Netns::create(format!("{stem}-client"))?;
-        let router = Netns::create(format!("{stem}-router"))?;
-        let guest = Netns::create(format!("{stem}-guest"))?;
+        let client = netns::create(format!("{stem}-client"))?;
+        let router = netns::create(format!("{stem}-router"))?;
+        let guest = netns::create(format!("{stem}-guest"))?;
         router.ip(&[
             "link",
             "add",

@@ -212,7 +212,7 @@ pub fn establish(topo: &Topo, flows: Flows, dir: Direction) -> anyhow::Result<()
             direct: false,
         };
         let mut g = Generator::new(topo, Flows::Distinct(n), sender)?;
-        sender_ns(topo, sender).run(|| g.send(n).map(drop))?;
+        sender_ns(topo, sender).run(|| g.send(n).map(drop))??;
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
@@ -357,7 +357,7 @@ pub fn timed_until(
                 (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64)
             }),
         })
-    })
+    })?
 }
 
 /// A request/response UDP flow from the guest (V2:7000) to the client (:7001), which echoes.
@@ -384,7 +384,7 @@ pub fn udp_socket(
             .with_context(|| format!("bind {addr}:{port}"))?;
         s.set_read_timeout(Some(Duration::from_millis(20)))?;
         Ok(s)
-    })
+    })?
 }
 
 /// Runs the request/response flow at `rate` requests/s for `secs` while `during` runs (it

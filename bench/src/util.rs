@@ -1,10 +1,9 @@
-//! Shared helpers: bounded external commands, the Ctrl-C flag every long loop checks, summary
+//! Shared helpers: external commands bounded by the bench's time limit, the Ctrl-C flag every long loop checks, summary
 //! statistics over repeats, and what the machine is.
 use std::{
-    io::Read as _,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -39,74 +38,10 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().context("waiting for a child")? {
-            return Ok(Some(s));
-        }
-        if Instant::now() >= end {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Runs `cmd` (optionally feeding `stdin`) and returns its stdout; fails unless it exits 0
-/// within [`COMMAND_TIMEOUT`] (then it is killed).
-pub fn run_input(cmd: &mut Command, stdin: Option<&[u8]>) -> anyhow::Result<String> {
-    let line = describe(cmd);
-    let mut child = cmd
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        use std::io::Write as _;
-        pipe.write_all(data)
-            .with_context(|| format!("writing to `{line}`"))?;
-    }
-    let reader = |p: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut buf);
-            }
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-    let Some(status) = wait_timeout(&mut child, COMMAND_TIMEOUT)? else {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("`{line}` did not finish within {COMMAND_TIMEOUT:?}; killed it");
-    };
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    if !status.success() {
-        bail!("`{line}` failed ({status}): {}", err.trim());
-    }
-    Ok(out)
-}
-
+/// Runs `cmd` and returns its stdout; fails unless it exits 0 within [`COMMAND_TIMEOUT`]
+/// (then it is killed).
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    run_input(cmd, None)
+    nat_testbed::run_bounded(cmd, COMMAND_TIMEOUT)?.ok()
 }
 
 pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<String> {

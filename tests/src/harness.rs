@@ -52,7 +52,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, HashMap, PerCpuArray},
@@ -64,6 +64,8 @@ use nat_common::{
     ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
 };
 use nat_userspace::{state::DesiredState, tables::Tables};
+
+pub use nat_testbed::mac_str;
 
 use crate::{
     model::{Direction, Events, Fib, Iface, IfaceRole, Leg, Model, Outcome, Path},
@@ -271,35 +273,19 @@ route add {REMOTE_NET}/24 via {PUB_GW}
     )
 }
 
-pub fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
-    let v = s
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("MAC {s}"))?;
-    v.try_into().map_err(|_| anyhow!("MAC {s}: not 6 bytes"))
-}
-
 /// Reads ifindex and MAC of every link with `ip -j link show` (sysfs is per mount namespace,
 /// not per thread network namespace, so it would show the host's links).
 fn read_links(ns: &NetnsGuard) -> anyhow::Result<Topology> {
-    let json: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show"])?)?;
-    let links = json.as_array().context("ip -j link: not an array")?;
+    let links = ns.links()?;
     let find = |name: &str| -> anyhow::Result<Link> {
         let l = links
             .iter()
-            .find(|l| l["ifname"] == name)
+            .find(|l| l.name == name)
             .with_context(|| format!("no link {name}"))?;
-        let ifindex = l["ifindex"].as_u64().context("ifindex")? as u32;
-        let mac = parse_mac(l["address"].as_str().context("address")?)?;
-        Ok(Link { ifindex, mac })
+        Ok(Link {
+            ifindex: l.ifindex,
+            mac: l.mac,
+        })
     };
     Ok(Topology {
         pub0: find("pub0")?,
@@ -398,12 +384,7 @@ impl Harness {
     pub fn new() -> anyhow::Result<Self> {
         let netns = NetnsGuard::new()?;
         netns.ip_batch(&topology_script())?;
-        netns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.forwarding=1",
-        ])?;
+        netns.sysctl(&["net.ipv4.ip_forward=1", "net.ipv4.conf.all.forwarding=1"])?;
         let topo = read_links(&netns)?;
 
         // Harmless on kernels that account BPF memory to the cgroup (5.11+).

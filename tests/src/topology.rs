@@ -10,7 +10,9 @@
 //!
 //! Public side from RFC 5737 (client link 198.51.100.0/24, mapped addresses 203.0.113.0/24,
 //! extra client addresses from 192.0.2.0/24 on request), guest side from 10.0.0.0/8. No
-//! namespace has a route anywhere else, so test traffic cannot leave the topology. `process`
+//! namespace has a route anywhere else, so test traffic cannot leave the topology. The
+//! namespaces, their wiring (shared with `cargo xtask demo`) and the bounded command runner
+//! come from `nat_testbed`; what is natd's own stays here. `process`
 //! runs natd and natctl; `policy` drives natctl's firewall, egress and conntrack commands;
 //! `observe` records what endpoints saw; `fastpath` checks from that that the fast path
 //! carried it; `attempt` sends traffic that may be dropped and checks
@@ -34,47 +36,26 @@ pub mod stream;
 pub mod two_networks;
 pub mod vrouter;
 
-use std::{
-    fs::File,
-    net::Ipv4Addr,
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, ensure};
+pub use nat_testbed::{
+    CmdOutput, Netns, ScratchDir, run_bounded,
+    topology::{
+        CLIENT_ADDR, GUEST_ADDR, HOST_IF, PUBLIC_ADDR, ROUTER_GUEST_ADDR, ROUTER_GUEST_IF,
+        ROUTER_PUBLIC_ADDR, ROUTER_PUBLIC_IF,
+    },
 };
+use nat_testbed::{topology::ThreeNamespaces, unique_stem};
 
-use anyhow::{Context as _, bail, ensure};
-
-pub use process::{CmdOutput, Natctl, Natd, NatdOptions, run_bounded};
-
-/// The router's interface towards the client (natd's `--public-iface`).
-pub const ROUTER_PUBLIC_IF: &str = "pub0";
-/// The router's interface towards the guest (natd's `--guest-iface`).
-pub const ROUTER_GUEST_IF: &str = "gst0";
-/// The client's and the guest's interface.
-pub const HOST_IF: &str = "eth0";
-
-pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
-pub const ROUTER_PUBLIC_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-pub const ROUTER_GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-/// The guest's private address, V.
-pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
-/// The public address the tests map to the guest, P.
-pub const PUBLIC_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub use process::{Natctl, Natd, NatdOptions};
 
 /// How long one external command (ip, nft, ethtool, ping, natctl) may take.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
+pub const COMMAND_TIMEOUT: Duration = nat_testbed::netns::COMMAND_TIMEOUT;
 
 /// `xsn-e2e-<pid>-<n>-`, unique within this host while this process lives.
 fn unique_prefix() -> String {
-    format!(
-        "xsn-e2e-{}-{}-",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{}-", unique_stem("xsn-e2e-"))
 }
 
 /// Fails unless running as root: the tests must not pass by skipping.
@@ -86,136 +67,6 @@ pub fn require_root() -> anyhow::Result<()> {
         "the end-to-end tests need root (network namespaces, XDP, nftables); euid is {euid}"
     );
     Ok(())
-}
-
-/// A named network namespace this process created; deleted on drop.
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create(name: String) -> anyhow::Result<Self> {
-        run_bounded(
-            Command::new("ip").args(["netns", "add", &name]),
-            COMMAND_TIMEOUT,
-        )?
-        .ok()
-        .with_context(|| format!("creating namespace {name}"))?;
-        Ok(Self { name })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// `/run/netns/NAME`, for `nsenter --net=` and `setns`.
-    pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// Runs `f` on a fresh thread that entered this namespace, and returns its result. Sockets
-    /// `f` creates stay in this namespace wherever they are used afterwards.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-                // SAFETY: plain syscall on a valid namespace fd; affects only this thread,
-                // which ends when `f` returns.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!(
-                        "setns({}): {}",
-                        path.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
-    /// `ip netns exec NAME PROGRAM`: a command run inside this namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
-    }
-
-    /// Runs `PROGRAM ARGS...` in this namespace; returns stdout, fails unless it exits 0.
-    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        run_bounded(self.command(program).args(args), COMMAND_TIMEOUT)?.ok()
-    }
-
-    /// `ip -n NAME ARGS...`; returns stdout, fails unless it exits 0.
-    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
-        run_bounded(
-            Command::new("ip").args(["-n", &self.name]).args(args),
-            COMMAND_TIMEOUT,
-        )?
-        .ok()
-    }
-
-    /// This namespace's IPv4 MIB counter `name` (`ReasmOKs`, `InReceives`, ...) from
-    /// `/proc/net/snmp`, which shows the namespace of the process reading it.
-    pub fn ip_counter(&self, name: &str) -> anyhow::Result<u64> {
-        let text = self.exec("cat", &["/proc/net/snmp"])?;
-        let mut ip = text.lines().filter(|l| l.starts_with("Ip: "));
-        let (Some(names), Some(values)) = (ip.next(), ip.next()) else {
-            bail!("/proc/net/snmp has no Ip lines:\n{text}");
-        };
-        let i = names
-            .split_whitespace()
-            .position(|n| n == name)
-            .with_context(|| format!("/proc/net/snmp has no Ip counter {name}: {names}"))?;
-        values
-            .split_whitespace()
-            .nth(i)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("/proc/net/snmp: no value for {name}: {values}"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let r = run_bounded(
-            Command::new("ip").args(["netns", "del", &self.name]),
-            COMMAND_TIMEOUT,
-        )
-        .and_then(CmdOutput::ok);
-        if let Err(e) = r {
-            eprintln!("cleanup: deleting namespace {}: {e:#}", self.name);
-        }
-    }
-}
-
-/// A directory this process created for natd's socket, config and log; removed on drop.
-pub struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    /// Creates `$TMPDIR/xsn-e2e-<pid>-<n>`.
-    pub fn new() -> anyhow::Result<Self> {
-        Self::create(&unique_prefix())
-    }
-
-    fn create(prefix: &str) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(prefix.trim_end_matches('-'));
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("cleanup: removing {}: {e}", self.0.display());
-        }
-    }
 }
 
 /// The three namespaces, wired and checked (the router reaches both ends before natd runs).
@@ -243,62 +94,20 @@ impl Topology {
         require_root()?;
         let prefix = unique_prefix();
         // Each guard exists as soon as its namespace does, so a failure below removes it.
+        let ThreeNamespaces {
+            client,
+            router,
+            guest,
+        } = ThreeNamespaces::create(&prefix).context("wiring the topology")?;
         let topo = Self {
-            client: Netns::create(format!("{prefix}client"))?,
-            router: Netns::create(format!("{prefix}router"))?,
-            guest: Netns::create(format!("{prefix}guest"))?,
-            dir: ScratchDir::create(&prefix)?,
+            client,
+            router,
+            guest,
+            dir: ScratchDir::create(prefix.trim_end_matches('-'))?,
         };
-        topo.wire().context("wiring the topology")?;
         topo.resolve_neighbours()
             .context("checking the topology before natd runs")?;
         Ok(topo)
-    }
-
-    fn wire(&self) -> anyhow::Result<()> {
-        let (c, r, g) = (&self.client, &self.router, &self.guest);
-        // Both veth pairs are created in the router with the peer placed directly in the other
-        // namespace: no interface ever appears in the host's namespace.
-        for (dev, peer_ns) in [(ROUTER_PUBLIC_IF, c), (ROUTER_GUEST_IF, g)] {
-            r.ip(&[
-                "link",
-                "add",
-                dev,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                HOST_IF,
-                "netns",
-                peer_ns.name(),
-            ])?;
-        }
-        for (ns, dev, addr) in [
-            (c, HOST_IF, CLIENT_ADDR),
-            (r, ROUTER_PUBLIC_IF, ROUTER_PUBLIC_ADDR),
-            (r, ROUTER_GUEST_IF, ROUTER_GUEST_ADDR),
-            (g, HOST_IF, GUEST_ADDR),
-        ] {
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
-        for ns in [c, r, g] {
-            ns.ip(&["link", "set", "lo", "up"])?;
-        }
-        r.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        let (via_public, via_guest) = (
-            ROUTER_PUBLIC_ADDR.to_string(),
-            ROUTER_GUEST_ADDR.to_string(),
-        );
-        c.ip(&["route", "add", "203.0.113.0/24", "via", &via_public])?;
-        g.ip(&["route", "add", "default", "via", &via_guest])?;
-        for ns in [c, g] {
-            // XDP_REDIRECT into a veth delivers only if the receiving peer has NAPI (GRO on).
-            // TX checksum offload off: the ends send full checksums, as hosts on a wire would,
-            // instead of veth's partial ones, which do not survive XDP_REDIRECT.
-            ns.exec("ethtool", &["-K", HOST_IF, "gro", "on", "tx", "off"])?;
-        }
-        Ok(())
     }
 
     /// Pings both ends from the router: proves the links work and leaves the router with
@@ -335,11 +144,10 @@ impl Topology {
     /// natd's nftables table in the router as `nft -j` JSON text, or `None` if it is absent.
     pub fn nft_table(&self) -> anyhow::Result<Option<String>> {
         let table = nat_userspace::netfilter::TABLE;
-        let out = run_bounded(
+        let out = self.router.bounded(
             self.router
                 .command("nft")
                 .args(["-j", "list", "table", "ip", table]),
-            COMMAND_TIMEOUT,
         )?;
         if out.status.success() {
             return Ok(Some(out.stdout));

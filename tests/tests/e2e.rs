@@ -489,7 +489,7 @@ fn refused_commands_change_nothing() -> anyhow::Result<()> {
 /// or a socket nobody listens on.
 #[test]
 fn natctl_without_natd_says_it_is_not_running() -> anyhow::Result<()> {
-    let dir = ScratchDir::new()?;
+    let dir = ScratchDir::unique("xsn-e2e-")?;
     let absent = dir.path().join("absent.sock");
     let stale = dir.path().join("stale.sock");
     // A socket file whose listener is gone, as a killed natd leaves it.

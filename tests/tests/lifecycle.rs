@@ -93,13 +93,10 @@ impl Bed {
     /// Whether natd's nftables table exists in the namespace.
     fn nft_table(&self) -> bool {
         self.ns
-            .exec(&[
+            .exec(
                 "nft",
-                "list",
-                "table",
-                "ip",
-                nat_userspace::netfilter::TABLE,
-            ])
+                &["list", "table", "ip", nat_userspace::netfilter::TABLE],
+            )
             .is_ok()
     }
 

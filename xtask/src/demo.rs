@@ -1,9 +1,7 @@
-//! `cargo xtask demo`: runs natd on a three-namespace topology (see `topology`) and shows
-//! inbound DNAT (ping, TCP), outbound SNAT (ping) and natctl's view. Namespaces and processes
-//! are removed on success, error and Ctrl-C alike (guards dropped in reverse order).
-
-mod process;
-mod topology;
+//! `cargo xtask demo`: runs natd on the client/router/guest topology of the end-to-end tests
+//! (`nat_testbed::topology`, namespaces `xsn-demo-<pid>-<role>`) and shows inbound DNAT (ping,
+//! TCP), outbound SNAT (ping) and natctl's view. Namespaces and processes are
+//! `nat_testbed` guards, removed on success, error and Ctrl-C alike (dropped in reverse order).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -13,11 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{self, command};
-use process::Process;
-use topology::{
-    CLIENT_ADDR, GUEST_ADDR, MAPPED_PUBLIC_ADDR, ROUTER_GUEST_IF, ROUTER_PUBLIC_IF, Topology,
+use nat_testbed::{
+    Process,
+    topology::{
+        CLIENT_ADDR, GUEST_ADDR, PUBLIC_ADDR as MAPPED_PUBLIC_ADDR, ROUTER_GUEST_IF,
+        ROUTER_PUBLIC_IF, ThreeNamespaces as Topology,
+    },
 };
+
+use crate::util::{self, command};
 
 /// The default mapping, and the ingress rules that open it to ping and the TCP transfer (a
 /// mapped public IP is closed until a rule opens it, as on CloudStack's router).
@@ -39,6 +41,8 @@ cidrs = ["198.51.100.0/24"]
 const TCP_PORT: &str = "8080";
 const TCP_BYTES: usize = 300 * 1024;
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// How long natd and the helpers may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run() -> Result<()> {
     util::require_root("the demo creates network namespaces and attaches XDP programs")?;
@@ -71,21 +75,26 @@ fn run_demo(natd: &Path, natctl: &Path, tmp: &Path, log: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {}", config.display()))?;
 
     println!("demo: creating namespaces and veth pairs");
-    let topo = Topology::create()?;
+    let topo = Topology::create(&format!("xsn-demo-{}-", std::process::id()))?;
     println!(
         "demo: client {CLIENT_ADDR} ({}) -- router ({}) -- guest {GUEST_ADDR} ({}); \
          mapping {MAPPED_PUBLIC_ADDR} <-> {GUEST_ADDR}",
-        topo.client, topo.router, topo.guest
+        topo.client.name(),
+        topo.router.name(),
+        topo.guest.name()
     );
     util::check_interrupted()?;
 
     let mut daemon = start_natd(natd, &topo, &config, &socket, log)?;
 
     step("client pings the guest's public address (DNAT in, SNAT back)")?;
-    util::run(
-        topo.exec(&topo.client, "ping")
-            .args(["-c", "3", "-W", "2", MAPPED_PUBLIC_ADDR]),
-    )?;
+    util::run(topo.client.command("ping").args([
+        "-c",
+        "3",
+        "-W",
+        "2",
+        &MAPPED_PUBLIC_ADDR.to_string(),
+    ]))?;
 
     step(&format!(
         "client sends {TCP_BYTES} bytes over TCP to {MAPPED_PUBLIC_ADDR}:{TCP_PORT}"
@@ -94,8 +103,9 @@ fn run_demo(natd: &Path, natctl: &Path, tmp: &Path, log: &Path) -> Result<()> {
 
     step("guest pings the client (SNAT out)")?;
     util::run(
-        topo.exec(&topo.guest, "ping")
-            .args(["-c", "3", "-W", "2", CLIENT_ADDR]),
+        topo.guest
+            .command("ping")
+            .args(["-c", "3", "-W", "2", &CLIENT_ADDR.to_string()]),
     )?;
 
     for args in [
@@ -111,8 +121,9 @@ fn run_demo(natd: &Path, natctl: &Path, tmp: &Path, log: &Path) -> Result<()> {
     }
 
     step("stopping natd (SIGTERM)")?;
-    let (status, killed) = daemon.terminate(Duration::from_secs(10))?;
-    if killed {
+    let stopped = daemon.terminate(Duration::from_secs(10))?;
+    let status = stopped.status;
+    if stopped.killed {
         bail!("natd did not exit within 10 s of SIGTERM; killed it");
     }
     if !status.success() {
@@ -146,7 +157,7 @@ fn start_natd(
         .context("cannot duplicate the log file handle")?;
     let mut cmd = command("nsenter");
     // nsenter, not `ip netns exec`: natd keeps the host's mount namespace (and bpffs).
-    cmd.arg(format!("--net=/run/netns/{}", topo.router))
+    cmd.arg(format!("--net={}", topo.router.path().display()))
         .arg(natd)
         .args([
             "--public-iface",
@@ -163,7 +174,7 @@ fn start_natd(
         .arg("--state-dir")
         .arg(socket.with_file_name("state"))
         .arg("--bpffs")
-        .arg(format!("/sys/fs/bpf/{}", topo.router))
+        .arg(format!("/sys/fs/bpf/{}", topo.router.name()))
         .arg("--detach-on-exit")
         .stdin(Stdio::null())
         .stdout(log_file)
@@ -171,9 +182,9 @@ fn start_natd(
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    step(&format!("starting natd in {}", topo.router))?;
+    step(&format!("starting natd in {}", topo.router.name()))?;
     println!("{}", util::describe(&cmd));
-    let mut daemon = Process::spawn("natd", &mut cmd)?;
+    let mut daemon = Process::spawn("natd", &mut cmd)?.with_stop_grace(STOP_GRACE);
 
     let start = Instant::now();
     while !socket.exists() {
@@ -199,14 +210,14 @@ fn start_natd(
 /// A listener in the guest receives what the client sends to the mapped public address; the
 /// byte count must match.
 fn tcp_transfer(topo: &Topology) -> Result<()> {
-    let mut listen = topo.exec(&topo.guest, "nc");
+    let mut listen = topo.guest.command("nc");
     listen
         .args(["-l", "-p", TCP_PORT])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    let mut listener = Process::spawn("nc listener", &mut listen)?;
+    let mut listener = Process::spawn("nc listener", &mut listen)?.with_stop_grace(STOP_GRACE);
     let mut received = listener
-        .child()
+        .child_mut()
         .stdout
         .take()
         .context("nc listener has no stdout")?;
@@ -219,8 +230,8 @@ fn tcp_transfer(topo: &Topology) -> Result<()> {
     let mut sent = false;
     for attempt in 1..=5 {
         util::check_interrupted()?;
-        let mut send = topo.exec(&topo.client, "nc");
-        send.args(["-N", "-w", "5", MAPPED_PUBLIC_ADDR, TCP_PORT]);
+        let mut send = topo.client.command("nc");
+        send.args(["-N", "-w", "5", &MAPPED_PUBLIC_ADDR.to_string(), TCP_PORT]);
         if send_once(&mut send, &payload)? {
             sent = true;
             break;
@@ -248,8 +259,8 @@ fn tcp_transfer(topo: &Topology) -> Result<()> {
 /// Runs the nc client with `payload` on stdin; true if it exited 0.
 fn send_once(cmd: &mut Command, payload: &[u8]) -> Result<bool> {
     cmd.stdin(Stdio::piped());
-    let mut client = Process::spawn("nc client", cmd)?;
-    if let Some(mut stdin) = client.child().stdin.take() {
+    let mut client = Process::spawn("nc client", cmd)?.with_stop_grace(STOP_GRACE);
+    if let Some(mut stdin) = client.child_mut().stdin.take() {
         // A refused connection closes the pipe early; the exit status tells.
         let _ = stdin.write_all(payload);
     }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     bpf::{self, XDP_PASS},
-    netns::{Netns, unique_stem},
+    netns::{self, Netns, unique_stem},
     report::Section,
     util,
 };
@@ -307,9 +307,9 @@ impl Plan {
 /// Sections 1 and 1b.
 pub fn run(quick: bool) -> anyhow::Result<Vec<Section>> {
     let plan = Plan::new(quick);
-    let ns = Netns::create(format!("{}-testrun", unique_stem()))?;
+    let ns = netns::create(format!("{}-testrun", unique_stem()))?;
     build_topology(&ns)?;
-    ns.run(|| in_namespace(&ns, &plan))
+    ns.run(|| in_namespace(&ns, &plan))?
 }
 
 /// The remote port of the `i`-th call of [`Scenario::NewFlowWalk`]: 1024 and up, never the

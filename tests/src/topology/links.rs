@@ -1,6 +1,7 @@
 //! More topology on request: a further namespace wired to the router by its own veth pair and
 //! subnet, as a second guest network or as a second public network's upstream ("gateway"); and
-//! what `ip -j` and `nft` show of addresses, MACs, neighbours and natd's table. Each further
+//! what `nft` shows of natd's table (addresses, MACs and neighbours: [`Netns::ipv4_addrs`],
+//! [`Netns::mac`], [`Netns::neighbour`]). Each further
 //! namespace comes back as a guard the test holds; dropping it deletes the namespace and with
 //! it the veth pair. The interface on the router's side goes with it.
 //!
@@ -14,7 +15,8 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
+
+pub use nat_testbed::netns::{AddrInfo, Neighbour};
 
 use super::{COMMAND_TIMEOUT, HOST_IF, Netns, Topology, run_bounded};
 
@@ -150,79 +152,5 @@ impl Topology {
             out.stderr.trim()
         );
         Ok(None)
-    }
-}
-
-/// One IPv4 address of an interface as `ip -j addr` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AddrInfo {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-    pub label: Option<String>,
-}
-
-/// A neighbour entry as `ip -j neigh` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Neighbour {
-    pub lladdr: Option<String>,
-    pub state: Vec<String>,
-}
-
-impl Netns {
-    fn ip_json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let mut all = vec!["-j"];
-        all.extend(args);
-        let out = self.ip(&all)?;
-        // `ip -j` prints nothing at all for an empty neighbour list.
-        if out.trim().is_empty() {
-            return Ok(Value::Array(Vec::new()));
-        }
-        serde_json::from_str(&out).with_context(|| format!("parsing `ip {}`: {out}", all.join(" ")))
-    }
-
-    /// The IPv4 addresses of `dev`.
-    pub fn ipv4_addrs(&self, dev: &str) -> anyhow::Result<Vec<AddrInfo>> {
-        let v = self.ip_json(&["-4", "addr", "show", "dev", dev])?;
-        let mut out = Vec::new();
-        for a in v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i["addr_info"].as_array().into_iter().flatten())
-        {
-            let parse = || -> Option<AddrInfo> {
-                Some(AddrInfo {
-                    addr: a["local"].as_str()?.parse().ok()?,
-                    prefix: u8::try_from(a["prefixlen"].as_u64()?).ok()?,
-                    label: a["label"].as_str().map(str::to_string),
-                })
-            };
-            out.push(parse().with_context(|| format!("`ip -j addr show dev {dev}`: {a}"))?);
-        }
-        Ok(out)
-    }
-
-    /// The MAC address of `dev` (lower case, colon separated).
-    pub fn mac(&self, dev: &str) -> anyhow::Result<String> {
-        let v = self.ip_json(&["link", "show", "dev", dev])?;
-        v[0]["address"]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("`ip -j link show dev {dev}`: no address in {v}"))
-    }
-
-    /// The neighbour entry of `addr` on `dev`, if there is one.
-    pub fn neighbour(&self, addr: Ipv4Addr, dev: &str) -> anyhow::Result<Option<Neighbour>> {
-        let a = addr.to_string();
-        let v = self.ip_json(&["neigh", "show", "to", &a, "dev", dev])?;
-        Ok(v.as_array().and_then(|l| l.first()).map(|n| Neighbour {
-            lladdr: n["lladdr"].as_str().map(str::to_string),
-            state: n["state"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect(),
-        }))
     }
 }

@@ -1,14 +1,14 @@
-//! Processes the end-to-end tests start: natd in the router namespace (stopped on drop: SIGTERM,
-//! a bounded wait, then SIGKILL), natctl, and any other command, each with a bounded run time
-//! so a hung child fails the test instead of hanging it.
+//! Processes the end-to-end tests start: natd in the router namespace (a
+//! [`nat_testbed::Process`]: stopped on drop with SIGTERM, a bounded wait, then SIGKILL) and
+//! natctl, each with a bounded run time so a hung child fails the test instead of hanging it.
 use std::{
-    io::Read as _,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
+use nat_testbed::{CmdOutput, Process, describe, run_bounded};
 use nat_userspace::api::{MappingStatus, StatsReport};
 
 use super::{COMMAND_TIMEOUT, ROUTER_GUEST_IF, ROUTER_PUBLIC_IF, Topology};
@@ -34,105 +34,10 @@ pub fn stretched(d: Duration) -> Duration {
     d * factor
 }
 
-/// A finished command's exit status and output.
-#[derive(Debug)]
-pub struct CmdOutput {
-    pub command: String,
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl CmdOutput {
-    /// Stdout if the command exited 0, else an error quoting the command and its stderr.
-    pub fn ok(self) -> anyhow::Result<String> {
-        ensure!(
-            self.status.success(),
-            "`{}` failed ({}): {}",
-            self.command,
-            self.status,
-            self.stderr.trim()
-        );
-        Ok(self.stdout)
-    }
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Waits up to `timeout` for `child` to exit; `None` if it is still running.
-fn wait_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for a child")? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// Runs `cmd` (stdin closed) to completion, killing it if it takes longer than `timeout`.
-pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<CmdOutput> {
-    let command = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run `{command}`"))?;
-    let reader = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-    let Some(status) = wait_timeout(&mut child, timeout)? else {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("`{command}` did not finish within {timeout:?}; killed it");
-    };
-    let join = |h: std::thread::JoinHandle<String>| h.join().unwrap_or_default();
-    Ok(CmdOutput {
-        command,
-        status,
-        stdout: join(out),
-        stderr: join(err),
-    })
-}
-
 /// natd or natctl: `$NATD_BIN` / `$NATCTL_BIN` if set (`cargo xtask test` sets them), else next
 /// to the test binary's `deps/` directory (`target/debug/natd`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let var = format!("{}_BIN", name.to_uppercase());
-    let path = match std::env::var_os(&var) {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().context("locating the test binary")?;
-            exe.parent()
-                .and_then(Path::parent)
-                .map(|dir| dir.join(name))
-                .with_context(|| format!("no target directory above {}", exe.display()))?
-        }
-    };
-    ensure!(
-        path.is_file(),
-        "{name} not found at {} (set {var}, or build it first: `cargo build --bins`)",
-        path.display()
-    );
-    Ok(path)
+    nat_testbed::binary(name, 2)
 }
 
 /// How a test starts natd ([`Natd::start_with`]).
@@ -180,33 +85,21 @@ impl Default for NatdOptions {
 
 /// A running natd in the router namespace; stopped on drop.
 pub struct Natd {
-    child: Child,
+    process: Process,
     socket: PathBuf,
-    log: PathBuf,
-    exited: Option<ExitStatus>,
 }
 
 impl Natd {
-    /// The natd command for `topo` with `args`; its output goes to `log`. `nsenter`, not
-    /// `ip netns exec`: natd keeps the host's mount namespace. nsenter execs natd (no fork for
-    /// a network namespace), so the child's pid is natd's.
-    fn command(
-        topo: &Topology,
-        args: &[&str],
-        omit: &[&str],
-        log: &Path,
-    ) -> anyhow::Result<Command> {
-        let file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    /// The natd command for `topo` with `args` (spawned logged, see [`Process::spawn_logged`]).
+    /// `nsenter`, not `ip netns exec`: natd keeps the host's mount namespace. nsenter execs
+    /// natd (no fork for a network namespace), so the child's pid is natd's.
+    fn command(topo: &Topology, args: &[&str], omit: &[&str]) -> anyhow::Result<Command> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", topo.router.path().display()))
             .arg(binary("natd")?)
             .args(Self::private_args(topo, args, omit))
             .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().context("duplicating the log handle")?)
-            .stderr(file);
+            .env("RUST_LOG", "info");
         Ok(cmd)
     }
 
@@ -291,7 +184,7 @@ impl Natd {
         if opts.keep_fast_path {
             omit.push("--detach-on-exit");
         }
-        let mut cmd = Self::command(topo, &args, &omit, &log)?;
+        let mut cmd = Self::command(topo, &args, &omit)?;
         if let Some(mask) = opts.umask {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: umask is async-signal-safe and touches only the child.
@@ -302,21 +195,16 @@ impl Natd {
                 })
             };
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
         let mut natd = Self {
-            child,
+            process: Process::spawn_logged("natd", &mut cmd, &log)?
+                .with_stop_grace(stretched(NATD_STOP)),
             socket,
-            log,
-            exited: None,
         };
         let start = stretched(NATD_START);
         let deadline = Instant::now() + start;
         // Connectable, not only present: the socket file exists a moment before natd listens.
         while std::os::unix::net::UnixStream::connect(&natd.socket).is_err() {
-            if let Some(status) = natd.child.try_wait().context("waiting for natd")? {
-                natd.exited = Some(status);
+            if let Some(status) = natd.process.try_wait()? {
                 bail!(
                     "natd exited ({status}) before serving:\n{}",
                     natd.log_text()
@@ -351,28 +239,21 @@ impl Natd {
         timeout: Duration,
     ) -> anyhow::Result<(ExitStatus, String)> {
         let log = topo.dir.path().join("natd-run.log");
-        let mut cmd = Self::command(topo, args, omit, &log)?;
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
-        let Some(status) = wait_timeout(&mut child, timeout)? else {
-            let _ = child.kill();
-            let _ = child.wait();
+        let mut cmd = Self::command(topo, args, omit)?;
+        let mut natd = Process::spawn_logged("natd", &mut cmd, &log)?;
+        let Some(status) = natd.wait_timeout(timeout)? else {
+            natd.kill()?;
             bail!(
                 "`{}` still ran after {timeout:?}; killed it",
                 describe(&cmd)
             );
         };
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        Ok((status, text))
+        Ok((status, natd.log_text()))
     }
 
     /// True while natd has not exited.
     pub fn is_running(&mut self) -> anyhow::Result<bool> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().context("waiting for natd")?;
-        }
-        Ok(self.exited.is_none())
+        self.process.is_running()
     }
 
     pub fn socket(&self) -> &Path {
@@ -381,20 +262,13 @@ impl Natd {
 
     /// natd's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// SIGKILL, as a crash or the OOM killer would end natd: no cleanup of any kind (its fast
     /// path, nftables table, pins and socket stay as they are). Returns the exit status.
     pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
-        if let Some(status) = self.exited {
-            return Ok(status);
-        }
-        // Fails only if natd already exited; wait() reports that status either way.
-        let _ = self.child.kill();
-        let status = self.child.wait().context("waiting for natd")?;
-        self.exited = Some(status);
-        Ok(status)
+        self.process.kill()
     }
 
     /// natctl bound to this natd's socket.
@@ -404,31 +278,20 @@ impl Natd {
 
     /// Everything natd printed so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// Sends SIGTERM and waits up to [`NATD_STOP`]; then SIGKILL. Returns the exit status, or
     /// an error if SIGKILL was needed.
     pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        if let Some(status) = self.exited {
-            return Ok(status);
-        }
-        if let Some(status) = self.child.try_wait().context("waiting for natd")? {
-            self.exited = Some(status);
-            return Ok(status);
-        }
-        let pid = libc::pid_t::try_from(self.child.id()).context("natd's pid")?;
-        // SAFETY: plain syscall; `pid` is our own child, not yet reaped, so it is natd.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
         let stop = stretched(NATD_STOP);
-        if let Some(status) = wait_timeout(&mut self.child, stop)? {
-            self.exited = Some(status);
-            return Ok(status);
-        }
-        self.child.kill().context("killing natd")?;
-        let status = self.child.wait().context("waiting for natd")?;
-        self.exited = Some(status);
-        bail!("natd did not exit within {stop:?} of SIGTERM; killed it ({status})")
+        let stopped = self.process.terminate(stop)?;
+        ensure!(
+            !stopped.killed,
+            "natd did not exit within {stop:?} of SIGTERM; killed it ({})",
+            stopped.status
+        );
+        Ok(stopped.status)
     }
 }
 
@@ -436,12 +299,16 @@ impl Drop for Natd {
     fn drop(&mut self) {
         // natd that exited by itself (not stopped or killed by the test) shows why, also when
         // the test ends with an error rather than a panic.
-        let died = self.exited.is_none() && matches!(self.child.try_wait(), Ok(Some(_)));
+        let died =
+            self.process.exited().is_none() && matches!(self.process.try_wait(), Ok(Some(_)));
         if let Err(e) = self.terminate() {
             eprintln!("cleanup: {e:#}");
         }
         if died {
-            eprintln!("cleanup: natd had exited by itself ({:?})", self.exited);
+            eprintln!(
+                "cleanup: natd had exited by itself ({:?})",
+                self.process.exited()
+            );
         }
         if std::thread::panicking() || died {
             eprintln!(
