@@ -99,7 +99,12 @@ pub fn check_accepted(before: &DesiredState, after: &DesiredState) {
     };
     let routes = RoutePlan::of(after.mappings(), &[rule], &[]);
     let ifaces = (["eth2".to_string()], ["eth0".to_string()]);
-    let _ = netfilter::render(&ifaces.0, &ifaces.1, after, &routes);
+    // Every public IP homed on the one public interface, as natd finds it there.
+    let homes: netfilter::Homes = after
+        .mappings()
+        .map(|m| (m.public, ifaces.0[0].clone()))
+        .collect();
+    let _ = netfilter::render(&ifaces.0, &ifaces.1, after, &routes, &homes);
 }
 
 /// A state with a couple of mappings (and an ingress rule) for payloads to change.
