@@ -386,19 +386,19 @@ pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
 pub fn live(f: &Found) -> bool {
     // SAFETY: a live map value.
     let e = unsafe { &*f.entry };
-    let now = now_ns();
-    let orig = e.is_orig();
-    if orig && live_by(e, now) {
+    // The clock is read where it is needed: nothing held across the lookup but the entry
+    // (the callers' BPF frames are near the 6.1 verifier's stack limit).
+    if e.is_orig() && live_by(e, now_ns()) {
         return true;
     }
     match lookup_in(f.pending, &e.peer) {
         Some(p) => {
             // SAFETY: a live map value.
             let p = unsafe { &*p };
-            let (o, r) = if orig { (e, p) } else { (p, e) };
-            !expired(o, r, now)
+            let (o, r) = if e.is_orig() { (e, p) } else { (p, e) };
+            !expired(o, r, now_ns())
         }
-        None => orig && !expired(e, e, now),
+        None => e.is_orig() && !expired(e, e, now_ns()),
     }
 }
 
