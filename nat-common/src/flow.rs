@@ -7,8 +7,9 @@
 //! translated addresses and ports, the checksum deltas precomputed, the egress interface and
 //! MACs, the route generation they were resolved under and the mapping's counter slot. The
 //! *original* direction's entry ([`ENTRY_ORIG`], the direction of the flow's first packet)
-//! holds the flow's state (netfilter's states and timeouts) and its last-seen time; the reply
-//! entry finds it through [`FlowEntry::peer`] and refreshes it at most once per second. Both
+//! holds the flow's state (netfilter's states and timeouts); each entry holds its direction's
+//! last-seen time, refreshed at most once per second, and the reply entry finds the original
+//! through [`FlowEntry::peer`] when its own time does not show the flow live. Both
 //! carry the flow's identity in the guest's view ([`FlowKey`]) for listing and flushing.
 //!
 //! An established packet costs one lookup: an entry whose ingress, route generation and
@@ -136,13 +137,18 @@ pub struct FlowEntry {
     pub state: u8,
     /// Original entry: [`crate::conntrack::SEEN_REPLY`] | [`crate::conntrack::ASSURED`].
     pub ct_flags: u8,
-    /// Original entry: the [`crate::conntrack::Timeout`] the last packet started.
+    /// Original entry: the [`crate::conntrack::Timeout`] the last packet started. Reply
+    /// entry: a copy of it, taken when the flow's state is settled and when the established
+    /// path reached the original entry (it lets a reply direction that was seen recently show
+    /// the flow live without a second lookup).
     pub timer: u8,
     pub _pad: [u8; 3],
     /// `bpf_jiffies64()` when this direction last refreshed the flow's last-seen time.
     pub seen: u64,
-    /// Original entry: CLOCK_MONOTONIC (ns) of the flow's last packet (to a second on the
-    /// established path, which refreshes it once a second).
+    /// CLOCK_MONOTONIC (ns) of the last packet of this direction that refreshed it (to a
+    /// second on the established path, which refreshes it once a second; the full path writes
+    /// the original entry's); 0: never. The flow's last-seen time is the later of its two
+    /// entries'.
     pub last_seen: u64,
     /// The other direction's key.
     pub peer: FlowTuple,

@@ -1,6 +1,6 @@
 //! The established path: a packet whose flow entry holds a resolved route it may use as it
 //! is. One hash lookup (done by the caller), the rewrite, two per-CPU counters and the
-//! redirect; the flow's last-seen time is refreshed at most once a second.
+//! redirect; the direction's last-seen time is refreshed at most once a second.
 use aya_ebpf::programs::XdpContext;
 use nat_common::{ENTRY_FAST, Event, FlowEntry, Reason, proto};
 
@@ -31,11 +31,13 @@ pub fn forward(
     if pkt.proto == proto::TCP && l4.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }
-    if e.route_gen != flows::route_gen() || pkt.ttl <= 1 || pkt.tot_len > e.mtu {
+    // natd's settings, read once for the packet.
+    let cfg = flows::config();
+    if e.route_gen != flows::route_gen_in(cfg) || pkt.ttl <= 1 || pkt.tot_len > e.mtu {
         return None;
     }
     let j = flows::jiffies();
-    if j.wrapping_sub(e.seen) >= flows::refresh_jiffies() && !refresh(found, e, j) {
+    if j.wrapping_sub(e.seen) >= flows::refresh_jiffies_in(cfg) && !refresh(found, e, j) {
         return None;
     }
     rewrite::apply(ctx, pkt, e).ok()?;
@@ -48,24 +50,32 @@ pub fn forward(
 }
 
 /// Once a second per direction: the flow must still be live (else the full path judges the
-/// packet), and its last-seen time moves to now.
+/// packet), and the direction's last-seen time moves to now. The flow's last-seen time is
+/// the later of its two entries' (see [`FlowEntry::last_seen`]), so a direction seen within
+/// the flow's timeout shows the flow live by itself; only a direction idle that long reaches
+/// the other entry.
 #[inline(always)]
 fn refresh(found: &Found, e: &mut FlowEntry, j: u64) -> bool {
     let now = flows::now_ns();
-    let orig = if e.is_orig() {
-        e as *mut FlowEntry
-    } else {
-        match flows::lookup_in(found.pending, &e.peer) {
-            Some(o) => o,
-            None => return false,
+    if !flows::live_by(e, now) {
+        let Some(peer) = flows::lookup_in(found.pending, &e.peer) else {
+            return false;
+        };
+        // SAFETY: a live map value (the other direction's entry, never `e` itself).
+        let peer = unsafe { &*peer };
+        let (o, r) = if e.is_orig() {
+            (&*e, &*peer)
+        } else {
+            (&*peer, &*e)
+        };
+        if flows::expired(o, r, now) {
+            return false;
         }
-    };
-    // SAFETY: a live map value (or `e` itself).
-    let orig = unsafe { &mut *orig };
-    if flows::expired(orig, now) {
-        return false;
+        if !e.is_orig() {
+            e.timer = peer.timer;
+        }
     }
-    orig.last_seen = now;
+    e.last_seen = now;
     e.seen = j;
     true
 }

@@ -75,13 +75,20 @@ pub fn kernel_policy() -> bool {
 /// The route generation entries must carry to be used as they are.
 #[inline(always)]
 pub fn route_gen() -> u32 {
-    config().map_or(0, |c| c.route_gen)
+    route_gen_in(config())
 }
 
-/// Jiffies between two refreshes of a flow's last-seen time: a second.
+/// [`route_gen`] from settings already read.
 #[inline(always)]
-pub fn refresh_jiffies() -> u64 {
-    match config().map_or(0, |c| c.jiffies_per_sec) {
+pub fn route_gen_in(cfg: Option<&NatConfig>) -> u32 {
+    cfg.map_or(0, |c| c.route_gen)
+}
+
+/// Jiffies between two refreshes of a flow's last-seen time (a second), from settings
+/// already read.
+#[inline(always)]
+pub fn refresh_jiffies_in(cfg: Option<&NatConfig>) -> u64 {
+    match cfg.map_or(0, |c| c.jiffies_per_sec) {
         0 => 1000,
         j => j as u64,
     }
@@ -134,11 +141,22 @@ pub fn conn(orig: &FlowEntry) -> Conn {
     )
 }
 
-/// Whether the flow whose original entry is `orig` has been idle past its timer.
+/// Whether the flow of the entries `orig` and `reply` has been idle past its timer: its
+/// last-seen time is the later of both entries' (each direction refreshes its own).
 #[inline(always)]
-pub fn expired(orig: &FlowEntry, now: u64) -> bool {
+pub fn expired(orig: &FlowEntry, reply: &FlowEntry, now: u64) -> bool {
     let timer = Timeout::from_u8(orig.timer).unwrap_or(Timeout::Other);
-    now.wrapping_sub(orig.last_seen) > timeout_ns(timer)
+    now.wrapping_sub(orig.last_seen.max(reply.last_seen)) > timeout_ns(timer)
+}
+
+/// Whether entry `e` alone shows its flow live at `now`: it was seen within the flow's
+/// timeout (the original entry's timer; a reply entry's copy of it, taken by [`settle`] and
+/// by the established path's refresh, and trusted only once its direction was seen). Not
+/// shown live does not mean expired: the other entry may have been seen later.
+#[inline(always)]
+pub fn live_by(e: &FlowEntry, now: u64) -> bool {
+    let timer = Timeout::from_u8(e.timer).unwrap_or(Timeout::Other);
+    e.last_seen != 0 && now.wrapping_sub(e.last_seen) <= timeout_ns(timer)
 }
 
 /// The FAST flag of an assured flow's entries in `state`: a packet without SYN, FIN or RST
@@ -335,6 +353,8 @@ pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
     // a step on the next packet.
     let (o, r) = unsafe { (&mut *orig, &mut *reply) };
     let fast = fast_flag(State::from_u8(o.state).unwrap_or(State::Other));
+    // The reply entry's copy of the timer (see [`live_by`]).
+    r.timer = o.timer;
     if !pending {
         o.flags = (o.flags & !ENTRY_FAST) | fast;
         r.flags = (r.flags & !ENTRY_FAST) | fast;
@@ -358,21 +378,27 @@ pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
     r.flags = (r.flags & !ENTRY_FAST) | ENTRY_PENDING;
 }
 
-/// Whether the flow an entry belongs to is live: its original entry exists and has not been
-/// idle past its timeout.
+/// Whether the flow an entry belongs to is live: not idle past its timeout, and for a reply
+/// entry its original entry exists (an original entry alone, its reply evicted, is judged
+/// by its own last-seen time). An original entry seen within its timeout is live without a
+/// second lookup.
 #[inline(always)]
 pub fn live(f: &Found) -> bool {
     // SAFETY: a live map value.
     let e = unsafe { &*f.entry };
-    let orig = if e.is_orig() {
-        Some(f.entry)
-    } else {
-        lookup_in(f.pending, &e.peer)
-    };
-    match orig {
-        // SAFETY: a live map value.
-        Some(o) => !expired(unsafe { &*o }, now_ns()),
-        None => false,
+    // The clock is read where it is needed: nothing held across the lookup but the entry
+    // (the callers' BPF frames are near the 6.1 verifier's stack limit).
+    if e.is_orig() && live_by(e, now_ns()) {
+        return true;
+    }
+    match lookup_in(f.pending, &e.peer) {
+        Some(p) => {
+            // SAFETY: a live map value.
+            let p = unsafe { &*p };
+            let (o, r) = if e.is_orig() { (e, p) } else { (p, e) };
+            !expired(o, r, now_ns())
+        }
+        None => e.is_orig() && !expired(e, e, now_ns()),
     }
 }
 

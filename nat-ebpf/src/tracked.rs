@@ -68,6 +68,8 @@ pub fn forward(
     };
     // SAFETY: a live map value; see `fast::forward` on races.
     let o = unsafe { &mut *orig };
+    // SAFETY: as above (read only: its last-seen time).
+    let r = unsafe { &*reply };
     let now = flows::now_ns();
     if flows::kernel_policy() {
         // The kernel tracks every flow; its tc learner moves ours. The program only resolves
@@ -83,7 +85,7 @@ pub fn forward(
         }
         return resolve_and_forward(ctx, pkt, tuple, ingress, false, &orig_key, &reply_key);
     }
-    if flows::expired(o, now) {
+    if flows::expired(o, r, now) {
         flows::remove_flow(found.pending, &orig_key, &reply_key);
         stats::event(Event::ConntrackExpired);
         stats::event(Event::ConntrackMiss);

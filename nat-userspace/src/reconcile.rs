@@ -132,6 +132,14 @@ impl<F: FastPath, S: SlowPath, P: Store> Controller<F, S, P> {
 
     /// Installs `new` in place of the current state, all or nothing.
     pub fn apply(&mut self, new: DesiredState) -> Result<Diff, ApplyError> {
+        self.fast.begin();
+        let r = self.apply_batch(new);
+        self.fast.end();
+        r
+    }
+
+    /// [`Controller::apply`] inside one batch of fast-path writes.
+    fn apply_batch(&mut self, new: DesiredState) -> Result<Diff, ApplyError> {
         let tables = Tables::of(&new);
         let ops = plan(&self.state, &self.tables, &new, &tables);
         // Every change to the desired state changes some map entry; no writes means the fast
@@ -294,10 +302,27 @@ mod tests {
         maps: BTreeMap<std::net::Ipv4Addr, std::net::Ipv4Addr>,
         entries: HashMap<Entry, nat_common::RuleBits>,
         fail_on: Option<Op>,
+        /// Inside a batch ([`FastPath::begin`] .. [`FastPath::end`]), and the writes made
+        /// outside one.
+        in_batch: bool,
+        unbatched: usize,
     }
 
     impl FastPath for FakeFast {
+        fn begin(&mut self) {
+            assert!(!self.in_batch, "a batch began inside a batch");
+            self.in_batch = true;
+        }
+
+        fn end(&mut self) {
+            assert!(self.in_batch, "a batch ended that never began");
+            self.in_batch = false;
+        }
+
         fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
+            if !self.in_batch {
+                self.unbatched += 1;
+            }
             if self.fail_on == Some(*op) {
                 return Err(DataplaneError::MissingMap("NAT_IN"));
             }
@@ -429,6 +454,28 @@ mod tests {
         )));
         let installed = c.slow.installed.as_ref().unwrap();
         assert_eq!(installed.active_ingress_rules().count(), 1);
+    }
+
+    /// Every write of a change, its undo included, is made inside one batch, which ends with
+    /// the change (what the batch reads once, e.g. the interfaces' subnets, is read again
+    /// for the next change).
+    #[test]
+    fn a_change_is_one_batch_of_writes() {
+        let mut c = Controller::new(FakeFast::default(), FakeSlow::default());
+        let mut new = c.state().clone();
+        for i in 1..=3 {
+            new.add_mapping(m(&format!("203.0.113.{i}"), &format!("10.0.0.{i}")))
+                .unwrap();
+        }
+        c.apply(new.clone()).unwrap();
+        assert_eq!(c.fast.maps.len(), 3);
+        new.add_mapping(m("203.0.113.4", "10.0.0.4")).unwrap();
+        c.fast.fail_on = Some(Op::AddMapping(m("203.0.113.4", "10.0.0.4")));
+        new.remove_mapping("203.0.113.1".parse().unwrap()).unwrap();
+        assert!(c.apply(new).is_err());
+        assert_eq!(c.fast.maps.len(), 3);
+        assert!(!c.fast.in_batch);
+        assert_eq!(c.fast.unbatched, 0);
     }
 
     #[test]

@@ -207,7 +207,11 @@ impl Setting {
         };
         // Every repetition must have ended with the intended reason and taken the intended
         // path (events), or the figure is not what it claims.
-        let events: Vec<(Event, u64)> = event.map(|e| (e, n)).into_iter().collect();
+        // A new flow's packet first missed the flow table.
+        let mut events: Vec<(Event, u64)> = event.map(|e| (e, n)).into_iter().collect();
+        if event == Some(Event::ConntrackCreate) {
+            events.push((Event::ConntrackMiss, n));
+        }
         self.bed.check(
             &format!("{}: {s:?}", self.name),
             &before,
@@ -253,13 +257,20 @@ impl Setting {
         } else {
             Event::FastPath
         };
+        // A new flow's packet first missed the flow table.
+        let miss = (Event::ConntrackMiss, n);
+        let events: &[(Event, u64)] = if s == Scenario::NewFlow {
+            &[(event, n), miss]
+        } else {
+            &[(event, n)]
+        };
         self.bed.check(
             &format!("{}: {s:?}", self.name),
             &before,
             n,
             &Expect {
                 reason: Reason::InboundForwarded,
-                events: &[(event, n)],
+                events,
             },
         )?;
         self.push(s, project as f64 / n as f64);

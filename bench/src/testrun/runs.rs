@@ -185,7 +185,7 @@ impl Bed {
                 "guest's first requests",
                 Reason::OutboundForwarded,
                 Event::ConntrackCreate,
-                None,
+                Some(Event::ConntrackMiss),
             ),
             (
                 "replies",

@@ -1,6 +1,6 @@
 //! The flow table as natd sees it: every flow by its original entry (identity, state,
 //! last-seen time), whole-flow removal (both entries), and the capacity.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use nat_common::{
     ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, ORIGIN_GUEST,
@@ -22,7 +22,8 @@ pub struct FlowView {
     pub timer: u8,
     /// Assured (netfilter's `IPS_ASSURED`).
     pub assured: bool,
-    /// CLOCK_MONOTONIC (ns) of its last packet, to about a second.
+    /// CLOCK_MONOTONIC (ns) of its last packet, to about a second: the later of its two
+    /// entries' (each direction refreshes its own).
     pub last_seen: u64,
     /// Not assured yet (in `PENDING`).
     pub pending: bool,
@@ -48,7 +49,9 @@ impl FlowView {
         })
     }
 
-    fn of(key: FlowTuple, e: &FlowEntry) -> Self {
+    /// The flow of original entry `e` keyed `key`; `reply_seen`: its reply entry's last-seen
+    /// time (0 if it has none).
+    fn of(key: FlowTuple, e: &FlowEntry, reply_seen: u64) -> Self {
         let pending = e.flags & ENTRY_PENDING != 0;
         FlowView {
             key,
@@ -57,7 +60,7 @@ impl FlowView {
             state: State::from_u8(e.state).unwrap_or(State::Other),
             timer: e.timer,
             assured: e.ct_flags & ASSURED != 0,
-            last_seen: e.last_seen,
+            last_seen: e.last_seen.max(reply_seen),
             pending,
             replied: e.ct_flags & SEEN_REPLY != 0,
             learned: e.flags & ENTRY_LEARNED != 0,
@@ -110,14 +113,24 @@ fn get(
 
 const TABLES: [(&str, bool); 2] = [(MAP_FLOWS, false), (MAP_PENDING, true)];
 
+/// The last-seen time of every reply entry among `all`, by its key.
+fn reply_seen(all: &[(FlowTuple, FlowEntry)]) -> BTreeMap<FlowTuple, u64> {
+    all.iter()
+        .filter(|(_, e)| e.flags & ENTRY_ORIG == 0)
+        .map(|(k, e)| (*k, e.last_seen))
+        .collect()
+}
+
 impl Dataplane {
     /// Every flow (its original entry), assured and pending.
     pub fn flows(&mut self) -> Result<Vec<FlowView>, DataplaneError> {
         let mut out = Vec::new();
         for (map, _) in TABLES {
-            for (k, e) in entries(self, map)? {
+            let all = entries(self, map)?;
+            let seen = reply_seen(&all);
+            for (k, e) in &all {
                 if e.flags & ENTRY_ORIG != 0 {
-                    out.push(FlowView::of(k, &e));
+                    out.push(FlowView::of(*k, e, seen.get(&e.peer).copied().unwrap_or(0)));
                 }
             }
         }
@@ -136,6 +149,7 @@ impl Dataplane {
         let mut seen = 0;
         for (map, _) in TABLES {
             let all = entries(self, map)?;
+            let seen_of = reply_seen(&all);
             let origs: BTreeSet<FlowTuple> = all
                 .iter()
                 .filter(|(_, e)| e.flags & ENTRY_ORIG != 0)
@@ -150,13 +164,15 @@ impl Dataplane {
                     continue;
                 }
                 seen += 1;
-                if !pred(&FlowView::of(*k, e)) {
+                let reply = seen_of.get(&e.peer).copied().unwrap_or(0);
+                if !pred(&FlowView::of(*k, e, reply)) {
                     continue;
                 }
                 let Some(now) = get(self, map, k)? else {
                     continue;
                 };
-                if now.flags & ENTRY_ORIG == 0 || !pred(&FlowView::of(*k, &now)) {
+                let reply = get(self, map, &now.peer)?.map_or(0, |r| r.last_seen);
+                if now.flags & ENTRY_ORIG == 0 || !pred(&FlowView::of(*k, &now, reply)) {
                     continue;
                 }
                 if remove(self, map, k)? {
@@ -225,6 +241,20 @@ mod tests {
             learned: false,
             slot: 1,
         }
+    }
+
+    /// Each direction refreshes its own entry's last-seen time: the flow's is the later.
+    #[test]
+    fn a_flow_was_last_seen_when_either_direction_was() {
+        let k = FlowTuple::new(1, 2, 3, 4, proto::UDP);
+        let e = |last_seen| FlowEntry {
+            flags: ENTRY_ORIG,
+            last_seen,
+            ..FlowEntry::default()
+        };
+        assert_eq!(FlowView::of(k, &e(5), 9).last_seen, 9);
+        assert_eq!(FlowView::of(k, &e(9), 5).last_seen, 9);
+        assert_eq!(FlowView::of(k, &e(9), 0).last_seen, 9);
     }
 
     #[test]

@@ -205,16 +205,40 @@ impl Dataplane {
     }
 
     /// The public interface whose network holds `public` (0: none or several), so new inbound
-    /// flows to it are taken only there.
+    /// flows to it are taken only there. Inside a batch the interfaces' subnets are read once
+    /// (one `getifaddrs` for all of the batch's mappings, not one per mapping).
     fn owning_iface(&self, public: std::net::Ipv4Addr) -> u32 {
-        let mut owners = self
-            .attached()
-            .filter(|a| a.role == Role::Public)
-            .filter(|a| iface_holds(&a.name, public));
+        let fresh;
+        let subnets = match &self.public_subnets {
+            Some(s) => s,
+            None => {
+                fresh = self.read_public_subnets();
+                &fresh
+            }
+        };
+        let mut owners = subnets
+            .iter()
+            .filter(|(_, nets)| subnets_hold(nets, public));
         match (owners.next(), owners.next()) {
-            (Some(a), None) => a.ifindex,
+            (Some((ifindex, _)), None) => *ifindex,
             _ => 0,
         }
+    }
+
+    /// The public interfaces' ifindexes and subnets, from one `getifaddrs`.
+    fn read_public_subnets(&self) -> PublicSubnets {
+        let all = all_subnets();
+        self.attached()
+            .filter(|a| a.role == Role::Public)
+            .map(|a| {
+                let nets = all
+                    .iter()
+                    .filter(|(name, _)| *name == a.name)
+                    .map(|(_, net)| *net)
+                    .collect();
+                (a.ifindex, nets)
+            })
+            .collect()
     }
 
     /// Removes a mapping, forward entry first; its established flows run on (a revoked static
@@ -280,6 +304,14 @@ impl Dataplane {
 }
 
 impl FastPath for Dataplane {
+    fn begin(&mut self) {
+        self.public_subnets = Some(self.read_public_subnets());
+    }
+
+    fn end(&mut self) {
+        self.public_subnets = None;
+    }
+
     fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
         match *op {
             Op::AddMapping(m) => self.insert_mapping(m),

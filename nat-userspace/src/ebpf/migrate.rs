@@ -160,8 +160,12 @@ fn newest_flows(
     }
     let found = flows.len();
     let mut by_age: Vec<Vec<(FlowTuple, FlowEntry)>> = flows.into_values().collect();
-    // Newest first; the key breaks ties.
-    by_age.sort_by_key(|f| std::cmp::Reverse((f[0].1.last_seen, f[0].0)));
+    // Newest first (a flow's last-seen time is the later of its entries'); the key breaks
+    // ties.
+    by_age.sort_by_key(|f| {
+        let seen = f.iter().map(|(_, e)| e.last_seen).max().unwrap_or(0);
+        std::cmp::Reverse((seen, f[0].0))
+    });
     let mut used = 0;
     by_age.retain(|f| {
         let fits = used + f.len() <= capacity;

@@ -182,6 +182,13 @@ const fn role_raw(role: Role) -> u32 {
 /// without BPF.
 pub trait FastPath {
     fn apply(&mut self, op: &Op) -> Result<(), DataplaneError>;
+
+    /// A batch of [`FastPath::apply`] calls starts: what they read from the kernel (the
+    /// public interfaces' subnets) may be read once for all of them, until [`FastPath::end`].
+    fn begin(&mut self) {}
+
+    /// The batch ended: the next change reads the kernel again.
+    fn end(&mut self) {}
 }
 
 /// The loaded XDP object and the interfaces it is attached to.
@@ -200,7 +207,13 @@ pub struct Dataplane {
     /// Counter slots of the mappings (see [`slots::Slots`]).
     slots: slots::Slots,
     sizes: Sizes,
+    /// The public interfaces' (ifindex, subnets), read once per batch of changes (see
+    /// [`FastPath::begin`]); `None` outside a batch.
+    public_subnets: Option<PublicSubnets>,
 }
+
+/// Each public interface's ifindex with the IPv4 subnets on it.
+type PublicSubnets = Vec<(u32, Vec<(std::net::Ipv4Addr, u32)>)>;
 
 /// Capacities natd chooses at load (config `[conntrack] size`, `[limits] mappings`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,28 +263,37 @@ pub fn iface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     iface_subnets(name).first().map(|(a, _)| *a)
 }
 
-/// Whether one of the IPv4 subnets on interface `name` holds `ip`.
-pub fn iface_holds(name: &str, ip: std::net::Ipv4Addr) -> bool {
-    iface_subnets(name)
+/// Whether one of `subnets` (address, netmask in host order) holds `ip`.
+pub fn subnets_hold(subnets: &[(std::net::Ipv4Addr, u32)], ip: std::net::Ipv4Addr) -> bool {
+    subnets
         .iter()
         .any(|(a, mask)| u32::from(*a) & mask == u32::from(ip) & mask)
 }
 
 /// The IPv4 addresses of interface `name` with their netmasks (host order).
 pub fn iface_subnets(name: &str) -> Vec<(std::net::Ipv4Addr, u32)> {
+    all_subnets()
+        .into_iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, net)| net)
+        .collect()
+}
+
+/// Every interface's IPv4 addresses with their netmasks (host order), by interface name, from
+/// one `getifaddrs` (empty if it fails).
+pub fn all_subnets() -> Vec<(String, (std::net::Ipv4Addr, u32))> {
     let Ok(all) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
-    all.filter(|ifa| ifa.interface_name == name)
-        .filter_map(|ifa| {
-            let addr = ifa.address?.as_sockaddr_in()?.ip();
-            let mask = ifa
-                .netmask
-                .and_then(|m| m.as_sockaddr_in().map(|s| u32::from(s.ip())))
-                .unwrap_or(u32::MAX);
-            Some((addr, mask))
-        })
-        .collect()
+    all.filter_map(|ifa| {
+        let addr = ifa.address?.as_sockaddr_in()?.ip();
+        let mask = ifa
+            .netmask
+            .and_then(|m| m.as_sockaddr_in().map(|s| u32::from(s.ip())))
+            .unwrap_or(u32::MAX);
+        Some((ifa.interface_name, (addr, mask)))
+    })
+    .collect()
 }
 
 /// The error of a map operation on `map`.
@@ -360,6 +382,7 @@ impl Dataplane {
             pins,
             adopted,
             slots: slots::Slots::new(sizes.mappings),
+            public_subnets: None,
             sizes,
         })
     }
