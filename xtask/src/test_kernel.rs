@@ -346,7 +346,9 @@ fn guest_script(modules: &Path, release: &str, steps: &[Step]) -> Result<String>
     }
     writeln!(
         s,
-        "echo '{MARK} done'\necho o > /proc/sysrq-trigger\nsleep 60 2>/dev/null"
+        // The serial console drains what the steps wrote after `echo` returns (slowly, under
+        // TCG); the power-off's kernel message would otherwise cut into the last marks.
+        "echo '{MARK} done'\nsleep 2\necho o > /proc/sysrq-trigger\nsleep 60 2>/dev/null"
     )?;
     Ok(s)
 }
