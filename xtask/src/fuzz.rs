@@ -16,6 +16,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{self, cargo};
 
+/// The targets build in the dev profile, which fuzz/Cargo.toml sets to `opt-level = 1` (debug
+/// assertions and overflow checks on, as in cargo-fuzz's default): on our 2-core machines that
+/// took about 6 minutes where cargo-fuzz's release build (one codegen unit per crate, the whole
+/// of natd's dependency tree) took about 12, and the targets ran as many executions per second
+/// (unoptimised, a tenth as many). `run` must use the same profile, or it rebuilds.
+const PROFILE: &str = "--dev";
+
 /// One fuzz target: its name (`fuzz/fuzz_targets/NAME.rs`), its seed directories (relative to
 /// the repo root) and its dictionary.
 pub struct Target {
@@ -69,8 +76,8 @@ pub fn run(seconds: u64, only: &[String]) -> Result<Vec<Outcome>> {
             bail!("no fuzz target {name} (targets: {})", names.join(", "));
         }
     }
-    util::run(cargo().args(["+nightly", "fuzz", "build"]))
-        .context("building the fuzz targets (cargo +nightly fuzz build)")?;
+    util::run(cargo().args(["+nightly", "fuzz", "build", PROFILE]))
+        .context("building the fuzz targets (cargo +nightly fuzz build --dev)")?;
     let logs = util::repo_root().join("fuzz").join("target").join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     TARGETS
@@ -104,7 +111,7 @@ fn run_one(t: &'static Target, seconds: u64, logs: &Path) -> Result<Outcome> {
     let log = fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = cargo();
-    cmd.args(["+nightly", "fuzz", "run", t.name])
+    cmd.args(["+nightly", "fuzz", "run", PROFILE, t.name])
         .arg(&corpus)
         .args(t.seeds.iter().map(|s| root.join(s)))
         .arg("--")
