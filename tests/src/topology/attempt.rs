@@ -19,7 +19,8 @@ use super::{Netns, observe::ARRIVAL};
 
 const POLL: Duration = Duration::from_millis(10);
 
-fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+/// `addr` as the kernel's `sockaddr_in`.
+pub fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: addr.port().to_be(),
@@ -28,6 +29,34 @@ fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
         },
         sin_zero: [0; 8],
     }
+}
+
+/// Sends `packet` to `dst` on the raw IPv4 socket `fd` (the kernel adds the IPv4 header):
+/// all of it, or an error saying it was `what`.
+pub fn raw_send(
+    fd: &impl std::os::fd::AsRawFd,
+    packet: &[u8],
+    dst: Ipv4Addr,
+    what: &str,
+) -> anyhow::Result<()> {
+    let to = sockaddr(SocketAddrV4::new(dst, 0));
+    // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        usize::try_from(n) == Ok(packet.len()),
+        "sending {what}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }
 
 /// A TCP connection being opened from the client side: a non-blocking connect whose outcome

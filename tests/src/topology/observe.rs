@@ -410,31 +410,12 @@ impl IcmpSniffer {
         let folded = (sum & 0xffff) + (sum >> 16);
         let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
         msg[2..4].copy_from_slice(&csum.to_be_bytes());
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(dst).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
-        let n = unsafe {
-            libc::sendto(
-                self.0.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        ensure!(
-            usize::try_from(n) == Ok(msg.len()),
-            "sending ICMP type {icmp_type} to {dst}: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(())
+        super::attempt::raw_send(
+            &self.0,
+            &msg,
+            dst,
+            &format!("ICMP type {icmp_type} to {dst}"),
+        )
     }
 
     /// Receives until `want` packets matching `pred` were seen, or a receive timed out after

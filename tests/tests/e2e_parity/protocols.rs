@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use nat_tests::topology::{
-    CLIENT_ADDR, GUEST_ADDR, Natd, Netns, PUBLIC_ADDR, Topology, attempt::udp_receive,
+    CLIENT_ADDR, GUEST_ADDR, Natd, Netns, PUBLIC_ADDR, Topology,
+    attempt::{raw_send, udp_receive},
     observe::ARRIVAL,
 };
 
@@ -160,31 +161,7 @@ fn dccp_packet(ty: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> 
 
 /// Sends `packet` (a DCCP packet) from the raw socket `fd` to `dst`.
 fn send_dccp(fd: &OwnedFd, packet: &[u8], dst: Ipv4Addr) -> anyhow::Result<()> {
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(dst).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&raw const to).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        usize::try_from(n) == Ok(packet.len()),
-        "sending DCCP: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    raw_send(fd, packet, dst, "DCCP")
 }
 
 /// Receives the next DCCP packet at the raw socket `fd` and checks that it came `src` ->
