@@ -20,7 +20,7 @@
 //! flows at once; `links` adds further guests and public networks to the three;
 //! `two_networks` builds two public networks with policy routing by source; `stream`
 //! keeps traffic flowing while natd restarts; `capture` counts the frames an interface
-//! receives by destination MAC; `prometheus` runs a Prometheus server; `vrouter` gives the
+//! receives by destination MAC; `sock` holds the socket plumbing they share; `prometheus` runs a Prometheus server; `vrouter` gives the
 //! router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
 pub mod capture;
@@ -32,6 +32,7 @@ pub mod observe;
 pub mod policy;
 pub mod process;
 pub mod prometheus;
+pub mod sock;
 pub mod stream;
 pub mod two_networks;
 pub mod vrouter;

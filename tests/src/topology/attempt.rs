@@ -9,55 +9,19 @@
 use std::{
     io::{ErrorKind, Read as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Netns, observe::ARRIVAL};
+use super::{
+    Netns,
+    observe::ARRIVAL,
+    sock::{self, sockaddr},
+};
 
 const POLL: Duration = Duration::from_millis(10);
-
-/// `addr` as the kernel's `sockaddr_in`.
-pub fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-/// Sends `packet` to `dst` on the raw IPv4 socket `fd` (the kernel adds the IPv4 header):
-/// all of it, or an error saying it was `what`.
-pub fn raw_send(
-    fd: &impl std::os::fd::AsRawFd,
-    packet: &[u8],
-    dst: Ipv4Addr,
-    what: &str,
-) -> anyhow::Result<()> {
-    let to = sockaddr(SocketAddrV4::new(dst, 0));
-    // SAFETY: valid fd; the buffer and the `sockaddr_in` outlive the call, sizes passed.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&raw const to).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        usize::try_from(n) == Ok(packet.len()),
-        "sending {what}: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
-}
 
 /// A TCP connection being opened from the client side: a non-blocking connect whose outcome
 /// is read later, so a dropped SYN costs no time.
@@ -93,17 +57,12 @@ impl TcpAttempt {
         target: SocketAddrV4,
     ) -> anyhow::Result<Self> {
         let stream = ns.run(|| -> anyhow::Result<TcpStream> {
-            // SAFETY: plain syscall; the fd is owned right away.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    0,
-                )
-            };
-            ensure!(fd >= 0, "TCP socket: {}", std::io::Error::last_os_error());
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let fd = sock::open(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+                0,
+                "TCP",
+            )?;
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             if let Some(src) = source {
                 let on: libc::c_int = 1;

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -31,21 +31,12 @@ fn open(dev: &str) -> anyhow::Result<OwnedFd> {
     // SAFETY: a valid NUL-terminated name.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     ensure!(ifindex != 0, "no interface {dev}");
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_IP.to_be()),
-        )
-    };
-    ensure!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = super::sock::open(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        i32::from(ETH_P_IP.to_be()),
+        "AF_PACKET",
+    )?;
     // SAFETY: zeroed plain C struct, then filled in.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -64,21 +55,7 @@ fn open(dev: &str) -> anyhow::Result<OwnedFd> {
         "bind to {dev}: {}",
         std::io::Error::last_os_error()
     );
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 50_000,
-    };
-    // SAFETY: valid fd and a correctly sized `timeval`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    super::sock::receive_timeout(&fd, std::time::Duration::from_millis(50))?;
     Ok(fd)
 }
 

@@ -7,7 +7,7 @@ use std::{
     marker::PhantomData,
     net::Ipv4Addr,
     ops::RangeInclusive,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
 use anyhow::ensure;
@@ -30,21 +30,7 @@ pub fn udp_flows(
     per_flow: usize,
 ) -> anyhow::Result<u64> {
     ns.run(|| {
-        // SAFETY: plain syscall; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_RAW,
-            )
-        };
-        ensure!(
-            fd >= 0,
-            "raw IP socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = super::sock::open(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW, "raw IP")?;
         let pairs: Vec<(u16, u16)> = dports
             .flat_map(|d| sports.clone().map(move |s| (s, d)))
             .flat_map(|pair| std::iter::repeat_n(pair, per_flow))

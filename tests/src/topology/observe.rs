@@ -5,13 +5,13 @@
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{COMMAND_TIMEOUT, Netns, run_bounded};
+use super::{COMMAND_TIMEOUT, Netns, run_bounded, sock};
 
 /// How long a datagram or connection that should arrive may take.
 pub const ARRIVAL: Duration = Duration::from_secs(5);
@@ -339,36 +339,13 @@ pub struct IcmpSniffer(OwnedFd);
 impl IcmpSniffer {
     pub fn open_in(ns: &Netns) -> anyhow::Result<Self> {
         ns.run(|| {
-            // SAFETY: plain syscall; the fd is owned right away.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::IPPROTO_ICMP,
-                )
-            };
-            ensure!(
-                fd >= 0,
-                "raw ICMP socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 50_000,
-            };
-            // SAFETY: valid fd and a correctly sized `timeval`.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const tv).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-            ensure!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+            let fd = sock::open(
+                libc::AF_INET,
+                libc::SOCK_RAW,
+                libc::IPPROTO_ICMP,
+                "raw ICMP",
+            )?;
+            sock::receive_timeout(&fd, Duration::from_millis(50))?;
             Ok(Self(fd))
         })?
     }
@@ -410,7 +387,7 @@ impl IcmpSniffer {
         let folded = (sum & 0xffff) + (sum >> 16);
         let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
         msg[2..4].copy_from_slice(&csum.to_be_bytes());
-        super::attempt::raw_send(
+        sock::raw_send(
             &self.0,
             &msg,
             dst,

@@ -4,14 +4,15 @@
 //! with a checksum valid for the addresses it arrives with, never corrupted.
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
-use anyhow::{Context as _, ensure};
+use anyhow::Context as _;
 use nat_tests::topology::{
     CLIENT_ADDR, GUEST_ADDR, Natd, Netns, PUBLIC_ADDR, Topology,
-    attempt::{raw_send, udp_receive},
+    attempt::udp_receive,
     observe::ARRIVAL,
+    sock::{self, raw_send},
 };
 
 use super::{ONE_MAPPING, at, counted, v4};
@@ -19,43 +20,14 @@ use super::{ONE_MAPPING, at, counted, v4};
 /// A UDP-Lite socket (`IPPROTO_UDPLITE`) in `ns` bound to `bind`.
 fn udplite_socket(ns: &Netns, bind: SocketAddrV4) -> anyhow::Result<UdpSocket> {
     ns.run(|| -> anyhow::Result<UdpSocket> {
-        // SAFETY: plain syscall; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_UDPLITE,
-            )
-        };
-        ensure!(
-            fd >= 0,
-            "UDP-Lite socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let s = UdpSocket::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: bind.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*bind.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: valid fd and a correctly sized `sockaddr_in`.
-        let rc = unsafe {
-            libc::bind(
-                s.as_raw_fd(),
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        ensure!(
-            rc == 0,
-            "binding {bind}: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(s)
+        let fd = sock::open(
+            libc::AF_INET,
+            libc::SOCK_DGRAM,
+            libc::IPPROTO_UDPLITE,
+            "UDP-Lite",
+        )?;
+        sock::bind(&fd, bind)?;
+        Ok(UdpSocket::from(fd))
     })?
 }
 
@@ -197,36 +169,13 @@ fn receive_dccp(fd: &OwnedFd, what: &str, src: Ipv4Addr, dst: Ipv4Addr) -> anyho
 /// included, whether or not the kernel speaks DCCP.
 fn dccp_raw_socket(ns: &Netns) -> anyhow::Result<OwnedFd> {
     ns.run(|| -> anyhow::Result<OwnedFd> {
-        // SAFETY: plain syscall; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                IPPROTO_DCCP as libc::c_int,
-            )
-        };
-        ensure!(
-            fd >= 0,
-            "raw DCCP socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: ARRIVAL.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: valid fd and a correctly sized `timeval`.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        ensure!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        let fd = sock::open(
+            libc::AF_INET,
+            libc::SOCK_RAW,
+            IPPROTO_DCCP as libc::c_int,
+            "raw DCCP",
+        )?;
+        sock::receive_timeout(&fd, ARRIVAL)?;
         Ok(fd)
     })?
 }
