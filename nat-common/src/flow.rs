@@ -90,6 +90,10 @@ pub const ENTRY_UDP: u8 = 4;
 pub const ENTRY_PENDING: u8 = 8;
 /// Written by the tc learner from a packet the kernel translated.
 pub const ENTRY_LEARNED: u8 = 16;
+/// TCP: [`FlowEntry::seq_end`] holds a segment this direction sent.
+pub const ENTRY_SEQ: u8 = 32;
+/// TCP: [`FlowEntry::max_ack`] holds an acknowledgment this direction sent.
+pub const ENTRY_ACKED: u8 = 64;
 
 /// [`FlowEntry::counter`]: which half of the mapping's [`crate::MappingStats`] counts the
 /// direction.
@@ -150,17 +154,96 @@ pub struct FlowEntry {
     /// the original entry's); 0: never. The flow's last-seen time is the later of its two
     /// entries'.
     pub last_seen: u64,
+    /// TCP, with [`ENTRY_SEQ`]: the furthest end ([`Segment::end`]) of the segments this
+    /// direction sent through the router, in sequence space.
+    pub seq_end: u32,
+    /// TCP, with [`ENTRY_ACKED`]: the furthest acknowledgment number this direction sent.
+    pub max_ack: u32,
     /// The other direction's key.
     pub peer: FlowTuple,
     /// The flow's identity, the same in both entries.
     pub flow: FlowKey,
 }
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 104);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 112);
 
 impl FlowEntry {
     #[inline(always)]
     pub const fn is_orig(&self) -> bool {
         self.flags & ENTRY_ORIG != 0
+    }
+}
+
+/// What the window check of TCP RST and FIN segments looks at (see [`note_segment`] and
+/// [`in_window`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload length.
+    pub len: u32,
+    /// Byte 13 of the TCP header.
+    pub flags: u8,
+}
+
+impl Segment {
+    /// The sequence number after the segment: its payload, SYN and FIN each count.
+    #[inline(always)]
+    pub const fn end(&self) -> u32 {
+        let syn = (self.flags & crate::conntrack::TCP_SYN != 0) as u32;
+        let fin = (self.flags & crate::conntrack::TCP_FIN != 0) as u32;
+        self.seq
+            .wrapping_add(self.len)
+            .wrapping_add(syn)
+            .wrapping_add(fin)
+    }
+}
+
+/// Notes a TCP segment a direction sent in its entry: the furthest end and, with ACK, the
+/// furthest acknowledgment, in sequence space. Every segment of a flow that the program
+/// forwards is noted, on the established path too (a store into the entry's own cache line,
+/// which the packet has read already).
+#[inline(always)]
+pub fn note_segment(e: &mut FlowEntry, s: &Segment) {
+    let end = s.end();
+    if e.flags & ENTRY_SEQ == 0 || crate::conntrack::window::after(end, e.seq_end) {
+        e.seq_end = end;
+        e.flags |= ENTRY_SEQ;
+    }
+    if s.flags & crate::conntrack::TCP_ACK != 0
+        && (e.flags & ENTRY_ACKED == 0 || crate::conntrack::window::after(s.ack, e.max_ack))
+    {
+        e.max_ack = s.ack;
+        e.flags |= ENTRY_ACKED;
+    }
+}
+
+/// Whether an RST or FIN segment `s` from the direction `sender` falls within the window the
+/// flow has shown, so that it may change the flow's state (issue 10: a blind, spoofed RST
+/// must not end a connection). Its sequence number may not pass what the sender has sent
+/// (`seq <= sender.seq_end`), and it may not lie wholly before what the receiver has
+/// acknowledged: an RST from `receiver.max_ack` on (netfilter's "invalid rst" below
+/// `td_maxack`), a FIN whose end reaches `receiver.max_ack` (a retransmitted FIN the receiver
+/// acknowledged ends exactly there). Until both are known (the sender sent nothing, or the
+/// receiver never acknowledged) the segment is not checked: the state table alone judges it,
+/// as before the handshake.
+///
+/// netfilter's `tcp_in_window` bounds the sequence number by the receiver's advertised window
+/// instead of by what the sender sent; the program keeps no window sizes (they need the
+/// window scale options), so its bound is the tighter one, exact for a sender whose segments
+/// all pass the router.
+#[inline(always)]
+pub fn in_window(sender: &FlowEntry, receiver: &FlowEntry, s: &Segment) -> bool {
+    use crate::conntrack::window::{after, before};
+    if sender.flags & ENTRY_SEQ == 0 || receiver.flags & ENTRY_ACKED == 0 {
+        return true;
+    }
+    if after(s.seq, sender.seq_end) {
+        return false;
+    }
+    if s.flags & crate::conntrack::TCP_RST != 0 {
+        !before(s.seq, receiver.max_ack)
+    } else {
+        !before(s.end(), receiver.max_ack)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::flow::{FlowEntry, FlowTuple};
 
 /// Version of this layout, stamped in the pins (`META`): bumped whenever a key, a value or the
 /// meaning of a field changes, so a natd never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Kernel map types (`enum bpf_map_type`) the program uses.
 #[repr(u32)]
@@ -275,7 +275,7 @@ pub struct Scratch {
     /// The `struct bpf_fib_lookup` a route lookup fills (64 bytes, 8-aligned).
     pub fib: [u64; 8],
 }
-const _: () = assert!(core::mem::size_of::<Scratch>() == 2 * 104 + 64);
+const _: () = assert!(core::mem::size_of::<Scratch>() == 2 * 112 + 64);
 
 /// Every map of the program, for loading, pinning and adoption.
 pub const MAPS: [MapSpec; 17] = [

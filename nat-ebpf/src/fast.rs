@@ -1,13 +1,13 @@
 //! The established path: a packet whose flow entry holds a resolved route it may use as it
 //! is. One hash lookup (done by the caller), the rewrite, two per-CPU counters and the
-//! redirect; the direction's last-seen time is refreshed at most once a second.
+//! redirect; a TCP segment is noted in the entry (for the window check of RST and FIN); the direction's last-seen time is refreshed at most once a second.
 use aya_ebpf::programs::XdpContext;
 use nat_common::{ENTRY_FAST, Event, FlowEntry, Reason, proto};
 
 use crate::{
     flows::{self, Found},
     forward,
-    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN, Transport},
+    parse::{self, Packet, TCP_FIN, TCP_RST, TCP_SYN, Transport},
     rewrite, stats,
 };
 
@@ -39,6 +39,11 @@ pub fn forward(
     let j = flows::jiffies();
     if j.wrapping_sub(e.seen) >= flows::refresh_jiffies_in(cfg) && !refresh(found, e, j) {
         return None;
+    }
+    if pkt.proto == proto::TCP
+        && let Some(seg) = parse::segment(ctx, pkt)
+    {
+        nat_common::note_segment(e, &seg);
     }
     rewrite::apply(ctx, pkt, e).ok()?;
     stats::forwarded(e.slot, e.counter, (ctx.data_end() - ctx.data()) as u64);

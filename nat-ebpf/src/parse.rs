@@ -4,7 +4,7 @@
 //! read through network-types' structs.
 use core::mem::offset_of;
 
-use nat_common::{FlowTuple, Reason, proto};
+use nat_common::{FlowTuple, Reason, Segment, proto};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -160,6 +160,25 @@ impl Transport {
             pkt.saddr, pkt.daddr, self.sport, dport, pkt.proto,
         ))
     }
+}
+
+/// The sequence facts of a TCP packet whose header [`Packet::transport`] checked (`None` if
+/// it is not there after all).
+#[inline(always)]
+pub fn segment(ctx: &impl Frame, pkt: &Packet) -> Option<Segment> {
+    let h = ptr_at::<TcpHdr>(ctx, L4_OFF)?;
+    // SAFETY: in bounds per `ptr_at`.
+    let h = unsafe { &*h };
+    let bits = ptr_at::<[u8; 2]>(ctx, L4_OFF + offset_of!(TcpHdr, _bitfield_1))?;
+    // SAFETY: in bounds per `ptr_at`.
+    let [doff, flags] = unsafe { *bits };
+    let headers = (IP_LEN + (doff >> 4) as usize * 4) as u32;
+    Some(Segment {
+        seq: u32::from_be_bytes(h.seq),
+        ack: u32::from_be_bytes(h.ack_seq),
+        len: (pkt.tot_len as u32).saturating_sub(headers),
+        flags,
+    })
 }
 
 impl Packet {

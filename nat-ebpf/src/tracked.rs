@@ -10,7 +10,7 @@ use nat_common::{
 use crate::{
     flows::{self, Found},
     forward::{self, Query},
-    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN, Transport},
+    parse::{self, Packet, TCP_FIN, TCP_RST, TCP_SYN, Transport},
     rewrite, stats,
 };
 
@@ -90,6 +90,19 @@ pub fn forward(
         stats::event(Event::ConntrackExpired);
         stats::event(Event::ConntrackMiss);
         return Ok(Tracked::New);
+    }
+    // An RST or FIN outside the window the flow has shown is not part of it (a blind,
+    // spoofed one): INVALID, the flow stays as it was.
+    if pkt.proto == nat_common::proto::TCP
+        && l4.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && l4.tcp_flags & TCP_SYN == 0
+        && let Some(s) = parse::segment(ctx, pkt)
+    {
+        let (sender, receiver) = if is_orig { (&*o, r) } else { (r, &*o) };
+        if !nat_common::in_window(sender, receiver, &s) {
+            stats::event(Event::ConntrackMiss);
+            return Ok(Tracked::Invalid);
+        }
     }
     let mut c = flows::conn(o);
     let seg = conntrack::Packet::flags_only(l4.tcp_flags);
@@ -174,6 +187,11 @@ fn resolve_and_forward(
         flows::set_route(cur, &route, generation);
         cur.in_ifindex = ingress;
         stats::event(Event::RouteResolved);
+    }
+    if pkt.proto == nat_common::proto::TCP
+        && let Some(seg) = parse::segment(ctx, pkt)
+    {
+        nat_common::note_segment(cur, &seg);
     }
     rewrite::apply(ctx, pkt, cur)?;
     stats::forwarded(cur.slot, cur.counter, (ctx.data_end() - ctx.data()) as u64);
