@@ -90,9 +90,9 @@ pub const ENTRY_UDP: u8 = 4;
 pub const ENTRY_PENDING: u8 = 8;
 /// Written by the tc learner from a packet the kernel translated.
 pub const ENTRY_LEARNED: u8 = 16;
-/// TCP: [`FlowEntry::seq_end`] holds a segment this direction sent.
+/// TCP: [`FlowEntry::seq_end`] holds what this direction sent.
 pub const ENTRY_SEQ: u8 = 32;
-/// TCP: [`FlowEntry::max_ack`] holds an acknowledgment this direction sent.
+/// TCP: [`FlowEntry::max_ack`] holds what this direction acknowledged.
 pub const ENTRY_ACKED: u8 = 64;
 
 /// [`FlowEntry::counter`]: which half of the mapping's [`crate::MappingStats`] counts the
@@ -155,7 +155,7 @@ pub struct FlowEntry {
     /// entries'.
     pub last_seen: u64,
     /// TCP, with [`ENTRY_SEQ`]: the furthest end ([`Segment::end`]) of the segments this
-    /// direction sent through the router, in sequence space.
+    /// direction sent through the router, in sequence space (see [`note_segment`]).
     pub seq_end: u32,
     /// TCP, with [`ENTRY_ACKED`]: the furthest acknowledgment number this direction sent.
     pub max_ack: u32,
@@ -198,19 +198,30 @@ impl Segment {
     }
 }
 
-/// Notes a TCP segment a direction sent in its entry: the furthest end and, with ACK, the
-/// furthest acknowledgment, in sequence space. Every segment of a flow that the program
-/// forwards is noted, on the established path too (a store into the entry's own cache line,
-/// which the packet has read already).
+/// How far (in sequence space) a segment may start beyond what a direction was seen to send
+/// and still move it, and how far an RST or FIN may lie beyond what the flow has shown: one
+/// unscaled TCP window. It stands in for the receiver's advertised window, which the program
+/// does not keep (its scale is in the SYN options).
+pub const WINDOW_SLACK: u32 = 65_535;
+
+/// Notes a TCP segment a direction sent, in its entry: the furthest end it reached
+/// ([`FlowEntry::seq_end`]; a segment starting more than [`WINDOW_SLACK`] beyond it, such as
+/// a blind guess, does not move it) and, with ACK, the furthest acknowledgment. Every segment
+/// of a flow that the program forwards is noted, on the established path too (stores into the
+/// entry's own cache line, which the packet has read already); the packet that opens a flow
+/// is not.
 #[inline(always)]
 pub fn note_segment(e: &mut FlowEntry, s: &Segment) {
+    use crate::conntrack::window::after;
     let end = s.end();
-    if e.flags & ENTRY_SEQ == 0 || crate::conntrack::window::after(end, e.seq_end) {
+    if e.flags & ENTRY_SEQ == 0 {
         e.seq_end = end;
         e.flags |= ENTRY_SEQ;
+    } else if after(end, e.seq_end) && !after(s.seq, e.seq_end.wrapping_add(WINDOW_SLACK)) {
+        e.seq_end = end;
     }
     if s.flags & crate::conntrack::TCP_ACK != 0
-        && (e.flags & ENTRY_ACKED == 0 || crate::conntrack::window::after(s.ack, e.max_ack))
+        && (e.flags & ENTRY_ACKED == 0 || after(s.ack, e.max_ack))
     {
         e.max_ack = s.ack;
         e.flags |= ENTRY_ACKED;
@@ -218,32 +229,35 @@ pub fn note_segment(e: &mut FlowEntry, s: &Segment) {
 }
 
 /// Whether an RST or FIN segment `s` from the direction `sender` falls within the window the
-/// flow has shown, so that it may change the flow's state (issue 10: a blind, spoofed RST
-/// must not end a connection). Its sequence number may not pass what the sender has sent
-/// (`seq <= sender.seq_end`), and it may not lie wholly before what the receiver has
-/// acknowledged: an RST from `receiver.max_ack` on (netfilter's "invalid rst" below
-/// `td_maxack`), a FIN whose end reaches `receiver.max_ack` (a retransmitted FIN the receiver
-/// acknowledged ends exactly there). Until both are known (the sender sent nothing, or the
-/// receiver never acknowledged) the segment is not checked: the state table alone judges it,
-/// as before the handshake.
+/// flow has shown, so that it may change the flow's state (issue 10: a blind, spoofed RST must
+/// not end a connection). As netfilter's `tcp_in_window` and its RST check, with the
+/// receiver's furthest acknowledgment `A` and the sender's furthest end `E`, and
+/// `T = max(E, A) + WINDOW_SLACK` standing in for the receiver's window's right edge:
+/// - an RST from `A` (netfilter's "invalid rst" below `td_maxack`) up to `T`;
+/// - a FIN up to `T`, ending no earlier than `A - WINDOW_SLACK` (a retransmission).
 ///
-/// netfilter's `tcp_in_window` bounds the sequence number by the receiver's advertised window
-/// instead of by what the sender sent; the program keeps no window sizes (they need the
-/// window scale options), so its bound is the tighter one, exact for a sender whose segments
-/// all pass the router.
+/// Until the sender was seen sending and the receiver acknowledging (a flow's first packets,
+/// a flow learned from the kernel or carried over from an older natd) the segment is not
+/// checked: the state table alone judges it.
 #[inline(always)]
 pub fn in_window(sender: &FlowEntry, receiver: &FlowEntry, s: &Segment) -> bool {
     use crate::conntrack::window::{after, before};
     if sender.flags & ENTRY_SEQ == 0 || receiver.flags & ENTRY_ACKED == 0 {
         return true;
     }
-    if after(s.seq, sender.seq_end) {
+    let acked = receiver.max_ack;
+    let top = if after(sender.seq_end, acked) {
+        sender.seq_end
+    } else {
+        acked
+    };
+    if after(s.seq, top.wrapping_add(WINDOW_SLACK)) {
         return false;
     }
     if s.flags & crate::conntrack::TCP_RST != 0 {
-        !before(s.seq, receiver.max_ack)
+        !before(s.seq, acked)
     } else {
-        !before(s.end(), receiver.max_ack)
+        !before(s.end(), acked.wrapping_sub(WINDOW_SLACK))
     }
 }
 

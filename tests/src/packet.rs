@@ -140,13 +140,32 @@ pub fn tcp(
     tcp_flags(src, dst, sport, dport, TCP_PSH | TCP_ACK, options, payload)
 }
 
-/// A TCP segment with a valid checksum and the given flags byte.
+/// Sequence and acknowledgment number of [`tcp_flags`] segments: the same both ways, so that
+/// every segment of a test's flow falls within the window the flow has shown (what one side
+/// sent is what the other acknowledged).
+pub const TCP_SEQ: u32 = 0x1122_3344;
+
+/// A TCP segment with a valid checksum and the given flags byte, numbered [`TCP_SEQ`].
 pub fn tcp_flags(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
     flags: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let ports = (sport, dport);
+    tcp_seq(src, dst, ports, flags, (TCP_SEQ, TCP_SEQ), options, payload)
+}
+
+/// A TCP segment with a valid checksum, the given flags byte and `(seq, ack)` numbers.
+pub fn tcp_seq(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    (sport, dport): (u16, u16),
+    flags: u8,
+    (seq, ack): (u32, u32),
     options: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
@@ -157,8 +176,8 @@ pub fn tcp_flags(
     let mut s = Vec::new();
     s.extend_from_slice(&sport.to_be_bytes());
     s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&0x1122_3344u32.to_be_bytes()); // seq
-    s.extend_from_slice(&0x5566_7788u32.to_be_bytes()); // ack
+    s.extend_from_slice(&seq.to_be_bytes());
+    s.extend_from_slice(&ack.to_be_bytes());
     s.push((doff as u8) << 4);
     s.push(flags);
     s.extend_from_slice(&64240u16.to_be_bytes()); // window

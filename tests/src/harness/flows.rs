@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, bail, ensure};
 use nat_common::{
-    COUNT_IN, ENTRY_FAST, ENTRY_ORIG, ENTRY_PENDING, FLOW_HAIRPIN, FlowEntry, FlowTuple,
-    ORIGIN_GUEST, ORIGIN_PUBLIC, Reason,
+    COUNT_IN, ENTRY_ACKED, ENTRY_FAST, ENTRY_ORIG, ENTRY_PENDING, ENTRY_SEQ, FLOW_HAIRPIN,
+    FlowEntry, FlowTuple, ORIGIN_GUEST, ORIGIN_PUBLIC, Reason,
     conntrack::{ASSURED, State},
     flow::rewrite,
 };
@@ -16,7 +16,7 @@ use super::{Harness, maps};
 use crate::model::{
     DirView, Direction, Flow, Kind, NO_PEER, Tracked, Tuple, nf_state,
     policy::conn_of,
-    table::{Dir, Rec},
+    table::{Dir, Rec, Window},
 };
 
 /// `seen` of an entry a test writes: its once-a-second liveness check is due at once
@@ -147,6 +147,10 @@ impl Harness {
                     route: (e.out_ifindex, e.smac, e.dmac, e.mtu, e.route_gen),
                     counted: self.counted(e.slot, e.counter)?,
                     reason: Reason::from_index(u32::from(e.reason)),
+                    window: Window {
+                        end: (e.flags & ENTRY_SEQ != 0).then_some(e.seq_end),
+                        ack: (e.flags & ENTRY_ACKED != 0).then_some(e.max_ack),
+                    },
                 },
             );
             if !orig {
@@ -340,6 +344,7 @@ impl Harness {
                 counted,
                 reason,
                 due: true,
+                window: Default::default(),
             },
             reply_key: to.reply(),
             reply: Dir {
@@ -349,6 +354,7 @@ impl Harness {
                 counted: reply_counted,
                 reason: reply_reason,
                 due: true,
+                window: Default::default(),
             },
         };
         drop(m);

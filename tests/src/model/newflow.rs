@@ -18,7 +18,7 @@ use nat_common::{Event, ORIGIN_GUEST, ORIGIN_PUBLIC, ROLE_GUEST, ROLE_PUBLIC, Re
 use super::{
     Direction, Events, Facts, Flow, Hop, Ip, Kind, Leg, Model, Outcome, Path, dropped, is_error,
     quote, redirected, rewrite, rewrite_error,
-    table::{Dir, Rec, Tuple},
+    table::{Dir, Rec, Tuple, Window},
     tuple_of,
 };
 
@@ -308,6 +308,7 @@ impl Model {
                     counted,
                     reason,
                     due: false,
+                    window: Window::default(),
                 },
                 reply_key: to.reply(),
                 reply: Dir {
@@ -317,6 +318,7 @@ impl Model {
                     counted: reply_counted,
                     reason: reply_reason,
                     due: false,
+                    window: Default::default(),
                 },
             };
             self.policy.conntrack.table.insert(rec);

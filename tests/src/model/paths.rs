@@ -17,8 +17,10 @@
 use nat_common::{Event, ROLE_GUEST, ROLE_PUBLIC, Reason, conntrack::State};
 
 use super::{
-    Events, Facts, Ip, Leg, Model, Outcome, Path, XDP_REDIRECT, nf_state::Ret, redirected, rewrite,
-    table::Tuple,
+    Events, Facts, Ip, Leg, Model, Outcome, Path, XDP_REDIRECT,
+    nf_state::Ret,
+    redirected, rewrite,
+    table::{Tuple, Window},
 };
 
 /// What became of a packet of a known flow on the tracked path.
@@ -87,6 +89,13 @@ impl Model {
             rec.last_seen = now;
             rec.dir_mut(orig).due = false;
         }
+        if ip.proto == 6 {
+            let s = &facts.seg;
+            let rec = ct.table.find_mut(key)?;
+            rec.dir_mut(orig)
+                .window
+                .note(s.seq, s.ack_seq, s.len, s.flags);
+        }
         let rec = ct.table.find(key)?;
         let (d, _) = rec.dir(key);
         let (to, counted, reason) = (d.to, d.counted, d.reason);
@@ -130,6 +139,18 @@ impl Model {
             ev.bump(Event::ConntrackExpired);
             ev.bump(Event::ConntrackMiss);
             return Ok(Tracked::New);
+        }
+        let s = &facts.seg;
+        if ip.proto == 6 && s.flags & (TCP_FIN | TCP_RST) != 0 && s.flags & TCP_SYN == 0 {
+            let (sender, receiver) = if orig {
+                (&rec.orig.window, &rec.reply.window)
+            } else {
+                (&rec.reply.window, &rec.orig.window)
+            };
+            if !Window::allows(sender, receiver, s.seq, s.len, s.flags) {
+                ev.bump(Event::ConntrackMiss);
+                return Ok(Tracked::Invalid);
+            }
         }
         let (kept, timeouts) = (ct.kept, ct.timeouts_ns);
         let mut rec = *rec;
@@ -201,6 +222,14 @@ impl Model {
             (hop, mtu)
         };
         let _ = mtu;
+        if ip.proto == 6
+            && let Some(r) = self.policy.conntrack.table.find_mut(key)
+        {
+            let s = &facts.seg;
+            r.dir_mut(orig)
+                .window
+                .note(s.seq, s.ack_seq, s.len, s.flags);
+        }
         let mut out = f.to_vec();
         rewrite(&mut out, key, &d.to, &hop);
         if close {

@@ -70,6 +70,71 @@ pub struct Dir {
     /// test wrote with an old refresh time; the program's own entries are never due within a
     /// test, whose refresh interval is set beyond its length).
     pub due: bool,
+    /// TCP: what this direction's forwarded segments showed (see [`Window`]).
+    pub window: Window,
+}
+
+/// What the program notes of the TCP segments a flow direction sent, for the window check of
+/// RST and FIN (issue 10: a blind, spoofed RST may not end a connection). Written from the
+/// rule, not from the program: every TCP segment the program forwards through an existing
+/// flow (the established path and the tracked path; not the packet that opens the flow, nor
+/// what the tc learner sees) moves the direction's furthest end (sequence number + payload +
+/// SYN + FIN, in sequence space, RFC 1982), unless it starts more than one unscaled window
+/// ([`SLACK`]) beyond it, and, with ACK, its furthest acknowledgment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Window {
+    pub end: Option<u32>,
+    pub ack: Option<u32>,
+}
+
+/// One unscaled TCP window (65,535), standing in for the receiver's advertised window.
+pub const SLACK: u32 = 65_535;
+
+/// Sequence-space `a > b`, as netfilter's `after()`: `(s32)(b - a) < 0`.
+fn seq_after(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) < 0
+}
+
+/// The sequence number after a segment: payload, SYN and FIN each count.
+fn seg_end(seq: u32, len: u32, flags: u8) -> u32 {
+    seq.wrapping_add(len)
+        .wrapping_add(u32::from(flags & 0x02 != 0))
+        .wrapping_add(u32::from(flags & 0x01 != 0))
+}
+
+impl Window {
+    /// Notes a forwarded segment.
+    pub fn note(&mut self, seq: u32, ack: u32, len: u32, flags: u8) {
+        let end = seg_end(seq, len, flags);
+        self.end = match self.end {
+            None => Some(end),
+            Some(e) if seq_after(end, e) && !seq_after(seq, e.wrapping_add(SLACK)) => Some(end),
+            kept => kept,
+        };
+        if flags & 0x10 != 0 && self.ack.is_none_or(|a| seq_after(ack, a)) {
+            self.ack = Some(ack);
+        }
+    }
+
+    /// Whether an RST or FIN from the direction that noted `sender` may change the flow, by
+    /// the receiver's furthest acknowledgment `A` and the sender's furthest end `E`: nothing
+    /// beyond `max(E, A) + SLACK`; an RST not before `A` (netfilter's "invalid rst"), a FIN
+    /// ending no earlier than `A - SLACK`. Unchecked until the sender sent and the receiver
+    /// acknowledged.
+    pub fn allows(sender: &Window, receiver: &Window, seq: u32, len: u32, flags: u8) -> bool {
+        let (Some(end), Some(acked)) = (sender.end, receiver.ack) else {
+            return true;
+        };
+        let top = if seq_after(end, acked) { end } else { acked };
+        if seq_after(seq, top.wrapping_add(SLACK)) {
+            return false;
+        }
+        if flags & 0x04 != 0 {
+            !seq_after(acked, seq)
+        } else {
+            !seq_after(acked.wrapping_sub(SLACK), seg_end(seq, len, flags))
+        }
+    }
 }
 
 /// A flow: its state (netfilter's, held by the original direction) and both directions.
@@ -122,6 +187,7 @@ pub struct DirView {
     pub route: (u32, [u8; 6], [u8; 6], u16, u32),
     pub counted: (Direction, Ipv4Addr),
     pub reason: Reason,
+    pub window: Window,
 }
 
 /// Flows by their original key, and every key to its flow.
@@ -234,6 +300,7 @@ impl Table {
                         route,
                         counted: d.counted,
                         reason: d.reason,
+                        window: d.window,
                     },
                 );
             }
