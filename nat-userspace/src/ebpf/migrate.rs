@@ -1,16 +1,22 @@
-//! Migration of pinned maps whose capacity differs from this natd's (decided in [`plan`]):
-//! the loader creates the new map under a staging pin (`maps/NAME_migrating`: bpffs reserves
-//! names with a dot), natd fills it from the pinned one (counts slot by slot as far as both
-//! reach; table entries, the most recently seen flows where a smaller table cannot hold them
-//! all) and then renames the staging pin over the old one. A crash at any point leaves the old
-//! pin or the new one, never none; staging pins left behind are removed by the next start. The
-//! old program keeps running on the old maps until natd replaces it on each interface: what it
-//! counts or opens between the copy and the replacement is lost.
+//! Migration of pinned maps whose capacity differs from this natd's, or whose values are of
+//! an [`earlier`] layout (decided in [`plan`]): the loader creates the new map under a staging
+//! pin (`maps/NAME_migrating`: bpffs reserves names with a dot), natd fills it from the pinned
+//! one (counts slot by slot as far as both reach; table entries, converted to this layout's
+//! values, the most recently seen flows where a smaller table cannot hold them all) and then
+//! renames the staging pin over the old one. A crash at any point leaves the old pin or the
+//! new one, never none; staging pins left behind are removed by the next start, and `META`
+//! keeps the old layout version until every map is in place. The old program keeps running on
+//! the old maps until natd replaces it on each interface: what it counts or opens between the
+//! copy and the replacement is lost.
 use std::collections::BTreeMap;
 
 use nat_common::ENTRY_ORIG;
 
-use super::{plan::Action, *};
+use super::{
+    earlier::{Convert, FlowEntryV2},
+    plan::Action,
+    *,
+};
 
 /// Where the new map of `name` is pinned while it is filled.
 fn staging(pins: &PinDir, name: &str) -> PathBuf {
@@ -125,7 +131,11 @@ pub(super) fn check_fit(
         max_slot = all.iter().map(|(_, v)| v.slot).fold(max_slot, u32::max);
     }
     for name in [MAP_FLOWS, MAP_PENDING] {
-        let all = pinned_entries::<FlowTuple, FlowEntry>(pins, name)?;
+        let how = plan
+            .iter()
+            .find(|(m, _)| m.name == name)
+            .and_then(|(_, a)| a.convert());
+        let all = pinned_flows(pins, name, how)?;
         max_slot = all.iter().map(|(_, e)| e.slot).fold(max_slot, u32::max);
     }
     let entries = u32::try_from(entries).unwrap_or(u32::MAX);
@@ -133,6 +143,22 @@ pub(super) fn check_fit(
         dir: pins.root().to_path_buf(),
         mismatches: r.mismatches,
         remedy: r.remedy,
+    })
+}
+
+/// Every entry of the pinned flow table `name`, converted `how` where it is of an earlier
+/// layout.
+fn pinned_flows(
+    pins: &PinDir,
+    name: &'static str,
+    how: Option<Convert>,
+) -> Result<Vec<(FlowTuple, FlowEntry)>, DataplaneError> {
+    Ok(match how {
+        None => pinned_entries::<FlowTuple, FlowEntry>(pins, name)?,
+        Some(Convert::FlowEntryV2) => pinned_entries::<FlowTuple, FlowEntryV2>(pins, name)?
+            .into_iter()
+            .map(|(k, e)| (k, e.into()))
+            .collect(),
     })
 }
 
@@ -211,8 +237,9 @@ fn copy_flows(
     pins: &PinDir,
     name: &'static str,
     capacity: u32,
+    how: Option<Convert>,
 ) -> Result<Copied, DataplaneError> {
-    let all = pinned_entries::<FlowTuple, FlowEntry>(pins, name)?;
+    let all = pinned_flows(pins, name, how)?;
     let (keep, found) = newest_flows(all, capacity as usize);
     let mut new: HashMap<_, FlowTuple, FlowEntry> =
         HashMap::try_from(dp.map(name)?).map_err(map_err(name))?;
@@ -263,16 +290,21 @@ fn fill(
 ) -> Result<Vec<Filled>, DataplaneError> {
     let mut done = Vec::new();
     for (m, a) in plan.iter().filter(|(_, a)| a.migrates()) {
-        let copied = match Copier::of(m.name).ok_or(DataplaneError::NoMigration(m.name))? {
+        let copier = Copier::of(m.name).ok_or(DataplaneError::NoMigration(m.name))?;
+        // Only flow tables have a conversion (yet).
+        if a.convert().is_some() && copier != Copier::Flows {
+            return Err(DataplaneError::NoMigration(m.name));
+        }
+        let copied = match copier {
             Copier::Stats => copy_counters::<Counter>(dp, pins, m.name)?,
             Copier::Events => copy_counters::<u64>(dp, pins, m.name)?,
             Copier::MappingStats => copy_counters::<MappingStats>(dp, pins, m.name)?,
             Copier::Nat => copy_nat(dp, pins, m.name)?,
             Copier::Flows => {
-                let Action::Entries { to, .. } = a else {
+                let (Action::Entries { to, .. } | Action::Convert { to, .. }) = a else {
                     return Err(DataplaneError::NoMigration(m.name));
                 };
-                copy_flows(dp, pins, m.name, *to)?
+                copy_flows(dp, pins, m.name, *to, a.convert())?
             }
         };
         done.push((m.name, *a, copied));
@@ -283,7 +315,9 @@ fn fill(
 fn put_in_place(pins: &PinDir, filled: &[Filled]) -> Result<(), DataplaneError> {
     for &(name, a, copied) in filled {
         let (from, to) = match a {
-            Action::Counters { from, to } | Action::Entries { from, to } => (from, to),
+            Action::Counters { from, to }
+            | Action::Entries { from, to }
+            | Action::Convert { from, to, .. } => (from, to),
             Action::Create | Action::Adopt => continue,
         };
         let (src, dst) = (staging(pins, name), pins.map(name));
@@ -292,6 +326,10 @@ fn put_in_place(pins: &PinDir, filled: &[Filled]) -> Result<(), DataplaneError> 
             to: dst.clone(),
             source,
         })?;
+        if let (Action::Convert { layout, .. }, Copied::Flows { kept, found }) = (a, copied) {
+            log_converted(name, layout, (from, to), kept, found);
+            continue;
+        }
         match copied {
             Copied::Slots(n) => log::info!(
                 "migrated the pinned {name}: {from} -> {to} slots, the counts of {n} carried over"
@@ -311,6 +349,28 @@ fn put_in_place(pins: &PinDir, filled: &[Filled]) -> Result<(), DataplaneError> 
         }
     }
     Ok(())
+}
+
+/// Says what the conversion of the flow table `name` from `layout` carried over: `kept` of
+/// `found` flows, the table resized `from` -> `to` entries.
+fn log_converted(name: &str, layout: u32, (from, to): (u32, u32), kept: usize, found: usize) {
+    let resized = if from == to {
+        String::new()
+    } else {
+        format!(", {from} -> {to} entries")
+    };
+    if kept < found {
+        log::warn!(
+            "migrated the pinned {name} from layout {layout}: {kept} of {found} flow(s) \
+             converted{resized}, {} dropped (the least recently seen: the smaller table cannot \
+             hold them)",
+            found - kept
+        )
+    } else {
+        log::info!(
+            "migrated the pinned {name} from layout {layout}: {kept} flow(s) converted{resized}"
+        )
+    }
 }
 
 #[cfg(test)]

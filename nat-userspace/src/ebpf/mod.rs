@@ -2,11 +2,12 @@
 //! userspace side. Split by concern: loading (here), [`attach`] (XDP links, the tc learner,
 //! re-attachment), [`maps`] (mappings, firewall entries, counters, flows), [`adopt`]
 //! (reading back what pinned maps hold), [`plan`] (adopt, migrate or refuse each pin) and
-//! [`migrate`] (re-creating a pinned map at another capacity). Write order keeps a mapping
-//! whole at every instant: the reverse (private -> public) entry goes in before the forward
-//! one, and comes out after it.
+//! [`migrate`] (re-creating a pinned map at another capacity, or of an [`earlier`] layout,
+//! converting its entries). Write order keeps a mapping whole at every instant: the reverse
+//! (private -> public) entry goes in before the forward one, and comes out after it.
 mod adopt;
 mod attach;
+pub mod earlier;
 mod flows;
 mod maps;
 mod migrate;

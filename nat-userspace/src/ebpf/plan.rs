@@ -1,11 +1,14 @@
 //! What natd does with each map an earlier natd pinned, decided from what the kernel says of
 //! the pins and what this natd's layout ([`spec::MAPS`], [`spec::LAYOUT_VERSION`]) and
 //! configuration want: adopt it as it is, migrate it (a counter array, or a table natd sizes
-//! at load, re-created at the wanted capacity; see [`spec::Resize`]), or refuse to start with
-//! every difference named and what to run. Pure: every case is tested here, without BPF.
+//! at load, re-created at the wanted capacity; see [`spec::Resize`]; or a table of an
+//! [`earlier`] layout, its entries converted), or refuse to start with every difference named
+//! and what to run. Pure: every case is tested here, without BPF.
 use std::{fmt, path::Path};
 
 use nat_common::maps::{self as spec, MapKind, MapSpec, Resize};
+
+use super::earlier::{self, Convert};
 
 /// A map as the kernel describes it (`struct bpf_map_info`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,12 +58,31 @@ pub enum Action {
     /// A table natd sizes at load, of another capacity: re-created with room for `to`
     /// entries, the entries copied.
     Entries { from: u32, to: u32 },
+    /// A table of the earlier layout `layout` whose values changed: re-created with room for
+    /// `to` entries (`from` pinned), each entry converted `how`.
+    Convert {
+        layout: u32,
+        how: Convert,
+        from: u32,
+        to: u32,
+    },
 }
 
 impl Action {
     /// Whether the map is re-created from the pinned one.
     pub fn migrates(self) -> bool {
-        matches!(self, Action::Counters { .. } | Action::Entries { .. })
+        matches!(
+            self,
+            Action::Counters { .. } | Action::Entries { .. } | Action::Convert { .. }
+        )
+    }
+
+    /// How the pinned map's entries are converted, `None` when they are of this layout.
+    pub fn convert(self) -> Option<Convert> {
+        match self {
+            Action::Convert { how, .. } => Some(how),
+            _ => None,
+        }
     }
 }
 
@@ -189,10 +211,41 @@ pub fn decide(m: &MapSpec, found: Shape, want_max: u32) -> Result<Action, Vec<Mi
     })
 }
 
+/// What becomes of a map of the earlier layout `from` that changed since (`c`): pinned as it
+/// was, it is converted (resized too where the wanted capacity differs); pinned of this
+/// layout's shape, it is the map a natd that stopped while migrating had put in place already
+/// (`META` is stamped only once every map is), used as any other.
+fn decide_changed(
+    m: &MapSpec,
+    found: Shape,
+    want_max: u32,
+    from: &earlier::Earlier,
+    c: earlier::Changed,
+) -> Result<Action, Vec<Mismatch>> {
+    if found.value_size != c.value_size {
+        return decide(m, found, want_max);
+    }
+    let old = MapSpec {
+        value_size: c.value_size,
+        ..*m
+    };
+    let (from_max, to) = match decide(&old, found, want_max)? {
+        Action::Entries { from, to } | Action::Counters { from, to } => (from, to),
+        _ => (found.max_entries, want_max),
+    };
+    Ok(Action::Convert {
+        layout: from.version,
+        how: c.how,
+        from: from_max,
+        to,
+    })
+}
+
 /// What becomes of every map. Nothing pinned: all are created. Otherwise the pins must carry
-/// this natd's layout version (`version`, read from the pinned `META`; `None` when `META` is
-/// not pinned or cannot be read as this layout's `META`), and every map must be pinned and
-/// adoptable or migratable; else the refusal names every difference.
+/// this natd's layout version or one of an [`earlier`] layout natd upgrades from (`version`,
+/// read from the pinned `META`; `None` when `META` is not pinned or cannot be read as this
+/// layout's `META`), and every map must be pinned and adoptable or migratable (converted,
+/// where an earlier layout's map changed since); else the refusal names every difference.
 pub fn plan(pinned: &[Pinned], version: Option<u32>) -> Result<Vec<(MapSpec, Action)>, Refusal> {
     if pinned.iter().all(|p| p.found.is_none()) {
         return Ok(pinned.iter().map(|p| (p.spec, Action::Create)).collect());
@@ -204,8 +257,10 @@ pub fn plan(pinned: &[Pinned], version: Option<u32>) -> Result<Vec<(MapSpec, Act
     let meta_pinned = pinned
         .iter()
         .any(|p| p.spec.name == spec::META.name && p.found.is_some());
+    let mut upgrade = None;
     match version {
         Some(v) if v == spec::LAYOUT_VERSION => {}
+        Some(v) if earlier::of(v).is_some() => upgrade = earlier::of(v),
         // Of another layout, every difference follows from that one.
         Some(v) => {
             return Err(afresh(vec![Mismatch {
@@ -242,7 +297,11 @@ pub fn plan(pinned: &[Pinned], version: Option<u32>) -> Result<Vec<(MapSpec, Act
             });
             continue;
         };
-        match decide(&p.spec, found, p.want_max) {
+        let decided = match upgrade.and_then(|e| Some((e, e.changed(p.spec.name)?))) {
+            Some((e, c)) => decide_changed(&p.spec, found, p.want_max, e, c),
+            None => decide(&p.spec, found, p.want_max),
+        };
+        match decided {
             Ok(a) => out.push((p.spec, a)),
             Err(m) => mismatches.extend(m),
         }

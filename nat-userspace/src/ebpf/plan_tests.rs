@@ -1,5 +1,6 @@
 //! Every case of [`super`]: what becomes of each pin, and the refusal's text.
 use super::*;
+use crate::ebpf::earlier::Convert;
 
 fn shape(m: &MapSpec) -> Shape {
     Shape::wanted(m, m.max_entries)
@@ -128,10 +129,11 @@ fn another_key_or_value_size_type_or_flags_is_refused_naming_each_difference() {
     let r = plan(&pins, V).unwrap_err();
     assert_eq!(r.remedy, Remedy::Afresh);
     let text: Vec<String> = r.mismatches.iter().map(ToString::to_string).collect();
+    let flows = spec::FLOWS.value_size;
     assert_eq!(
         text,
         [
-            "FLOWS: value size found 96, wanted 104",
+            format!("FLOWS: value size found 96, wanted {flows}").as_str(),
             "IFACES: flags found 0x1, wanted 0x0",
             "EVENTS: type found array, wanted percpu_array",
             "EVENTS: key size found 8, wanted 4",
@@ -139,10 +141,10 @@ fn another_key_or_value_size_type_or_flags_is_refused_naming_each_difference() {
     );
     let msg = refusal_text(Path::new("/sys/fs/bpf/x"), &r.mismatches, &r.remedy);
     assert!(
-        msg.starts_with(
+        msg.starts_with(&format!(
             "cannot adopt the fast path pinned under /sys/fs/bpf/x: FLOWS: value size \
-             found 96, wanted 104; IFACES: "
-        ),
+             found 96, wanted {flows}; IFACES: "
+        )),
         "{msg}"
     );
     assert!(msg.contains("natd changed nothing"), "{msg}");
@@ -167,18 +169,21 @@ fn a_fixed_capacity_that_differs_is_refused() {
 
 #[test]
 fn another_layout_version_or_none_is_refused_whatever_the_maps() {
-    let r = plan(&all_as_wanted(), Some(spec::LAYOUT_VERSION - 1)).unwrap_err();
-    assert_eq!(
-        r.mismatches
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        [format!(
-            "META: layout version found {}, wanted {}",
-            spec::LAYOUT_VERSION - 1,
-            spec::LAYOUT_VERSION
-        )]
-    );
+    // 1: before the earliest layout natd upgrades from; the next one: a newer natd's.
+    for v in [1, spec::LAYOUT_VERSION + 1] {
+        let r = plan(&all_as_wanted(), Some(v)).unwrap_err();
+        assert_eq!(r.remedy, Remedy::Afresh);
+        assert_eq!(
+            r.mismatches
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [format!(
+                "META: layout version found {v}, wanted {}",
+                spec::LAYOUT_VERSION
+            )]
+        );
+    }
     let r = plan(&all_as_wanted(), Some(0)).unwrap_err();
     assert!(r.mismatches[0].found.contains("never stamped"), "{r:?}");
     // main's layout: CONNTRACK and no META; the maps of the same name look alike.
@@ -227,5 +232,92 @@ fn fewer_mappings_are_refused_while_slots_beyond_are_in_use() {
     assert!(
         msg.contains("Start natd with [limits] mappings of at least 400"),
         "{msg}"
+    );
+}
+
+/// Layout 2's pins: this layout's maps, but `FLOWS` and `PENDING` of 104-byte values.
+fn layout_2() -> Vec<Pinned> {
+    let v2 = |p: &mut Pinned| p.found.as_mut().unwrap().value_size = 104;
+    with(with(all_as_wanted(), "FLOWS", v2), "PENDING", v2)
+}
+
+fn convert_2(from: u32, to: u32) -> Action {
+    Action::Convert {
+        layout: 2,
+        how: Convert::FlowEntryV2,
+        from,
+        to,
+    }
+}
+
+#[test]
+fn layout_2_converts_the_flow_tables_and_adopts_the_other_maps() {
+    let (flows, pending) = (spec::FLOWS.max_entries, spec::PENDING.max_entries);
+    let p = plan(&layout_2(), Some(2)).unwrap();
+    assert_eq!(
+        actions(&p),
+        [
+            ("FLOWS", convert_2(flows, flows)),
+            ("PENDING", convert_2(pending, pending)),
+        ]
+    );
+    assert!(p.iter().all(|(_, a)| a.migrates() == a.convert().is_some()));
+    // Resized too where the configuration says so.
+    let pins = with(layout_2(), "FLOWS", |p| p.want_max = 64);
+    let pins = with(pins, "NAT_IN", |p| p.want_max = 512);
+    let p = plan(&pins, Some(2)).unwrap();
+    assert_eq!(
+        actions(&p),
+        [
+            (
+                "NAT_IN",
+                Action::Entries {
+                    from: spec::DEFAULT_MAPPINGS,
+                    to: 512
+                }
+            ),
+            ("FLOWS", convert_2(flows, 64)),
+            ("PENDING", convert_2(pending, pending)),
+        ]
+    );
+}
+
+#[test]
+fn a_flow_table_a_stopped_upgrade_put_in_place_already_is_adopted() {
+    // FLOWS renamed over its old pin, PENDING not yet, META still 2.
+    let pins = with(layout_2(), "FLOWS", |p| {
+        p.found.as_mut().unwrap().value_size = spec::FLOWS.value_size
+    });
+    let p = plan(&pins, Some(2)).unwrap();
+    let pending = spec::PENDING.max_entries;
+    assert_eq!(actions(&p), [("PENDING", convert_2(pending, pending))]);
+}
+
+#[test]
+fn layout_2_pins_of_another_shape_are_refused_naming_each_difference() {
+    let pins = with(layout_2(), "FLOWS", |p| {
+        p.found.as_mut().unwrap().value_size = 96
+    });
+    let pins = with(pins, "PENDING", |p| {
+        p.found.as_mut().unwrap().kind = MapKind::Hash as u32
+    });
+    let pins = with(pins, "DEVMAP", |p| {
+        p.found.as_mut().unwrap().max_entries = 32
+    });
+    let r = plan(&pins, Some(2)).unwrap_err();
+    assert_eq!(r.remedy, Remedy::Afresh);
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            format!(
+                "FLOWS: value size found 96, wanted {}",
+                spec::FLOWS.value_size
+            ),
+            "PENDING: type found hash, wanted lru_hash".to_string(),
+            "DEVMAP: capacity found 32, wanted 64".to_string(),
+        ]
     );
 }

@@ -1,9 +1,11 @@
 //! Adoption and migration against the kernel: pins one `Dataplane` leaves under a bpffs
 //! directory of the test's own (removed when the test ends, also on failure) are opened again
 //! with other sizes. Needs root, as `the_object_matches_the_map_specs` does.
+use std::os::fd::{FromRawFd as _, OwnedFd};
+
 use nat_common::{ENTRY_ORIG, proto};
 
-use super::{plan::Remedy, *};
+use super::{earlier::FlowEntryV2, plan::Remedy, *};
 
 /// A pin directory of the test's own under /sys/fs/bpf, removed on drop.
 struct TmpPins(PinDir);
@@ -168,4 +170,245 @@ fn fewer_mappings_than_the_slots_in_use_are_refused_and_change_nothing() {
         .map(|s| s.in_packets)
         .sum();
     assert_eq!(sum, 5 * cpus as u64);
+}
+
+/// Pins in place of `name` a map of layout 2's shape (`FLOWS` and `PENDING`: an LRU hash of
+/// 16-byte keys and 104-byte values) holding `entries`. Created with the `bpf` syscall: aya
+/// creates standalone maps only of a few other types.
+fn pin_v2_flow_table(
+    pins: &TmpPins,
+    name: &str,
+    capacity: u32,
+    entries: &[(FlowTuple, FlowEntryV2)],
+) {
+    /// The head of `union bpf_attr` for `BPF_MAP_CREATE` (the kernel takes the rest as 0).
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let attr = MapCreate {
+        map_type: spec::FLOWS.kind as u32,
+        key_size: size_of::<FlowTuple>() as u32,
+        value_size: size_of::<FlowEntryV2>() as u32,
+        max_entries: capacity,
+        map_flags: spec::FLOWS.flags,
+    };
+    const BPF_MAP_CREATE: nix::libc::c_long = 0;
+    // SAFETY: `attr` outlives the call and the size passed is its own.
+    let fd = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let data = MapData::from_fd(fd).unwrap();
+    let path = pins.0.map(name);
+    std::fs::remove_file(&path).unwrap();
+    data.pin(&path).unwrap();
+    let mut m: HashMap<_, FlowTuple, FlowEntryV2> =
+        HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    for (k, e) in entries {
+        m.insert(k, e, 0).unwrap();
+    }
+}
+
+/// Flow `n` of layout 2: both entries, every field set (from `n`), last seen at `n`.
+fn v2_flow(n: u16) -> [(FlowTuple, FlowEntryV2); 2] {
+    let flow = FlowKey {
+        guest: u32::from(n),
+        remote: 0xc633_6401,
+        guest_port: n,
+        remote_port: 443,
+        proto: proto::TCP,
+        kind: 1,
+        origin: 1,
+        _pad: 0,
+    };
+    let entry = |peer, flags| FlowEntryV2 {
+        saddr: 0x0a00_0000 + u32::from(n),
+        daddr: 0xc633_6401,
+        sport: n,
+        dport: 443,
+        ip_delta: 0x1234,
+        l4_delta: 0x5678,
+        in_ifindex: 2,
+        out_ifindex: 3,
+        dmac: [2, 0, 0, 0, 0, n as u8],
+        smac: [2, 0, 0, 0, 1, n as u8],
+        mtu: 1500,
+        l4_csum: 16,
+        flags,
+        route_gen: 7,
+        slot: 5,
+        reason: 3,
+        counter: 1,
+        state: 4,
+        ct_flags: 3,
+        timer: 2,
+        _pad: [0; 3],
+        seen: 1000 + u64::from(n),
+        last_seen: u64::from(n) * 1_000_000_000,
+        peer,
+        flow,
+    };
+    [
+        (tuple(n), entry(tuple(1000 + n), ENTRY_ORIG)),
+        (tuple(1000 + n), entry(tuple(n), 0)),
+    ]
+}
+
+/// What layout 3 holds of a v2 entry: every field as it was, no segment or acknowledgment
+/// noted (written out here rather than taken from the conversion under test).
+fn as_v3(e: &FlowEntryV2) -> FlowEntry {
+    FlowEntry {
+        saddr: e.saddr,
+        daddr: e.daddr,
+        sport: e.sport,
+        dport: e.dport,
+        ip_delta: e.ip_delta,
+        l4_delta: e.l4_delta,
+        in_ifindex: e.in_ifindex,
+        out_ifindex: e.out_ifindex,
+        dmac: e.dmac,
+        smac: e.smac,
+        mtu: e.mtu,
+        l4_csum: e.l4_csum,
+        flags: e.flags,
+        route_gen: e.route_gen,
+        slot: e.slot,
+        reason: e.reason,
+        counter: e.counter,
+        state: e.state,
+        ct_flags: e.ct_flags,
+        timer: e.timer,
+        _pad: e._pad,
+        seen: e.seen,
+        last_seen: e.last_seen,
+        seq_end: 0,
+        max_ack: 0,
+        peer: e.peer,
+        flow: e.flow,
+    }
+}
+
+/// Every entry of the flow table `name`, by key.
+fn flow_table(dp: &mut Dataplane, name: &'static str) -> BTreeMap<FlowTuple, FlowEntry> {
+    let m: HashMap<_, FlowTuple, FlowEntry> = HashMap::try_from(dp.map(name).unwrap()).unwrap();
+    m.iter().map(|kv| kv.unwrap()).collect()
+}
+
+fn layout_version(pins: &TmpPins) -> u32 {
+    let m = aya::maps::Map::Array(MapData::from_pin(pins.0.map(MAP_META)).unwrap());
+    Array::<_, u32>::try_from(m).unwrap().get(&0, 0).unwrap()
+}
+
+fn set_layout_version(pins: &TmpPins, v: u32) {
+    let m = aya::maps::Map::Array(MapData::from_pin(pins.0.map(MAP_META)).unwrap());
+    Array::<_, u32>::try_from(m).unwrap().set(0, v, 0).unwrap();
+}
+
+#[test]
+fn layout_2_flows_are_converted_and_the_other_maps_adopted() {
+    // One CPU: the kernel's per-CPU LRU free lists then fill exactly to the capacity.
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    let pins = TmpPins::new("layout2");
+    // Layout 2's pins: the maps that did not change are this layout's.
+    let mut dp = pins.open(16, 8).unwrap();
+    let v = NatValue {
+        addr: 7,
+        slot: 5,
+        ..NatValue::default()
+    };
+    dp.nat_map(MAP_NAT_IN).unwrap().insert(9, v, 0).unwrap();
+    drop(dp);
+    let flows: Vec<_> = [1, 2, 3].into_iter().flat_map(v2_flow).collect();
+    let pending = v2_flow(4);
+    pin_v2_flow_table(&pins, MAP_FLOWS, 32, &flows);
+    pin_v2_flow_table(&pins, MAP_PENDING, 16, &pending);
+    set_layout_version(&pins, 2);
+
+    // The flow table shrinks to 2 flows (4 entries) as well.
+    let mut dp = pins.open(2, 8).unwrap();
+    assert!(dp.adopted());
+    let want: BTreeMap<FlowTuple, FlowEntry> =
+        flows[2..].iter().map(|(k, e)| (*k, as_v3(e))).collect();
+    assert_eq!(
+        flow_table(&mut dp, MAP_FLOWS),
+        want,
+        "flows 2 and 3, the most recently seen, every field in place"
+    );
+    let want: BTreeMap<FlowTuple, FlowEntry> =
+        pending.iter().map(|(k, e)| (*k, as_v3(e))).collect();
+    assert_eq!(flow_table(&mut dp, MAP_PENDING), want);
+    assert_eq!(dp.nat_map(MAP_NAT_IN).unwrap().get(&9, 0).unwrap(), v);
+    assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
+    assert_eq!(
+        (pins.capacity(MAP_FLOWS), pins.capacity(MAP_PENDING)),
+        (4, 2)
+    );
+    let value_size = MapInfo::from_pin(pins.0.map(MAP_FLOWS))
+        .unwrap()
+        .value_size();
+    assert_eq!(value_size, spec::FLOWS.value_size);
+    assert!(
+        !pins.pins().iter().any(|p| p.ends_with("_migrating")),
+        "{:?}",
+        pins.pins()
+    );
+    drop(dp);
+    // Adopted as it is now.
+    let mut dp = pins.open(2, 8).unwrap();
+    assert_eq!(flow_table(&mut dp, MAP_FLOWS).len(), 4);
+}
+
+#[test]
+fn an_upgrade_that_stopped_midway_is_completed() {
+    let pins = TmpPins::new("layout2-midway");
+    let mut dp = pins.open(16, 8).unwrap();
+    insert_flow(&mut dp, 1);
+    drop(dp);
+    // FLOWS converted and put in place, PENDING not yet, META still 2.
+    let pending = v2_flow(4);
+    pin_v2_flow_table(&pins, MAP_PENDING, 16, &pending);
+    set_layout_version(&pins, 2);
+
+    let mut dp = pins.open(16, 8).unwrap();
+    assert_eq!(flow_keys(&mut dp), [1, 1001]);
+    let want: BTreeMap<FlowTuple, FlowEntry> =
+        pending.iter().map(|(k, e)| (*k, as_v3(e))).collect();
+    assert_eq!(flow_table(&mut dp, MAP_PENDING), want);
+    assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
+}
+
+#[test]
+fn pins_of_a_layout_natd_does_not_upgrade_from_are_refused_and_change_nothing() {
+    let pins = TmpPins::new("layout1");
+    drop(pins.open(16, 8).unwrap());
+    set_layout_version(&pins, 1);
+    let before = pins.pins();
+    let err = pins.open(16, 8).err().expect("natd adopted layout 1");
+    assert!(
+        err.to_string().contains(&format!(
+            "META: layout version found 1, wanted {}",
+            spec::LAYOUT_VERSION
+        )),
+        "{err}"
+    );
+    assert_eq!(pins.pins(), before);
+    assert_eq!(layout_version(&pins), 1);
 }
