@@ -503,6 +503,11 @@ impl Harness {
         (m.last_leg, m.last_path)
     }
 
+    /// Whether the model judged the last frame an RST or FIN outside its flow's window.
+    pub fn model_out_of_window(&self) -> bool {
+        self.model.borrow().last_out_of_window
+    }
+
     fn read_stats(&self) -> anyhow::Result<Vec<Counter>> {
         let ebpf = self.ebpf.borrow();
         let m: PerCpuArray<_, Counter> = ebpf.map(MAP_STATS).context("no map STATS")?.try_into()?;

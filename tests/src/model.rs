@@ -137,6 +137,8 @@ pub struct Model {
     pub last_leg: Option<Leg>,
     /// Which part of the policy decided the last frame (`None`: it did not get that far).
     pub last_path: Option<Path>,
+    /// The last frame was a TCP RST or FIN outside the window its flow has shown (INVALID).
+    pub last_out_of_window: bool,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -243,6 +245,7 @@ impl Model {
         let mut events = Events::default();
         self.last_leg = None;
         self.last_path = None;
+        self.last_out_of_window = false;
         let mut out = self
             .decide(ingress, frame, now, &mut events)
             .unwrap_or_else(|reason| Outcome {

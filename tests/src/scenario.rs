@@ -110,6 +110,14 @@ const TCP_FLAGS: [u8; 10] = [
     TCP_SYN | TCP_FIN,
 ];
 
+/// Flags of blind packets: what a spoofer sends to end a connection, and data.
+const BLIND_FLAGS: [u8; 4] = [
+    TCP_RST,
+    TCP_RST | TCP_ACK,
+    TCP_FIN | TCP_ACK,
+    TCP_PSH | TCP_ACK,
+];
+
 /// One step of a scenario; `of` picks an earlier flow packet (the step is skipped if none).
 #[derive(Clone, Debug)]
 pub enum Step {
@@ -126,6 +134,14 @@ pub enum Step {
     HairpinReply {
         of: Index,
         flags: u8,
+    },
+    /// Of an earlier TCP packet's flow: an acknowledgment each way, then the packet (`reply`:
+    /// its answer) with `flags` and a blind sequence number: a spoofed RST, FIN or data
+    /// segment against a live flow. Skipped for other protocols.
+    Blind {
+        of: Index,
+        flags: u8,
+        reply: bool,
     },
     /// An earlier hairpin forward packet (any packet if there was none) again from another
     /// sender: a collision while the first flow lives.
@@ -208,6 +224,22 @@ impl Scenario {
                 Step::Open(p) => Some(*p),
                 Step::Reply { of, flags } => earlier(of).map(|p| p.reply(*flags)),
                 Step::Again { of, flags } => earlier(of).map(|p| p.again(*flags)),
+                Step::Blind { of, flags, reply } => {
+                    // Of a TCP flow: an acknowledgment each way first (so that the flow has
+                    // shown a window, if it lives), then the blind packet.
+                    if let Some(p) = earlier(of).filter(|p| matches!(p.l4, L4::Tcp { .. })) {
+                        let blind = match reply {
+                            true => p.reply(*flags),
+                            false => p.again(*flags),
+                        }
+                        .blind();
+                        for q in [p.again(TCP_ACK), p.reply(TCP_ACK), blind] {
+                            let (ingress, frame) = q.frame(topo);
+                            out.push(Action::Frame { ingress, frame });
+                        }
+                    }
+                    None
+                }
                 Step::HairpinReply { of, flags } => earlier_hairpin(of).map(|p| p.reply(*flags)),
                 Step::OtherSender { of, sender } => earlier_hairpin(of).map(|p| p.sent_by(*sender)),
                 Step::Error {
@@ -343,8 +375,8 @@ fn policy() -> impl Strategy<Value = PolicySpec> {
 
 fn l4() -> impl Strategy<Value = L4> {
     prop_oneof![
-        35 => select(&TCP_FLAGS[..]).prop_map(|flags| L4::Tcp { flags }),
-        5 => any::<u8>().prop_map(|flags| L4::Tcp { flags }),
+        35 => select(&TCP_FLAGS[..]).prop_map(|flags| L4::Tcp { flags, blind: false }),
+        5 => any::<u8>().prop_map(|flags| L4::Tcp { flags, blind: false }),
         30 => Just(L4::Udp),
         4 => Just(L4::UdpLite),
         4 => Just(L4::Dccp),
@@ -426,6 +458,8 @@ fn step() -> impl Strategy<Value = Step> {
         8 => (any::<Index>(), flags()).prop_map(|(of, flags)| Step::HairpinReply { of, flags }),
         10 => (any::<Index>(), flags()).prop_map(|(of, flags)| Step::Again { of, flags }),
         8 => (any::<Index>(), sender()).prop_map(|(of, sender)| Step::OtherSender { of, sender }),
+        6 => (any::<Index>(), select(&BLIND_FLAGS[..]), any::<bool>())
+            .prop_map(|(of, flags, reply)| Step::Blind { of, flags, reply }),
         14 => error,
         18 => frame_spec().prop_map(Step::Frame),
         2 => env::change_and_bump().prop_map(|(change, bump)| Step::Env { change, bump }),

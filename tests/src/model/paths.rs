@@ -148,6 +148,7 @@ impl Model {
                 (&rec.reply.window, &rec.orig.window)
             };
             if !Window::allows(sender, receiver, s.seq, s.len, s.flags) {
+                self.last_out_of_window = true;
                 ev.bump(Event::ConntrackMiss);
                 return Ok(Tracked::Invalid);
             }

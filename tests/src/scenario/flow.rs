@@ -136,6 +136,9 @@ pub const SENDERS: [Sender; 6] = [
 pub enum L4 {
     Tcp {
         flags: u8,
+        /// Its sequence number is a guess far from the flow's ([`BLIND_SEQ`]), as a spoofer
+        /// who cannot see the connection sends.
+        blind: bool,
     },
     Udp,
     /// UDP-Lite, checksum over the whole datagram.
@@ -154,6 +157,10 @@ pub enum L4 {
     /// GRE, ESP, SCTP...: IP header only.
     Other(u8),
 }
+
+/// The sequence number of a blind TCP packet: a quarter of the sequence space away from the
+/// flow's own ([`packet::TCP_SEQ`]).
+pub const BLIND_SEQ: u32 = packet::TCP_SEQ.wrapping_add(1 << 30);
 
 /// Which way a flow's packet travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,9 +192,21 @@ pub struct Pkt {
 /// An IP packet `src -> dst` with `l4`, ports `sport -> dport` (identifier `sport` for echo).
 fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, l4: L4, ttl: u8) -> Vec<u8> {
     match l4 {
-        L4::Tcp { flags } => Ip::new(PROTO_TCP, src, dst)
-            .ttl(ttl)
-            .packet(&packet::tcp_flags(src, dst, sport, dport, flags, &[], b"")),
+        L4::Tcp { flags, blind } => {
+            let seq = if blind { BLIND_SEQ } else { packet::TCP_SEQ };
+            let numbers = (seq, packet::TCP_SEQ);
+            Ip::new(PROTO_TCP, src, dst)
+                .ttl(ttl)
+                .packet(&packet::tcp_seq(
+                    src,
+                    dst,
+                    (sport, dport),
+                    flags,
+                    numbers,
+                    &[],
+                    b"",
+                ))
+        }
         L4::Udp => Ip::new(PROTO_UDP, src, dst)
             .ttl(ttl)
             .packet(&packet::udp(src, dst, sport, dport, b"data", true)),
@@ -272,7 +291,10 @@ impl Pkt {
     /// The answer from the other end, TCP with `flags`.
     pub(super) fn reply(&self, flags: u8) -> Pkt {
         let l4 = match self.l4 {
-            L4::Tcp { .. } => L4::Tcp { flags },
+            L4::Tcp { .. } => L4::Tcp {
+                flags,
+                blind: false,
+            },
             L4::Echo { request } => L4::Echo { request: !request },
             L4::Icmp { ty, code } => L4::Icmp {
                 ty: match ty {
@@ -292,10 +314,22 @@ impl Pkt {
         Pkt { way, l4, ..*self }
     }
 
+    /// The same packet with a blind sequence number (TCP; other protocols as they are).
+    pub(super) fn blind(&self) -> Pkt {
+        let l4 = match self.l4 {
+            L4::Tcp { flags, .. } => L4::Tcp { flags, blind: true },
+            l4 => l4,
+        };
+        Pkt { l4, ..*self }
+    }
+
     /// The same packet again, TCP with `flags`.
     pub(super) fn again(&self, flags: u8) -> Pkt {
         let l4 = match self.l4 {
-            L4::Tcp { .. } => L4::Tcp { flags },
+            L4::Tcp { .. } => L4::Tcp {
+                flags,
+                blind: false,
+            },
             l4 => l4,
         };
         Pkt { l4, ..*self }

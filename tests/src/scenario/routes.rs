@@ -88,7 +88,10 @@ fn opener() -> impl Strategy<Value = Pkt> {
         select(&PORTS[..]),
         select(&PORTS[..]),
         prop_oneof![
-            5 => Just(L4::Tcp { flags: TCP_SYN }),
+            5 => Just(L4::Tcp {
+                flags: TCP_SYN,
+                blind: false
+            }),
             3 => Just(L4::Udp),
             2 => Just(L4::Echo { request: true }),
             1 => Just(L4::Other(47)),

@@ -12,7 +12,7 @@ use nat_tests::{
     model::{Direction, Events, Flow, Kind, Outcome, Tracked, XDP_DROP, XDP_REDIRECT},
     packet::{
         ETH_P_IP, Ip, PROTO_ICMP, PROTO_TCP, PROTO_UDP, ether, icmp, icmp_error, tcp, tcp_flags,
-        udp,
+        tcp_seq, udp,
     },
 };
 
@@ -237,6 +237,26 @@ pub fn tcp_l3(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), flags: u8, ttl: u
         ports.0,
         ports.1,
         flags,
+        &[],
+        b"",
+    ))
+}
+
+/// A TCP segment with its own sequence and acknowledgment numbers.
+pub fn tcp_l3_seq(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ports: (u16, u16),
+    flags: u8,
+    seq_ack: (u32, u32),
+    ttl: u8,
+) -> Vec<u8> {
+    Ip::new(PROTO_TCP, src, dst).ttl(ttl).packet(&tcp_seq(
+        src,
+        dst,
+        ports,
+        flags,
+        seq_ack,
         &[],
         b"",
     ))

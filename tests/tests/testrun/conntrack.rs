@@ -1,8 +1,8 @@
 //! Golden policy cases for connection tracking: replies to guest-initiated flows come in
 //! without rules, a flow outlives the rule that admitted it, ICMP errors about tracked flows
 //! are RELATED, ICMP queries are tracked by identifier and direction, TCP states progress as
-//! netfilter's do (the program keeps no windows yet: netfilter with
-//! `nf_conntrack_tcp_no_window_check=1`), a SYN on a closed flow is new, and flows expire
+//! netfilter's do, an RST or FIN outside the window the flow has shown changes nothing (a
+//! blind, spoofed one), a SYN on a closed flow is new, and flows expire
 //! after the idle timer their last packet started (configured, or netfilter's default when the
 //! setting is 0). The expected states, status bits and timers are written out here,
 //! independently of the model (which is compared as well).
@@ -655,4 +655,95 @@ fn remote_ping_does_not_take_over_a_guest_ping() {
         ],
     );
     p.finish("ping takeover");
+}
+
+/// A blind RST or FIN (a sequence number far from the connection's, or an RST below what the
+/// other side acknowledged) is INVALID: the flow stays ESTABLISHED, and the packet is judged
+/// by the rules as one of no flow (port 80 is open, so it is forwarded, opening nothing). An
+/// RST at the connection's own next sequence number closes the flow, from either side.
+#[test]
+fn blind_rst_and_fin_leave_the_flow_established() {
+    let h = harness();
+    h.set_policy(&p1_open(Proto::Tcp, 80)).expect("policy");
+    let mut p = Probe::new(&h);
+    let key = flow(G1, REMOTE, PROTO_TCP, (80, 40000));
+    let (remote_isn, guest_isn) = (1_000u32, 5_000u32);
+    let from_remote = |flags, seq: u32, ack: u32| {
+        move |a, t| tcp_l3_seq(REMOTE, a, (40000, 80), flags, (seq, ack), t)
+    };
+    let from_guest = |flags, seq: u32, ack: u32| {
+        move |a, t| tcp_l3_seq(a, REMOTE, (80, 40000), flags, (seq, ack), t)
+    };
+    p.inbound("syn", G1, true, new_flow(), from_remote(SYN, remote_isn, 0));
+    p.outbound(
+        "syn-ack",
+        G1,
+        true,
+        first_answer(),
+        from_guest(SYN | ACK, guest_isn, remote_isn + 1),
+    );
+    p.inbound(
+        "ack",
+        G1,
+        true,
+        hit(),
+        from_remote(ACK, remote_isn + 1, guest_isn + 1),
+    );
+    let established = [(key, public(TcpEstablished, RA))];
+    p.flows("handshake", &established);
+    let (remote_next, guest_next) = (remote_isn + 1, guest_isn + 1);
+    let blind: [(&str, bool, u8, u32); 5] = [
+        (
+            "rst far ahead",
+            true,
+            TCP_RST,
+            remote_next.wrapping_add(1 << 30),
+        ),
+        (
+            "rst|ack far ahead",
+            true,
+            TCP_RST | ACK,
+            remote_next.wrapping_add(1 << 30),
+        ),
+        (
+            "rst below what the guest acknowledged",
+            true,
+            TCP_RST,
+            remote_next - 1,
+        ),
+        (
+            "fin far ahead",
+            true,
+            TCP_FIN | ACK,
+            remote_next.wrapping_add(1 << 30),
+        ),
+        (
+            "guest rst far behind",
+            false,
+            TCP_RST,
+            guest_next.wrapping_sub(1 << 30),
+        ),
+    ];
+    for (name, inbound, flags, seq) in blind {
+        if inbound {
+            p.inbound(name, G1, true, miss(), from_remote(flags, seq, guest_next));
+        } else {
+            p.outbound(name, G1, true, miss(), from_guest(flags, seq, remote_next));
+        }
+        p.flows(name, &established);
+    }
+    // Data within the window moves nothing the check needs; an RST at the next sequence
+    // number ends the flow (netfilter's CLOSE).
+    p.inbound(
+        "rst in the window",
+        G1,
+        true,
+        hit(),
+        from_remote(TCP_RST, remote_next, 0),
+    );
+    p.flows(
+        "rst in the window",
+        &[(key, public(TcpClose, RA).with_timer(Timeout::TcpClose))],
+    );
+    p.finish("blind rst and fin");
 }

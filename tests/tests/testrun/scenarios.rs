@@ -67,6 +67,8 @@ pub(crate) struct Coverage {
     /// Most flows in a table at the end of a scenario.
     pub max_flows: usize,
     pub routes: RouteCoverage,
+    /// Frames that were RSTs or FINs outside their flow's window (blind).
+    pub out_of_window: u32,
 }
 
 fn fail(step: usize, frame: &[u8], e: impl std::fmt::Display) -> TestCaseError {
@@ -112,6 +114,7 @@ pub(crate) fn play(h: &Harness, c: &mut Coverage, actions: &[Action]) -> Result<
         for (a, b) in c.events.0.iter_mut().zip(got.events.0) {
             *a += b;
         }
+        c.out_of_window += u32::from(h.model_out_of_window());
         let (leg, path) = h.model_decision();
         if let Some(leg) = leg {
             *c.legs.entry((leg, got.reason)).or_default() += 1;
@@ -187,7 +190,7 @@ fn scenarios_match_model() {
     eprintln!(
         "{} scenarios, {} frames in {elapsed:.1?}; {decided} reached the policy: {}\n  hairpin: \
          {}\n  events: {}\n  reasons: {}\n  largest connection table: {} flows\n  \
-         surroundings: {}",
+         RST/FIN outside their flow's window: {}\n  surroundings: {}",
         c.scenarios,
         c.frames,
         report.join(", "),
@@ -195,6 +198,7 @@ fn scenarios_match_model() {
         events.join(" "),
         reasons.join(" "),
         c.max_flows,
+        c.out_of_window,
         c.routes
     );
     if scenarios >= 300 {
@@ -220,6 +224,11 @@ fn scenarios_match_model() {
             .filter(|e| c.events.get(**e) < 20)
             .collect();
         assert!(rare.is_empty(), "scenarios rarely caused {rare:?}");
+        assert!(
+            c.out_of_window >= 20,
+            "scenarios rarely sent an RST or FIN outside its flow's window: {}",
+            c.out_of_window
+        );
     }
     fig.done();
 }
