@@ -18,10 +18,11 @@
 //!   guest-side address as source) needs the kernel's NAT state: dropped.
 //! - DCCP: 6.1 has a DCCP tracker and NAT (`dccp_manip_pkt`), which translate what it deems
 //!   valid; what it deems INVALID (its state machine, or the checksum check) is dropped here.
-//!   6.18 has no DCCP tracker (removed in 6.16 with DCCP): the generic tracker NATs the
-//!   addresses and leaves the DCCP checksum stale, so every DCCP packet of a mapping on the
-//!   kernel path is dropped there ([`KernelTrackers::probe`] tells which). nftables cannot
-//!   rewrite a DCCP checksum itself.
+//!   6.18 has no DCCP tracker: the generic tracker NATs the addresses and leaves the DCCP
+//!   checksum stale, so every DCCP packet of a mapping on the kernel path is dropped there
+//!   ([`KernelTrackers::probe`] tells which). nftables cannot rewrite a DCCP checksum itself.
+//!   The drop comes before the kernel sends the packet, so DCCP alone does not get an
+//!   unresolved neighbour resolved (other traffic does; then DCCP takes the fast path).
 //!
 //! What is dropped because the kernel cannot translate it is counted (`untranslatable`), what
 //! the net catches (`untranslated`), and what natd translated statelessly
