@@ -24,6 +24,9 @@ use crate::{
     state::{DesiredState, Mapping},
 };
 
+mod protocols;
+pub use protocols::{COUNTERS, KernelTrackers};
+
 /// Name of natd's table in the `ip` family.
 pub const TABLE: &str = "xdp_static_nat";
 
@@ -95,14 +98,18 @@ pub fn homes(public_ifaces: &[String], state: &DesiredState) -> Homes {
 /// (`wrong_network`). The ingress rules judge in the prerouting hook ([`JUDGE_PRIORITY`]),
 /// before the kernel routes, so a denied packet draws no answer from the kernel either. The
 /// kernel reassembles fragments before these hooks, so a fragmented packet meets exactly the
-/// rules an unfragmented one does (and carries the mark of its first fragment). Interface
-/// names are quoted; natd checked they exist, so they contain no quote.
+/// rules an unfragmented one does (and carries the mark of its first fragment). UDP-Lite and
+/// DCCP, which the kernel's trackers of `trackers` cannot always translate, are translated
+/// statelessly or dropped, and nothing from a mapped private address leaves a public interface
+/// untranslated ([`protocols`]). Interface names are quoted; natd checked they exist, so they
+/// contain no quote.
 pub fn render(
     public_ifaces: &[String],
     guest_ifaces: &[String],
     state: &DesiredState,
     routes: &RoutePlan,
     homes: &Homes,
+    trackers: KernelTrackers,
 ) -> String {
     let set = |items: &[String]| {
         items
@@ -183,6 +190,7 @@ pub fn render(
         );
     }
     let (route_defs, route_rules) = route_section(&pubs, &guests, routes);
+    let untranslatable = protocols::render(&pubs, &guests, trackers);
     let fastpath = FASTPATH_MARK;
     format!(
         "table ip {TABLE}\n\
@@ -237,6 +245,7 @@ pub fn render(
          {egress}\
          \t\t{default}\n\
          \t}}\n\
+         {untranslatable}\
          }}\n"
     )
 }
@@ -436,15 +445,31 @@ impl Nft {
         Ok(plan)
     }
 
-    /// Installs the table for `state` with `routes`, then natd's policy rules for them.
+    /// Installs the table for `state` with `routes`, then natd's policy rules for them. The
+    /// table follows the kernel's trackers ([`KernelTrackers::probe`]); while connection
+    /// tracking is not loaded it assumes none, and installs the table again if loading it
+    /// (the table's own `ct` rules do) showed otherwise.
     fn install(&mut self, state: &DesiredState, routes: RoutePlan) -> Result<(), NetfilterError> {
-        run_nft(&render(
-            &self.public_ifaces,
-            &self.guest_ifaces,
-            state,
-            &routes,
-            &homes(&self.public_ifaces, state),
-        ))?;
+        let homes = homes(&self.public_ifaces, state);
+        let table = |trackers| {
+            render(
+                &self.public_ifaces,
+                &self.guest_ifaces,
+                state,
+                &routes,
+                &homes,
+                trackers,
+            )
+        };
+        let probed = KernelTrackers::probe();
+        let assumed = probed.unwrap_or_default();
+        run_nft(&table(assumed))?;
+        if probed.is_none()
+            && let Some(found) = KernelTrackers::probe()
+            && found != assumed
+        {
+            run_nft(&table(found))?;
+        }
         policy_routing::sync(&routes.mark_rules())?;
         if routes != self.routes {
             for g in &routes.groups {
@@ -593,6 +618,7 @@ mod tests {
             &state(),
             &RoutePlan::default(),
             &Homes::new(),
+            KernelTrackers::default(),
         );
         assert!(r.contains("elements = { 203.0.113.10 : 10.0.0.10 }"), "{r}");
         assert!(r.contains("elements = { 10.0.0.10 : 203.0.113.10 }"), "{r}");
@@ -665,6 +691,7 @@ mod tests {
             &s,
             &RoutePlan::default(),
             &Homes::new(),
+            KernelTrackers::default(),
         );
         assert!(!r.contains("rule 14"), "{r}");
         assert!(
@@ -744,6 +771,7 @@ mod tests {
                 &s,
                 &tests_routes::plan(&s),
                 &Homes::from([("203.0.113.10".parse().unwrap(), "eth2".to_string())]),
+                KernelTrackers { dccp: true },
             ),
             render(
                 &["x".into()],
@@ -751,6 +779,7 @@ mod tests {
                 &DesiredState::default(),
                 &RoutePlan::default(),
                 &Homes::new(),
+                KernelTrackers::default(),
             ),
         ] {
             let mut child = Command::new("nft")
@@ -782,6 +811,7 @@ mod tests {
             &DesiredState::default(),
             &RoutePlan::default(),
             &Homes::new(),
+            KernelTrackers::default(),
         );
         assert!(!r.contains("elements"), "{r}");
     }

@@ -65,6 +65,7 @@ fn what_the_fast_path_marked_is_accepted_before_any_rule() {
         &two_networks(),
         &RoutePlan::default(),
         &Homes::new(),
+        KernelTrackers::default(),
     );
     let forward = chain(&r, "forward");
     assert_eq!(
@@ -86,6 +87,7 @@ fn what_the_public_side_addresses_to_a_private_address_is_dropped_before_nat() {
         &two_networks(),
         &RoutePlan::default(),
         &Homes::new(),
+        KernelTrackers::default(),
     );
     assert_eq!(
         chain(&r, "route"),
@@ -142,6 +144,7 @@ fn renders_routing_marks_for_new_connections_and_guest_side_packets() {
         &s,
         &plan(&s),
         &Homes::new(),
+        KernelTrackers::default(),
     );
     assert_eq!(
         chain(&r, "route"),
@@ -195,6 +198,7 @@ fn ingress_rules_judge_before_the_kernel_routes_and_a_public_ip_is_taken_only_at
         &two_networks(),
         &RoutePlan::default(),
         &homes,
+        KernelTrackers::default(),
     );
     assert_eq!(
         chain(&r, "judge"),

@@ -20,7 +20,8 @@
 //! flows at once; `links` adds further guests and public networks to the three;
 //! `two_networks` builds two public networks with policy routing by source; `stream`
 //! keeps traffic flowing while natd restarts; `capture` counts the frames an interface
-//! receives by destination MAC; `sock` holds the socket plumbing they share; `prometheus` runs a Prometheus server; `vrouter` gives the
+//! receives by destination MAC; `sniff` sees every packet of one IP protocol a namespace
+//! receives, with its addresses and whether its checksums hold; `sock` holds the socket plumbing they share; `prometheus` runs a Prometheus server; `vrouter` gives the
 //! router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
 pub mod capture;
@@ -32,6 +33,7 @@ pub mod observe;
 pub mod policy;
 pub mod process;
 pub mod prometheus;
+pub mod sniff;
 pub mod sock;
 pub mod stream;
 pub mod two_networks;
@@ -160,6 +162,29 @@ impl Topology {
             out.stderr.trim()
         );
         Ok(None)
+    }
+
+    /// The packets counted so far by the named counter `name` of natd's nftables table.
+    pub fn nft_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let table = nat_userspace::netfilter::TABLE;
+        let out = self.router.bounded(
+            self.router
+                .command("nft")
+                .args(["-j", "list", "counter", "ip", table, name]),
+        )?;
+        ensure!(
+            out.status.success(),
+            "nft list counter ip {table} {name}: {}",
+            out.stderr.trim()
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&out.stdout).context("parsing nft -j")?;
+        json["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|o| o["counter"]["packets"].as_u64())
+            .with_context(|| format!("nft -j: no packets of counter {name}: {}", out.stdout))
     }
 
     /// The elements of each map in natd's nftables table (`dnat_v4`, `snat_v4`), or `None` if

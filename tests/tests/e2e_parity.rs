@@ -14,6 +14,9 @@
 //!   paths), hairpin flows from the same source port each get their own answers.
 //! - `protocols`: UDP-Lite and DCCP, whose checksums cover the addresses, are translated by the
 //!   fast path and never corrupted.
+//! - `kernel_protocols`: what of them the XDP program hands to the kernel leaves translated
+//!   and intact or not at all, and nothing leaves a public interface from a mapped private
+//!   address untranslated.
 //! - `paths`: the same frames with XDP attached and with the kernel alone give the same
 //!   delivery and the same addresses.
 //!
@@ -29,6 +32,8 @@ use nat_tests::topology::{Natctl, policy::reason};
 
 #[path = "e2e_parity/answers.rs"]
 mod answers;
+#[path = "e2e_parity/kernel_protocols.rs"]
+mod kernel_protocols;
 #[path = "e2e_parity/paths.rs"]
 mod paths;
 #[path = "e2e_parity/protocols.rs"]
