@@ -3,7 +3,10 @@
 //! program's own modules (parse, flows, rewrite, stats, forward) and runs them on the loaded
 //! program's own maps: they are pinned for the moment of loading and the bench object is
 //! pointed at the pins (`EbpfLoader::map_pin_path`), so the lookups find the entries natd's
-//! writers and the seeded flows put there.
+//! writers and the seeded flows put there. Beside the cold `FLOWS` lookups, the memory floor
+//! ([`floor`]): random reads in maps of the same footprint, with nothing else.
+mod floor;
+
 use std::path::PathBuf;
 
 use anyhow::{Context as _, ensure};
@@ -125,6 +128,7 @@ enum Moved {
 
 /// One micro-benchmark: a `bench-parts` program, the baseline program subtracted from it,
 /// and whether it is a part of the established (fast) path.
+#[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
     prog: &'static str,
@@ -412,10 +416,24 @@ pub fn section(
     let part_samples = measure(hot, &mut parts, &PARTS, plan.repeats)?;
     drop(parts);
     let mut cold_parts = load_parts(big)?;
-    let cold_samples = measure(big, &mut cold_parts, &COLD, plan.repeats)?;
+    // The floor's maps hold as many entries as `FLOWS` does (two per flow); the cold rows
+    // and the floor's are interleaved, repeat by repeat.
+    let mut floor = floor::Floor::load(2 * big.chain).context("loading the memory floor")?;
+    let cold_cases: Vec<Case> = COLD.iter().chain(&floor::FLOOR).copied().collect();
+    let mut cold_samples = vec![Vec::new(); cold_cases.len()];
+    for _ in 0..plan.repeats {
+        let mut s = measure(big, &mut cold_parts, &COLD, 1)?;
+        s.extend(measure(big, &mut floor.ebpf, &floor::FLOOR, 1)?);
+        for (all, one) in cold_samples.iter_mut().zip(s) {
+            all.extend(one);
+        }
+    }
     let (lpm_t, lpm_nets) = table(&LPM, &lpm_samples);
     let (parts_t, part_nets) = table(&PARTS, &part_samples);
-    let (cold_t, cold_nets) = table(&COLD, &cold_samples);
+    let (cold_t, cold_nets) = table(&cold_cases, &cold_samples);
+    let flows_cold = net(&cold_cases, &cold_nets, "p_flows_cyc");
+    let floor_summary = floor.summary(&cold_nets[COLD.len()..], flows_cold)?;
+    drop(floor);
     // The fast path's parts, added up run by run.
     let sum: Vec<f64> = (0..plan.repeats)
         .map(|r| {
@@ -433,7 +451,7 @@ pub fn section(
         .filter(|(c, _)| c.fast_path > 0)
         .filter_map(|(c, n)| Summary::of(n).map(|s| (c.name.to_string(), s)))
         .collect();
-    let summary = vec![
+    let mut summary = vec![
         format!(
             "- Firewall LPM lookups, ns per lookup with the key's cost subtracted, median \
              (min–max) over the runs: {}.",
@@ -457,14 +475,15 @@ pub fn section(
              mapping's `MAPPING_STATS` slot costs {} ns hot and {} ns when every run counts on \
              another mapping's.",
             show(Summary::of(net(&PARTS, &part_nets, "p_flows")), 1),
-            show(Summary::of(net(&COLD, &cold_nets, "p_flows_cyc")), 1),
+            show(Summary::of(flows_cold), 1),
             big.chain,
             show(Summary::of(net(&PARTS, &part_nets, "p_mapstats")), 1),
             show(Summary::of(net(&COLD, &cold_nets, "p_mapstats_cyc")), 1),
         ),
     ];
+    summary.extend(floor_summary);
     let mut all_bars = bars(&PARTS, &part_nets);
-    all_bars.extend(bars(&COLD, &cold_nets));
+    all_bars.extend(bars(&cold_cases, &cold_nets));
     Ok(Section {
         title:
             "1b. Where the time goes: the established path's parts, and the firewall's LPM lookups"
@@ -483,8 +502,20 @@ pub fn section(
              rules on each of two public IPs (rule r: port 10000+r from 16.r.j.0/24, j = \
              0..255: 65,536 CIDRs per public IP, 131,072 `FW_SRC` entries in all), next to a \
              one-entry trie; a packet that opens a flow costs one `FW_SRC` plus (if that finds \
-             a rule) one `FW_SVC` lookup, packets of tracked flows none.",
-            plan.repeats, big.chain
+             a rule) one `FW_SVC` lookup, packets of tracked flows none. The cache-cold \
+             table ends with the memory floor, measured by programs of its own (`bench-floor`) \
+             on maps of their own holding {} entries each (as many as `FLOWS` holds: two per \
+             flow): each run takes a pseudo-random index (a counter through splitmix64's \
+             finaliser) and reads one word of that value of an array, or looks up the \
+             flow-like key made from it in an LRU hash (preallocated, as `FLOWS`; filled in key \
+             order, so the random keys read memory at random) and reads the words a fast path \
+             reads. The array reads are measured twice: with each run's index waiting for the \
+             last run's read (one access's latency: the floor), and with the runs independent, \
+             as every other row is (the CPU may then overlap one run's memory accesses with \
+             the next runs').",
+            plan.repeats,
+            big.chain,
+            2 * big.chain
         ),
         tables: vec![
             ("Firewall LPM lookups:".into(), lpm_t),
@@ -552,7 +583,7 @@ mod tests {
 
     #[test]
     fn every_case_has_its_baseline_in_its_table() {
-        for cases in [&PARTS[..], &COLD[..], &LPM[..]] {
+        for cases in [&PARTS[..], &COLD[..], &LPM[..], &floor::FLOOR[..]] {
             for c in cases {
                 assert!(cases.iter().any(|b| b.prog == c.base), "{}", c.name);
             }

@@ -22,6 +22,8 @@ pub static SINK: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench
 pub static MAPOPS: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-mapops"));
 /// Section 1b's micro-benchmarks on the loaded program's maps.
 pub static PARTS: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-parts"));
+/// Section 1b's memory floor: random reads in maps as big as the flow table.
+pub static FLOOR: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-floor"));
 
 /// `XDP_PASS`, `XDP_TX` and `XDP_REDIRECT` as test runs report them.
 pub const XDP_PASS: u32 = 2;
@@ -116,8 +118,17 @@ pub fn pinned_percpu_sum(path: &Path, index: u32) -> anyhow::Result<u64> {
 
 /// The raw fd of map `name` of `ebpf` (for its `/proc` accounting).
 pub fn map_fd(ebpf: &Ebpf, name: &str) -> anyhow::Result<i32> {
+    Ok(map_data(ebpf, name)?.fd().as_fd().as_raw_fd())
+}
+
+/// The kernel's value size of map `name` of `ebpf`.
+pub fn value_size(ebpf: &Ebpf, name: &str) -> anyhow::Result<u32> {
+    Ok(map_data(ebpf, name)?.info()?.value_size())
+}
+
+fn map_data<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a MapData> {
     let map = ebpf.map(name).with_context(|| format!("no map {name}"))?;
-    let data: &MapData = match map {
+    Ok(match map {
         Map::Array(m)
         | Map::HashMap(m)
         | Map::LruHashMap(m)
@@ -126,8 +137,7 @@ pub fn map_fd(ebpf: &Ebpf, name: &str) -> anyhow::Result<i32> {
         | Map::LpmTrie(m)
         | Map::DevMapHash(m) => m,
         _ => anyhow::bail!("map {name}: unexpected type"),
-    };
-    Ok(data.fd().as_fd().as_raw_fd())
+    })
 }
 
 /// Number of possible CPUs (the value count of per-CPU maps).
