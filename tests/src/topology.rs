@@ -20,7 +20,8 @@
 //! flows at once; `links` adds further guests and public networks to the three;
 //! `two_networks` builds two public networks with policy routing by source; `stream`
 //! keeps traffic flowing while natd restarts; `capture` counts the frames an interface
-//! receives by destination MAC; `sock` holds the socket plumbing they share; `prometheus` runs a Prometheus server; `vrouter` gives the
+//! receives by destination MAC; `tcp_tap` reads the TCP segments an address receives and forges
+//! segments from it; `sock` holds the socket plumbing they share; `prometheus` runs a Prometheus server; `vrouter` gives the
 //! router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
 pub mod capture;
@@ -34,6 +35,7 @@ pub mod process;
 pub mod prometheus;
 pub mod sock;
 pub mod stream;
+pub mod tcp_tap;
 pub mod two_networks;
 pub mod vrouter;
 
