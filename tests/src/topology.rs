@@ -21,7 +21,9 @@
 //! `two_networks` builds two public networks with policy routing by source; `stream`
 //! keeps traffic flowing while natd restarts; `capture` counts the frames an interface
 //! receives by destination MAC; `sniff` sees every packet of one IP protocol a namespace
-//! receives, with its addresses and whether its checksums hold; `sock` holds the socket plumbing they share; `prometheus` runs a Prometheus server; `vrouter` gives the
+//! receives, with its addresses and whether its checksums hold; `tcp_tap` reads the TCP
+//! segments an address receives and forges segments from it; `sock` holds the socket plumbing
+//! they share; `prometheus` runs a Prometheus server; `vrouter` gives the
 //! router a CloudStack virtual router's iptables and reads the kernel's flows.
 pub mod attempt;
 pub mod capture;
@@ -36,6 +38,7 @@ pub mod prometheus;
 pub mod sniff;
 pub mod sock;
 pub mod stream;
+pub mod tcp_tap;
 pub mod two_networks;
 pub mod vrouter;
 

@@ -10,6 +10,9 @@
 //! - `tracking`: connection tracking as netfilter keeps it: a SYN on a flow closed by RST is
 //!   new (and judged again), ICMP timestamp, information and address-mask queries, an echo
 //!   request reusing a guest ping's identifier, a flood that must not evict an assured flow.
+//! - `window`: an RST or FIN changes a TCP flow's state only from inside the window the flow
+//!   has shown: a blind, spoofed one (from either side) leaves the flow ESTABLISHED and the
+//!   connection running; one at the connection's next sequence number ends it.
 //! - `answers`: what gets an answer: a denied TTL-1 packet draws no time exceeded (on both
 //!   paths), hairpin flows from the same source port each get their own answers.
 //! - `protocols`: UDP-Lite and DCCP, whose checksums cover the addresses, are translated by the
@@ -42,6 +45,8 @@ mod protocols;
 mod scope;
 #[path = "e2e_parity/tracking.rs"]
 mod tracking;
+#[path = "e2e_parity/window.rs"]
+mod window;
 
 /// P 203.0.113.10 <-> V 10.0.0.10, no rules: P is closed.
 const ONE_MAPPING: &str = "[[mapping]]\npublic = \"203.0.113.10\"\nprivate = \"10.0.0.10\"\n";
