@@ -104,7 +104,11 @@ pub fn check_accepted(before: &DesiredState, after: &DesiredState) {
         .mappings()
         .map(|m| (m.public, ifaces.0[0].clone()))
         .collect();
-    let _ = netfilter::render(&ifaces.0, &ifaces.1, after, &routes, &homes);
+    // Both kinds of kernel: with a DCCP tracker (6.1) and without (6.18).
+    for dccp in [true, false] {
+        let trackers = netfilter::KernelTrackers { dccp };
+        let _ = netfilter::render(&ifaces.0, &ifaces.1, after, &routes, &homes, trackers);
+    }
 }
 
 /// A state with a couple of mappings (and an ingress rule) for payloads to change.

@@ -40,12 +40,16 @@ pub fn forward(
     if j.wrapping_sub(e.seen) >= flows::refresh_jiffies_in(cfg) && !refresh(found, e, j) {
         return None;
     }
+    rewrite::apply(ctx, pkt, e).ok()?;
+    // After the rewrite (which leaves sequence numbers alone), for the verifier: noted before
+    // it, the segment's values live across the rewrite and the program's own frame grows past
+    // 128 bytes; 6.1's verifier rounds every frame up to 32 bytes (one without stack too) and
+    // then refuses the chain nat -> newflow::forward -> memcpy (160 + 352 + 32 > 512).
     if pkt.proto == proto::TCP
         && let Some(seg) = parse::segment(ctx, pkt)
     {
         nat_common::note_segment(e, &seg);
     }
-    rewrite::apply(ctx, pkt, e).ok()?;
     stats::forwarded(e.slot, e.counter, (ctx.data_end() - ctx.data()) as u64);
     stats::event(Event::FastPath);
     Some((
