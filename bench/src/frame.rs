@@ -1,6 +1,6 @@
-//! Frames the bench sends: Ethernet + IPv4 (no options, DF) + UDP, with a valid IP header
-//! checksum and an optional UDP checksum (RFC 768), padded to at least 60 bytes (64 on the
-//! wire with the FCS).
+//! Frames the bench sends: Ethernet + IPv4 (no options, DF) + UDP or TCP, with a valid IP
+//! header checksum, an optional UDP checksum (RFC 768) or a TCP checksum, at least 60 bytes
+//! (64 on the wire with the FCS).
 use std::net::Ipv4Addr;
 
 use nat_common::csum::{checksum, fold_wide, sum_words};
@@ -63,6 +63,67 @@ impl Udp {
     }
 }
 
+/// TCP header flags (byte 13).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment without options (window 64,000, no scaling).
+#[derive(Clone, Copy, Debug)]
+pub struct Tcp {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    /// Payload bytes (the IP total length counts them; a shorter frame is padded to 60
+    /// bytes after the IP packet, as Ethernet pads).
+    pub payload: usize,
+}
+
+impl Tcp {
+    pub fn build(&self) -> Vec<u8> {
+        let tcp_len = 20 + self.payload;
+        let ip_len = 20 + tcp_len;
+        let mut f = Vec::with_capacity((ETH_LEN + ip_len).max(MIN_FRAME));
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
+        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, self.ttl, 6, 0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_ne_bytes());
+        f.extend_from_slice(&ip);
+        let mut tcp = Vec::with_capacity(tcp_len);
+        tcp.extend_from_slice(&self.sport.to_be_bytes());
+        tcp.extend_from_slice(&self.dport.to_be_bytes());
+        tcp.extend_from_slice(&self.seq.to_be_bytes());
+        tcp.extend_from_slice(&self.ack.to_be_bytes());
+        tcp.extend_from_slice(&[5 << 4, self.flags]);
+        tcp.extend_from_slice(&64_000u16.to_be_bytes());
+        tcp.extend_from_slice(&[0, 0, 0, 0]);
+        tcp.resize(tcp_len, 0xa5);
+        let mut ph = Vec::with_capacity(12);
+        ph.extend_from_slice(&self.src.octets());
+        ph.extend_from_slice(&self.dst.octets());
+        ph.extend_from_slice(&[0, 6]);
+        ph.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+        let c = !fold_wide(sum_words(&tcp, sum_words(&ph, 0)));
+        tcp[16..18].copy_from_slice(&c.to_ne_bytes());
+        f.extend_from_slice(&tcp);
+        f.resize(f.len().max(MIN_FRAME), 0);
+        f
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +152,43 @@ mod tests {
             "UDP"
         );
         assert_eq!(&f[30..34], &u.dst.octets());
+    }
+
+    #[test]
+    fn tcp_frame_has_valid_checksums_and_its_fields() {
+        let t = Tcp {
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src_mac: [2, 0, 0, 0, 0, 2],
+            src: Ipv4Addr::new(192, 0, 2, 1),
+            dst: Ipv4Addr::new(198, 51, 100, 10),
+            sport: 1234,
+            dport: 5000,
+            ttl: 64,
+            seq: 0x0102_0304,
+            ack: 0x0a0b_0c0d,
+            flags: TCP_PSH | TCP_ACK,
+            payload: 6,
+        };
+        let f = t.build();
+        assert_eq!(f.len(), MIN_FRAME);
+        assert_eq!(&f[16..18], &46u16.to_be_bytes(), "IP total length");
+        assert_eq!(f[23], 6, "protocol");
+        assert_eq!(fold_wide(sum_words(&f[14..34], 0)), 0xffff, "IP header");
+        let mut ph = Vec::new();
+        ph.extend_from_slice(&f[26..34]);
+        ph.extend_from_slice(&[0, 6, 0, 26]);
+        assert_eq!(
+            fold_wide(sum_words(&f[34..], sum_words(&ph, 0))),
+            0xffff,
+            "TCP"
+        );
+        assert_eq!(&f[38..42], &[1, 2, 3, 4], "sequence number");
+        assert_eq!(&f[42..46], &[10, 11, 12, 13], "acknowledgment");
+        assert_eq!(f[46], 0x50, "data offset");
+        assert_eq!(f[47], TCP_PSH | TCP_ACK);
+        // Shorter than 60 bytes: padded after the IP packet, not counted in it.
+        let short = Tcp { payload: 0, ..t }.build();
+        assert_eq!(short.len(), MIN_FRAME);
+        assert_eq!(&short[16..18], &40u16.to_be_bytes());
     }
 }

@@ -17,11 +17,13 @@
 //! other mappings. The TTL decrements on every pass, so a run is at most 254 repetitions; runs
 //! are chained (each starts where the last ended) and their kernel-measured times summed.
 //! Established flows are opened by their first packets, sent through the program the same way
-//! (guest request, reply, request: see [`setup::Bed::seed`]). Every measurement checks with
+//! (guest request, reply, request: see [`setup::Bed::seed`]); the hot pair also has TCP
+//! flows, opened by a three-way handshake (see [`tcp`]). Every measurement checks with
 //! `STATS` and `EVENTS` that the intended path ran on every repetition.
 pub mod measure;
 mod report;
 pub mod runs;
 pub mod setup;
+mod tcp;
 
 pub use measure::{Plan, run};

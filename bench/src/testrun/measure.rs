@@ -9,9 +9,10 @@ use nat_userspace::ebpf::Sizes;
 use super::{
     runs::Expect,
     setup::{
-        Bed, DPORT, DPORT_OTHER_RULE, H0, REPS_PER_CALL, Rules, SPORT, SRC, Z, build_topology,
+        Bed, DPORT, DPORT_OTHER_RULE, H0, H1, REPS_PER_CALL, Rules, SPORT, SRC, Z, build_topology,
         chain_addr,
     },
+    tcp,
 };
 use crate::{
     bpf::{self, XDP_PASS},
@@ -41,6 +42,14 @@ pub enum Scenario {
     /// New flows in the test-run loop: guests of the cycle open flows to a remote port no
     /// flow used, each repetition the next mapping (its rewrite leads to a fresh tuple).
     NewFlowWalk,
+    /// [`Scenario::Established`] with TCP: the hot pair's TCP flows, opened by a handshake;
+    /// the remote's data segments (PSH|ACK), each noted in the flow entry for the window
+    /// check. Every repetition of a measurement carries the same sequence numbers (the program
+    /// does not change them); each measurement sends the next segment.
+    TcpEstablished,
+    /// The TCP flow measured as [`Scenario::EstablishedOnce`] is, each packet the next
+    /// segment in order (each moves the noted sequence end).
+    TcpEstablishedOnce,
     /// A mapped public IP without any rule: one trie searched, dropped.
     DenyNoRule,
     /// 256 rules: the source matches rule 0, the port rule 1: both tries searched, dropped.
@@ -64,6 +73,14 @@ impl Scenario {
             Scenario::NewFlowWalk => {
                 "new flow, a different mapping each packet (outbound, egress policy, route, flow created)"
             }
+            Scenario::TcpEstablished => {
+                "established TCP flow, hot mapping (fast path, window note; the same segment \
+                 repeated: after each flow's first packet the note stores nothing)"
+            }
+            Scenario::TcpEstablishedOnce => {
+                "established TCP flow, hot mapping, in order (each packet the next segment, the \
+                 note stores its end), one repetition per call"
+            }
             Scenario::DenyNoRule => "firewall deny (public IP without rules)",
             Scenario::DenyOtherRule => "firewall deny (source and port match different rules)",
         }
@@ -79,6 +96,8 @@ impl Scenario {
             Scenario::NewFlow => "new flow",
             Scenario::EstablishedOnce => "established, 1 rep",
             Scenario::NewFlowWalk => "new flow, cycle",
+            Scenario::TcpEstablished => "TCP established",
+            Scenario::TcpEstablishedOnce => "TCP established, in order, 1 rep",
             Scenario::DenyNoRule => "deny, no rule",
             Scenario::DenyOtherRule => "deny, 256 rules",
         }
@@ -97,6 +116,8 @@ pub struct Setting {
     /// Next mapping and never-used remote port of [`Scenario::NewFlowWalk`].
     walk_pos: u32,
     next_port: u32,
+    /// Next data segment of the hot pair's TCP flows ([`super::runs::Frames::tcp_data`]).
+    tcp_seg: u32,
     pub samples: Vec<(Scenario, Vec<f64>)>,
 }
 
@@ -133,7 +154,7 @@ impl Setting {
                 self.push(s, total as f64 / reps as f64);
                 return Ok(());
             }
-            Scenario::NewFlow | Scenario::EstablishedOnce => {
+            Scenario::NewFlow | Scenario::EstablishedOnce | Scenario::TcpEstablishedOnce => {
                 return self.once(s, empty, newflow_calls);
             }
             _ => {}
@@ -155,6 +176,16 @@ impl Setting {
                 Reason::InboundForwarded,
                 Some(Event::FastPath),
             ),
+            Scenario::TcpEstablished => {
+                let k = self.tcp_seg;
+                self.tcp_seg += 1;
+                (
+                    self.bed.walk(pub0, reps, |_| f.tcp_data(H0, k))?,
+                    reps,
+                    Reason::InboundForwarded,
+                    Some(Event::FastPath),
+                )
+            }
             Scenario::EstablishedCycle => {
                 let (start, n) = (u64::from(self.pos), u64::from(self.bed.chain));
                 let ns = self.bed.walk(pub0, reps, |k| {
@@ -203,7 +234,8 @@ impl Setting {
             Scenario::Empty
             | Scenario::EmptyOnce
             | Scenario::NewFlow
-            | Scenario::EstablishedOnce => unreachable!("above"),
+            | Scenario::EstablishedOnce
+            | Scenario::TcpEstablishedOnce => unreachable!("above"),
         };
         // Every repetition must have ended with the intended reason and taken the intended
         // path (events), or the figure is not what it claims.
@@ -226,6 +258,13 @@ impl Setting {
                 events: &events,
             },
         )?;
+        if s == Scenario::TcpEstablished {
+            // Both flows of the pair noted the segment on the fast path.
+            let end = tcp_end(self.tcp_seg - 1);
+            for public in [H0, H1] {
+                self.bed.check_tcp_note(public, end)?;
+            }
+        }
         self.push(s, ns);
         Ok(())
     }
@@ -233,7 +272,8 @@ impl Setting {
     /// `calls` packets, one per `BPF_PROG_TEST_RUN` call, alternating with the empty program
     /// on the same frame; records both means (the call's fixed cost is in both and cancels).
     /// [`Scenario::NewFlow`]: each packet the first of a flow never seen (a fresh source
-    /// address and port); [`Scenario::EstablishedOnce`]: the hot flow's.
+    /// address and port); [`Scenario::EstablishedOnce`]: the hot flow's;
+    /// [`Scenario::TcpEstablishedOnce`]: the hot TCP flow's next segment.
     fn once(&mut self, s: Scenario, empty: &Xdp, calls: u32) -> anyhow::Result<()> {
         let pub0 = self.bed.pub0;
         let f = self.bed.frames;
@@ -247,6 +287,9 @@ impl Setting {
                 let src =
                     Ipv4Addr::from(u32::from(Ipv4Addr::new(16, 0, 1, 1)) + (i / 64_000) * 256);
                 f.inbound(src, 1024 + (i % 64_000) as u16, H0, DPORT)
+            } else if s == Scenario::TcpEstablishedOnce {
+                self.tcp_seg += 1;
+                f.tcp_data(H0, self.tcp_seg - 1)
             } else {
                 f.inbound(SRC, SPORT, H0, DPORT)
             };
@@ -278,12 +321,22 @@ impl Setting {
                 events,
             },
         )?;
+        if s == Scenario::TcpEstablishedOnce {
+            self.bed.check_tcp_note(H0, tcp_end(self.tcp_seg - 1))?;
+        }
         self.push(s, project as f64 / n as f64);
         if s == Scenario::NewFlow {
             self.push(Scenario::EmptyOnce, baseline as f64 / n as f64);
         }
         Ok(())
     }
+}
+
+/// The sequence number after the hot TCP flows' data segment `k`.
+fn tcp_end(k: u32) -> u32 {
+    tcp::REMOTE_ISN
+        .wrapping_add(1)
+        .wrapping_add((k + 1).wrapping_mul(tcp::PAYLOAD as u32))
 }
 
 /// Sizes and repeat counts of one run.
@@ -369,7 +422,9 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
                 Empty,
                 UnknownIface,
                 Established,
+                TcpEstablished,
                 EstablishedOnce,
+                TcpEstablishedOnce,
                 NewFlow,
                 DenyNoRule,
             ],
@@ -378,7 +433,7 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             "1 mapping, 256 rules".into(),
             0,
             Rules::Many,
-            vec![Empty, Established, NewFlow, DenyOtherRule],
+            vec![Empty, Established, TcpEstablished, NewFlow, DenyOtherRule],
         ),
         (
             "10,000 mappings".into(),
@@ -387,6 +442,7 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             vec![
                 Empty,
                 Established,
+                TcpEstablished,
                 EstablishedCycle,
                 NewFlow,
                 NewFlowWalk,
@@ -400,6 +456,7 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             vec![
                 Empty,
                 Established,
+                TcpEstablished,
                 EstablishedCycle,
                 NewFlow,
                 NewFlowWalk,
@@ -413,6 +470,7 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             vec![
                 Empty,
                 Established,
+                TcpEstablished,
                 EstablishedCycle,
                 NewFlow,
                 NewFlowWalk,
@@ -433,9 +491,11 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
         let t = std::time::Instant::now();
         bed.seed()
             .with_context(|| format!("{name}: opening the established flows"))?;
+        bed.seed_tcp()
+            .with_context(|| format!("{name}: opening the hot pair's TCP flows"))?;
         eprintln!(
             "bench: testrun: '{name}': {} flows opened in {:.1} s",
-            chain + 2,
+            chain + 4,
             t.elapsed().as_secs_f64()
         );
         let mut samples: Vec<(Scenario, Vec<f64>)> =
@@ -451,6 +511,7 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
             next_flow: 0,
             walk_pos: 0,
             next_port: 0,
+            tcp_seg: 0,
             samples,
         });
     }

@@ -2,6 +2,7 @@
 use super::{
     measure::{Plan, Scenario, Setting},
     setup::REPS_PER_CALL,
+    tcp::{PAYLOAD, frame_lens},
 };
 use crate::{
     report::{Chart, Section, Table},
@@ -51,13 +52,16 @@ pub fn section(settings: &[Setting], plan: &Plan) -> Section {
         for (s, v) in &st.samples {
             let (shown, net) = match s {
                 Scenario::Empty | Scenario::EmptyOnce => (v.clone(), None),
-                Scenario::NewFlow | Scenario::EstablishedOnce => {
+                Scenario::NewFlow | Scenario::EstablishedOnce | Scenario::TcpEstablishedOnce => {
                     let (whole, net) = once_figure(st, *s);
                     (whole, Some(net))
                 }
                 _ => (v.clone(), Some(net_of(st, *s))),
             };
-            let ratio = if matches!(s, Scenario::Established | Scenario::EstablishedCycle) {
+            let ratio = if matches!(
+                s,
+                Scenario::Established | Scenario::EstablishedCycle | Scenario::TcpEstablished
+            ) {
                 show(Summary::of(&ratios(v, &base_est)), 2)
             } else {
                 String::new()
@@ -114,6 +118,21 @@ pub fn section(settings: &[Setting], plan: &Plan) -> Section {
          the empty program's time at 254 repetitions per call is added back, so the 'ns/packet' \
          of a new flow includes the test-run loop as the other rows do (the raw one-repetition \
          figures of the empty program are listed too).\n\n\
+         TCP: each mapping of the hot pair also carries a TCP connection, opened the way a \
+         connection opens (the guest's SYN, the remote's SYN/ACK, the guest's ACK, each step \
+         checked against the counters; then the flow must be ESTABLISHED and assured in \
+         `FLOWS`, its reply entry marked for the fast path), and measured with the remote's \
+         data segments: PSH|ACK, {PAYLOAD} payload bytes ({tcp_len}-byte frames; the UDP \
+         rows' are {udp_len}). On the fast path a TCP segment is also noted in its flow \
+         entry (its sequence end and acknowledgment, for the window check of RST and FIN). The \
+         program does not change sequence numbers, so the repetitions of a measurement carry \
+         the same segment: each measurement sends the next one, whose first packet in each \
+         flow moves the noted sequence end; every later repetition compares and stores \
+         nothing. That row is the cost of segments the entry already covers; a flow's in-order \
+         segments each move it, which the in-order row measures: one repetition per call (as \
+         the new flow), each call the next segment, beside the UDP flow measured the same \
+         way. After every TCP measurement the flows' reply entries must \
+         hold the last segment's end and the guest's acknowledgment (the note ran).\n\n\
          Baseline: the bench's `return XDP_PASS` program (two instructions) measures the \
          test-run loop itself. 256 rules = 256 UDP rules on each of H0 and H1, rule r: port \
          10000+r from 256 /24s (16.r.j.0/24): 65,536 CIDRs per public IP.",
@@ -121,6 +140,8 @@ pub fn section(settings: &[Setting], plan: &Plan) -> Section {
         n = u64::from(plan.calls) * u64::from(REPS_PER_CALL),
         c = plan.calls,
         nf = plan.newflow_calls,
+        tcp_len = frame_lens().0,
+        udp_len = frame_lens().1,
     );
     Section {
         title: "1. Per-packet cost (BPF_PROG_TEST_RUN)".into(),
@@ -158,6 +179,9 @@ fn targets(settings: &[Setting]) -> Vec<String> {
         }
         .line(base, 0),
     );
+    // TCP beside UDP in the same runs (not a target of the issue's: its figures).
+    out.extend(tcp_line(first));
+    out.extend(tcp_in_order_line(first));
     let (new_flow, _) = once_figure(first, Scenario::NewFlow);
     if !new_flow.is_empty() {
         out.push(
@@ -215,9 +239,60 @@ fn targets(settings: &[Setting]) -> Vec<String> {
     out
 }
 
-/// The notes under the table: the targets, and what filling the maps met.
+/// The ratios `r` per run, two decimals.
+fn per_run_ratios(r: &[f64]) -> String {
+    r.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The hot TCP flow's figure and its ratio to the hot UDP flow's, run by run, in `st`.
+fn tcp_line(st: &Setting) -> Option<String> {
+    let udp = st.samples_of(Scenario::Established)?;
+    let tcp = st.samples_of(Scenario::TcpEstablished)?;
+    let r = ratios(tcp, udp);
+    Some(format!(
+        "- TCP established (window notes included), hot mapping, {}, test-run loop included: \
+         {} ns/packet, {} x the UDP established row of the same runs ({} ns/packet; ratio per \
+         run: {}).",
+        st.name,
+        show(Summary::of(tcp), 1),
+        show(Summary::of(&r), 2),
+        show(Summary::of(udp), 1),
+        per_run_ratios(&r),
+    ))
+}
+
+/// The in-order TCP figure (one repetition per call) and its ratio to the UDP flow's measured
+/// the same way, in `st`.
+fn tcp_in_order_line(st: &Setting) -> Option<String> {
+    let (udp, _) = once_figure(st, Scenario::EstablishedOnce);
+    let (tcp, _) = once_figure(st, Scenario::TcpEstablishedOnce);
+    if udp.is_empty() || tcp.is_empty() {
+        return None;
+    }
+    let r = ratios(&tcp, &udp);
+    Some(format!(
+        "- TCP established in order (each packet the next segment, its end stored), hot \
+         mapping, {}, one repetition per call, test-run loop included: {} ns/packet, {} x the \
+         UDP flow measured the same way in the same runs ({} ns/packet; ratio per run: {}).",
+        st.name,
+        show(Summary::of(&tcp), 1),
+        show(Summary::of(&r), 2),
+        show(Summary::of(&udp), 1),
+        per_run_ratios(&r),
+    ))
+}
+
+/// The notes under the table: the targets, the TCP rows of the other settings beside their
+/// UDP rows, and what filling the maps met.
 fn notes(settings: &[Setting]) -> String {
     let mut out = targets(settings).join("\n");
+    for line in settings.iter().skip(1).filter_map(tcp_line) {
+        out.push('\n');
+        out.push_str(&line);
+    }
     let retries: u64 = settings.iter().map(|s| s.bed.enomem_retries).sum();
     out.push_str(&format!(
         "\n- Filling the mapping maps, `bpf_map_update_elem` on `NAT_IN`/`NAT_OUT` answered \
