@@ -1,6 +1,43 @@
 //! What every bench program needs: the panic handler and the license. Parameters are
 //! `aya_ebpf::Global`s the loader sets (`EbpfLoader::override_global`); the verifier sees
 //! their values as constants (aya freezes `.rodata`), so branches on them cost nothing.
+//! Each program defines its own `HITS` (runs that did what they measure) and `CTR` (a run
+//! counter) arrays and passes them to [`finish`] and [`tick`].
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    maps::Array,
+};
+
+/// A run's verdict: `XDP_PASS` and one more in `hits` if it did what it measures (`ok`),
+/// else `XDP_DROP` (the bench refuses a measurement whose runs did not all pass).
+#[allow(dead_code)]
+#[inline(always)]
+pub fn finish(hits: &Array<u64>, ok: bool) -> u32 {
+    if !ok {
+        return XDP_DROP;
+    }
+    match hits.get_ptr_mut(0) {
+        // SAFETY: the array's only slot; a test run runs on one CPU.
+        Some(h) => unsafe {
+            *h += 1;
+            XDP_PASS
+        },
+        None => XDP_DROP,
+    }
+}
+
+/// The run counter `ctr` before this run, incremented.
+#[allow(dead_code)]
+#[inline(always)]
+pub fn tick(ctr: &Array<u64>) -> Option<u64> {
+    let c = ctr.get_ptr_mut(0)?;
+    // SAFETY: the array's only slot; a test run runs on one CPU.
+    unsafe {
+        let v = *c;
+        *c = v + 1;
+        Some(v)
+    }
+}
 
 #[cfg(not(test))]
 #[panic_handler]

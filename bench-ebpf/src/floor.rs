@@ -69,29 +69,13 @@ static N: Global<u32> = Global::new(1);
 
 #[inline(always)]
 fn finish(ok: bool) -> u32 {
-    if !ok {
-        return XDP_DROP;
-    }
-    match HITS.get_ptr_mut(0) {
-        // SAFETY: the array's only slot; a test run runs on one CPU.
-        Some(h) => unsafe {
-            *h += 1;
-            XDP_PASS
-        },
-        None => XDP_DROP,
-    }
+    common::finish(&HITS, ok)
 }
 
 /// The run counter, incremented.
 #[inline(always)]
 fn tick() -> Option<u64> {
-    let c = CTR.get_ptr_mut(0)?;
-    // SAFETY: the array's only slot; a test run runs on one CPU.
-    unsafe {
-        let v = *c;
-        *c = v + 1;
-        Some(v)
-    }
+    common::tick(&CTR)
 }
 
 /// A pseudo-random index of `N`: the run counter through splitmix64's finaliser.

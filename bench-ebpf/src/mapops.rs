@@ -138,17 +138,7 @@ fn flow_hash(k: u32) -> bool {
 
 #[inline(always)]
 fn finish(ok: bool) -> u32 {
-    if !ok {
-        return XDP_DROP;
-    }
-    match HITS.get_ptr_mut(0) {
-        // SAFETY: the array's only slot; a test run runs on one CPU.
-        Some(h) => unsafe {
-            *h += 1;
-            XDP_PASS
-        },
-        None => XDP_DROP,
-    }
+    common::finish(&HITS, ok)
 }
 
 macro_rules! program {

@@ -145,29 +145,14 @@ fn packet() -> Packet {
 
 #[inline(always)]
 fn finish(ok: bool) -> u32 {
-    if !ok {
-        return XDP_DROP;
-    }
-    match HITS.get_ptr_mut(0) {
-        // SAFETY: the array's only slot; a test run runs on one CPU.
-        Some(h) => unsafe {
-            *h += 1;
-            XDP_PASS
-        },
-        None => XDP_DROP,
-    }
+    common::finish(&HITS, ok)
 }
 
 /// The next of `CYCLE_N` indices.
 #[inline(always)]
 fn next() -> Option<u32> {
-    let c = CTR.get_ptr_mut(0)?;
-    // SAFETY: the array's only slot; a test run runs on one CPU.
-    unsafe {
-        let v = *c;
-        *c = v + 1;
-        Some((v % u64::from(CYCLE_N.load().max(1))) as u32)
-    }
+    let v = common::tick(&CTR)?;
+    Some((v % u64::from(CYCLE_N.load().max(1))) as u32)
 }
 
 #[inline(always)]

@@ -26,20 +26,7 @@ impl Udp {
     /// The frame, `len` bytes long (at least 42 + 1 payload byte; at least 60).
     pub fn build(&self, len: usize) -> Vec<u8> {
         let len = len.max(MIN_FRAME);
-        let ip_len = len - ETH_LEN;
-        let udp_len = ip_len - 20;
-        let mut f = Vec::with_capacity(len);
-        f.extend_from_slice(&self.dst_mac);
-        f.extend_from_slice(&self.src_mac);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
-        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, self.ttl, 17, 0, 0]);
-        ip.extend_from_slice(&self.src.octets());
-        ip.extend_from_slice(&self.dst.octets());
-        let c = checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_ne_bytes());
-        f.extend_from_slice(&ip);
+        let udp_len = len - ETH_LEN - 20;
         let mut udp = Vec::with_capacity(udp_len);
         udp.extend_from_slice(&self.sport.to_be_bytes());
         udp.extend_from_slice(&self.dport.to_be_bytes());
@@ -47,20 +34,52 @@ impl Udp {
         udp.extend_from_slice(&[0, 0]);
         udp.resize(udp_len, 0xa5);
         if self.checksum {
-            let mut ph = Vec::with_capacity(12);
-            ph.extend_from_slice(&self.src.octets());
-            ph.extend_from_slice(&self.dst.octets());
-            ph.extend_from_slice(&[0, 17]);
-            ph.extend_from_slice(&(udp_len as u16).to_be_bytes());
-            let c = match !fold_wide(sum_words(&udp, sum_words(&ph, 0))) {
+            let c = match l4_checksum(self.src, self.dst, 17, &udp) {
                 0 => 0xffff,
                 c => c,
             };
             udp[6..8].copy_from_slice(&c.to_ne_bytes());
         }
-        f.extend_from_slice(&udp);
-        f
+        let ends = (self.dst_mac, self.src_mac, self.src, self.dst);
+        ipv4_frame(ends, self.ttl, 17, &udp)
     }
+}
+
+/// Ethernet + IPv4 (no options, DF, a valid header checksum) around the transport segment
+/// `l4` of protocol `proto`; `ends` are the destination and source MAC, source and
+/// destination address. Padded to [`MIN_FRAME`] after the IP packet, as Ethernet pads.
+fn ipv4_frame(
+    (dst_mac, src_mac, src, dst): ([u8; 6], [u8; 6], Ipv4Addr, Ipv4Addr),
+    ttl: u8,
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let ip_len = 20 + l4.len();
+    let mut f = Vec::with_capacity((ETH_LEN + ip_len).max(MIN_FRAME));
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, proto, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    f.resize(f.len().max(MIN_FRAME), 0);
+    f
+}
+
+/// The transport checksum of `seg` (its checksum field zero) over the IPv4 pseudo-header.
+fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, seg: &[u8]) -> u16 {
+    let mut ph = Vec::with_capacity(12);
+    ph.extend_from_slice(&src.octets());
+    ph.extend_from_slice(&dst.octets());
+    ph.extend_from_slice(&[0, proto]);
+    ph.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    !fold_wide(sum_words(seg, sum_words(&ph, 0)))
 }
 
 /// TCP header flags (byte 13).
@@ -89,19 +108,6 @@ pub struct Tcp {
 impl Tcp {
     pub fn build(&self) -> Vec<u8> {
         let tcp_len = 20 + self.payload;
-        let ip_len = 20 + tcp_len;
-        let mut f = Vec::with_capacity((ETH_LEN + ip_len).max(MIN_FRAME));
-        f.extend_from_slice(&self.dst_mac);
-        f.extend_from_slice(&self.src_mac);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
-        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, self.ttl, 6, 0, 0]);
-        ip.extend_from_slice(&self.src.octets());
-        ip.extend_from_slice(&self.dst.octets());
-        let c = checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_ne_bytes());
-        f.extend_from_slice(&ip);
         let mut tcp = Vec::with_capacity(tcp_len);
         tcp.extend_from_slice(&self.sport.to_be_bytes());
         tcp.extend_from_slice(&self.dport.to_be_bytes());
@@ -111,16 +117,10 @@ impl Tcp {
         tcp.extend_from_slice(&64_000u16.to_be_bytes());
         tcp.extend_from_slice(&[0, 0, 0, 0]);
         tcp.resize(tcp_len, 0xa5);
-        let mut ph = Vec::with_capacity(12);
-        ph.extend_from_slice(&self.src.octets());
-        ph.extend_from_slice(&self.dst.octets());
-        ph.extend_from_slice(&[0, 6]);
-        ph.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-        let c = !fold_wide(sum_words(&tcp, sum_words(&ph, 0)));
+        let c = l4_checksum(self.src, self.dst, 6, &tcp);
         tcp[16..18].copy_from_slice(&c.to_ne_bytes());
-        f.extend_from_slice(&tcp);
-        f.resize(f.len().max(MIN_FRAME), 0);
-        f
+        let ends = (self.dst_mac, self.src_mac, self.src, self.dst);
+        ipv4_frame(ends, self.ttl, 6, &tcp)
     }
 }
 
