@@ -22,7 +22,7 @@ use core::{hint::black_box, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     Global,
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::XDP_DROP,
     macros::{map, xdp},
     maps::{Array, LruHashMap},
     programs::XdpContext,

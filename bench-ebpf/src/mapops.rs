@@ -17,7 +17,7 @@ mod common;
 
 use aya_ebpf::{
     Global,
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::XDP_DROP,
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,

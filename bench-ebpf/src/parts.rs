@@ -34,7 +34,7 @@ use core::hint::black_box;
 
 use aya_ebpf::{
     Global,
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    bindings::xdp_action::{XDP_DROP, XDP_REDIRECT},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
