@@ -31,7 +31,10 @@ pub struct FlowTuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding, always zero (part of the key). Two fields rather than `[u8; 3]`, which the
+    /// eBPF compiler zeroes with a call to `memset` on every packet.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 16);
 
@@ -43,7 +46,8 @@ impl FlowTuple {
             sport,
             dport,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }

@@ -15,8 +15,10 @@ use crate::{DEVMAP, IFACES, parse::Packet};
 
 const AF_INET: u8 = 2;
 
-/// Where a translated frame goes.
+/// Where a translated frame goes. `repr(C)`: the MACs at even offsets, as
+/// `rewrite` reads them (16 bits at a time).
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Route {
     /// The router's own address on the egress interface (0 if none).
     pub addr: u32,

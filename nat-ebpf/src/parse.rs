@@ -83,6 +83,55 @@ pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// A 32-bit header field at an even offset. Header structs are byte arrays (alignment 1), so
+/// the compiler splits every access to one of their fields into single bytes; the IPv4 header
+/// starts at offset 14, so its 32-bit fields are 2-aligned but not 4-aligned. Read or written
+/// as this type, a 32-bit field takes two 16-bit accesses and a 16-bit field one. Frames
+/// start at an even address (XDP headroom, or the skb's), which is all this assumes.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+struct Even32(u32);
+
+/// The native-order 32-bit field at `p` (an even address).
+///
+/// # Safety
+/// `p` must be in bounds of the frame for 4 bytes.
+#[inline(always)]
+pub unsafe fn get32(p: *const u8) -> u32 {
+    // SAFETY: in bounds per the caller; `Even32` needs only 2-byte alignment.
+    unsafe { core::ptr::read(p as *const Even32) }.0
+}
+
+/// Writes a native-order 32-bit field at `p` (an even address).
+///
+/// # Safety
+/// As [`get32`].
+#[inline(always)]
+pub unsafe fn put32(p: *mut u8, v: u32) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write(p as *mut Even32, Even32(v)) }
+}
+
+/// The native-order 16-bit field at `p` (an even address).
+///
+/// # Safety
+/// `p` must be in bounds of the frame for 2 bytes.
+#[inline(always)]
+pub unsafe fn get16(p: *const u8) -> u16 {
+    // SAFETY: in bounds per the caller; even, as frames and their fields are.
+    unsafe { core::ptr::read(p as *const u16) }
+}
+
+/// Writes a native-order 16-bit field at `p` (an even address).
+///
+/// # Safety
+/// As [`get16`].
+#[inline(always)]
+pub unsafe fn put16(p: *mut u8, v: u16) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write(p as *mut u16, v) }
+}
+
 /// Reads a native-order word at `offset` (see `nat_common::csum` for why native order).
 #[inline(always)]
 pub fn load16(ctx: &impl Frame, offset: usize) -> Result<u16, Reason> {
@@ -204,13 +253,15 @@ impl Packet {
             return Err(Reason::NotIpv4);
         }
         let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(Reason::Malformed)?;
+        let at = ip as *const u8;
         // SAFETY: in bounds per `ptr_at`.
         let ip = unsafe { &*ip };
         let (version, ihl) = (ip.vihl >> 4, ip.vihl & 0x0f);
         if version != 4 || ihl < 5 {
             return Err(Reason::Malformed);
         }
-        let tot_len = u16::from_be_bytes(ip.tot_len);
+        // SAFETY (the three reads below): fields of the header `ptr_at` checked.
+        let tot_len = u16::from_be(unsafe { get16(at.add(offset_of!(Ipv4Hdr, tot_len))) });
         let frame = ctx.data_end() - ctx.data();
         if (tot_len as usize) < (ihl as usize) * 4 || (whole && ETH_LEN + tot_len as usize > frame)
         {
@@ -221,7 +272,7 @@ impl Packet {
         }
         // MF flag or a nonzero offset (RFC 791); leaving, only the offset matters.
         let frag_mask = if whole { 0x3fff } else { 0x1fff };
-        let frags = u16::from_be_bytes(ip.frags);
+        let frags = u16::from_be(unsafe { get16(at.add(offset_of!(Ipv4Hdr, frags))) });
         if frags & frag_mask != 0 {
             return Err(Reason::Fragment);
         }
@@ -231,8 +282,8 @@ impl Packet {
             tos: ip.tos,
             ttl: ip.ttl,
             first_fragment: frags & 0x2000 != 0,
-            saddr: u32::from_ne_bytes(ip.src_addr),
-            daddr: u32::from_ne_bytes(ip.dst_addr),
+            saddr: unsafe { get32(at.add(offset_of!(Ipv4Hdr, src_addr))) },
+            daddr: unsafe { get32(at.add(offset_of!(Ipv4Hdr, dst_addr))) },
         })
     }
 
@@ -262,8 +313,14 @@ impl Packet {
                 if l4_len < TcpHdr::LEN || doff < TcpHdr::LEN || doff > l4_len {
                     return Err(Reason::Malformed);
                 }
-                t.sport = u16::from_ne_bytes(h.source);
-                t.dport = u16::from_ne_bytes(h.dest);
+                let at = h as *const TcpHdr as *const u8;
+                // SAFETY: fields of the header `ptr_at` checked.
+                (t.sport, t.dport) = unsafe {
+                    (
+                        get16(at.add(offset_of!(TcpHdr, source))),
+                        get16(at.add(offset_of!(TcpHdr, dest))),
+                    )
+                };
                 t.tcp_flags = flags;
                 t.service = h.dest;
             }
@@ -271,15 +328,22 @@ impl Packet {
                 let h = ptr_at::<UdpHdr>(ctx, L4_OFF).ok_or(Reason::Malformed)?;
                 // SAFETY: in bounds per `ptr_at`.
                 let h = unsafe { &*h };
-                let ulen = u16::from_be_bytes(h.len) as usize;
+                let at = h as *const UdpHdr as *const u8;
+                // SAFETY: fields of the header `ptr_at` checked.
+                let ulen = u16::from_be(unsafe { get16(at.add(offset_of!(UdpHdr, len))) }) as usize;
                 if l4_len < UdpHdr::LEN
                     || ulen < UdpHdr::LEN
                     || (ulen > l4_len && !self.first_fragment)
                 {
                     return Err(Reason::Malformed);
                 }
-                t.sport = u16::from_ne_bytes(h.src);
-                t.dport = u16::from_ne_bytes(h.dst);
+                // SAFETY: as above.
+                (t.sport, t.dport) = unsafe {
+                    (
+                        get16(at.add(offset_of!(UdpHdr, src))),
+                        get16(at.add(offset_of!(UdpHdr, dst))),
+                    )
+                };
                 t.service = h.dst;
             }
             proto::ICMP => {

@@ -11,12 +11,17 @@ use crate::{
     forward::Route,
     parse::{
         EMB_IP_OFF, EMB_L4_OFF, Embedded, ICMP_CSUM_AT, ICMP_ID_AT, IP_CSUM, IP_DST, IP_SRC,
-        IP_TTL, L4_OFF, Packet, QuotedCsum, load16, ptr_at, store16, store32,
+        IP_TTL, L4_OFF, Packet, QuotedCsum, get16, get32, load16, ptr_at, put16, put32, store16,
+        store32,
     },
 };
 
 /// Applies a flow entry's rewrite: addresses, ports (TCP, UDP, UDP-Lite, DCCP: offsets 0 and
 /// 2) or identifier (ICMP), the checksums by their precomputed deltas, the TTL and the MACs.
+///
+/// The headers are bounds-checked once, for as many bytes as the arm writes (which `parse`
+/// already proved the frame holds), and written through that one pointer: checked access by
+/// access, the compiler reloads the frame's bounds from the context after every store.
 #[inline(always)]
 pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason> {
     // By the entry's checksum position, not the protocol (which the verifier would explore
@@ -27,56 +32,120 @@ pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason
     // bounds when the compiler spills it).
     match e.l4_csum {
         TCP_CSUM_AT => {
-            ports(ctx, e)?;
-            l4_csum::<{ L4_OFF + TCP_CSUM_AT as usize }>(ctx, e)?
+            const AT: usize = L4_OFF + TCP_CSUM_AT as usize;
+            let h = headers::<{ AT + 2 }>(ctx)?;
+            // SAFETY (each arm): offsets below the length `headers` checked.
+            unsafe {
+                ports(h, e);
+                l4_csum(h.add(AT), e);
+                ip_l2(h, pkt, e);
+            }
         }
         UDP_CSUM_AT => {
-            ports(ctx, e)?;
-            l4_csum::<{ L4_OFF + UDP_CSUM_AT as usize }>(ctx, e)?
+            const AT: usize = L4_OFF + UDP_CSUM_AT as usize;
+            let h = headers::<{ AT + 2 }>(ctx)?;
+            unsafe {
+                ports(h, e);
+                l4_csum(h.add(AT), e);
+                ip_l2(h, pkt, e);
+            }
         }
         ICMP_ID_CSUM_AT => {
-            store16(ctx, L4_OFF + ICMP_ID_AT, e.sport)?;
-            l4_csum::<{ L4_OFF + ICMP_CSUM_AT }>(ctx, e)?
+            let h = headers::<{ L4_OFF + ICMP_ID_AT + 2 }>(ctx)?;
+            unsafe {
+                put16(h.add(L4_OFF + ICMP_ID_AT), e.sport);
+                l4_csum(h.add(L4_OFF + ICMP_CSUM_AT), e);
+                ip_l2(h, pkt, e);
+            }
         }
-        _ => {}
+        _ => {
+            let h = headers::<L4_OFF>(ctx)?;
+            unsafe { ip_l2(h, pkt, e) };
+        }
     }
-    store32(ctx, IP_SRC, e.saddr)?;
-    store32(ctx, IP_DST, e.daddr)?;
-    let ttl_word = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
-    store16(ctx, IP_TTL, ttl_word)?;
-    let ip = load16(ctx, IP_CSUM)?;
-    store16(ctx, IP_CSUM, csum::apply(ip, e.ip_delta))?;
-    l2(ctx, &e.smac, &e.dmac)
+    Ok(())
+}
+
+/// The frame's first `N` bytes, bounds-checked.
+#[inline(always)]
+fn headers<const N: usize>(ctx: &XdpContext) -> Result<*mut u8, Reason> {
+    ptr_at::<[u8; N]>(ctx, 0)
+        .map(|p| p as *mut u8)
+        .ok_or(Reason::Malformed)
 }
 
 /// Writes the entry's ports (offsets 0 and 2 of TCP, UDP, UDP-Lite and DCCP).
+///
+/// # Safety
+/// `h` must hold the headers up to the ports' end.
 #[inline(always)]
-fn ports(ctx: &XdpContext, e: &FlowEntry) -> Result<(), Reason> {
-    store16(ctx, L4_OFF, e.sport)?;
-    store16(ctx, L4_OFF + 2, e.dport)
+unsafe fn ports(h: *mut u8, e: &FlowEntry) {
+    // SAFETY: per the caller.
+    unsafe {
+        put16(h.add(L4_OFF), e.sport);
+        put16(h.add(L4_OFF + 2), e.dport);
+    }
 }
 
-/// Applies the entry's transport checksum delta to the checksum at `AT`.
+/// Applies the entry's transport checksum delta to the checksum at `c`.
+///
+/// # Safety
+/// `c` must be in the frame for 2 bytes.
 #[inline(always)]
-fn l4_csum<const AT: usize>(ctx: &XdpContext, e: &FlowEntry) -> Result<(), Reason> {
-    let c = load16(ctx, AT)?;
-    let c = if e.flags & ENTRY_UDP != 0 {
-        csum::apply_udp(c, e.l4_delta)
+unsafe fn l4_csum(c: *mut u8, e: &FlowEntry) {
+    // SAFETY: per the caller.
+    let old = unsafe { get16(c) };
+    let new = if e.flags & ENTRY_UDP != 0 {
+        csum::apply_udp(old, e.l4_delta)
     } else {
-        csum::apply(c, e.l4_delta)
+        csum::apply(old, e.l4_delta)
     };
-    store16(ctx, AT, c)
+    // SAFETY: as above.
+    unsafe { put16(c, new) }
+}
+
+/// The IPv4 header's part of the rewrite (addresses, TTL, checksum) and the MACs.
+///
+/// # Safety
+/// `h` must hold the Ethernet and IPv4 headers.
+#[inline(always)]
+unsafe fn ip_l2(h: *mut u8, pkt: &Packet, e: &FlowEntry) {
+    // SAFETY: per the caller, every offset is inside the two headers.
+    unsafe {
+        put32(h.add(IP_SRC), e.saddr);
+        put32(h.add(IP_DST), e.daddr);
+        put16(h.add(IP_TTL), u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]));
+        put16(
+            h.add(IP_CSUM),
+            csum::apply(get16(h.add(IP_CSUM)), e.ip_delta),
+        );
+        macs(h, &e.smac, &e.dmac);
+    }
+}
+
+/// Writes the next hop's MAC addresses into the Ethernet header at `h`.
+///
+/// # Safety
+/// `h` must hold the Ethernet header.
+#[inline(always)]
+unsafe fn macs(h: *mut u8, smac: &[u8; 6], dmac: &[u8; 6]) {
+    let (d, s) = (dmac.as_ptr(), smac.as_ptr());
+    // SAFETY: per the caller; the MACs are read as the 16-bit words they are made of (map
+    // values and routes are at least 2-aligned, their MAC fields at even offsets).
+    unsafe {
+        put16(h, get16(d));
+        put32(h.add(2), get32(d.add(2)));
+        put16(h.add(6), get16(s));
+        put32(h.add(8), get32(s.add(2)));
+    }
 }
 
 /// Writes the next hop's MAC addresses.
 #[inline(always)]
 pub fn l2(ctx: &XdpContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), Reason> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Reason::Malformed)?;
-    // SAFETY: in bounds per `ptr_at`.
-    unsafe {
-        (*eth).dst_addr = *dmac;
-        (*eth).src_addr = *smac;
-    }
+    let h = headers::<{ EthHdr::LEN }>(ctx)?;
+    // SAFETY: `headers` checked the Ethernet header.
+    unsafe { macs(h, smac, dmac) };
     Ok(())
 }
 

@@ -117,7 +117,7 @@ impl Harness {
                 if *pending { "PENDING" } else { "FLOWS" }
             );
             ensure!(
-                e._pad == [0; 3] && k._pad == [0; 3],
+                e._pad == [0; 3] && k._pad == 0 && k._pad2 == 0,
                 "{k:?}: padding set: {e:?}"
             );
             let o = if orig { e } else { peer };
