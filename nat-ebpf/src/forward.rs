@@ -61,7 +61,7 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, q: &Query) -> Result<Route, NoRout
     let Some(scratch) = crate::flows::scratch() else {
         return fail(Reason::NoRoute, 0);
     };
-    scratch.fib = [0; 8];
+    crate::flows::zero(&mut scratch.fib);
     // SAFETY: `fib` is 64 bytes, 8-aligned, all zeros: a valid, empty `bpf_fib_lookup`.
     let p = unsafe { &mut *(scratch.fib.as_mut_ptr() as *mut FibParams) };
     p.family = AF_INET;
