@@ -202,6 +202,11 @@ fn scenarios_match_model() {
         c.routes
     );
     if scenarios >= 300 {
+        // Each path, event and blind segment must come up at least once in 500 scenarios:
+        // 20 at the size `cargo xtask test` runs (10,000 scenarios). A fixed count failed at
+        // the default size (1,000): a hairpin flow's forward direction on the fast path needs
+        // a hairpin flow opened, answered and repeated, about one scenario in a hundred.
+        let bar = (scenarios / 500).max(1);
         assert!(
             c.routes.changes >= scenarios / 5,
             "scenarios rarely changed the surroundings: {}",
@@ -212,7 +217,7 @@ fn scenarios_match_model() {
         // `hairpin_edges::hairpin_collisions_take_another_port` does.
         let thin: Vec<_> = EXPECTED_PATHS
             .into_iter()
-            .filter(|(leg, p)| *p != Path::Collision && path(*leg, *p) < 20)
+            .filter(|(leg, p)| *p != Path::Collision && path(*leg, *p) < bar)
             .collect();
         assert!(
             thin.is_empty(),
@@ -221,11 +226,11 @@ fn scenarios_match_model() {
         // natd alone writes the last two.
         let rare: Vec<_> = Event::ALL[..4]
             .iter()
-            .filter(|e| c.events.get(**e) < 20)
+            .filter(|e| c.events.get(**e) < u64::from(bar))
             .collect();
         assert!(rare.is_empty(), "scenarios rarely caused {rare:?}");
         assert!(
-            c.out_of_window >= 20,
+            c.out_of_window >= bar,
             "scenarios rarely sent an RST or FIN outside its flow's window: {}",
             c.out_of_window
         );
