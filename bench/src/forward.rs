@@ -249,6 +249,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
         }
     }
     let targets = targets(runs);
+    summary.extend(flow_state_cost(runs));
     let intro = format!(
         "Three namespaces (client, router, guest) joined by veth pairs; 60-byte frames (64 \
          on the wire) of UDP through the router in each setup, inbound (client to the guest's \
@@ -370,6 +371,42 @@ fn targets(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
                 .line(&ratios(&cost(x), &cost(other)), 0),
             );
         }
+    }
+    out
+}
+
+/// What many flows cost beyond one, per setup and direction: the router's CPU per packet at
+/// the fixed load with many flows minus with one flow, repeat by repeat. Kernel forwarding
+/// keeps no state per flow; iptables NAT (conntrack) and natd (its flow table) read one
+/// flow's state per packet, which with many flows is rarely in the CPU's caches.
+fn flow_state_cost(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in [Direction::Inbound, Direction::Outbound] {
+        let kind = |f: Flows| KINDS.iter().position(|k| *k == (f, dir));
+        let (Some(many), Some(one)) = (kind(Flows::Many), kind(Flows::One)) else {
+            continue;
+        };
+        let cost = |row: usize, ki: usize| {
+            minus(
+                &col(&runs[1][row][ki], |r| r.kernel_ns),
+                &col(&runs[1][0][ki], |r| r.kernel_ns),
+            )
+        };
+        let parts: Vec<String> = SETUPS
+            .iter()
+            .enumerate()
+            .map(|(si, setup)| {
+                let extra = minus(&cost(si + 1, many), &cost(si + 1, one));
+                format!("{} {}", setup.name(), show(Summary::of(&extra), 0))
+            })
+            .collect();
+        out.push(format!(
+            "What many flows (random source port) add to the router's CPU per packet over one \
+             flow at {FIXED_RATE} frames/s, {}, ns (the difference in each repeat; median \
+             (min–max)): {}.",
+            dir.label(),
+            parts.join("; ")
+        ));
     }
     out
 }

@@ -12,7 +12,7 @@ pub mod wire;
 pub use cidr::{Cidr, CidrError};
 pub use report::{
     Attached, ConntrackStats, FlowInfo, MappingCounters, MappingStatus, Mode, ReasonStat, Role,
-    StatsReport, StatusReport,
+    SlowPathCounter, StatsReport, StatusReport,
 };
 pub use rule::{EgressRule, IngressRule, PortRange, Proto, RuleError, Service};
 pub use spec::{Mapping, RuleSpec};

@@ -132,6 +132,16 @@ pub struct ConntrackStats {
     pub evictions: u64,
 }
 
+/// One named counter of natd's nftables table: what the kernel path translated statelessly
+/// (`udplite_stateless`) or dropped because the kernel cannot translate it (`untranslatable`)
+/// or because it would leave untranslated (`untranslated`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowPathCounter {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsReport {
     /// Changes applied since natd started.
@@ -140,4 +150,7 @@ pub struct StatsReport {
     pub reasons: Vec<ReasonStat>,
     pub conntrack: ConntrackStats,
     pub mappings: Vec<MappingStatus>,
+    /// The counters of natd's nftables table; empty without the table (`--slow-path none`).
+    #[serde(default)]
+    pub slow_path: Vec<SlowPathCounter>,
 }

@@ -519,12 +519,14 @@ impl Daemon {
                 self.evictions
             },
         };
+        let slow_path = self.ctl.slow_mut().counters().map_err(|e| e.to_string())?;
         Ok(StatsReport {
             generation: self.ctl.generation(),
             interfaces: self.ctl.fast_mut().attached().cloned().collect(),
             reasons,
             conntrack,
             mappings,
+            slow_path,
         })
     }
 }

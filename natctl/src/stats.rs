@@ -43,6 +43,17 @@ pub fn run(socket: &Path, json: bool) -> Result<(), exit::Error> {
         c.flushed,
         c.evictions
     );
+    if !s.slow_path.is_empty() {
+        let counters: Vec<String> = s
+            .slow_path
+            .iter()
+            .map(|c| format!("{} {} packets ({} bytes)", c.name, c.packets, c.bytes))
+            .collect();
+        println!(
+            "\nkernel path (natd's nftables table): {}",
+            counters.join(", ")
+        );
+    }
     println!();
     print_mappings(&s.mappings);
     Ok(())

@@ -7,7 +7,7 @@ pub use nat_api::{
     client,
     report::{
         Attached, ConntrackStats, FlowInfo, MappingCounters, MappingStatus, ReasonStat,
-        StatsReport, StatusReport,
+        SlowPathCounter, StatsReport, StatusReport,
     },
     spec::RuleSpec,
     wire::{DEFAULT_SOCKET, ErrorKind, ListedIngressRule, MAX_REQUEST, Reply, Request, Response},

@@ -128,7 +128,31 @@ pub(super) fn encode(s: &Snapshot, mut e: DescriptorEncoder) -> Fmt {
         reasons(|r| r.bytes),
     )?;
     per_mapping(e, s)?;
-    conntrack(e, s)
+    conntrack(e, s)?;
+    slow_path(e, s)
+}
+
+/// The named counters of natd's nftables table (none without the table).
+fn slow_path(e: &mut DescriptorEncoder, s: &Snapshot) -> Fmt {
+    let c = &s.stats.slow_path;
+    family(
+        e,
+        "kernel_path_packets",
+        "Packets natd's nftables table counted on the kernel path: UDP-Lite translated \
+         statelessly (udplite_stateless), dropped because the kernel cannot translate them \
+         (untranslatable), or dropped leaving a public interface from a private address \
+         (untranslated).",
+        COUNTER,
+        c.iter()
+            .map(|c| ([("counter", c.name.as_str())], c.packets)),
+    )?;
+    family(
+        e,
+        "kernel_path_bytes",
+        "Bytes of those packets.",
+        COUNTER,
+        c.iter().map(|c| ([("counter", c.name.as_str())], c.bytes)),
+    )
 }
 
 /// The per-mapping families (of the mappings the snapshot carries).

@@ -1,7 +1,7 @@
 //! The exposition natd serves, from fixed snapshots; the per-mapping limit.
 use super::*;
 use crate::{
-    api::{ConntrackStats, MappingStatus, ReasonStat},
+    api::{ConntrackStats, MappingStatus, ReasonStat, SlowPathCounter},
     ebpf::MappingCounters,
     state::Mapping,
 };
@@ -41,6 +41,11 @@ fn snapshot(mappings: Vec<MappingStatus>) -> Snapshot {
             }],
             conntrack: conntrack(),
             mappings,
+            slow_path: vec![SlowPathCounter {
+                name: "untranslatable".into(),
+                packets: 2,
+                bytes: 120,
+            }],
         },
         applied_at: 42,
         mappings: 1,
@@ -91,6 +96,14 @@ fn exposition_names_types_and_labels() {
         "{t}"
     );
     assert!(t.contains("xdp_nat_mappings 1\n"), "{t}");
+    assert!(
+        t.contains("xdp_nat_kernel_path_packets_total{counter=\"untranslatable\"} 2\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("xdp_nat_kernel_path_bytes_total{counter=\"untranslatable\"} 120\n"),
+        "{t}"
+    );
     assert!(t.contains("xdp_nat_metrics_mappings_exported 1\n"), "{t}");
     // The classic text format: no OpenMetrics end marker.
     assert!(!t.contains("# EOF"), "{t}");

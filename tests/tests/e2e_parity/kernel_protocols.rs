@@ -278,5 +278,12 @@ fn nothing_leaves_a_public_interface_from_a_mapped_private_address() -> anyhow::
     nothing_leaked(&client, &topo.client)?;
     let dropped = topo.nft_counter("untranslated")?;
     ensure!(dropped == 1, "{dropped} datagrams counted untranslated");
+    // natd reports its table's counters (natctl stats, and the metrics from the same report).
+    let reported = natctl.stats()?.slow_path;
+    let untranslated = reported.iter().find(|c| c.name == "untranslated");
+    ensure!(
+        untranslated.is_some_and(|c| c.packets == dropped && c.bytes > 0),
+        "natd reports {reported:?}, nft counted {dropped} untranslated"
+    );
     Ok(())
 }
