@@ -31,27 +31,11 @@ pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason
     // only proves packet accesses at constant offsets here (a variable offset loses its
     // bounds when the compiler spills it).
     match e.l4_csum {
-        TCP_CSUM_AT => {
-            const AT: usize = L4_OFF + TCP_CSUM_AT as usize;
-            let h = headers::<{ AT + 2 }>(ctx)?;
-            // SAFETY (each arm): offsets below the length `headers` checked.
-            unsafe {
-                ports(h, e);
-                l4_csum(h.add(AT), e);
-                ip_l2(h, pkt, e);
-            }
-        }
-        UDP_CSUM_AT => {
-            const AT: usize = L4_OFF + UDP_CSUM_AT as usize;
-            let h = headers::<{ AT + 2 }>(ctx)?;
-            unsafe {
-                ports(h, e);
-                l4_csum(h.add(AT), e);
-                ip_l2(h, pkt, e);
-            }
-        }
+        TCP_CSUM_AT => ported::<{ L4_OFF + TCP_CSUM_AT as usize + 2 }>(ctx, pkt, e)?,
+        UDP_CSUM_AT => ported::<{ L4_OFF + UDP_CSUM_AT as usize + 2 }>(ctx, pkt, e)?,
         ICMP_ID_CSUM_AT => {
             let h = headers::<{ L4_OFF + ICMP_ID_AT + 2 }>(ctx)?;
+            // SAFETY (this arm and the next): offsets below the length `headers` checked.
             unsafe {
                 put16(h.add(L4_OFF + ICMP_ID_AT), e.sport);
                 l4_csum(h.add(L4_OFF + ICMP_CSUM_AT), e);
@@ -62,6 +46,21 @@ pub fn apply(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason
             let h = headers::<L4_OFF>(ctx)?;
             unsafe { ip_l2(h, pkt, e) };
         }
+    }
+    Ok(())
+}
+
+/// The rewrite of a protocol with ports (TCP, UDP, UDP-Lite, DCCP) whose transport checksum
+/// ends at byte `END` of the frame.
+#[inline(always)]
+fn ported<const END: usize>(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<(), Reason> {
+    let h = headers::<END>(ctx)?;
+    // SAFETY: the ports and the checksum (the two bytes before `END`) lie in the headers
+    // `headers` checked.
+    unsafe {
+        ports(h, e);
+        l4_csum(h.add(END - 2), e);
+        ip_l2(h, pkt, e);
     }
     Ok(())
 }
