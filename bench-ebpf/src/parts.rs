@@ -319,7 +319,7 @@ pub fn p_jiffies(_ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
-pub fn p_coarse_ns(_ctx: XdpContext) -> u32 {
+pub fn p_now_ns(_ctx: XdpContext) -> u32 {
     finish(black_box(flows::now_ns()) != 0)
 }
 

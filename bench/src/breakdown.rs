@@ -229,8 +229,8 @@ const PARTS: [Case; 17] = [
         "p_none",
     ),
     case(
-        "not on the fast path: `bpf_ktime_get_coarse_ns()` (once a second per direction)",
-        "p_coarse_ns",
+        "not on the fast path: `bpf_ktime_get_ns()`, the program's clock (once a second per direction)",
+        "p_now_ns",
         "p_none",
     ),
     case(
