@@ -260,14 +260,16 @@ pub fn render(
 /// and not to a mapped public IP (hairpin is routed by its private addresses, as in the fast
 /// path); `mark_i` copies the mark into the packet's mark for every packet of such a
 /// connection arriving on a guest interface, which the kernel routes next. Both keep the
-/// other bits of the marks.
+/// other bits of the marks. UDP-Lite the table translates statelessly has no connection to
+/// carry a mark: from a guest interface, `mark_i` marks it by its private source.
 fn route_section(pubs: &str, guests: &str, routes: &RoutePlan) -> (String, String) {
     if routes.groups.is_empty() {
         return (String::new(), String::new());
     }
     let keep = !ROUTE_MARK_MASK;
     let mut defs = String::new();
-    let (mut ins, mut outs, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ins, mut outs, mut marks, mut stateless) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, g) in routes.groups.iter().enumerate() {
         let (n, mark) = (i + 1, g.rule.mark);
         let _ = write!(
@@ -278,20 +280,25 @@ fn route_section(pubs: &str, guests: &str, routes: &RoutePlan) -> (String, Strin
         for m in &g.mappings {
             ins.push(format!("{} : jump route_{n}", m.public));
             outs.push(format!("{} : jump route_{n}", m.private));
+            stateless.push(format!("{} : jump mark_{n}", m.private));
         }
         marks.push(format!("{mark:#x} : jump mark_{n}"));
     }
     let _ = write!(
         defs,
         "\tmap route_in {{ type ipv4_addr : verdict; elements = {{ {} }} }}\n\
-         \tmap route_out {{ type ipv4_addr : verdict; elements = {{ {} }} }}\n",
+         \tmap route_out {{ type ipv4_addr : verdict; elements = {{ {} }} }}\n\
+         \tmap mark_out {{ type ipv4_addr : verdict; elements = {{ {} }} }}\n",
         ins.join(", "),
-        outs.join(", ")
+        outs.join(", "),
+        stateless.join(", ")
     );
     let rules = format!(
         "\t\tct state new iifname {{ {pubs} }} ip daddr vmap @route_in\n\
          \t\tct state new iifname {{ {guests} }} ip daddr != @publics ip saddr vmap @route_out\n\
-         \t\tiifname {{ {guests} }} ct mark and {ROUTE_MARK_MASK:#x} vmap {{ {} }}\n",
+         \t\tiifname {{ {guests} }} ct mark and {ROUTE_MARK_MASK:#x} vmap {{ {} }}\n\
+         \t\tmeta l4proto udplite ct state untracked iifname {{ {guests} }} ip daddr != @publics \
+         ip saddr vmap @mark_out\n",
         marks.join(", ")
     );
     (defs, rules)

@@ -155,6 +155,8 @@ fn renders_routing_marks_for_new_connections_and_guest_side_packets() {
             "ct state new iifname { \"eth0\" } ip daddr != @publics ip saddr vmap @route_out",
             "iifname { \"eth0\" } ct mark and 0x3f000000 vmap { 0x1000000 : jump mark_1, \
              0x2000000 : jump mark_2 }",
+            "meta l4proto udplite ct state untracked iifname { \"eth0\" } ip daddr != @publics \
+             ip saddr vmap @mark_out",
         ],
         "{r}"
     );
@@ -177,6 +179,14 @@ fn renders_routing_marks_for_new_connections_and_guest_side_packets() {
         r.contains(
             "\tmap route_out { type ipv4_addr : verdict; elements = { 10.0.0.10 : jump \
              route_1, 10.0.0.11 : jump route_1, 10.0.0.20 : jump route_2 } }\n"
+        ),
+        "{r}"
+    );
+    // UDP-Lite translated statelessly has no connection: marked by its private source.
+    assert!(
+        r.contains(
+            "\tmap mark_out { type ipv4_addr : verdict; elements = { 10.0.0.10 : jump \
+             mark_1, 10.0.0.11 : jump mark_1, 10.0.0.20 : jump mark_2 } }\n"
         ),
         "{r}"
     );

@@ -42,6 +42,12 @@ impl Sniffer {
         })?
     }
 
+    /// Sends from `addr` (one of the namespace's addresses) rather than the address the
+    /// kernel would choose.
+    pub fn bind_source(&self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        sock::bind(&self.fd, std::net::SocketAddrV4::new(addr, 0))
+    }
+
     /// Sends `l4` (a whole transport packet, checksum included) to `dst`.
     pub fn send(&self, l4: &[u8], dst: Ipv4Addr) -> anyhow::Result<()> {
         sock::raw_send(

@@ -16,6 +16,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, ensure};
+use nat_tests::packet::{PROTO_UDPLITE, udplite};
 use nat_tests::topology::{
     COMMAND_TIMEOUT, Netns,
     attempt::{
@@ -26,6 +27,7 @@ use nat_tests::topology::{
     links::ROUTER_PUBLIC2_IF,
     observe::{ICMP_ECHO_REQUEST, IcmpSniffer, segs_in, udp_bind},
     run_bounded,
+    sniff::{Seen, Sniffer},
     two_networks::{P1, P2, REMOTE, TwoNetworks, V1, V2},
 };
 
@@ -189,6 +191,38 @@ fn what_the_kernel_translates_leaves_through_its_own_network_too() -> anyhow::Re
         .ip(&["neigh", "flush", "dev", ROUTER_PUBLIC2_IF])?;
     datagram_leaves_through(&t.topo.guest, (V2, P2), 64, &t.upstream2, &t.topo.client)
         .context("the first packet, gateway 2 not yet resolved")?;
+    Ok(())
+}
+
+/// UDP-Lite that XDP hands to the kernel (the first datagram towards gateway 2, whose
+/// neighbour entry the router does not have yet) is translated statelessly by natd's table
+/// (the kernel deems UDP-Lite from the wire INVALID), so no connection carries its routing
+/// mark: natd marks it by its private source, and it leaves through network 2, from P2, with
+/// a valid checksum (before, the main table's default sent it through network 1).
+#[test]
+fn stateless_udplite_leaves_through_its_own_network() -> anyhow::Result<()> {
+    let t = TwoNetworks::new()?;
+    let guest = Sniffer::open_in(&t.topo.guest, PROTO_UDPLITE)?;
+    guest.bind_source(V2)?;
+    let (right, wrong) = (
+        Sniffer::open_in(&t.upstream2, PROTO_UDPLITE)?,
+        Sniffer::open_in(&t.topo.client, PROTO_UDPLITE)?,
+    );
+    t.topo
+        .router
+        .ip(&["neigh", "flush", "dev", ROUTER_PUBLIC2_IF])?;
+    let d = udplite(V2, REMOTE, 5001, 5002, b"stateless, marked", 0);
+    guest.send(&d, REMOTE)?;
+    let ours = |p: &Seen| p.l4.len() == d.len() && p.l4[8..] == d[8..];
+    let seen = right.until(ours);
+    let stray: Vec<_> = wrong.pending().into_iter().filter(ours).collect();
+    ensure!(
+        seen.last()
+            .is_some_and(|p| ours(p) && p.src == P2 && p.checksums.is_ok()),
+        "the datagram did not reach network 2 from {P2} with valid checksums: {seen:?}; \
+         network 1 got {stray:?}"
+    );
+    ensure!(stray.is_empty(), "network 1 got it too: {stray:?}");
     Ok(())
 }
 
