@@ -401,7 +401,7 @@ fn flow_state_cost(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
             })
             .collect();
         out.push(format!(
-            "What many flows (random source port) add to the router's CPU per packet over one \
+            "- What many flows (random source port) add to the router's CPU per packet over one \
              flow at {FIXED_RATE} frames/s, {}, ns (the difference in each repeat; median \
              (min–max)): {}.",
             dir.label(),
