@@ -132,27 +132,30 @@ pub unsafe fn put16(p: *mut u8, v: u16) {
     unsafe { core::ptr::write(p as *mut u16, v) }
 }
 
-/// Reads a native-order word at `offset` (see `nat_common::csum` for why native order).
+/// Reads a native-order word at `offset` (see `nat_common::csum` for why native order), an
+/// even offset as every header field's is.
 #[inline(always)]
 pub fn load16(ctx: &impl Frame, offset: usize) -> Result<u16, Reason> {
     let p = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Reason::Malformed)?;
     // SAFETY: in bounds per `ptr_at`.
-    Ok(u16::from_ne_bytes(unsafe { *p }))
+    Ok(unsafe { get16(p as *const u8) })
 }
 
+/// Writes a native-order word at the even `offset`.
 #[inline(always)]
 pub fn store16(ctx: &impl Frame, offset: usize, v: u16) -> Result<(), Reason> {
     let p = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Reason::Malformed)?;
     // SAFETY: in bounds per `ptr_at`.
-    unsafe { *p = v.to_ne_bytes() };
+    unsafe { put16(p as *mut u8, v) };
     Ok(())
 }
 
+/// Writes a native-order 32-bit field at the even `offset`.
 #[inline(always)]
 pub fn store32(ctx: &impl Frame, offset: usize, v: u32) -> Result<(), Reason> {
     let p = ptr_at::<[u8; 4]>(ctx, offset).ok_or(Reason::Malformed)?;
     // SAFETY: in bounds per `ptr_at`.
-    unsafe { *p = v.to_ne_bytes() };
+    unsafe { put32(p as *mut u8, v) };
     Ok(())
 }
 
