@@ -2,7 +2,8 @@
 //! built by hand and sent from a raw IP socket in batches (`sendmmsg`), so a few hundred
 //! thousand flows take about a second instead of a socket each. The UDP checksum is 0 (none,
 //! valid for UDP over IPv4); the kernel fills in the IP header's length, identifier and
-//! checksum. [`OneCpu`] keeps a test's flows and its flood on one CPU.
+//! checksum. The flood loses nothing on its way out: a frame the veth could not queue is sent
+//! again (see [`udp_flows`]). [`OneCpu`] keeps a test's flows and its flood on one CPU.
 use std::{
     marker::PhantomData,
     net::Ipv4Addr,
@@ -22,6 +23,11 @@ const FRAME: usize = 32;
 /// Sends `per_flow` datagrams in a row from `src`:sport to `dst`:dport for every pair of
 /// `sports` x `dports`, from namespace `ns`; returns how many the kernel took (all, or an
 /// error).
+///
+/// A veth whose peer runs XDP queues frames in a ring of its own; when the peer's NAPI falls
+/// behind (the softirq deferred to `ksoftirqd` on a busy machine), the ring is full and the
+/// frame is dropped. A raw socket reports that drop as `ENOBUFS` only with `IP_RECVERR` set,
+/// and sends nothing about it otherwise, so the socket sets it and the frame is sent again.
 pub fn udp_flows(
     ns: &Netns,
     src: Ipv4Addr,
@@ -31,6 +37,7 @@ pub fn udp_flows(
 ) -> anyhow::Result<u64> {
     ns.run(|| {
         let fd = super::sock::open(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW, "raw IP")?;
+        super::sock::set_ip_int(&fd, libc::IP_RECVERR, 1)?;
         let pairs: Vec<(u16, u16)> = dports
             .flat_map(|d| sports.clone().map(move |s| (s, d)))
             .flat_map(|pair| std::iter::repeat_n(pair, per_flow))
@@ -41,6 +48,16 @@ pub fn udp_flows(
         }
         Ok(sent)
     })?
+}
+
+/// How many frames `dev` in `ns` dropped on their way out (`ip -s link`'s TX dropped; for a
+/// veth, the frames its peer's ring had no room for).
+pub fn tx_dropped(ns: &Netns, dev: &str) -> anyhow::Result<u64> {
+    let out = ns.ip(&["-s", "-j", "link", "show", "dev", dev])?;
+    let links: serde_json::Value = serde_json::from_str(&out)?;
+    links[0]["stats64"]["tx"]["dropped"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no TX dropped count for {dev} in {out}"))
 }
 
 /// One datagram per (sport, dport) in `pairs`, in one `sendmmsg` (repeated for what it did
@@ -94,7 +111,8 @@ fn send_batch(
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            // A full socket buffer: the frames queued so far are on their way; try again.
+            // A full socket buffer or veth ring: the frames before this one are on their way,
+            // this one was not taken; send it again once the receiving side has run.
             if e.raw_os_error() == Some(libc::ENOBUFS) {
                 std::thread::yield_now();
                 continue;

@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
+use super::sock::set_ip_int;
+
 /// ICMP time exceeded.
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
@@ -21,34 +23,14 @@ pub struct IcmpError {
     pub offender: Ipv4Addr,
 }
 
-/// `setsockopt(fd, IPPROTO_IP, opt, value)` for an int option.
-fn set_int(socket: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> anyhow::Result<()> {
-    // SAFETY: valid fd and a correctly sized int.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            opt,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "setsockopt(IPPROTO_IP, {opt}, {value}): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
-}
-
 /// Queues the ICMP errors about `socket`'s datagrams (`IP_RECVERR`).
 pub fn record_errors(socket: &UdpSocket) -> anyhow::Result<()> {
-    set_int(socket, libc::IP_RECVERR, 1)
+    set_ip_int(socket, libc::IP_RECVERR, 1)
 }
 
 /// Sends `socket`'s datagrams with this TTL.
 pub fn set_ttl(socket: &UdpSocket, ttl: u8) -> anyhow::Result<()> {
-    set_int(socket, libc::IP_TTL, libc::c_int::from(ttl))
+    set_ip_int(socket, libc::IP_TTL, libc::c_int::from(ttl))
 }
 
 /// The next ICMP error in `socket`'s error queue, if one is there now (no wait).
