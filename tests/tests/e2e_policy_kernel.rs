@@ -19,7 +19,6 @@
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -34,6 +33,7 @@ use nat_tests::topology::{
         udp_bind,
     },
     policy::reason,
+    sock,
     vrouter::{Service, VirtualRouter},
 };
 use nat_userspace::api::StatsReport;
@@ -473,23 +473,12 @@ fn established_flows_are_carried_by_xdp() -> anyhow::Result<()> {
 
 /// `setsockopt(IP_MTU_DISCOVER, IP_PMTUDISC_DONT)`: DF clear, so the sender fragments.
 fn allow_fragments(socket: &UdpSocket) -> anyhow::Result<()> {
-    let dont = libc::IP_PMTUDISC_DONT;
-    // SAFETY: a valid socket fd and an int option of its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&raw const dont).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "IP_MTU_DISCOVER: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    sock::set_int(
+        socket,
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+        libc::IP_PMTUDISC_DONT,
+        "IP_MTU_DISCOVER",
+    )
 }
 
 /// A UDP flow the guest opened and that XDP carries: the guest's socket, the client's, and

@@ -37,7 +37,7 @@ pub fn udp_flows(
 ) -> anyhow::Result<u64> {
     ns.run(|| {
         let fd = super::sock::open(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW, "raw IP")?;
-        super::sock::set_ip_int(&fd, libc::IP_RECVERR, 1)?;
+        super::sock::set_int(&fd, (libc::IPPROTO_IP, libc::IP_RECVERR), 1, "IP_RECVERR")?;
         let pairs: Vec<(u16, u16)> = dports
             .flat_map(|d| sports.clone().map(move |s| (s, d)))
             .flat_map(|pair| std::iter::repeat_n(pair, per_flow))

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
-use super::sock::set_ip_int;
+use super::sock::set_int;
 
 /// ICMP time exceeded.
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -25,12 +25,22 @@ pub struct IcmpError {
 
 /// Queues the ICMP errors about `socket`'s datagrams (`IP_RECVERR`).
 pub fn record_errors(socket: &UdpSocket) -> anyhow::Result<()> {
-    set_ip_int(socket, libc::IP_RECVERR, 1)
+    set_int(
+        socket,
+        (libc::IPPROTO_IP, libc::IP_RECVERR),
+        1,
+        "IP_RECVERR",
+    )
 }
 
 /// Sends `socket`'s datagrams with this TTL.
 pub fn set_ttl(socket: &UdpSocket, ttl: u8) -> anyhow::Result<()> {
-    set_ip_int(socket, libc::IP_TTL, libc::c_int::from(ttl))
+    set_int(
+        socket,
+        (libc::IPPROTO_IP, libc::IP_TTL),
+        libc::c_int::from(ttl),
+        "IP_TTL",
+    )
 }
 
 /// The next ICMP error in `socket`'s error queue, if one is there now (no wait).

@@ -1,5 +1,5 @@
 //! Socket plumbing the topology's senders, sniffers and captures share: a socket opened with
-//! `SOCK_CLOEXEC` and owned at once, a receive timeout, an int IP option, an IPv4 address as the kernel takes it,
+//! `SOCK_CLOEXEC` and owned at once, a receive timeout, an int option, an IPv4 address as the kernel takes it,
 //! a bind, and a whole-packet send on a raw socket. Each failure names what it was for.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -47,13 +47,19 @@ pub fn receive_timeout(fd: &impl AsRawFd, d: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `setsockopt(fd, IPPROTO_IP, opt, value)` for an int option.
-pub fn set_ip_int(fd: &impl AsRawFd, opt: libc::c_int, value: libc::c_int) -> anyhow::Result<()> {
+/// `setsockopt(fd, level, opt, value)` for an int option; `name` names the option in the
+/// error.
+pub fn set_int(
+    fd: &impl AsRawFd,
+    (level, opt): (libc::c_int, libc::c_int),
+    value: libc::c_int,
+    name: &str,
+) -> anyhow::Result<()> {
     // SAFETY: valid fd and a correctly sized int.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_IP,
+            level,
             opt,
             (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -61,7 +67,7 @@ pub fn set_ip_int(fd: &impl AsRawFd, opt: libc::c_int, value: libc::c_int) -> an
     };
     ensure!(
         rc == 0,
-        "setsockopt(IPPROTO_IP, {opt}, {value}): {}",
+        "{name} = {value}: {}",
         std::io::Error::last_os_error()
     );
     Ok(())

@@ -5,7 +5,6 @@ use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -15,6 +14,7 @@ use nat_tests::topology::{
     attempt::{TcpAttempt, accept, tcp_listen, udp_send},
     observe::{tcp_exchange, udp_bind},
     policy::Way,
+    sock,
 };
 
 use crate::common::*;
@@ -100,23 +100,12 @@ fn pin_to_one_cpu() -> anyhow::Result<()> {
 /// Sets `SO_RCVBUFFORCE` (root may exceed `rmem_max`), so no datagram is lost to a full
 /// socket buffer while the test is busy sending.
 fn big_receive_buffer(socket: &UdpSocket) -> anyhow::Result<()> {
-    let size: libc::c_int = 8 << 20;
-    // SAFETY: valid fd and a correctly sized int.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "SO_RCVBUFFORCE: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    sock::set_int(
+        socket,
+        (libc::SOL_SOCKET, libc::SO_RCVBUFFORCE),
+        8 << 20,
+        "SO_RCVBUFFORCE",
+    )
 }
 
 /// A connection table of 256 entries, flooded with 5,120 new UDP flows (distinct source
