@@ -1,5 +1,6 @@
 //! Section 2: forwarding rate and CPU cost of kernel forwarding, iptables static NAT and the
-//! project, side by side in one run, inbound and outbound, over established flows.
+//! project (with `--policy xdp`, and with `--policy kernel` behind the same iptables rules),
+//! side by side in one run, inbound and outbound, over established flows.
 use crate::{
     report::{Chart, Section, Table},
     topo::{Setup, Topo},
@@ -8,7 +9,12 @@ use crate::{
     verdict::{self, Target},
 };
 
-const SETUPS: [Setup; 3] = [Setup::Plain, Setup::Iptables, Setup::Natd];
+const SETUPS: [Setup; 4] = [
+    Setup::Plain,
+    Setup::Iptables,
+    Setup::Natd,
+    Setup::NatdKernel,
+];
 /// The traffic kinds measured, in table order.
 const KINDS: [(Flows, Direction); 4] = [
     (Flows::Many, Direction::Inbound),
@@ -256,9 +262,12 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
          public address) and outbound (guest to the client): kernel forwarding without NAT \
          (to and from the guest's own address), iptables static NAT exactly as CloudStack's \
          router writes it for the mapping (mangle FIREWALL_/VPN_ chains with the one ingress \
-         rule, marks, DNAT/SNAT, FORWARD; conntrack), and natd in native XDP mode \
+         rule, marks, DNAT/SNAT, FORWARD; conntrack), natd in native XDP mode \
          (`--detach-on-exit`, its own state dir, bpffs and metrics port; the mapping and the \
-         same rule). The three topologies exist side by side and every repeat measures each \
+         same rule), and natd with `--policy kernel` in native XDP mode behind that same \
+         iptables ruleset (the mapping, no rules of its own: the kernel judges and \
+         translates each flow's first packets, natd's tc learner enters the flows the kernel \
+         admitted, and XDP carries them from then on). The four topologies exist side by side and every repeat measures each \
          setup in turn (the order rotates), so the ratios compare runs made moments apart; \
          median (min–max) over {r} repeats.\n\n\
          Generator: the bench's own XDP program (`bench-gen`) run with `BPF_PROG_TEST_RUN` in \
@@ -270,7 +279,8 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
          the router as real traffic establishes it: each flow's first packet, the other end's \
          answer, the flow's second packet (UDP flows are assured, in netfilter and in natd, \
          from the first packet after a reply; natd's fast path carries assured flows only, \
-         one-way traffic would take its full path on every packet). The last column shows the \
+         one-way traffic would take its full path on every packet; with `--policy kernel` the \
+         same three packets go through the kernel and its learner). The last column shows the \
          share of the measured frames that took natd's fast path (its `fast_path` event \
          count, read from natd's pinned `EVENTS`). Delivered = frames counted by an XDP sink \
          (`bench-sink`) on the receiving end (which drops them). Each batch of 64 frames is \
@@ -338,38 +348,43 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
 }
 
 /// Issue 9's targets, many flows, inbound and outbound, run by run: natd's router CPU per
-/// packet at most 0.5x plain kernel forwarding's and at most 0.25x iptables static NAT's.
+/// packet at most 0.5x plain kernel forwarding's and at most 0.25x iptables static NAT's, with
+/// `--policy xdp` and (established flows, which every measured frame belongs to) with
+/// `--policy kernel`.
 fn targets(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
     let row = |s: Setup| SETUPS.iter().position(|x| *x == s).map(|i| i + 1);
-    let (Some(x), Some(plain), Some(ipt)) =
-        (row(Setup::Natd), row(Setup::Plain), row(Setup::Iptables))
-    else {
+    let (Some(plain), Some(ipt)) = (row(Setup::Plain), row(Setup::Iptables)) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for (ki, (flows, dir)) in KINDS.iter().enumerate() {
-        if *flows != Flows::Many {
+    for (setup, policy) in [(Setup::Natd, ""), (Setup::NatdKernel, ", --policy kernel")] {
+        let Some(x) = row(setup) else {
             continue;
-        }
-        let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
-        let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
-        for (other, limit, what) in [
-            (plain, 0.5, "plain kernel forwarding"),
-            (ipt, 0.25, "iptables static NAT"),
-        ] {
-            let name = format!(
-                "XDP router CPU per packet, {}, many flows, at most {limit}x {what}",
-                dir.label()
-            );
-            out.push(
-                Target {
-                    name: &name,
-                    limit,
-                    below: true,
-                    unit: "x",
-                }
-                .line(&ratios(&cost(x), &cost(other)), 0),
-            );
+        };
+        for (ki, (flows, dir)) in KINDS.iter().enumerate() {
+            if *flows != Flows::Many {
+                continue;
+            }
+            let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
+            let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
+            for (other, limit, what) in [
+                (plain, 0.5, "plain kernel forwarding"),
+                (ipt, 0.25, "iptables static NAT"),
+            ] {
+                let name = format!(
+                    "XDP router CPU per packet{policy}, {}, many flows, at most {limit}x {what}",
+                    dir.label()
+                );
+                out.push(
+                    Target {
+                        name: &name,
+                        limit,
+                        below: true,
+                        unit: "x",
+                    }
+                    .line(&ratios(&cost(x), &cost(other)), 0),
+                );
+            }
         }
     }
     out

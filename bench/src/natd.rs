@@ -33,6 +33,11 @@ pub struct Natd {
 impl Natd {
     /// Starts natd on eth2 (public) and eth0 (guest) of `router` and waits for its socket.
     pub fn start(router: &Netns, config: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with(router, config, &[])
+    }
+
+    /// [`Natd::start`] with `args` added to natd's command line.
+    pub fn start_with(router: &Netns, config: Option<&str>, args: &[&str]) -> anyhow::Result<Self> {
         let stem = crate::netns::unique_stem();
         let dir = ScratchDir::create(&stem)?;
         let pins = Path::new("/sys/fs/bpf").join(&stem);
@@ -48,6 +53,7 @@ impl Natd {
             .arg("--bpffs")
             .arg(&pins)
             .args(["--metrics-addr", "127.0.0.1:0", "--detach-on-exit"])
+            .args(args)
             .env("RUST_LOG", "warn");
         if let Some(text) = config {
             let path = dir.path().join("natd.toml");

@@ -1,4 +1,4 @@
-//! The three-namespace topology of sections 2-4, in one of three router setups:
+//! The three-namespace topology of sections 2-4, in one of four router setups:
 //!
 //! ```text
 //! client eth0 198.51.100.2 -- eth2 198.51.100.1  router  eth0 10.0.0.1 -- eth0 guest
@@ -47,6 +47,11 @@ pub enum Setup {
     Iptables,
     /// natd in native XDP mode with the same mappings and rule.
     Natd,
+    /// The iptables ruleset of [`Setup::Iptables`], and natd with `--policy kernel` and the
+    /// same mappings (no rules of its own): the kernel judges and translates each flow's
+    /// first packets, natd's tc learner enters the flows the kernel admitted, and XDP carries
+    /// them from then on.
+    NatdKernel,
 }
 
 impl Setup {
@@ -55,6 +60,7 @@ impl Setup {
             Setup::Plain => "kernel forwarding, no NAT",
             Setup::Iptables => "iptables static NAT (CloudStack rules)",
             Setup::Natd => "xdp-static-nat (natd, native XDP)",
+            Setup::NatdKernel => "xdp-static-nat --policy kernel behind the iptables rules",
         }
     }
 
@@ -63,6 +69,7 @@ impl Setup {
             Setup::Plain => "kernel fwd",
             Setup::Iptables => "iptables NAT",
             Setup::Natd => "XDP NAT",
+            Setup::NatdKernel => "XDP NAT, policy kernel",
         }
     }
 
@@ -246,18 +253,30 @@ impl Topo {
         };
         match setup {
             Setup::Plain => {}
-            Setup::Iptables => topo
-                .router
-                .exec_input(
-                    "iptables-restore",
-                    &[],
-                    &crate::iptables::ruleset(&[(P1, V1), (P2, V2)]),
-                )
-                .map(drop)
-                .context("installing the iptables ruleset")?,
+            Setup::Iptables => topo.install_iptables()?,
             Setup::Natd => topo.natd = Some(Natd::start(&topo.router, Some(&natd_config()))?),
+            Setup::NatdKernel => {
+                topo.install_iptables()?;
+                topo.natd = Some(Natd::start_with(
+                    &topo.router,
+                    Some(&mappings_config()),
+                    &["--policy", "kernel"],
+                )?);
+            }
         }
         Ok(topo)
+    }
+
+    /// CloudStack's iptables static NAT rules for P1 -> V1 and P2 -> V2 in the router.
+    fn install_iptables(&self) -> anyhow::Result<()> {
+        self.router
+            .exec_input(
+                "iptables-restore",
+                &[],
+                &crate::iptables::ruleset(&[(P1, V1), (P2, V2)]),
+            )
+            .map(drop)
+            .context("installing the iptables ruleset")
     }
 
     /// natd of a [`Setup::Natd`] topology.
@@ -278,8 +297,15 @@ impl Topo {
 /// natd's config: the two mappings and P1's rule (the generated traffic's ports).
 pub fn natd_config() -> String {
     format!(
+        "{}\n[[rule]]\npublic = \"{P1}\"\nproto = \"udp\"\nports = \"{GEN_PORT_LO}-{GEN_PORT_HI}\"\n",
+        mappings_config()
+    )
+}
+
+/// The two mappings alone (with `--policy kernel` the rules are the kernel's).
+fn mappings_config() -> String {
+    format!(
         "[[mapping]]\npublic = \"{P1}\"\nprivate = \"{V1}\"\n\n\
-         [[mapping]]\npublic = \"{P2}\"\nprivate = \"{V2}\"\n\n\
-         [[rule]]\npublic = \"{P1}\"\nproto = \"udp\"\nports = \"{GEN_PORT_LO}-{GEN_PORT_HI}\"\n"
+         [[mapping]]\npublic = \"{P2}\"\nprivate = \"{V2}\"\n"
     )
 }
