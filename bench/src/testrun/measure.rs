@@ -531,7 +531,9 @@ fn in_namespace(ns: &Netns, plan: &Plan) -> anyhow::Result<Vec<Section>> {
     let lpm = {
         let (small, large) = settings.split_at_mut(3);
         let whole = super::report::net_of(&small[1], Established);
-        crate::breakdown::section(&mut small[1].bed, &mut large[0].bed, &whole, plan)?
+        // The base of the 1,000,000-mapping targets: the 1-mapping established path.
+        let base = small[0].samples_of(Established).unwrap_or(&[]).to_vec();
+        crate::breakdown::section(&mut small[1].bed, &mut large[0].bed, &whole, &base, plan)?
     };
     Ok(vec![super::report::section(&settings, plan), lpm])
 }
