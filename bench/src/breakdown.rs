@@ -625,7 +625,10 @@ mod tests {
         let line = cold_allowance(&[80.0, 100.0], &[60.0, 75.0], 1000).unwrap();
         assert!(line.contains("leaves 45.0 (40.0–50.0) ns"), "{line}");
         assert!(line.contains("costs 1.50 (1.50–1.50) times"), "{line}");
-        assert!(line.contains("more than the whole allowance in every run"), "{line}");
+        assert!(
+            line.contains("more than the whole allowance in every run"),
+            "{line}"
+        );
         let line = cold_allowance(&[80.0, 100.0], &[30.0, 75.0], 1000).unwrap();
         assert!(line.contains("in some runs only"), "{line}");
         let line = cold_allowance(&[80.0, 100.0], &[30.0, 40.0], 1000).unwrap();
