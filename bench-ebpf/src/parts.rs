@@ -36,14 +36,14 @@ use aya_ebpf::{
     Global,
     bindings::xdp_action::{XDP_DROP, XDP_REDIRECT},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
 use nat_common::{
-    COUNT_IN, Counter, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry, FlowTuple, FwSrcData,
-    FwSvcData, IfaceConfig, MappingStats, NatConfig, ROLE_GUEST, Reason, RuleBits,
+    COUNT_IN, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry, FlowTuple, FwSrcData,
+    FwSvcData, ROLE_GUEST, Reason, RuleBits,
     conntrack::{State, Timeout},
-    maps as spec, proto,
+    proto,
 };
 
 use crate::{
@@ -52,40 +52,12 @@ use crate::{
     parse::Packet,
 };
 
-// The program's maps, declared as nat-ebpf declares them; the loader points each at the
-// loaded program's own map (pins), so these programs read and write the real tables.
-#[map]
-static MAPPING_STATS: PerCpuArray<MappingStats> =
-    PerCpuArray::with_max_entries(spec::MAPPING_STATS.max_entries, spec::MAPPING_STATS.flags);
-#[map]
-static FLOWS: LruHashMap<FlowTuple, FlowEntry> =
-    LruHashMap::with_max_entries(spec::FLOWS.max_entries, spec::FLOWS.flags);
-#[map]
-static PENDING: LruHashMap<FlowTuple, FlowEntry> =
-    LruHashMap::with_max_entries(spec::PENDING.max_entries, spec::PENDING.flags);
-#[map]
-static IFACES: HashMap<u32, IfaceConfig> =
-    HashMap::with_max_entries(spec::IFACES.max_entries, spec::IFACES.flags);
-#[map]
-static DEVMAP: DevMapHash = DevMapHash::with_max_entries(spec::DEVMAP.max_entries, 0);
-#[map]
-static STATS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(spec::STATS.max_entries, spec::STATS.flags);
-#[map]
-static EVENTS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(spec::EVENTS.max_entries, spec::EVENTS.flags);
-#[map]
-static FW_SRC: LpmTrie<FwSrcData, RuleBits> =
-    LpmTrie::with_max_entries(spec::FW_SRC.max_entries, 0);
-#[map]
-static FW_SVC: LpmTrie<FwSvcData, RuleBits> =
-    LpmTrie::with_max_entries(spec::FW_SVC.max_entries, 0);
-#[map]
-static CONFIG: Array<NatConfig> =
-    Array::with_max_entries(spec::CONFIG.max_entries, spec::CONFIG.flags);
-#[map]
-static SCRATCH: PerCpuArray<nat_common::Scratch> =
-    PerCpuArray::with_max_entries(spec::SCRATCH.max_entries, spec::SCRATCH.flags);
+// The program's maps, nat-ebpf's own declarations; the loader points each at the loaded
+// program's own map (pins), so these programs read and write the real tables.
+#[allow(dead_code)]
+#[path = "../../nat-ebpf/src/maps.rs"]
+mod maps;
+use maps::*;
 
 // The bench's own maps.
 /// Runs whose operation succeeded.

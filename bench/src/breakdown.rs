@@ -15,9 +15,7 @@ use aya::{
     maps::{Array, LpmTrie, lpm_trie::Key},
 };
 use nat_common::{
-    Event, FW_SRC_BASE_BITS, FlowEntry, FlowTuple, FwSrcData, MAP_CONFIG, MAP_DEVMAP, MAP_EVENTS,
-    MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES, MAP_MAPPING_STATS, MAP_PENDING, MAP_SCRATCH,
-    MAP_STATS, Reason, RuleBits, proto,
+    Event, FW_SRC_BASE_BITS, FlowEntry, FlowTuple, FwSrcData, MAP_FLOWS, Reason, RuleBits, proto,
 };
 use nat_userspace::{pins::PinDir, state::Mapping};
 
@@ -33,21 +31,6 @@ use crate::{
     util::{self, Summary, show},
 };
 
-/// The program's maps `bench-parts` uses.
-const SHARED: [&str; 11] = [
-    MAP_MAPPING_STATS,
-    MAP_FLOWS,
-    MAP_PENDING,
-    MAP_IFACES,
-    MAP_DEVMAP,
-    MAP_STATS,
-    MAP_EVENTS,
-    MAP_FW_SRC,
-    MAP_FW_SVC,
-    MAP_CONFIG,
-    MAP_SCRATCH,
-];
-
 fn ne(a: std::net::Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
@@ -57,7 +40,9 @@ fn load_parts(bed: &mut Bed) -> anyhow::Result<Ebpf> {
     let dir = PinDir::prepare(&std::path::Path::new("/sys/fs/bpf").join(unique_stem()))?;
     let result = (|| {
         let mut pins: Vec<(&str, PathBuf)> = Vec::new();
-        for name in SHARED {
+        // `bench-parts` declares every map of the program (nat-ebpf's own declarations): all
+        // of them are the loaded program's.
+        for name in nat_common::maps::MAPS.map(|m| m.name) {
             let path = dir.maps().join(name);
             bed.dp
                 .ebpf_mut()

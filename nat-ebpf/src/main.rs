@@ -15,6 +15,7 @@ mod fast;
 mod flows;
 mod forward;
 mod learn;
+mod maps;
 mod mark;
 mod newflow;
 mod parse;
@@ -23,85 +24,12 @@ mod rewrite;
 mod stats;
 mod tracked;
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    programs::XdpContext,
-};
-use nat_common::{
-    Counter, EgSvcData, FlowEntry, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MappingStats,
-    NatConfig, NatValue, Reason, RuleBits, Scratch, maps as spec,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use nat_common::Reason;
 
+// The maps, as `crate::NAME` for every module.
+use crate::maps::*;
 use crate::{parse::Packet, tracked::Tracked};
-
-// The maps, each from its one declaration in `nat_common::maps` (name = the static's name).
-
-/// Public address -> private address and counter slot (natd writes).
-#[map]
-static NAT_IN: HashMap<u32, NatValue> =
-    HashMap::with_max_entries(spec::NAT_IN.max_entries, spec::NAT_IN.flags);
-/// Private address -> public address and counter slot (natd writes).
-#[map]
-static NAT_OUT: HashMap<u32, NatValue> =
-    HashMap::with_max_entries(spec::NAT_OUT.max_entries, spec::NAT_OUT.flags);
-/// Counter slot -> a mapping's counters, per CPU (we count, natd sums and zeroes).
-#[map]
-static MAPPING_STATS: PerCpuArray<MappingStats> =
-    PerCpuArray::with_max_entries(spec::MAPPING_STATS.max_entries, spec::MAPPING_STATS.flags);
-/// Wire tuple -> one direction of an assured flow (we write; natd collects expired flows).
-#[map]
-static FLOWS: LruHashMap<FlowTuple, FlowEntry> =
-    LruHashMap::with_max_entries(spec::FLOWS.max_entries, spec::FLOWS.flags);
-/// Wire tuple -> one direction of a flow not yet assured.
-#[map]
-static PENDING: LruHashMap<FlowTuple, FlowEntry> =
-    LruHashMap::with_max_entries(spec::PENDING.max_entries, spec::PENDING.flags);
-/// ifindex -> role of each interface natd attached to (natd writes).
-#[map]
-static IFACES: HashMap<u32, IfaceConfig> =
-    HashMap::with_max_entries(spec::IFACES.max_entries, spec::IFACES.flags);
-/// ifindex -> ifindex, redirect targets; natd keeps it a superset of `IFACES`.
-#[map]
-static DEVMAP: DevMapHash = DevMapHash::with_max_entries(spec::DEVMAP.max_entries, 0);
-/// Reason -> frames and bytes, per CPU (we write, natd sums).
-#[map]
-static STATS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(spec::STATS.max_entries, spec::STATS.flags);
-/// Event -> count, per CPU (we write, natd sums).
-#[map]
-static EVENTS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(spec::EVENTS.max_entries, spec::EVENTS.flags);
-/// (public IP, source prefix) -> ingress rules whose CIDRs contain it (natd writes).
-#[map]
-static FW_SRC: LpmTrie<FwSrcData, RuleBits> =
-    LpmTrie::with_max_entries(spec::FW_SRC.max_entries, 0);
-/// (public IP, protocol, port/ICMP prefix) -> ingress rules matching it (natd writes).
-#[map]
-static FW_SVC: LpmTrie<FwSvcData, RuleBits> =
-    LpmTrie::with_max_entries(spec::FW_SVC.max_entries, 0);
-/// Guest source prefix -> egress rules whose source CIDRs contain it (natd writes).
-#[map]
-static EG_SRC: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(spec::EG_SRC.max_entries, 0);
-/// Destination prefix -> egress rules whose CIDRs contain it (natd writes).
-#[map]
-static EG_DST: LpmTrie<[u8; 4], RuleBits> = LpmTrie::with_max_entries(spec::EG_DST.max_entries, 0);
-/// (protocol, port/ICMP prefix) -> egress rules matching it (natd writes).
-#[map]
-static EG_SVC: LpmTrie<EgSvcData, RuleBits> =
-    LpmTrie::with_max_entries(spec::EG_SVC.max_entries, 0);
-/// Settings and the route generation (natd writes).
-#[map]
-static CONFIG: Array<NatConfig> =
-    Array::with_max_entries(spec::CONFIG.max_entries, spec::CONFIG.flags);
-/// Per-CPU scratch space (see `nat_common::maps::SCRATCH`).
-#[map]
-static SCRATCH: PerCpuArray<Scratch> =
-    PerCpuArray::with_max_entries(spec::SCRATCH.max_entries, spec::SCRATCH.flags);
-/// The layout version of the pins (natd's; never read here).
-#[map]
-static META: Array<u32> = Array::with_max_entries(spec::META.max_entries, spec::META.flags);
 
 #[xdp]
 pub fn nat(ctx: XdpContext) -> u32 {
