@@ -54,8 +54,9 @@ pub fn section(quick: bool, bpf_stats: bool) -> anyhow::Result<Section> {
     // generator straight into the sink (no router), then the setups.
     let rows = SETUPS.len() + 1;
     let mut runs = vec![vec![vec![Vec::<Run>::new(); KINDS.len()]; rows]; 2];
-    // natd's program alone, ns per packet, per kind (with `bpf_stats`).
-    let mut prog = vec![Vec::new(); KINDS.len()];
+    // natd's program alone, ns per packet, per setup (SETUPS order) and kind (with
+    // `bpf_stats`; the setups that run natd).
+    let mut prog = vec![vec![Vec::new(); KINDS.len()]; SETUPS.len()];
     for r in 0..p.repeats {
         eprintln!("bench: forwarding: repeat {}/{}", r + 1, p.repeats);
         // Rotate the order so no setup always runs first.
@@ -82,12 +83,12 @@ pub fn section(quick: bool, bpf_stats: bool) -> anyhow::Result<Section> {
                     Some(FIXED_RATE),
                     direct,
                 )?);
-                if bpf_stats && !direct && topo.setup == Setup::Natd {
+                if bpf_stats && !direct && topo.natd.is_some() {
                     // A run of its own: the statistics cost every program run two clock
                     // reads, which the figures above must not include.
                     let _on = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
                     let run = traffic::timed(topo, *flows, *dir, 0.5, Some(FIXED_RATE), false)?;
-                    prog[ki].extend(run.prog_ns);
+                    prog[row - 1][ki].extend(run.prog_ns);
                 }
             }
         }
@@ -99,26 +100,31 @@ pub fn section(quick: bool, bpf_stats: bool) -> anyhow::Result<Section> {
     Ok(section)
 }
 
-/// natd's XDP program alone beside the router's whole CPU time per packet (`--bpf-stats`).
-fn program_table(runs: &[Vec<Vec<Vec<Run>>>], prog: &[Vec<f64>]) -> (String, Table) {
+/// natd's XDP program alone beside the router's whole CPU time per packet (`--bpf-stats`),
+/// for each setup that runs natd; `prog` is indexed by setup (SETUPS order), then kind.
+fn program_table(runs: &[Vec<Vec<Vec<Run>>>], prog: &[Vec<Vec<f64>>]) -> (String, Table) {
     let mut t = Table::new(&[
+        "setup",
         "traffic",
         "natd's XDP program, ns/packet (BPF statistics)",
         "router CPU, ns/packet (above)",
     ]);
-    let x = SETUPS.iter().position(|s| *s == Setup::Natd);
-    for (ki, samples) in prog.iter().enumerate() {
-        let router = x.map_or(Vec::new(), |x| {
-            minus(
-                &col(&runs[1][x + 1][ki], |r| r.kernel_ns),
+    for (si, kinds) in prog.iter().enumerate() {
+        if kinds.iter().all(Vec::is_empty) {
+            continue;
+        }
+        for (ki, samples) in kinds.iter().enumerate() {
+            let router = minus(
+                &col(&runs[1][si + 1][ki], |r| r.kernel_ns),
                 &col(&runs[1][0][ki], |r| r.kernel_ns),
-            )
-        });
-        t.row(vec![
-            kind_label(ki),
-            show(Summary::of(samples), 0),
-            show(Summary::of(&router), 0),
-        ]);
+            );
+            t.row(vec![
+                SETUPS[si].name().into(),
+                kind_label(ki),
+                show(Summary::of(samples), 0),
+                show(Summary::of(&router), 0),
+            ]);
+        }
     }
     (
         format!(
