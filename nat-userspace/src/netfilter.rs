@@ -496,9 +496,7 @@ impl Nft {
         self.routes = routes;
         Ok(())
     }
-}
 
-impl Nft {
     /// The named counters of natd's table ([`protocols::COUNTERS`]), as the kernel counts
     /// them now; none without the table. A table missing while natd should have one is an
     /// error, not zeros.

@@ -27,7 +27,7 @@ const FRAME: usize = 32;
 /// A veth whose peer runs XDP queues frames in a ring of its own; when the peer's NAPI falls
 /// behind (the softirq deferred to `ksoftirqd` on a busy machine), the ring is full and the
 /// frame is dropped. A raw socket reports that drop as `ENOBUFS` only with `IP_RECVERR` set,
-/// and sends nothing about it otherwise, so the socket sets it and the frame is sent again.
+/// and reports nothing otherwise, so the socket sets it and the frame is sent again.
 pub fn udp_flows(
     ns: &Netns,
     src: Ipv4Addr,
