@@ -1,6 +1,7 @@
 //! Section 2: forwarding rate and CPU cost of kernel forwarding, iptables static NAT and the
 //! project (with `--policy xdp`, and with `--policy kernel` behind the same iptables rules),
-//! side by side in one run, inbound and outbound, over established flows.
+//! side by side in one run, inbound and outbound, over established flows; beside them the
+//! floor of any flow table in live traffic (an XDP router that reads one per-flow slot).
 use crate::{
     report::{Chart, Section, Table},
     topo::{Setup, Topo},
@@ -9,11 +10,12 @@ use crate::{
     verdict::{self, Target},
 };
 
-const SETUPS: [Setup; 4] = [
+const SETUPS: [Setup; 5] = [
     Setup::Plain,
     Setup::Iptables,
     Setup::Natd,
     Setup::NatdKernel,
+    Setup::Floor,
 ];
 /// The traffic kinds measured, in table order.
 const KINDS: [(Flows, Direction); 4] = [
@@ -262,6 +264,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
     }
     let targets = targets(runs);
     summary.extend(flow_state_cost(runs));
+    summary.extend(floor_verdict(runs));
     let intro = format!(
         "Three namespaces (client, router, guest) joined by veth pairs; 60-byte frames (64 \
          on the wire) of UDP through the router in each setup, inbound (client to the guest's \
@@ -273,8 +276,15 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
          same rule), and natd with `--policy kernel` in native XDP mode behind that same \
          iptables ruleset (the mapping, no rules of its own: the kernel judges and \
          translates each flow's first packets, natd's tc learner enters the flows the kernel \
-         admitted, and XDP carries them from then on). The four topologies exist side by side and every repeat measures each \
-         setup in turn (the order rotates), so the ratios compare runs made moments apart; \
+         admitted, and XDP carries them from then on). The fifth setup is no NAT but the \
+         floor of any flow table: the bench's own XDP router (`bench-fwd`, on the router's \
+         two interfaces) reads, for each frame, the 64-byte slot its 5-tuple hashes to in a \
+         direct-mapped table of as many slots as natd's `FLOWS` holds entries (one cache line \
+         per packet, the fewest memory accesses a per-flow lookup can make; the word read \
+         takes part in choosing the output interface, so the frame waits for it), decrements \
+         the TTL, writes the MACs and redirects the frame; everything natd does beyond that \
+         (the rest of its lookup, the translation, the counters) it leaves out. The five \
+         topologies exist side by side and every repeat measures each setup in turn (the order rotates), so the ratios compare runs made moments apart; \
          median (min–max) over {r} repeats.\n\n\
          Generator: the bench's own XDP program (`bench-gen`) run with `BPF_PROG_TEST_RUN` in \
          live-frames mode on the sender's veth; it writes the headers afresh into every frame \
@@ -430,4 +440,95 @@ fn flow_state_cost(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
         ));
     }
     out
+}
+
+/// What the floor router (one cache-cold per-flow slot read per packet, nothing else a NAT
+/// does) says about issue 9's many-flows target against kernel forwarding, run by run: if the
+/// floor alone costs more than half of kernel forwarding's CPU per packet in every run, no
+/// flow table that reads per-flow state for each packet meets that target on this machine;
+/// otherwise the floor leaves natd the difference.
+fn floor_verdict(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
+    const LIMIT: f64 = 0.5;
+    let row = |s: Setup| SETUPS.iter().position(|x| *x == s).map(|i| i + 1);
+    let (Some(plain), Some(floor)) = (row(Setup::Plain), row(Setup::Floor)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (ki, (flows, dir)) in KINDS.iter().enumerate() {
+        if *flows != Flows::Many {
+            continue;
+        }
+        let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
+        let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
+        let (floor_ns, plain_ns) = (cost(floor), cost(plain));
+        let r = ratios(&floor_ns, &plain_ns);
+        // What the target leaves natd per packet beyond the floor, run by run.
+        let room: Vec<f64> = floor_ns
+            .iter()
+            .zip(&plain_ns)
+            .map(|(f, p)| LIMIT * p - f)
+            .collect();
+        out.push(format!(
+            "- {}, many flows: {}.",
+            dir.label(),
+            floor_sentence(&r, &room, LIMIT)
+        ));
+    }
+    if out.is_empty() {
+        return out;
+    }
+    out.insert(
+        0,
+        format!(
+            "- The floor of a per-flow table in live traffic (the bench's XDP router that reads \
+             one cache-cold 64-byte slot per packet and redirects, no NAT), router CPU per \
+             packet at {FIXED_RATE} frames/s as a multiple of kernel forwarding's, against the \
+             {LIMIT}x target:"
+        ),
+    );
+    out
+}
+
+/// The floor's verdict from its per-run ratios to kernel forwarding (`r`) and what `limit`
+/// leaves beyond it per packet (`room`, ns).
+fn floor_sentence(r: &[f64], room: &[f64], limit: f64) -> String {
+    let list = |v: &[f64], d: usize| {
+        v.iter()
+            .map(|x| format!("{x:.d$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let verdict = if !r.is_empty() && r.iter().all(|x| *x > limit) {
+        format!(
+            "the floor alone is above {limit}x in every run, so with this many flows no flow \
+             table that reads per-flow state for each packet meets that target on this machine"
+        )
+    } else if !r.is_empty() && r.iter().all(|x| *x <= limit) {
+        format!(
+            "the floor is within {limit}x in every run; the target leaves a NAT {} ns per \
+             packet beyond it (run by run)",
+            list(room, 0)
+        )
+    } else {
+        format!("the floor is above {limit}x in some runs and within it in others")
+    };
+    format!("runs {} x: {verdict}", list(r, 3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::floor_sentence;
+
+    #[test]
+    fn the_floor_verdict_follows_every_run() {
+        assert!(
+            floor_sentence(&[0.6, 0.7], &[-50.0, -80.0], 0.5)
+                .contains("above 0.5x in every run, so with this many flows no flow table")
+        );
+        let within = floor_sentence(&[0.3, 0.4], &[150.0, 80.0], 0.5);
+        assert!(within.contains("within 0.5x in every run"), "{within}");
+        assert!(within.contains("150, 80 ns"), "{within}");
+        assert!(floor_sentence(&[0.4, 0.6], &[80.0, -80.0], 0.5).contains("in some runs"));
+        assert!(floor_sentence(&[], &[], 0.5).contains("in some runs"));
+    }
 }

@@ -1,4 +1,4 @@
-//! The three-namespace topology of sections 2-4, in one of four router setups:
+//! The three-namespace topology of sections 2-4, in one of five router setups:
 //!
 //! ```text
 //! client eth0 198.51.100.2 -- eth2 198.51.100.1  router  eth0 10.0.0.1 -- eth0 guest
@@ -52,6 +52,10 @@ pub enum Setup {
     /// first packets, natd's tc learner enters the flows the kernel admitted, and XDP carries
     /// them from then on.
     NatdKernel,
+    /// No NAT: the bench's own XDP router (`bench-fwd`), which reads one 64-byte slot per
+    /// flow (a direct-mapped table of as many slots as natd's `FLOWS` holds entries) and
+    /// redirects the frame: the least any flow table costs per packet.
+    Floor,
 }
 
 impl Setup {
@@ -61,6 +65,7 @@ impl Setup {
             Setup::Iptables => "iptables static NAT (CloudStack rules)",
             Setup::Natd => "xdp-static-nat (natd, native XDP)",
             Setup::NatdKernel => "xdp-static-nat --policy kernel behind the iptables rules",
+            Setup::Floor => "XDP forwarding with one per-flow slot read, no NAT (the floor)",
         }
     }
 
@@ -70,12 +75,17 @@ impl Setup {
             Setup::Iptables => "iptables NAT",
             Setup::Natd => "XDP NAT",
             Setup::NatdKernel => "XDP NAT, policy kernel",
+            Setup::Floor => "XDP floor",
         }
     }
 
     /// Where generated traffic is sent.
     pub fn target(self) -> Ipv4Addr {
-        if self == Setup::Plain { V1 } else { P1 }
+        if matches!(self, Setup::Plain | Setup::Floor) {
+            V1
+        } else {
+            P1
+        }
     }
 }
 
@@ -131,6 +141,8 @@ pub struct Topo {
     pub client_sink: Sink,
     /// Declared after the namespaces it runs in, so it stops before they go... see Drop.
     pub natd: Option<Natd>,
+    /// [`Setup::Floor`]'s router program (its links go with it).
+    pub floor: Option<Ebpf>,
 }
 
 impl Drop for Topo {
@@ -188,8 +200,8 @@ impl Topo {
         let (client_direct_if, client_direct_mac) = client.link("eth1")?;
         let (guest_direct_if, guest_direct_mac) = guest.link("eth1")?;
         let (client_if, client_mac) = client.link("eth0")?;
-        let (_, router_pub_mac) = router.link("eth2")?;
-        let (_, router_gst_mac) = router.link("eth0")?;
+        let (router_pub_if, router_pub_mac) = router.link("eth2")?;
+        let (router_gst_if, router_gst_mac) = router.link("eth0")?;
         let (guest_if, guest_mac) = guest.link("eth0")?;
         client.ip_batch(&format!(
             "addr add {CLIENT}/24 dev eth0\nlink set eth0 up\n\
@@ -250,6 +262,7 @@ impl Topo {
             guest_sink,
             client_sink,
             natd: None,
+            floor: None,
         };
         match setup {
             Setup::Plain => {}
@@ -263,8 +276,42 @@ impl Topo {
                     &["--policy", "kernel"],
                 )?);
             }
+            Setup::Floor => topo.floor = Some(topo.attach_floor(router_pub_if, router_gst_if)?),
         }
         Ok(topo)
+    }
+
+    /// Loads [`Setup::Floor`]'s router (`bench-fwd`) with this topology's interfaces and
+    /// neighbours and a table of as many slots as natd's `FLOWS` holds entries by default, and
+    /// attaches it to the router's eth2 and eth0 in native mode.
+    fn attach_floor(&self, pub_if: u32, gst_if: u32) -> anyhow::Result<Ebpf> {
+        let slots = nat_common::maps::FLOWS.max_entries.next_power_of_two();
+        let word = |m: [u8; 6]| {
+            let mut b = [0u8; 8];
+            b[..6].copy_from_slice(&m);
+            u64::from_le_bytes(b)
+        };
+        let (pub_src, pub_dst) = (word(self.router_pub_mac), word(self.client_mac));
+        let (gst_src, gst_dst) = (word(self.router_gst_mac), word(self.guest_mac));
+        let mut ebpf = bpf::load(bpf::FWD, |l| {
+            l.map_max_entries("SLOTS", slots)
+                .override_global("SLOTS_N", &slots, true)
+                .override_global("IF_PUB", &pub_if, true)
+                .override_global("IF_GST", &gst_if, true)
+                .override_global("PUB_SRC", &pub_src, true)
+                .override_global("PUB_DST", &pub_dst, true)
+                .override_global("GST_SRC", &gst_src, true)
+                .override_global("GST_DST", &gst_dst, true);
+        })?;
+        let prog = bpf::xdp(&mut ebpf, "bench_fwd")?;
+        self.router.run(|| -> anyhow::Result<()> {
+            for dev in ["eth2", "eth0"] {
+                prog.attach(dev, XdpMode::Driver)
+                    .with_context(|| format!("attaching the floor router to {dev}"))?;
+            }
+            Ok(())
+        })??;
+        Ok(ebpf)
     }
 
     /// CloudStack's iptables static NAT rules for P1 -> V1 and P2 -> V2 in the router.

@@ -24,6 +24,8 @@ pub static MAPOPS: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ben
 pub static PARTS: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-parts"));
 /// Section 1b's memory floor: random reads in maps as big as the flow table.
 pub static FLOOR: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-floor"));
+/// Section 2's floor router: one per-flow slot read per frame, then the redirect (`bench_fwd`).
+pub static FWD: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-fwd"));
 
 /// `XDP_PASS`, `XDP_TX` and `XDP_REDIRECT` as test runs report them.
 pub const XDP_PASS: u32 = 2;
