@@ -39,6 +39,16 @@ pub fn tick(ctr: &Array<u64>) -> Option<u64> {
     }
 }
 
+/// splitmix64's finaliser: spreads `x` over all 64 bits (the bench's pseudo-random indexes
+/// and flow hashes; the caller first multiplies by the golden ratio, 0x9e37_79b9_7f4a_7c15).
+#[allow(dead_code)]
+#[inline(always)]
+pub fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

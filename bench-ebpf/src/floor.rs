@@ -81,10 +81,7 @@ fn tick() -> Option<u64> {
 /// A pseudo-random index of `N`: the run counter through splitmix64's finaliser.
 #[inline(always)]
 fn random() -> Option<u32> {
-    let mut x = tick()?.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
+    let x = common::mix64(tick()?.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     Some((x % u64::from(N.load().max(1))) as u32)
 }
 

@@ -49,11 +49,10 @@ static SLOTS: Array<[u64; 8]> = Array::with_max_entries(1, 0);
 /// The slot of a flow: its addresses and ports through splitmix64's finaliser.
 #[inline(always)]
 fn slot_of(saddr: u32, daddr: u32, ports: u32) -> u32 {
-    let mut x = ((u64::from(saddr) << 32) | u64::from(daddr))
-        ^ u64::from(ports).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
+    let x = common::mix64(
+        ((u64::from(saddr) << 32) | u64::from(daddr))
+            ^ u64::from(ports).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
     (x as u32) & (SLOTS_N.load().max(1) - 1)
 }
 
