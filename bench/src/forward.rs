@@ -116,10 +116,7 @@ fn program_table(runs: &[Vec<Vec<Vec<Run>>>], prog: &[Vec<Vec<f64>>]) -> (String
             continue;
         }
         for (ki, samples) in kinds.iter().enumerate() {
-            let router = minus(
-                &col(&runs[1][si + 1][ki], |r| r.kernel_ns),
-                &col(&runs[1][0][ki], |r| r.kernel_ns),
-            );
+            let router = fixed_cost(runs, si + 1, ki);
             t.row(vec![
                 SETUPS[si].name().into(),
                 kind_label(ki),
@@ -142,6 +139,15 @@ fn program_table(runs: &[Vec<Vec<Vec<Run>>>], prog: &[Vec<Vec<f64>>]) -> (String
 
 fn col(runs: &[Run], f: impl Fn(&Run) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
+}
+
+/// The router's CPU per packet at the fixed load, run by run: row `row`'s (0 = no router)
+/// pipeline time for traffic kind `ki` minus the generator-and-sink share measured beside it.
+fn fixed_cost(runs: &[Vec<Vec<Vec<Run>>>], row: usize, ki: usize) -> Vec<f64> {
+    minus(
+        &col(&runs[1][row][ki], |r| r.kernel_ns),
+        &col(&runs[1][0][ki], |r| r.kernel_ns),
+    )
 }
 
 fn minus(a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -183,7 +189,6 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
     for (ki, _) in KINDS.iter().enumerate() {
         let label = kind_label(ki);
         let direct_max = col(&runs[0][0][ki], |r| r.kernel_ns);
-        let direct_fix = col(&runs[1][0][ki], |r| r.kernel_ns);
         max.row(vec![
             "generator into the sink, no router".into(),
             label.clone(),
@@ -202,7 +207,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
         ]);
         let base_pps = col(&runs[0][1][ki], |r| r.delivered_pps() / 1e3);
         // The router's CPU per packet at the fixed load, per setup (SETUPS order), per run.
-        let cost_of = |si: usize| minus(&col(&runs[1][si + 1][ki], |r| r.kernel_ns), &direct_fix);
+        let cost_of = |si: usize| fixed_cost(runs, si + 1, ki);
         if let Some(x) = xdp {
             for (si, setup) in SETUPS.iter().enumerate().filter(|(si, _)| *si != x) {
                 summary.push(verdict::compare(
@@ -381,8 +386,7 @@ fn targets(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
             if *flows != Flows::Many {
                 continue;
             }
-            let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
-            let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
+            let cost = |row: usize| fixed_cost(runs, row, ki);
             for (other, limit, what) in [
                 (plain, 0.5, "plain kernel forwarding"),
                 (ipt, 0.25, "iptables static NAT"),
@@ -417,12 +421,7 @@ fn flow_state_cost(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
         let (Some(many), Some(one)) = (kind(Flows::Many), kind(Flows::One)) else {
             continue;
         };
-        let cost = |row: usize, ki: usize| {
-            minus(
-                &col(&runs[1][row][ki], |r| r.kernel_ns),
-                &col(&runs[1][0][ki], |r| r.kernel_ns),
-            )
-        };
+        let cost = |row: usize, ki: usize| fixed_cost(runs, row, ki);
         let parts: Vec<String> = SETUPS
             .iter()
             .enumerate()
@@ -458,8 +457,7 @@ fn floor_verdict(runs: &[Vec<Vec<Vec<Run>>>]) -> Vec<String> {
         if *flows != Flows::Many {
             continue;
         }
-        let direct = col(&runs[1][0][ki], |r| r.kernel_ns);
-        let cost = |row: usize| minus(&col(&runs[1][row][ki], |r| r.kernel_ns), &direct);
+        let cost = |row: usize| fixed_cost(runs, row, ki);
         let (floor_ns, plain_ns) = (cost(floor), cost(plain));
         let r = ratios(&floor_ns, &plain_ns);
         // What the target leaves natd per packet beyond the floor, run by run.
