@@ -105,8 +105,6 @@ pub enum Problem {
     TrafficType(String),
     #[error("{protocol:?} is not supported in {kind} rules (expected {})", .kind.protocols())]
     UnsupportedProtocol { protocol: String, kind: RuleKind },
-    #[error("id {id} is already used by {other} rule {id}")]
-    IdOfOtherKind { id: u64, other: RuleKind },
     #[error("{value} contradicts rule #{first_position}, which says {first}")]
     PolicyConflict {
         value: bool,

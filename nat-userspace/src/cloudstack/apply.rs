@@ -145,7 +145,10 @@ fn rules_of(state: &DesiredState, public: Ipv4Addr) -> Vec<u64> {
         .collect()
 }
 
-/// Firewall rules by id: unknown id added, known id kept, `revoked` deleted.
+/// Firewall rules by id, as the router's `cs_firewallrules.merge` keys its databag: one id
+/// space for ingress and egress; `revoked` deletes the id whatever else the rule says; a known
+/// id is kept as it is and the rest of the re-sent rule is not looked at; an unknown id is
+/// validated and added.
 fn firewall(
     at: RuleRef,
     r: &FirewallRule,
@@ -157,48 +160,93 @@ fn firewall(
     if id >= LOCAL_RULE_IDS {
         return Err(refuse(at, "id", Problem::LocalId(id)));
     }
+    let held = held_kind(state, id);
+    if r.revoked.unwrap_or(false) {
+        // Like the router, a revoke needs nothing but the id.
+        let change = match held {
+            Some(kind) => {
+                let removed = match kind {
+                    RuleKind::Ingress => state.remove_ingress(id).map(drop),
+                    RuleKind::Egress => state.remove_egress(id).map(drop),
+                };
+                removed.map_err(|e| refuse(at, "id", Problem::State(e)))?;
+                Change::RuleRemoved { kind, id }
+            }
+            None => Change::RuleAbsent { id },
+        };
+        summary.push(at, change);
+        return Ok(());
+    }
+    if let Some(kind) = held {
+        // The router keeps the rule it has; a re-sent rule's fields are never read, so they
+        // cannot make the payload fail (a difference is only reported). But for natd the
+        // network's egress default is the payload's, which every egress rule carries.
+        if let (Some("Egress"), Some(allow)) = (r.traffic_type.as_deref(), r.default_egress_policy)
+        {
+            egress_default(at, allow, state, policy, summary)?;
+        }
+        let differs = differs(at, r, state, kind, id).unwrap_or(true);
+        summary.push(at, Change::RuleKept { kind, id, differs });
+        return Ok(());
+    }
+    // configure.py: `obj['traffic_type'] == 'Ingress'`, as Gson writes the Java enum.
     let kind = match r.traffic_type.as_deref() {
         None => return Err(refuse(at, "traffic_type", Problem::Missing)),
-        Some(t) if t.eq_ignore_ascii_case("Ingress") => RuleKind::Ingress,
-        Some(t) if t.eq_ignore_ascii_case("Egress") => RuleKind::Egress,
+        Some("Ingress") => RuleKind::Ingress,
+        Some("Egress") => RuleKind::Egress,
         Some(t) => {
             let problem = Problem::TrafficType(t.to_string());
             return Err(refuse(at, "traffic_type", problem));
         }
     };
-    if holds(state, kind.other(), id) {
-        let problem = Problem::IdOfOtherKind {
-            id,
-            other: kind.other(),
-        };
-        return Err(refuse(at, "id", problem));
-    }
-    if r.revoked.unwrap_or(false) {
-        // Like the router, a revoke needs nothing but the id.
-        let change = if holds(state, kind, id) {
-            let removed = match kind {
-                RuleKind::Ingress => state.remove_ingress(id).map(drop),
-                RuleKind::Egress => state.remove_egress(id).map(drop),
-            };
-            removed.map_err(|e| refuse(at, "id", Problem::State(e)))?;
-            Change::RuleRemoved { kind, id }
-        } else {
-            Change::RuleAbsent { kind, id }
-        };
-        summary.push(at, change);
-        return Ok(());
-    }
     match kind {
         RuleKind::Ingress => ingress(at, id, r, state, summary),
         RuleKind::Egress => egress(at, id, r, state, policy, summary),
     }
 }
 
-fn holds(state: &DesiredState, kind: RuleKind, id: u64) -> bool {
-    match kind {
-        RuleKind::Ingress => state.ingress_rules().any(|s| s.rule.id == id),
-        RuleKind::Egress => state.egress_rules().any(|s| s.rule.id == id),
+/// Which kind of rule holds `id`, if any.
+fn held_kind(state: &DesiredState, id: u64) -> Option<RuleKind> {
+    if state.ingress_rules().any(|s| s.rule.id == id) {
+        Some(RuleKind::Ingress)
+    } else if state.egress_rules().any(|s| s.rule.id == id) {
+        Some(RuleKind::Egress)
+    } else {
+        None
     }
+}
+
+/// Whether a re-sent rule says something else than the rule `id` natd holds; an error when
+/// the re-sent fields do not even parse (they differ, then).
+fn differs(
+    at: RuleRef,
+    r: &FirewallRule,
+    state: &DesiredState,
+    kind: RuleKind,
+    id: u64,
+) -> Result<bool, CloudStackError> {
+    let service = service(at, r, kind)?;
+    let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
+    Ok(match kind {
+        RuleKind::Ingress => {
+            let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
+            state.ingress_rules().any(|s| {
+                s.rule.id == id
+                    && (s.rule.public != public
+                        || s.rule.service != service
+                        || s.rule.cidrs != normalize_cidrs(sources.clone()))
+            })
+        }
+        RuleKind::Egress => {
+            let dests = destinations(at, r)?;
+            state.egress_rules().any(|s| {
+                s.rule.id == id
+                    && (s.rule.service != service
+                        || s.rule.cidrs != normalize_cidrs(dests.clone())
+                        || s.rule.sources != normalize_cidrs(sources.clone()))
+            })
+        }
+    })
 }
 
 fn ingress(
@@ -209,14 +257,15 @@ fn ingress(
     summary: &mut Summary,
 ) -> Result<(), CloudStackError> {
     let service = service(at, r, RuleKind::Ingress)?;
-    let cidrs = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
+    // configure.py reads `obj['source_cidr_list']` (a rule without it fails there) and writes
+    // one ACCEPT per entry into the IP's FIREWALL_<ip> chain, which ends in DROP.
+    let field = "source_cidr_list";
+    let list = r.source_cidr_list.as_deref();
+    let list = list.ok_or_else(|| refuse(at, field, Problem::Missing))?;
+    let cidrs = cidr_list(at, field, Some(list))?;
     let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
-    if let Some(s) = state.ingress_rules().find(|s| s.rule.id == id) {
-        let differs = s.rule.public != public
-            || s.rule.service != service
-            || s.rule.cidrs != normalize_cidrs(cidrs);
-        let kind = RuleKind::Ingress;
-        summary.push(at, Change::RuleKept { kind, id, differs });
+    if cidrs.is_empty() {
+        summary.push(at, Change::RuleAllowsNothing { id, public });
         return Ok(());
     }
     // Kept whether or not the IP has static NAT: the firewall databag is independent of the
@@ -258,6 +307,38 @@ fn egress(
     let allow = r
         .default_egress_policy
         .ok_or_else(|| refuse(at, field, Problem::Missing))?;
+    egress_default(at, allow, state, policy, summary)?;
+    let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
+    if proto == Proto::All && sources.is_empty() {
+        summary.push(at, Change::EgressDefaultRule { id });
+        return Ok(());
+    }
+    let service = service(at, r, RuleKind::Egress)?;
+    // As the router's ipsets: the rule applies to guests in `source_cidr_list` (all if empty)
+    // and destinations in `dest_cidr_list`.
+    let dests = destinations(at, r)?;
+    state
+        .add_egress_from(Some(id), service, dests, sources)
+        .map_err(|e| CloudStackError::rule(at, None, Problem::State(e)))?;
+    summary.push(
+        at,
+        Change::RuleAdded {
+            kind: RuleKind::Egress,
+            id,
+        },
+    );
+    Ok(())
+}
+
+/// The guest network's egress default, which the payload's first egress rule sets; a later
+/// rule saying otherwise is refused.
+fn egress_default(
+    at: RuleRef,
+    allow: bool,
+    state: &mut DesiredState,
+    policy: &mut Option<(bool, usize)>,
+    summary: &mut Summary,
+) -> Result<(), CloudStackError> {
     match *policy {
         None => {
             let was = state.egress_default_allow();
@@ -271,35 +352,20 @@ fn egress(
                 first,
                 first_position,
             };
-            return Err(refuse(at, field, problem));
+            return Err(refuse(at, "default_egress_policy", problem));
         }
         Some(_) => {}
     }
-    let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
-    if proto == Proto::All && sources.is_empty() {
-        summary.push(at, Change::EgressDefaultRule { id });
-        return Ok(());
-    }
-    let service = service(at, r, RuleKind::Egress)?;
-    // As the router's ipsets: the rule applies to guests in `source_cidr_list` (all if empty)
-    // and destinations in `dest_cidr_list` (0.0.0.0/0 or empty = anywhere).
-    let mut dests = cidr_list(at, "dest_cidr_list", r.dest_cidr_list.as_deref())?;
-    if dests.iter().any(Cidr::is_any) {
-        dests.clear();
-    }
-    let kind = RuleKind::Egress;
-    if let Some(s) = state.egress_rules().find(|s| s.rule.id == id) {
-        let differs = s.rule.service != service
-            || s.rule.cidrs != normalize_cidrs(dests)
-            || s.rule.sources != normalize_cidrs(sources);
-        summary.push(at, Change::RuleKept { kind, id, differs });
-        return Ok(());
-    }
-    state
-        .add_egress_from(Some(id), service, dests, sources)
-        .map_err(|e| CloudStackError::rule(at, None, Problem::State(e)))?;
-    summary.push(at, Change::RuleAdded { kind, id });
     Ok(())
+}
+
+/// An egress rule's destinations. configure.py skips every `0.0.0.0/0` entry (an ipset of
+/// type hash:net cannot hold a /0) and matches the rest, so `["0.0.0.0/0", "192.0.2.0/24"]`
+/// is 192.0.2.0/24 alone; nothing left (or an empty list) is any destination.
+fn destinations(at: RuleRef, r: &FirewallRule) -> Result<Vec<Cidr>, CloudStackError> {
+    let mut dests = cidr_list(at, "dest_cidr_list", r.dest_cidr_list.as_deref())?;
+    dests.retain(|c| !c.is_any());
+    Ok(dests)
 }
 
 fn protocol(at: RuleRef, r: &FirewallRule, kind: RuleKind) -> Result<Proto, CloudStackError> {

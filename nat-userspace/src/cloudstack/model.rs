@@ -55,11 +55,12 @@ pub struct FirewallRule {
     pub icmp_type: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_code: Option<i64>,
-    /// Ingress: allowed sources (empty or absent = `0.0.0.0/0`). Egress: the guests the rule
-    /// applies to (empty or absent = every guest; down to one VM's /32).
+    /// Ingress: allowed sources (required; empty = the rule allows nothing, as on the
+    /// router). Egress: the guests the rule applies to (empty or absent = every guest; down
+    /// to one VM's /32).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_cidr_list: Option<Vec<String>>,
-    /// Egress: destinations (empty, absent or `0.0.0.0/0` = any).
+    /// Egress: destinations (`0.0.0.0/0` entries are skipped; nothing left = any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dest_cidr_list: Option<Vec<String>>,
     /// Egress: the guest network's default, `true` = allow.

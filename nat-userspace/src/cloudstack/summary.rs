@@ -13,13 +13,6 @@ pub enum RuleKind {
 }
 
 impl RuleKind {
-    pub(super) fn other(self) -> Self {
-        match self {
-            RuleKind::Ingress => RuleKind::Egress,
-            RuleKind::Egress => RuleKind::Ingress,
-        }
-    }
-
     /// The protocols a rule of this kind may name.
     pub(super) fn protocols(self) -> &'static str {
         match self {
@@ -84,10 +77,15 @@ pub enum Change {
         id: u64,
         public: Ipv4Addr,
     },
-    /// No-op: a revoke of an id natd does not have.
+    /// No-op: a revoke of an id natd does not have (of either kind).
     RuleAbsent {
-        kind: RuleKind,
         id: u64,
+    },
+    /// No-op: an ingress rule whose `source_cidr_list` is empty. The router writes one ACCEPT
+    /// per source CIDR, so it allows nothing there, and natd installs nothing.
+    RuleAllowsNothing {
+        id: u64,
+        public: Ipv4Addr,
     },
     /// The guest network's default egress policy, set by the payload's first egress rule.
     EgressDefault {
@@ -116,6 +114,7 @@ impl Change {
             | Change::MappingAbsent(_)
             | Change::RuleKept { .. }
             | Change::RuleAbsent { .. }
+            | Change::RuleAllowsNothing { .. }
             | Change::EgressDefaultRule { .. } => true,
         }
     }
@@ -172,9 +171,12 @@ impl fmt::Display for Change {
                 }
                 Ok(())
             }
-            Change::RuleAbsent { kind, id } => {
-                write!(f, "revoke: no {kind} rule {id}, nothing to do")
-            }
+            Change::RuleAbsent { id } => write!(f, "revoke: no rule {id}, nothing to do"),
+            Change::RuleAllowsNothing { id, public } => write!(
+                f,
+                "ingress rule {id} to {public} has an empty source_cidr_list and allows \
+                 nothing (as on the router); not installed"
+            ),
             Change::RuleInactive { id, public } => write!(
                 f,
                 "ingress rule {id} added, inactive: {public} has no static NAT (yet)"
@@ -218,7 +220,7 @@ impl Summary {
 }
 
 /// Counter labels of [`Summary`]'s `Display`, singular and plural.
-const TALLY: [(&str, &str); 11] = [
+const TALLY: [(&str, &str); 12] = [
     ("mapping added", "mappings added"),
     ("mapping replaced", "mappings replaced"),
     ("mapping removed", "mappings removed"),
@@ -232,6 +234,10 @@ const TALLY: [(&str, &str); 11] = [
     (
         "inactive rule added (no static NAT)",
         "inactive rules added (no static NAT)",
+    ),
+    (
+        "rule allowing nothing (empty source_cidr_list)",
+        "rules allowing nothing (empty source_cidr_list)",
     ),
 ];
 
@@ -249,6 +255,7 @@ fn tally(c: &Change) -> Option<usize> {
         Change::RuleAbsent { .. } => 8,
         Change::EgressDefault { allow, was } if allow != was => 9,
         Change::RuleInactive { .. } => 10,
+        Change::RuleAllowsNothing { .. } => 11,
         Change::EgressDefault { .. } | Change::EgressDefaultRule { .. } => return None,
     })
 }

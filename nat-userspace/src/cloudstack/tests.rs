@@ -271,7 +271,7 @@ fn no_ops_are_reported() {
     let sum = step(&mut s, gone).unwrap();
     assert_eq!(
         lines(&sum),
-        ["rule #1 (id 14): revoke: no ingress rule 14, nothing to do"]
+        ["rule #1 (id 14): revoke: no rule 14, nothing to do"]
     );
     assert_eq!(sum.to_string(), "1 revoke of an unknown rule");
     assert!(!sum.changed());
@@ -350,12 +350,13 @@ fn egress_default_deny_makes_the_rules_allow_exceptions() {
     assert_eq!(
         got.egress,
         [
-            // 0.0.0.0/0 among the destinations means any destination.
+            // 0.0.0.0/0 among the destinations is skipped, as the router's destination
+            // ipset skips it: the rule is for the other destinations only.
             egr(
                 41,
                 svc(Proto::Udp, Some((53, 53)), None),
                 &["10.1.1.0/24"],
-                &["0.0.0.0/0"]
+                &["198.51.100.53/32"]
             ),
             egr(
                 42,
@@ -385,20 +386,39 @@ fn egress_default_deny_makes_the_rules_allow_exceptions() {
     assert!(s.egress_rules().all(|r| r.rule.id != 43));
 }
 
+/// The router's `cs_firewallrules.merge` reads `id` and `revoked` alone and deletes the id from
+/// its databag (one for ingress and egress rules), so neither `traffic_type` nor any other
+/// field of a revoke matters.
 #[test]
-fn a_revoke_needs_only_id_and_traffic_type() {
-    let mut s = state_after(&[STATICNAT, FIREWALL]);
+fn a_revoke_needs_only_the_id() {
+    let mut s = state_after(&[STATICNAT, FIREWALL, EGRESS]);
     let text = fw(
         r#"{"id":12,"revoked":true,"traffic_type":"Ingress","protocol":"gre","src_port_range":[0]}"#,
     );
     let sum = step(&mut s, &text).unwrap();
     assert_eq!(lines(&sum), ["rule #1 (id 12): ingress rule 12 removed"]);
+    let text = fw(
+        r#"{"id":13,"revoked":true},{"id":21,"revoked":true,"traffic_type":"Ingress"},
+                     {"id":14,"revoked":true,"traffic_type":"Sideways"}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 13): ingress rule 13 removed",
+            "rule #2 (id 21): egress rule 21 removed",
+            "rule #3 (id 14): ingress rule 14 removed",
+        ]
+    );
+    let ids: Vec<u64> = s.ingress_rules().map(|r| r.rule.id).collect();
+    assert_eq!(ids, [11]);
+    assert_eq!(s.egress_rules().count(), 0);
     let text = r#"{"type":"staticnatrules","rules":[{"revoke":true,"source_ip_address":"203.0.113.100"}]}"#;
     let sum = step(&mut s, text).unwrap();
     assert_eq!(
         lines(&sum),
         ["rule #1: mapping removed: 203.0.113.100 -> 10.1.1.10; \
-             its ingress rules [11, 13] stay, inactive until it is mapped again"]
+             its ingress rules [11] stay, inactive until it is mapped again"]
     );
 }
 
@@ -540,8 +560,8 @@ fn rules_apply_in_order_within_a_payload() {
     );
     // A rule id seen twice: the second is kept.
     let text = fw(
-        r#"{"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp"},
-                     {"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"udp"}"#,
+        r#"{"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp","source_cidr_list":["0.0.0.0/0"]},
+                     {"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"udp","source_cidr_list":["0.0.0.0/0"]}"#,
     );
     let sum = step(&mut s, &text).unwrap();
     assert_eq!(
@@ -572,4 +592,93 @@ fn payload_serialises_back_to_the_same_shape() {
         assert_eq!(p.type_name(), &text[9..9 + p.type_name().len()]);
     }
     assert_eq!(parse(FIREWALL).unwrap().len(), 4);
+}
+
+/// A re-sent id is kept as the router keeps it: its databag entry is not replaced and the new
+/// fields are never read, so the re-sent rule may say anything (even a malformed value, or the
+/// other traffic type) without the payload failing.
+#[test]
+fn a_re_sent_id_is_kept_whatever_its_fields_say() {
+    let mut s = state_after(&[STATICNAT, FIREWALL, EGRESS]);
+    let before = s.clone();
+    let text = fw(
+        r#"{"id":11,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"gre",
+                      "src_port_range":[0,70000],"source_cidr_list":["bogus"]},
+                     {"id":12,"revoked":false},
+                     {"id":21,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp",
+                      "source_cidr_list":["0.0.0.0/0"]},
+                     {"id":13,"traffic_type":"Egress","protocol":"all"}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(s, before);
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 11): ingress rule 11 already present, kept as it is \
+             (the payload's fields differ from it)",
+            "rule #2 (id 12): ingress rule 12 already present, kept as it is \
+             (the payload's fields differ from it)",
+            "rule #3 (id 21): egress rule 21 already present, kept as it is \
+             (the payload's fields differ from it)",
+            "rule #4 (id 13): ingress rule 13 already present, kept as it is \
+             (the payload's fields differ from it)",
+        ]
+    );
+    assert!(!sum.changed());
+}
+
+/// configure.py writes one ACCEPT per `source_cidr_list` entry into FIREWALL_<ip> (which ends
+/// in DROP): an ingress rule with an empty list opens nothing on the router, so natd must not
+/// open the port to everyone.
+#[test]
+fn an_ingress_rule_with_an_empty_source_cidr_list_allows_nothing() {
+    let mut s = state_after(&[STATICNAT]);
+    let text = fw(
+        r#"{"id":31,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp",
+                      "src_port_range":[80,80],"source_cidr_list":[],"revoked":false}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(s.ingress_rules().count(), 0);
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 31): ingress rule 31 to 203.0.113.100 has an empty source_cidr_list and \
+          allows nothing (as on the router); not installed"
+        ]
+    );
+    assert_eq!(
+        sum.to_string(),
+        "1 rule allowing nothing (empty source_cidr_list)"
+    );
+    assert!(!sum.changed());
+    // Egress: an empty source_cidr_list is every guest (no source ipset match on the router).
+    let text = fw(
+        r#"{"id":32,"traffic_type":"Egress","protocol":"tcp","src_port_range":[25,25],
+                      "source_cidr_list":[],"default_egress_policy":true}"#,
+    );
+    step(&mut s, &text).unwrap();
+    let r = &s.egress_rules().next().unwrap().rule;
+    assert_eq!(r.sources, cidrs(&["0.0.0.0/0"]));
+}
+
+/// configure.py skips each `0.0.0.0/0` of `dest_cidr_list` and puts the other entries in the
+/// rule's destination ipset, so a list holding both restricts the rule to the others.
+#[test]
+fn an_egress_destination_of_0_0_0_0_slash_0_is_skipped_not_anywhere() {
+    let mut s = DesiredState::default();
+    let text = fw(
+        r#"{"id":51,"traffic_type":"Egress","protocol":"tcp","src_port_range":[25,25],
+                      "source_cidr_list":["10.1.1.0/24"],"dest_cidr_list":["0.0.0.0/0","192.0.2.0/24"],
+                      "default_egress_policy":true},
+                     {"id":52,"traffic_type":"Egress","protocol":"udp","src_port_range":[53,53],
+                      "source_cidr_list":["10.1.1.0/24"],"dest_cidr_list":["0.0.0.0/0"],
+                      "default_egress_policy":true}"#,
+    );
+    step(&mut s, &text).unwrap();
+    let dests: Vec<Vec<Cidr>> = s.egress_rules().map(|r| r.rule.cidrs.clone()).collect();
+    assert_eq!(
+        dests,
+        [cidrs(&["192.0.2.0/24"]), cidrs(&["0.0.0.0/0"])],
+        "rule 51 to 192.0.2.0/24 only, rule 52 anywhere"
+    );
 }

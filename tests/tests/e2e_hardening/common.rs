@@ -201,7 +201,7 @@ pub fn static_nat_payload(pairs: &[(Ipv4Addr, Ipv4Addr)], revoke: bool) -> Strin
 }
 
 /// One ingress rule of a `firewallrules` payload: `proto` to `public`, `ports` for tcp/udp,
-/// from `cidrs` (empty: anywhere).
+/// from `cidrs` (empty: from nowhere, the rule allows nothing, as on CloudStack's router).
 pub fn ingress_rule(
     id: u64,
     public: Ipv4Addr,

@@ -283,7 +283,7 @@ fn tcp_rules(public: Ipv4Addr, first_id: u64, first_port: u16, n: u16) -> Vec<se
                 public,
                 "tcp",
                 Some((port, port)),
-                &[],
+                &["0.0.0.0/0".to_string()],
             )
         })
         .collect()
