@@ -161,6 +161,11 @@ impl DesiredState {
         self.by_public.get(&public).copied()
     }
 
+    /// The public IP mapped to `private`, if any.
+    pub fn public_of(&self, private: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.by_private.get(&private).copied()
+    }
+
     /// Adds `m` if it keeps the state one-to-one; otherwise says which mapping is in the way.
     pub fn add_mapping(&mut self, m: Mapping) -> Result<(), StateError> {
         check_unicast("public IP", m.public)?;

@@ -3,7 +3,7 @@
 //! then `CsAcl`): rules in order, static NAT by public IP (an entry replaces the IP's mapping),
 //! firewall rules by id, the two databags independent of each other (an ingress rule of an IP
 //! without static NAT is kept, inactive, and a revoked static NAT leaves the IP's rules).
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use super::{
     CloudStackError, Field, Problem, RuleRef,
@@ -31,12 +31,17 @@ pub fn apply(payload: &Payload, state: &mut DesiredState) -> Result<Summary, Clo
     let mut summary = Summary::default();
     match payload {
         Payload::StaticNat { rules } => {
+            // Revokes already carried out ahead of their turn (see `static_nat`).
+            let mut done = BTreeSet::new();
             for (i, r) in rules.iter().enumerate() {
+                if done.contains(&i) {
+                    continue;
+                }
                 let at = RuleRef {
                     position: i + 1,
                     id: None,
                 };
-                static_nat(at, r, state, &mut summary)?;
+                static_nat(at, r, &rules[i + 1..], state, &mut summary, &mut done)?;
             }
         }
         Payload::Firewall { rules } => {
@@ -77,11 +82,20 @@ fn mapping_field(e: &StateError) -> &'static str {
 }
 
 /// Static NAT: `P -> V` by public IP. Other fields of the rule do not apply to static NAT.
+///
+/// The router merges entries one by one into a databag keyed by public IP and configures
+/// the result, so within one payload a guest may be mapped by a new public IP before the
+/// revoke of its old one (`[P2 -> V, revoke P1]`: V moves to P2). natd's mappings are
+/// one-to-one at every step, so such a revoke, found among the `later` rules as the next
+/// rule naming that public IP, is carried out first (`done` notes its index among all
+/// rules); the payload ends where the router's does.
 fn static_nat(
     at: RuleRef,
     r: &StaticNatRule,
+    later: &[StaticNatRule],
     state: &mut DesiredState,
     summary: &mut Summary,
+    done: &mut BTreeSet<usize>,
 ) -> Result<(), CloudStackError> {
     let public = ipv4(at, "source_ip_address", r.source_ip_address.as_deref())?;
     let field = "destination_ip_address";
@@ -118,6 +132,20 @@ fn static_nat(
         ),
         None => None,
     };
+    if let Some(holder) = state.public_of(private)
+        && let Some(k) = revoked_next(later, holder)
+    {
+        let revoke = RuleRef {
+            position: at.position + 1 + k,
+            id: None,
+        };
+        let mapping = state
+            .remove_mapping(holder)
+            .map_err(|e| refuse(revoke, "source_ip_address", Problem::State(e)))?;
+        let inactive = rules_of(state, holder);
+        summary.push(revoke, Change::MappingRemoved { mapping, inactive });
+        done.insert(at.position + k);
+    }
     state
         .add_mapping(m)
         .map_err(|e| refuse(at, mapping_field(&e), Problem::State(e)))?;
@@ -134,6 +162,24 @@ fn static_nat(
         },
     );
     Ok(())
+}
+
+/// The index among `later` of a revoke of `public`, if the next of those rules naming
+/// `public` as its public IP is one (and a well-formed one).
+fn revoked_next(later: &[StaticNatRule], public: Ipv4Addr) -> Option<usize> {
+    let named = |r: &StaticNatRule| {
+        r.source_ip_address
+            .as_deref()
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+            == Some(public)
+    };
+    let k = later.iter().position(named)?;
+    let r = &later[k];
+    let well_formed = r
+        .destination_ip_address
+        .as_deref()
+        .is_none_or(|d| d.parse::<Ipv4Addr>().is_ok());
+    (r.revoke.unwrap_or(false) && well_formed).then_some(k)
 }
 
 /// Ids of the ingress rules of `public`.
@@ -257,12 +303,15 @@ fn ingress(
     summary: &mut Summary,
 ) -> Result<(), CloudStackError> {
     let service = service(at, r, RuleKind::Ingress)?;
-    // configure.py reads `obj['source_cidr_list']` (a rule without it fails there) and writes
-    // one ACCEPT per entry into the IP's FIREWALL_<ip> chain, which ends in DROP.
+    // Sources: absent means 0.0.0.0/0 (the payloads' documented default; the management
+    // server always fills the list). A list given is taken as configure.py takes it: one
+    // ACCEPT per entry into the IP's FIREWALL_<ip> chain, which ends in DROP, so an empty
+    // list allows nothing.
     let field = "source_cidr_list";
-    let list = r.source_cidr_list.as_deref();
-    let list = list.ok_or_else(|| refuse(at, field, Problem::Missing))?;
-    let cidrs = cidr_list(at, field, Some(list))?;
+    let cidrs = match r.source_cidr_list.as_deref() {
+        None => vec![Cidr::ANY],
+        Some(list) => cidr_list(at, field, Some(list))?,
+    };
     let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
     if cidrs.is_empty() {
         summary.push(at, Change::RuleAllowsNothing { id, public });

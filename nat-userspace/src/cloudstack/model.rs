@@ -55,8 +55,8 @@ pub struct FirewallRule {
     pub icmp_type: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_code: Option<i64>,
-    /// Ingress: allowed sources (required; empty = the rule allows nothing, as on the
-    /// router). Egress: the guests the rule applies to (empty or absent = every guest; down
+    /// Ingress: allowed sources (absent = `0.0.0.0/0`; empty = the rule allows nothing, as on
+    /// the router). Egress: the guests the rule applies to (empty or absent = every guest; down
     /// to one VM's /32).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_cidr_list: Option<Vec<String>>,

@@ -165,10 +165,6 @@ fn invalid_firewall_rules_name_the_rule_and_field() {
             r#"rule #1 (id 16): traffic_type: "ingress" is not a traffic type (expected "Ingress" or "Egress")"#.into(),
         ),
         (
-            fw(r#"{"id":16,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp"}"#),
-            "rule #1 (id 16): source_cidr_list: missing".into(),
-        ),
-        (
             fw(&format!(
                 r#"{ok12},{{"id":16,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp","src_port_range":[1,70000]}}"#
             )),

@@ -488,6 +488,54 @@ fn a_static_nat_entry_replaces_the_mapping_of_its_ip() {
     );
 }
 
+/// A guest moved to another public IP in one payload, its new static NAT before the revoke of
+/// its old one, ends mapped by the new IP as on the router (which merges entry by entry and
+/// configures the result); natd's mappings stay one-to-one at each step.
+#[test]
+fn a_guest_moves_to_another_public_ip_within_one_payload() {
+    let mut s = state_after(&[STATICNAT, FIREWALL]);
+    let text = r#"{"type":"staticnatrules","rules":[
+        {"source_ip_address":"203.0.113.102","destination_ip_address":"10.1.1.10"},
+        {"source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.10","revoke":true}]}"#;
+    let sum = step(&mut s, text).unwrap();
+    let got = lines(&sum);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("rule #2: mapping removed: 203.0.113.100 -> 10.1.1.10")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("rule #1: mapping added: 203.0.113.102 -> 10.1.1.10")),
+        "{got:?}"
+    );
+    assert_eq!(
+        s.mappings().collect::<Vec<_>>(),
+        [
+            map("203.0.113.101", "10.1.1.11"),
+            map("203.0.113.102", "10.1.1.10")
+        ]
+    );
+    // Without the revoke, or with the old IP named again before it, the guest would be
+    // mapped twice: refused, nothing changed.
+    let s = state_after(&[STATICNAT, FIREWALL]);
+    for text in [
+        r#"{"type":"staticnatrules","rules":[
+            {"source_ip_address":"203.0.113.102","destination_ip_address":"10.1.1.10"}]}"#,
+        r#"{"type":"staticnatrules","rules":[
+            {"source_ip_address":"203.0.113.102","destination_ip_address":"10.1.1.10"},
+            {"source_ip_address":"203.0.113.100","destination_ip_address":"10.1.1.10"},
+            {"source_ip_address":"203.0.113.100","revoke":true}]}"#,
+    ] {
+        let e = refused(&s, text);
+        assert!(
+            e.contains("rule #1") && e.contains("203.0.113.100 -> 10.1.1.10"),
+            "{e}"
+        );
+    }
+}
+
 /// `source_cidr_list` of an egress rule limits it to those guests (the router's source ipset),
 /// down to one VM's /32.
 #[test]
