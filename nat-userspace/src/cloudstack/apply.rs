@@ -272,24 +272,26 @@ fn differs(
     id: u64,
 ) -> Result<bool, CloudStackError> {
     let service = service(at, r, kind)?;
-    let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
     Ok(match kind {
         RuleKind::Ingress => {
             let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
+            let sources = normalize_cidrs(ingress_sources(at, r)?);
             state.ingress_rules().any(|s| {
                 s.rule.id == id
                     && (s.rule.public != public
                         || s.rule.service != service
-                        || s.rule.cidrs != normalize_cidrs(sources.clone()))
+                        || s.rule.cidrs != sources)
             })
         }
         RuleKind::Egress => {
-            let dests = destinations(at, r)?;
+            let dests = normalize_cidrs(destinations(at, r)?);
+            let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
+            let sources = normalize_cidrs(sources);
             state.egress_rules().any(|s| {
                 s.rule.id == id
                     && (s.rule.service != service
-                        || s.rule.cidrs != normalize_cidrs(dests.clone())
-                        || s.rule.sources != normalize_cidrs(sources.clone()))
+                        || s.rule.cidrs != dests
+                        || s.rule.sources != sources)
             })
         }
     })
@@ -303,15 +305,7 @@ fn ingress(
     summary: &mut Summary,
 ) -> Result<(), CloudStackError> {
     let service = service(at, r, RuleKind::Ingress)?;
-    // Sources: absent means 0.0.0.0/0 (the payloads' documented default; the management
-    // server always fills the list). A list given is taken as configure.py takes it: one
-    // ACCEPT per entry into the IP's FIREWALL_<ip> chain, which ends in DROP, so an empty
-    // list allows nothing.
-    let field = "source_cidr_list";
-    let cidrs = match r.source_cidr_list.as_deref() {
-        None => vec![Cidr::ANY],
-        Some(list) => cidr_list(at, field, Some(list))?,
-    };
+    let cidrs = ingress_sources(at, r)?;
     let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
     if cidrs.is_empty() {
         summary.push(at, Change::RuleAllowsNothing { id, public });
@@ -406,6 +400,17 @@ fn egress_default(
         Some(_) => {}
     }
     Ok(())
+}
+
+/// An ingress rule's sources: absent means 0.0.0.0/0 (the payloads' documented default; the
+/// management server always fills the list). A list given is taken as configure.py takes it:
+/// one ACCEPT per entry into the IP's FIREWALL_<ip> chain, which ends in DROP, so an empty
+/// list allows nothing.
+fn ingress_sources(at: RuleRef, r: &FirewallRule) -> Result<Vec<Cidr>, CloudStackError> {
+    match r.source_cidr_list.as_deref() {
+        None => Ok(vec![Cidr::ANY]),
+        list => cidr_list(at, "source_cidr_list", list),
+    }
 }
 
 /// An egress rule's destinations. configure.py skips every `0.0.0.0/0` entry (an ipset of
