@@ -11,12 +11,20 @@
 //! CPU caches as traffic over many flows would.
 #![no_std]
 #![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod common;
 
 #[allow(dead_code)]
+#[path = "../../nat-ebpf/src/fast.rs"]
+#[allow(dead_code)]
+mod fast;
 #[path = "../../nat-ebpf/src/flows.rs"]
 mod flows;
+#[path = "../../nat-ebpf/src/slots.rs"]
+#[allow(dead_code)]
+mod slots;
 #[allow(dead_code)]
 #[path = "../../nat-ebpf/src/forward.rs"]
 mod forward;

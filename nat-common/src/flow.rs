@@ -444,4 +444,65 @@ mod pod {
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::Slot {}
+}
+
+/// Value of [`crate::maps::SLOTS`]: a copy of one [`FlowEntry`] of `FLOWS` and its key, in
+/// the slot its key hashes to ([`slot_index`]), so that an established packet reads one
+/// 128-byte, line-aligned slot instead of the hash table's bucket and then its element.
+///
+/// The program alone writes slots, under [`Slot::seq`] (a sequence lock: odd while a CPU
+/// writes the slot; readers copy the entry and use the copy only if `seq` was even and
+/// unchanged around the copy). The copy's fields a fast packet changes (last-seen times, TCP
+/// segment notes, the timer copy) are written back to the slot; whoever looks the key up
+/// in `FLOWS` merges them into the `FLOWS` entry and empties the slot first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// The entry's key; `proto` 0: the slot is empty. Its padding holds nothing.
+    pub key: FlowTuple,
+    /// The entry, except `flow` (the guest view, not needed on the fast path), whose first
+    /// 8 bytes are the sequence lock.
+    pub entry: FlowEntry,
+}
+const _: () = assert!(core::mem::size_of::<Slot>() == 128);
+
+impl Slot {
+    /// Byte offset of the 64-bit sequence word (`entry.flow.guest` and `remote`).
+    pub const SEQ_OFFSET: usize = 16 + 96;
+}
+
+/// The slot of [`crate::maps::SLOTS`] a key lives in (`mask`: the slot count minus one):
+/// splitmix64's finaliser over the key's words.
+#[inline(always)]
+pub fn slot_index(t: &FlowTuple, mask: u32) -> u32 {
+    let a = ((t.saddr as u64) << 32) | t.daddr as u64;
+    let b = ((t.sport as u64) << 24) | ((t.dport as u64) << 8) | t.proto as u64;
+    let mut x = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x as u32) & mask
+}
+
+impl Slot {
+    /// `e` (keyed `t`) with what fast packets changed in this slot merged in, if the slot
+    /// holds `t`: how a reader outside the program sees the whole entry.
+    pub fn merged_into(&self, t: &FlowTuple, mut e: FlowEntry) -> FlowEntry {
+        if self.key != *t {
+            return e;
+        }
+        let s = &self.entry;
+        e.last_seen = e.last_seen.max(s.last_seen);
+        e.seen = s.seen;
+        e.timer = s.timer;
+        e.flags |= s.flags & (ENTRY_SEQ | ENTRY_ACKED);
+        if s.flags & ENTRY_SEQ != 0 {
+            e.seq_end = s.seq_end;
+        }
+        if s.flags & ENTRY_ACKED != 0 {
+            e.max_ack = s.max_ack;
+        }
+        e
+    }
 }

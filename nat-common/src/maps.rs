@@ -5,7 +5,7 @@
 //!
 //! Keys and values are `#[repr(C)]` with explicit, zeroed padding and a size assertion.
 //! Addresses and ports are kept in network byte order as they appear in the packet.
-use crate::flow::{FlowEntry, FlowTuple};
+use crate::flow::{FlowEntry, FlowTuple, Slot};
 
 /// Version of this layout, stamped in the pins (`META`): bumped whenever a key, a value or the
 /// meaning of a field changes, so a natd never adopts maps it would misread.
@@ -71,6 +71,9 @@ const fn size<T>() -> u32 {
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// `BPF_F_RDONLY_PROG`: the program only reads the map.
 pub const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+/// `BPF_F_MMAPABLE`: an array whose values start on a page (so 128-byte values sit on
+/// cache-line pairs).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// LPM tries must be created without preallocation.
 const LPM_FLAGS: u32 = BPF_F_NO_PREALLOC;
 
@@ -242,6 +245,19 @@ pub const CONFIG: MapSpec = MapSpec {
     flags: 0,
     resize: Resize::Fixed,
 };
+/// Slots of the one-line flow cache in front of [`FLOWS`] (a power of two).
+pub const SLOT_COUNT: u32 = 1 << 18;
+/// Slot index -> [`Slot`]: a copy of a `FLOWS` entry where its key hashes to, for the
+/// established path (see [`Slot`]). Written by the program only.
+pub const SLOTS: MapSpec = MapSpec {
+    name: "SLOTS",
+    kind: MapKind::Array,
+    key_size: size::<u32>(),
+    value_size: size::<Slot>(),
+    max_entries: SLOT_COUNT,
+    flags: BPF_F_MMAPABLE,
+    resize: Resize::Fixed,
+};
 /// Index 0 -> [`LAYOUT_VERSION`] of the natd that created the pins. Never read by the
 /// program.
 pub const META: MapSpec = MapSpec {
@@ -278,7 +294,7 @@ pub struct Scratch {
 const _: () = assert!(core::mem::size_of::<Scratch>() == 2 * 112 + 64);
 
 /// Every map of the program, for loading, pinning and adoption.
-pub const MAPS: [MapSpec; 17] = [
+pub const MAPS: [MapSpec; 18] = [
     NAT_IN,
     NAT_OUT,
     MAPPING_STATS,
@@ -296,6 +312,7 @@ pub const MAPS: [MapSpec; 17] = [
     CONFIG,
     META,
     SCRATCH,
+    SLOTS,
 ];
 
 /// Map names, for code that only needs the name.
@@ -316,6 +333,7 @@ pub const MAP_EG_SVC: &str = EG_SVC.name;
 pub const MAP_CONFIG: &str = CONFIG.name;
 pub const MAP_META: &str = META.name;
 pub const MAP_SCRATCH: &str = SCRATCH.name;
+pub const MAP_SLOTS: &str = SLOTS.name;
 
 /// Interface role: frames arriving here from the internet are DNATed (P -> V).
 pub const ROLE_PUBLIC: u32 = 1;

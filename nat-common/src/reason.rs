@@ -159,10 +159,13 @@ pub enum Event {
     FastPath,
     /// A flow entry resolved its route again (first reply, or a route generation bump).
     RouteResolved,
+    /// A packet of an established flow took the copy of its entry in its slot (one
+    /// cache-line pair read; also counted as [`Event::FastPath`]).
+    SlotHit,
 }
 
 impl Event {
-    pub const COUNT: u32 = Event::RouteResolved as u32 + 1;
+    pub const COUNT: u32 = Event::SlotHit as u32 + 1;
     pub const ALL: [Event; Event::COUNT as usize] = [
         Event::ConntrackHit,
         Event::ConntrackMiss,
@@ -172,6 +175,7 @@ impl Event {
         Event::ConntrackFlushed,
         Event::FastPath,
         Event::RouteResolved,
+        Event::SlotHit,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -183,6 +187,7 @@ impl Event {
             Event::ConntrackFlushed => "conntrack_flushed",
             Event::FastPath => "fast_path",
             Event::RouteResolved => "route_resolved",
+            Event::SlotHit => "slot_hit",
         }
     }
 }

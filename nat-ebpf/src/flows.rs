@@ -9,7 +9,7 @@ use nat_common::{
     proto,
 };
 
-use crate::{CONFIG, FLOWS, PENDING, SCRATCH, forward::Route, stats};
+use crate::{CONFIG, FLOWS, PENDING, SCRATCH, forward::Route, slots, stats};
 
 /// An entry found by [`lookup`].
 #[derive(Clone, Copy)]
@@ -23,15 +23,24 @@ pub struct Found {
 #[inline(always)]
 pub fn lookup(t: &FlowTuple) -> Option<Found> {
     if let Some(entry) = FLOWS.get_ptr_mut(t) {
+        slots::take(t, Some(entry));
         return Some(Found {
             entry,
             pending: false,
         });
     }
+    // A slot whose entry is gone.
+    slots::take(t, None);
     PENDING.get_ptr_mut(t).map(|entry| Found {
         entry,
         pending: true,
     })
+}
+
+/// The `FLOWS` entry keyed `t`, without its slot's changes (for [`slots`] alone).
+#[inline(always)]
+pub fn flows_entry(t: &FlowTuple) -> Option<*mut FlowEntry> {
+    FLOWS.get_ptr_mut(t)
 }
 
 /// The entry keyed `t` in the table a flow's other entry lives in.
@@ -40,7 +49,9 @@ pub fn lookup_in(pending: bool, t: &FlowTuple) -> Option<*mut FlowEntry> {
     if pending {
         PENDING.get_ptr_mut(t)
     } else {
-        FLOWS.get_ptr_mut(t)
+        let e = FLOWS.get_ptr_mut(t);
+        slots::take(t, e);
+        e
     }
 }
 
@@ -49,6 +60,7 @@ fn remove_in(pending: bool, t: &FlowTuple) {
     let _ = if pending {
         PENDING.remove(t)
     } else {
+        slots::take(t, None);
         FLOWS.remove(t)
     };
 }

@@ -10,6 +10,9 @@
 //! nftables mirror (see natd) translates it the same way.
 #![no_std]
 #![no_main]
+// The flow cache's sequence locks (`slots`): the eBPF target's atomics.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod fast;
 mod flows;
@@ -21,6 +24,7 @@ mod newflow;
 mod parse;
 mod policy;
 mod rewrite;
+mod slots;
 mod stats;
 mod tracked;
 
@@ -55,9 +59,15 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut may_open = true;
     if let Some(tuple) = l4.tuple(&pkt) {
+        if let Some(done) = slots::forward(ctx, &pkt, &l4, &tuple, ingress) {
+            return Ok(done);
+        }
         match flows::lookup(&tuple) {
             Some(found) => {
                 if let Some(done) = fast::forward(ctx, &pkt, &l4, &found, ingress) {
+                    if !found.pending {
+                        slots::fill(&tuple, found.entry);
+                    }
                     return Ok(done);
                 }
                 match tracked::forward(ctx, &pkt, &l4, &found)? {

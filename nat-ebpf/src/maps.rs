@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     Counter, EgSvcData, FlowEntry, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MappingStats,
-    NatConfig, NatValue, RuleBits, Scratch, maps as spec,
+    NatConfig, NatValue, RuleBits, Scratch, Slot, maps as spec,
 };
 
 /// Public address -> private address and counter slot (natd writes).
@@ -76,3 +76,6 @@ pub static SCRATCH: PerCpuArray<Scratch> =
 /// The layout version of the pins (natd's; never read here).
 #[map]
 pub static META: Array<u32> = Array::with_max_entries(spec::META.max_entries, spec::META.flags);
+/// Slot index -> a copy of a `FLOWS` entry (see `nat_common::Slot`; we alone write).
+#[map]
+pub static SLOTS: Array<Slot> = Array::with_max_entries(spec::SLOTS.max_entries, spec::SLOTS.flags);

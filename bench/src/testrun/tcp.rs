@@ -194,13 +194,24 @@ impl Bed {
             .map(MAP_FLOWS)
             .context("FLOWS")?
             .try_into()?;
+        let rk = reply_key(public);
         let reply = flows
-            .get(&reply_key(public), 0)
+            .get(&rk, 0)
             .with_context(|| format!("TCP flow to {public}: no reply entry in FLOWS"))?;
+        let ok = reply.peer;
         let orig = flows
-            .get(&reply.peer, 0)
+            .get(&ok, 0)
             .with_context(|| format!("TCP flow to {public}: no original entry in FLOWS"))?;
-        Ok((reply, orig))
+        let slots: aya::maps::Array<_, nat_common::Slot> = self
+            .dp
+            .ebpf_mut()
+            .map(nat_common::MAP_SLOTS)
+            .context("SLOTS")?
+            .try_into()?;
+        let mask = nat_common::maps::SLOT_COUNT - 1;
+        let r = slots.get(&nat_common::slot_index(&rk, mask), 0)?;
+        let o = slots.get(&nat_common::slot_index(&ok, mask), 0)?;
+        Ok((r.merged_into(&rk, reply), o.merged_into(&ok, orig)))
     }
 
     /// Fails unless the reply entry of the flow through `public` noted the remote's segments

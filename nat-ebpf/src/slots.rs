@@ -1,0 +1,210 @@
+//! The one-line flow cache in front of `FLOWS` (see [`nat_common::Slot`]): an established
+//! packet whose key sits in its slot is forwarded from a copy of the slot's entry, one
+//! 128-byte read instead of the hash table's bucket and then its element.
+//!
+//! Every write to a slot holds its sequence lock (odd while written), so a reader on another
+//! CPU never uses a mix of two entries: it copies the entry and keeps the copy only if the
+//! sequence was even and unchanged around the copy. What a fast packet changes in the copy
+//! (last-seen times, TCP segment notes, the timer copy) is written back to the slot; every
+//! `FLOWS` lookup of the full path first merges those into the `FLOWS` entry and empties the
+//! slot ([`take`]), so the full path works on the whole truth and a slot never outlives its
+//! entry's change.
+use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd};
+
+use aya_ebpf::programs::XdpContext;
+use nat_common::{
+    ENTRY_ACKED, ENTRY_SEQ, FlowEntry, FlowTuple, Reason, Slot, maps::SLOT_COUNT, slot_index,
+};
+
+use crate::{
+    SLOTS, fast,
+    flows::{self, Found},
+    parse::{Packet, Transport},
+};
+
+/// Words of a `FlowEntry` a slot carries: all but `flow` (whose first word is the lock).
+const ENTRY_WORDS: usize = 12;
+
+#[inline(always)]
+fn slot_of(t: &FlowTuple) -> Option<*mut Slot> {
+    SLOTS.get_ptr_mut(slot_index(t, SLOT_COUNT - 1))
+}
+
+/// The slot's sequence word (the eBPF target has 64-bit atomics only, and no atomic types:
+/// the intrinsics are what its `lock` instructions are reached by).
+#[inline(always)]
+fn seq(s: *mut Slot) -> *mut u64 {
+    (s as *mut u8).wrapping_add(Slot::SEQ_OFFSET) as *mut u64
+}
+
+#[inline(always)]
+fn seq_load(s: *mut Slot) -> u64 {
+    // SAFETY: an aligned word of a live map value. A plain load: eBPF has no ordered load
+    // before 6.15 (the locked read of [`seq_fence`] orders what matters).
+    unsafe { core::ptr::read_volatile(seq(s)) }
+}
+
+/// A locked read: orders the reads before it (on every architecture the JIT targets).
+#[inline(always)]
+fn seq_fence(s: *mut Slot) -> u64 {
+    // SAFETY: as above.
+    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(seq(s), 0) }
+}
+
+#[inline(always)]
+fn words(p: *mut u8) -> *mut u64 {
+    p as *mut u64
+}
+
+/// Whether the slot's key is `t` (both 16 bytes, padding zero). In 32-bit words: the key on
+/// the stack is only 4-aligned.
+#[inline(always)]
+fn holds(s: *mut Slot, t: &FlowTuple) -> bool {
+    let k = s as *const u32;
+    let w = t as *const FlowTuple as *const u32;
+    // SAFETY: 16 bytes of a live map value and of `t`; volatile so the reads stay between
+    // the sequence reads.
+    unsafe {
+        (0..4).all(|i| core::ptr::read_volatile(k.add(i)) == *w.add(i))
+    }
+}
+
+/// Claims the slot for writing: its sequence goes from the even `s1` to odd.
+#[inline(always)]
+fn claim(s: *mut Slot, s1: u64) -> bool {
+    // SAFETY: as above.
+    s1 & 1 == 0 && unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(seq(s), s1, s1 + 1).1 }
+}
+
+/// Ends a write begun by [`claim`].
+#[inline(always)]
+fn release(s: *mut Slot) {
+    // SAFETY: as above.
+    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(seq(s), 1) };
+}
+
+/// Forwards the packet from its slot, or `None` if its key is not there (or the entry does
+/// not take this packet as it is: the full path decides, after [`take`]).
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    l4: &Transport,
+    t: &FlowTuple,
+    ingress: u32,
+) -> Option<(u32, Reason)> {
+    let s = slot_of(t)?;
+    let s1 = seq_load(s);
+    if s1 & 1 != 0 || !holds(s, t) {
+        return None;
+    }
+    let copy = &mut flows::scratch()?.entries[0];
+    let (from, to) = (words(s as *mut u8).wrapping_add(2), copy as *mut FlowEntry as *mut u64);
+    for i in 0..ENTRY_WORDS {
+        // SAFETY: within the slot's entry and the scratch entry.
+        unsafe { core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i))) };
+    }
+    if seq_load(s) != s1 {
+        return None;
+    }
+    let found = Found {
+        entry: copy as *mut FlowEntry,
+        pending: false,
+    };
+    let done = fast::forward(ctx, pkt, l4, &found, ingress)?;
+    write_back(s, s1, copy);
+    crate::stats::event(nat_common::Event::SlotHit);
+    Some(done)
+}
+
+/// The words of an entry a fast packet may change: flags (in word 4), the timer (6), the
+/// last-seen times (7, 8) and the segment notes (9).
+const CHANGING: [usize; 5] = [4, 6, 7, 8, 9];
+
+/// Writes what the packet changed in the copy back to the slot, if no CPU wrote the slot
+/// since it was copied.
+#[inline(always)]
+fn write_back(s: *mut Slot, s1: u64, copy: &FlowEntry) {
+    let (slot, c) = (words(s as *mut u8).wrapping_add(2), copy as *const FlowEntry as *const u64);
+    // SAFETY: within the slot's entry and the copy.
+    let changed = CHANGING
+        .iter()
+        .any(|&i| unsafe { core::ptr::read_volatile(slot.add(i)) != *c.add(i) });
+    if !changed || !claim(s, s1) {
+        return;
+    }
+    for i in CHANGING {
+        // SAFETY: as above; the slot is claimed.
+        unsafe { core::ptr::write_volatile(slot.add(i), *c.add(i)) };
+    }
+    release(s);
+}
+
+/// Copies the `FLOWS` entry keyed `t` into its slot (after the full path's lookup forwarded
+/// a packet by it), unless a CPU is writing the slot. The slot's occupant, if another key,
+/// is merged into its own entry first.
+#[inline(always)]
+pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
+    let Some(s) = slot_of(t) else { return };
+    let s1 = seq_load(s);
+    // SAFETY: a live map value.
+    let (occupant, seen) = unsafe { ((*s).key, (*s).entry.seen) };
+    let s1 = if occupant.proto != 0 && occupant != *t {
+        // Another flow's slot: taken over only once that flow was idle for a refresh
+        // interval, so two busy flows of one slot do not evict each other on every packet
+        // (the later one stays on `FLOWS`).
+        let cfg = flows::config();
+        if flows::jiffies().wrapping_sub(seen) < flows::refresh_jiffies_in(cfg) {
+            return;
+        }
+        take(&occupant, flows::flows_entry(&occupant));
+        seq_load(s)
+    } else {
+        s1
+    };
+    if !claim(s, s1) {
+        return;
+    }
+    let (k, w) = (s as *mut u32, t as *const FlowTuple as *const u32);
+    let (to, from) = (words(s as *mut u8).wrapping_add(2), e as *const u64);
+    // SAFETY: within the slot, `t` and the live entry `e`; the slot is claimed.
+    unsafe {
+        for i in 0..4 {
+            core::ptr::write_volatile(k.add(i), *w.add(i));
+        }
+        for i in 0..ENTRY_WORDS {
+            core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
+        }
+    }
+    release(s);
+}
+
+/// Empties the slot holding `t`, if one does, after merging what fast packets changed into
+/// `t`'s `FLOWS` entry `e` (if it has one). Every `FLOWS` lookup of the full path does this.
+#[inline(always)]
+pub fn take(t: &FlowTuple, e: Option<*mut FlowEntry>) {
+    let Some(s) = slot_of(t) else { return };
+    let s1 = seq_load(s);
+    if !holds(s, t) || !claim(s, s1) {
+        return;
+    }
+    if holds(s, t)
+        && let Some(e) = e
+    {
+        // SAFETY: the slot is claimed (no CPU changes it); `e` a live map value.
+        let (slot, e) = unsafe { (&(*s).entry, &mut *e) };
+        e.last_seen = e.last_seen.max(slot.last_seen);
+        e.seen = slot.seen;
+        e.timer = slot.timer;
+        e.flags |= slot.flags & (ENTRY_SEQ | ENTRY_ACKED);
+        if slot.flags & ENTRY_SEQ != 0 {
+            e.seq_end = slot.seq_end;
+        }
+        if slot.flags & ENTRY_ACKED != 0 {
+            e.max_ack = slot.max_ack;
+        }
+    }
+    // SAFETY: claimed; zero proto marks the slot empty.
+    unsafe { (*s).key = FlowTuple::default() };
+    release(s);
+}
