@@ -246,7 +246,7 @@ pub const CONFIG: MapSpec = MapSpec {
     resize: Resize::Fixed,
 };
 /// Slots of the one-line flow cache in front of [`FLOWS`] (a power of two).
-pub const SLOT_COUNT: u32 = 1 << 18;
+pub const SLOT_COUNT: u32 = 1 << 19;
 /// Slot index -> [`Slot`]: a copy of a `FLOWS` entry where its key hashes to, for the
 /// established path (see [`Slot`]). Written by the program only.
 pub const SLOTS: MapSpec = MapSpec {
