@@ -22,9 +22,6 @@ mod common;
 mod fast;
 #[path = "../../nat-ebpf/src/flows.rs"]
 mod flows;
-#[path = "../../nat-ebpf/src/slots.rs"]
-#[allow(dead_code)]
-mod slots;
 #[allow(dead_code)]
 #[path = "../../nat-ebpf/src/forward.rs"]
 mod forward;
@@ -34,6 +31,9 @@ mod parse;
 #[allow(dead_code)]
 #[path = "../../nat-ebpf/src/rewrite.rs"]
 mod rewrite;
+#[path = "../../nat-ebpf/src/slots.rs"]
+#[allow(dead_code)]
+mod slots;
 #[allow(dead_code)]
 #[path = "../../nat-ebpf/src/stats.rs"]
 mod stats;

@@ -470,6 +470,13 @@ const _: () = assert!(core::mem::size_of::<Slot>() == 128);
 impl Slot {
     /// Byte offset of the 64-bit sequence word (`entry.flow.guest` and `remote`).
     pub const SEQ_OFFSET: usize = 16 + 96;
+    /// Byte offset of the `bpf_jiffies64()` when the slot was filled (`entry.flow`'s second
+    /// half).
+    pub const FILLED_OFFSET: usize = 16 + 104;
+    /// Seconds a slot serves before its packets take `FLOWS` again (which refills it): a
+    /// flow's `FLOWS` entry is touched that often (the LRU sees it used), and a slot whose
+    /// entry the LRU evicted anyway outlives it that long at most.
+    pub const REFILL_SECS: u64 = 8;
 }
 
 /// The slot of [`crate::maps::SLOTS`] a key lives in (`mask`: the slot count minus one):

@@ -37,6 +37,12 @@ fn seq(s: *mut Slot) -> *mut u64 {
     (s as *mut u8).wrapping_add(Slot::SEQ_OFFSET) as *mut u64
 }
 
+/// The slot's fill time (jiffies).
+#[inline(always)]
+fn filled(s: *mut Slot) -> *mut u64 {
+    (s as *mut u8).wrapping_add(Slot::FILLED_OFFSET) as *mut u64
+}
+
 #[inline(always)]
 fn seq_load(s: *mut Slot) -> u64 {
     // SAFETY: an aligned word of a live map value. A plain load: eBPF has no ordered load
@@ -64,9 +70,7 @@ fn holds(s: *mut Slot, t: &FlowTuple) -> bool {
     let w = t as *const FlowTuple as *const u32;
     // SAFETY: 16 bytes of a live map value and of `t`; volatile so the reads stay between
     // the sequence reads.
-    unsafe {
-        (0..4).all(|i| core::ptr::read_volatile(k.add(i)) == *w.add(i))
-    }
+    unsafe { (0..4).all(|i| core::ptr::read_volatile(k.add(i)) == *w.add(i)) }
 }
 
 /// Claims the slot for writing: its sequence goes from the even `s1` to odd.
@@ -98,8 +102,19 @@ pub fn forward(
     if s1 & 1 != 0 || !holds(s, t) {
         return None;
     }
+    // An old fill: this packet takes `FLOWS`, which refills the slot (see
+    // `Slot::REFILL_SECS`).
+    let jps = flows::refresh_jiffies_in(flows::config());
+    // SAFETY: an aligned word of a live map value.
+    let filled = unsafe { core::ptr::read_volatile(filled(s)) };
+    if flows::jiffies().wrapping_sub(filled) >= Slot::REFILL_SECS * jps {
+        return None;
+    }
     let copy = &mut flows::scratch()?.entries[0];
-    let (from, to) = (words(s as *mut u8).wrapping_add(2), copy as *mut FlowEntry as *mut u64);
+    let (from, to) = (
+        words(s as *mut u8).wrapping_add(2),
+        copy as *mut FlowEntry as *mut u64,
+    );
     for i in 0..ENTRY_WORDS {
         // SAFETY: within the slot's entry and the scratch entry.
         unsafe { core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i))) };
@@ -125,7 +140,10 @@ const CHANGING: [usize; 5] = [4, 6, 7, 8, 9];
 /// since it was copied.
 #[inline(always)]
 fn write_back(s: *mut Slot, s1: u64, copy: &FlowEntry) {
-    let (slot, c) = (words(s as *mut u8).wrapping_add(2), copy as *const FlowEntry as *const u64);
+    let (slot, c) = (
+        words(s as *mut u8).wrapping_add(2),
+        copy as *const FlowEntry as *const u64,
+    );
     // SAFETY: within the slot's entry and the copy.
     let changed = CHANGING
         .iter()
@@ -175,6 +193,7 @@ pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
         for i in 0..ENTRY_WORDS {
             core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
         }
+        core::ptr::write_volatile(filled(s), flows::jiffies());
     }
     release(s);
 }

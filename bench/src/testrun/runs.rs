@@ -90,11 +90,12 @@ impl Bed {
         }
         let events_ok = Event::ALL.iter().zip(&de).all(|(e, d)| {
             *e == Event::SlotHit
-                || *d == want
-                .events
-                .iter()
-                .find(|(w, _)| w == e)
-                .map_or(0, |(_, n)| *n)
+                || *d
+                    == want
+                        .events
+                        .iter()
+                        .find(|(w, _)| w == e)
+                        .map_or(0, |(_, n)| *n)
         });
         ensure!(
             ds[want.reason as usize] == n && total == n && events_ok,

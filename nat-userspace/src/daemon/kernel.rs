@@ -64,7 +64,15 @@ impl Daemon {
             return 0;
         }
         match self.ctl.fast_mut().remove_flows(|v| gone.contains(&v.key)) {
-            Ok((n, _)) => n,
+            Ok((n, _)) => {
+                // As after a flush: the flows may still sit in their slots.
+                if n > 0
+                    && let Err(e) = self.ctl.fast_mut().bump_route_generation()
+                {
+                    warn!("leaving the flow cache after the kernel ended flows: {e}");
+                }
+                n
+            }
             Err(e) => {
                 warn!("forgetting flows the kernel ended: {e}");
                 0

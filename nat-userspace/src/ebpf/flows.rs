@@ -2,9 +2,11 @@
 //! last-seen time), whole-flow removal (both entries), and the capacity.
 use std::collections::{BTreeMap, BTreeSet};
 
+use aya::maps::Array;
 use nat_common::{
-    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, ORIGIN_GUEST,
+    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, MAP_SLOTS, ORIGIN_GUEST, Slot,
     conntrack::{ASSURED, SEEN_REPLY, State},
+    slot_index,
 };
 
 use super::*;
@@ -84,7 +86,25 @@ fn entries(
             Err(source) => return Err(DataplaneError::Map { map, source }),
         }
     }
+    drop(m);
+    if map == MAP_FLOWS {
+        for (k, e) in out.iter_mut() {
+            *e = merged(dp, k, *e)?;
+        }
+    }
     Ok(out)
+}
+
+/// `e` (the `FLOWS` entry keyed `k`) with what fast packets changed in its slot merged in:
+/// the program writes those to the slot only (see `nat_common::Slot`).
+fn merged(dp: &mut Dataplane, k: &FlowTuple, e: FlowEntry) -> Result<FlowEntry, DataplaneError> {
+    let slots: Array<_, Slot> = Array::try_from(dp.map(MAP_SLOTS)?).map_err(map_err(MAP_SLOTS))?;
+    let i = slot_index(k, nat_common::maps::SLOT_COUNT - 1);
+    let slot = slots.get(&i, 0).map_err(|source| DataplaneError::Map {
+        map: MAP_SLOTS,
+        source,
+    })?;
+    Ok(slot.merged_into(k, e))
 }
 
 fn remove(dp: &mut Dataplane, map: &'static str, k: &FlowTuple) -> Result<bool, DataplaneError> {
@@ -104,11 +124,16 @@ fn get(
 ) -> Result<Option<FlowEntry>, DataplaneError> {
     let m: HashMap<_, FlowTuple, FlowEntry> =
         HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
-    match m.get(k, 0) {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(source) => Err(DataplaneError::Map { map, source }),
+    let v = match m.get(k, 0) {
+        Ok(v) => v,
+        Err(MapError::KeyNotFound) => return Ok(None),
+        Err(source) => return Err(DataplaneError::Map { map, source }),
+    };
+    drop(m);
+    if map == MAP_FLOWS {
+        return merged(dp, k, v).map(Some);
     }
+    Ok(Some(v))
 }
 
 const TABLES: [(&str, bool); 2] = [(MAP_FLOWS, false), (MAP_PENDING, true)];
@@ -147,6 +172,7 @@ impl Dataplane {
     ) -> Result<(usize, usize), DataplaneError> {
         let mut removed = 0;
         let mut seen = 0;
+        let mut orphans = 0;
         for (map, _) in TABLES {
             let all = entries(self, map)?;
             let seen_of = reply_seen(&all);
@@ -159,7 +185,7 @@ impl Dataplane {
                 if e.flags & ENTRY_ORIG == 0 {
                     // A reply entry whose flow is gone.
                     if !origs.contains(&e.peer) && get(self, map, &e.peer)?.is_none() {
-                        remove(self, map, k)?;
+                        orphans += usize::from(remove(self, map, k)?);
                     }
                     continue;
                 }
@@ -180,6 +206,12 @@ impl Dataplane {
                 }
                 remove(self, map, &now.peer)?;
             }
+        }
+        // An orphan may still sit in its slot, busy (its flow's other entry was evicted):
+        // a new route generation sends it to the full path. (An expired flow's slot needs
+        // none: its once-a-second refresh finds the flow gone.)
+        if orphans > 0 {
+            self.bump_route_generation()?;
         }
         Ok((removed, seen))
     }

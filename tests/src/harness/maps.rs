@@ -14,8 +14,8 @@ use aya::{
 };
 use nat_common::{
     EgSvcData, Event, FlowEntry, FlowTuple, FwSrcData, FwSvcData, MAP_CONFIG, MAP_EG_DST,
-    MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_PENDING, NatConfig,
-    RuleBits,
+    MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_PENDING, MAP_SLOTS,
+    NatConfig, RuleBits, Slot, slot_index,
 };
 use nat_userspace::tables::Entry;
 
@@ -88,7 +88,11 @@ pub fn read_events(ebpf: &Ebpf) -> anyhow::Result<Events> {
     let m: PerCpuArray<_, u64> = ebpf.map(MAP_EVENTS).context("no map EVENTS")?.try_into()?;
     let mut e = Events::default();
     for ev in Event::ALL {
-        e.0[ev as usize] = m.get(&(ev as u32), 0)?.iter().sum();
+        // Slot hits are the flow cache's own business, invisible to the model: a packet is on
+        // the fast path (`fast_path`) whether its entry came from its slot or from `FLOWS`.
+        if ev != Event::SlotHit {
+            e.0[ev as usize] = m.get(&(ev as u32), 0)?.iter().sum();
+        }
     }
     Ok(e)
 }
@@ -103,7 +107,20 @@ fn table<'a>(
     )?)
 }
 
-/// Every entry of `FLOWS` and `PENDING`, with the map it is in (`true`: `PENDING`).
+fn slots(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut MapData, Slot>> {
+    Ok(Array::try_from(
+        ebpf.map_mut(MAP_SLOTS).context("no map SLOTS")?,
+    )?)
+}
+
+/// The slot `k` hashes to.
+fn slot_of(k: &FlowTuple) -> u32 {
+    slot_index(k, nat_common::maps::SLOT_COUNT - 1)
+}
+
+/// Every entry of `FLOWS` and `PENDING`, with the map it is in (`true`: `PENDING`); a
+/// `FLOWS` entry with what fast packets changed in its slot merged in (the table as the
+/// program's full path and natd see it).
 pub fn read_entries(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<FlowTuple, (FlowEntry, bool)>> {
     let mut out = BTreeMap::new();
     for (name, pending) in [(MAP_FLOWS, false), (MAP_PENDING, true)] {
@@ -114,7 +131,24 @@ pub fn read_entries(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<FlowTuple, (Flow
             }
         }
     }
+    let slots = slots(ebpf)?;
+    for (k, (e, pending)) in out.iter_mut() {
+        if !*pending {
+            *e = slots.get(&slot_of(k), 0)?.merged_into(k, *e);
+        }
+    }
     Ok(out)
+}
+
+/// Empties the slot holding `k`, if one does (a test writing or removing `k`'s entry: the
+/// program never sees a slot outlive its entry's change).
+fn drop_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<()> {
+    let mut slots = slots(ebpf)?;
+    let i = slot_of(k);
+    if slots.get(&i, 0)?.key == *k {
+        slots.set(i, Slot::default(), 0)?;
+    }
+    Ok(())
 }
 
 /// Writes an entry into `FLOWS` (or `PENDING`).
@@ -125,6 +159,7 @@ pub fn put_entry(
     e: &FlowEntry,
 ) -> anyhow::Result<()> {
     let name = if pending { MAP_PENDING } else { MAP_FLOWS };
+    drop_slot(ebpf, k)?;
     Ok(table(ebpf, name)?.insert(k, e, 0)?)
 }
 
@@ -139,6 +174,34 @@ pub fn clear_flows(ebpf: &mut Ebpf) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+    clear_slots(ebpf)
+}
+
+/// Empties every slot: the array is mapped (`BPF_F_MMAPABLE`) and zeroed in place, rather
+/// than written slot by slot with a system call each.
+fn clear_slots(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let slots = slots(ebpf)?;
+    let fd = slots.map().fd().as_fd().as_raw_fd();
+    let len = nat_common::maps::SLOT_COUNT as usize * size_of::<Slot>();
+    // SAFETY: a shared mapping of the whole array, which the kernel sized to `len` (page
+    // multiple); unmapped before return; nothing else holds it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            bail!("mmap SLOTS: {}", std::io::Error::last_os_error());
+        }
+        std::ptr::write_bytes(p as *mut u8, 0, len);
+        libc::munmap(p, len);
     }
     Ok(())
 }
