@@ -86,7 +86,6 @@ fn entries(
             Err(source) => return Err(DataplaneError::Map { map, source }),
         }
     }
-    drop(m);
     if map == MAP_FLOWS {
         for (k, e) in out.iter_mut() {
             *e = merged(dp, k, *e)?;
@@ -129,7 +128,6 @@ fn get(
         Err(MapError::KeyNotFound) => return Ok(None),
         Err(source) => return Err(DataplaneError::Map { map, source }),
     };
-    drop(m);
     if map == MAP_FLOWS {
         return merged(dp, k, v).map(Some);
     }
