@@ -245,8 +245,17 @@ pub const CONFIG: MapSpec = MapSpec {
     flags: 0,
     resize: Resize::Fixed,
 };
-/// Slots of the one-line flow cache in front of [`FLOWS`] (a power of two).
+/// Slots of the one-line flow cache in front of [`FLOWS`] (a power of two; 64 MiB).
 pub const SLOT_COUNT: u32 = 1 << 19;
+/// The program's global holding `SLOTS`' slot count minus one ([`SLOT_COUNT`] `- 1` unless
+/// the loader overrides it together with the map's capacity, as the tests do to make flows
+/// share slots).
+pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";
+/// The program's global that turns the flow cache on (1, the default) or off (0). Its
+/// sequence lock re-reads the sequence word with a plain load, which orders the copy before
+/// it only where loads are not reordered with loads (x86-64): natd turns the cache off on
+/// other architectures, where every packet then takes `FLOWS`.
+pub const SLOT_CACHE_GLOBAL: &str = "SLOT_CACHE";
 /// Slot index -> [`Slot`]: a copy of a `FLOWS` entry where its key hashes to, for the
 /// established path (see [`Slot`]). Written by the program only.
 pub const SLOTS: MapSpec = MapSpec {

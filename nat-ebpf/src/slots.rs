@@ -11,7 +11,7 @@
 //! entry's change.
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd};
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{Global, programs::XdpContext};
 use nat_common::{
     ENTRY_ACKED, ENTRY_SEQ, FlowEntry, FlowTuple, Reason, Slot, maps::SLOT_COUNT, slot_index,
 };
@@ -25,9 +25,23 @@ use crate::{
 /// Words of a `FlowEntry` a slot carries: all but `flow` (whose first word is the lock).
 const ENTRY_WORDS: usize = 12;
 
+/// The slot count of `SLOTS` minus one (see `nat_common::maps::SLOT_MASK_GLOBAL`): a loader
+/// that sizes `SLOTS` otherwise sets it. A constant to the verifier (frozen `.rodata`).
+#[unsafe(no_mangle)]
+static SLOT_MASK: Global<u32> = Global::new(SLOT_COUNT - 1);
+
+/// 1: the cache is used; 0: never (natd clears it where loads may pass loads, see
+/// `nat_common::maps::SLOT_CACHE_GLOBAL`). A constant to the verifier, which then drops the
+/// cache's code.
+#[unsafe(no_mangle)]
+static SLOT_CACHE: Global<u32> = Global::new(1);
+
 #[inline(always)]
 fn slot_of(t: &FlowTuple) -> Option<*mut Slot> {
-    SLOTS.get_ptr_mut(slot_index(t, SLOT_COUNT - 1))
+    if SLOT_CACHE.load() == 0 {
+        return None;
+    }
+    SLOTS.get_ptr_mut(slot_index(t, SLOT_MASK.load()))
 }
 
 /// The slot's sequence word (the eBPF target has 64-bit atomics only, and no atomic types:
@@ -46,15 +60,9 @@ fn filled(s: *mut Slot) -> *mut u64 {
 #[inline(always)]
 fn seq_load(s: *mut Slot) -> u64 {
     // SAFETY: an aligned word of a live map value. A plain load: eBPF has no ordered load
-    // before 6.15 (the locked read of [`seq_fence`] orders what matters).
+    // before 6.15. Reads are not reordered with other reads on x86-64 (the only JIT this
+    // build supports, see the README), so the re-read after the copy orders the copy.
     unsafe { core::ptr::read_volatile(seq(s)) }
-}
-
-/// A locked read: orders the reads before it (on every architecture the JIT targets).
-#[inline(always)]
-fn seq_fence(s: *mut Slot) -> u64 {
-    // SAFETY: as above.
-    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(seq(s), 0) }
 }
 
 #[inline(always)]

@@ -60,8 +60,8 @@ use aya::{
 };
 use nat_common::{
     Counter, IfaceConfig, MAP_DEVMAP, MAP_FLOWS, MAP_IFACES, MAP_MAPPING_STATS, MAP_NAT_IN,
-    MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats, NatConfig, NatValue, ROLE_GUEST,
-    ROLE_PUBLIC, Reason, TIMEOUT_SLOTS,
+    MAP_NAT_OUT, MAP_PENDING, MAP_SLOTS, MAP_STATS, MappingStats, NatConfig, NatValue, ROLE_GUEST,
+    ROLE_PUBLIC, Reason, SLOT_MASK_GLOBAL, TIMEOUT_SLOTS,
 };
 use nat_userspace::{state::DesiredState, tables::Tables};
 
@@ -148,6 +148,10 @@ pub const TEST_MAX_MAPPINGS: u32 = 1024;
 /// `PENDING` as many): far above the flows any test keeps at once (tests that send many frames
 /// clear the table regularly), so the LRU never evicts.
 pub const TEST_CONNTRACK_SIZE: u32 = 16_384;
+/// Slots of the flow cache (`SLOTS`) in tests: so few that the flows of a scenario share
+/// slots (take each other's, or stay on `FLOWS` while the slot's flow is busy), which the
+/// differential tests must not be able to tell from a cache of one slot per flow.
+pub const TEST_SLOTS: u32 = 16;
 /// The route generation the bench starts with.
 pub const TEST_ROUTE_GEN: u32 = 1;
 /// Idle timeout of every conntrack state in tests (one hour): nothing expires by itself.
@@ -402,6 +406,8 @@ impl Harness {
             .map_max_entries(MAP_MAPPING_STATS, TEST_MAX_MAPPINGS)
             .map_max_entries(MAP_FLOWS, 2 * TEST_CONNTRACK_SIZE)
             .map_max_entries(MAP_PENDING, TEST_CONNTRACK_SIZE)
+            .map_max_entries(MAP_SLOTS, TEST_SLOTS)
+            .override_global(SLOT_MASK_GLOBAL, &(TEST_SLOTS - 1), true)
             .load(nat_userspace::EBPF_OBJECT)
             .context("load EBPF_OBJECT")?;
         let prog: &mut Xdp = ebpf

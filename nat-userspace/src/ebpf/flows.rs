@@ -2,11 +2,9 @@
 //! last-seen time), whole-flow removal (both entries), and the capacity.
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::Array;
 use nat_common::{
-    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, MAP_SLOTS, ORIGIN_GUEST, Slot,
+    ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, MAP_SLOTS, ORIGIN_GUEST,
     conntrack::{ASSURED, SEEN_REPLY, State},
-    slot_index,
 };
 
 use super::*;
@@ -87,23 +85,12 @@ fn entries(
         }
     }
     if map == MAP_FLOWS {
+        let slots = dp.slot_view()?;
         for (k, e) in out.iter_mut() {
-            *e = merged(dp, k, *e)?;
+            *e = slots.merged(k, *e);
         }
     }
     Ok(out)
-}
-
-/// `e` (the `FLOWS` entry keyed `k`) with what fast packets changed in its slot merged in:
-/// the program writes those to the slot only (see `nat_common::Slot`).
-fn merged(dp: &mut Dataplane, k: &FlowTuple, e: FlowEntry) -> Result<FlowEntry, DataplaneError> {
-    let slots: Array<_, Slot> = Array::try_from(dp.map(MAP_SLOTS)?).map_err(map_err(MAP_SLOTS))?;
-    let i = slot_index(k, nat_common::maps::SLOT_COUNT - 1);
-    let slot = slots.get(&i, 0).map_err(|source| DataplaneError::Map {
-        map: MAP_SLOTS,
-        source,
-    })?;
-    Ok(slot.merged_into(k, e))
 }
 
 fn remove(dp: &mut Dataplane, map: &'static str, k: &FlowTuple) -> Result<bool, DataplaneError> {
@@ -129,7 +116,7 @@ fn get(
         Err(source) => return Err(DataplaneError::Map { map, source }),
     };
     if map == MAP_FLOWS {
-        return merged(dp, k, v).map(Some);
+        return Ok(Some(dp.slot_view()?.merged(k, v)));
     }
     Ok(Some(v))
 }
@@ -145,6 +132,22 @@ fn reply_seen(all: &[(FlowTuple, FlowEntry)]) -> BTreeMap<FlowTuple, u64> {
 }
 
 impl Dataplane {
+    /// `SLOTS` mapped for reading: `FLOWS` entries are read merged with their slots (the
+    /// program writes what fast packets change to the slot only, see `nat_common::Slot`).
+    pub fn slot_view(&mut self) -> Result<SlotView, DataplaneError> {
+        let map = match self.map(MAP_SLOTS)? {
+            aya::maps::Map::Array(d) => d,
+            _ => return Err(DataplaneError::MissingMap(MAP_SLOTS)),
+        };
+        Ok(SlotView::of(map)?)
+    }
+
+    /// The `FLOWS` entry keyed `k` as the program's full path would use it (merged with its
+    /// slot), if there is one.
+    pub fn flow_entry(&mut self, k: &FlowTuple) -> Result<Option<FlowEntry>, DataplaneError> {
+        get(self, MAP_FLOWS, k)
+    }
+
     /// Every flow (its original entry), assured and pending.
     pub fn flows(&mut self) -> Result<Vec<FlowView>, DataplaneError> {
         let mut out = Vec::new();

@@ -13,11 +13,13 @@ mod maps;
 mod migrate;
 pub mod plan;
 mod slots;
+pub mod slotview;
 #[cfg(test)]
 mod upgrade_tests;
 
 pub use flows::FlowView;
 pub use maps::write_entry;
+pub use slotview::{SlotView, SlotViewError};
 
 use std::{
     collections::BTreeMap,
@@ -76,6 +78,8 @@ pub enum DataplaneError {
     },
     #[error("the XDP object has no program {PROGRAM}")]
     MissingProgram,
+    #[error(transparent)]
+    Slots(#[from] SlotViewError),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -321,7 +325,17 @@ impl Dataplane {
     /// capacity are migrated where their spec allows it ([`migrate`]); anything else that
     /// differs from this natd's layout is refused before anything is changed ([`plan`]).
     pub fn open(object: &[u8], sizes: Sizes, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
+        // The flow cache's sequence lock needs loads kept in order with loads (see
+        // `spec::SLOT_CACHE_GLOBAL`).
+        let cache = u32::from(cfg!(target_arch = "x86_64"));
+        if cache == 0 {
+            log::warn!(
+                "the flow cache (SLOTS) is off on this architecture: every established packet \
+                 looks its flow up in FLOWS"
+            );
+        }
         let mut loader = aya::EbpfLoader::new();
+        loader.override_global(spec::SLOT_CACHE_GLOBAL, &cache, true);
         for m in spec::MAPS {
             if let Some(n) = sizes.of(m.name) {
                 loader.map_max_entries(m.name, n);

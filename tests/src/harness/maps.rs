@@ -15,9 +15,9 @@ use aya::{
 use nat_common::{
     EgSvcData, Event, FlowEntry, FlowTuple, FwSrcData, FwSvcData, MAP_CONFIG, MAP_EG_DST,
     MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_PENDING, MAP_SLOTS,
-    NatConfig, RuleBits, Slot, slot_index,
+    NatConfig, RuleBits, Slot,
 };
-use nat_userspace::tables::Entry;
+use nat_userspace::{ebpf::SlotView, tables::Entry};
 
 use crate::model::Events;
 
@@ -113,9 +113,12 @@ fn slots(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut MapData, Slot>> {
     )?)
 }
 
-/// The slot `k` hashes to.
-fn slot_of(k: &FlowTuple) -> u32 {
-    slot_index(k, nat_common::maps::SLOT_COUNT - 1)
+/// `SLOTS` mapped for reading, as natd reads it.
+pub fn slot_view(ebpf: &Ebpf) -> anyhow::Result<SlotView> {
+    match ebpf.map(MAP_SLOTS).context("no map SLOTS")? {
+        aya::maps::Map::Array(d) => Ok(SlotView::of(d)?),
+        _ => bail!("SLOTS is not an array"),
+    }
 }
 
 /// Every entry of `FLOWS` and `PENDING`, with the map it is in (`true`: `PENDING`); a
@@ -131,10 +134,10 @@ pub fn read_entries(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<FlowTuple, (Flow
             }
         }
     }
-    let slots = slots(ebpf)?;
+    let slots = slot_view(ebpf)?;
     for (k, (e, pending)) in out.iter_mut() {
         if !*pending {
-            *e = slots.get(&slot_of(k), 0)?.merged_into(k, *e);
+            *e = slots.merged(k, *e);
         }
     }
     Ok(out)
@@ -143,8 +146,8 @@ pub fn read_entries(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<FlowTuple, (Flow
 /// Empties the slot holding `k`, if one does (a test writing or removing `k`'s entry: the
 /// program never sees a slot outlive its entry's change).
 fn drop_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<()> {
+    let i = slot_view(ebpf)?.index(k);
     let mut slots = slots(ebpf)?;
-    let i = slot_of(k);
     if slots.get(&i, 0)?.key == *k {
         slots.set(i, Slot::default(), 0)?;
     }
@@ -178,30 +181,11 @@ pub fn clear_flows(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     clear_slots(ebpf)
 }
 
-/// Empties every slot: the array is mapped (`BPF_F_MMAPABLE`) and zeroed in place, rather
-/// than written slot by slot with a system call each.
+/// Empties every slot (the tests' array is small, see `TEST_SLOTS`).
 fn clear_slots(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    use aya::maps::IterableMap as _;
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let slots = slots(ebpf)?;
-    let fd = slots.map().fd().as_fd().as_raw_fd();
-    let len = nat_common::maps::SLOT_COUNT as usize * size_of::<Slot>();
-    // SAFETY: a shared mapping of the whole array, which the kernel sized to `len` (page
-    // multiple); unmapped before return; nothing else holds it.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            bail!("mmap SLOTS: {}", std::io::Error::last_os_error());
-        }
-        std::ptr::write_bytes(p as *mut u8, 0, len);
-        libc::munmap(p, len);
+    let mut slots = slots(ebpf)?;
+    for i in 0..slots.len() {
+        slots.set(i, Slot::default(), 0)?;
     }
     Ok(())
 }
