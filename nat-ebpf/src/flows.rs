@@ -23,14 +23,14 @@ pub struct Found {
 #[inline(always)]
 pub fn lookup(t: &FlowTuple) -> Option<Found> {
     if let Some(entry) = FLOWS.get_ptr_mut(t) {
-        slots::take(t, Some(entry));
+        slots::take(t, entry);
         return Some(Found {
             entry,
             pending: false,
         });
     }
     // A slot whose entry is gone.
-    slots::take(t, None);
+    slots::take(t, core::ptr::null_mut());
     PENDING.get_ptr_mut(t).map(|entry| Found {
         entry,
         pending: true,
@@ -50,7 +50,7 @@ pub fn lookup_in(pending: bool, t: &FlowTuple) -> Option<*mut FlowEntry> {
         PENDING.get_ptr_mut(t)
     } else {
         let e = FLOWS.get_ptr_mut(t);
-        slots::take(t, e);
+        slots::take(t, e.unwrap_or(core::ptr::null_mut()));
         e
     }
 }
@@ -60,7 +60,7 @@ fn remove_in(pending: bool, t: &FlowTuple) {
     let _ = if pending {
         PENDING.remove(t)
     } else {
-        slots::take(t, None);
+        slots::take(t, core::ptr::null_mut());
         FLOWS.remove(t)
     };
 }

@@ -59,7 +59,7 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut may_open = true;
     if let Some(tuple) = l4.tuple(&pkt) {
-        if let Some(done) = slots::forward(ctx, &pkt, &l4, &tuple, ingress) {
+        if let Some(done) = slots::forward(ctx, &pkt, &l4, &tuple) {
             return Ok(done);
         }
         match flows::lookup(&tuple) {
