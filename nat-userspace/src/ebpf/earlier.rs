@@ -1,14 +1,24 @@
 //! The earlier map layouts natd upgrades from without a restart of the fast path: for each
-//! layout version, the maps whose values changed since and how to convert their entries (the
-//! other maps of that layout are this layout's, adopted or resized as usual). Pins of a layout
-//! not listed here are refused ([`super::plan`]). The value types of earlier layouts live here,
-//! not in nat-common, which holds only the current layout.
+//! layout version, the maps whose values changed since and how to convert their entries, and
+//! the maps added since (created empty, as on a first start); the other maps of that layout
+//! are this layout's, adopted or resized as usual. Pins of a layout not listed here are
+//! refused ([`super::plan`]). The value types of earlier layouts live here, not in
+//! nat-common, which holds only the current layout.
+//!
+//! The layouts, and what each bump changed:
+//! - 2 -> 3: `FLOWS` and `PENDING` values gained the TCP window fields (`seq_end`,
+//!   `max_ack`): entries converted ([`FlowEntryV2`]).
+//! - 3 -> 4: `SLOTS` added (the one-line flow cache in front of `FLOWS`, written by the
+//!   program only: created empty, its slots fill as packets come); `EVENTS` one counter longer
+//!   (`slot_hit`, appended), which its [`nat_common::maps::Resize::Counters`] migration
+//!   re-creates with the pinned counts carried over, as for any build with other events.
 //!
 //! Adding a bump: describe the old values here (a `#[repr(C)]` struct with a size assertion and
 //! a conversion to the new one), add a [`Convert`] variant read by
-//! [`super::migrate`], and list the changed maps under the old version. Conversions of older
-//! layouts go straight to the current values.
-use nat_common::{FlowEntry, FlowKey, FlowTuple, MAP_FLOWS, MAP_PENDING};
+//! [`super::migrate`], and list the changed maps under the old version; list a new map under
+//! every earlier version as added. Conversions of older layouts go straight to the current
+//! values.
+use nat_common::{FlowEntry, FlowKey, FlowTuple, MAP_FLOWS, MAP_PENDING, MAP_SLOTS};
 
 /// How the entries of a changed map are converted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +42,8 @@ pub struct Changed {
 pub struct Earlier {
     pub version: u32,
     pub changed: &'static [Changed],
+    /// Maps of this layout that layout `version` did not have: not pinned, they are created.
+    pub added: &'static [&'static str],
 }
 
 impl Earlier {
@@ -39,26 +51,39 @@ impl Earlier {
     pub fn changed(&self, map: &str) -> Option<Changed> {
         self.changed.iter().find(|c| c.map == map).copied()
     }
+
+    /// Whether `map` was added since this layout.
+    pub fn added(&self, map: &str) -> bool {
+        self.added.contains(&map)
+    }
 }
 
 const V2_FLOW_SIZE: u32 = size_of::<FlowEntryV2>() as u32;
 
 /// Every earlier layout natd upgrades from.
-pub const EARLIER: &[Earlier] = &[Earlier {
-    version: 2,
-    changed: &[
-        Changed {
-            map: MAP_FLOWS,
-            value_size: V2_FLOW_SIZE,
-            how: Convert::FlowEntryV2,
-        },
-        Changed {
-            map: MAP_PENDING,
-            value_size: V2_FLOW_SIZE,
-            how: Convert::FlowEntryV2,
-        },
-    ],
-}];
+pub const EARLIER: &[Earlier] = &[
+    Earlier {
+        version: 2,
+        changed: &[
+            Changed {
+                map: MAP_FLOWS,
+                value_size: V2_FLOW_SIZE,
+                how: Convert::FlowEntryV2,
+            },
+            Changed {
+                map: MAP_PENDING,
+                value_size: V2_FLOW_SIZE,
+                how: Convert::FlowEntryV2,
+            },
+        ],
+        added: &[MAP_SLOTS],
+    },
+    Earlier {
+        version: 3,
+        changed: &[],
+        added: &[MAP_SLOTS],
+    },
+];
 
 /// The earlier layout of `version`, if natd upgrades from it.
 pub fn of(version: u32) -> Option<&'static Earlier> {
@@ -154,6 +179,25 @@ mod tests {
                 let m = spec::MAPS.iter().find(|m| m.name == c.map);
                 let m = m.unwrap_or_else(|| panic!("no map {}", c.map));
                 assert_ne!(m.value_size, c.value_size, "{} did not change", c.map);
+                assert!(!e.added(c.map), "{} both changed and added", c.map);
+            }
+            for a in e.added {
+                assert!(
+                    super::super::adopt::pinned_maps().any(|m| m.name == *a),
+                    "no pinned map {a}"
+                );
+            }
+        }
+    }
+
+    /// A map added since a layout is added since every layout before it too.
+    #[test]
+    fn a_map_added_since_a_layout_is_added_since_every_earlier_one() {
+        for e in EARLIER {
+            for older in EARLIER.iter().filter(|o| o.version < e.version) {
+                for a in e.added {
+                    assert!(older.added(a), "layout {} lacks {a} too", older.version);
+                }
             }
         }
     }

@@ -2,8 +2,9 @@
 //! the pins and what this natd's layout ([`spec::MAPS`], [`spec::LAYOUT_VERSION`]) and
 //! configuration want: adopt it as it is, migrate it (a counter array, or a table natd sizes
 //! at load, re-created at the wanted capacity; see [`spec::Resize`]; or a table of an
-//! [`earlier`] layout, its entries converted), or refuse to start with every difference named
-//! and what to run. Pure: every case is tested here, without BPF.
+//! [`earlier`] layout, its entries converted), create it (a map added since that earlier
+//! layout), or refuse to start with every difference named and what to run. Pure: every case
+//! is tested here, without BPF.
 use std::{fmt, path::Path};
 
 use nat_common::maps::{self as spec, MapKind, MapSpec, Resize};
@@ -245,7 +246,8 @@ fn decide_changed(
 /// this natd's layout version or one of an [`earlier`] layout natd upgrades from (`version`,
 /// read from the pinned `META`; `None` when `META` is not pinned or cannot be read as this
 /// layout's `META`), and every map must be pinned and adoptable or migratable (converted,
-/// where an earlier layout's map changed since); else the refusal names every difference.
+/// where an earlier layout's map changed since), except a map added since that earlier
+/// layout, which is created where nothing is pinned; else the refusal names every difference.
 pub fn plan(pinned: &[Pinned], version: Option<u32>) -> Result<Vec<(MapSpec, Action)>, Refusal> {
     if pinned.iter().all(|p| p.found.is_none()) {
         return Ok(pinned.iter().map(|p| (p.spec, Action::Create)).collect());
@@ -289,6 +291,10 @@ pub fn plan(pinned: &[Pinned], version: Option<u32>) -> Result<Vec<(MapSpec, Act
     let mut mismatches = Vec::new();
     for p in pinned {
         let Some(found) = p.found else {
+            if upgrade.is_some_and(|e| e.added(p.spec.name)) {
+                out.push((p.spec, Action::Create));
+                continue;
+            }
             mismatches.push(Mismatch {
                 map: p.spec.name,
                 what: "pin",

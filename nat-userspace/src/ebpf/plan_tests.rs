@@ -235,10 +235,88 @@ fn fewer_mappings_are_refused_while_slots_beyond_are_in_use() {
     );
 }
 
-/// Layout 2's pins: this layout's maps, but `FLOWS` and `PENDING` of 104-byte values.
+/// `EVENTS` of layouts 2 and 3: one counter short of this layout's (no `slot_hit`).
+const EVENTS_3: u32 = spec::EVENTS.max_entries - 1;
+
+/// Layout 3's pins: this layout's maps without `SLOTS`, `EVENTS` one counter shorter.
+fn layout_3() -> Vec<Pinned> {
+    let pins = with(all_as_wanted(), "SLOTS", |p| p.found = None);
+    with(pins, "EVENTS", |p| {
+        p.found.as_mut().unwrap().max_entries = EVENTS_3
+    })
+}
+
+/// Layout 2's pins: layout 3's, but `FLOWS` and `PENDING` of 104-byte values.
 fn layout_2() -> Vec<Pinned> {
     let v2 = |p: &mut Pinned| p.found.as_mut().unwrap().value_size = 104;
-    with(with(all_as_wanted(), "FLOWS", v2), "PENDING", v2)
+    with(with(layout_3(), "FLOWS", v2), "PENDING", v2)
+}
+
+/// What becomes of layout 2's and 3's `EVENTS`.
+const EVENTS_UP: (&str, Action) = (
+    "EVENTS",
+    Action::Counters {
+        from: EVENTS_3,
+        to: spec::EVENTS.max_entries,
+    },
+);
+const SLOTS_NEW: (&str, Action) = ("SLOTS", Action::Create);
+
+#[test]
+fn layout_3_gets_the_flow_cache_created_its_events_resized_and_the_rest_adopted() {
+    let p = plan(&layout_3(), Some(3)).unwrap();
+    assert_eq!(actions(&p), [EVENTS_UP, SLOTS_NEW]);
+    assert_eq!(p.len(), spec::MAPS.len() - 1, "all but SCRATCH");
+    // An upgrade that stopped after the loader created SLOTS (META still 3): adopted.
+    let pins = with(layout_3(), "SLOTS", |p| p.found = Some(shape(&spec::SLOTS)));
+    let p = plan(&pins, Some(3)).unwrap();
+    assert_eq!(actions(&p), [EVENTS_UP]);
+    // A SLOTS of another shape is not this layout's: refused.
+    let pins = with(layout_3(), "SLOTS", |p| {
+        p.found = Some(Shape {
+            max_entries: 1024,
+            ..shape(&spec::SLOTS)
+        })
+    });
+    let r = plan(&pins, Some(3)).unwrap_err();
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [format!(
+            "SLOTS: capacity found 1024, wanted {}",
+            spec::SLOT_COUNT
+        )]
+    );
+}
+
+#[test]
+fn a_map_of_this_layout_missing_from_its_own_pins_is_refused_naming_it() {
+    let pins = with(all_as_wanted(), "SLOTS", |p| p.found = None);
+    let r = plan(&pins, V).unwrap_err();
+    assert_eq!(r.remedy, Remedy::Afresh);
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["SLOTS: pin found none, wanted one, as the other maps are pinned"]
+    );
+}
+
+#[test]
+fn only_maps_added_since_the_pinned_layout_may_be_missing() {
+    // Layout 3 had PENDING: missing, it is refused as ever (SLOTS alone may be missing).
+    let pins = with(layout_3(), "PENDING", |p| p.found = None);
+    let r = plan(&pins, Some(3)).unwrap_err();
+    assert_eq!(
+        r.mismatches
+            .iter()
+            .map(|m| (m.map, m.what))
+            .collect::<Vec<_>>(),
+        [("PENDING", "pin")]
+    );
 }
 
 fn convert_2(from: u32, to: u32) -> Action {
@@ -259,9 +337,17 @@ fn layout_2_converts_the_flow_tables_and_adopts_the_other_maps() {
         [
             ("FLOWS", convert_2(flows, flows)),
             ("PENDING", convert_2(pending, pending)),
+            EVENTS_UP,
+            SLOTS_NEW,
         ]
     );
-    assert!(p.iter().all(|(_, a)| a.migrates() == a.convert().is_some()));
+    // Of the maps that migrate, only EVENTS (a counter array of layout 3's size) is not
+    // converted.
+    assert!(
+        p.iter()
+            .filter(|(m, _)| m.name != "EVENTS")
+            .all(|(_, a)| a.migrates() == a.convert().is_some())
+    );
     // Resized too where the configuration says so.
     let pins = with(layout_2(), "FLOWS", |p| p.want_max = 64);
     let pins = with(pins, "NAT_IN", |p| p.want_max = 512);
@@ -278,6 +364,8 @@ fn layout_2_converts_the_flow_tables_and_adopts_the_other_maps() {
             ),
             ("FLOWS", convert_2(flows, 64)),
             ("PENDING", convert_2(pending, pending)),
+            EVENTS_UP,
+            SLOTS_NEW,
         ]
     );
 }
@@ -290,7 +378,14 @@ fn a_flow_table_a_stopped_upgrade_put_in_place_already_is_adopted() {
     });
     let p = plan(&pins, Some(2)).unwrap();
     let pending = spec::PENDING.max_entries;
-    assert_eq!(actions(&p), [("PENDING", convert_2(pending, pending))]);
+    assert_eq!(
+        actions(&p),
+        [
+            ("PENDING", convert_2(pending, pending)),
+            EVENTS_UP,
+            SLOTS_NEW
+        ]
+    );
 }
 
 #[test]

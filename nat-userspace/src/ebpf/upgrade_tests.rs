@@ -3,7 +3,7 @@
 //! with other sizes. Needs root, as `the_object_matches_the_map_specs` does.
 use std::os::fd::{FromRawFd as _, OwnedFd};
 
-use nat_common::{ENTRY_ORIG, proto};
+use nat_common::{ENTRY_ORIG, MAP_SLOTS, proto};
 
 use super::{earlier::FlowEntryV2, plan::Remedy, *};
 
@@ -320,6 +320,100 @@ fn set_layout_version(pins: &TmpPins, v: u32) {
     Array::<_, u32>::try_from(m).unwrap().set(0, v, 0).unwrap();
 }
 
+/// Count of `EVENTS` slot `i` on each CPU in the pins [`make_layout_3`] makes.
+fn known_count(i: u32) -> u64 {
+    100 + u64::from(i)
+}
+
+/// Makes this layout's pins look like layout 3's (and 2's, whose other maps are layout 3's):
+/// no `SLOTS` pin, an `EVENTS` one counter shorter (no `slot_hit`) counting
+/// [`known_count`] on every CPU, `META` stamped 3.
+fn make_layout_3(pins: &TmpPins) {
+    std::fs::remove_file(pins.0.map(MAP_SLOTS)).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let mut old = PerCpuArray::<MapData, u64>::create(spec::EVENTS.max_entries - 1, 0).unwrap();
+    for i in 0..spec::EVENTS.max_entries - 1 {
+        let counts = PerCpuValues::try_from(vec![known_count(i); cpus]).unwrap();
+        old.set(i, counts, 0).unwrap();
+    }
+    let path = pins.0.map(MAP_EVENTS);
+    std::fs::remove_file(&path).unwrap();
+    old.pin(&path).unwrap();
+    set_layout_version(pins, 3);
+}
+
+/// Each slot of the pinned `EVENTS`, summed over the CPUs.
+fn pinned_events(pins: &TmpPins) -> Vec<u64> {
+    let m = aya::maps::Map::PerCpuArray(MapData::from_pin(pins.0.map(MAP_EVENTS)).unwrap());
+    let m = PerCpuArray::<_, u64>::try_from(m).unwrap();
+    (0..m.len())
+        .map(|i| m.get(&i, 0).unwrap().iter().sum())
+        .collect()
+}
+
+/// What `EVENTS` holds once the pins of [`make_layout_3`] are upgraded: the counts carried
+/// over, `slot_hit` 0.
+fn upgraded_events() -> Vec<u64> {
+    let cpus = aya::util::nr_cpus().unwrap() as u64;
+    let mut want: Vec<u64> = (0..spec::EVENTS.max_entries - 1)
+        .map(|i| known_count(i) * cpus)
+        .collect();
+    want.push(0);
+    want
+}
+
+/// The pinned `SLOTS` as the kernel describes it: (capacity, value size, flags).
+fn pinned_slots(pins: &TmpPins) -> (u32, u32, u32) {
+    let info = MapInfo::from_pin(pins.0.map(MAP_SLOTS)).unwrap();
+    (info.max_entries(), info.value_size(), info.map_flags())
+}
+
+const SLOTS_AS_WANTED: (u32, u32, u32) =
+    (spec::SLOT_COUNT, spec::SLOTS.value_size, spec::SLOTS.flags);
+
+#[test]
+fn layout_3_pins_are_adopted_and_the_flow_cache_created() {
+    let pins = TmpPins::new("layout3");
+    let mut dp = pins.open(16, 8).unwrap();
+    insert_flow(&mut dp, 1);
+    insert_flow(&mut dp, 2);
+    let v = NatValue {
+        addr: 7,
+        slot: 1,
+        ..NatValue::default()
+    };
+    dp.nat_map(MAP_NAT_IN).unwrap().insert(9, v, 0).unwrap();
+    let flows = flow_table(&mut dp, MAP_FLOWS);
+    drop(dp);
+    make_layout_3(&pins);
+    assert!(
+        !pins.pins().iter().any(|p| p == MAP_SLOTS),
+        "{:?}",
+        pins.pins()
+    );
+    assert_eq!(layout_version(&pins), 3);
+
+    let mut dp = pins.open(16, 8).unwrap();
+    assert!(dp.adopted());
+    assert_eq!(flow_table(&mut dp, MAP_FLOWS), flows);
+    assert_eq!(flow_keys(&mut dp), [1, 2, 1001, 1002]);
+    assert_eq!(dp.nat_map(MAP_NAT_IN).unwrap().get(&9, 0).unwrap(), v);
+    assert_eq!(pinned_events(&pins), upgraded_events());
+    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
+    assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
+    assert!(
+        !pins.pins().iter().any(|p| p.ends_with("_migrating")),
+        "{:?}",
+        pins.pins()
+    );
+    drop(dp);
+    // Adopted as it is now, SLOTS with it.
+    let mut dp = pins.open(16, 8).unwrap();
+    assert_eq!(flow_table(&mut dp, MAP_FLOWS), flows);
+    assert_eq!(pinned_events(&pins), upgraded_events());
+    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
+}
+
 #[test]
 fn layout_2_flows_are_converted_and_the_other_maps_adopted() {
     // One CPU: the kernel's per-CPU LRU free lists then fill exactly to the capacity.
@@ -327,7 +421,7 @@ fn layout_2_flows_are_converted_and_the_other_maps_adopted() {
     one.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
     let pins = TmpPins::new("layout2");
-    // Layout 2's pins: the maps that did not change are this layout's.
+    // Layout 2's pins: layout 3's but for the flow tables (see `make_layout_3`).
     let mut dp = pins.open(16, 8).unwrap();
     let v = NatValue {
         addr: 7,
@@ -336,6 +430,7 @@ fn layout_2_flows_are_converted_and_the_other_maps_adopted() {
     };
     dp.nat_map(MAP_NAT_IN).unwrap().insert(9, v, 0).unwrap();
     drop(dp);
+    make_layout_3(&pins);
     let flows: Vec<_> = [1, 2, 3].into_iter().flat_map(v2_flow).collect();
     let pending = v2_flow(4);
     pin_v2_flow_table(&pins, MAP_FLOWS, 32, &flows);
@@ -357,6 +452,8 @@ fn layout_2_flows_are_converted_and_the_other_maps_adopted() {
     assert_eq!(flow_table(&mut dp, MAP_PENDING), want);
     assert_eq!(dp.nat_map(MAP_NAT_IN).unwrap().get(&9, 0).unwrap(), v);
     assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
+    assert_eq!(pinned_events(&pins), upgraded_events());
+    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
     assert_eq!(
         (pins.capacity(MAP_FLOWS), pins.capacity(MAP_PENDING)),
         (4, 2)
@@ -382,7 +479,9 @@ fn an_upgrade_that_stopped_midway_is_completed() {
     let mut dp = pins.open(16, 8).unwrap();
     insert_flow(&mut dp, 1);
     drop(dp);
-    // FLOWS converted and put in place, PENDING not yet, META still 2.
+    // A layout 3 natd's upgrade from layout 2: FLOWS converted and put in place, PENDING not
+    // yet, META still 2 (so no SLOTS yet either).
+    make_layout_3(&pins);
     let pending = v2_flow(4);
     pin_v2_flow_table(&pins, MAP_PENDING, 16, &pending);
     set_layout_version(&pins, 2);
@@ -392,6 +491,8 @@ fn an_upgrade_that_stopped_midway_is_completed() {
     let want: BTreeMap<FlowTuple, FlowEntry> =
         pending.iter().map(|(k, e)| (*k, as_v3(e))).collect();
     assert_eq!(flow_table(&mut dp, MAP_PENDING), want);
+    assert_eq!(pinned_events(&pins), upgraded_events());
+    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
     assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
 }
 
