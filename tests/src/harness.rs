@@ -557,6 +557,27 @@ impl Harness {
         Ok(out)
     }
 
+    /// The program's slot hits so far (the flow cache's own count, left out of the events
+    /// the model is compared on).
+    pub fn slot_hits(&self) -> anyhow::Result<u64> {
+        maps::slot_hits(&self.ebpf.borrow())
+    }
+
+    /// The key held by the slot `k` hashes to (`proto` 0: empty).
+    pub fn slot_key(&self, k: &nat_common::FlowTuple) -> anyhow::Result<nat_common::FlowTuple> {
+        maps::slot_key(&self.ebpf.borrow(), k)
+    }
+
+    /// Makes `k`'s slot look filled long ago; whether a slot held `k`.
+    pub fn age_slot(&self, k: &nat_common::FlowTuple) -> anyhow::Result<bool> {
+        maps::age_slot(&mut self.ebpf.borrow_mut(), k)
+    }
+
+    /// The slot `k` hashes to in the tests' `SLOTS`.
+    pub fn slot_index(k: &nat_common::FlowTuple) -> u32 {
+        nat_common::slot_index(k, TEST_SLOTS - 1)
+    }
+
     /// Runs `frame` as if received on `ingress` and reports what the program did.
     pub fn run(&self, ingress: u32, frame: &[u8]) -> anyhow::Result<Outcome> {
         let len = frame.len();

@@ -26,3 +26,5 @@ mod random;
 mod routes;
 #[path = "testrun/scenarios.rs"]
 mod scenarios;
+#[path = "testrun/slots.rs"]
+mod slots;

@@ -189,3 +189,38 @@ fn clear_slots(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The program's slot hits so far (`Event::SlotHit`, which [`read_events`] leaves out).
+pub fn slot_hits(ebpf: &Ebpf) -> anyhow::Result<u64> {
+    let m: PerCpuArray<_, u64> = ebpf.map(MAP_EVENTS).context("no map EVENTS")?.try_into()?;
+    Ok(m.get(&(Event::SlotHit as u32), 0)?.iter().sum())
+}
+
+/// The key held by the slot `k` hashes to (`proto` 0: empty).
+pub fn slot_key(ebpf: &Ebpf, k: &FlowTuple) -> anyhow::Result<FlowTuple> {
+    slot_view(ebpf)?
+        .slot(k)
+        .map(|s| s.key)
+        .context("the slot kept being written")
+}
+
+/// Makes the slot holding `k` look filled long ago, so that `k`'s next packet takes `FLOWS`
+/// and refills it: half the jiffies clock's range away (the tests' second is `u32::MAX`
+/// jiffies, so that nothing is refreshed by time). Returns whether a slot held `k`.
+pub fn age_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<bool> {
+    let i = slot_view(ebpf)?.index(k);
+    let mut slots = slots(ebpf)?;
+    let s = slots.get(&i, 0)?;
+    if s.key != *k {
+        return Ok(false);
+    }
+    let mut bytes = [0u8; size_of::<Slot>()];
+    // SAFETY: `Slot` is plain `#[repr(C)]` data of exactly this size.
+    unsafe { std::ptr::write_unaligned(bytes.as_mut_ptr().cast::<Slot>(), s) };
+    bytes[Slot::FILLED_OFFSET..Slot::FILLED_OFFSET + 8]
+        .copy_from_slice(&(1u64 << 63).to_ne_bytes());
+    // SAFETY: as above; every bit pattern is a valid `Slot`.
+    let aged = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Slot>()) };
+    slots.set(i, aged, 0)?;
+    Ok(true)
+}
