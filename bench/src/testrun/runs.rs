@@ -19,7 +19,8 @@ const SEED_STRIDE: u64 = 7_919;
 pub type Counters = (Vec<u64>, Vec<u64>);
 
 /// What a run of the program must have done: every repetition ended with `reason`, and the
-/// events moved by exactly `events` (every other event stayed still).
+/// events moved by exactly `events` (every other event stayed still, but slot hits: at most
+/// one per fast-path packet).
 pub struct Expect<'a> {
     pub reason: Reason,
     pub events: &'a [(Event, u64)],
@@ -84,19 +85,22 @@ impl Bed {
                 .collect(),
         );
         let total: u64 = ds.iter().sum();
-        // PROTOTYPE: slot hits are reported, not checked.
-        if de[Event::SlotHit as usize] > 0 {
-            eprintln!("{what}: slot_hit {} of {n}", de[Event::SlotHit as usize]);
+        // Slot hits are fast-path packets served from the flow cache (`SLOTS`): the path is
+        // the fast path either way, so they are logged, and only bounded by the fast path's.
+        let hits = de[Event::SlotHit as usize];
+        if hits > 0 {
+            eprintln!("{what}: {hits} of {n} served from their flow's slot");
         }
-        let events_ok = Event::ALL.iter().zip(&de).all(|(e, d)| {
-            *e == Event::SlotHit
-                || *d
-                    == want
-                        .events
-                        .iter()
-                        .find(|(w, _)| w == e)
-                        .map_or(0, |(_, n)| *n)
-        });
+        let events_ok = hits <= de[Event::FastPath as usize]
+            && Event::ALL.iter().zip(&de).all(|(e, d)| {
+                *e == Event::SlotHit
+                    || *d
+                        == want
+                            .events
+                            .iter()
+                            .find(|(w, _)| w == e)
+                            .map_or(0, |(_, n)| *n)
+            });
         ensure!(
             ds[want.reason as usize] == n && total == n && events_ok,
             "{what}: expected {n} x {} with events {:?}; STATS moved: {reasons}; EVENTS moved: \

@@ -10,10 +10,8 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, ensure};
-use aya::maps::HashMap;
 use nat_common::{
-    ENTRY_ACKED, ENTRY_FAST, ENTRY_PENDING, ENTRY_SEQ, Event, FlowEntry, FlowTuple, MAP_FLOWS,
-    Reason,
+    ENTRY_ACKED, ENTRY_FAST, ENTRY_PENDING, ENTRY_SEQ, Event, FlowEntry, FlowTuple, Reason,
     conntrack::{ASSURED, State},
     proto,
 };
@@ -186,32 +184,18 @@ impl Bed {
     }
 
     /// The hot pair's TCP flow reached through `public`: its reply and original entries in
-    /// `FLOWS`.
+    /// `FLOWS`, as natd reads them (merged with their slots, where fast packets note their
+    /// segments).
     pub fn tcp_entries(&mut self, public: Ipv4Addr) -> anyhow::Result<(FlowEntry, FlowEntry)> {
-        let flows: HashMap<_, FlowTuple, FlowEntry> = self
+        let reply = self
             .dp
-            .ebpf_mut()
-            .map(MAP_FLOWS)
-            .context("FLOWS")?
-            .try_into()?;
-        let rk = reply_key(public);
-        let reply = flows
-            .get(&rk, 0)
+            .flow_entry(&reply_key(public))?
             .with_context(|| format!("TCP flow to {public}: no reply entry in FLOWS"))?;
-        let ok = reply.peer;
-        let orig = flows
-            .get(&ok, 0)
-            .with_context(|| format!("TCP flow to {public}: no original entry in FLOWS"))?;
-        let slots: aya::maps::Array<_, nat_common::Slot> = self
+        let orig = self
             .dp
-            .ebpf_mut()
-            .map(nat_common::MAP_SLOTS)
-            .context("SLOTS")?
-            .try_into()?;
-        let mask = nat_common::maps::SLOT_COUNT - 1;
-        let r = slots.get(&nat_common::slot_index(&rk, mask), 0)?;
-        let o = slots.get(&nat_common::slot_index(&ok, mask), 0)?;
-        Ok((r.merged_into(&rk, reply), o.merged_into(&ok, orig)))
+            .flow_entry(&reply.peer)?
+            .with_context(|| format!("TCP flow to {public}: no original entry in FLOWS"))?;
+        Ok((reply, orig))
     }
 
     /// Fails unless the reply entry of the flow through `public` noted the remote's segments
