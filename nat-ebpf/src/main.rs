@@ -59,23 +59,33 @@ fn try_nat(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut may_open = true;
     if let Some(tuple) = l4.tuple(&pkt) {
-        if let Some(done) = slots::forward(ctx, &pkt, &l4, &tuple) {
+        // The flow's slot first, else `FLOWS` then `PENDING`; one call of the established
+        // path for either (for the verifier: a second inlined copy after the slot's
+        // multiplied the paths it walks).
+        let cached = slots::copy(&tuple);
+        let found = match &cached {
+            Some(c) => Some(c.found()),
+            None => flows::lookup(&tuple),
+        };
+        if let Some(f) = &found
+            && let Some(done) = fast::forward(ctx, &pkt, &l4, f, ingress)
+        {
+            slots::forwarded(&tuple, &cached, f);
             return Ok(done);
         }
-        match flows::lookup(&tuple) {
-            Some(found) => {
-                if let Some(done) = fast::forward(ctx, &pkt, &l4, &found, ingress) {
-                    if !found.pending {
-                        slots::fill(&tuple, found.entry);
-                    }
-                    return Ok(done);
-                }
-                match tracked::forward(ctx, &pkt, &l4, &found)? {
-                    Tracked::Done(action, reason) => return Ok((action, reason)),
-                    Tracked::New => {}
-                    Tracked::Invalid => may_open = false,
-                }
-            }
+        // The full path works on `FLOWS` (merged with the slot), never on a slot's copy (the
+        // established path refuses the copy for what it would refuse the entry for).
+        let found = if cached.is_some() {
+            flows::lookup(&tuple)
+        } else {
+            found
+        };
+        match found {
+            Some(found) => match tracked::forward(ctx, &pkt, &l4, &found)? {
+                Tracked::Done(action, reason) => return Ok((action, reason)),
+                Tracked::New => {}
+                Tracked::Invalid => may_open = false,
+            },
             None => stats::event(nat_common::Event::ConntrackMiss),
         }
     }

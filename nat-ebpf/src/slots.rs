@@ -11,15 +11,14 @@
 //! entry's change.
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd};
 
-use aya_ebpf::{Global, programs::XdpContext};
+use aya_ebpf::Global;
 use nat_common::{
-    ENTRY_ACKED, ENTRY_SEQ, FlowEntry, FlowTuple, Reason, Slot, maps::SLOT_COUNT, slot_index,
+    ENTRY_ACKED, ENTRY_SEQ, FlowEntry, FlowTuple, Slot, maps::SLOT_COUNT, slot_index,
 };
 
 use crate::{
-    SLOTS, fast,
+    SLOTS,
     flows::{self, Found},
-    parse::{Packet, Transport},
 };
 
 /// Words of a `FlowEntry` a slot carries: all but `flow` (whose first word is the lock).
@@ -71,14 +70,25 @@ fn words(p: *mut u8) -> *mut u64 {
 }
 
 /// Whether the slot's key is `t` (both 16 bytes, padding zero). In 32-bit words: the key on
-/// the stack is only 4-aligned.
+/// the stack is only 4-aligned. The words' differences are or-ed and tested once: one branch
+/// instead of four, for the verifier, which walks each branch of every call site.
 #[inline(always)]
 fn holds(s: *mut Slot, t: &FlowTuple) -> bool {
     let k = s as *const u32;
     let w = t as *const FlowTuple as *const u32;
-    // SAFETY: 16 bytes of a live map value and of `t`; volatile so the reads stay between
-    // the sequence reads.
-    unsafe { (0..4).all(|i| core::ptr::read_volatile(k.add(i)) == *w.add(i)) }
+    let mut differ = 0;
+    for i in 0..4 {
+        // SAFETY: 16 bytes of a live map value and of `t`; volatile so the reads stay
+        // between the sequence reads.
+        differ |= unsafe { core::ptr::read_volatile(k.add(i)) ^ *w.add(i) };
+    }
+    differ == 0
+}
+
+/// All ones if `flags` has the one-bit `flag`, else zero (without a branch, see [`holds`]).
+#[inline(always)]
+fn mask_of(flags: u8, flag: u8) -> u64 {
+    0u64.wrapping_sub((flags as u64 >> flag.trailing_zeros()) & 1)
 }
 
 /// Claims the slot for writing: its sequence goes from the even `s1` to odd.
@@ -95,22 +105,35 @@ fn release(s: *mut Slot) {
     unsafe { atomic_xadd::<u64, u64, { SeqCst }>(seq(s), 1) };
 }
 
-/// Forwards the packet from its slot, or `None` if its key is not there (or the entry does
-/// not take this packet as it is: the full path decides, after [`take`]).
+/// A copy of a slot's entry in the per-CPU scratch, for the established path.
+pub struct Copied {
+    slot: *mut Slot,
+    /// The slot's sequence word when copied.
+    seq: u64,
+    pub entry: *mut FlowEntry,
+}
+
+impl Copied {
+    /// The copy as the established path takes an entry.
+    #[inline(always)]
+    pub fn found(&self) -> Found {
+        Found {
+            entry: self.entry,
+            pending: false,
+        }
+    }
+}
+
+/// A consistent copy of the entry in `t`'s slot, or `None` if its key is not there, a CPU
+/// was writing the slot, or the slot's fill is old (`Slot::REFILL_SECS`: the packet takes
+/// `FLOWS`, which refills the slot).
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    l4: &Transport,
-    t: &FlowTuple,
-) -> Option<(u32, Reason)> {
+pub fn copy(t: &FlowTuple) -> Option<Copied> {
     let s = slot_of(t)?;
     let s1 = seq_load(s);
     if s1 & 1 != 0 || !holds(s, t) {
         return None;
     }
-    // An old fill: this packet takes `FLOWS`, which refills the slot (see
-    // `Slot::REFILL_SECS`).
     let jps = flows::refresh_jiffies_in(flows::config());
     // SAFETY: an aligned word of a live map value.
     let filled = unsafe { core::ptr::read_volatile(filled(s)) };
@@ -129,14 +152,26 @@ pub fn forward(
     if seq_load(s) != s1 {
         return None;
     }
-    let found = Found {
+    Some(Copied {
+        slot: s,
+        seq: s1,
         entry: copy as *mut FlowEntry,
-        pending: false,
-    };
-    let done = fast::forward(ctx, pkt, l4, &found, ctx.ingress_ifindex() as u32)?;
-    write_back(s, s1, copy);
-    crate::stats::event(nat_common::Event::SlotHit);
-    Some(done)
+    })
+}
+
+/// After the established path forwarded a packet by `found` (keyed `t`): what it changed in
+/// a slot's copy goes back to the slot; an entry of `FLOWS` is copied into its slot.
+#[inline(always)]
+pub fn forwarded(t: &FlowTuple, cached: &Option<Copied>, found: &Found) {
+    match cached {
+        Some(c) => {
+            // SAFETY: the scratch entry, valid for the program's run.
+            write_back(c.slot, c.seq, unsafe { &*c.entry });
+            crate::stats::event(nat_common::Event::SlotHit);
+        }
+        None if !found.pending => fill(t, found.entry),
+        None => {}
+    }
 }
 
 /// The words of an entry a fast packet may change: flags (in word 4), the timer (6), the
@@ -221,22 +256,25 @@ pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
 pub fn take(t: &FlowTuple, e: *mut FlowEntry) {
     let Some(s) = slot_of(t) else { return };
     let s1 = seq_load(s);
+    // Claimed at the sequence read before the key: no write ended between them, so the key
+    // read is the slot's.
     if !holds(s, t) || !claim(s, s1) {
         return;
     }
-    if holds(s, t) && !e.is_null() {
+    if !e.is_null() {
         // SAFETY: the slot is claimed (no CPU changes it); `e` a live map value.
         let (slot, e) = unsafe { (&(*s).entry, &mut *e) };
         e.last_seen = e.last_seen.max(slot.last_seen);
         e.seen = slot.seen;
         e.timer = slot.timer;
         e.flags |= slot.flags & (ENTRY_SEQ | ENTRY_ACKED);
-        if slot.flags & ENTRY_SEQ != 0 {
-            e.seq_end = slot.seq_end;
-        }
-        if slot.flags & ENTRY_ACKED != 0 {
-            e.max_ack = slot.max_ack;
-        }
+        // The notes the slot holds, without branches (see `holds`).
+        let (seq, ack) = (
+            mask_of(slot.flags, ENTRY_SEQ) as u32,
+            mask_of(slot.flags, ENTRY_ACKED) as u32,
+        );
+        e.seq_end = (slot.seq_end & seq) | (e.seq_end & !seq);
+        e.max_ack = (slot.max_ack & ack) | (e.max_ack & !ack);
     }
     // SAFETY: claimed; zero proto marks the slot empty.
     unsafe { (*s).key = FlowTuple::default() };
