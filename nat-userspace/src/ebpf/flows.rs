@@ -93,18 +93,31 @@ fn entries(
     Ok(out)
 }
 
-fn remove(dp: &mut Dataplane, map: &'static str, k: &FlowTuple) -> Result<bool, DataplaneError> {
+/// Removes `k`'s entry from `map`; a `FLOWS` entry's slot is emptied too (after the entry:
+/// a packet that found the entry just before may still fill the slot, see `remove_flows`).
+fn remove(
+    dp: &mut Dataplane,
+    slots: &SlotView,
+    map: &'static str,
+    k: &FlowTuple,
+) -> Result<bool, DataplaneError> {
     let mut m: HashMap<_, FlowTuple, FlowEntry> =
         HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
-    match m.remove(k) {
-        Ok(()) => Ok(true),
-        Err(MapError::KeyNotFound) => Ok(false),
-        Err(source) => Err(DataplaneError::Map { map, source }),
+    let removed = match m.remove(k) {
+        Ok(()) => true,
+        Err(MapError::KeyNotFound) => false,
+        Err(source) => return Err(DataplaneError::Map { map, source }),
+    };
+    if map == MAP_FLOWS {
+        slots.evict(k);
     }
+    Ok(removed)
 }
 
+/// `k`'s entry in `map`, a `FLOWS` entry merged with its slot.
 fn get(
     dp: &mut Dataplane,
+    slots: &SlotView,
     map: &'static str,
     k: &FlowTuple,
 ) -> Result<Option<FlowEntry>, DataplaneError> {
@@ -116,7 +129,7 @@ fn get(
         Err(source) => return Err(DataplaneError::Map { map, source }),
     };
     if map == MAP_FLOWS {
-        return Ok(Some(dp.slot_view()?.merged(k, v)));
+        return Ok(Some(slots.merged(k, v)));
     }
     Ok(Some(v))
 }
@@ -145,7 +158,8 @@ impl Dataplane {
     /// The `FLOWS` entry keyed `k` as the program's full path would use it (merged with its
     /// slot), if there is one.
     pub fn flow_entry(&mut self, k: &FlowTuple) -> Result<Option<FlowEntry>, DataplaneError> {
-        get(self, MAP_FLOWS, k)
+        let slots = self.slot_view()?;
+        get(self, &slots, MAP_FLOWS, k)
     }
 
     /// Every flow (its original entry), assured and pending.
@@ -173,7 +187,7 @@ impl Dataplane {
     ) -> Result<(usize, usize), DataplaneError> {
         let mut removed = 0;
         let mut seen = 0;
-        let mut orphans = 0;
+        let slots = self.slot_view()?;
         for (map, _) in TABLES {
             let all = entries(self, map)?;
             let seen_of = reply_seen(&all);
@@ -185,8 +199,8 @@ impl Dataplane {
             for (k, e) in &all {
                 if e.flags & ENTRY_ORIG == 0 {
                     // A reply entry whose flow is gone.
-                    if !origs.contains(&e.peer) && get(self, map, &e.peer)?.is_none() {
-                        orphans += usize::from(remove(self, map, k)?);
+                    if !origs.contains(&e.peer) && get(self, &slots, map, &e.peer)?.is_none() {
+                        remove(self, &slots, map, k)?;
                     }
                     continue;
                 }
@@ -195,25 +209,25 @@ impl Dataplane {
                 if !pred(&FlowView::of(*k, e, reply)) {
                     continue;
                 }
-                let Some(now) = get(self, map, k)? else {
+                let Some(now) = get(self, &slots, map, k)? else {
                     continue;
                 };
-                let reply = get(self, map, &now.peer)?.map_or(0, |r| r.last_seen);
+                let reply = get(self, &slots, map, &now.peer)?.map_or(0, |r| r.last_seen);
                 if now.flags & ENTRY_ORIG == 0 || !pred(&FlowView::of(*k, &now, reply)) {
                     continue;
                 }
-                if remove(self, map, k)? {
+                if remove(self, &slots, map, k)? {
                     removed += 1;
                 }
-                remove(self, map, &now.peer)?;
+                remove(self, &slots, map, &now.peer)?;
             }
         }
-        // An orphan may still sit in its slot, busy (its flow's other entry was evicted):
-        // a new route generation sends it to the full path. (An expired flow's slot needs
-        // none: its once-a-second refresh finds the flow gone.)
-        if orphans > 0 {
-            self.bump_route_generation()?;
-        }
+        // Every removed entry's slot was emptied (`remove`). A packet that found an entry
+        // just before its removal may still have filled the slot after: that copy serves
+        // until its refill (`Slot::REFILL_SECS`), and an expired flow's not even that long
+        // (the established path's once-a-second check finds the flow gone). Callers that
+        // end live flows (flush, flows the kernel ended) also bump the route generation,
+        // which leaves every slot for the full path.
         Ok((removed, seen))
     }
 

@@ -1,7 +1,9 @@
 //! `SLOTS`, the program's one-line flow cache (see `nat_common::Slot`), mapped into our
 //! memory (the array is `BPF_F_MMAPABLE`): how natd, the tests and the bench read a `FLOWS`
 //! entry with what fast packets wrote to its slot merged in, without a system call per flow.
-//! The program alone writes slots; a reader copies a slot under its sequence lock.
+//! The program writes slots; a reader copies a slot under its sequence lock, and natd empties
+//! the slot of an entry it removes ([`SlotView::evict`]) under the same lock, with the same
+//! atomic instructions the program uses.
 use std::{
     num::NonZeroUsize,
     os::fd::AsFd,
@@ -27,7 +29,7 @@ pub enum SlotViewError {
     Mmap(#[source] nix::Error),
 }
 
-/// A read-only mapping of `SLOTS`, unmapped on drop.
+/// A mapping of `SLOTS`, unmapped on drop.
 pub struct SlotView {
     base: NonNull<Slot>,
     len: NonZeroUsize,
@@ -45,13 +47,13 @@ impl SlotView {
             .checked_mul(size_of::<Slot>())
             .and_then(NonZeroUsize::new)
             .ok_or(SlotViewError::Count(count))?;
-        // SAFETY: a shared, read-only mapping of the whole array (the kernel rounds it to
-        // pages); nothing in this process writes it, and it lives until `drop`.
+        // SAFETY: a shared mapping of the whole array (the kernel rounds it to pages), written
+        // only by `evict` under the slot's lock; it lives until `drop`.
         let base = unsafe {
             mmap(
                 None,
                 len,
-                ProtFlags::PROT_READ,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
                 map.fd().as_fd(),
                 0,
@@ -70,13 +72,50 @@ impl SlotView {
         slot_index(k, self.mask)
     }
 
-    /// A consistent copy of the slot `k` hashes to, or `None` if CPUs kept writing it.
-    pub fn slot(&self, k: &FlowTuple) -> Option<Slot> {
+    /// The slot `k` hashes to and its sequence word.
+    fn at(&self, k: &FlowTuple) -> (*mut Slot, &AtomicU64) {
         // SAFETY: `index` is below the slot count; the mapping covers every slot.
         let p = unsafe { self.base.as_ptr().add(self.index(k) as usize) };
-        // SAFETY: the slot's 8-aligned sequence word (the program changes it with atomic
-        // instructions only, as this reader does).
+        // SAFETY: the slot's 8-aligned sequence word, valid while the mapping is (the
+        // program changes it with atomic instructions only, as we do).
         let seq = unsafe { &*(p.cast::<u8>().add(Slot::SEQ_OFFSET).cast::<AtomicU64>()) };
+        (p, seq)
+    }
+
+    /// Empties the slot holding `k`, if one does (natd removed `k`'s `FLOWS` entry). Returns
+    /// whether it did; `false` also when CPUs kept writing the slot, whose copy then lives
+    /// until its refill (`Slot::REFILL_SECS`) at most.
+    pub fn evict(&self, k: &FlowTuple) -> bool {
+        let (p, seq) = self.at(k);
+        for _ in 0..TRIES {
+            let s1 = seq.load(Ordering::Acquire);
+            if s1 & 1 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            // SAFETY: within the mapping; read after the sequence word, checked by the claim.
+            let key = unsafe { std::ptr::read_volatile(&raw const (*p).key) };
+            if key != *k {
+                return false;
+            }
+            // Claimed only if no write ended since `s1`: the key read is the slot's.
+            if seq
+                .compare_exchange(s1, s1 + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            // SAFETY: claimed: no CPU writes the slot; zero `proto` marks it empty.
+            unsafe { std::ptr::write_volatile(&raw mut (*p).key, FlowTuple::default()) };
+            seq.fetch_add(1, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// A consistent copy of the slot `k` hashes to, or `None` if CPUs kept writing it.
+    pub fn slot(&self, k: &FlowTuple) -> Option<Slot> {
+        let (p, seq) = self.at(k);
         for _ in 0..TRIES {
             let s1 = seq.load(Ordering::Acquire);
             if s1 & 1 != 0 {
@@ -112,5 +151,79 @@ impl Drop for SlotView {
         if let Err(e) = unsafe { munmap(self.base.cast(), self.len.get()) } {
             log::warn!("cannot unmap SLOTS: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::{Array, HashMap};
+    use nat_common::{ENTRY_ORIG, ENTRY_SEQ, MAP_FLOWS, MAP_SLOTS, proto};
+
+    use super::*;
+    use crate::ebpf::{Dataplane, Sizes};
+
+    fn tuple(n: u16) -> FlowTuple {
+        FlowTuple::new(1, 2, n, 80, proto::TCP)
+    }
+
+    /// natd (its collector, `conntrack list`, the keep-alive of `--policy kernel`) reads what
+    /// fast packets wrote to a slot, and a flow it removes leaves no copy in a slot. Loads
+    /// the program's maps: needs root, as the other kernel tests of this crate.
+    #[test]
+    fn natd_reads_flows_merged_with_their_slots_and_empties_the_slots_of_flows_it_removes() {
+        let sizes = Sizes {
+            flows: 1024,
+            mappings: 256,
+        };
+        let mut dp = Dataplane::load(sizes).unwrap_or_else(|e| panic!("{}", crate::report(&e)));
+        let (k, r) = (tuple(1), tuple(1001));
+        let orig = FlowEntry {
+            flags: ENTRY_ORIG,
+            last_seen: 100,
+            peer: r,
+            ..FlowEntry::default()
+        };
+        let reply = FlowEntry {
+            last_seen: 50,
+            peer: k,
+            ..FlowEntry::default()
+        };
+        {
+            let mut m: HashMap<_, FlowTuple, FlowEntry> =
+                HashMap::try_from(dp.map(MAP_FLOWS).unwrap()).unwrap();
+            m.insert(k, orig, 0).unwrap();
+            m.insert(r, reply, 0).unwrap();
+        }
+        // What fast packets of the original direction left in its slot: a later packet and
+        // a noted segment.
+        let slot = Slot {
+            key: k,
+            entry: FlowEntry {
+                last_seen: 900,
+                flags: ENTRY_ORIG | ENTRY_SEQ,
+                seq_end: 77,
+                ..orig
+            },
+        };
+        let i = dp.slot_view().unwrap().index(&k);
+        {
+            let mut slots: Array<_, Slot> = Array::try_from(dp.map(MAP_SLOTS).unwrap()).unwrap();
+            slots.set(i, slot, 0).unwrap();
+        }
+
+        let e = dp.flow_entry(&k).unwrap().expect("the flow's entry");
+        assert_eq!((e.last_seen, e.seq_end), (900, 77));
+        assert_ne!(e.flags & ENTRY_SEQ, 0);
+        let flows = dp.flows().unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].last_seen, 900, "the flow's last-seen time");
+
+        assert_eq!(dp.remove_flows(|_| true).unwrap(), (1, 1));
+        let left = dp.slot_view().unwrap().slot(&k).expect("a quiet slot");
+        assert_eq!(
+            left.key,
+            FlowTuple::default(),
+            "the removed flow's slot still holds it"
+        );
     }
 }
