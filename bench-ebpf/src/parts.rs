@@ -205,9 +205,28 @@ pub fn p_parse(ctx: XdpContext) -> u32 {
     finish(ok)
 }
 
+/// The `FLOWS` lookup alone (not `flows::lookup`, which also merges and empties the flow's
+/// slot, as the full path does).
 #[xdp]
 pub fn p_flows(_ctx: XdpContext) -> u32 {
-    finish(matches!(flows::lookup(&hot_tuple()), Some(f) if !f.pending))
+    finish(flows::flows_entry(&hot_tuple()).is_some())
+}
+
+/// The hot flow's slot copied under its sequence lock (`slots::copy`, what an established
+/// packet reads instead of `FLOWS`). A run that finds the slot empty or another flow's
+/// (the program's full path empties it) fills it from `FLOWS` and copies again: once per
+/// emptying, not per run.
+#[xdp]
+pub fn p_slot(_ctx: XdpContext) -> u32 {
+    let t = hot_tuple();
+    if let Some(c) = slots::copy(&t) {
+        return finish(!black_box(c.entry).is_null());
+    }
+    match flows::flows_entry(&t) {
+        Some(e) => slots::fill(&t, e),
+        None => return XDP_DROP,
+    }
+    finish(slots::copy(&t).is_some())
 }
 
 /// A flow no table holds (the hot flow's tuple as TCP): both tables miss, as for a new flow.
@@ -285,7 +304,7 @@ pub fn p_create_cyc(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn p_flows_cyc(_ctx: XdpContext) -> u32 {
     match cycled_tuple() {
-        Some(t) => finish(matches!(flows::lookup(&t), Some(f) if !f.pending)),
+        Some(t) => finish(flows::flows_entry(&t).is_some()),
         None => XDP_DROP,
     }
 }

@@ -133,7 +133,7 @@ const fn case(name: &'static str, prog: &'static str, base: &'static str) -> Cas
 }
 
 /// The established path's parts (`fast_path`: how often a packet makes the operation).
-const PARTS: [Case; 17] = [
+const PARTS: [Case; 18] = [
     case(
         "nothing (the run's own count: the baseline)",
         "p_none",
@@ -155,22 +155,31 @@ const PARTS: [Case; 17] = [
     Case {
         fast_path: 1,
         ..case(
-            "`FLOWS` lookup, hit (LRU hash; minus the key)",
-            "p_flows",
+            "the flow's slot copied (`SLOTS`: key check and 12 words under the sequence lock; minus the key)",
+            "p_slot",
             "p_key",
         )
     },
+    case(
+        "`FLOWS` lookup, hit (LRU hash; a packet whose slot holds another flow; minus the key)",
+        "p_flows",
+        "p_key",
+    ),
     Case {
         fast_path: 2,
         ..case(
-            "`CONFIG` lookup (array; 2 per packet: route generation, refresh interval)",
+            "`CONFIG` lookup (array; 2 per packet: the slot's age, route generation and refresh interval)",
             "p_config",
             "p_none",
         )
     },
     Case {
-        fast_path: 1,
-        ..case("`bpf_jiffies64()`", "p_jiffies", "p_none")
+        fast_path: 2,
+        ..case(
+            "`bpf_jiffies64()` (the slot's age, the refresh)",
+            "p_jiffies",
+            "p_none",
+        )
     },
     case(
         "entry only (a one-entry array: the rewrite's baseline)",
@@ -191,9 +200,13 @@ const PARTS: [Case; 17] = [
         ..case("`STATS` count (per-CPU array)", "p_stats", "p_none")
     },
     Case {
-        fast_path: 1,
+        fast_path: 2,
         moved: Moved::Events,
-        ..case("`EVENTS` count (per-CPU array)", "p_events", "p_none")
+        ..case(
+            "`EVENTS` count (per-CPU array; 2 per packet: fast path, slot hit)",
+            "p_events",
+            "p_none",
+        )
     },
     Case {
         fast_path: 1,

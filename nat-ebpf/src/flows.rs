@@ -396,6 +396,10 @@ pub fn settle(pending: bool, orig: *mut FlowEntry, reply: *mut FlowEntry) {
     let (orig_key, reply_key) = (r.peer, o.peer);
     o.flags = (o.flags & !ENTRY_PENDING) | fast;
     r.flags = (r.flags & !ENTRY_PENDING) | fast;
+    // A slot may still hold a copy of an earlier flow of these keys, whose `FLOWS` entries
+    // the LRU evicted (nothing empties its slot then): not to be used for this flow.
+    slots::take(&reply_key, core::ptr::null_mut());
+    slots::take(&orig_key, core::ptr::null_mut());
     if FLOWS.insert(&reply_key, &*r, 0).is_ok() {
         if FLOWS.insert(&orig_key, &*o, 0).is_ok() {
             let _ = PENDING.remove(&orig_key);

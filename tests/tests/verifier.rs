@@ -8,6 +8,7 @@
 use anyhow::{Context as _, bail};
 use aya::{EbpfLoader, programs::Program};
 use nat_common::maps::MAPS;
+use nat_tests::reliability::Figures;
 use nat_userspace::{EBPF_OBJECT, ebpf::Sizes};
 
 /// Lines of a refused program's verifier log shown in the failure (its end says why).
@@ -50,6 +51,9 @@ fn every_program_in_the_object_passes_the_verifier() -> anyhow::Result<()> {
         .context("cannot create the object's maps")?;
     let mut loaded = Vec::new();
     let mut failed = Vec::new();
+    // For RELIABILITY.md: how far each program is from the verifier's limit on this kernel.
+    let mut fig = Figures::new("verifier");
+    let release = kernel_release();
     for (name, prog) in ebpf.programs_mut() {
         let result = match prog {
             Program::Xdp(p) => p.load(),
@@ -62,9 +66,16 @@ fn every_program_in_the_object_passes_the_verifier() -> anyhow::Result<()> {
         match result.map_err(|e| load_error(name, e)) {
             Ok(()) => {
                 let info = prog.info().context("cannot read the program's info")?;
-                let verified = info
-                    .verified_instruction_count()
-                    .map_or("?".to_string(), |n| n.to_string());
+                let count = info.verified_instruction_count();
+                if let Some(n) = count {
+                    fig.set(
+                        &format!(
+                            "instructions verified of `{name}` on kernel {release} (limit 1000000)"
+                        ),
+                        u64::from(n),
+                    );
+                }
+                let verified = count.map_or("?".to_string(), |n| n.to_string());
                 println!(
                     "program `{name}`: loaded; {verified} instructions verified, {} bytes \
                      translated",
@@ -90,6 +101,7 @@ fn every_program_in_the_object_passes_the_verifier() -> anyhow::Result<()> {
     if loaded.is_empty() {
         bail!("the object holds no program");
     }
+    fig.done();
     println!(
         "kernel {}: all {} programs loaded: {}",
         kernel_release(),

@@ -110,6 +110,7 @@ fn main() -> ExitCode {
                 accel,
                 full,
                 timeout: std::time::Duration::from_secs(timeout_secs),
+                figures: None,
             })
         }),
         Task::Demo => demo::run(),

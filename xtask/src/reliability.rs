@@ -331,7 +331,10 @@ fn document(run: &RunInfo<'_>, figure_lines: &str) -> String {
     if figures.is_empty() {
         let _ = writeln!(md, "No figures were reported (did the tests run?).\n");
     }
-    for (area, rows) in figures.iter().filter(|(a, _)| a.as_str() != "differential") {
+    for (area, rows) in figures
+        .iter()
+        .filter(|(a, _)| !matches!(a.as_str(), "differential" | "verifier"))
+    {
         let _ = writeln!(md, "### {area}\n");
         figure_table(&mut md, rows, failed);
         let _ = writeln!(md);
@@ -350,6 +353,22 @@ fn document(run: &RunInfo<'_>, figure_lines: &str) -> String {
                 md,
                 "**No counts were reported**: the differential tests did not run (or did not \
                  get as far as counting)."
+            );
+        }
+    }
+    let _ = writeln!(md, "\n## Verifier\n");
+    let _ = writeln!(
+        md,
+        "Instructions each program took the kernel's verifier to load, as the kernel reported \
+         them (`tests/tests/verifier.rs` on this machine's kernel, and under `test-kernel` on \
+         Debian 12's): the distance to the limit is the room left for the program to grow.\n"
+    );
+    match figures.get("verifier") {
+        Some(rows) => figure_table(&mut md, rows, failed),
+        None => {
+            let _ = writeln!(
+                md,
+                "**No counts were reported**: the verifier suite did not run."
             );
         }
     }

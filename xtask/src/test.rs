@@ -88,7 +88,10 @@ pub fn run(extra_args: &[String], fuzz_seconds: u64) -> Result<()> {
             }
         });
         timed(TEST_KERNEL, &mut || {
-            test_kernel::run(&test_kernel::Options::default())
+            test_kernel::run(&test_kernel::Options {
+                figures: Some(figures.clone()),
+                ..test_kernel::Options::default()
+            })
         });
         if fuzz_seconds > 0 {
             timed("cargo fuzz", &mut || {

@@ -53,6 +53,9 @@ pub struct Options {
     /// All `BPF_PROG_TEST_RUN` tests instead of the subset.
     pub full: bool,
     pub timeout: Duration,
+    /// The figures file of `cargo xtask test` (see `reliability`), where the instructions
+    /// the guest's verifier verified are appended.
+    pub figures: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             accel: Accel::Auto,
             full: false,
             timeout: Duration::from_secs(20 * 60),
+            figures: None,
         }
     }
 }
@@ -133,6 +137,9 @@ pub fn run(opts: &Options) -> Result<()> {
     for line in verifier_lines(&console.lines) {
         println!("  {line}");
     }
+    if let Some(path) = &opts.figures {
+        append_verified(path, &kernel.release, &verifier_lines(&console.lines))?;
+    }
     let mut failed = Vec::new();
     for (name, s) in names.iter().zip(&seen) {
         let secs = s.secs.map_or("   -".into(), |t| format!("{t:5.0}s"));
@@ -201,6 +208,41 @@ fn note(line: &str, names: &[&str], seen: &mut [Seen], done: &mut bool) {
         }
         _ => {}
     }
+}
+
+/// Appends to the figures file one figure per program the guest's verifier loaded:
+/// ``program `NAME`: loaded; N instructions verified, ...`` (as the verifier suite prints it).
+fn append_verified(path: &Path, release: &str, lines: &[&str]) -> Result<()> {
+    let mut out = String::new();
+    for line in lines {
+        let Some((name, rest)) = line
+            .strip_prefix("program `")
+            .and_then(|l| l.split_once("`: loaded; "))
+        else {
+            continue;
+        };
+        let Some(n) = rest
+            .split_once(" instructions verified")
+            .and_then(|(n, _)| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let figure = serde_json::json!({
+            "area": "verifier",
+            "figure": format!("instructions verified of `{name}` on kernel {release} (limit 1000000)"),
+            "value": n,
+            "source": "test-kernel",
+            "complete": true,
+        });
+        out.push_str(&figure.to_string());
+        out.push('\n');
+    }
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    std::io::Write::write_all(&mut f, out.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The verifier suite's per-program lines (instructions verified on this kernel).

@@ -93,7 +93,6 @@ fn malformed_lines() -> Vec<(&'static str, Vec<u8>, &'static str)> {
 /// Sends one line longer than natd reads (from a thread: natd stops reading at its limit) and
 /// returns natd's reply.
 fn oversized(socket: &Path) -> anyhow::Result<Option<Response>> {
-    let mut client = RawClient::connect(socket)?;
     let mut writer = RawClient::connect(socket)?;
     // The second connection only proves natd serves others while it reads the big line.
     writer.send(b"{\"command\":\"status\"}\n")?;
@@ -102,6 +101,10 @@ fn oversized(socket: &Path) -> anyhow::Result<Option<Response>> {
         matches!(status, Some(Response::Ok(Reply::Status(_)))),
         "{status:?}"
     );
+    // Connected only now, to send at once: natd drops a client idle for a second (a tenth
+    // of one while many are connected), which the round trip above may take on a busy
+    // machine.
+    let mut client = RawClient::connect(socket)?;
     let stream = client.try_clone_stream()?;
     let sender = std::thread::spawn(move || {
         let mut stream = stream;
