@@ -37,6 +37,21 @@ pub fn lookup(t: &FlowTuple) -> Option<Found> {
     })
 }
 
+/// [`lookup`] without the slot: the entry as `FLOWS` or `PENDING` holds it.
+#[inline(always)]
+fn find(t: &FlowTuple) -> Option<Found> {
+    if let Some(entry) = FLOWS.get_ptr_mut(t) {
+        return Some(Found {
+            entry,
+            pending: false,
+        });
+    }
+    PENDING.get_ptr_mut(t).map(|entry| Found {
+        entry,
+        pending: true,
+    })
+}
+
 /// The `FLOWS` entry keyed `t`, without its slot's changes (for [`slots`] alone).
 #[inline(always)]
 pub fn flows_entry(t: &FlowTuple) -> Option<*mut FlowEntry> {
@@ -356,7 +371,10 @@ pub fn create(f: &NewFlow) -> Option<&'static FlowEntry> {
     // Another flow may hold the reply's key (a hairpin flow's reply V1 -> R, and a packet
     // from R on the public side to P1): that flow goes, both its entries, as a map insert
     // replaces an entry; left alone, its other entry would name an entry of this flow.
-    if let Some(other) = lookup(&o.peer) {
+    // Found without reading the key's slot (a cold line for every new flow): an entry found
+    // is removed, which empties its slot (`remove_in`); a slot left over from an evicted flow
+    // of that key is emptied when the flow is promoted (`settle`).
+    if let Some(other) = find(&o.peer) {
         // SAFETY: a live map value.
         let other_peer = unsafe { (*other.entry).peer };
         remove_flow(other.pending, &o.peer, &other_peer);

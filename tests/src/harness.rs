@@ -61,7 +61,7 @@ use aya::{
 use nat_common::{
     Counter, IfaceConfig, MAP_DEVMAP, MAP_FLOWS, MAP_IFACES, MAP_MAPPING_STATS, MAP_NAT_IN,
     MAP_NAT_OUT, MAP_PENDING, MAP_SLOTS, MAP_STATS, MappingStats, NatConfig, NatValue, ROLE_GUEST,
-    ROLE_PUBLIC, Reason, SLOT_MASK_GLOBAL, TIMEOUT_SLOTS,
+    ROLE_PUBLIC, Reason, SLOT_CACHE_GLOBAL, SLOT_MASK_GLOBAL, TIMEOUT_SLOTS,
 };
 use nat_userspace::{state::DesiredState, tables::Tables};
 
@@ -386,6 +386,12 @@ fn key(a: Ipv4Addr) -> u32 {
 impl Harness {
     /// Creates and enters a namespace, builds the topology, loads and configures the program.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_cache(true)
+    }
+
+    /// [`Harness::new`] with the flow cache on or off (`SLOT_CACHE`, as natd loads the program
+    /// where the cache cannot be used).
+    pub fn with_cache(cache: bool) -> anyhow::Result<Self> {
         let netns = NetnsGuard::new()?;
         netns.ip_batch(&topology_script())?;
         netns.sysctl(&["net.ipv4.ip_forward=1", "net.ipv4.conf.all.forwarding=1"])?;
@@ -408,6 +414,7 @@ impl Harness {
             .map_max_entries(MAP_PENDING, TEST_CONNTRACK_SIZE)
             .map_max_entries(MAP_SLOTS, TEST_SLOTS)
             .override_global(SLOT_MASK_GLOBAL, &(TEST_SLOTS - 1), true)
+            .override_global(SLOT_CACHE_GLOBAL, &u32::from(cache), true)
             .load(nat_userspace::EBPF_OBJECT)
             .context("load EBPF_OBJECT")?;
         let prog: &mut Xdp = ebpf

@@ -33,12 +33,15 @@ const TCG_SLOWDOWN: &str = "5";
 const MARK: &str = "xtask-test-kernel:";
 
 /// The `BPF_PROG_TEST_RUN` tests run by default: both differential property tests (random
-/// frames, and random firewall and connection-tracking scenarios, against the model). Each
-/// test verifies the program anew, about 20 s of CPU under TCG: the golden tests are left to
-/// `--full`.
+/// frames, and random firewall and connection-tracking scenarios, against the model), and the
+/// flow cache served from its slots and turned off (its atomics and both of its loads on this
+/// kernel). Each test verifies the program anew, about 20 s of CPU under TCG: the other golden
+/// tests are left to `--full`.
 const TESTRUN_SUBSET: &[&str] = &[
     "random::program_matches_model",
     "scenarios::scenarios_match_model",
+    "slots::an_established_flow_is_served_from_its_slot",
+    "slots::with_the_cache_off_established_flows_are_forwarded_alike_from_flows",
 ];
 /// Needs the clock to be past 200 s since boot (it writes flows last seen that long ago): run
 /// last, and only in a full run, when the guest has been up long enough.

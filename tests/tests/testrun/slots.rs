@@ -1,8 +1,10 @@
 //! The flow cache (`SLOTS`, see `nat_common::Slot`) with the tests' 16 slots: an established
 //! flow's packets are served from its slot; two flows sharing a slot are translated as the
 //! model says (which knows no cache) while one of them holds it; a slot past its refill time
-//! sends its next packet to `FLOWS`, which refills it. Every frame is also compared with the
-//! model, and the flow table read merged with the slots (as natd reads it) after each.
+//! sends its next packet to `FLOWS`, which refills it; with the cache off (as natd loads the
+//! program off x86-64), the same packets are forwarded alike from `FLOWS`. Every frame is also
+//! compared with the model, and the flow table read merged with the slots (as natd reads it)
+//! after each.
 use std::net::Ipv4Addr;
 
 use nat_common::{FlowTuple, proto};
@@ -169,4 +171,31 @@ fn a_slot_past_its_refill_time_is_refilled_from_flows() {
     assert_fast(&out(&h, &f, "refilled"), "refilled");
     let hits = h.slot_hits().expect("EVENTS") - before;
     assert_eq!(hits, 1, "the refilled slot did not serve the next packet");
+}
+
+#[test]
+fn with_the_cache_off_established_flows_are_forwarded_alike_from_flows() {
+    let h = Harness::with_cache(false)
+        .unwrap_or_else(|e| panic!("test bench setup failed (needs root, netns and BPF): {e:#}"));
+    h.set_policy(&allow_all())
+        .unwrap_or_else(|e| panic!("installing allow-all rules failed: {e:#}"));
+    let f = apart(5353);
+    warm_up(&h, &f);
+    let before = h.slot_hits().expect("EVENTS");
+    for i in 0..10 {
+        assert_fast(&out(&h, &f, &format!("out {i}")), "out");
+        assert_fast(&answer(&h, &f, &format!("answer {i}")), "answer");
+    }
+    assert_eq!(
+        h.slot_hits().expect("EVENTS") - before,
+        0,
+        "a slot served a packet"
+    );
+    for k in [f.out, f.reply] {
+        assert_eq!(
+            h.slot_key(&k).expect("SLOTS"),
+            FlowTuple::default(),
+            "a slot was filled"
+        );
+    }
 }
