@@ -91,8 +91,10 @@ pub fn section(settings: &[Setting], plan: &Plan) -> Section {
          packets through the program before anything is measured: the guest's request (the \
          flow opens in `PENDING`), the remote's reply (its route is resolved), the guest's \
          second request (the flow is assured and moves to `FLOWS`), each step checked against \
-         the counters. The measured packets are the remote's: each is one `FLOWS` lookup and \
-         the entry's cached rewrite and route (the fast path). The cycle's flows are opened \
+         the counters. The measured packets are the remote's: each is one read of the flow's \
+         slot in the flow cache (`SLOTS`; a `FLOWS` lookup when the slot holds another flow, \
+         or its copy is older than its refill time) and the entry's cached rewrite and route \
+         (the fast path). The cycle's flows are opened \
          one packet per call in a scattered order, so that their entries do not lie in memory \
          in the order the measurement visits them. A flow's last-seen time is refreshed at \
          most once a second per direction; a packet that arrives more than a second after its \
@@ -108,7 +110,8 @@ pub fn section(settings: &[Setting], plan: &Plan) -> Section {
          (TTL 255 -> 1); calls are chained and their times summed. After every measurement \
          the `STATS` delta of the intended reason must equal the number of repetitions (no \
          other reason may move), and the `EVENTS` deltas must be exactly the intended path's \
-         (`fast_path` on every repetition of an established flow, nothing else; a new flow \
+         (`fast_path` on every repetition of an established flow, and `slot_hit` on at most \
+         as many, nothing else; a new flow \
          `conntrack_create` once per packet; none for a deny); the run fails otherwise.\n\n\
          A new flow cannot be repeated on one frame (the next repetition would find the flow \
          the last one opened), so it is measured with one repetition per call: {nf} calls, \
