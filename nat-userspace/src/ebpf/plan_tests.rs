@@ -33,6 +33,11 @@ fn actions(p: &[(MapSpec, Action)]) -> Vec<(&'static str, Action)> {
 
 const V: Option<u32> = Some(spec::LAYOUT_VERSION);
 
+/// A refusal's mismatches as natd words them.
+fn texts(r: &Refusal) -> Vec<String> {
+    r.mismatches.iter().map(ToString::to_string).collect()
+}
+
 #[test]
 fn nothing_pinned_creates_every_map_and_an_identical_layout_is_adopted() {
     let none: Vec<Pinned> = all_as_wanted()
@@ -158,13 +163,7 @@ fn a_fixed_capacity_that_differs_is_refused() {
         p.found.as_mut().unwrap().max_entries = 32
     });
     let r = plan(&pins, V).unwrap_err();
-    assert_eq!(
-        r.mismatches
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        ["DEVMAP: capacity found 32, wanted 64"]
-    );
+    assert_eq!(texts(&r), ["DEVMAP: capacity found 32, wanted 64"]);
 }
 
 #[test]
@@ -196,13 +195,7 @@ fn another_layout_version_or_none_is_refused_whatever_the_maps() {
         p.found.as_mut().unwrap().value_size = 8
     });
     let r = plan(&odd, None).unwrap_err();
-    assert_eq!(
-        r.mismatches
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        ["META: value size found 8, wanted 4"]
-    );
+    assert_eq!(texts(&r), ["META: value size found 8, wanted 4"]);
 }
 
 #[test]
@@ -280,10 +273,7 @@ fn layout_3_gets_the_flow_cache_created_its_events_resized_and_the_rest_adopted(
     });
     let r = plan(&pins, Some(3)).unwrap_err();
     assert_eq!(
-        r.mismatches
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
+        texts(&r),
         [format!(
             "SLOTS: capacity found 1024, wanted {}",
             spec::SLOT_COUNT
@@ -297,10 +287,7 @@ fn a_map_of_this_layout_missing_from_its_own_pins_is_refused_naming_it() {
     let r = plan(&pins, V).unwrap_err();
     assert_eq!(r.remedy, Remedy::Afresh);
     assert_eq!(
-        r.mismatches
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
+        texts(&r),
         ["SLOTS: pin found none, wanted one, as the other maps are pinned"]
     );
 }
@@ -402,10 +389,7 @@ fn layout_2_pins_of_another_shape_are_refused_naming_each_difference() {
     let r = plan(&pins, Some(2)).unwrap_err();
     assert_eq!(r.remedy, Remedy::Afresh);
     assert_eq!(
-        r.mismatches
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
+        texts(&r),
         [
             format!(
                 "FLOWS: value size found 96, wanted {}",

@@ -29,6 +29,16 @@ pub enum SlotViewError {
     Mmap(#[source] nix::Error),
 }
 
+/// The sequence word if no write is under way (even), else `None` after a pause.
+fn even(seq: &AtomicU64) -> Option<u64> {
+    let s1 = seq.load(Ordering::Acquire);
+    if s1 & 1 != 0 {
+        std::hint::spin_loop();
+        return None;
+    }
+    Some(s1)
+}
+
 /// A mapping of `SLOTS`, unmapped on drop.
 pub struct SlotView {
     base: NonNull<Slot>,
@@ -88,11 +98,7 @@ impl SlotView {
     pub fn evict(&self, k: &FlowTuple) -> bool {
         let (p, seq) = self.at(k);
         for _ in 0..TRIES {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1 & 1 != 0 {
-                std::hint::spin_loop();
-                continue;
-            }
+            let Some(s1) = even(seq) else { continue };
             // SAFETY: within the mapping; read after the sequence word, checked by the claim.
             let key = unsafe { std::ptr::read_volatile(&raw const (*p).key) };
             if key != *k {
@@ -117,11 +123,7 @@ impl SlotView {
     pub fn slot(&self, k: &FlowTuple) -> Option<Slot> {
         let (p, seq) = self.at(k);
         for _ in 0..TRIES {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1 & 1 != 0 {
-                std::hint::spin_loop();
-                continue;
-            }
+            let Some(s1) = even(seq) else { continue };
             // SAFETY: within the mapping; a copy a writer may tear, which the sequence
             // check below discards.
             let copy = unsafe { std::ptr::read_volatile(p) };
