@@ -580,6 +580,11 @@ impl Harness {
         maps::age_slot(&mut self.ebpf.borrow_mut(), k)
     }
 
+    /// Makes the flow in `k`'s slot look idle; whether a slot held `k`.
+    pub fn idle_slot(&self, k: &nat_common::FlowTuple) -> anyhow::Result<bool> {
+        maps::idle_slot(&mut self.ebpf.borrow_mut(), k)
+    }
+
     /// The slot `k` hashes to in the tests' `SLOTS`.
     pub fn slot_index(k: &nat_common::FlowTuple) -> u32 {
         nat_common::slot_index(k, TEST_SLOTS - 1)

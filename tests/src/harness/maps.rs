@@ -224,3 +224,18 @@ pub fn age_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<bool> {
     slots.set(i, aged, 0)?;
     Ok(true)
 }
+
+/// Makes the flow whose key the slot of `k` holds look idle for longer than a refresh
+/// interval (its `seen` pushed 2^40 jiffies back; the tests' interval is `u32::MAX`), so
+/// that another flow of the slot may take it over. Returns whether a slot held `k`.
+pub fn idle_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<bool> {
+    let i = slot_view(ebpf)?.index(k);
+    let mut slots = slots(ebpf)?;
+    let mut s = slots.get(&i, 0)?;
+    if s.key != *k {
+        return Ok(false);
+    }
+    s.entry.seen = s.entry.seen.wrapping_sub(1 << 40);
+    slots.set(i, s, 0)?;
+    Ok(true)
+}

@@ -1,6 +1,7 @@
 //! The flow cache (`SLOTS`, see `nat_common::Slot`) with the tests' 16 slots: an established
 //! flow's packets are served from its slot; two flows sharing a slot are translated as the
-//! model says (which knows no cache) while one of them holds it; a slot past its refill time
+//! model says (which knows no cache) while one of them holds it, and once it is idle the other
+//! takes the slot over with the first's segment notes kept in `FLOWS`; a slot past its refill time
 //! sends its next packet to `FLOWS`, which refills it; with the cache off (as natd loads the
 //! program off x86-64), the same packets are forwarded alike from `FLOWS`. Every frame is also
 //! compared with the model, and the flow table read merged with the slots (as natd reads it)
@@ -11,18 +12,23 @@ use nat_common::{FlowTuple, proto};
 use nat_tests::{
     harness::*,
     model::{Outcome, XDP_REDIRECT},
+    packet::{TCP_ACK, TCP_SYN},
 };
 
 use crate::common::*;
 
 /// A key as the program keys a packet (addresses and ports in network byte order).
 fn key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> FlowTuple {
+    key_of(proto::UDP, src, dst, sport, dport)
+}
+
+fn key_of(p: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> FlowTuple {
     FlowTuple::new(
         u32::from_ne_bytes(src.octets()),
         u32::from_ne_bytes(dst.octets()),
         sport.to_be(),
         dport.to_be(),
-        proto::UDP,
+        p,
     )
 }
 
@@ -198,4 +204,114 @@ fn with_the_cache_off_established_flows_are_forwarded_alike_from_flows() {
             "a slot was filled"
         );
     }
+}
+
+/// A TCP connection from V1 (port `sport`) to REMOTE:443, and its segments.
+struct Tcp {
+    sport: u16,
+    out: FlowTuple,
+    reply: FlowTuple,
+    /// The guest's next sequence number.
+    seq: u32,
+}
+
+const GUEST_ISN: u32 = 1000;
+const REMOTE_ISN: u32 = 5000;
+
+impl Tcp {
+    fn new(sport: u16) -> Self {
+        Tcp {
+            sport,
+            out: key_of(proto::TCP, V1, REMOTE, sport, 443),
+            reply: key_of(proto::TCP, REMOTE, P1, 443, sport),
+            seq: GUEST_ISN,
+        }
+    }
+
+    fn out(&self, h: &Harness, flags: u8, name: &str) -> Outcome {
+        let w = Wire(h.topo);
+        let l3 = tcp_l3_seq(
+            V1,
+            REMOTE,
+            (self.sport, 443),
+            flags,
+            (self.seq, REMOTE_ISN + 1),
+            64,
+        );
+        agree(h, name, h.topo.gst0.ifindex, &w.arriving_guest(V1_MAC, &l3))
+    }
+
+    fn answer(&self, h: &Harness, flags: u8, name: &str) -> Outcome {
+        let w = Wire(h.topo);
+        let l3 = tcp_l3_seq(
+            REMOTE,
+            P1,
+            (443, self.sport),
+            flags,
+            (REMOTE_ISN, self.seq),
+            64,
+        );
+        agree(h, name, h.topo.pub0.ifindex, &w.arriving_public(&l3))
+    }
+
+    /// The handshake; the connection is then established and assured (in `FLOWS`).
+    fn open(&mut self, h: &Harness) {
+        self.out(h, TCP_SYN, "syn");
+        self.seq += 1;
+        self.answer(h, TCP_SYN | TCP_ACK, "syn-ack");
+        self.out(h, TCP_ACK, "ack");
+    }
+
+    /// `n` guest segments of 100 bytes' worth of sequence numbers each, on the fast path.
+    fn send(&mut self, h: &Harness, n: u32, name: &str) {
+        for i in 0..n {
+            self.seq += 100;
+            assert_fast(&self.out(h, TCP_ACK, &format!("{name} {i}")), name);
+        }
+    }
+}
+
+#[test]
+fn an_idle_flows_slot_is_taken_over_and_its_segment_notes_stay_with_its_flow() {
+    let h = open_harness();
+    let mut a = (40000..)
+        .map(Tcp::new)
+        .find(|f| Harness::slot_index(&f.out) != Harness::slot_index(&f.reply))
+        .expect("some port");
+    let slot = Harness::slot_index(&a.out);
+    let mut b = (a.sport + 1..)
+        .map(Tcp::new)
+        .find(|f| {
+            Harness::slot_index(&f.out) == slot
+                && Harness::slot_index(&f.reply) != slot
+                && Harness::slot_index(&f.reply) != Harness::slot_index(&a.reply)
+        })
+        .expect("some port");
+    a.open(&h);
+    // The first segment fills A's slot; the next ones are noted there only (the tables are
+    // compared with the model merged with the slots after each).
+    a.send(&h, 4, "a");
+    assert_eq!(h.slot_key(&a.out).expect("SLOTS"), a.out);
+    b.open(&h);
+    b.send(&h, 2, "b while a is busy");
+    assert_eq!(
+        h.slot_key(&a.out).expect("SLOTS"),
+        a.out,
+        "a busy flow lost its slot"
+    );
+
+    assert!(h.idle_slot(&a.out).expect("SLOTS"), "a's slot");
+    let before = h.slot_hits().expect("EVENTS");
+    // B's next segment takes the slot over: A's notes go to its `FLOWS` entry first (the
+    // table compared after the frame shows them), B's are in the slot from then on.
+    b.send(&h, 1, "b takes the slot");
+    assert_eq!(
+        h.slot_key(&b.out).expect("SLOTS"),
+        b.out,
+        "b did not take the slot"
+    );
+    b.send(&h, 3, "b from its slot");
+    assert_eq!(h.slot_hits().expect("EVENTS") - before, 3);
+    // A's next segment finds its flow whole in `FLOWS` (its window notes as it left them).
+    a.send(&h, 1, "a after losing its slot");
 }
