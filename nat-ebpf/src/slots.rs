@@ -249,9 +249,9 @@ pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
 /// `FLOWS` lookup of the full path does this.
 ///
 /// A function of its own, for the verifier: inlined into each of the full path's lookups,
-/// its branches multiplied the paths the verifier walks after each (6.18's took `nat` from
-/// about 246k to 796k instructions); after a call, the states of its branches are equal and
-/// pruned.
+/// its branches multiplied the paths the verifier walks after each (on 6.18, `nat` took
+/// three times the instructions to verify); after a call, the states of its branches are
+/// equal and pruned.
 #[inline(never)]
 pub fn take(t: &FlowTuple, e: *mut FlowEntry) {
     let Some(s) = slot_of(t) else { return };
