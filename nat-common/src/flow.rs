@@ -496,20 +496,34 @@ impl Slot {
     /// `e` (keyed `t`) with what fast packets changed in this slot merged in, if the slot
     /// holds `t`: how a reader outside the program sees the whole entry.
     pub fn merged_into(&self, t: &FlowTuple, mut e: FlowEntry) -> FlowEntry {
-        if self.key != *t {
-            return e;
-        }
-        let s = &self.entry;
-        e.last_seen = e.last_seen.max(s.last_seen);
-        e.seen = s.seen;
-        e.timer = s.timer;
-        e.flags |= s.flags & (ENTRY_SEQ | ENTRY_ACKED);
-        if s.flags & ENTRY_SEQ != 0 {
-            e.seq_end = s.seq_end;
-        }
-        if s.flags & ENTRY_ACKED != 0 {
-            e.max_ack = s.max_ack;
+        if self.key == *t {
+            Slot::merge(&mut e, &self.entry);
         }
         e
     }
+
+    /// Merges into `e` what fast packets changed in `copy` (a slot's entry): the later
+    /// last-seen time, the direction's refresh time and timer copy, and the TCP segment notes
+    /// the copy holds. The program's full path does this before it uses a `FLOWS` entry
+    /// (`slots::take`), readers outside it through [`Slot::merged_into`]. Without branches
+    /// but the maximum, for the verifier, which walks it at every lookup of the full path.
+    #[inline(always)]
+    pub fn merge(e: &mut FlowEntry, copy: &FlowEntry) {
+        e.last_seen = e.last_seen.max(copy.last_seen);
+        e.seen = copy.seen;
+        e.timer = copy.timer;
+        e.flags |= copy.flags & (ENTRY_SEQ | ENTRY_ACKED);
+        let (seq, ack) = (
+            flag_mask(copy.flags, ENTRY_SEQ),
+            flag_mask(copy.flags, ENTRY_ACKED),
+        );
+        e.seq_end = (copy.seq_end & seq) | (e.seq_end & !seq);
+        e.max_ack = (copy.max_ack & ack) | (e.max_ack & !ack);
+    }
+}
+
+/// All ones if `flags` has the one-bit `flag`, else zero, without a branch.
+#[inline(always)]
+fn flag_mask(flags: u8, flag: u8) -> u32 {
+    0u32.wrapping_sub((flags as u32 >> flag.trailing_zeros()) & 1)
 }

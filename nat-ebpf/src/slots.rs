@@ -12,9 +12,7 @@
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::Global;
-use nat_common::{
-    ENTRY_ACKED, ENTRY_SEQ, FlowEntry, FlowTuple, Slot, maps::SLOT_COUNT, slot_index,
-};
+use nat_common::{FlowEntry, FlowTuple, Slot, maps::SLOT_COUNT, slot_index};
 
 use crate::{
     SLOTS,
@@ -83,12 +81,6 @@ fn holds(s: *mut Slot, t: &FlowTuple) -> bool {
         differ |= unsafe { core::ptr::read_volatile(k.add(i)) ^ *w.add(i) };
     }
     differ == 0
-}
-
-/// All ones if `flags` has the one-bit `flag`, else zero (without a branch, see [`holds`]).
-#[inline(always)]
-fn mask_of(flags: u8, flag: u8) -> u64 {
-    0u64.wrapping_sub((flags as u64 >> flag.trailing_zeros()) & 1)
 }
 
 /// Claims the slot for writing: its sequence goes from the even `s1` to odd.
@@ -263,18 +255,7 @@ pub fn take(t: &FlowTuple, e: *mut FlowEntry) {
     }
     if !e.is_null() {
         // SAFETY: the slot is claimed (no CPU changes it); `e` a live map value.
-        let (slot, e) = unsafe { (&(*s).entry, &mut *e) };
-        e.last_seen = e.last_seen.max(slot.last_seen);
-        e.seen = slot.seen;
-        e.timer = slot.timer;
-        e.flags |= slot.flags & (ENTRY_SEQ | ENTRY_ACKED);
-        // The notes the slot holds, without branches (see `holds`).
-        let (seq, ack) = (
-            mask_of(slot.flags, ENTRY_SEQ) as u32,
-            mask_of(slot.flags, ENTRY_ACKED) as u32,
-        );
-        e.seq_end = (slot.seq_end & seq) | (e.seq_end & !seq);
-        e.max_ack = (slot.max_ack & ack) | (e.max_ack & !ack);
+        unsafe { Slot::merge(&mut *e, &(*s).entry) };
     }
     // SAFETY: claimed; zero proto marks the slot empty.
     unsafe { (*s).key = FlowTuple::default() };
