@@ -333,8 +333,9 @@ impl Daemon {
     fn remove_flows(&mut self, pred: impl Fn(&FlowView) -> bool) -> usize {
         match self.ctl.fast_mut().remove_flows(pred) {
             Ok((n, _)) => {
-                // A removed flow may still sit in its slot (the flow cache): a new route
-                // generation makes the program leave every slot for the full path.
+                // `remove_flows` emptied each removed entry's slot, but a packet that found
+                // an entry just before its removal may have filled the slot again: a new
+                // route generation makes the program leave every slot for the full path.
                 if n > 0
                     && let Err(e) = self.ctl.fast_mut().bump_route_generation()
                 {

@@ -69,10 +69,12 @@ impl FlowView {
     }
 }
 
-/// Reads every entry of one flow map (entries that vanish while we read are skipped).
+/// Reads every entry of one flow map (entries that vanish while we read are skipped); with
+/// `slots`, `FLOWS` entries merged with their slots (what fast packets changed).
 fn entries(
     dp: &mut Dataplane,
     map: &'static str,
+    slots: Option<&SlotView>,
 ) -> Result<Vec<(FlowTuple, FlowEntry)>, DataplaneError> {
     let m: HashMap<_, FlowTuple, FlowEntry> =
         HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
@@ -84,8 +86,9 @@ fn entries(
             Err(source) => return Err(DataplaneError::Map { map, source }),
         }
     }
-    if map == MAP_FLOWS {
-        let slots = dp.slot_view()?;
+    if map == MAP_FLOWS
+        && let Some(slots) = slots
+    {
         for (k, e) in out.iter_mut() {
             *e = slots.merged(k, *e);
         }
@@ -165,8 +168,9 @@ impl Dataplane {
     /// Every flow (its original entry), assured and pending.
     pub fn flows(&mut self) -> Result<Vec<FlowView>, DataplaneError> {
         let mut out = Vec::new();
+        let slots = self.slot_view()?;
         for (map, _) in TABLES {
-            let all = entries(self, map)?;
+            let all = entries(self, map, Some(&slots))?;
             let seen = reply_seen(&all);
             for (k, e) in &all {
                 if e.flags & ENTRY_ORIG != 0 {
@@ -189,7 +193,7 @@ impl Dataplane {
         let mut seen = 0;
         let slots = self.slot_view()?;
         for (map, _) in TABLES {
-            let all = entries(self, map)?;
+            let all = entries(self, map, Some(&slots))?;
             let seen_of = reply_seen(&all);
             let origs: BTreeSet<FlowTuple> = all
                 .iter()
@@ -235,7 +239,8 @@ impl Dataplane {
     pub fn recycle_slots(&mut self) -> Result<usize, DataplaneError> {
         let mut in_use = BTreeSet::new();
         for (map, _) in TABLES {
-            for (_, e) in entries(self, map)? {
+            // A slot never changes the entry's counter slot: the entries as stored.
+            for (_, e) in entries(self, map, None)? {
                 in_use.insert(e.slot);
             }
         }
