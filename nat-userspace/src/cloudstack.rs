@@ -105,12 +105,6 @@ pub enum Problem {
     TrafficType(String),
     #[error("{protocol:?} is not supported in {kind} rules (expected {})", .kind.protocols())]
     UnsupportedProtocol { protocol: String, kind: RuleKind },
-    #[error("{value} contradicts rule #{first_position}, which says {first}")]
-    PolicyConflict {
-        value: bool,
-        first: bool,
-        first_position: usize,
-    },
     #[error(
         "{0} is in the range natd gives its own rules (from {LOCAL_RULE_IDS}); CloudStack's ids \
          are below it"

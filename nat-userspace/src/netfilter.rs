@@ -177,7 +177,7 @@ pub fn render(
         ("accept", "drop")
     };
     let mut egress = String::new();
-    for r in state.egress_rules() {
+    for r in state.active_egress_rules() {
         let r = &r.rule;
         let m = format!(
             "{}{}{}",

@@ -2,6 +2,7 @@
 //! file, fsync, rename, fsync of the directory) after every accepted change and restored at
 //! start. A file that cannot be read or validated is an error, never an empty configuration.
 use std::{
+    collections::BTreeMap,
     fs,
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
@@ -57,6 +58,13 @@ pub struct Snapshot {
     pub ingress: Vec<Slotted<IngressRule>>,
     pub egress_default_allow: bool,
     pub egress: Vec<Slotted<EgressRule>>,
+    /// CloudStack's egress exception rules: the default each was added under, by id (absent
+    /// in files written before natd kept it: every rule then acts under any default).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_under: BTreeMap<u64, bool>,
+    /// CloudStack's default egress rules held, by id: their policy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_defaults: BTreeMap<u64, bool>,
 }
 
 pub fn unix_now() -> u64 {
@@ -75,6 +83,8 @@ impl Snapshot {
             ingress: state.ingress_rules().cloned().collect(),
             egress_default_allow: state.egress_default_allow(),
             egress: state.egress_rules().cloned().collect(),
+            egress_under: state.egress_under().clone(),
+            egress_defaults: state.egress_defaults().clone(),
         }
     }
 
@@ -84,6 +94,8 @@ impl Snapshot {
             &self.ingress,
             self.egress_default_allow,
             &self.egress,
+            &self.egress_under,
+            &self.egress_defaults,
         )
     }
 }
@@ -263,6 +275,60 @@ mod tests {
         let (_, back) = sd.load().unwrap().unwrap();
         assert_eq!(back, s);
         assert!(back.egress_rules().all(|r| r.rule.sources == [Cidr::ANY]));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod cloudstack_egress_tests {
+    use super::*;
+    use crate::firewall::{Proto, Service};
+
+    /// CloudStack's egress rules keep the policy each came with and the default rules held
+    /// across a restart (the default and which rules act follow from them); a file written
+    /// before natd kept them loads with every rule in force under the default it names.
+    #[test]
+    fn egress_policies_and_default_rules_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("xsn-persist-cs-{}", std::process::id()));
+        let sd = StateDir::new(&dir);
+        sd.ensure().unwrap();
+        let svc = |proto| Service {
+            proto,
+            ports: None,
+            icmp_type: None,
+            icmp_code: None,
+        };
+        let mut s = DesiredState::default();
+        let to = vec!["192.0.2.0/24".parse().unwrap()];
+        s.add_egress_under(23, svc(Proto::Udp), to.clone(), vec![], true)
+            .unwrap();
+        // A repeat of rule 23 under another id, and a rule under the other policy.
+        s.add_egress_under(24, svc(Proto::Udp), to.clone(), vec![], true)
+            .unwrap();
+        s.add_egress_under(25, svc(Proto::Tcp), to, vec![], false)
+            .unwrap();
+        s.add_egress_default(0, true).unwrap();
+        let active =
+            |s: &DesiredState| -> Vec<u64> { s.active_egress_rules().map(|r| r.rule.id).collect() };
+        assert_eq!(active(&s), [23, 24]);
+        sd.save(&Snapshot::of(&s, 1, 1)).unwrap();
+        let (_, back) = sd.load().unwrap().unwrap();
+        assert_eq!(back, s);
+        assert_eq!(active(&back), [23, 24]);
+
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(sd.file()).unwrap()).unwrap();
+        let obj = json.as_object_mut().unwrap();
+        obj.remove("egress_under").unwrap();
+        obj.remove("egress_defaults").unwrap();
+        // (natd refused repeated rules then.)
+        let egress = obj["egress"].as_array_mut().unwrap();
+        egress.retain(|r| r["id"] != 24);
+        assert_eq!(egress.len(), 2);
+        fs::write(sd.file(), serde_json::to_vec(&json).unwrap()).unwrap();
+        let (_, old) = sd.load().unwrap().unwrap();
+        assert!(old.egress_default_allow());
+        assert_eq!(active(&old), [23, 25]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -284,6 +284,35 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
         };
         info!("egress default policy: {p}");
     }
+    // CloudStack's exceptions act under the default they were added under (see
+    // `DesiredState::is_egress_active`): say which ones a change of default woke or stilled.
+    for r in new.egress_rules() {
+        let id = r.rule.id;
+        let held = old.egress_rules().any(|o| o.rule.id == id);
+        let is = new.is_egress_active(id);
+        // A rule held before whose standing changed, or a rule added out of force.
+        let changed = if held {
+            is != old.is_egress_active(id)
+        } else {
+            !is
+        };
+        if changed {
+            let under = new.egress_under().get(&id).copied().unwrap_or(true);
+            let (exception, default) = if under {
+                ("drop", "allow")
+            } else {
+                ("accept", "deny")
+            };
+            if is {
+                info!("egress rule {id} in force: the default is {default} again");
+            } else {
+                info!(
+                    "egress rule {id} not in force: a {exception} exception to a default of \
+                     {default}, and the default is not {default}"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -112,9 +112,19 @@ pub struct DesiredState {
     by_public: BTreeMap<Ipv4Addr, Ipv4Addr>,
     by_private: BTreeMap<Ipv4Addr, Ipv4Addr>,
     ingress: BTreeMap<u64, Slotted<IngressRule>>,
-    /// CloudStack `default_egress_policy`: true = allow by default.
+    /// The guest network's default egress policy: true = allow by default. Set by natctl or
+    /// the config, and by CloudStack's default egress rules ([`Self::settle_egress_default`]).
     egress_default_allow: bool,
     egress: BTreeMap<u64, Slotted<EgressRule>>,
+    /// The `default_egress_policy` each CloudStack exception rule (by id) was added under. The
+    /// router gives each rule its own action (DROP under allow, ACCEPT under deny) and never
+    /// changes it, so a rule acts only while the default is the one it was added under
+    /// ([`Self::active_egress_rules`]); rules of natd's own are exceptions to any default.
+    egress_under: BTreeMap<u64, bool>,
+    /// CloudStack's default egress rules held (protocol `all`, no sources), by id: their
+    /// `default_egress_policy`. The router appends each as the chain's last rule (ACCEPT or
+    /// DROP); without one, its chain ends and the packet meets the FORWARD policy, DROP.
+    egress_defaults: BTreeMap<u64, bool>,
 }
 
 impl Default for DesiredState {
@@ -127,6 +137,8 @@ impl Default for DesiredState {
             ingress: BTreeMap::new(),
             egress_default_allow: true,
             egress: BTreeMap::new(),
+            egress_under: BTreeMap::new(),
+            egress_defaults: BTreeMap::new(),
         }
     }
 }
@@ -238,8 +250,61 @@ impl DesiredState {
         self.ingress.values().filter(|r| self.is_active(&r.rule))
     }
 
+    /// Every egress exception rule held, in force or not.
     pub fn egress_rules(&self) -> impl Iterator<Item = &Slotted<EgressRule>> + '_ {
         self.egress.values()
+    }
+
+    /// Whether egress rule `id` is in force: natd's own rules always, a CloudStack rule while
+    /// the default is the one it was added under (under the other default the router's rule
+    /// does what the default does: a DROP exception under deny, an ACCEPT one under allow).
+    pub fn is_egress_active(&self, id: u64) -> bool {
+        self.egress_under
+            .get(&id)
+            .is_none_or(|&under| under == self.egress_default_allow)
+    }
+
+    /// The egress rules in force (see [`Self::is_egress_active`]).
+    pub fn active_egress_rules(&self) -> impl Iterator<Item = &Slotted<EgressRule>> + '_ {
+        self.egress
+            .values()
+            .filter(|r| self.is_egress_active(r.rule.id))
+    }
+
+    /// The `default_egress_policy` CloudStack exception rules were added under, by id.
+    pub fn egress_under(&self) -> &BTreeMap<u64, bool> {
+        &self.egress_under
+    }
+
+    /// CloudStack's default egress rules held, by id: their `default_egress_policy`.
+    pub fn egress_defaults(&self) -> &BTreeMap<u64, bool> {
+        &self.egress_defaults
+    }
+
+    /// Holds CloudStack's default egress rule `id` (saying `allow`) and settles the default.
+    pub fn add_egress_default(&mut self, id: u64, allow: bool) -> Result<(), StateError> {
+        self.check_id(id)?;
+        self.egress_defaults.insert(id, allow);
+        self.settle_egress_default();
+        Ok(())
+    }
+
+    /// Drops CloudStack's default egress rule `id` and settles the default; what it said.
+    pub fn remove_egress_default(&mut self, id: u64) -> Result<bool, StateError> {
+        let allow = self
+            .egress_defaults
+            .remove(&id)
+            .ok_or(StateError::NoSuchRule { kind: "egress", id })?;
+        self.settle_egress_default();
+        Ok(allow)
+    }
+
+    /// The default as CloudStack's router ends up with it: allow only if the default rules
+    /// held all say allow (one of them DROP, or none: the chain's end drops); then each
+    /// CloudStack exception acts or not by the default it was added under.
+    pub fn settle_egress_default(&mut self) {
+        self.egress_default_allow =
+            !self.egress_defaults.is_empty() && self.egress_defaults.values().all(|&a| a);
     }
 
     pub fn egress_default_allow(&self) -> bool {
@@ -256,6 +321,7 @@ impl DesiredState {
             .ingress
             .keys()
             .chain(self.egress.keys())
+            .chain(self.egress_defaults.keys())
             .copied()
             .filter(|&id| id >= LOCAL_RULE_IDS)
             .max()
@@ -264,7 +330,10 @@ impl DesiredState {
     }
 
     fn check_id(&self, id: u64) -> Result<(), StateError> {
-        if self.ingress.contains_key(&id) || self.egress.contains_key(&id) {
+        if self.ingress.contains_key(&id)
+            || self.egress.contains_key(&id)
+            || self.egress_defaults.contains_key(&id)
+        {
             return Err(StateError::RuleIdInUse(id));
         }
         Ok(())
@@ -344,11 +413,25 @@ impl DesiredState {
         cidrs: Vec<Cidr>,
         sources: Vec<Cidr>,
     ) -> Result<u64, StateError> {
+        self.insert_egress(id, service, cidrs, sources, false)
+    }
+
+    fn insert_egress(
+        &mut self,
+        id: Option<u64>,
+        service: Service,
+        cidrs: Vec<Cidr>,
+        sources: Vec<Cidr>,
+        duplicate_ok: bool,
+    ) -> Result<u64, StateError> {
         service.validate()?;
         let cidrs = normalize_cidrs(cidrs);
         let sources = normalize_cidrs(sources);
         if let Some(dup) = self.egress.values().find(|r| {
-            r.rule.service == service && r.rule.cidrs == cidrs && r.rule.sources == sources
+            !duplicate_ok
+                && r.rule.service == service
+                && r.rule.cidrs == cidrs
+                && r.rule.sources == sources
         }) {
             return Err(StateError::DuplicateRule {
                 existing: dup.rule.id,
@@ -375,11 +458,30 @@ impl DesiredState {
         Ok(id)
     }
 
+    /// Adds CloudStack's egress exception rule `id`, added under the default `under` (its
+    /// `default_egress_policy`). Unlike natd's own rules, one may say what another says: the
+    /// router installs both (each matches its own ipsets).
+    pub fn add_egress_under(
+        &mut self,
+        id: u64,
+        service: Service,
+        cidrs: Vec<Cidr>,
+        sources: Vec<Cidr>,
+        under: bool,
+    ) -> Result<(), StateError> {
+        self.insert_egress(Some(id), service, cidrs, sources, true)?;
+        self.egress_under.insert(id, under);
+        Ok(())
+    }
+
     pub fn remove_egress(&mut self, id: u64) -> Result<EgressRule, StateError> {
-        self.egress
+        let r = self
+            .egress
             .remove(&id)
             .map(|r| r.rule)
-            .ok_or(StateError::NoSuchRule { kind: "egress", id })
+            .ok_or(StateError::NoSuchRule { kind: "egress", id })?;
+        self.egress_under.remove(&id);
+        Ok(r)
     }
 
     /// Rebuilds a state from its persisted parts, validating everything as a change would and
@@ -389,6 +491,8 @@ impl DesiredState {
         ingress: &[Slotted<IngressRule>],
         egress_default_allow: bool,
         egress: &[Slotted<EgressRule>],
+        egress_under: &BTreeMap<u64, bool>,
+        egress_defaults: &BTreeMap<u64, bool>,
     ) -> Result<Self, StateError> {
         let mut s = Self::default();
         for m in mappings {
@@ -403,16 +507,26 @@ impl DesiredState {
             )?;
             s.move_slot(true, id, r.slot)?;
         }
-        s.egress_default_allow = egress_default_allow;
         for r in egress {
-            let id = s.add_egress_from(
+            let under = egress_under.get(&r.rule.id).copied();
+            let id = s.insert_egress(
                 Some(r.rule.id),
                 r.rule.service.clone(),
                 r.rule.cidrs.clone(),
                 r.rule.sources.clone(),
+                under.is_some(),
             )?;
+            if let Some(under) = under {
+                s.egress_under.insert(id, under);
+            }
             s.move_slot(false, id, r.slot)?;
         }
+        for (&id, &allow) in egress_defaults {
+            s.check_id(id)?;
+            s.egress_defaults.insert(id, allow);
+        }
+        // As it was left (natctl may have set it since CloudStack's default rules did).
+        s.egress_default_allow = egress_default_allow;
         Ok(s)
     }
 

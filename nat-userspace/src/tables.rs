@@ -81,13 +81,13 @@ impl Tables {
         }
         let c = compile(
             state
-                .egress_rules()
+                .active_egress_rules()
                 .map(|r| (r.slot, &r.rule.service, r.rule.cidrs.as_slice())),
         );
         entries.extend(c.addrs.into_iter().map(|(cidr, b)| (Entry::EgDst(cidr), b)));
         let sources = compile_addrs(
             state
-                .egress_rules()
+                .active_egress_rules()
                 .map(|r| (r.slot, r.rule.sources.as_slice())),
         );
         entries.extend(sources.into_iter().map(|(cidr, b)| (Entry::EgSrc(cidr), b)));
@@ -128,8 +128,11 @@ fn reused_slots(old: &DesiredState, new: &DesiredState) -> HashMap<Option<Ipv4Ad
             out.entry(Some(r.rule.public)).or_default().set(r.slot);
         }
     }
-    let egress: HashMap<_, _> = old.egress_rules().map(|r| (r.slot, &r.rule)).collect();
-    for r in new.egress_rules() {
+    let egress: HashMap<_, _> = old
+        .active_egress_rules()
+        .map(|r| (r.slot, &r.rule))
+        .collect();
+    for r in new.active_egress_rules() {
         if egress.get(&r.slot).is_some_and(|o| **o != r.rule) {
             out.entry(None).or_default().set(r.slot);
         }

@@ -45,13 +45,39 @@ pub fn apply(payload: &Payload, state: &mut DesiredState) -> Result<Summary, Clo
             }
         }
         Payload::Firewall { rules } => {
-            let mut policy = None;
+            let was = state.egress_default_allow();
+            let mut settle = None;
             for (i, r) in rules.iter().enumerate() {
                 let at = RuleRef {
                     position: i + 1,
                     id: r.id,
                 };
-                firewall(at, r, state, &mut policy, &mut summary)?;
+                // A payload that carries egress rules (new or re-sent), or revokes a default
+                // egress rule, speaks for the network's egress: its default is then the
+                // router's, which depends on the default rules held alone.
+                let carries_egress =
+                    !r.revoked.unwrap_or(false) && r.traffic_type.as_deref() == Some("Egress");
+                if firewall(at, r, state, &mut summary)? || carries_egress {
+                    settle = Some(at);
+                }
+            }
+            if let Some(at) = settle {
+                state.settle_egress_default();
+                // Said when it changed, or when egress rules came or went.
+                let egress_changed = summary.changes.iter().any(|(_, c)| {
+                    matches!(
+                        c,
+                        Change::EgressDefaultRule { .. }
+                            | Change::EgressExceptionAdded { .. }
+                            | Change::RuleRemoved {
+                                kind: RuleKind::Egress,
+                                ..
+                            }
+                    )
+                });
+                if egress_changed || state.egress_default_allow() != was {
+                    summary.push(at, egress_default(state, was));
+                }
             }
         }
     }
@@ -194,21 +220,29 @@ fn rules_of(state: &DesiredState, public: Ipv4Addr) -> Vec<u64> {
 /// Firewall rules by id, as the router's `cs_firewallrules.merge` keys its databag: one id
 /// space for ingress and egress; `revoked` deletes the id whatever else the rule says; a known
 /// id is kept as it is and the rest of the re-sent rule is not looked at; an unknown id is
-/// validated and added.
+/// validated and added. Returns whether it revoked a default egress rule.
 fn firewall(
     at: RuleRef,
     r: &FirewallRule,
     state: &mut DesiredState,
-    policy: &mut Option<(bool, usize)>,
     summary: &mut Summary,
-) -> Result<(), CloudStackError> {
+) -> Result<bool, CloudStackError> {
     let id = r.id.ok_or_else(|| refuse(at, "id", Problem::Missing))?;
     if id >= LOCAL_RULE_IDS {
         return Err(refuse(at, "id", Problem::LocalId(id)));
     }
     let held = held_kind(state, id);
     if r.revoked.unwrap_or(false) {
-        // Like the router, a revoke needs nothing but the id.
+        // Like the router, a revoke needs nothing but the id. Revoking the default egress
+        // rule takes its ACCEPT (or DROP) from the end of the router's chain.
+        if state.egress_defaults().contains_key(&id) {
+            state
+                .remove_egress_default(id)
+                .map_err(|e| refuse(at, "id", Problem::State(e)))?;
+            let kind = RuleKind::Egress;
+            summary.push(at, Change::RuleRemoved { kind, id });
+            return Ok(true);
+        }
         let change = match held {
             Some(kind) => {
                 let removed = match kind {
@@ -221,19 +255,15 @@ fn firewall(
             None => Change::RuleAbsent { id },
         };
         summary.push(at, change);
-        return Ok(());
+        return Ok(false);
     }
     if let Some(kind) = held {
         // The router keeps the rule it has; a re-sent rule's fields are never read, so they
-        // cannot make the payload fail (a difference is only reported). But for natd the
-        // network's egress default is the payload's, which every egress rule carries.
-        if let (Some("Egress"), Some(allow)) = (r.traffic_type.as_deref(), r.default_egress_policy)
-        {
-            egress_default(at, allow, state, policy, summary)?;
-        }
+        // cannot make the payload fail (a difference is only reported). Its
+        // `default_egress_policy` neither: the rule keeps the action it was added with.
         let differs = differs(at, r, state, kind, id).unwrap_or(true);
         summary.push(at, Change::RuleKept { kind, id, differs });
-        return Ok(());
+        return Ok(false);
     }
     // configure.py: `obj['traffic_type'] == 'Ingress'`, as Gson writes the Java enum.
     let kind = match r.traffic_type.as_deref() {
@@ -246,8 +276,8 @@ fn firewall(
         }
     };
     match kind {
-        RuleKind::Ingress => ingress(at, id, r, state, summary),
-        RuleKind::Egress => egress(at, id, r, state, policy, summary),
+        RuleKind::Ingress => ingress(at, id, r, state, summary).map(|()| false),
+        RuleKind::Egress => egress(at, id, r, state, summary).map(|()| false),
     }
 }
 
@@ -255,7 +285,9 @@ fn firewall(
 fn held_kind(state: &DesiredState, id: u64) -> Option<RuleKind> {
     if state.ingress_rules().any(|s| s.rule.id == id) {
         Some(RuleKind::Ingress)
-    } else if state.egress_rules().any(|s| s.rule.id == id) {
+    } else if state.egress_rules().any(|s| s.rule.id == id)
+        || state.egress_defaults().contains_key(&id)
+    {
         Some(RuleKind::Egress)
     } else {
         None
@@ -284,6 +316,12 @@ fn differs(
             })
         }
         RuleKind::Egress => {
+            if let Some(&allow) = state.egress_defaults().get(&id) {
+                return Ok(r.default_egress_policy != Some(allow));
+            }
+            if state.egress_under().get(&id) != r.default_egress_policy.as_ref() {
+                return Ok(true);
+            }
             let dests = normalize_cidrs(destinations(at, r)?);
             let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
             let sources = normalize_cidrs(sources);
@@ -337,23 +375,30 @@ fn ingress(
     Ok(())
 }
 
+/// An egress rule, as configure.py's `AclIP` builds it from the rule's own
+/// `default_egress_policy`: the default rule (protocol `all`, no source CIDRs) is appended to
+/// the router's chain, ACCEPT under allow and DROP under deny; any other rule is inserted
+/// before it, an exception with the opposite action. natd holds each with the policy it
+/// came with (see `DesiredState::is_egress_active`); the payload settles the network's
+/// default after its last rule (see [`apply`]).
 fn egress(
     at: RuleRef,
     id: u64,
     r: &FirewallRule,
     state: &mut DesiredState,
-    policy: &mut Option<(bool, usize)>,
     summary: &mut Summary,
 ) -> Result<(), CloudStackError> {
     let proto = protocol(at, r, RuleKind::Egress)?;
     let field = "default_egress_policy";
-    let allow = r
+    let under = r
         .default_egress_policy
         .ok_or_else(|| refuse(at, field, Problem::Missing))?;
-    egress_default(at, allow, state, policy, summary)?;
     let sources = cidr_list(at, "source_cidr_list", r.source_cidr_list.as_deref())?;
     if proto == Proto::All && sources.is_empty() {
-        summary.push(at, Change::EgressDefaultRule { id });
+        state
+            .add_egress_default(id, under)
+            .map_err(|e| refuse(at, "id", Problem::State(e)))?;
+        summary.push(at, Change::EgressDefaultRule { id, allow: under });
         return Ok(());
     }
     let service = service(at, r, RuleKind::Egress)?;
@@ -361,45 +406,25 @@ fn egress(
     // and destinations in `dest_cidr_list`.
     let dests = destinations(at, r)?;
     state
-        .add_egress_from(Some(id), service, dests, sources)
+        .add_egress_under(id, service, dests, sources, under)
         .map_err(|e| CloudStackError::rule(at, None, Problem::State(e)))?;
-    summary.push(
-        at,
-        Change::RuleAdded {
-            kind: RuleKind::Egress,
-            id,
-        },
-    );
+    summary.push(at, Change::EgressExceptionAdded { id, under });
     Ok(())
 }
 
-/// The guest network's egress default, which the payload's first egress rule sets; a later
-/// rule saying otherwise is refused.
-fn egress_default(
-    at: RuleRef,
-    allow: bool,
-    state: &mut DesiredState,
-    policy: &mut Option<(bool, usize)>,
-    summary: &mut Summary,
-) -> Result<(), CloudStackError> {
-    match *policy {
-        None => {
-            let was = state.egress_default_allow();
-            state.set_egress_default_allow(allow);
-            *policy = Some((allow, at.position));
-            summary.push(at, Change::EgressDefault { allow, was });
-        }
-        Some((first, first_position)) if first != allow => {
-            let problem = Problem::PolicyConflict {
-                value: allow,
-                first,
-                first_position,
-            };
-            return Err(refuse(at, "default_egress_policy", problem));
-        }
-        Some(_) => {}
+/// The network's egress default after a payload that settled it, and which exceptions are
+/// not in force under it.
+fn egress_default(state: &DesiredState, was: bool) -> Change {
+    Change::EgressDefault {
+        allow: state.egress_default_allow(),
+        was,
+        rules: state.egress_defaults().keys().copied().collect(),
+        dormant: state
+            .egress_rules()
+            .map(|r| r.rule.id)
+            .filter(|&id| !state.is_egress_active(id))
+            .collect(),
     }
-    Ok(())
 }
 
 /// An ingress rule's sources: absent means 0.0.0.0/0 (the payloads' documented default; the

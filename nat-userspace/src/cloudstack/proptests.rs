@@ -106,10 +106,26 @@ fn check_invariants(s: &DesiredState) -> Result<(), TestCaseError> {
     }
     let ingress: BTreeSet<_> = s.ingress_rules().map(|r| r.rule.id).collect();
     let egress: BTreeSet<_> = s.egress_rules().map(|r| r.rule.id).collect();
+    let defaults: BTreeSet<_> = s.egress_defaults().keys().copied().collect();
     prop_assert!(
         ingress.is_disjoint(&egress),
         "an id is both ingress and egress"
     );
+    prop_assert!(
+        defaults.is_disjoint(&ingress) && defaults.is_disjoint(&egress),
+        "a default egress rule's id is another rule's"
+    );
+    prop_assert!(
+        s.egress_under().keys().all(|id| egress.contains(id)),
+        "the policy of an egress rule natd does not hold"
+    );
+    // The router's chain: allow by default only if every default rule held says allow.
+    if !defaults.is_empty() {
+        prop_assert_eq!(
+            s.egress_default_allow(),
+            s.egress_defaults().values().all(|&a| a)
+        );
+    }
     Ok(())
 }
 
@@ -122,6 +138,8 @@ fn rules_of(s: &DesiredState) -> impl PartialEq + std::fmt::Debug {
             .collect::<Vec<_>>(),
         s.egress_default_allow(),
         s.egress_rules().map(|r| r.rule.clone()).collect::<Vec<_>>(),
+        s.egress_under().clone(),
+        s.egress_defaults().clone(),
     )
 }
 
@@ -159,7 +177,8 @@ fn check_last_word(p: &Payload, s: &DesiredState) -> Result<(), TestCaseError> {
             for (id, r) in last {
                 let id = id.unwrap_or_default();
                 let ingress = s.ingress_rules().any(|x| x.rule.id == id);
-                let egress = s.egress_rules().any(|x| x.rule.id == id);
+                let egress = s.egress_rules().any(|x| x.rule.id == id)
+                    || s.egress_defaults().contains_key(&id);
                 let default_rule = r.protocol.as_deref() == Some("all")
                     && r.source_cidr_list.as_ref().is_none_or(Vec::is_empty);
                 if r.revoked == Some(true) {

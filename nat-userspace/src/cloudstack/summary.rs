@@ -87,15 +87,27 @@ pub enum Change {
         id: u64,
         public: Ipv4Addr,
     },
-    /// The guest network's default egress policy, set by the payload's first egress rule.
+    /// The guest network's default egress policy after a payload that added or revoked a
+    /// default egress rule, or added an exception while none was held: allow only if the
+    /// default rules held (`rules`) all say allow. `dormant`: the exceptions not in force
+    /// under it (added under the other default).
     EgressDefault {
         allow: bool,
         was: bool,
+        rules: Vec<u64>,
+        dormant: Vec<u64>,
     },
-    /// The default egress rule (protocol `all`, no source CIDRs) stands for the default
-    /// policy itself and is not an exception rule.
+    /// A default egress rule (protocol `all`, no source CIDRs): the router appends it to its
+    /// chain, ACCEPT if it says `allow`, DROP otherwise.
     EgressDefaultRule {
         id: u64,
+        allow: bool,
+    },
+    /// An egress exception rule, added under the default `under` (its
+    /// `default_egress_policy`): it drops under allow, accepts under deny.
+    EgressExceptionAdded {
+        id: u64,
+        under: bool,
     },
 }
 
@@ -106,16 +118,17 @@ impl Change {
             Change::MappingAdded { .. }
             | Change::MappingReplaced { .. }
             | Change::MappingRemoved { .. } => false,
-            Change::RuleAdded { .. } | Change::RuleRemoved { .. } | Change::RuleInactive { .. } => {
-                false
-            }
-            Change::EgressDefault { allow, was } => allow == was,
+            Change::RuleAdded { .. }
+            | Change::RuleRemoved { .. }
+            | Change::RuleInactive { .. }
+            | Change::EgressDefaultRule { .. }
+            | Change::EgressExceptionAdded { .. } => false,
+            Change::EgressDefault { allow, was, .. } => allow == was,
             Change::MappingPresent(_)
             | Change::MappingAbsent(_)
             | Change::RuleKept { .. }
             | Change::RuleAbsent { .. }
-            | Change::RuleAllowsNothing { .. }
-            | Change::EgressDefaultRule { .. } => true,
+            | Change::RuleAllowsNothing { .. } => true,
         }
     }
 }
@@ -181,18 +194,50 @@ impl fmt::Display for Change {
                 f,
                 "ingress rule {id} added, inactive: {public} has no static NAT (yet)"
             ),
-            Change::EgressDefault { allow, was } if allow == was => {
-                write!(f, "egress default policy {} (unchanged)", policy(*allow))
+            Change::EgressDefault {
+                allow,
+                was,
+                rules,
+                dormant,
+            } => {
+                if allow == was {
+                    write!(f, "egress default policy {}, unchanged", policy(*allow))?;
+                } else {
+                    write!(
+                        f,
+                        "egress default policy: {} -> {}",
+                        policy(*was),
+                        policy(*allow)
+                    )?;
+                }
+                match rules.as_slice() {
+                    [] => f.write_str(
+                        " (no default egress rule: the router's chain ends in its FORWARD \
+                         policy, drop)",
+                    )?,
+                    [one] => write!(f, " (default rule {one})")?,
+                    _ => write!(f, " (default rules {rules:?}: allow only if all say allow)")?,
+                }
+                if !dormant.is_empty() {
+                    write!(
+                        f,
+                        "; egress rules {dormant:?} not in force (exceptions to a default of {})",
+                        policy(!*allow)
+                    )?;
+                }
+                Ok(())
             }
-            Change::EgressDefault { allow, was } => write!(
+            Change::EgressDefaultRule { id, allow } => write!(
                 f,
-                "egress default policy: {} -> {}",
-                policy(*was),
+                "egress rule {id} added: the default rule ({} by default)",
                 policy(*allow)
             ),
-            Change::EgressDefaultRule { id } => {
-                write!(f, "egress rule {id} is the default rule, not an exception")
-            }
+            Change::EgressExceptionAdded { id, under } => write!(
+                f,
+                "egress rule {id} added ({} exception to a default of {})",
+                if *under { "a drop" } else { "an accept" },
+                policy(*under)
+            ),
         }
     }
 }
@@ -249,14 +294,16 @@ fn tally(c: &Change) -> Option<usize> {
         Change::MappingRemoved { .. } => 2,
         Change::MappingPresent(_) => 3,
         Change::MappingAbsent(_) => 4,
-        Change::RuleAdded { .. } => 5,
+        Change::RuleAdded { .. }
+        | Change::EgressDefaultRule { .. }
+        | Change::EgressExceptionAdded { .. } => 5,
         Change::RuleRemoved { .. } => 6,
         Change::RuleKept { .. } => 7,
         Change::RuleAbsent { .. } => 8,
-        Change::EgressDefault { allow, was } if allow != was => 9,
+        Change::EgressDefault { allow, was, .. } if allow != was => 9,
         Change::RuleInactive { .. } => 10,
         Change::RuleAllowsNothing { .. } => 11,
-        Change::EgressDefault { .. } | Change::EgressDefaultRule { .. } => return None,
+        Change::EgressDefault { .. } => return None,
     })
 }
 

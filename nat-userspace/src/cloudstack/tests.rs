@@ -172,9 +172,9 @@ fn example_payloads_in_sequence_give_the_routers_state() {
     assert_eq!(
         lines(&sum),
         [
-            "rule #1 (id 21): egress default policy allow (unchanged)",
-            "rule #1 (id 21): egress rule 21 added",
-            "rule #2 (id 22): egress rule 22 is the default rule, not an exception"
+            "rule #1 (id 21): egress rule 21 added (a drop exception to a default of allow)",
+            "rule #2 (id 22): egress rule 22 added: the default rule (allow by default)",
+            "rule #2 (id 22): egress default policy allow, unchanged (default rule 22)"
         ]
     );
     // Default allow, so rule 21 is a DENY exception: tcp/25 to anywhere.
@@ -337,14 +337,14 @@ fn egress_default_deny_makes_the_rules_allow_exceptions() {
     assert_eq!(
         lines(&sum),
         [
-            "rule #1 (id 41): egress default policy: allow -> deny",
-            "rule #1 (id 41): egress rule 41 added",
-            "rule #2 (id 42): egress rule 42 added",
-            "rule #3 (id 43): egress rule 43 added",
-            "rule #4 (id 44): egress rule 44 is the default rule, not an exception"
+            "rule #1 (id 41): egress rule 41 added (an accept exception to a default of deny)",
+            "rule #2 (id 42): egress rule 42 added (an accept exception to a default of deny)",
+            "rule #3 (id 43): egress rule 43 added (an accept exception to a default of deny)",
+            "rule #4 (id 44): egress rule 44 added: the default rule (deny by default)",
+            "rule #4 (id 44): egress default policy: allow -> deny (default rule 44)"
         ]
     );
-    assert_eq!(sum.to_string(), "3 rules added, 1 egress default changed");
+    assert_eq!(sum.to_string(), "4 rules added, 1 egress default changed");
     let got = seen(&s);
     assert!(!got.egress_default_allow);
     assert_eq!(
@@ -545,9 +545,9 @@ fn egress_rules_per_vm_keep_their_sources() {
     assert_eq!(
         lines(&sum),
         [
-            "rule #1 (id 41): egress default policy: allow -> deny",
-            "rule #1 (id 41): egress rule 41 added",
-            "rule #2 (id 42): egress rule 42 is the default rule, not an exception"
+            "rule #1 (id 41): egress rule 41 added (an accept exception to a default of deny)",
+            "rule #2 (id 42): egress rule 42 added: the default rule (deny by default)",
+            "rule #2 (id 42): egress default policy: allow -> deny (default rule 42)"
         ]
     );
     let got = seen(&s);
@@ -728,5 +728,168 @@ fn an_egress_destination_of_0_0_0_0_slash_0_is_skipped_not_anywhere() {
         dests,
         [cidrs(&["192.0.2.0/24"]), cidrs(&["0.0.0.0/0"])],
         "rule 51 to 192.0.2.0/24 only, rule 52 anywhere"
+    );
+}
+
+/// The egress exceptions in force (what natd compiles into the fast path and its nftables
+/// table).
+fn in_force(s: &DesiredState) -> Vec<u64> {
+    s.active_egress_rules().map(|r| r.rule.id).collect()
+}
+
+/// configure.py appends the default egress rule (ACCEPT under allow) to the router's chain:
+/// revoked, the chain ends without it and the FORWARD policy drops. Rule 21, a DROP exception
+/// added under allow, then changes nothing (everything is dropped), and acts again once a
+/// default rule says allow.
+#[test]
+fn revoking_the_default_egress_rule_denies_egress() {
+    let mut s = state_after(&[STATICNAT, FIREWALL, EGRESS]);
+    assert!(s.egress_default_allow());
+    assert_eq!(in_force(&s), [21]);
+    let before_compiled = crate::tables::Tables::of(&s);
+
+    let sum = step(&mut s, &fw(r#"{"id":22,"revoked":true}"#)).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 22): egress rule 22 removed",
+            "rule #1 (id 22): egress default policy: allow -> deny (no default egress rule: \
+             the router's chain ends in its FORWARD policy, drop); egress rules [21] not in \
+             force (exceptions to a default of allow)"
+        ]
+    );
+    assert!(!s.egress_default_allow());
+    assert!(in_force(&s).is_empty());
+    // Held all the same (the router's databag keeps it), and compiled nowhere.
+    assert_eq!(s.egress_rules().count(), 1);
+    let compiled = crate::tables::Tables::of(&s);
+    assert!(compiled.egress_default_deny);
+    assert_eq!(
+        compiled,
+        crate::tables::Tables::of(&state_without_egress(&s))
+    );
+
+    // CloudStack's own default rule (built in memory by the management server, id 0).
+    let sum = step(
+        &mut s,
+        &fw(r#"{"id":0,"protocol":"all","source_cidr_list":[],"traffic_type":"Egress","default_egress_policy":true}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 0): egress rule 0 added: the default rule (allow by default)",
+            "rule #1 (id 0): egress default policy: deny -> allow (default rule 0)"
+        ]
+    );
+    assert_eq!(in_force(&s), [21]);
+    assert_eq!(crate::tables::Tables::of(&s), before_compiled);
+}
+
+/// `s` without its egress exception rules.
+fn state_without_egress(s: &DesiredState) -> DesiredState {
+    let mut t = s.clone();
+    let ids: Vec<u64> = t.egress_rules().map(|r| r.rule.id).collect();
+    for id in ids {
+        t.remove_egress(id).unwrap();
+    }
+    t
+}
+
+/// The router never reads a known id again (`cs_firewallrules.merge`), its
+/// `default_egress_policy` included: re-sent under the other policy, the rules keep acting
+/// as they were added.
+#[test]
+fn a_re_sent_egress_rule_keeps_the_policy_it_came_with() {
+    let mut s = state_after(&[STATICNAT, FIREWALL, EGRESS]);
+    let flipped = EGRESS.replace(
+        "\"default_egress_policy\":true",
+        "\"default_egress_policy\":false",
+    );
+    assert_ne!(flipped, EGRESS);
+    let sum = step(&mut s, &flipped).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 21): egress rule 21 already present, kept as it is (the payload's \
+             fields differ from it)",
+            "rule #2 (id 22): egress rule 22 already present, kept as it is (the payload's \
+             fields differ from it)"
+        ]
+    );
+    assert!(s.egress_default_allow());
+    assert_eq!(in_force(&s), [21]);
+}
+
+/// Without a default egress rule the router's chain ends in the FORWARD policy's DROP: an
+/// exception added under allow (a DROP) leaves everything denied; one added under deny (an
+/// ACCEPT) is in force. Rules under both policies may come in one payload (the router reads
+/// each rule's own), and the default rule decides which ones act.
+#[test]
+fn egress_rules_act_by_the_default_rules_held() {
+    let mut s = state_after(&[STATICNAT]);
+    assert!(
+        s.egress_default_allow(),
+        "natd's own default before CloudStack speaks"
+    );
+    let sum = step(
+        &mut s,
+        &fw(r#"{"id":23,"traffic_type":"Egress","protocol":"udp","src_port_range":[53,53],"default_egress_policy":true},
+               {"id":24,"traffic_type":"Egress","protocol":"tcp","src_port_range":[443,443],"default_egress_policy":false}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 23): egress rule 23 added (a drop exception to a default of allow)",
+            "rule #2 (id 24): egress rule 24 added (an accept exception to a default of deny)",
+            "rule #2 (id 24): egress default policy: allow -> deny (no default egress rule: \
+             the router's chain ends in its FORWARD policy, drop); egress rules [23] not in \
+             force (exceptions to a default of allow)"
+        ]
+    );
+    assert_eq!(in_force(&s), [24]);
+
+    step(
+        &mut s,
+        &fw(r#"{"id":25,"protocol":"all","source_cidr_list":[],"traffic_type":"Egress","default_egress_policy":true}"#),
+    )
+    .unwrap();
+    assert!(s.egress_default_allow());
+    assert_eq!(in_force(&s), [23]);
+
+    // Two default rules that disagree: the router's chain meets the first it appended; natd
+    // takes the stricter.
+    step(
+        &mut s,
+        &fw(r#"{"id":26,"protocol":"all","source_cidr_list":[],"traffic_type":"Egress","default_egress_policy":false}"#),
+    )
+    .unwrap();
+    assert!(!s.egress_default_allow());
+    assert_eq!(in_force(&s), [24]);
+    step(&mut s, &fw(r#"{"id":26,"revoked":true}"#)).unwrap();
+    assert!(s.egress_default_allow());
+    assert_eq!(in_force(&s), [23]);
+}
+
+/// The router installs a rule per id (each with its own ipsets), so a rule saying what
+/// another says is no error, and revoking one leaves the other in force.
+#[test]
+fn an_egress_rule_may_repeat_another_under_a_new_id() {
+    let mut s = state_after(&[STATICNAT, FIREWALL, EGRESS]);
+    let again = EGRESS.replace("\"id\":21", "\"id\":31");
+    assert_ne!(again, EGRESS);
+    let sum = step(&mut s, &again).unwrap();
+    assert_eq!(
+        lines(&sum)[0],
+        "rule #1 (id 31): egress rule 31 added (a drop exception to a default of allow)"
+    );
+    assert_eq!(in_force(&s), [21, 31]);
+    step(&mut s, &fw(r#"{"id":21,"revoked":true}"#)).unwrap();
+    assert_eq!(in_force(&s), [31]);
+    let rule = &s.egress_rules().next().unwrap().rule;
+    assert_eq!(
+        (rule.service.proto, rule.sources.clone()),
+        (Proto::Tcp, cidrs(&["10.1.1.0/24"]))
     );
 }
