@@ -2,8 +2,8 @@
 //! a firewall payload that arrives before its IP's static NAT takes effect with the static NAT
 //! (fast path and nftables); a static NAT entry for an IP mapped to another guest moves the IP
 //! to the new guest; an egress rule with a source CIDR (one VM) blocks that guest and not
-//! another, in the fast path and in the slow path, from a payload and from natctl; and a
-//! CloudStack rule id never taken by one natctl gave.
+//! another, in the fast path and in the slow path, from a payload and from natctl; a revoked
+//! default egress rule denies egress; and a CloudStack rule id never taken by one natctl gave.
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
@@ -258,6 +258,57 @@ fn an_egress_rule_for_one_guest_blocks_it_and_not_the_other() -> anyhow::Result<
     ])?;
     egress_blocked(&topo, &natctl, second, 5002, 5003)?;
     egress_passes(&topo, first, 5002)?;
+    Ok(())
+}
+
+/// The router builds each egress rule's action from the rule's own `default_egress_policy`
+/// and ends its chain with the default rule: revoked, the chain ends in the FORWARD policy's
+/// DROP. Rule 41 (udp 5001, a DROP exception added under allow) then denies nothing more, and
+/// rule 43 (udp 5003, an ACCEPT exception added under deny) comes into force; a new default
+/// rule (id 0, as the management server builds it) that says allow turns both back. Seen on
+/// the wire, in the fast path (its drop counters) and in nftables (fragmented datagrams, with
+/// a marker on an allowed port that must arrive).
+#[test]
+fn a_revoked_default_egress_rule_denies_egress_as_on_the_router() -> anyhow::Result<()> {
+    let topo = Topology::new()?;
+    let natd = Natd::start(&topo, None)?;
+    let natctl = natd.natctl()?;
+    apply(
+        &topo,
+        &natctl,
+        "nat.json",
+        &static_nat(&[(PUBLIC_ADDR, GUEST_ADDR)]),
+    )?;
+    let rule = |id: u64, port: u16, under: bool| {
+        serde_json::json!({"id": id, "traffic_type": "Egress", "src_ip": "", "protocol": "udp",
+            "src_port_range": [port, port], "source_cidr_list": [format!("{GUEST_ADDR}/32")],
+            "dest_cidr_list": ["0.0.0.0/0"], "default_egress_policy": under, "revoked": false})
+    };
+    let default = |id: u64| {
+        serde_json::json!({"id": id, "traffic_type": "Egress", "src_ip": "", "protocol": "all",
+            "source_cidr_list": [], "dest_cidr_list": [], "default_egress_policy": true,
+            "revoked": false})
+    };
+    let egress = serde_json::json!({"type": "firewallrules",
+        "rules": [rule(41, 5001, true), default(42), rule(43, 5003, false)]})
+    .to_string();
+    apply(&topo, &natctl, "egress.json", &egress)?;
+    let guest = (&topo.guest, PUBLIC_ADDR);
+    egress_passes(&topo, guest, 5002)?;
+    egress_blocked(&topo, &natctl, guest, 5001, 5003)?;
+
+    let revoke = r#"{"type":"firewallrules","rules":[{"id":42,"revoked":true}]}"#;
+    let out = apply(&topo, &natctl, "revoke.json", revoke)?;
+    assert!(out.contains("egress default changed"), "{out}");
+    assert!(!natctl.egress()?.default_allow);
+    egress_blocked(&topo, &natctl, guest, 5002, 5003)?;
+    egress_blocked(&topo, &natctl, guest, 5001, 5003)?;
+
+    let again = serde_json::json!({"type": "firewallrules", "rules": [default(0)]}).to_string();
+    apply(&topo, &natctl, "default.json", &again)?;
+    assert!(natctl.egress()?.default_allow);
+    egress_passes(&topo, guest, 5002)?;
+    egress_blocked(&topo, &natctl, guest, 5001, 5003)?;
     Ok(())
 }
 
