@@ -307,13 +307,16 @@ fn ingress(
     let service = service(at, r, RuleKind::Ingress)?;
     let cidrs = ingress_sources(at, r)?;
     let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
-    // Two ingress rules that open nothing on the router, so natd installs nothing for them.
-    // The router's databag still keeps their ids (a later revoke removes an entry that made no
-    // iptables rule, a re-send is kept as it is); natd does not hold them, as it has never held
-    // the empty source list's: a later revoke is reported as a revoke of an unknown id and a
-    // re-send allows nothing again. Both end where the router ends, nothing open. They would
-    // differ only for an id re-sent with other fields, which CloudStack never sends (a rule is
-    // never changed in place; ids come from its database's auto-increment).
+    // Ingress rules that open nothing on the router (protocol `all`; an empty source list), so
+    // natd installs nothing for them. The router's databag still keeps their ids (a later
+    // revoke removes an entry that made no iptables rule, a re-send is kept as it is). natd
+    // does not hold them, for both alike, as it has never held the empty source list's: a
+    // later revoke is reported as a revoke of an unknown id and a re-send allows nothing again,
+    // and both end where the router ends, nothing open. Holding them would add a persisted
+    // kind of rule that installs nothing, for the sake of those two summary lines; the ends
+    // would differ only for an id re-sent with other fields (or the other traffic type), which
+    // CloudStack never sends (a rule is never changed in place; ids come from its database's
+    // auto-increment).
     if service.proto == Proto::All {
         // configure.py builds `-p all -m all` for each source CIDR (none for an empty list),
         // which iptables refuses; configure.py only logs it, so FIREWALL_<ip> still ends in DROP.
