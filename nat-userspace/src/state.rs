@@ -105,8 +105,8 @@ pub struct Slotted<R> {
 }
 
 /// The whole desired state. Consistent by construction: every mutation goes through a method
-/// that validates it first (one-to-one mappings, no duplicate rules, slots within the
-/// program's limits).
+/// that validates it first (one-to-one mappings, no duplicate rules but the identical ingress
+/// rules CloudStack may send under two ids, slots within the program's limits).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredState {
     by_public: BTreeMap<Ipv4Addr, Ipv4Addr>,
@@ -340,7 +340,9 @@ impl DesiredState {
     }
 
     /// Adds an ingress rule (`id` None: natd picks the next free one of its own range) and
-    /// returns its id. The public IP need not be mapped: the rule is then inactive.
+    /// returns its id. The public IP need not be mapped: the rule is then inactive. A rule
+    /// allowing exactly what another rule of the IP allows is refused (natctl, config file:
+    /// the operator is told which rule already does it).
     pub fn add_ingress(
         &mut self,
         id: Option<u64>,
@@ -348,23 +350,73 @@ impl DesiredState {
         service: Service,
         cidrs: Vec<Cidr>,
     ) -> Result<u64, StateError> {
+        let cidrs = self.check_ingress(public, &service, cidrs)?;
+        if let Some(existing) = self.same_ingress(public, &service, &cidrs) {
+            return Err(StateError::DuplicateRule {
+                existing,
+                what: format!("{service} to {public} from {}", join(&cidrs)),
+            });
+        }
+        let id = id.unwrap_or_else(|| self.next_id());
+        self.insert_ingress(id, public, service, cidrs)?;
+        Ok(id)
+    }
+
+    /// Adds ingress rule `id` even when another rule of the IP allows exactly the same, as
+    /// CloudStack's router does (configure.py generates the same iptables rule for both ids,
+    /// `CsNetfilter.compare` keeps one copy, and the traffic stays allowed until both ids are
+    /// revoked). Returns the id of the lowest such other rule, if any.
+    ///
+    /// The duplicate is a rule of its own with its own slot, not an alias of the first: the
+    /// fast path's bitmaps already hold overlapping rules (an identical one is the extreme
+    /// case), so both set their bits in the same entries and revoking either clears only its
+    /// own bit; nftables gets one `accept` per rule; the persisted file lists both.
+    pub fn add_ingress_beside_duplicates(
+        &mut self,
+        id: u64,
+        public: Ipv4Addr,
+        service: Service,
+        cidrs: Vec<Cidr>,
+    ) -> Result<Option<u64>, StateError> {
+        let cidrs = self.check_ingress(public, &service, cidrs)?;
+        let same = self.same_ingress(public, &service, &cidrs);
+        self.insert_ingress(id, public, service, cidrs)?;
+        Ok(same)
+    }
+
+    /// Validates an ingress rule's parts and returns its sources, normalized.
+    fn check_ingress(
+        &self,
+        public: Ipv4Addr,
+        service: &Service,
+        cidrs: Vec<Cidr>,
+    ) -> Result<Vec<Cidr>, StateError> {
         service.validate()?;
         if service.proto == Proto::All {
             return Err(RuleError::AllInIngress.into());
         }
         check_unicast("public IP", public)?;
-        let cidrs = normalize_cidrs(cidrs);
-        if let Some(dup) = self
-            .ingress
+        Ok(normalize_cidrs(cidrs))
+    }
+
+    /// The id of the (lowest-id) ingress rule of `public` allowing exactly this, if any.
+    fn same_ingress(&self, public: Ipv4Addr, service: &Service, cidrs: &[Cidr]) -> Option<u64> {
+        self.ingress
             .values()
-            .find(|r| r.rule.public == public && r.rule.service == service && r.rule.cidrs == cidrs)
-        {
-            return Err(StateError::DuplicateRule {
-                existing: dup.rule.id,
-                what: format!("{service} to {public} from {}", join(&cidrs)),
-            });
-        }
-        let id = id.unwrap_or_else(|| self.next_id());
+            .find(|r| {
+                r.rule.public == public && r.rule.service == *service && r.rule.cidrs == cidrs
+            })
+            .map(|r| r.rule.id)
+    }
+
+    /// Inserts a validated ingress rule in the IP's lowest free slot.
+    fn insert_ingress(
+        &mut self,
+        id: u64,
+        public: Ipv4Addr,
+        service: Service,
+        cidrs: Vec<Cidr>,
+    ) -> Result<(), StateError> {
         self.check_id(id)?;
         let limit = nat_common::MAX_RULES_PER_IP;
         let used = self
@@ -381,7 +433,7 @@ impl DesiredState {
             cidrs,
         };
         self.ingress.insert(id, Slotted { slot, rule });
-        Ok(id)
+        Ok(())
     }
 
     pub fn remove_ingress(&mut self, id: u64) -> Result<IngressRule, StateError> {
@@ -499,8 +551,11 @@ impl DesiredState {
             s.add_mapping(*m)?;
         }
         for r in ingress {
-            let id = s.add_ingress(
-                Some(r.rule.id),
+            // Identical rules under two ids come from CloudStack payloads (see
+            // `add_ingress_beside_duplicates`) and are restored as they were.
+            let id = r.rule.id;
+            s.add_ingress_beside_duplicates(
+                id,
                 r.rule.public,
                 r.rule.service.clone(),
                 r.rule.cidrs.clone(),

@@ -345,6 +345,22 @@ fn ingress(
     let service = service(at, r, RuleKind::Ingress)?;
     let cidrs = ingress_sources(at, r)?;
     let public = ipv4(at, "src_ip", r.src_ip.as_deref())?;
+    // Ingress rules that open nothing on the router (protocol `all`; an empty source list), so
+    // natd installs nothing for them. The router's databag still keeps their ids (a later
+    // revoke removes an entry that made no iptables rule, a re-send is kept as it is). natd
+    // does not hold them, for both alike, as it has never held the empty source list's: a
+    // later revoke is reported as a revoke of an unknown id and a re-send allows nothing again,
+    // and both end where the router ends, nothing open. Holding them would add a persisted
+    // kind of rule that installs nothing, for the sake of those two summary lines; the ends
+    // would differ only for an id re-sent with other fields (or the other traffic type), which
+    // CloudStack never sends (a rule is never changed in place; ids come from its database's
+    // auto-increment).
+    if service.proto == Proto::All {
+        // configure.py builds `-p all -m all` for each source CIDR (none for an empty list),
+        // which iptables refuses; configure.py only logs it, so FIREWALL_<ip> still ends in DROP.
+        summary.push(at, Change::IngressAllAllowsNothing { id, public });
+        return Ok(());
+    }
     if cidrs.is_empty() {
         summary.push(at, Change::RuleAllowsNothing { id, public });
         return Ok(());
@@ -352,8 +368,10 @@ fn ingress(
     // Kept whether or not the IP has static NAT: the firewall databag is independent of the
     // static NAT one, and CloudStack does not send the rule again when the static NAT comes.
     // (It also sends the rules of port-forwarding and source-NAT IPs, which stay inactive.)
-    state
-        .add_ingress(Some(id), public, service, cidrs)
+    // A rule identical to one natd holds under another id is added beside it, as the router
+    // keeps both ids for its one iptables rule (see `add_ingress_beside_duplicates`).
+    let same_as = state
+        .add_ingress_beside_duplicates(id, public, service, cidrs)
         .map_err(|e| {
             let field = match e {
                 StateError::TooManyIngressRules { .. } | StateError::NotUnicast { .. } => {
@@ -363,13 +381,21 @@ fn ingress(
             };
             CloudStackError::rule(at, field, Problem::State(e))
         })?;
+    let active = state.private_of(public).is_some();
     summary.push(
         at,
-        if state.private_of(public).is_some() {
-            let kind = RuleKind::Ingress;
-            Change::RuleAdded { kind, id }
-        } else {
-            Change::RuleInactive { id, public }
+        match (same_as, active) {
+            (Some(existing), _) => Change::RuleDuplicate {
+                id,
+                public,
+                existing,
+                active,
+            },
+            (None, true) => Change::RuleAdded {
+                kind: RuleKind::Ingress,
+                id,
+            },
+            (None, false) => Change::RuleInactive { id, public },
         },
     );
     Ok(())
@@ -456,7 +482,8 @@ fn protocol(at: RuleRef, r: &FirewallRule, kind: RuleKind) -> Result<Proto, Clou
         "tcp" => Some(Proto::Tcp),
         "udp" => Some(Proto::Udp),
         "icmp" => Some(Proto::Icmp),
-        "all" if kind == RuleKind::Egress => Some(Proto::All),
+        // Egress: every protocol. Ingress: allows nothing (see `ingress`).
+        "all" => Some(Proto::All),
         _ => None,
     };
     proto.ok_or_else(|| {

@@ -44,7 +44,8 @@ pub struct FirewallRule {
     /// Ingress: the public IP the rule opens. Egress: `""`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub src_ip: Option<String>,
-    /// `tcp`, `udp`, `icmp`, or (egress only) `all`.
+    /// `tcp`, `udp`, `icmp` or `all` (egress: every protocol; ingress: allows nothing, as the
+    /// router's iptables refuses the rule it builds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
     /// `[first, last]` destination ports (tcp/udp); absent = every port.

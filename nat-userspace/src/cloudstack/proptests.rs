@@ -1,6 +1,6 @@
 //! Random sequences of well-formed payloads: whatever is accepted or refused, the state stays
-//! one-to-one, gives each public IP's rules distinct slots, keeps ingress and egress ids apart,
-//! and ends up with each rule's last word in the payload.
+//! one-to-one, gives each public IP's rules distinct slots (identical rules under two ids too),
+//! keeps ingress and egress ids apart, and ends up with each rule's last word in the payload.
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
@@ -49,13 +49,8 @@ fn firewall_rule(default_allow: bool) -> impl Strategy<Value = FirewallRule> {
     )
         .prop_map(
             move |(id, ingress, revoked, proto, ports, icmp, ip, sources, dests)| {
-                // Ingress rules never say `all`.
-                let (proto, src_ip) = if ingress {
-                    let proto = if proto == "all" { "tcp" } else { proto };
-                    (proto, public(ip))
-                } else {
-                    (proto, String::new())
-                };
+                // An ingress rule saying `all` allows nothing; egress `all` is every protocol.
+                let src_ip = if ingress { public(ip) } else { String::new() };
                 let icmp_type = icmp.map(|(t, _)| t);
                 FirewallRule {
                     id: Some(id),
@@ -184,10 +179,12 @@ fn check_last_word(p: &Payload, s: &DesiredState) -> Result<(), TestCaseError> {
                 if r.revoked == Some(true) {
                     prop_assert!(!ingress && !egress, "revoked id {} still there", id);
                 } else if r.traffic_type.as_deref() == Some("Ingress") {
-                    // Kept whether or not its IP has static NAT (inactive without); a known
-                    // id (of either kind) stays as it is, whatever the payload says; an empty
-                    // source_cidr_list allows nothing and installs nothing.
-                    let nothing = r.source_cidr_list.as_ref().is_some_and(Vec::is_empty);
+                    // Kept whether or not its IP has static NAT (inactive without), and beside
+                    // an identical rule of another id; a known id (of either kind) stays as it
+                    // is, whatever the payload says; an empty source_cidr_list or protocol
+                    // `all` allows nothing and installs nothing.
+                    let nothing = r.source_cidr_list.as_ref().is_some_and(Vec::is_empty)
+                        || r.protocol.as_deref() == Some("all");
                     prop_assert!(ingress || egress || nothing, "ingress id {} missing", id);
                 } else if !default_rule {
                     prop_assert!(egress || ingress, "egress id {} missing", id);

@@ -190,11 +190,12 @@ fn invalid_firewall_rules_name_the_rule_and_field() {
         ),
         (
             fw(r#"{"id":16,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"gre"}"#),
-            r#"rule #1 (id 16): protocol: "gre" is not supported in ingress rules (expected tcp, udp or icmp)"#.into(),
+            r#"rule #1 (id 16): protocol: "gre" is not supported in ingress rules (expected tcp, udp, icmp or all)"#.into(),
         ),
         (
-            fw(r#"{"id":16,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"all"}"#),
-            r#"rule #1 (id 16): protocol: "all" is not supported in ingress rules (expected tcp, udp or icmp)"#.into(),
+            // Protocol `all` allows nothing in an ingress rule, but its fields are read.
+            fw(r#"{"id":16,"traffic_type":"Ingress","protocol":"all","source_cidr_list":["0.0.0.0/0"]}"#),
+            "rule #1 (id 16): src_ip: missing".into(),
         ),
         (
             fw(r#"{"id":16,"traffic_type":"Egress","protocol":"47","default_egress_policy":true}"#),
@@ -219,10 +220,6 @@ fn invalid_firewall_rules_name_the_rule_and_field() {
         (
             fw(r#"{"id":16,"traffic_type":"Ingress","src_ip":"","protocol":"tcp","source_cidr_list":[]}"#),
             r#"rule #1 (id 16): src_ip: "" is not an IPv4 address"#.into(),
-        ),
-        (
-            fw(r#"{"id":16,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"udp","src_port_range":[5000,5100],"source_cidr_list":["0.0.0.0/0"]}"#),
-            "rule #1 (id 16): rule 12 already allows udp ports 5000-5100 to 203.0.113.100 from 0.0.0.0/0".into(),
         ),
         (
             fw(r#"{"id":23,"traffic_type":"Egress","protocol":"tcp"}"#),

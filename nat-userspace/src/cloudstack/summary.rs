@@ -16,7 +16,7 @@ impl RuleKind {
     /// The protocols a rule of this kind may name.
     pub(super) fn protocols(self) -> &'static str {
         match self {
-            RuleKind::Ingress => "tcp, udp or icmp",
+            RuleKind::Ingress => "tcp, udp, icmp or all",
             RuleKind::Egress => "tcp, udp, icmp or all",
         }
     }
@@ -87,6 +87,22 @@ pub enum Change {
         id: u64,
         public: Ipv4Addr,
     },
+    /// No-op: an ingress rule with protocol `all`. configure.py builds `-p all -m all` for it,
+    /// which iptables refuses (and configure.py only logs), so it allows nothing on the router,
+    /// and natd installs nothing.
+    IngressAllAllowsNothing {
+        id: u64,
+        public: Ipv4Addr,
+    },
+    /// An ingress rule allowing exactly what rule `existing` of the same public IP allows, added
+    /// beside it as the router keeps both ids for its one iptables rule: the traffic stays
+    /// allowed until both are revoked. `active`: the IP has static NAT.
+    RuleDuplicate {
+        id: u64,
+        public: Ipv4Addr,
+        existing: u64,
+        active: bool,
+    },
     /// The guest network's default egress policy after a payload that added or revoked a
     /// default egress rule, or added an exception while none was held: allow only if the
     /// default rules held (`rules`) all say allow. `dormant`: the exceptions not in force
@@ -121,6 +137,7 @@ impl Change {
             Change::RuleAdded { .. }
             | Change::RuleRemoved { .. }
             | Change::RuleInactive { .. }
+            | Change::RuleDuplicate { .. }
             | Change::EgressDefaultRule { .. }
             | Change::EgressExceptionAdded { .. } => false,
             Change::EgressDefault { allow, was, .. } => allow == was,
@@ -128,7 +145,8 @@ impl Change {
             | Change::MappingAbsent(_)
             | Change::RuleKept { .. }
             | Change::RuleAbsent { .. }
-            | Change::RuleAllowsNothing { .. } => true,
+            | Change::RuleAllowsNothing { .. }
+            | Change::IngressAllAllowsNothing { .. } => true,
         }
     }
 }
@@ -190,6 +208,27 @@ impl fmt::Display for Change {
                 "ingress rule {id} to {public} has an empty source_cidr_list and allows \
                  nothing (as on the router); not installed"
             ),
+            Change::IngressAllAllowsNothing { id, public } => write!(
+                f,
+                "ingress rule {id} to {public} has protocol all, which allows nothing in an \
+                 ingress rule (as on the router); not installed"
+            ),
+            Change::RuleDuplicate {
+                id,
+                public,
+                existing,
+                active,
+            } => {
+                write!(f, "ingress rule {id} added")?;
+                if !active {
+                    write!(f, ", inactive: {public} has no static NAT (yet)")?;
+                }
+                write!(
+                    f,
+                    "; it allows what rule {existing} allows, which stays allowed until both \
+                     are revoked (as on the router)"
+                )
+            }
             Change::RuleInactive { id, public } => write!(
                 f,
                 "ingress rule {id} added, inactive: {public} has no static NAT (yet)"
@@ -265,7 +304,7 @@ impl Summary {
 }
 
 /// Counter labels of [`Summary`]'s `Display`, singular and plural.
-const TALLY: [(&str, &str); 12] = [
+const TALLY: [(&str, &str); 13] = [
     ("mapping added", "mappings added"),
     ("mapping replaced", "mappings replaced"),
     ("mapping removed", "mappings removed"),
@@ -283,6 +322,10 @@ const TALLY: [(&str, &str); 12] = [
     (
         "rule allowing nothing (empty source_cidr_list)",
         "rules allowing nothing (empty source_cidr_list)",
+    ),
+    (
+        "rule allowing nothing (ingress protocol all)",
+        "rules allowing nothing (ingress protocol all)",
     ),
 ];
 
@@ -303,6 +346,10 @@ fn tally(c: &Change) -> Option<usize> {
         Change::EgressDefault { allow, was, .. } if allow != was => 9,
         Change::RuleInactive { .. } => 10,
         Change::RuleAllowsNothing { .. } => 11,
+        Change::IngressAllAllowsNothing { .. } => 12,
+        // Counted as what it adds; its line names the rule it duplicates.
+        Change::RuleDuplicate { active: true, .. } => 5,
+        Change::RuleDuplicate { active: false, .. } => 10,
         Change::EgressDefault { .. } => return None,
     })
 }

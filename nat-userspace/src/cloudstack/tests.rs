@@ -893,3 +893,159 @@ fn an_egress_rule_may_repeat_another_under_a_new_id() {
         (Proto::Tcp, cidrs(&["10.1.1.0/24"]))
     );
 }
+
+/// configure.py builds `-p all -m all` for each source CIDR of an ingress rule with protocol
+/// `all` (nothing for an empty list); iptables refuses it and configure.py only logs it, so
+/// FIREWALL_<ip> still ends in DROP: the rule opens nothing and the payload's other rules
+/// apply. natd accepts it and installs nothing for it.
+#[test]
+fn an_ingress_rule_for_all_protocols_allows_nothing_and_the_rest_applies() {
+    let mut s = state_after(&[STATICNAT]);
+    let text = fw(
+        r#"{"id":31,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"all",
+                      "source_cidr_list":["198.51.100.0/24"],"revoked":false},
+                     {"id":32,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"ALL",
+                      "source_cidr_list":[]},
+                     {"id":33,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"tcp",
+                      "src_port_range":[80,80],"source_cidr_list":["0.0.0.0/0"]}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    let ids: Vec<u64> = s.ingress_rules().map(|r| r.rule.id).collect();
+    assert_eq!(ids, [33]);
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 31): ingress rule 31 to 203.0.113.100 has protocol all, which allows \
+             nothing in an ingress rule (as on the router); not installed",
+            "rule #2 (id 32): ingress rule 32 to 203.0.113.100 has protocol all, which allows \
+             nothing in an ingress rule (as on the router); not installed",
+            "rule #3 (id 33): ingress rule 33 added",
+        ]
+    );
+    assert_eq!(
+        sum.to_string(),
+        "1 rule added, 2 rules allowing nothing (ingress protocol all)"
+    );
+    // As for an empty source_cidr_list, natd does not hold the id (see `apply::ingress`): a
+    // later revoke finds nothing to remove, and a re-send allows nothing again.
+    let before = s.clone();
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(s, before);
+    assert!(!sum.changed());
+    let sum = step(&mut s, &fw(r#"{"id":31,"revoked":true}"#)).unwrap();
+    assert_eq!(
+        lines(&sum),
+        ["rule #1 (id 31): revoke: no rule 31, nothing to do"]
+    );
+    assert_eq!(s, before);
+    // Its other fields are still read: a malformed one refuses the payload.
+    let e = refused(
+        &s,
+        &fw(
+            r#"{"id":34,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"all",
+                 "source_cidr_list":["198.51.100.0/33"]}"#,
+        ),
+    );
+    assert!(
+        e.starts_with("rule #1 (id 34): source_cidr_list[0]: "),
+        "{e}"
+    );
+    // Egress `all` still means every protocol.
+    let text = fw(
+        r#"{"id":35,"traffic_type":"Egress","protocol":"all","source_cidr_list":["10.1.1.0/24"],
+                      "default_egress_policy":false}"#,
+    );
+    step(&mut s, &text).unwrap();
+    let r = &s.egress_rules().next().unwrap().rule;
+    assert_eq!((r.id, r.service.proto), (35, Proto::All));
+}
+
+/// configure.py generates the same iptables rule for two ingress rules that say the same under
+/// two ids; `CsNetfilter.compare` keeps one copy, and revoking one id keeps it, as the other id
+/// still generates it. natd keeps both ids (each with a slot of its own) and the traffic
+/// allowed until both are revoked.
+#[test]
+fn a_duplicate_ingress_rule_under_a_new_id_is_kept_until_both_are_revoked() {
+    let mut s = state_after(&[STATICNAT, FIREWALL]);
+    // Rule 12: udp 5000-5100 to 203.0.113.100 from 0.0.0.0/0; 41 says the same (the list in
+    // another order and spelling), 42 the same to 203.0.113.99, which has no static NAT.
+    let text = fw(
+        r#"{"id":41,"traffic_type":"Ingress","src_ip":"203.0.113.100","protocol":"udp",
+                      "src_port_range":[5000,5100],"source_cidr_list":["0.0.0.0/0","0.0.0.0/0"]},
+                     {"id":42,"traffic_type":"Ingress","src_ip":"203.0.113.99","protocol":"udp",
+                      "src_port_range":[5000,5100],"source_cidr_list":["0.0.0.0/0"]},
+                     {"id":43,"traffic_type":"Ingress","src_ip":"203.0.113.99","protocol":"udp",
+                      "src_port_range":[5000,5100],"source_cidr_list":["0.0.0.0/0"]}"#,
+    );
+    let sum = step(&mut s, &text).unwrap();
+    assert_eq!(
+        lines(&sum),
+        [
+            "rule #1 (id 41): ingress rule 41 added; it allows what rule 12 allows, which stays \
+             allowed until both are revoked (as on the router)",
+            "rule #2 (id 42): ingress rule 42 added, inactive: 203.0.113.99 has no static NAT \
+             (yet)",
+            "rule #3 (id 43): ingress rule 43 added, inactive: 203.0.113.99 has no static NAT \
+             (yet); it allows what rule 42 allows, which stays allowed until both are revoked \
+             (as on the router)",
+        ]
+    );
+    assert_eq!(
+        sum.to_string(),
+        "1 rule added, 2 inactive rules added (no static NAT)"
+    );
+    let udp = svc(Proto::Udp, Some((5000, 5100)), None);
+    let rule = |id| ing(id, "203.0.113.100", udp.clone(), &["0.0.0.0/0"]);
+    let of = |s: &DesiredState, id| {
+        s.ingress_rules()
+            .find(|r| r.rule.id == id)
+            .map(|r| (r.slot, r.rule.clone()))
+    };
+    let (slot12, r12) = of(&s, 12).unwrap();
+    let (slot41, r41) = of(&s, 41).unwrap();
+    assert_eq!((r12, r41), (rule(12), rule(41)));
+    assert_ne!(slot12, slot41, "each rule has its own slot");
+    // Persisted and restored as they are.
+    let snap = crate::persist::Snapshot::of(&s, 1, 0);
+    assert_eq!(snap.state().unwrap(), s);
+    // Re-sent: both kept. natctl still refuses a third (an operator's duplicate is a mistake).
+    let before = s.clone();
+    assert!(!step(&mut s, &text).unwrap().changed());
+    assert_eq!(s, before);
+    let e = s
+        .clone()
+        .add_ingress(
+            None,
+            ip("203.0.113.100"),
+            udp.clone(),
+            cidrs(&["0.0.0.0/0"]),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            crate::state::StateError::DuplicateRule { existing: 12, .. }
+        ),
+        "{e}"
+    );
+    // Revoking 12 keeps 41: the fast path still has an entry for the traffic.
+    let tables = |s: &DesiredState| {
+        let mut keys: Vec<_> = crate::tables::Tables::of(s).entries.into_keys().collect();
+        keys.sort_by_key(|e| format!("{e:?}"));
+        keys
+    };
+    let all = tables(&s);
+    step(&mut s, &fw(r#"{"id":12,"revoked":true}"#)).unwrap();
+    assert_eq!(of(&s, 41), Some((slot41, rule(41))));
+    assert_eq!(
+        s.active_ingress_rules()
+            .filter(|r| r.rule.service == udp)
+            .count(),
+        1
+    );
+    assert_eq!(tables(&s), all, "every entry stays, with rule 41's bit");
+    // Revoking 41 too closes it.
+    step(&mut s, &fw(r#"{"id":41,"revoked":true}"#)).unwrap();
+    assert!(s.active_ingress_rules().all(|r| r.rule.service != udp));
+    assert_ne!(tables(&s), all);
+}

@@ -287,14 +287,53 @@ fn add_rules(s: &mut DesiredState, ingress: &[IngressSpec], egress: &[EgressSpec
     for (second, svc, cidrs) in ingress {
         let public = if *second { P2 } else { P1 };
         let cidrs = cidrs.iter().map(|&i| rc[i]).collect();
-        // Duplicates are refused, as natd refuses them.
-        let _ = s.add_ingress(None, public, services(false)[*svc].clone(), cidrs);
+        // Identical ingress rules under two ids are kept, as from a CloudStack payload.
+        let id = s.ingress_rules().map(|r| r.rule.id).max().unwrap_or(0) + 1;
+        let _ = s.add_ingress_beside_duplicates(id, public, services(false)[*svc].clone(), cidrs);
     }
     for (svc, dests, sources) in egress {
         let dests = dests.iter().map(|&i| rc[i]).collect();
         let sources = sources.iter().map(|&i| gc[i]).collect();
         let _ = s.add_egress_from(None, services(true)[*svc].clone(), dests, sources);
     }
+}
+
+/// Two ingress rules allowing the same (CloudStack sent it under two ids) each have a slot of
+/// their own; revoking one never stops, even for an instant, what the other still allows.
+#[test]
+fn revoking_one_of_two_identical_rules_keeps_the_traffic_at_every_step() {
+    let svc = services(false);
+    let from = vec!["198.51.100.0/24".parse().unwrap()];
+    let mut old = mapped(&[P1]);
+    old.add_ingress_beside_duplicates(12, P1, svc[3].clone(), from.clone())
+        .unwrap();
+    let same = old
+        .add_ingress_beside_duplicates(16, P1, svc[3].clone(), from)
+        .unwrap();
+    assert_eq!(same, Some(12));
+    let slots: BTreeSet<usize> = old.ingress_rules().map(|r| r.slot).collect();
+    assert_eq!(slots.len(), 2, "one slot each");
+    let mut new = old.clone();
+    new.remove_ingress(12).unwrap();
+    check_every_step(&old, &new).unwrap();
+    let (first, last) = (Image::of(&old), Image::of(&new));
+    let dns = (ip("198.51.100.7"), P1, 17, 53);
+    assert!(first.ingress(dns) && last.ingress(dns));
+    let mut image = first.clone();
+    for (op, _) in plan(&old, &Tables::of(&old), &new, &Tables::of(&new)) {
+        image.apply(&op);
+        for p in probes(true) {
+            assert!(
+                image.ingress(p) || !(first.ingress(p) && last.ingress(p)),
+                "after {op:?}, {p:?} is refused though both ends let it in"
+            );
+        }
+    }
+    // Revoking the other one too closes it.
+    let mut none = new.clone();
+    none.remove_ingress(16).unwrap();
+    check_every_step(&new, &none).unwrap();
+    assert!(!Image::of(&none).ingress(dns));
 }
 
 proptest! {
