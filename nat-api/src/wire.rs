@@ -146,6 +146,10 @@ pub enum Reply {
     Egress {
         default_allow: bool,
         rules: Vec<EgressRule>,
+        /// Rules held but not in force: CloudStack exceptions added under the other default
+        /// (the router's rule then does what the default does).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        inactive: Vec<u64>,
     },
     Flows {
         capacity: u32,

@@ -199,6 +199,13 @@ impl Daemon {
                     .egress_rules()
                     .map(|r| r.rule.clone())
                     .collect(),
+                inactive: self
+                    .ctl
+                    .state()
+                    .egress_rules()
+                    .map(|r| r.rule.id)
+                    .filter(|&id| !self.ctl.state().is_egress_active(id))
+                    .collect(),
             }),
             Request::ConntrackList => match self.flows() {
                 Ok(r) => Response::Ok(r),

@@ -60,12 +60,16 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), exit::Error> {
         Reply::Egress {
             default_allow,
             rules,
-        } if json => {
-            print_json(&serde_json::json!({ "default_allow": default_allow, "rules": rules }))?
-        }
+            inactive,
+        } if json => print_json(&serde_json::json!({
+            "default_allow": default_allow,
+            "rules": rules,
+            "inactive": inactive,
+        }))?,
         Reply::Egress {
             default_allow,
             rules,
+            inactive,
         } => {
             let (d, x) = if default_allow {
                 ("allow", "deny")
@@ -75,8 +79,14 @@ pub fn run(socket: &Path, cmd: Cmd) -> Result<(), exit::Error> {
             println!("default: {d}; exceptions ({x}):");
             println!("{:<18} RULE (DESTINATIONS) FROM", "ID");
             for r in rules {
+                // A CloudStack rule added under the other default does what the default does.
+                let standing = if inactive.contains(&r.id) {
+                    format!(" (not in force: an exception to a default of {x})")
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{:<18} {} from [{}]",
+                    "{:<18} {} from [{}]{standing}",
                     r.id,
                     describe(&r.service, &r.cidrs),
                     list(&r.sources)

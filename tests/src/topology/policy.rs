@@ -31,6 +31,9 @@ pub fn reason(stats: &StatsReport, name: &str) -> anyhow::Result<u64> {
 pub struct EgressPolicy {
     pub default_allow: bool,
     pub rules: Vec<EgressRule>,
+    /// Ids of the rules held but not in force (CloudStack exceptions added under the other
+    /// default).
+    pub inactive: Vec<u64>,
 }
 
 /// The flow table as `natctl conntrack list --json` shows it.
@@ -149,6 +152,7 @@ impl Natctl {
                     .as_bool()
                     .context("no boolean default_allow")?,
                 rules: serde_json::from_value(v["rules"].clone())?,
+                inactive: serde_json::from_value(v["inactive"].clone())?,
             })
         };
         parse().with_context(|| format!("`natctl egress list --json`: {v}"))

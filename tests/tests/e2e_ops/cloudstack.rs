@@ -155,6 +155,7 @@ fn egress(ids: &[u64]) -> EgressPolicy {
     EgressPolicy {
         default_allow: true,
         rules: ids.iter().map(|&id| rule(id)).collect(),
+        inactive: Vec::new(),
     }
 }
 

@@ -293,6 +293,7 @@ fn a_revoked_default_egress_rule_denies_egress_as_on_the_router() -> anyhow::Res
         "rules": [rule(41, 5001, true), default(42), rule(43, 5003, false)]})
     .to_string();
     apply(&topo, &natctl, "egress.json", &egress)?;
+    assert_eq!(natctl.egress()?.inactive, [43]);
     let guest = (&topo.guest, PUBLIC_ADDR);
     egress_passes(&topo, guest, 5002)?;
     egress_blocked(&topo, &natctl, guest, 5001, 5003)?;
@@ -300,13 +301,17 @@ fn a_revoked_default_egress_rule_denies_egress_as_on_the_router() -> anyhow::Res
     let revoke = r#"{"type":"firewallrules","rules":[{"id":42,"revoked":true}]}"#;
     let out = apply(&topo, &natctl, "revoke.json", revoke)?;
     assert!(out.contains("egress default changed"), "{out}");
-    assert!(!natctl.egress()?.default_allow);
+    let listed = natctl.egress()?;
+    assert!(!listed.default_allow);
+    assert_eq!(listed.inactive, [41], "{listed:?}");
     egress_blocked(&topo, &natctl, guest, 5002, 5003)?;
     egress_blocked(&topo, &natctl, guest, 5001, 5003)?;
 
     let again = serde_json::json!({"type": "firewallrules", "rules": [default(0)]}).to_string();
     apply(&topo, &natctl, "default.json", &again)?;
-    assert!(natctl.egress()?.default_allow);
+    let listed = natctl.egress()?;
+    assert!(listed.default_allow);
+    assert_eq!(listed.inactive, [43], "{listed:?}");
     egress_passes(&topo, guest, 5002)?;
     egress_blocked(&topo, &natctl, guest, 5001, 5003)?;
     Ok(())
