@@ -179,6 +179,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
         "ratio to iptables NAT",
         "/proc/stat softirq, ns/packet",
         "frames on natd's fast path",
+        "of those, from their slot",
     ]);
     let mut rate_bars = Vec::new();
     let mut cost_bars = Vec::new();
@@ -248,6 +249,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
                 })
             };
             let fast: Vec<f64> = c.iter().filter_map(Run::fast_path_share).collect();
+            let slot: Vec<f64> = c.iter().filter_map(Run::slot_share).collect();
             cpu.row(vec![
                 setup.name().into(),
                 label.clone(),
@@ -260,6 +262,11 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
                     String::new()
                 } else {
                     show(Summary::of(&fast), 3)
+                },
+                if slot.is_empty() {
+                    String::new()
+                } else {
+                    show(Summary::of(&slot), 3)
                 },
             ]);
             if let Some(s) = Summary::of(&cost) {
@@ -303,7 +310,10 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
          one-way traffic would take its full path on every packet; with `--policy kernel` the \
          same three packets go through the kernel and its learner). The last column shows the \
          share of the measured frames that took natd's fast path (its `fast_path` event \
-         count, read from natd's pinned `EVENTS`). Delivered = frames counted by an XDP sink \
+         count, read from natd's pinned `EVENTS`), and the share of those forwarded from the \
+         copy in their flow's slot of the flow cache (`slot_hit`; the others looked their \
+         flow up in `FLOWS`: a slot another flow holds, or a copy older than its refill \
+         time). Delivered = frames counted by an XDP sink \
          (`bench-sink`) on the receiving end (which drops them). Each batch of 64 frames is \
          flushed and the router's and the receiver's NAPI polls run inline, as softirqs on the \
          generator's CPU: the generator cannot outrun the router, and the kernel's own timer \

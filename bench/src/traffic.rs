@@ -229,6 +229,8 @@ pub struct Run {
     pub softirq_secs: f64,
     /// natd only: frames that took its fast path during the run.
     pub fast_path: Option<u64>,
+    /// natd only: of those, frames forwarded from their flow's slot (its `slot_hit` event).
+    pub slot_hit: Option<u64>,
     /// natd only, with the kernel's BPF run-time statistics on: its XDP program's own time
     /// per run, ns.
     pub prog_ns: Option<f64>,
@@ -250,6 +252,13 @@ impl Run {
         self.fast_path
             .map(|f| f as f64 / (self.generated as f64).max(1.0))
     }
+    /// Share of natd's fast-path frames forwarded from their flow's slot (the rest looked
+    /// their flow up in `FLOWS`).
+    pub fn slot_share(&self) -> Option<f64> {
+        self.slot_hit
+            .zip(self.fast_path)
+            .map(|(s, f)| s as f64 / (f as f64).max(1.0))
+    }
 }
 
 /// natd's XDP program's (run time ns, run count) as the kernel's BPF statistics count them
@@ -270,12 +279,12 @@ fn prog_stats(topo: &Topo) -> anyhow::Result<Option<(u64, u64)>> {
     anyhow::bail!("natd's program {id} is not loaded")
 }
 
-/// natd's `fast_path` event count (its pinned `EVENTS`), if the topology runs natd.
-fn fast_path_count(topo: &Topo) -> anyhow::Result<Option<u64>> {
+/// natd's count of event `e` (its pinned `EVENTS`), if the topology runs natd.
+fn event_count(topo: &Topo, e: Event) -> anyhow::Result<Option<u64>> {
     match &topo.natd {
         Some(n) => Ok(Some(bpf::pinned_percpu_sum(
             &n.pinned_map(MAP_EVENTS),
-            Event::FastPath as u32,
+            e as u32,
         )?)),
         None => Ok(None),
     }
@@ -316,7 +325,8 @@ pub fn timed_until(
         generator.send(4096)?;
         std::thread::sleep(Duration::from_millis(20));
         let sink0 = sink.count()?;
-        let fast0 = fast_path_count(topo)?;
+        let fast0 = event_count(topo, Event::FastPath)?;
+        let slot0 = event_count(topo, Event::SlotHit)?;
         let prog0 = prog_stats(topo)?;
         let cpu0 = CpuTimes::read()?;
         let start = Instant::now();
@@ -344,7 +354,8 @@ pub fn timed_until(
         std::thread::sleep(Duration::from_millis(20));
         let cpu1 = CpuTimes::read()?;
         let delivered = sink.count()? - sink0;
-        let fast1 = fast_path_count(topo)?;
+        let fast1 = event_count(topo, Event::FastPath)?;
+        let slot1 = event_count(topo, Event::SlotHit)?;
         let prog1 = prog_stats(topo)?;
         Ok(Run {
             generated,
@@ -353,6 +364,7 @@ pub fn timed_until(
             kernel_ns: kernel_ns / (generated as f64).max(1.0),
             softirq_secs: cpu1.softirq_secs_since(&cpu0),
             fast_path: fast0.zip(fast1).map(|(a, b)| b.saturating_sub(a)),
+            slot_hit: slot0.zip(slot1).map(|(a, b)| b.saturating_sub(a)),
             prog_ns: prog0.zip(prog1).and_then(|((t0, n0), (t1, n1))| {
                 (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64)
             }),
