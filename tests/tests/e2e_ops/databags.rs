@@ -3,14 +3,18 @@
 //! (fast path and nftables); a static NAT entry for an IP mapped to another guest moves the IP
 //! to the new guest; an egress rule with a source CIDR (one VM) blocks that guest and not
 //! another, in the fast path and in the slow path, from a payload and from natctl; a revoked
-//! default egress rule denies egress; and a CloudStack rule id never taken by one natctl gave.
+//! default egress rule denies egress; an ingress rule for protocol `all` opens nothing and a
+//! repeated one stays until both ids go; and a CloudStack rule id never taken by one natctl
+//! gave.
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
 use nat_tests::topology::{
     CLIENT_ADDR, GUEST_ADDR, Natctl, Natd, NatdOptions, Netns, PUBLIC_ADDR, ROUTER_GUEST_IF,
     ROUTER_PUBLIC_IF, Topology,
-    attempt::{assert_no_datagram, udp_receive, udp_send},
+    attempt::{
+        TcpAttempt, assert_no_connection, assert_no_datagram, tcp_listen, udp_receive, udp_send,
+    },
     links::{GUEST2_ADDR, GUEST2_LINK, ROUTER_GUEST2_IF},
     observe::{payload, tcp_exchange, udp_bind, udp_exchange},
     policy::Way,
@@ -37,6 +41,19 @@ fn static_nat(pairs: &[(Ipv4Addr, Ipv4Addr)]) -> String {
         })
         .collect();
     serde_json::json!({"type": "staticnatrules", "rules": rules}).to_string()
+}
+
+/// natd serving the topology's guest, mapped from `PUBLIC_ADDR` by a static NAT payload.
+fn one_guest_mapped(topo: &Topology) -> anyhow::Result<(Natd, Natctl)> {
+    let natd = Natd::start(topo, None)?;
+    let natctl = natd.natctl()?;
+    apply(
+        topo,
+        &natctl,
+        "nat.json",
+        &static_nat(&[(PUBLIC_ADDR, GUEST_ADDR)]),
+    )?;
+    Ok((natd, natctl))
 }
 
 /// natd serving the topology's guest and a second guest on gst1 (10.0.1.10).
@@ -271,14 +288,7 @@ fn an_egress_rule_for_one_guest_blocks_it_and_not_the_other() -> anyhow::Result<
 #[test]
 fn a_revoked_default_egress_rule_denies_egress_as_on_the_router() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let natd = Natd::start(&topo, None)?;
-    let natctl = natd.natctl()?;
-    apply(
-        &topo,
-        &natctl,
-        "nat.json",
-        &static_nat(&[(PUBLIC_ADDR, GUEST_ADDR)]),
-    )?;
+    let (_natd, natctl) = one_guest_mapped(&topo)?;
     let rule = |id: u64, port: u16, under: bool| {
         serde_json::json!({"id": id, "traffic_type": "Egress", "src_ip": "", "protocol": "udp",
             "src_port_range": [port, port], "source_cidr_list": [format!("{GUEST_ADDR}/32")],
@@ -317,20 +327,96 @@ fn a_revoked_default_egress_rule_denies_egress_as_on_the_router() -> anyhow::Res
     Ok(())
 }
 
+/// On the router an ingress rule with protocol `all` opens nothing (iptables refuses the
+/// `-p all -m all` it is given) while the payload's other rules apply, and a rule repeated
+/// under a new id keeps its one iptables rule until both ids are revoked. Seen on the wire:
+/// tcp 5000 (rules 11 and 12) and udp 7000 (rule 14) open, udp 7001 (only rule 13, `all`,
+/// would open it) dropped by the fast path; tcp 5000 still open with rule 11 revoked, closed
+/// with rule 12 revoked too.
+#[test]
+fn ingress_all_opens_nothing_and_a_repeated_rule_stays_until_both_ids_go() -> anyhow::Result<()> {
+    let topo = Topology::new()?;
+    let (_natd, natctl) = one_guest_mapped(&topo)?;
+    let rule = |id: u64, proto: &str, port: u16| {
+        let mut r = serde_json::json!({"id": id, "traffic_type": "Ingress",
+            "src_ip": PUBLIC_ADDR.to_string(), "protocol": proto,
+            "source_cidr_list": ["0.0.0.0/0"], "revoked": false});
+        if proto != "all" {
+            r["src_port_range"] = serde_json::json!([port, port]);
+        }
+        r
+    };
+    let fw = serde_json::json!({"type": "firewallrules", "rules": [
+        rule(11, "tcp", 5000), rule(12, "tcp", 5000), rule(13, "all", 0), rule(14, "udp", 7000)]})
+    .to_string();
+    let out = apply(&topo, &natctl, "fw.json", &fw)?;
+    let (mut active, inactive) = natctl.firewall_states()?;
+    active.sort();
+    assert_eq!((active, inactive), (vec![11, 12, 14], vec![]), "{out}");
+    let tcp_open = || -> anyhow::Result<()> {
+        let tcp = tcp_exchange(
+            &topo.guest,
+            at(GUEST_ADDR, 5000),
+            &topo.client,
+            at(PUBLIC_ADDR, 5000),
+            64,
+        )?;
+        assert_eq!(tcp.server_peer.ip(), CLIENT_ADDR);
+        Ok(())
+    };
+    tcp_open()?;
+    let udp = udp_exchange(
+        &topo.guest,
+        at(GUEST_ADDR, 7000),
+        &topo.client,
+        at(PUBLIC_ADDR, 7000),
+        64,
+    )?;
+    assert_eq!(udp.server_saw.ip(), CLIENT_ADDR);
+    let closed = |port: u16| -> anyhow::Result<()> {
+        let listener = udp_bind(&topo.guest, at(GUEST_ADDR, port))?;
+        natctl.dropped(
+            PUBLIC_ADDR,
+            Way::In,
+            &format!("a datagram to udp {port}"),
+            || udp_send(&topo.client, None, at(PUBLIC_ADDR, port), b"closed"),
+        )?;
+        assert_no_datagram(&listener)
+    };
+    // What rule 13 (`all`) alone would open.
+    closed(7001)?;
+
+    apply(
+        &topo,
+        &natctl,
+        "revoke11.json",
+        r#"{"type":"firewallrules","rules":[{"id":11,"revoked":true}]}"#,
+    )?;
+    tcp_open()?;
+    apply(
+        &topo,
+        &natctl,
+        "revoke12.json",
+        r#"{"type":"firewallrules","rules":[{"id":12,"revoked":true}]}"#,
+    )?;
+    let (active, _) = natctl.firewall_states()?;
+    assert_eq!(active, [14]);
+    // Last: its SYN retransmissions would be counted as drops too.
+    let listener = tcp_listen(&topo.guest, at(GUEST_ADDR, 5000))?;
+    let attempt = natctl.dropped(PUBLIC_ADDR, Way::In, "a SYN to tcp 5000", || {
+        TcpAttempt::start(&topo.client, None, at(PUBLIC_ADDR, 5000))
+    })?;
+    assert!(!attempt.is_connected()?, "the TCP connection was made");
+    assert_no_connection(&listener)
+}
+
 /// natctl's rules take ids of natd's own range, so a CloudStack rule that arrives later never
 /// finds its id taken (natd keeps a known id as it is, as the router does): here CloudStack's
 /// rule 1 opens tcp 5000 after natctl added a rule of its own.
 #[test]
 fn a_cloudstack_rule_never_meets_an_id_natctl_gave() -> anyhow::Result<()> {
     let topo = Topology::new()?;
-    let natd = Natd::start(&topo, None)?;
-    let natctl = natd.natctl()?;
-    apply(
-        &topo,
-        &natctl,
-        "nat.json",
-        &static_nat(&[(PUBLIC_ADDR, GUEST_ADDR)]),
-    )?;
+    let (_natd, natctl) = one_guest_mapped(&topo)?;
     let mine = natctl.firewall_add(PUBLIC_ADDR, &["--proto", "udp", "--ports", "7000"])?;
     let fw = serde_json::json!({"type": "firewallrules", "rules": [
         {"id": 1, "traffic_type": "Ingress", "src_ip": PUBLIC_ADDR.to_string(),
