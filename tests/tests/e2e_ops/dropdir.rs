@@ -104,8 +104,12 @@ fn a_file_is_taken_once_its_writer_closed_it() -> anyhow::Result<()> {
         "20-staticnat.json",
         &static_nat(OTHER_PUBLIC, OTHER_PRIVATE),
     )?;
-    wait(&natd, "20-staticnat.json applied", || {
-        Ok(pairs(&natctl)? == [(OTHER_PUBLIC, OTHER_PRIVATE)])
+    // natd records a file after applying it: wait for both, then look at what it recorded.
+    wait(&natd, "20-staticnat.json applied and recorded", || {
+        Ok(pairs(&natctl)? == [(OTHER_PUBLIC, OTHER_PRIVATE)]
+            && handled(&state_dir)?
+                .iter()
+                .any(|(n, _)| n == "20-staticnat.json"))
     })?;
     ensure!(
         handled(&state_dir)? == [("20-staticnat.json".to_string(), true)],
@@ -115,8 +119,8 @@ fn a_file_is_taken_once_its_writer_closed_it() -> anyhow::Result<()> {
 
     writer.write_all(rest.as_bytes())?;
     drop(writer);
-    wait(&natd, "10-staticnat.json applied", || {
-        Ok(pairs(&natctl)?.len() == 2)
+    wait(&natd, "10-staticnat.json applied and recorded", || {
+        Ok(pairs(&natctl)?.len() == 2 && handled(&state_dir)?.len() == 2)
     })?;
     assert_eq!(
         pairs(&natctl)?,
