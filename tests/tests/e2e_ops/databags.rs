@@ -43,6 +43,34 @@ fn static_nat(pairs: &[(Ipv4Addr, Ipv4Addr)]) -> String {
     serde_json::json!({"type": "staticnatrules", "rules": rules}).to_string()
 }
 
+/// A TCP connection from the client to `PUBLIC_ADDR:port` reaches the guest, from the
+/// client's own address.
+fn tcp_reaches_the_guest(topo: &Topology, port: u16) -> anyhow::Result<()> {
+    let tcp = tcp_exchange(
+        &topo.guest,
+        at(GUEST_ADDR, port),
+        &topo.client,
+        at(PUBLIC_ADDR, port),
+        64,
+    )?;
+    assert_eq!(tcp.server_peer.ip(), CLIENT_ADDR);
+    Ok(())
+}
+
+/// A datagram from the client to `PUBLIC_ADDR:port` reaches the guest, from the client's own
+/// address, and the guest's answer comes back.
+fn udp_reaches_the_guest(topo: &Topology, port: u16) -> anyhow::Result<()> {
+    let udp = udp_exchange(
+        &topo.guest,
+        at(GUEST_ADDR, port),
+        &topo.client,
+        at(PUBLIC_ADDR, port),
+        64,
+    )?;
+    assert_eq!(udp.server_saw.ip(), CLIENT_ADDR);
+    Ok(())
+}
+
 /// natd serving the topology's guest, mapped from `PUBLIC_ADDR` by a static NAT payload.
 fn one_guest_mapped(topo: &Topology) -> anyhow::Result<(Natd, Natctl)> {
     let natd = Natd::start(topo, None)?;
@@ -104,14 +132,7 @@ fn a_firewall_payload_before_its_static_nat_takes_effect_with_it() -> anyhow::Re
         &static_nat(&[(PUBLIC_ADDR, GUEST_ADDR)]),
     )?;
     assert_eq!(natctl.firewall_states()?, (vec![11, 12], vec![]));
-    let tcp = tcp_exchange(
-        &topo.guest,
-        at(GUEST_ADDR, 5000),
-        &topo.client,
-        at(PUBLIC_ADDR, 5000),
-        64,
-    )?;
-    assert_eq!(tcp.server_peer.ip(), CLIENT_ADDR);
+    tcp_reaches_the_guest(&topo, 5000)?;
     // 4000 bytes: fragments, which the XDP program passes to the kernel, whose nftables mirror
     // must hold rule 12 now.
     let udp = udp_exchange(
@@ -353,26 +374,8 @@ fn ingress_all_opens_nothing_and_a_repeated_rule_stays_until_both_ids_go() -> an
     let (mut active, inactive) = natctl.firewall_states()?;
     active.sort();
     assert_eq!((active, inactive), (vec![11, 12, 14], vec![]), "{out}");
-    let tcp_open = || -> anyhow::Result<()> {
-        let tcp = tcp_exchange(
-            &topo.guest,
-            at(GUEST_ADDR, 5000),
-            &topo.client,
-            at(PUBLIC_ADDR, 5000),
-            64,
-        )?;
-        assert_eq!(tcp.server_peer.ip(), CLIENT_ADDR);
-        Ok(())
-    };
-    tcp_open()?;
-    let udp = udp_exchange(
-        &topo.guest,
-        at(GUEST_ADDR, 7000),
-        &topo.client,
-        at(PUBLIC_ADDR, 7000),
-        64,
-    )?;
-    assert_eq!(udp.server_saw.ip(), CLIENT_ADDR);
+    tcp_reaches_the_guest(&topo, 5000)?;
+    udp_reaches_the_guest(&topo, 7000)?;
     let closed = |port: u16| -> anyhow::Result<()> {
         let listener = udp_bind(&topo.guest, at(GUEST_ADDR, port))?;
         natctl.dropped(
@@ -392,7 +395,7 @@ fn ingress_all_opens_nothing_and_a_repeated_rule_stays_until_both_ids_go() -> an
         "revoke11.json",
         r#"{"type":"firewallrules","rules":[{"id":11,"revoked":true}]}"#,
     )?;
-    tcp_open()?;
+    tcp_reaches_the_guest(&topo, 5000)?;
     apply(
         &topo,
         &natctl,
@@ -428,21 +431,7 @@ fn a_cloudstack_rule_never_meets_an_id_natctl_gave() -> anyhow::Result<()> {
     let (mut active, _) = natctl.firewall_states()?;
     active.sort();
     assert_eq!(active, [1, mine]);
-    let tcp = tcp_exchange(
-        &topo.guest,
-        at(GUEST_ADDR, 5000),
-        &topo.client,
-        at(PUBLIC_ADDR, 5000),
-        64,
-    )?;
-    assert_eq!(tcp.server_peer.ip(), CLIENT_ADDR);
-    let udp = udp_exchange(
-        &topo.guest,
-        at(GUEST_ADDR, 7000),
-        &topo.client,
-        at(PUBLIC_ADDR, 7000),
-        64,
-    )?;
-    assert_eq!(udp.server_saw.ip(), CLIENT_ADDR);
+    tcp_reaches_the_guest(&topo, 5000)?;
+    udp_reaches_the_guest(&topo, 7000)?;
     Ok(())
 }
