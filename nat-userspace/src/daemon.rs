@@ -199,13 +199,7 @@ impl Daemon {
                     .egress_rules()
                     .map(|r| r.rule.clone())
                     .collect(),
-                inactive: self
-                    .ctl
-                    .state()
-                    .egress_rules()
-                    .map(|r| r.rule.id)
-                    .filter(|&id| !self.ctl.state().is_egress_active(id))
-                    .collect(),
+                inactive: self.ctl.state().inactive_egress_ids().into_iter().collect(),
             }),
             Request::ConntrackList => match self.flows() {
                 Ok(r) => Response::Ok(r),

@@ -286,13 +286,14 @@ fn log_rules(old: &DesiredState, new: &DesiredState) {
     }
     // CloudStack's exceptions act under the default they were added under (see
     // `DesiredState::is_egress_active`): say which ones a change of default woke or stilled.
+    let held: std::collections::BTreeSet<u64> = old.egress_rules().map(|r| r.rule.id).collect();
+    let (was_out, now_out) = (old.inactive_egress_ids(), new.inactive_egress_ids());
     for r in new.egress_rules() {
         let id = r.rule.id;
-        let held = old.egress_rules().any(|o| o.rule.id == id);
-        let is = new.is_egress_active(id);
+        let is = !now_out.contains(&id);
         // A rule held before whose standing changed, or a rule added out of force.
-        let changed = if held {
-            is != old.is_egress_active(id)
+        let changed = if held.contains(&id) {
+            is == was_out.contains(&id)
         } else {
             !is
         };

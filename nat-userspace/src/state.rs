@@ -7,7 +7,10 @@
 //! fast path and nftables) while the IP has a mapping, and kept, *inactive*, while it has none.
 //! Rule ids natd assigns itself (natctl, config file) start at [`LOCAL_RULE_IDS`], above any id
 //! CloudStack's database hands out, so the two never collide.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -271,6 +274,15 @@ impl DesiredState {
             .filter(|r| self.is_egress_active(r.rule.id))
     }
 
+    /// The ids of the egress rules held but not in force.
+    pub fn inactive_egress_ids(&self) -> BTreeSet<u64> {
+        self.egress
+            .keys()
+            .copied()
+            .filter(|&id| !self.is_egress_active(id))
+            .collect()
+    }
+
     /// The `default_egress_policy` CloudStack exception rules were added under, by id.
     pub fn egress_under(&self) -> &BTreeMap<u64, bool> {
         &self.egress_under
@@ -281,22 +293,20 @@ impl DesiredState {
         &self.egress_defaults
     }
 
-    /// Holds CloudStack's default egress rule `id` (saying `allow`) and settles the default.
+    /// Holds CloudStack's default egress rule `id` (saying `allow`). The default follows
+    /// once the caller settles it ([`Self::settle_egress_default`], after a whole payload).
     pub fn add_egress_default(&mut self, id: u64, allow: bool) -> Result<(), StateError> {
         self.check_id(id)?;
         self.egress_defaults.insert(id, allow);
-        self.settle_egress_default();
         Ok(())
     }
 
-    /// Drops CloudStack's default egress rule `id` and settles the default; what it said.
+    /// Drops CloudStack's default egress rule `id`; what it said. The default follows once
+    /// the caller settles it.
     pub fn remove_egress_default(&mut self, id: u64) -> Result<bool, StateError> {
-        let allow = self
-            .egress_defaults
+        self.egress_defaults
             .remove(&id)
-            .ok_or(StateError::NoSuchRule { kind: "egress", id })?;
-        self.settle_egress_default();
-        Ok(allow)
+            .ok_or(StateError::NoSuchRule { kind: "egress", id })
     }
 
     /// The default as CloudStack's router ends up with it: allow only if the default rules

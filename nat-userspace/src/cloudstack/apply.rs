@@ -445,11 +445,7 @@ fn egress_default(state: &DesiredState, was: bool) -> Change {
         allow: state.egress_default_allow(),
         was,
         rules: state.egress_defaults().keys().copied().collect(),
-        dormant: state
-            .egress_rules()
-            .map(|r| r.rule.id)
-            .filter(|&id| !state.is_egress_active(id))
-            .collect(),
+        dormant: state.inactive_egress_ids().into_iter().collect(),
     }
 }
 
