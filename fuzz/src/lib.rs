@@ -26,6 +26,7 @@ struct Image {
     mappings: BTreeMap<Ipv4Addr, Ipv4Addr>,
     entries: HashMap<Entry, RuleBits>,
     egress_default_deny: bool,
+    egress_closed: bool,
 }
 
 impl Image {
@@ -35,6 +36,7 @@ impl Image {
             mappings: state.mappings().map(|m| (m.public, m.private)).collect(),
             entries: t.entries,
             egress_default_deny: t.egress_default_deny,
+            egress_closed: t.egress_closed,
         }
     }
 
@@ -52,7 +54,11 @@ impl Image {
             Op::Unset(e) => {
                 self.entries.remove(&e);
             }
-            Op::EgressDefaultDeny(d) => self.egress_default_deny = d,
+            Op::EgressDefaultDeny(d) => {
+                self.egress_default_deny = d;
+                self.egress_closed = false;
+            }
+            Op::EgressClosed => self.egress_closed = true,
         }
     }
 }

@@ -491,8 +491,7 @@ pub const TIMEOUT_SLOTS: usize = crate::conntrack::Timeout::COUNT;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatConfig {
-    /// 0 (the zeroed default): guests may reach anything but the egress exception rules;
-    /// 1: only what the exception rules allow (CloudStack `default_egress_policy: false`).
+    /// [`EGRESS_ALLOW`] (the zeroed default), [`EGRESS_DENY`] or [`EGRESS_CLOSED`].
     pub egress_default_deny: u32,
     /// Bumped by natd on every kernel route, neighbour, address or link change: a flow entry
     /// whose `route_gen` differs resolves its route again on its next packet. Never 0 once
@@ -513,7 +512,7 @@ impl NatConfig {
     /// the XDP policy.
     pub const fn with_timeouts(timeouts_ns: [u64; TIMEOUT_SLOTS]) -> Self {
         NatConfig {
-            egress_default_deny: 0,
+            egress_default_deny: EGRESS_ALLOW,
             route_gen: 1,
             jiffies_per_sec: 0,
             policy: POLICY_XDP,
@@ -521,6 +520,18 @@ impl NatConfig {
         }
     }
 }
+
+/// [`NatConfig::egress_default_deny`]: guests may reach anything but the egress exception
+/// rules.
+pub const EGRESS_ALLOW: u32 = 0;
+/// [`NatConfig::egress_default_deny`]: guests reach only what the exception rules allow
+/// (CloudStack `default_egress_policy: false`).
+pub const EGRESS_DENY: u32 = 1;
+/// [`NatConfig::egress_default_deny`]: no new egress flow, whatever the rules, while natd
+/// turns the default over. The exceptions of one default are the opposite verdict under the
+/// other, so the default and the exceptions cannot change together: natd closes egress,
+/// rewrites the exceptions, then writes the new default (established flows go on).
+pub const EGRESS_CLOSED: u32 = 2;
 
 /// [`NatConfig::policy`]: the program judges new flows (firewall, egress policy,
 /// connection tracking) and fast-paths them.

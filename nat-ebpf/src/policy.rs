@@ -6,7 +6,8 @@
 //! rule bitmaps must intersect (see `nat_common::RuleBits`).
 use aya_ebpf::maps::lpm_trie::Key;
 use nat_common::{
-    EG_SVC_BASE_BITS, EgSvcData, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FwSrcData, FwSvcData,
+    EG_SVC_BASE_BITS, EGRESS_ALLOW, EGRESS_DENY, EgSvcData, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS,
+    FwSrcData, FwSvcData,
 };
 
 use crate::{
@@ -47,10 +48,10 @@ pub fn firewall_allows(public: u32, saddr: u32, pkt: &Packet, l4: &Transport) ->
 
 /// Egress policy for a guest's packet the route sends out of a public interface: the
 /// default, inverted by any exception rule that matches the guest source, the destination and
-/// the service.
+/// the service; nothing while natd turns the default over ([`nat_common::EGRESS_CLOSED`]).
 #[inline(always)]
 pub fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
-    let default_allow = config().is_none_or(|c| c.egress_default_deny == 0);
+    let mode = config().map_or(EGRESS_ALLOW, |c| c.egress_default_deny);
     let src = Key::new(32, pkt.saddr.to_ne_bytes());
     let dst = Key::new(32, pkt.daddr.to_ne_bytes());
     let svc = Key::new(
@@ -65,5 +66,7 @@ pub fn egress_allows(pkt: &Packet, l4: &Transport) -> bool {
         (Some(s), Some(a), Some(b)) => s.intersects3(a, b),
         _ => false,
     };
-    default_allow != matched
+    // Closed (any other mode) lets nothing out. Decided after the lookups, not before: an
+    // early return there is one more path for the verifier to walk through the lookups.
+    mode <= EGRESS_DENY && (mode == EGRESS_ALLOW) != matched
 }

@@ -369,7 +369,7 @@ mod tests {
                 Op::Unset(e) => {
                     self.entries.remove(&e);
                 }
-                Op::EgressDefaultDeny(_) => {}
+                Op::EgressDefaultDeny(_) | Op::EgressClosed => {}
             }
             Ok(())
         }

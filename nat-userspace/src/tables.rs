@@ -39,6 +39,8 @@ pub enum Op {
     Set(Entry, RuleBits),
     Unset(Entry),
     EgressDefaultDeny(bool),
+    /// No new egress flow until the next [`Op::EgressDefaultDeny`] (see [`plan`]).
+    EgressClosed,
 }
 
 /// Every firewall entry of a state, and the egress default.
@@ -46,6 +48,9 @@ pub enum Op {
 pub struct Tables {
     pub entries: HashMap<Entry, RuleBits>,
     pub egress_default_deny: bool,
+    /// Egress is closed (`nat_common::EGRESS_CLOSED`): found so in the pinned maps of a natd
+    /// that stopped while turning the default over; never so in a state's own tables.
+    pub egress_closed: bool,
 }
 
 impl Default for Tables {
@@ -99,6 +104,16 @@ impl Tables {
         Tables {
             entries,
             egress_default_deny: !state.egress_default_allow(),
+            egress_closed: false,
+        }
+    }
+
+    /// The value of `NatConfig::egress_default_deny` these tables mean.
+    pub fn egress_mode(&self) -> u32 {
+        match (self.egress_closed, self.egress_default_deny) {
+            (true, _) => nat_common::EGRESS_CLOSED,
+            (false, true) => nat_common::EGRESS_DENY,
+            (false, false) => nat_common::EGRESS_ALLOW,
         }
     }
 }
@@ -148,19 +163,55 @@ fn without(b: &RuleBits, gone: &RuleBits) -> RuleBits {
     out
 }
 
+/// The bits the LPM lookup of `key`'s own prefix returns from `entries` (the longest entry of
+/// its map holding it; empty if none). Egress entries only.
+fn lookup(entries: &HashMap<Entry, RuleBits>, key: &Entry) -> RuleBits {
+    let found = match *key {
+        Entry::EgSrc(c) => (0..=c.prefix_len())
+            .rev()
+            .find_map(|l| entries.get(&Entry::EgSrc(c.truncate(l)))),
+        Entry::EgDst(c) => (0..=c.prefix_len())
+            .rev()
+            .find_map(|l| entries.get(&Entry::EgDst(c.truncate(l)))),
+        Entry::EgSvc(Some(p), v, len) => (0..=len)
+            .rev()
+            .find_map(|l| {
+                let mask = u16::MAX.checked_shl(16 - u32::from(l)).unwrap_or(0);
+                entries.get(&Entry::EgSvc(Some(p), v & mask, l))
+            })
+            .or_else(|| entries.get(&Entry::EgSvc(None, 0, 0))),
+        Entry::EgSvc(None, ..) => entries.get(&Entry::EgSvc(None, 0, 0)),
+        Entry::FwSrc(..) | Entry::FwSvc(..) => None,
+    };
+    found.copied().unwrap_or_default()
+}
+
 /// The writes that turn `old` into `new`, each with the write that undoes it, in an order that
-/// never exposes a half-applied change:
+/// never exposes a half-applied change.
+///
+/// Rules that allow (ingress rules; egress exceptions under the deny default):
 /// 1. the bits of reused slots (a rule freed and its slot given to another in this change) are
 ///    cleared from every old entry, so that no instant pairs the old rule's addresses with the
 ///    new rule's service;
-/// 2. new and changed firewall entries (inert until a mapping uses them; every other rule keeps
-///    its slot, so each entry is either its old or its new self);
-/// 3. the egress default, mapping removals, mapping additions;
+/// 2. new and changed entries (ingress entries are inert until a mapping uses them; every other
+///    rule keeps its slot, so each entry is either its old or its new self);
+/// 3. mapping removals, mapping additions;
 /// 4. stale entries.
 ///
 /// At every instant each lookup then returns a subset of the bits its old or its new image
 /// returns, and a bit present in two dimensions belongs to the same rule in both: a packet
 /// matches only what the old or the new rules match.
+///
+/// Rules that deny (egress exceptions under the allow default) need the converse, a packet
+/// matched by the old and the new rules matched at every instant: in step 2 every egress entry
+/// of either image takes what the old and the new lookups of its prefix return together (a
+/// reused slot's bit then pairs the old rule's addresses with the new rule's service, which
+/// only denies more), and in step 4 each takes its new bits or goes. Every lookup then
+/// returns a superset of its old image's until step 4, and of its new image's from then on.
+///
+/// An egress exception means the opposite under the other default, so a change of default is
+/// never written beside the exceptions: egress is closed first and the new default is written
+/// last. In between, a guest opens no new flow (established flows go on).
 pub fn plan(
     old_state: &DesiredState,
     old: &Tables,
@@ -168,10 +219,21 @@ pub fn plan(
     new: &Tables,
 ) -> Vec<(Op, Op)> {
     let mut ops = Vec::new();
+    let closing = !old.egress_closed && old.egress_default_deny != new.egress_default_deny;
+    if closing {
+        ops.push((
+            Op::EgressClosed,
+            Op::EgressDefaultDeny(old.egress_default_deny),
+        ));
+    }
+    // Egress exceptions that deny, in force before, during and after the change.
+    let denying = !closing && !old.egress_closed && !new.egress_default_deny;
+    let grows = |e: &Entry| denying && set_of(e).is_none();
     let reused = reused_slots(old_state, new_state);
     let mut current = old.entries.clone();
     for (e, b) in &old.entries {
         if let Some(gone) = reused.get(&set_of(e))
+            && !grows(e)
             && b.intersects(gone)
         {
             let cleared = without(b, gone);
@@ -179,18 +241,33 @@ pub fn plan(
             current.insert(*e, cleared);
         }
     }
-    for (e, b) in &new.entries {
-        match current.get(e) {
-            Some(ob) if ob == b => {}
-            Some(ob) => ops.push((Op::Set(*e, *b), Op::Set(*e, *ob))),
-            None => ops.push((Op::Set(*e, *b), Op::Unset(*e))),
+    let mut wanted: Vec<(Entry, RuleBits)> = new
+        .entries
+        .iter()
+        .filter(|(e, _)| !grows(e))
+        .map(|(e, b)| (*e, *b))
+        .collect();
+    if denying {
+        let keys: std::collections::HashSet<Entry> = old
+            .entries
+            .keys()
+            .chain(new.entries.keys())
+            .filter(|e| set_of(e).is_none())
+            .copied()
+            .collect();
+        for e in keys {
+            let mut b = lookup(&old.entries, &e);
+            b.union(&lookup(&new.entries, &e));
+            wanted.push((e, b));
         }
     }
-    if old.egress_default_deny != new.egress_default_deny {
-        ops.push((
-            Op::EgressDefaultDeny(new.egress_default_deny),
-            Op::EgressDefaultDeny(old.egress_default_deny),
-        ));
+    for (e, b) in wanted {
+        match current.get(&e) {
+            Some(ob) if *ob == b => {}
+            Some(ob) => ops.push((Op::Set(e, b), Op::Set(e, *ob))),
+            None => ops.push((Op::Set(e, b), Op::Unset(e))),
+        }
+        current.insert(e, b);
     }
     let diff = Diff::between(old_state, new_state);
     ops.extend(
@@ -204,9 +281,17 @@ pub fn plan(
             .map(|m| (Op::AddMapping(*m), Op::RemoveMapping(*m))),
     );
     for (e, b) in &current {
-        if !new.entries.contains_key(e) {
-            ops.push((Op::Unset(*e), Op::Set(*e, *b)));
+        match new.entries.get(e) {
+            Some(nb) if nb == b => {}
+            Some(nb) => ops.push((Op::Set(*e, *nb), Op::Set(*e, *b))),
+            None => ops.push((Op::Unset(*e), Op::Set(*e, *b))),
         }
+    }
+    if closing || old.egress_closed {
+        ops.push((
+            Op::EgressDefaultDeny(new.egress_default_deny),
+            Op::EgressClosed,
+        ));
     }
     ops
 }
@@ -275,3 +360,37 @@ mod tests {
 
 #[cfg(test)]
 mod transitions;
+
+#[cfg(test)]
+mod closed {
+    use super::*;
+
+    /// Pins left closed by a natd that stopped while turning the default over: the plan to the
+    /// same state rewrites the entries it needs and ends by opening egress, with the undo
+    /// closing it again.
+    #[test]
+    fn tables_found_closed_are_opened_by_the_next_plan() {
+        let s = DesiredState::default();
+        let mut found = Tables::of(&s);
+        found.egress_closed = true;
+        assert_eq!(found.egress_mode(), nat_common::EGRESS_CLOSED);
+        let ops = plan(&s, &found, &s, &Tables::of(&s));
+        assert_eq!(
+            ops,
+            vec![(Op::EgressDefaultDeny(false), Op::EgressClosed)],
+            "only egress is opened"
+        );
+        // Turning the default over closes first, opens last.
+        let mut deny = s.clone();
+        deny.set_egress_default_allow(false);
+        let ops = plan(&s, &Tables::of(&s), &deny, &Tables::of(&deny));
+        assert_eq!(
+            ops.first(),
+            Some(&(Op::EgressClosed, Op::EgressDefaultDeny(false)))
+        );
+        assert_eq!(
+            ops.last(),
+            Some(&(Op::EgressDefaultDeny(true), Op::EgressClosed))
+        );
+    }
+}

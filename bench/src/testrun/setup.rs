@@ -260,7 +260,9 @@ impl Bed {
             .unwrap_or_else(|| (DesiredState::default(), Tables::default()));
         for (op, _) in plan(&old_state, &old_tables, &state, &tables) {
             match op {
-                Op::Set(..) | Op::Unset(..) | Op::EgressDefaultDeny(_) => self.dp.apply(&op)?,
+                Op::Set(..) | Op::Unset(..) | Op::EgressDefaultDeny(_) | Op::EgressClosed => {
+                    self.dp.apply(&op)?
+                }
                 Op::AddMapping(_) | Op::RemoveMapping(_) => {}
             }
         }

@@ -156,13 +156,17 @@ impl Dataplane {
             };
             entries.insert(e, b);
         }
-        let egress_default_deny = self.config()?.egress_default_deny != 0;
+        // Closed: a natd stopped while turning the default over; the entries are a mix of
+        // both defaults' and the plan from these tables ends by writing the default.
+        let mode = self.config()?.egress_default_deny;
+        let egress_default_deny = mode != nat_common::EGRESS_ALLOW;
         state.set_egress_default_allow(!egress_default_deny);
         Ok((
             state,
             Tables {
                 entries,
                 egress_default_deny,
+                egress_closed: mode == nat_common::EGRESS_CLOSED,
             },
         ))
     }

@@ -274,6 +274,14 @@ impl Dataplane {
         arr.get(&0, 0).map_err(map_err(MAP_CONFIG))
     }
 
+    /// Writes `NatConfig::egress_default_deny` (`nat_common::EGRESS_*`), the other settings
+    /// as they are.
+    fn write_egress_mode(&mut self, mode: u32) -> Result<(), DataplaneError> {
+        let mut cfg = self.config()?;
+        cfg.egress_default_deny = mode;
+        self.write_config(&cfg)
+    }
+
     /// Sums the per-CPU event counters.
     pub fn events(&mut self) -> Result<BTreeMap<Event, u64>, DataplaneError> {
         let arr =
@@ -318,11 +326,12 @@ impl FastPath for Dataplane {
             Op::RemoveMapping(m) => self.remove_mapping(m),
             Op::Set(e, b) => self.set_entry(e, Some(b)),
             Op::Unset(e) => self.set_entry(e, None),
-            Op::EgressDefaultDeny(deny) => {
-                let mut cfg = self.config()?;
-                cfg.egress_default_deny = u32::from(deny);
-                self.write_config(&cfg)
-            }
+            Op::EgressDefaultDeny(deny) => self.write_egress_mode(if deny {
+                nat_common::EGRESS_DENY
+            } else {
+                nat_common::EGRESS_ALLOW
+            }),
+            Op::EgressClosed => self.write_egress_mode(nat_common::EGRESS_CLOSED),
         }
     }
 }

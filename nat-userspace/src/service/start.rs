@@ -109,9 +109,9 @@ pub(super) async fn start(opts: Options) -> Result<Natd, StartError> {
             nft.without_table()
         }
     };
-    let egress_default_deny = tables.egress_default_deny;
+    let egress_mode = tables.egress_mode();
     let mut ctl = Controller::with_store(dataplane, nft, store, installed, tables, generation);
-    let sizes = (timeouts_ns, ct_size, egress_default_deny);
+    let sizes = (timeouts_ns, ct_size, egress_mode);
     let events = match install(&mut ctl, &opts, desired, sizes).await {
         Ok(events) => events,
         Err(e) => {
@@ -172,7 +172,7 @@ async fn install(
     ctl: &mut NatController,
     opts: &Options,
     desired: DesiredState,
-    (timeouts_ns, ct_size, egress_default_deny): ([u64; TIMEOUT_SLOTS], u32, bool),
+    (timeouts_ns, ct_size, egress_mode): ([u64; TIMEOUT_SLOTS], u32, u32),
 ) -> Result<KernelEvents, StartError> {
     let fast = ctl.fast_mut();
     // An adopted fast path keeps its route generation, moved on: what changed while no natd
@@ -183,7 +183,7 @@ async fn install(
         1
     };
     fast.write_config(&NatConfig {
-        egress_default_deny: u32::from(egress_default_deny),
+        egress_default_deny: egress_mode,
         route_gen,
         jiffies_per_sec: crate::clock::jiffies_per_sec(),
         policy: match opts.policy {

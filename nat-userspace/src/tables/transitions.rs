@@ -1,7 +1,8 @@
-//! Every intermediate state of a plan: after each write, a packet is matched (ingress: allowed
-//! to a mapped public IP; egress: an exception applies) only if the old or the new rules match
-//! it. A rule freed and its slot reused in the same change must never pair the old rule's
-//! addresses with the new rule's service.
+//! Every intermediate state of a plan: after each write, a packet is let in to a mapped public
+//! IP only if the old or the new rules let it in, and a guest's packet is let out only if the
+//! old or the new policy lets it out (exceptions that allow or deny, a change of the egress
+//! default included). A rule freed and its slot reused in the same change must
+//! never pair the old rule's addresses with the new rule's service.
 use std::collections::{BTreeSet, HashMap};
 
 use proptest::prelude::*;
@@ -15,6 +16,8 @@ use crate::firewall::{PortRange, Proto, Service};
 struct Image {
     mapped: BTreeSet<Ipv4Addr>,
     entries: HashMap<Entry, RuleBits>,
+    egress_default_deny: bool,
+    egress_closed: bool,
 }
 
 /// A packet the image decides on: source, destination (public IP for ingress), protocol and
@@ -35,9 +38,12 @@ fn host(a: Ipv4Addr) -> Cidr {
 
 impl Image {
     fn of(state: &DesiredState) -> Self {
+        let t = Tables::of(state);
         Image {
             mapped: state.mappings().map(|m| m.public).collect(),
-            entries: Tables::of(state).entries,
+            entries: t.entries,
+            egress_default_deny: t.egress_default_deny,
+            egress_closed: t.egress_closed,
         }
     }
 
@@ -55,7 +61,11 @@ impl Image {
             Op::Unset(e) => {
                 self.entries.remove(&e);
             }
-            Op::EgressDefaultDeny(_) => {}
+            Op::EgressDefaultDeny(deny) => {
+                self.egress_default_deny = deny;
+                self.egress_closed = false;
+            }
+            Op::EgressClosed => self.egress_closed = true,
         }
     }
 
@@ -81,6 +91,11 @@ impl Image {
             .longest(|l| Entry::EgSvc(Some(proto), value & mask(l), l), 16)
             .or_else(|| self.entries.get(&Entry::EgSvc(None, 0, 0)).copied());
         matches!((s, d, v), (Some(s), Some(d), Some(v)) if s.intersects3(&d, &v))
+    }
+
+    /// Whether the program lets the guest's new flow out, as `policy::egress_allows` decides.
+    fn egress_allows(&self, p: Probe) -> bool {
+        !self.egress_closed && self.egress_default_deny == self.egress(p)
     }
 }
 
@@ -181,15 +196,19 @@ fn check_every_step(old: &DesiredState, new: &DesiredState) -> Result<(), String
             }
         }
         for p in probes(false) {
-            if image.egress(p) && !first.egress(p) && !last.egress(p) {
+            if image.egress_allows(p) && !first.egress_allows(p) && !last.egress_allows(p) {
                 return Err(format!(
-                    "after write #{i} ({op:?}), egress {p:?} matches an exception neither the \
-                     old nor the new rules have; plan: {ops:#?}"
+                    "after write #{i} ({op:?}), egress {p:?} is let out though neither the old \
+                     nor the new policy lets it out; plan: {ops:#?}"
                 ));
             }
         }
     }
-    if image.entries != last.entries || image.mapped != last.mapped {
+    if image.entries != last.entries
+        || image.mapped != last.mapped
+        || (image.egress_default_deny, image.egress_closed)
+            != (last.egress_default_deny, last.egress_closed)
+    {
         return Err("the plan does not end at the new state".into());
     }
     Ok(())
@@ -241,26 +260,30 @@ fn a_reused_slot_never_pairs_old_sources_with_the_new_service() {
     assert_eq!(slot(&old, 22), slot(&new, 80), "B reuses A's slot");
     check_every_step(&old, &new).unwrap();
 
-    // The same for egress rules (guest sources, destinations, service).
-    let mut old = mapped(&[P1]);
-    let a = old
-        .add_egress_from(
+    // The same for egress rules (guest sources, destinations, service), exceptions that allow
+    // (the deny default: the pair would let out) and exceptions that deny.
+    for allow in [false, true] {
+        let mut old = mapped(&[P1]);
+        old.set_egress_default_allow(allow);
+        let a = old
+            .add_egress_from(
+                None,
+                svc[0].clone(),
+                vec!["198.51.100.0/24".parse().unwrap()],
+                vec!["10.0.0.5/32".parse().unwrap()],
+            )
+            .unwrap();
+        let mut new = old.clone();
+        new.remove_egress(a).unwrap();
+        new.add_egress_from(
             None,
-            svc[0].clone(),
-            vec!["198.51.100.0/24".parse().unwrap()],
-            vec!["10.0.0.5/32".parse().unwrap()],
+            svc[1].clone(),
+            vec!["192.0.2.0/24".parse().unwrap()],
+            vec!["10.0.0.8/29".parse().unwrap()],
         )
         .unwrap();
-    let mut new = old.clone();
-    new.remove_egress(a).unwrap();
-    new.add_egress_from(
-        None,
-        svc[1].clone(),
-        vec!["192.0.2.0/24".parse().unwrap()],
-        vec!["10.0.0.8/29".parse().unwrap()],
-    )
-    .unwrap();
-    check_every_step(&old, &new).unwrap();
+        check_every_step(&old, &new).unwrap();
+    }
 }
 
 type IngressSpec = (bool, usize, Vec<usize>);
@@ -296,6 +319,49 @@ fn add_rules(s: &mut DesiredState, ingress: &[IngressSpec], egress: &[EgressSpec
         let sources = sources.iter().map(|&i| gc[i]).collect();
         let _ = s.add_egress_from(None, services(true)[*svc].clone(), dests, sources);
     }
+}
+
+/// CloudStack's egress rules, each added under a default (`true`: allow).
+fn add_cloudstack_egress(s: &mut DesiredState, egress: &[(EgressSpec, bool)]) {
+    let (rc, gc) = (remote_cidrs(), guest_cidrs());
+    for ((svc, dests, sources), under) in egress {
+        let dests = dests.iter().map(|&i| rc[i]).collect();
+        let sources = sources.iter().map(|&i| gc[i]).collect();
+        let id = s.egress_rules().map(|r| r.rule.id).max().unwrap_or(0) + 1;
+        let _ = s.add_egress_under(id, services(true)[*svc].clone(), dests, sources, *under);
+    }
+}
+
+/// The router's default egress rule revoked: egress goes from allow (the rules added under it
+/// are DROP exceptions) to deny (the rules added under deny are ACCEPT exceptions, the others
+/// out of force). An exception of either default acts under the other as its opposite, so no
+/// write may pair the new default with the old exceptions or the old default with the new.
+#[test]
+fn a_change_of_egress_default_never_lets_out_what_neither_policy_does() {
+    let svc = services(true);
+    let mut old = mapped(&[P1]);
+    old.add_egress_default(1, true).unwrap();
+    let web = vec!["198.51.100.0/24".parse().unwrap()];
+    // Under allow: no ssh anywhere, no http to 198.51.100.0/24.
+    old.add_egress_under(2, svc[0].clone(), vec![], vec![], true)
+        .unwrap();
+    old.add_egress_under(3, svc[1].clone(), web.clone(), vec![], true)
+        .unwrap();
+    // Under deny: dns only.
+    old.add_egress_under(4, svc[3].clone(), vec![], vec![], false)
+        .unwrap();
+    old.settle_egress_default();
+    let mut new = old.clone();
+    new.remove_egress_default(1).unwrap();
+    new.settle_egress_default();
+    let (first, last) = (Image::of(&old), Image::of(&new));
+    let ssh = (ip("10.0.0.5"), ip("192.0.2.1"), 6, 22);
+    let dns = (ip("10.0.0.5"), ip("192.0.2.1"), 17, 53);
+    assert!(!first.egress_allows(ssh) && !last.egress_allows(ssh));
+    assert!(first.egress_allows(dns) && last.egress_allows(dns));
+    check_every_step(&old, &new).unwrap();
+    // And back: the default rule sent again.
+    check_every_step(&new, &old).unwrap();
 }
 
 /// Two ingress rules allowing the same (CloudStack sent it under two ids) each have a slot of
@@ -342,8 +408,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Random rule sets, some rules deleted and others added in one change (so freed slots are
-    /// reused), mappings added, removed or re-pointed: no intermediate image matches a packet
-    /// that neither end matches.
+    /// reused), mappings added, removed or re-pointed, the egress default kept or turned over:
+    /// no intermediate image matches a packet that neither end matches, or lets out one that
+    /// neither end lets out.
     #[test]
     fn no_intermediate_state_matches_what_neither_end_matches(
         old_ingress in prop::collection::vec(ingress_spec(), 0..6),
@@ -351,12 +418,17 @@ proptest! {
         keep in any::<u16>(),
         new_ingress in prop::collection::vec(ingress_spec(), 0..4),
         new_egress in prop::collection::vec(egress_spec(), 0..3),
+        cloudstack_egress in prop::collection::vec((egress_spec(), any::<bool>()), 0..4),
+        old_allow in any::<bool>(),
+        flip in any::<bool>(),
         old_p2 in any::<bool>(),
         new_p2 in any::<bool>(),
         repoint in any::<bool>(),
     ) {
         let mut old = mapped(if old_p2 { &[P1, P2][..] } else { &[P1][..] });
         add_rules(&mut old, &old_ingress, &old_egress);
+        add_cloudstack_egress(&mut old, &cloudstack_egress);
+        old.set_egress_default_allow(old_allow);
         let mut new = old.clone();
         let ids: Vec<(bool, u64)> = new
             .ingress_rules()
@@ -373,6 +445,7 @@ proptest! {
             }
         }
         add_rules(&mut new, &new_ingress, &new_egress);
+        new.set_egress_default_allow(old_allow != flip);
         if new_p2 != old_p2 {
             if new_p2 {
                 new.add_mapping(Mapping { public: P2, private: ip("10.0.0.20") }).unwrap();

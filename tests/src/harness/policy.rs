@@ -67,9 +67,13 @@ impl Harness {
             match op {
                 Op::Set(e, bits) => maps::write_entry(&mut ebpf, e, Some(bits))?,
                 Op::Unset(e) => maps::write_entry(&mut ebpf, e, None)?,
-                Op::EgressDefaultDeny(deny) => {
+                Op::EgressDefaultDeny(_) | Op::EgressClosed => {
                     let mut cfg = maps::read_config(&mut ebpf)?;
-                    cfg.egress_default_deny = u32::from(deny);
+                    cfg.egress_default_deny = match op {
+                        Op::EgressClosed => nat_common::EGRESS_CLOSED,
+                        Op::EgressDefaultDeny(true) => nat_common::EGRESS_DENY,
+                        _ => nat_common::EGRESS_ALLOW,
+                    };
                     maps::write_config(&mut ebpf, &cfg)?;
                 }
                 Op::AddMapping(_) | Op::RemoveMapping(_) => {}
@@ -80,8 +84,22 @@ impl Harness {
         Ok(())
     }
 
-    /// Sets the conntrack idle timeouts (ns by state, 0 = netfilter's default) in program and
-    /// model.
+    /// Closes egress (`nat_common::EGRESS_CLOSED`, as natd does while it turns the default
+    /// over) or opens it again under the current state's default, in program and model.
+    pub fn set_egress_closed(&self, closed: bool) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf.borrow_mut();
+        let mut cfg = maps::read_config(&mut ebpf)?;
+        let deny = self.policy.borrow().1.egress_default_deny;
+        cfg.egress_default_deny = match (closed, deny) {
+            (true, _) => nat_common::EGRESS_CLOSED,
+            (false, true) => nat_common::EGRESS_DENY,
+            (false, false) => nat_common::EGRESS_ALLOW,
+        };
+        maps::write_config(&mut ebpf, &cfg)?;
+        self.model.borrow_mut().policy.rules.egress_closed = closed;
+        Ok(())
+    }
+
     /// Sets `--policy kernel` (`true`) or `--policy xdp` in program and model.
     pub fn set_kernel_policy(&self, kernel: bool) -> anyhow::Result<()> {
         let mut ebpf = self.ebpf.borrow_mut();
@@ -96,6 +114,8 @@ impl Harness {
         Ok(())
     }
 
+    /// Sets the conntrack idle timeouts (ns by state, 0 = netfilter's default) in program and
+    /// model.
     pub fn set_timeouts(&self, timeouts_ns: [u64; TIMEOUT_SLOTS]) -> anyhow::Result<()> {
         let mut ebpf = self.ebpf.borrow_mut();
         let mut cfg = maps::read_config(&mut ebpf)?;

@@ -217,6 +217,8 @@ impl Tracked {
 pub struct Rules {
     pub ingress: Vec<IngressRule>,
     pub egress_default_deny: bool,
+    /// natd is turning the default over (`nat_common::EGRESS_CLOSED`): no new egress flow.
+    pub egress_closed: bool,
     pub egress: Vec<EgressRule>,
 }
 
@@ -225,6 +227,7 @@ impl Rules {
         Rules {
             ingress: state.ingress_rules().map(|r| r.rule.clone()).collect(),
             egress_default_deny: !state.egress_default_allow(),
+            egress_closed: false,
             egress: state.egress_rules().map(|r| r.rule.clone()).collect(),
         }
     }
@@ -295,8 +298,11 @@ impl Rules {
     }
 
     /// The egress default, inverted if some exception rule matches the guest source, the
-    /// destination and the service.
+    /// destination and the service; nothing while egress is closed.
     pub fn egress_allows(&self, f: &Facts) -> bool {
+        if self.egress_closed {
+            return false;
+        }
         let matched = self.egress.iter().any(|r| {
             r.sources.iter().any(|c| cidr_contains(c, f.saddr))
                 && r.cidrs.iter().any(|c| cidr_contains(c, f.daddr))

@@ -378,6 +378,48 @@ fn egress_default_allow_with_deny_exceptions() {
     p.finish("egress default allow");
 }
 
+/// While natd turns the egress default over, egress is closed: no guest opens a flow, whatever
+/// the rules say; a flow opened before goes on. Opened again, the default and its exceptions
+/// apply as before.
+#[test]
+fn closed_egress_opens_no_flow_but_open_flows_go_on() {
+    let h = harness();
+    let mut s = base_state();
+    egress(&mut s, Udp, Some((53, 53)), &["192.0.2.7/32"]);
+    h.set_policy(&s).expect("policy");
+    let mut p = Probe::new(&h);
+    let udp = |dst, sp, dp| move |a, t| udp_l3(a, dst, (sp, dp), t);
+    p.outbound("open: udp 54", G1, true, new_flow(), udp(REMOTE, 2, 54));
+    h.set_egress_closed(true).expect("close egress");
+    p.outbound("closed: udp 55", G1, false, miss(), udp(REMOTE, 3, 55));
+    p.outbound("closed: tcp 443", G2, false, miss(), |a, t| {
+        tcp_l3(a, REMOTE, (4, 443), SYN, t)
+    });
+    p.outbound(
+        "closed: the flow opened before",
+        G1,
+        true,
+        hit(),
+        udp(REMOTE, 2, 54),
+    );
+    h.set_egress_closed(false).expect("open egress");
+    p.outbound(
+        "open again: udp 55",
+        G1,
+        true,
+        new_flow(),
+        udp(REMOTE, 3, 55),
+    );
+    p.outbound(
+        "open again: udp 53 to the /32",
+        G1,
+        false,
+        miss(),
+        udp(REMOTE, 5, 53),
+    );
+    p.finish("egress closed");
+}
+
 #[test]
 fn egress_rule_for_all_protocols() {
     let h = harness();
