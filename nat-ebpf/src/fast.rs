@@ -65,8 +65,11 @@ pub fn forward(
 /// the other entry.
 #[inline(always)]
 fn refresh(found: &Found, e: &mut FlowEntry, j: u64) -> bool {
-    let now = flows::now_ns();
+    let mut now = flows::coarse_ns();
     if !flows::live_by(e, now) {
+        // Idle past its timeout by the coarse clock, or seen by the full path within the
+        // tick that clock lags by: judged by the precise clock.
+        now = flows::now_ns();
         let Some(peer) = flows::lookup_in(found.pending, &e.peer) else {
             return false;
         };
