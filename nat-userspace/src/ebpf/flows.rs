@@ -7,6 +7,8 @@ use nat_common::{
     conntrack::{ASSURED, SEEN_REPLY, State},
 };
 
+use std::os::fd::AsFd as _;
+
 use super::*;
 
 /// One flow, from its original entry.
@@ -76,16 +78,17 @@ fn entries(
     map: &'static str,
     slots: Option<&SlotView>,
 ) -> Result<Vec<(FlowTuple, FlowEntry)>, DataplaneError> {
-    let m: HashMap<_, FlowTuple, FlowEntry> =
-        HashMap::try_from(dp.map(map)?).map_err(map_err(map))?;
-    let mut out = Vec::new();
-    for item in m.iter() {
-        match item {
-            Ok(kv) => out.push(kv),
-            Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(DataplaneError::Map { map, source }),
-        }
-    }
+    let data = match dp.map(map)? {
+        aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+        _ => return Err(DataplaneError::MissingMap(map)),
+    };
+    let mut out =
+        super::batch::lookup_all::<FlowTuple, FlowEntry>(data.fd().as_fd()).map_err(|e| {
+            DataplaneError::Map {
+                map,
+                source: MapError::IoError(e),
+            }
+        })?;
     if map == MAP_FLOWS
         && let Some(slots) = slots
     {

@@ -7,6 +7,7 @@
 //! (private -> public) entry goes in before the forward one, and comes out after it.
 mod adopt;
 mod attach;
+mod batch;
 pub mod earlier;
 mod flows;
 mod maps;
