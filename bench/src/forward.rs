@@ -180,6 +180,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
         "/proc/stat softirq, ns/packet",
         "frames on natd's fast path",
         "of those, from their slot",
+        "natd's own CPU, share of one CPU",
     ]);
     let mut rate_bars = Vec::new();
     let mut cost_bars = Vec::new();
@@ -250,6 +251,7 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
             };
             let fast: Vec<f64> = c.iter().filter_map(Run::fast_path_share).collect();
             let slot: Vec<f64> = c.iter().filter_map(Run::slot_share).collect();
+            let daemon: Vec<f64> = c.iter().filter_map(Run::natd_cpu_share).collect();
             cpu.row(vec![
                 setup.name().into(),
                 label.clone(),
@@ -267,6 +269,11 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
                     String::new()
                 } else {
                     show(Summary::of(&slot), 3)
+                },
+                if daemon.is_empty() {
+                    String::new()
+                } else {
+                    show(Summary::of(&daemon), 3)
                 },
             ]);
             if let Some(s) = Summary::of(&cost) {
@@ -313,7 +320,11 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
          count, read from natd's pinned `EVENTS`), and the share of those forwarded from the \
          copy in their flow's slot of the flow cache (`slot_hit`; the others looked their \
          flow up in `FLOWS`: a slot another flow holds, or a copy older than its refill \
-         time). Delivered = frames counted by an XDP sink \
+         time). The table's last column is natd's own CPU time during the run (user and \
+         system, from `/proc/PID/stat`, the `conntrack` tool it runs included) as a share of \
+         one CPU: its collector walks the flow tables every 10 s and, with `--policy kernel`, \
+         a round reads them and refreshes the kernel's entries every 5 s, so a run holds a \
+         walk or not. Delivered = frames counted by an XDP sink \
          (`bench-sink`) on the receiving end (which drops them). Each batch of 64 frames is \
          flushed and the router's and the receiver's NAPI polls run inline, as softirqs on the \
          generator's CPU: the generator cannot outrun the router, and the kernel's own timer \

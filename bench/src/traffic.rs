@@ -234,6 +234,9 @@ pub struct Run {
     /// natd only, with the kernel's BPF run-time statistics on: its XDP program's own time
     /// per run, ns.
     pub prog_ns: Option<f64>,
+    /// natd only: the CPU time natd used during the run (user + system, its waited-for
+    /// children such as the `conntrack` tool included), seconds.
+    pub natd_cpu_secs: Option<f64>,
 }
 
 impl Run {
@@ -251,6 +254,10 @@ impl Run {
     pub fn fast_path_share(&self) -> Option<f64> {
         self.fast_path
             .map(|f| f as f64 / (self.generated as f64).max(1.0))
+    }
+    /// natd's own CPU during the run, as a share of one CPU.
+    pub fn natd_cpu_share(&self) -> Option<f64> {
+        self.natd_cpu_secs.map(|c| c / self.secs.max(1e-9))
     }
     /// Share of natd's fast-path frames forwarded from their flow's slot (the rest looked
     /// their flow up in `FLOWS`).
@@ -328,6 +335,7 @@ pub fn timed_until(
         let fast0 = event_count(topo, Event::FastPath)?;
         let slot0 = event_count(topo, Event::SlotHit)?;
         let prog0 = prog_stats(topo)?;
+        let natd0 = natd_cpu(topo)?;
         let cpu0 = CpuTimes::read()?;
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(secs);
@@ -357,6 +365,7 @@ pub fn timed_until(
         let fast1 = event_count(topo, Event::FastPath)?;
         let slot1 = event_count(topo, Event::SlotHit)?;
         let prog1 = prog_stats(topo)?;
+        let natd1 = natd_cpu(topo)?;
         Ok(Run {
             generated,
             delivered,
@@ -368,8 +377,14 @@ pub fn timed_until(
             prog_ns: prog0.zip(prog1).and_then(|((t0, n0), (t1, n1))| {
                 (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64)
             }),
+            natd_cpu_secs: natd0.zip(natd1).map(|(a, b)| (b - a).max(0.0)),
         })
     })?
+}
+
+/// natd's CPU time so far, in a setup that runs natd.
+fn natd_cpu(topo: &Topo) -> anyhow::Result<Option<f64>> {
+    topo.natd.as_ref().map(|n| n.cpu_secs()).transpose()
 }
 
 /// A request/response UDP flow from the guest (V2:7000) to the client (:7001), which echoes.
