@@ -362,11 +362,12 @@ impl Daemon {
     pub fn collect_expired(&mut self) -> Result<usize, DataplaneError> {
         let now = monotonic_ns();
         let timeouts = self.timeouts_ns;
-        let (n, seen) = self
+        let sweep = self
             .ctl
             .fast_mut()
-            .remove_flows(|v| now.saturating_sub(v.last_seen) > timeout_of(&timeouts, v.timer))?;
-        let freed = self.ctl.fast_mut().recycle_slots()?;
+            .sweep(|v| now.saturating_sub(v.last_seen) > timeout_of(&timeouts, v.timer))?;
+        let (n, seen) = (sweep.removed, sweep.seen);
+        let freed = self.ctl.fast_mut().recycle_slots(&sweep.counter_slots);
         if freed > 0 {
             log::debug!("{freed} counter slot(s) of removed mappings free again");
         }

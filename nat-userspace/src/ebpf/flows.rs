@@ -11,6 +11,17 @@ use std::os::fd::AsFd as _;
 
 use super::*;
 
+/// What a [`Dataplane::sweep`] of the flow tables did and found.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Flows removed.
+    pub removed: usize,
+    /// Flows looked at.
+    pub seen: usize,
+    /// The mapping counter slots the entries read name.
+    pub counter_slots: BTreeSet<u32>,
+}
+
 /// One flow, from its original entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowView {
@@ -192,11 +203,20 @@ impl Dataplane {
         &mut self,
         pred: impl Fn(&FlowView) -> bool,
     ) -> Result<(usize, usize), DataplaneError> {
+        self.sweep(pred).map(|s| (s.removed, s.seen))
+    }
+
+    /// [`Self::remove_flows`], also returning the counter slots the entries it left name.
+    pub fn sweep(&mut self, pred: impl Fn(&FlowView) -> bool) -> Result<Sweep, DataplaneError> {
         let mut removed = 0;
         let mut seen = 0;
+        let mut counter_slots = BTreeSet::new();
         let slots = self.slot_view()?;
         for (map, _) in TABLES {
             let all = entries(self, map, Some(&slots))?;
+            // The counter slots every entry read names; those of entries removed below stay
+            // (a slot is freed a pass later at most).
+            counter_slots.extend(all.iter().map(|(_, e)| e.slot));
             let seen_of = reply_seen(&all);
             let origs: BTreeSet<FlowTuple> = all
                 .iter()
@@ -235,19 +255,17 @@ impl Dataplane {
         // (the established path's once-a-second check finds the flow gone). Callers that
         // end live flows (flush, flows the kernel ended) also bump the route generation,
         // which leaves every slot for the full path.
-        Ok((removed, seen))
+        Ok(Sweep {
+            removed,
+            seen,
+            counter_slots,
+        })
     }
 
-    /// Counter slots that entries still name; retired slots no entry names are freed.
-    pub fn recycle_slots(&mut self) -> Result<usize, DataplaneError> {
-        let mut in_use = BTreeSet::new();
-        for (map, _) in TABLES {
-            // A slot never changes the entry's counter slot: the entries as stored.
-            for (_, e) in entries(self, map, None)? {
-                in_use.insert(e.slot);
-            }
-        }
-        Ok(self.slots.recycle(&in_use))
+    /// Frees the retired counter slots no entry names: `in_use`, the counter slots a
+    /// [`Self::sweep`] found named. Returns how many it freed.
+    pub fn recycle_slots(&mut self, in_use: &BTreeSet<u32>) -> usize {
+        self.slots.recycle(in_use)
     }
 
     /// Capacity of the connection table in flows (assured ones; half as many more may be

@@ -18,7 +18,7 @@ pub mod slotview;
 #[cfg(test)]
 mod upgrade_tests;
 
-pub use flows::FlowView;
+pub use flows::{FlowView, Sweep};
 pub use maps::write_entry;
 pub use slotview::{SlotView, SlotViewError};
 
