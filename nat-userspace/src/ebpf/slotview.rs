@@ -220,6 +220,9 @@ mod tests {
         assert_eq!(flows.len(), 1);
         assert_eq!(flows[0].last_seen, 900, "the flow's last-seen time");
 
+        // Idle by its stored entries (100), live by its slot (900): a sweep keeps it.
+        assert_eq!(dp.remove_flows(|v| v.last_seen < 500).unwrap(), (0, 1));
+        assert_eq!(dp.flows().unwrap().len(), 1);
         assert_eq!(dp.remove_flows(|_| true).unwrap(), (1, 1));
         let left = dp.slot_view().unwrap().slot(&k).expect("a quiet slot");
         assert_eq!(
