@@ -110,11 +110,17 @@ impl Tables {
 
     /// The value of `NatConfig::egress_default_deny` these tables mean.
     pub fn egress_mode(&self) -> u32 {
-        match (self.egress_closed, self.egress_default_deny) {
-            (true, _) => nat_common::EGRESS_CLOSED,
-            (false, true) => nat_common::EGRESS_DENY,
-            (false, false) => nat_common::EGRESS_ALLOW,
-        }
+        egress_mode(self.egress_closed, self.egress_default_deny)
+    }
+}
+
+/// The value of `NatConfig::egress_default_deny` for egress `closed` or under the default
+/// (`deny` or allow); what [`Op::EgressClosed`] and [`Op::EgressDefaultDeny`] write.
+pub fn egress_mode(closed: bool, deny: bool) -> u32 {
+    match (closed, deny) {
+        (true, _) => nat_common::EGRESS_CLOSED,
+        (false, true) => nat_common::EGRESS_DENY,
+        (false, false) => nat_common::EGRESS_ALLOW,
     }
 }
 

@@ -1,13 +1,14 @@
 //! The flow table as natd sees it: every flow by its original entry (identity, state,
 //! last-seen time), whole-flow removal (both entries), and the capacity.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd as _,
+};
 
 use nat_common::{
     ENTRY_LEARNED, ENTRY_ORIG, ENTRY_PENDING, FLOW_NAT, MAP_SLOTS, ORIGIN_GUEST,
     conntrack::{ASSURED, SEEN_REPLY, State},
 };
-
-use std::os::fd::AsFd as _;
 
 use super::*;
 

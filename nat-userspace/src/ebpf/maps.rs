@@ -326,12 +326,8 @@ impl FastPath for Dataplane {
             Op::RemoveMapping(m) => self.remove_mapping(m),
             Op::Set(e, b) => self.set_entry(e, Some(b)),
             Op::Unset(e) => self.set_entry(e, None),
-            Op::EgressDefaultDeny(deny) => self.write_egress_mode(if deny {
-                nat_common::EGRESS_DENY
-            } else {
-                nat_common::EGRESS_ALLOW
-            }),
-            Op::EgressClosed => self.write_egress_mode(nat_common::EGRESS_CLOSED),
+            Op::EgressDefaultDeny(deny) => self.write_egress_mode(egress_mode(false, deny)),
+            Op::EgressClosed => self.write_egress_mode(egress_mode(true, false)),
         }
     }
 }

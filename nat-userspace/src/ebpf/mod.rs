@@ -53,7 +53,7 @@ use crate::{
     cidr::Cidr,
     pins::PinDir,
     state::{DesiredState, Mapping},
-    tables::{Entry, Op, Tables},
+    tables::{Entry, Op, Tables, egress_mode},
 };
 
 /// Name of the XDP program in the object.

@@ -9,7 +9,7 @@ use nat_userspace::{
     cidr::Cidr,
     firewall::{PortRange, Proto, Service},
     state::{DesiredState, Mapping},
-    tables::{Op, Tables, plan},
+    tables::{Op, Tables, egress_mode, plan},
 };
 
 use super::{Harness, NAT_IN, NAT_OUT, maps};
@@ -69,11 +69,8 @@ impl Harness {
                 Op::Unset(e) => maps::write_entry(&mut ebpf, e, None)?,
                 Op::EgressDefaultDeny(_) | Op::EgressClosed => {
                     let mut cfg = maps::read_config(&mut ebpf)?;
-                    cfg.egress_default_deny = match op {
-                        Op::EgressClosed => nat_common::EGRESS_CLOSED,
-                        Op::EgressDefaultDeny(true) => nat_common::EGRESS_DENY,
-                        _ => nat_common::EGRESS_ALLOW,
-                    };
+                    cfg.egress_default_deny =
+                        egress_mode(op == Op::EgressClosed, op == Op::EgressDefaultDeny(true));
                     maps::write_config(&mut ebpf, &cfg)?;
                 }
                 Op::AddMapping(_) | Op::RemoveMapping(_) => {}
@@ -90,11 +87,7 @@ impl Harness {
         let mut ebpf = self.ebpf.borrow_mut();
         let mut cfg = maps::read_config(&mut ebpf)?;
         let deny = self.policy.borrow().1.egress_default_deny;
-        cfg.egress_default_deny = match (closed, deny) {
-            (true, _) => nat_common::EGRESS_CLOSED,
-            (false, true) => nat_common::EGRESS_DENY,
-            (false, false) => nat_common::EGRESS_ALLOW,
-        };
+        cfg.egress_default_deny = egress_mode(closed, deny);
         maps::write_config(&mut ebpf, &cfg)?;
         self.model.borrow_mut().policy.rules.egress_closed = closed;
         Ok(())
