@@ -13,18 +13,23 @@
 //! settings ([`kernel_timeouts`]), so a refreshed entry never has more time left than the
 //! kernel would have given it had it seen the packets.
 //!
-//! Through the `conntrack` tool: no maintained Rust library speaks ctnetlink, and one
-//! `conntrack -L` and one `conntrack -R -` (a batch of `-U` updates) per round is cheap next to
-//! a round's interval.
-use std::{
-    collections::HashSet,
-    io::Write as _,
-    net::Ipv4Addr,
-    path::Path,
-    process::{Command, Stdio},
-};
+//! Over ctnetlink (`netlink-packet-netfilter`), one update per flow and no dump: the update of
+//! an entry the kernel no longer has fails with `ENOENT`, which is how a round learns the
+//! flows the kernel ended, at the cost of a hash lookup each instead of a walk of the
+//! kernel's whole table. Only failed updates are answered, and many go in one system call.
+use std::{net::Ipv4Addr, path::Path};
 
 use nat_common::{TIMEOUT_SLOTS, conntrack::Timeout};
+use netlink_packet_core::{
+    DefaultNla, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Status, Tuple,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 /// `net.netfilter.nf_conntrack_tcp_be_liberal` of natd's network namespace.
 pub const TCP_BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
@@ -100,10 +105,8 @@ pub struct KernelFlow {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelConntrackError {
-    #[error("cannot run conntrack (is the conntrack package installed?): {0}")]
-    Spawn(#[source] std::io::Error),
-    #[error("conntrack {what} failed: {stderr}")]
-    Failed { what: &'static str, stderr: String },
+    #[error("ctnetlink (is nf_conntrack_netlink available?): {0}")]
+    Socket(#[source] std::io::Error),
     #[error("{path} (is nf_conntrack loaded?): {source}")]
     Sysctl {
         path: String,
@@ -136,147 +139,236 @@ fn make_liberal_at(path: &Path) -> Result<bool, KernelConntrackError> {
     Ok(true)
 }
 
-/// The original tuple of one line of `conntrack -L` (`None` for a protocol without ports the
-/// fast path keys differently, or a line it cannot read).
-fn parse_line(line: &str) -> Option<KernelFlow> {
-    let mut words = line.split_whitespace();
-    let _name = words.next()?;
-    let proto: u8 = words.next()?.parse().ok()?;
-    let (mut src, mut dst, mut sport, mut dport, mut ty, mut id) =
-        (None, None, None, None, None, None);
-    for w in words {
-        let Some((k, v)) = w.split_once('=') else {
-            continue;
-        };
-        // The first of each field belongs to the original tuple.
-        match k {
-            "src" if src.is_none() => src = v.parse().ok(),
-            "dst" if dst.is_none() => dst = v.parse().ok(),
-            "sport" if sport.is_none() => sport = v.parse().ok(),
-            "dport" if dport.is_none() => dport = v.parse().ok(),
-            "type" if ty.is_none() => ty = v.parse::<u16>().ok(),
-            "id" if id.is_none() => id = v.parse().ok(),
-            _ => {}
+/// Requests per `sendmsg`: the kernel handles them all before the call returns, and the
+/// errors they draw (at most one of 36 bytes each, `NETLINK_CAP_ACK`) fit the socket's
+/// receive buffer before the next batch goes out.
+const BATCH: usize = 256;
+
+/// `CTA_PROTO_ICMP_ID`, `_TYPE` and `_CODE` (`linux/netfilter/nfnetlink_conntrack.h`), which
+/// `netlink-packet-netfilter` has no variants for.
+const CTA_PROTO_ICMP_ID: u16 = 4;
+const CTA_PROTO_ICMP_TYPE: u16 = 5;
+const CTA_PROTO_ICMP_CODE: u16 = 6;
+
+/// What a round asks of the kernel's entry of one flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// Nothing: whether the kernel still has the flow (an update that changes nothing).
+    Probe,
+    /// Its timeout set to `secs` (at least 1), and marked assured if `assured` (a status
+    /// bit conntrack only ever sets).
+    Refresh { secs: u64, assured: bool },
+}
+
+/// What the kernel answered a round's updates.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Answers {
+    /// The indices (into the round's flows) of the flows the kernel no longer has.
+    pub gone: Vec<usize>,
+    /// How many updates the kernel refused otherwise, and the first refusal (the flow and
+    /// the error number).
+    pub refused: usize,
+    pub first_refusal: Option<(KernelFlow, i32)>,
+    /// Answers were lost (the socket's receive buffer overran): the flows they were about
+    /// are kept, the next round asks again.
+    pub lost: bool,
+}
+
+/// `IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED`, and `IPS_EXPECTED` for an expected
+/// flow's entry: an update's status may only add bits to the entry's, and must name these
+/// four as the entry has them (`nf_ct_change_status_common`), so an assured update says a
+/// confirmed entry that saw a reply, and is sent again as expected if the kernel refuses it
+/// as busy.
+fn assured_status(expected: bool) -> Status {
+    let s = Status::Confirmed | Status::SeenReply | Status::Assured;
+    if expected { s | Status::Expected } else { s }
+}
+
+/// The `IPCTNL_MSG_CT_NEW` request (without `NLM_F_CREATE`: an update of the entry whose
+/// original tuple is `f`'s, `ENOENT` if the kernel has none) for `update`, numbered `seq`.
+fn request(
+    f: &KernelFlow,
+    update: Update,
+    expected: bool,
+    seq: u32,
+) -> NetlinkMessage<NetfilterMessage> {
+    let mut proto = vec![ProtoTuple::Protocol(Protocol::from(f.proto))];
+    match f.proto {
+        6 | 17 | 33 | 136 => {
+            proto.push(ProtoTuple::SourcePort(f.sport));
+            proto.push(ProtoTuple::DestinationPort(f.dport));
+        }
+        // The fast path keys an echo by its identifier and type; the kernel's tuple has the
+        // code too, 0 for every query message.
+        1 => {
+            let nla = |kind, value: Vec<u8>| ProtoTuple::Other(DefaultNla::new(kind, value));
+            proto.push(nla(CTA_PROTO_ICMP_ID, f.sport.to_be_bytes().to_vec()));
+            proto.push(nla(CTA_PROTO_ICMP_TYPE, vec![f.dport as u8]));
+            proto.push(nla(CTA_PROTO_ICMP_CODE, vec![0]));
+        }
+        _ => {}
+    }
+    let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(vec![
+        Tuple::Ip(vec![
+            IPTuple::SourceAddress(f.src.into()),
+            IPTuple::DestinationAddress(f.dst.into()),
+        ]),
+        Tuple::Proto(proto),
+    ])];
+    if let Update::Refresh { secs, assured } = update {
+        attrs.push(ConntrackAttribute::CtaTimeout(
+            u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
+        ));
+        if assured {
+            attrs.push(ConntrackAttribute::CtaStatus(assured_status(expected)));
         }
     }
-    // UDP-Lite and DCCP have ports where their kernel trackers exist; a kernel without one
-    // (DCCP on 6.18) tracks them generically, without ports: not the fast path's flow.
-    let (sport, dport) = match proto {
-        6 | 17 | 33 | 136 => (sport?, dport?),
-        1 => (id?, ty?),
-        _ => (0, 0),
-    };
-    Some(KernelFlow {
-        proto,
-        src: src?,
-        dst: dst?,
-        sport,
-        dport,
-    })
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = seq;
+    let mut msg = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            ConntrackMessage::New(attrs),
+        )),
+    );
+    msg.finalize();
+    msg
 }
 
-/// Every IPv4 flow the kernel tracks, by original tuple.
-pub fn list() -> Result<HashSet<KernelFlow>, KernelConntrackError> {
-    let out = Command::new("conntrack")
-        .args(["-L", "-f", "ipv4"])
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(KernelConntrackError::Spawn)?;
-    if !out.status.success() {
-        return Err(KernelConntrackError::Failed {
-            what: "-L",
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(parse_line)
-        .collect())
+/// Sends the kernel one update per flow (`flows[i]` numbered `i + 1`, or `retry`'s numbers
+/// for a second pass), in batches, and collects the errors they drew: only a failed update
+/// is answered (no `NLM_F_ACK`).
+struct Ctnetlink {
+    socket: Socket,
+    buf: Vec<u8>,
 }
 
-/// The `conntrack -R` line that sets the kernel's timeout of `f` to `secs`, and marks it
-/// assured if `assured` (a status bit conntrack only ever sets).
-fn update_line(f: &KernelFlow, secs: u64, assured: bool) -> String {
-    let ports = match f.proto {
-        6 | 17 | 33 | 136 => format!("--sport {} --dport {}", f.sport, f.dport),
-        1 => format!("--icmp-type {} --icmp-id {}", f.dport, f.sport),
-        _ => String::new(),
-    };
-    let status = if assured { " --status ASSURED" } else { "" };
-    format!(
-        "-U -p {} -s {} -d {} {ports} --timeout {secs}{status}\n",
-        f.proto, f.src, f.dst
-    )
-}
-
-/// Sets the kernel's timeouts of `flows` (seconds, at least 1) and marks those assured that
-/// say so, in one batch. A flow the kernel no longer has is skipped.
-pub fn refresh(flows: &[(KernelFlow, u64, bool)]) -> Result<(), KernelConntrackError> {
-    if flows.is_empty() {
-        return Ok(());
-    }
-    let script: String = flows
-        .iter()
-        .map(|(f, s, assured)| update_line(f, (*s).max(1), *assured))
-        .collect();
-    let mut child = Command::new("conntrack")
-        .args(["-R", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(KernelConntrackError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(KernelConntrackError::Spawn)?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(KernelConntrackError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(KernelConntrackError::Failed {
-            what: "-R (timeout updates)",
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+impl Ctnetlink {
+    fn open() -> Result<Self, KernelConntrackError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(KernelConntrackError::Socket)?;
+        socket.bind_auto().map_err(KernelConntrackError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(KernelConntrackError::Socket)?;
+        // Errors carry the request's header only, not its attributes.
+        socket
+            .set_cap_ack(true)
+            .map_err(KernelConntrackError::Socket)?;
+        Ok(Self {
+            socket,
+            buf: vec![0; 64 * 1024],
         })
     }
+
+    /// Sends the requests of `batch` (index into `flows`, and whether it is sent as an
+    /// expected flow's), then reads every answer they drew: `(index, errno)`.
+    fn send(
+        &mut self,
+        flows: &[(KernelFlow, Update)],
+        batch: &[(usize, bool)],
+        answers: &mut Answers,
+        errors: &mut Vec<(usize, i32)>,
+    ) -> Result<(), KernelConntrackError> {
+        let mut out = Vec::with_capacity(batch.len() * 96);
+        for &(i, expected) in batch {
+            let (f, update) = &flows[i];
+            let msg = request(f, *update, expected, i as u32 + 1);
+            let at = out.len();
+            out.resize(at + msg.buffer_len(), 0);
+            msg.serialize(&mut out[at..]);
+        }
+        let sent = self
+            .socket
+            .send(&out, 0)
+            .map_err(KernelConntrackError::Socket)?;
+        if sent != out.len() {
+            return Err(KernelConntrackError::Socket(std::io::Error::other(
+                format!("sent {sent} of {} bytes", out.len()),
+            )));
+        }
+        // The kernel handled every request before `send` returned: what they drew is queued.
+        loop {
+            let n = match self.socket.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    answers.lost = true;
+                    continue;
+                }
+                Err(e) => return Err(KernelConntrackError::Socket(e)),
+            };
+            let mut at = 0;
+            while at < n {
+                let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[at..n])
+                else {
+                    break;
+                };
+                let len = msg.header.length as usize;
+                if let NetlinkPayload::Error(e) = &msg.payload
+                    && let Some(code) = e.code
+                    && let Some(i) = (msg.header.sequence_number as usize).checked_sub(1)
+                    && i < flows.len()
+                {
+                    errors.push((i, -code.get()));
+                }
+                if len == 0 {
+                    break;
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+/// Applies `flows`' updates to the kernel's entries over ctnetlink, a batch of
+/// [`BATCH`] requests per system call; an assured update the kernel refuses as busy goes
+/// again as an expected flow's.
+pub fn update(flows: &[(KernelFlow, Update)]) -> Result<Answers, KernelConntrackError> {
+    let mut answers = Answers::default();
+    if flows.is_empty() {
+        return Ok(answers);
+    }
+    let mut nl = Ctnetlink::open()?;
+    let first: Vec<(usize, bool)> = (0..flows.len()).map(|i| (i, false)).collect();
+    let mut errors = Vec::new();
+    for batch in first.chunks(BATCH) {
+        nl.send(flows, batch, &mut answers, &mut errors)?;
+    }
+    let mut again = Vec::new();
+    let refused = |answers: &mut Answers, i: usize, errno: i32| {
+        answers.refused += 1;
+        if answers.first_refusal.is_none() {
+            answers.first_refusal = Some((flows[i].0, errno));
+        }
+    };
+    for (i, errno) in errors.drain(..) {
+        match errno {
+            libc::ENOENT => answers.gone.push(i),
+            libc::EBUSY if matches!(flows[i].1, Update::Refresh { assured: true, .. }) => {
+                again.push((i, true))
+            }
+            _ => refused(&mut answers, i, errno),
+        }
+    }
+    for batch in again.chunks(BATCH) {
+        nl.send(flows, batch, &mut answers, &mut errors)?;
+    }
+    for (i, errno) in errors {
+        match errno {
+            libc::ENOENT => answers.gone.push(i),
+            _ => refused(&mut answers, i, errno),
+        }
+    }
+    answers.gone.sort_unstable();
+    answers.gone.dedup();
+    Ok(answers)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_original_tuple() {
-        let tcp = "tcp      6 431999 ESTABLISHED src=10.0.0.10 dst=192.0.2.7 sport=40000 \
-                   dport=80 src=192.0.2.7 dst=203.0.113.10 sport=80 dport=40000 [ASSURED] \
-                   mark=0 use=1";
-        assert_eq!(
-            parse_line(tcp),
-            Some(KernelFlow {
-                proto: 6,
-                src: "10.0.0.10".parse().unwrap(),
-                dst: "192.0.2.7".parse().unwrap(),
-                sport: 40000,
-                dport: 80,
-            })
-        );
-        let icmp = "icmp     1 29 src=10.0.0.10 dst=192.0.2.7 type=8 code=0 id=77 \
-                    src=192.0.2.7 dst=203.0.113.10 type=0 code=0 id=77 mark=0 use=1";
-        assert_eq!(parse_line(icmp).map(|f| (f.sport, f.dport)), Some((77, 8)));
-        assert_eq!(parse_line("conntrack v1.4.7: 3 flow entries"), None);
-        let udplite = "udplite  136 29 src=10.0.0.10 dst=192.0.2.7 sport=5000 dport=53 \
-                       src=192.0.2.7 dst=203.0.113.10 sport=53 dport=5000 mark=0 use=1";
-        assert_eq!(
-            parse_line(udplite).map(|f| (f.proto, f.sport, f.dport)),
-            Some((136, 5000, 53))
-        );
-        let generic_dccp = "unknown  33 599 src=10.0.0.10 dst=192.0.2.7 src=192.0.2.7 \
-                            dst=203.0.113.10 mark=0 use=1";
-        assert_eq!(parse_line(generic_dccp), None);
-    }
 
     #[test]
     fn takes_the_kernels_timeouts() {
@@ -313,23 +405,194 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The requests' bytes: `nlmsghdr`, `nfgenmsg` and the attributes in the order and
+    /// encoding `linux/netfilter/nfnetlink_conntrack.h` gives them.
     #[test]
-    fn writes_updates_conntrack_reads() {
-        let f = KernelFlow {
+    fn writes_the_updates_ctnetlink_reads() {
+        let udp = KernelFlow {
             proto: 17,
-            src: "10.0.0.10".parse().unwrap(),
-            dst: "192.0.2.7".parse().unwrap(),
+            src: Ipv4Addr::new(10, 0, 0, 10),
+            dst: Ipv4Addr::new(192, 0, 2, 7),
             sport: 5353,
             dport: 53,
         };
+        let bytes = |f: &KernelFlow, u: Update, expected: bool| {
+            let m = request(f, u, expected, 9);
+            let mut b = vec![0; m.buffer_len()];
+            m.serialize(&mut b);
+            b
+        };
+        let tuple: Vec<u8> = [
+            &[52, 0, 1, 0x80][..],           // CTA_TUPLE_ORIG, nested
+            &[20, 0, 1, 0x80],               // CTA_TUPLE_IP
+            &[8, 0, 1, 0, 10, 0, 0, 10],     // CTA_IP_V4_SRC
+            &[8, 0, 2, 0, 192, 0, 2, 7],     // CTA_IP_V4_DST
+            &[28, 0, 2, 0x80],               // CTA_TUPLE_PROTO
+            &[5, 0, 1, 0, 17, 0, 0, 0],      // CTA_PROTO_NUM
+            &[6, 0, 2, 0, 0x14, 0xe9, 0, 0], // CTA_PROTO_SRC_PORT 5353
+            &[6, 0, 3, 0, 0, 53, 0, 0],      // CTA_PROTO_DST_PORT 53
+        ]
+        .concat();
+        let head = |len: u8| -> Vec<u8> {
+            [
+                &[len, 0, 0, 0][..],       // length
+                &[0, 1, 1, 0],             // CTNETLINK << 8 | CT_NEW; NLM_F_REQUEST
+                &[9, 0, 0, 0, 0, 0, 0, 0], // sequence 9, port 0
+                &[2, 0, 0, 0],             // AF_INET, version 0, res_id 0
+            ]
+            .concat()
+        };
         assert_eq!(
-            update_line(&f, 120, false),
-            "-U -p 17 -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 --timeout 120\n"
+            bytes(&udp, Update::Probe, false),
+            [head(72), tuple.clone()].concat()
+        );
+        let refresh = Update::Refresh {
+            secs: 120,
+            assured: false,
+        };
+        assert_eq!(
+            bytes(&udp, refresh, false),
+            [head(80), tuple.clone(), vec![8, 0, 7, 0, 0, 0, 0, 120]].concat()
+        );
+        let assured = Update::Refresh {
+            secs: 0,
+            assured: true,
+        };
+        let status = |bits: u8| vec![8, 0, 3, 0, 0, 0, 0, bits];
+        assert_eq!(
+            bytes(&udp, assured, false),
+            [
+                head(88),
+                tuple.clone(),
+                vec![8, 0, 7, 0, 0, 0, 0, 1],
+                status(0b1110)
+            ]
+            .concat(),
+            "at least a second; confirmed, seen reply, assured"
         );
         assert_eq!(
-            update_line(&f, 9, true),
-            "-U -p 17 -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 --timeout 9 \
-             --status ASSURED\n"
+            bytes(&udp, assured, true),
+            [
+                head(88),
+                tuple,
+                vec![8, 0, 7, 0, 0, 0, 0, 1],
+                status(0b1111)
+            ]
+            .concat(),
+            "and expected"
         );
+        let echo = KernelFlow {
+            proto: 1,
+            sport: 77,
+            dport: 8,
+            ..udp
+        };
+        let icmp = bytes(&echo, Update::Probe, false);
+        assert_eq!(
+            &icmp[48..],
+            [
+                &[5, 0, 1, 0, 1, 0, 0, 0][..], // CTA_PROTO_NUM
+                &[6, 0, 4, 0, 0, 77, 0, 0],    // CTA_PROTO_ICMP_ID
+                &[5, 0, 5, 0, 8, 0, 0, 0],     // CTA_PROTO_ICMP_TYPE
+                &[5, 0, 6, 0, 0, 0, 0, 0],     // CTA_PROTO_ICMP_CODE
+            ]
+            .concat()
+        );
+    }
+
+    /// Against the kernel, in a network namespace of the test's own thread (gone with it):
+    /// entries made with the conntrack tool get the timeouts and the assured mark the
+    /// updates carry, a probe changes nothing, and the flows the kernel does not have (more
+    /// than a batch of them, and one deleted between two rounds) come back as gone. Needs
+    /// root and `nf_conntrack`, as natd `--policy kernel`.
+    #[test]
+    fn updates_the_kernels_entries_and_finds_the_ended_ones() {
+        let run = std::thread::spawn(|| {
+            // SAFETY: moves this thread alone into a new network namespace.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+            let conntrack = |args: &str| {
+                let out = std::process::Command::new("conntrack")
+                    .args(args.split_whitespace())
+                    .output()
+                    .expect("the conntrack tool");
+                assert!(out.status.success(), "conntrack {args}: {out:?}");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            let flow = |proto, last: u8, sport, dport| KernelFlow {
+                proto,
+                src: Ipv4Addr::new(10, 0, 0, last),
+                dst: Ipv4Addr::new(192, 0, 2, 7),
+                sport,
+                dport,
+            };
+            conntrack("-I -p udp -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 -t 100");
+            conntrack(
+                "-I -p icmp -s 10.0.0.10 -d 192.0.2.7 --icmp-type 8 --icmp-code 0 --icmp-id 77 -t 100",
+            );
+            conntrack(
+                "-I -p udp -s 10.0.0.11 -d 192.0.2.7 --sport 5353 --dport 53 -t 100 -u SEEN_REPLY,ASSURED",
+            );
+            let mut flows = vec![
+                (
+                    flow(17, 10, 5353, 53),
+                    Update::Refresh {
+                        secs: 7,
+                        assured: true,
+                    },
+                ),
+                (
+                    flow(1, 10, 77, 8),
+                    Update::Refresh {
+                        secs: 5,
+                        assured: false,
+                    },
+                ),
+                (flow(17, 11, 5353, 53), Update::Probe),
+            ];
+            for p in 0..(3 * BATCH as u16 + 5) {
+                let u = if p % 2 == 0 {
+                    Update::Probe
+                } else {
+                    Update::Refresh {
+                        secs: 9,
+                        assured: true,
+                    }
+                };
+                flows.push((flow(6, 12, 1000 + p, 80), u));
+            }
+            let answers = update(&flows).expect("ctnetlink");
+            assert_eq!(answers.gone, (3..flows.len()).collect::<Vec<_>>());
+            assert_eq!((answers.refused, answers.lost), (0, false), "{answers:?}");
+            // `proto number timeout ...`: the timeout and the line of the entry from `src`
+            // with `what` (`sport=5353` or `id=77`).
+            let listed = conntrack("-L");
+            let entry = |src: &str, what: &str| -> (u64, &str) {
+                let line = listed
+                    .lines()
+                    .find(|l| l.contains(&format!("src={src} ")) && l.contains(what))
+                    .unwrap_or_else(|| panic!("no entry of {src} {what} in {listed}"));
+                let t = line.split_whitespace().nth(2).and_then(|t| t.parse().ok());
+                (t.unwrap_or_else(|| panic!("no timeout in {line}")), line)
+            };
+            let (t, line) = entry("10.0.0.10", "sport=5353");
+            assert!(
+                t <= 7 && line.contains("[ASSURED]") && !line.contains("[UNREPLIED]"),
+                "{line}"
+            );
+            let (t, line) = entry("10.0.0.10", "id=77");
+            assert!(t <= 5 && !line.contains("[ASSURED]"), "{line}");
+            let (t, line) = entry("10.0.0.11", "sport=5353");
+            assert!(
+                t > 9 && line.contains("[ASSURED]"),
+                "a probe changed it: {line}"
+            );
+            conntrack("-D -p icmp -s 10.0.0.10");
+            let answers = update(&flows[..3]).expect("ctnetlink");
+            assert_eq!(answers.gone, [1], "{answers:?}");
+        });
+        if let Err(e) = run.join() {
+            std::panic::resume_unwind(e);
+        }
     }
 }

@@ -12,9 +12,9 @@ use crate::util::{self, command};
 /// Debian packages the tests, the demo and the benchmarks call.
 const DEB_PACKAGES: &[&str] = &[
     "nftables",
-    // The `conntrack` tool: `natd --policy kernel` runs it to keep the kernel's entries of the
-    // flows the fast path carries (so natd needs it at runtime too); the tests read the
-    // kernel's connection table with it.
+    // The `conntrack` tool: natd runs it to delete the kernel's entries of a removed mapping or
+    // public IP (so natd needs it at runtime too); the tests read and write the kernel's
+    // connection table with it.
     "conntrack",
     "iproute2",
     "iputils-ping",

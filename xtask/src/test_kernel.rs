@@ -4,8 +4,8 @@
 //! Boots the Debian kernel package under qemu (see `fetch`, `initramfs`, `qemu`); the guest
 //! sees the host's root read-only (writes go to a tmpfs) and runs the test binaries built
 //! here: every program through the verifier (`tests/tests/verifier.rs`), a subset of the
-//! `BPF_PROG_TEST_RUN` differential and golden tests (`--full`: all of them), and one
-//! end-to-end test with natd. Each step's exit code comes back on the serial console.
+//! `BPF_PROG_TEST_RUN` differential and golden tests (`--full`: all of them), natd's ctnetlink
+//! updates of the kernel's connection table, and one end-to-end test with natd. Each step's exit code comes back on the serial console.
 mod fetch;
 mod initramfs;
 mod qemu;
@@ -46,6 +46,10 @@ const TESTRUN_SUBSET: &[&str] = &[
 /// Needs the clock to be past 200 s since boot (it writes flows last seen that long ago): run
 /// last, and only in a full run, when the guest has been up long enough.
 const NEEDS_UPTIME: &str = "conntrack::flows_expire_after_their_idle_timeout";
+/// natd's ctnetlink updates of the kernel's connection table (`--policy kernel`), against
+/// this kernel's ctnetlink.
+const CTNETLINK_TEST: &str =
+    "kernel_conntrack::tests::updates_the_kernels_entries_and_finds_the_ended_ones";
 /// The end-to-end test: natd loads every program, attaches XDP and tc, and translates.
 const E2E_TEST: &str = "inbound_traffic_reaches_the_guest_from_the_clients_address";
 
@@ -304,6 +308,14 @@ fn build_steps(full: bool, tcg: bool) -> Result<Vec<Step>> {
             env: cases,
         });
     }
+    let mut ctnetlink = common.to_vec();
+    ctnetlink.extend(["--exact".into(), CTNETLINK_TEST.into()]);
+    steps.push(Step {
+        name: "ctnetlink",
+        exe: natd_lib_tests()?,
+        args: ctnetlink,
+        env: Vec::new(),
+    });
     let mut e2e = common.to_vec();
     e2e.extend(["--exact".into(), E2E_TEST.into()]);
     steps.push(Step {
@@ -326,8 +338,23 @@ fn test_executables(suites: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     for s in suites {
         cmd.args(["--test", s]);
     }
+    executables(&mut cmd)
+}
+
+/// The executable of natd's library's unit tests (`cargo test -p nat-userspace --lib`).
+fn natd_lib_tests() -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "nat-userspace", "--lib", "--no-run"]);
+    executables(&mut cmd)?
+        .pop()
+        .map(|(_, exe)| exe)
+        .context("cargo built no unit-test binary of nat-userspace")
+}
+
+/// The test executables `cmd` (a `cargo test --no-run`) built, by target name.
+fn executables(cmd: &mut std::process::Command) -> Result<Vec<(String, PathBuf)>> {
     cmd.args(["--message-format", "json-render-diagnostics"]);
-    let out = util::output(&mut cmd)?;
+    let out = util::output(cmd)?;
     let mut exes = Vec::new();
     for line in out.lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {

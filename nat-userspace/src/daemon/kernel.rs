@@ -10,7 +10,7 @@ use log::{debug, warn};
 use nat_common::{FlowTuple, TIMEOUT_SLOTS, conntrack::Timeout};
 
 use super::{Daemon, monotonic_ns};
-use crate::kernel_conntrack::{self, KernelFlow};
+use crate::kernel_conntrack::{self, KernelFlow, Update};
 
 /// A fast-path flow as a round sees it.
 #[derive(Debug, Clone, Copy)]
@@ -100,44 +100,68 @@ pub fn round_interval(timeouts_ns: &[u64; TIMEOUT_SLOTS], max: Duration) -> Dura
 }
 
 /// A round's middle, `interval` after the last: refreshes the kernel's timeouts of the flows
-/// the fast path carried recently; returns the original keys of the flows the kernel no
-/// longer has.
+/// the fast path carried recently and asks the kernel about the others; returns the original
+/// keys of the flows the kernel no longer has.
 pub fn kernel_round(flows: &[RoundFlow], interval: Duration) -> BTreeSet<FlowTuple> {
-    let mut gone = BTreeSet::new();
-    let kernel = match kernel_conntrack::list() {
-        Ok(k) => k,
+    let now = monotonic_ns();
+    let updates = round_updates(flows, now, interval);
+    let answers = match kernel_conntrack::update(&updates) {
+        Ok(a) => a,
         Err(e) => {
             warn!("keeping the kernel's flows: {e}");
-            return gone;
+            return BTreeSet::new();
         }
     };
-    let now = monotonic_ns();
-    let recent = 2 * interval.as_nanos() as u64;
-    let mut updates = Vec::new();
-    for f in flows {
-        let k = kernel_flow(&f.key);
-        if !kernel.contains(&k) {
-            gone.insert(f.key);
-            continue;
-        }
-        let idle = now.saturating_sub(f.last_seen);
-        if idle < recent {
-            let secs = f.timeout.saturating_sub(idle) / 1_000_000_000;
-            updates.push((k, secs, f.assured));
-        }
-    }
-    if let Err(e) = kernel_conntrack::refresh(&updates) {
+    if let Some((f, errno)) = answers.first_refusal {
         warn!(
-            "refreshing the kernel's timeouts of {} flows: {e}",
-            updates.len()
+            "the kernel refused {} of {} flow updates, the first ({} {}:{} -> {}:{}): {}",
+            answers.refused,
+            updates.len(),
+            f.proto,
+            f.src,
+            f.sport,
+            f.dst,
+            f.dport,
+            std::io::Error::from_raw_os_error(errno)
         );
     }
+    if answers.lost {
+        warn!(
+            "some of the kernel's answers were lost (receive buffer full); asking again next round"
+        );
+    }
+    let refreshed = updates
+        .iter()
+        .filter(|(_, u)| matches!(u, Update::Refresh { .. }))
+        .count();
     debug!(
-        "kernel flows: {} timeouts refreshed, {} ended",
+        "kernel flows: {} of {} asked refreshed, {} ended",
+        refreshed,
         updates.len(),
-        gone.len()
+        answers.gone.len()
     );
-    gone
+    answers.gone.iter().map(|&i| flows[i].key).collect()
+}
+
+/// What a round asks of the kernel per fast-path flow, `now`: a flow seen within two
+/// intervals has its timeout set to what its idle time leaves of it, the others are probed.
+fn round_updates(flows: &[RoundFlow], now: u64, interval: Duration) -> Vec<(KernelFlow, Update)> {
+    let recent = 2 * interval.as_nanos() as u64;
+    flows
+        .iter()
+        .map(|f| {
+            let idle = now.saturating_sub(f.last_seen);
+            let update = if idle < recent {
+                Update::Refresh {
+                    secs: f.timeout.saturating_sub(idle) / 1_000_000_000,
+                    assured: f.assured,
+                }
+            } else {
+                Update::Probe
+            };
+            (kernel_flow(&f.key), update)
+        })
+        .collect()
 }
 
 #[cfg(test)]
