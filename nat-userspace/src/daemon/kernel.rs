@@ -178,4 +178,49 @@ mod tests {
         t[Timeout::Icmp as usize] = 1_000_000_000;
         assert_eq!(round_interval(&t, max), Duration::from_secs(1));
     }
+
+    /// A flow seen within two intervals gets what its timeout leaves of it since its last
+    /// packet (whole seconds, assured as the fast path says), an older one only a probe.
+    #[test]
+    fn a_round_refreshes_the_recent_flows_and_probes_the_others() {
+        const S: u64 = 1_000_000_000;
+        let flow = |port: u16, last_seen: u64, assured: bool| RoundFlow {
+            key: FlowTuple::new(
+                u32::from_ne_bytes([10, 0, 0, 10]),
+                u32::from_ne_bytes([192, 0, 2, 7]),
+                port.to_be(),
+                53u16.to_be(),
+                17,
+            ),
+            last_seen,
+            timeout: 120 * S,
+            assured,
+        };
+        let now = 1_000 * S;
+        let flows = [
+            flow(5000, now - S / 2, true),
+            flow(5001, now - 9 * S, false),
+            flow(5002, now - 10 * S, true),
+        ];
+        let got = round_updates(&flows, now, Duration::from_secs(5));
+        assert_eq!(
+            got.iter().map(|(_, u)| *u).collect::<Vec<_>>(),
+            [
+                Update::Refresh {
+                    secs: 119,
+                    assured: true
+                },
+                Update::Refresh {
+                    secs: 111,
+                    assured: false
+                },
+                Update::Probe,
+            ]
+        );
+        let f = got[0].0;
+        assert_eq!(
+            (f.proto, f.src.octets(), f.dst.octets(), f.sport, f.dport),
+            (17, [10, 0, 0, 10], [192, 0, 2, 7], 5000, 53)
+        );
+    }
 }
