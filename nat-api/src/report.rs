@@ -128,7 +128,11 @@ pub struct ConntrackStats {
     pub collected: u64,
     /// Entries natd removed on request or with their mapping.
     pub flushed: u64,
-    /// Entries the kernel evicted to make room (LRU): created - collected - flushed - entries.
+    /// Flows natd forgot because the kernel ended them (`--policy kernel`).
+    #[serde(default)]
+    pub ended: u64,
+    /// Entries the kernel evicted to make room (LRU): created - collected - flushed - ended
+    /// - entries.
     pub evictions: u64,
 }
 

@@ -162,10 +162,13 @@ pub enum Event {
     /// A packet of an established flow took the copy of its entry in its slot (one
     /// cache-line pair read; also counted as [`Event::FastPath`]).
     SlotHit,
+    /// Flows natd forgot because the kernel ended them (`--policy kernel`: its destroy
+    /// events, or a round that found the kernel's entry gone; written by natd).
+    ConntrackEnded,
 }
 
 impl Event {
-    pub const COUNT: u32 = Event::SlotHit as u32 + 1;
+    pub const COUNT: u32 = Event::ConntrackEnded as u32 + 1;
     pub const ALL: [Event; Event::COUNT as usize] = [
         Event::ConntrackHit,
         Event::ConntrackMiss,
@@ -176,6 +179,7 @@ impl Event {
         Event::FastPath,
         Event::RouteResolved,
         Event::SlotHit,
+        Event::ConntrackEnded,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -188,6 +192,7 @@ impl Event {
             Event::FastPath => "fast_path",
             Event::RouteResolved => "route_resolved",
             Event::SlotHit => "slot_hit",
+            Event::ConntrackEnded => "conntrack_ended",
         }
     }
 }

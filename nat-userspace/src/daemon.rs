@@ -523,6 +523,7 @@ impl Daemon {
             expired_seen: ev(Event::ConntrackExpired),
             collected: ev(Event::ConntrackCollected),
             flushed: ev(Event::ConntrackFlushed),
+            ended: ev(Event::ConntrackEnded),
             evictions: if walk_flows {
                 evictions(&events, entries)
             } else {
@@ -542,12 +543,16 @@ impl Daemon {
 }
 
 /// Flows the kernel evicted (LRU) to make room: every flow ever created is either still there,
-/// collected, flushed or evicted. All counters live in the pinned maps, so this holds across
+/// collected, flushed, ended by the kernel (`--policy kernel`) or evicted. All counters live in the pinned maps, so this holds across
 /// restarts.
 fn evictions(events: &std::collections::BTreeMap<Event, u64>, entries: u64) -> u64 {
     let ev = |e| events.get(&e).copied().unwrap_or(0);
-    ev(Event::ConntrackCreate)
-        .saturating_sub(ev(Event::ConntrackCollected) + ev(Event::ConntrackFlushed) + entries)
+    ev(Event::ConntrackCreate).saturating_sub(
+        ev(Event::ConntrackCollected)
+            + ev(Event::ConntrackFlushed)
+            + ev(Event::ConntrackEnded)
+            + entries,
+    )
 }
 
 fn done(message: String) -> Response {

@@ -21,12 +21,14 @@ use std::{net::Ipv4Addr, path::Path};
 
 use nat_common::{TIMEOUT_SLOTS, conntrack::Timeout};
 use netlink_packet_core::{
-    DefaultNla, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DefaultNla, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    Nla as _, NlasIterator, Parseable as _,
 };
 use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
+    NetfilterHeader, NetfilterMessage, NetfilterProtoFamily, NetfilterSubsystem,
     conntrack::{
-        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Status, Tuple,
+        ConntrackAttribute, ConntrackMessage, ConntrackMessageType, IPTuple, ProtoTuple, Protocol,
+        Status, Tuple,
     },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
@@ -366,6 +368,161 @@ pub fn update(flows: &[(KernelFlow, Update)]) -> Result<Answers, KernelConntrack
     Ok(answers)
 }
 
+/// `NFNLGRP_CONNTRACK_DESTROY`: the multicast group of the kernel's conntrack destroy events.
+const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
+/// `CTA_TUPLE_ORIG` (`linux/netfilter/nfnetlink_conntrack.h`).
+const CTA_TUPLE_ORIG: u16 = 1;
+/// `nlattr`'s type bits (`NLA_TYPE_MASK`): without the nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+/// The receive buffer asked for the events: a burst of ends (a flush) overruns it, and the
+/// rounds find the flows whose events were lost.
+const ENDED_RCVBUF: usize = 1 << 20;
+
+/// The kernel's conntrack destroy events, subscribed to: how `--policy kernel` learns at once
+/// that the kernel ended a flow (timed out, closed, deleted with `conntrack -D`) instead of
+/// at the next round. The kernel sends them for entries made while a listener was there
+/// (`net.netfilter.nf_conntrack_events` 2, the default; none with 0): the rounds still find
+/// the others, and those whose events were lost.
+pub struct Ended {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+impl std::os::fd::AsRawFd for Ended {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl Ended {
+    /// Subscribes (non-blocking: read when the socket is readable).
+    pub fn subscribe() -> Result<Self, KernelConntrackError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(KernelConntrackError::Socket)?;
+        socket.bind_auto().map_err(KernelConntrackError::Socket)?;
+        socket
+            .add_membership(NFNLGRP_CONNTRACK_DESTROY)
+            .map_err(KernelConntrackError::Socket)?;
+        socket
+            .set_non_blocking(true)
+            .map_err(KernelConntrackError::Socket)?;
+        // Capped by `net.core.rmem_max`; the default buffer also works, with more bursts lost.
+        let _ = socket.set_rx_buf_sz(ENDED_RCVBUF);
+        Ok(Self {
+            socket,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Reads every event queued, adding the IPv4 flows they name (original tuples) to
+    /// `out`; returns whether events were lost since the last read (the receive buffer
+    /// overran).
+    pub fn read(&mut self, out: &mut Vec<KernelFlow>) -> Result<bool, KernelConntrackError> {
+        let mut lost = false;
+        loop {
+            let n = match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(lost),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    lost = true;
+                    continue;
+                }
+                Err(e) => return Err(KernelConntrackError::Socket(e)),
+            };
+            out.extend(ended_flows(&self.buf[..n]));
+        }
+    }
+}
+
+/// The flows the destroy events in `datagram` name: IPv4 ones, by their original tuples. An
+/// event that cannot be read is skipped (the rounds find its flow).
+fn ended_flows(datagram: &[u8]) -> Vec<KernelFlow> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < datagram.len() {
+        let Ok(msg) = NetlinkBuffer::new_checked(&datagram[at..]) else {
+            break;
+        };
+        let len = msg.length() as usize;
+        let delete = (u16::from(u8::from(NetfilterSubsystem::Conntrack)) << 8)
+            | u16::from(u8::from(ConntrackMessageType::Delete));
+        // nfgenmsg: the family first (AF_INET), then the attributes.
+        let payload = msg.payload();
+        if msg.message_type() == delete
+            && payload.len() >= 4
+            && payload[0] == u8::from(NetfilterProtoFamily::IPv4)
+            && let Some(f) = orig_tuple(&payload[4..])
+        {
+            out.push(f);
+        }
+        if len == 0 {
+            break;
+        }
+        at += (len + 3) & !3;
+    }
+    out
+}
+
+/// The flow of the `CTA_TUPLE_ORIG` among `attrs` (an event's attributes).
+fn orig_tuple(attrs: &[u8]) -> Option<KernelFlow> {
+    let orig = NlasIterator::new(attrs)
+        .filter_map(Result::ok)
+        .find(|a| a.kind() & NLA_TYPE_MASK == CTA_TUPLE_ORIG)?;
+    let (mut src, mut dst, mut proto) = (None, None, None);
+    let (mut sport, mut dport, mut icmp_id, mut icmp_type) = (None, None, None, None);
+    for t in NlasIterator::new(orig.value()) {
+        match Tuple::parse(&t.ok()?).ok()? {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(std::net::IpAddr::V4(a)) => src = Some(a),
+                        IPTuple::DestinationAddress(std::net::IpAddr::V4(a)) => dst = Some(a),
+                        _ => {}
+                    }
+                }
+            }
+            Tuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::Protocol(p) => proto = Some(u8::from(p)),
+                        ProtoTuple::SourcePort(v) => sport = Some(v),
+                        ProtoTuple::DestinationPort(v) => dport = Some(v),
+                        ProtoTuple::Other(nla) => {
+                            let mut v = [0u8; 2];
+                            match (nla.kind(), nla.value_len()) {
+                                (CTA_PROTO_ICMP_ID, 2) => {
+                                    nla.emit_value(&mut v);
+                                    icmp_id = Some(u16::from_be_bytes(v));
+                                }
+                                (CTA_PROTO_ICMP_TYPE, 1) => {
+                                    nla.emit_value(&mut v[..1]);
+                                    icmp_type = Some(u16::from(v[0]));
+                                }
+                                _ => {}
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let proto = proto?;
+    // As [`request`] writes them: ports, or an echo's identifier and type.
+    let (sport, dport) = match proto {
+        6 | 17 | 33 | 136 => (sport?, dport?),
+        1 => (icmp_id?, icmp_type?),
+        _ => (0, 0),
+    };
+    Some(KernelFlow {
+        proto,
+        src: src?,
+        dst: dst?,
+        sport,
+        dport,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,6 +747,47 @@ mod tests {
             conntrack("-D -p icmp -s 10.0.0.10");
             let answers = update(&flows[..3]).expect("ctnetlink");
             assert_eq!(answers.gone, [1], "{answers:?}");
+        });
+        if let Err(e) = run.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    /// Against the kernel, in a network namespace of the test's own thread: the destroy
+    /// events of entries deleted with the conntrack tool name their flows as the fast path
+    /// keys them (UDP ports, an echo's identifier and type); nothing is queued before.
+    #[test]
+    fn the_kernels_destroy_events_name_the_flows_it_ended() {
+        let run = std::thread::spawn(|| {
+            // SAFETY: moves this thread alone into a new network namespace.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+            let conntrack = |args: &str| {
+                let out = std::process::Command::new("conntrack")
+                    .args(args.split_whitespace())
+                    .output()
+                    .expect("the conntrack tool");
+                assert!(out.status.success(), "conntrack {args}: {out:?}");
+            };
+            let mut ended = Ended::subscribe().expect("subscribing");
+            conntrack("-I -p udp -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 -t 100");
+            conntrack(
+                "-I -p icmp -s 10.0.0.10 -d 192.0.2.7 --icmp-type 8 --icmp-code 0 --icmp-id 77 -t 100",
+            );
+            let mut got = Vec::new();
+            assert_eq!(ended.read(&mut got).ok(), Some(false));
+            assert!(got.is_empty(), "events before any end: {got:?}");
+            conntrack("-D -s 10.0.0.10");
+            assert_eq!(ended.read(&mut got).ok(), Some(false));
+            got.sort_by_key(|f| f.proto);
+            let flow = |proto, sport, dport| KernelFlow {
+                proto,
+                src: Ipv4Addr::new(10, 0, 0, 10),
+                dst: Ipv4Addr::new(192, 0, 2, 7),
+                sport,
+                dport,
+            };
+            assert_eq!(got, [flow(1, 77, 8), flow(17, 5353, 53)]);
         });
         if let Err(e) = run.join() {
             std::panic::resume_unwind(e);

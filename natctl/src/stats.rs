@@ -32,7 +32,7 @@ pub fn run(socket: &Path, json: bool) -> Result<(), exit::Error> {
     }
     let c = &s.conntrack;
     println!(
-        "\nconntrack: {} of {} entries; hits {}, misses {}, created {}, expired seen {}, collected {}, flushed {}, evicted {}",
+        "\nconntrack: {} of {} entries; hits {}, misses {}, created {}, expired seen {}, collected {}, flushed {}, ended by the kernel {}, evicted {}",
         c.entries,
         c.capacity,
         c.hits,
@@ -41,6 +41,7 @@ pub fn run(socket: &Path, json: bool) -> Result<(), exit::Error> {
         c.expired_seen,
         c.collected,
         c.flushed,
+        c.ended,
         c.evictions
     );
     if !s.slow_path.is_empty() {

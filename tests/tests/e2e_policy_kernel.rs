@@ -12,7 +12,8 @@
 //!   outlives the kernel's own timeout, set to 10 s: its kernel entry is still there, as the
 //!   kernel's settings would have it, and an answer that only the kernel can admit
 //!   (fragmented) still arrives, while an idle flow is forgotten by both;
-//! - a fragmented answer to a fast-pathed flow arrives whole, through the kernel.
+//! - a fragmented answer to a fast-pathed flow arrives whole, through the kernel;
+//! - a flow the kernel ended leaves the fast path: its next packets are the kernel's.
 //!
 //! A drop leaves no trace at either end, so a probe counts as dropped once the ruleset's DROP
 //! counters moved and nothing arrived; nothing here asserts on how long anything took.
@@ -640,6 +641,66 @@ fn a_flow_busy_in_xdp_outlives_the_kernels_timeout() -> anyhow::Result<()> {
         (orig, reply)
     );
     Ok(())
+}
+
+/// The kernel ends a flow XDP carries (`conntrack -D`, as an operator severs a session): natd
+/// forgets it (counted as ended by the kernel, gone from its flows), and the flow's next
+/// exchange is the kernel's again: a new entry in the kernel's table counted both of its
+/// datagrams, and both arrived, admitted by the ruleset.
+#[test]
+fn a_flow_the_kernel_ended_leaves_the_fast_path() -> anyhow::Result<()> {
+    let topo = virtual_router()?;
+    topo.router
+        .exec("sysctl", &["-qw", "net.netfilter.nf_conntrack_acct=1"])?;
+    let natd = natd_kernel(&topo)?;
+    let natctl = natd.natctl()?;
+    let mut flow = GuestFlow::open(&topo, &natctl, 7002)?;
+    let port = port_of(&flow.remote)?;
+    let before = natctl.stats()?;
+    let log = natd.log_text();
+    ensure!(
+        log.contains("flows the kernel ends leave the fast path as its destroy events come"),
+        "natd did not subscribe to the kernel's destroy events:\n{log}"
+    );
+    topo.router.exec(
+        "conntrack",
+        &[
+            "-D",
+            "-p",
+            "udp",
+            "-s",
+            &GUEST_ADDR.to_string(),
+            "--dport",
+            &port.to_string(),
+        ],
+    )?;
+    let deadline = Instant::now() + ARRIVAL;
+    loop {
+        let ended = natctl.stats()?.conntrack.ended - before.conntrack.ended;
+        let cached = natctl
+            .flows()?
+            .flows
+            .into_iter()
+            .filter(|f| f.remote_port == port)
+            .count();
+        if ended == 1 && cached == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "natd still has the flow the kernel ended ({cached} cached, {ended} counted ended)"
+        );
+        std::thread::sleep(POLL);
+    }
+    flow.round(b"after the kernel ended it")?;
+    let entries = topo.kernel_flows("udp", GUEST_ADDR, port)?;
+    match &entries[..] {
+        [e] if e.packets == Some((1, 1)) => Ok(()),
+        _ => bail!(
+            "the kernel's entries of the flow after the exchange (one, that counted its two \
+             datagrams): {entries:?}"
+        ),
+    }
 }
 
 /// A 3,000-byte answer (DF clear, so it comes in fragments) to a UDP flow the fast path

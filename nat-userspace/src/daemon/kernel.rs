@@ -7,7 +7,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use log::{debug, warn};
-use nat_common::{FlowTuple, TIMEOUT_SLOTS, conntrack::Timeout};
+use nat_common::{Event, FlowTuple, TIMEOUT_SLOTS, conntrack::Timeout};
 
 use super::{Daemon, monotonic_ns};
 use crate::kernel_conntrack::{self, KernelFlow, Update};
@@ -25,6 +25,17 @@ pub struct RoundFlow {
     /// packets: a UDP flow's are all carried by XDP once it is assured), so that the kernel
     /// never drops it early for room.
     pub assured: bool,
+}
+
+/// The fast path's original key of a flow the kernel tracks: [`kernel_flow`]'s inverse.
+fn flow_key(f: &KernelFlow) -> FlowTuple {
+    FlowTuple::new(
+        u32::from_ne_bytes(f.src.octets()),
+        u32::from_ne_bytes(f.dst.octets()),
+        f.sport.to_be(),
+        f.dport.to_be(),
+        f.proto,
+    )
 }
 
 fn kernel_flow(k: &FlowTuple) -> KernelFlow {
@@ -71,12 +82,57 @@ impl Daemon {
                 {
                     warn!("leaving the flow cache after the kernel ended flows: {e}");
                 }
+                self.count_ended(n);
                 n
             }
             Err(e) => {
                 warn!("forgetting flows the kernel ended: {e}");
                 0
             }
+        }
+    }
+
+    /// Forgets the fast path's flows the kernel says it ended (its destroy events), one
+    /// lookup each; returns the keys of the entries removed (both directions), whose slots
+    /// [`Self::evict_again`] empties again a moment later.
+    pub fn forget_destroyed(&mut self, ended: &[KernelFlow]) -> Vec<FlowTuple> {
+        let keys: Vec<FlowTuple> = ended.iter().map(flow_key).collect();
+        match self.ctl.fast_mut().remove_flows_keyed(&keys) {
+            Ok((flows, removed)) => {
+                self.count_ended(flows);
+                if flows > 0 {
+                    debug!(
+                        "kernel flows: {flows} of the {} the kernel ended were on the fast \
+                         path, forgotten",
+                        ended.len()
+                    );
+                }
+                removed
+            }
+            Err(e) => {
+                warn!("forgetting flows the kernel ended: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Counts `n` flows forgotten because the kernel ended them.
+    fn count_ended(&mut self, n: usize) {
+        if n > 0
+            && let Err(e) = self
+                .ctl
+                .fast_mut()
+                .bump_event(Event::ConntrackEnded, n as u64)
+        {
+            warn!("counting flows the kernel ended: {e}");
+        }
+    }
+
+    /// Empties again the slots of entries [`Self::forget_destroyed`] removed: a packet that
+    /// found one just before its removal may have copied it into its slot after.
+    pub fn evict_again(&mut self, keys: &[FlowTuple]) {
+        if let Err(e) = self.ctl.fast_mut().evict_slots(keys) {
+            warn!("emptying the cache slots of flows the kernel ended: {e}");
         }
     }
 }

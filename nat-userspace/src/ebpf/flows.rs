@@ -207,6 +207,45 @@ impl Dataplane {
         self.sweep(pred).map(|s| (s.removed, s.seen))
     }
 
+    /// Removes the flows whose original key is among `keys` (both entries, their slots
+    /// emptied), looked up one by one: for a few flows named from outside (the kernel ended
+    /// them) without a walk of the tables. Returns how many flows went, and the keys of the
+    /// entries removed, both directions, for [`Self::evict_slots`].
+    pub fn remove_flows_keyed(
+        &mut self,
+        keys: &[FlowTuple],
+    ) -> Result<(usize, Vec<FlowTuple>), DataplaneError> {
+        let slots = self.slot_view()?;
+        let mut flows = 0;
+        let mut removed = Vec::new();
+        for k in keys {
+            for (map, _) in TABLES {
+                let Some(e) = get(self, &slots, map, k)? else {
+                    continue;
+                };
+                if e.flags & ENTRY_ORIG == 0 {
+                    continue;
+                }
+                if remove(self, &slots, map, k)? {
+                    flows += 1;
+                    removed.push(*k);
+                }
+                if remove(self, &slots, map, &e.peer)? {
+                    removed.push(e.peer);
+                }
+            }
+        }
+        Ok((flows, removed))
+    }
+
+    /// Empties the slots holding `keys` (entries removed a moment ago: a packet that found
+    /// one just before its removal may have copied it into its slot after the removal emptied
+    /// it); returns how many it emptied.
+    pub fn evict_slots(&mut self, keys: &[FlowTuple]) -> Result<usize, DataplaneError> {
+        let slots = self.slot_view()?;
+        Ok(keys.iter().filter(|k| slots.evict(k)).count())
+    }
+
     /// [`Self::remove_flows`], also returning the counter slots the entries it left name.
     pub fn sweep(&mut self, pred: impl Fn(&FlowView) -> bool) -> Result<Sweep, DataplaneError> {
         let mut removed = 0;

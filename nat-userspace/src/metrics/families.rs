@@ -257,6 +257,7 @@ fn conntrack(e: &mut DescriptorEncoder, s: &Snapshot) -> Fmt {
         [
             ([("cause", "expired")], c.collected),
             ([("cause", "flushed")], c.flushed),
+            ([("cause", "kernel_ended")], c.ended),
         ],
     )?;
     single(

@@ -24,6 +24,7 @@ fn conntrack() -> ConntrackStats {
         expired_seen: 0,
         collected: 0,
         flushed: 0,
+        ended: 0,
         evictions: 0,
     }
 }

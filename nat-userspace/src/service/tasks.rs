@@ -2,8 +2,9 @@
 //! housekeeping and the CloudStack directory. Each ends when the stop channel says so.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use log::warn;
+use log::{info, warn};
 use tokio::{
+    io::unix::AsyncFd,
     net::{TcpListener, UnixListener},
     sync::{Mutex, watch},
     task::JoinHandle,
@@ -14,6 +15,7 @@ use crate::{
     api::server,
     cloudstack_dir,
     daemon::Daemon,
+    kernel_conntrack,
     kernel_events::KernelEvents,
     metrics::{self, DaemonSource, Metrics, PerMapping, Ranking},
 };
@@ -53,6 +55,12 @@ pub(super) fn spawn(
             tokio::spawn(kernel_rounds(daemon.clone(), stop.clone(), inputs.round)),
         ),
     });
+    if opts.policy == Policy::Kernel {
+        tasks.push((
+            "kernel flow ends",
+            tokio::spawn(kernel_ended(daemon.clone(), stop.clone())),
+        ));
+    }
     tasks.push((
         "kernel events",
         tokio::spawn(watch_kernel(inputs.events, daemon.clone(), stop.clone())),
@@ -148,6 +156,66 @@ async fn kernel_rounds(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// How long after forgetting flows the kernel ended their cache slots are emptied again (a
+/// packet that found a flow's entry just before its removal copies it into the slot within
+/// its program run, microseconds).
+const EVICT_AGAIN: Duration = Duration::from_millis(20);
+
+/// The kernel policy: a flow the kernel ends (its conntrack destroy event) leaves the fast
+/// path at once, not at the next round, until shutdown. The rounds still find the flows
+/// whose events were lost or never sent.
+async fn kernel_ended(daemon: Arc<Mutex<Daemon>>, mut stop: watch::Receiver<bool>) {
+    let subscribed = match kernel_conntrack::Ended::subscribe() {
+        Ok(s) => s,
+        Err(e) => return warn_rounds_only(&e),
+    };
+    // SAFETY: `Ended` owns its socket, open until it is dropped, and always returns its fd;
+    // the `AsyncFd` owns the `Ended`.
+    let mut ended = match unsafe { AsyncFd::register(subscribed) } {
+        Ok(fd) => fd,
+        Err(e) => return warn_rounds_only(&e),
+    };
+    info!("kernel policy: flows the kernel ends leave the fast path as its destroy events come");
+    let mut flows = Vec::new();
+    let mut lost_before = false;
+    loop {
+        tokio::select! {
+            ready = ended.readable_mut() => {
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => return warn_rounds_only(&e),
+                };
+                flows.clear();
+                let lost = match guard.get_inner_mut().read(&mut flows) {
+                    Ok(lost) => lost,
+                    Err(e) => return warn_rounds_only(&e),
+                };
+                guard.clear_ready();
+                if lost && !lost_before {
+                    warn!(
+                        "the kernel's flow end events overran natd's buffer: the next round \
+                         finds the flows whose events were lost (logged once)"
+                    );
+                }
+                lost_before |= lost;
+                if flows.is_empty() {
+                    continue;
+                }
+                let removed = daemon.lock().await.forget_destroyed(&flows);
+                if !removed.is_empty() {
+                    tokio::time::sleep(EVICT_AGAIN).await;
+                    daemon.lock().await.evict_again(&removed);
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn warn_rounds_only(e: &dyn std::fmt::Display) {
+    warn!("the kernel's flow ends reach the fast path at the next round only: {e}");
 }
 
 /// Deletes expired flows now and every [`GC_INTERVAL`] until shutdown.
