@@ -13,16 +13,20 @@
 //! settings ([`kernel_timeouts`]), so a refreshed entry never has more time left than the
 //! kernel would have given it had it seen the packets.
 //!
-//! Over ctnetlink (`netlink-packet-netfilter`), one update per flow and no dump: the update of
-//! an entry the kernel no longer has fails with `ENOENT`, which is how a round learns the
-//! flows the kernel ended, at the cost of a hash lookup each instead of a walk of the
-//! kernel's whole table. Only failed updates are answered, and many go in one system call.
-use std::{net::Ipv4Addr, path::Path};
+//! All over ctnetlink (`netlink-packet-netfilter`), many requests per system call, only
+//! failures answered:
+//! - a round's one update per flow ([`update`]), and no dump: the update of an entry the
+//!   kernel no longer has fails with `ENOENT`, which is how a round learns the flows the
+//!   kernel ended, at the cost of a hash lookup each instead of a walk of the kernel's table;
+//! - the kernel's destroy events ([`Ended`]), which tell at once of most flows it ends;
+//! - the deletion of the kernel's entries of removed mappings and public IPs ([`delete`]):
+//!   one dump, then a delete per entry selected.
+use std::{collections::HashSet, net::Ipv4Addr, path::Path};
 
 use nat_common::{TIMEOUT_SLOTS, conntrack::Timeout};
 use netlink_packet_core::{
-    DefaultNla, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    Nla as _, NlasIterator, Parseable as _,
+    DefaultNla, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, Nla as _, NlasIterator, Parseable as _,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterProtoFamily, NetfilterSubsystem,
@@ -225,14 +229,19 @@ fn request(
             attrs.push(ConntrackAttribute::CtaStatus(assured_status(expected)));
         }
     }
+    message(ConntrackMessage::New(attrs), seq, NLM_F_REQUEST)
+}
+
+/// A ctnetlink request of IPv4 entries, numbered `seq`.
+fn message(body: ConntrackMessage, seq: u32, flags: u16) -> NetlinkMessage<NetfilterMessage> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
+    header.flags = flags;
     header.sequence_number = seq;
     let mut msg = NetlinkMessage::new(
         header,
         NetlinkPayload::from(NetfilterMessage::new(
             NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
-            ConntrackMessage::New(attrs),
+            body,
         )),
     );
     msg.finalize();
@@ -273,10 +282,24 @@ impl Ctnetlink {
         answers: &mut Answers,
         errors: &mut Vec<(usize, i32)>,
     ) -> Result<(), KernelConntrackError> {
-        let mut out = Vec::with_capacity(batch.len() * 96);
-        for &(i, expected) in batch {
+        let msgs = batch.iter().map(|&(i, expected)| {
             let (f, update) = &flows[i];
-            let msg = request(f, *update, expected, i as u32 + 1);
+            request(f, *update, expected, i as u32 + 1)
+        });
+        self.send_messages(msgs, flows.len(), answers, errors)
+    }
+
+    /// Sends `msgs` (numbered from 1 up to `count`) in one system call, then reads every
+    /// answer they drew: `(number - 1, errno)`.
+    fn send_messages(
+        &mut self,
+        msgs: impl Iterator<Item = NetlinkMessage<NetfilterMessage>>,
+        count: usize,
+        answers: &mut Answers,
+        errors: &mut Vec<(usize, i32)>,
+    ) -> Result<(), KernelConntrackError> {
+        let mut out = Vec::with_capacity(BATCH * 96);
+        for msg in msgs {
             let at = out.len();
             out.resize(at + msg.buffer_len(), 0);
             msg.serialize(&mut out[at..]);
@@ -311,9 +334,67 @@ impl Ctnetlink {
                 if let NetlinkPayload::Error(e) = &msg.payload
                     && let Some(code) = e.code
                     && let Some(i) = (msg.header.sequence_number as usize).checked_sub(1)
-                    && i < flows.len()
+                    && i < count
                 {
                     errors.push((i, -code.get()));
+                }
+                if len == 0 {
+                    break;
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+impl Ctnetlink {
+    /// Dumps the kernel's IPv4 entries; returns the original tuples of those `sel` selects.
+    fn dump_selected(&mut self, sel: &Selection) -> Result<Vec<Vec<Tuple>>, KernelConntrackError> {
+        let msg = message(
+            ConntrackMessage::Get(Vec::new()),
+            1,
+            NLM_F_REQUEST | NLM_F_DUMP,
+        );
+        let mut out = vec![0; msg.buffer_len()];
+        msg.serialize(&mut out);
+        self.socket
+            .send(&out, 0)
+            .map_err(KernelConntrackError::Socket)?;
+        let mut selected = Vec::new();
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], 0)
+                .map_err(KernelConntrackError::Socket)?;
+            let mut at = 0;
+            while at < n {
+                let msg = NetlinkBuffer::new_checked(&self.buf[at..n])
+                    .map_err(|e| KernelConntrackError::Socket(std::io::Error::other(e)))?;
+                let len = msg.length() as usize;
+                match msg.message_type() {
+                    NLMSG_DONE => return Ok(selected),
+                    NLMSG_ERROR => {
+                        let code = msg
+                            .payload()
+                            .get(..4)
+                            .map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+                        if code == 0 {
+                            return Ok(selected);
+                        }
+                        return Err(KernelConntrackError::Socket(
+                            std::io::Error::from_raw_os_error(-code),
+                        ));
+                    }
+                    _ => {
+                        let attrs = msg.payload().get(4..).unwrap_or_default();
+                        if let (Some(orig), Some(reply)) = (
+                            tuple_attr(attrs, CTA_TUPLE_ORIG),
+                            tuple_attr(attrs, CTA_TUPLE_REPLY),
+                        ) && sel.selects(&addrs(&orig), &addrs(&reply))
+                        {
+                            selected.push(orig);
+                        }
+                    }
                 }
                 if len == 0 {
                     break;
@@ -368,10 +449,101 @@ pub fn update(flows: &[(KernelFlow, Update)]) -> Result<Answers, KernelConntrack
     Ok(answers)
 }
 
+/// The kernel's IPv4 entries a deletion selects: by original source, original destination or
+/// reply destination (what `conntrack -D --orig-src/--orig-dst/--reply-dst` select).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Selection {
+    pub orig_src: HashSet<Ipv4Addr>,
+    pub orig_dst: HashSet<Ipv4Addr>,
+    pub reply_dst: HashSet<Ipv4Addr>,
+}
+
+impl Selection {
+    fn selects(&self, orig: &Addrs, reply: &Addrs) -> bool {
+        orig.src.is_some_and(|a| self.orig_src.contains(&a))
+            || orig.dst.is_some_and(|a| self.orig_dst.contains(&a))
+            || reply.dst.is_some_and(|a| self.reply_dst.contains(&a))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.orig_src.is_empty() && self.orig_dst.is_empty() && self.reply_dst.is_empty()
+    }
+}
+
+/// A tuple's IPv4 addresses.
+#[derive(Debug, Default)]
+struct Addrs {
+    src: Option<Ipv4Addr>,
+    dst: Option<Ipv4Addr>,
+}
+
+fn addrs(tuple: &[Tuple]) -> Addrs {
+    let mut a = Addrs::default();
+    for t in tuple {
+        if let Tuple::Ip(ips) = t {
+            for ip in ips {
+                match ip {
+                    IPTuple::SourceAddress(std::net::IpAddr::V4(v)) => a.src = Some(*v),
+                    IPTuple::DestinationAddress(std::net::IpAddr::V4(v)) => a.dst = Some(*v),
+                    _ => {}
+                }
+            }
+        }
+    }
+    a
+}
+
+/// The nested tuple attribute `kind` (`CTA_TUPLE_ORIG`, `CTA_TUPLE_REPLY`) among `attrs`.
+fn tuple_attr(attrs: &[u8], kind: u16) -> Option<Vec<Tuple>> {
+    let nla = NlasIterator::new(attrs)
+        .filter_map(Result::ok)
+        .find(|a| a.kind() & NLA_TYPE_MASK == kind)?;
+    NlasIterator::new(nla.value())
+        .map(|t| t.ok().and_then(|t| Tuple::parse(&t).ok()))
+        .collect()
+}
+
+/// Deletes the kernel's IPv4 entries `sel` selects: one dump of the kernel's table, then one
+/// delete per selected entry by its original tuple as the dump gave it, [`BATCH`] per system
+/// call. Returns how many went (an entry that ended meanwhile is not counted).
+pub fn delete(sel: &Selection) -> Result<usize, KernelConntrackError> {
+    if sel.is_empty() {
+        return Ok(0);
+    }
+    let mut nl = Ctnetlink::open()?;
+    let selected = nl.dump_selected(sel)?;
+    let mut answers = Answers::default();
+    let mut errors = Vec::new();
+    let mut sent = 0;
+    for batch in selected.chunks(BATCH) {
+        let msgs = batch.iter().enumerate().map(|(i, tuple)| {
+            message(
+                ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple.clone())]),
+                (sent + i) as u32 + 1,
+                NLM_F_REQUEST,
+            )
+        });
+        nl.send_messages(msgs, selected.len(), &mut answers, &mut errors)?;
+        sent += batch.len();
+    }
+    let failed = errors.iter().filter(|(_, e)| *e != libc::ENOENT).count();
+    if let Some((_, errno)) = errors.iter().find(|(_, e)| *e != libc::ENOENT) {
+        return Err(KernelConntrackError::Socket(std::io::Error::other(
+            format!(
+                "the kernel refused {failed} of {} deletions: {}",
+                selected.len(),
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+        )));
+    }
+    Ok(selected.len() - errors.len())
+}
+
 /// `NFNLGRP_CONNTRACK_DESTROY`: the multicast group of the kernel's conntrack destroy events.
 const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
-/// `CTA_TUPLE_ORIG` (`linux/netfilter/nfnetlink_conntrack.h`).
+/// `CTA_TUPLE_ORIG`, `CTA_TUPLE_REPLY` (`linux/netfilter/nfnetlink_conntrack.h`).
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
 /// `nlattr`'s type bits (`NLA_TYPE_MASK`): without the nested and byte-order flags.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 /// The receive buffer asked for the events: a burst of ends (a flush) overruns it, and the
@@ -788,6 +960,64 @@ mod tests {
                 dport,
             };
             assert_eq!(got, [flow(1, 77, 8), flow(17, 5353, 53)]);
+        });
+        if let Err(e) = run.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    /// Against the kernel, in a network namespace of the test's own thread: a deletion takes
+    /// the entries its selection names (an outbound flow by its original source, an inbound
+    /// one by its original destination, a flow SNATed to a public IP by its reply
+    /// destination) and leaves every other; an empty selection deletes nothing.
+    #[test]
+    fn deletes_the_kernels_entries_a_selection_names() {
+        let run = std::thread::spawn(|| {
+            // SAFETY: moves this thread alone into a new network namespace.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+            let conntrack = |args: &str| {
+                let out = std::process::Command::new("conntrack")
+                    .args(args.split_whitespace())
+                    .output()
+                    .expect("the conntrack tool");
+                assert!(out.status.success(), "conntrack {args}: {out:?}");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            let udp = "-p udp --sport 5000 --dport 53 -t 100";
+            // Outbound from V 10.0.0.10; inbound to P 203.0.113.10; SNATed to P; another V's.
+            conntrack(&format!("-I -s 10.0.0.10 -d 192.0.2.7 {udp}"));
+            conntrack(&format!("-I -s 198.51.100.2 -d 203.0.113.10 {udp}"));
+            conntrack(&format!(
+                "-I -s 10.0.0.12 -d 192.0.2.7 {udp} -r 192.0.2.7 -q 203.0.113.10 \
+                 --reply-port-src 53 --reply-port-dst 5000"
+            ));
+            conntrack(&format!("-I -s 10.0.0.11 -d 192.0.2.7 {udp}"));
+            let ip = |s: &str| s.parse::<Ipv4Addr>().expect("an address");
+            let left = || -> Vec<String> {
+                let mut l: Vec<String> = conntrack("-L")
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("src=")))
+                    .map(str::to_string)
+                    .collect();
+                l.sort();
+                l
+            };
+            assert_eq!(delete(&Selection::default()).ok(), Some(0));
+            let mapping = Selection {
+                orig_src: [ip("10.0.0.10")].into(),
+                orig_dst: [ip("203.0.113.10")].into(),
+                ..Selection::default()
+            };
+            assert_eq!(delete(&mapping).ok(), Some(2));
+            assert_eq!(left(), ["src=10.0.0.11", "src=10.0.0.12"]);
+            let public = Selection {
+                orig_dst: [ip("203.0.113.10")].into(),
+                reply_dst: [ip("203.0.113.10")].into(),
+                ..Selection::default()
+            };
+            assert_eq!(delete(&public).ok(), Some(1));
+            assert_eq!(left(), ["src=10.0.0.11"]);
         });
         if let Err(e) = run.join() {
             std::panic::resume_unwind(e);

@@ -21,6 +21,7 @@ use nat_common::marks::{FASTPATH_MARK, ROUTE_MARK_MASK};
 use crate::{
     cidr::Cidr,
     firewall::{Proto, Service},
+    kernel_conntrack::{self, Selection},
     policy_routing::{self, RoutePlan, RoutingError},
     state::{DesiredState, Mapping},
 };
@@ -358,50 +359,34 @@ pub trait SlowPath {
 /// Removed mappings whose kernel flows are forgotten before a change is acknowledged.
 const FORGET_INLINE: usize = 64;
 
-/// Deletes the kernel's conntrack entries of `removed` in one `conntrack -R -` run: inbound
-/// flows were DNATed from P, outbound ones SNATed from V.
-fn forget_now(removed: &[Mapping]) {
-    let mut script = String::new();
-    for m in removed {
-        let _ = writeln!(
-            script,
-            "-D --orig-dst {}\n-D --orig-src {}",
-            m.public, m.private
-        );
+/// The kernel's flows of removed mappings: inbound flows were DNATed from P (their original
+/// destination), outbound ones SNATed from V (their original source).
+fn mapping_flows(removed: &[Mapping]) -> Selection {
+    Selection {
+        orig_dst: removed.iter().map(|m| m.public).collect(),
+        orig_src: removed.iter().map(|m| m.private).collect(),
+        ..Selection::default()
     }
-    conntrack_delete(&script, removed.len(), "mapping(s)");
 }
 
-/// The `conntrack -R` script that deletes the kernel's flows of the public IPs `publics`.
-fn forget_publics_script(publics: &[Ipv4Addr]) -> String {
-    let mut script = String::new();
-    for p in publics {
-        let _ = writeln!(script, "-D --orig-dst {p}\n-D --reply-dst {p}");
+/// The kernel's flows of the public IPs `publics`: DNATed from one (its original destination)
+/// or SNATed to one (its reply destination).
+fn public_flows(publics: &[Ipv4Addr]) -> Selection {
+    Selection {
+        orig_dst: publics.iter().copied().collect(),
+        reply_dst: publics.iter().copied().collect(),
+        ..Selection::default()
     }
-    script
 }
 
-/// Runs `conntrack -R -` with `script` (deletions of the flows of `n` `what`).
-fn conntrack_delete(script: &str, n: usize, what: &str) {
-    let run = || -> std::io::Result<std::process::Output> {
-        let mut child = Command::new("conntrack")
-            .args(["-R", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes())?;
+/// Deletes the kernel's flows `sel` selects (those of `n` `what`), logging what it could not.
+fn forget_selected(sel: &Selection, n: usize, what: &str) -> usize {
+    match kernel_conntrack::delete(sel) {
+        Ok(deleted) => deleted,
+        Err(e) => {
+            warn!("forgetting the kernel's flows of {n} {what}: {e}");
+            0
         }
-        child.wait_with_output()
-    };
-    match run() {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => warn!(
-            "conntrack -R (forgetting the flows of {n} {what}): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => warn!("cannot run conntrack (is the conntrack package installed?): {e}"),
     }
 }
 
@@ -615,19 +600,16 @@ impl SlowPath for Nft {
         if removed.is_empty() {
             return;
         }
-        // conntrack walks the kernel's table for every deletion: a few mappings are forgotten
-        // before the change is acknowledged (a flow must not outlive its mapping), a bulk
-        // removal in the background so natd keeps answering meanwhile.
-        let removed = removed.to_vec();
-        if removed.len() <= FORGET_INLINE {
-            forget_now(&removed);
+        // One walk of the kernel's table (a dump) finds them all: a few mappings' flows are
+        // forgotten before the change is acknowledged (a flow must not outlive its mapping),
+        // a bulk removal's in the background so natd keeps answering meanwhile.
+        let (sel, n) = (mapping_flows(removed), removed.len());
+        if n <= FORGET_INLINE {
+            forget_selected(&sel, n, "mapping(s)");
         } else {
             std::thread::spawn(move || {
-                forget_now(&removed);
-                log::info!(
-                    "forgot the kernel's flows of {} removed mappings",
-                    removed.len()
-                );
+                let deleted = forget_selected(&sel, n, "mapping(s)");
+                log::info!("forgot the kernel's {deleted} flows of {n} removed mappings");
             });
         }
     }
@@ -636,14 +618,13 @@ impl SlowPath for Nft {
         if publics.is_empty() {
             return;
         }
-        let script = forget_publics_script(publics);
-        let n = publics.len();
+        let (sel, n) = (public_flows(publics), publics.len());
         if n <= FORGET_INLINE {
-            conntrack_delete(&script, n, "public IP(s)");
+            forget_selected(&sel, n, "public IP(s)");
         } else {
             std::thread::spawn(move || {
-                conntrack_delete(&script, n, "public IP(s)");
-                log::info!("forgot the kernel's flows of {n} public IPs");
+                let deleted = forget_selected(&sel, n, "public IP(s)");
+                log::info!("forgot the kernel's {deleted} flows of {n} public IPs");
             });
         }
     }

@@ -12,9 +12,8 @@ use crate::util::{self, command};
 /// Debian packages the tests, the demo and the benchmarks call.
 const DEB_PACKAGES: &[&str] = &[
     "nftables",
-    // The `conntrack` tool: natd runs it to delete the kernel's entries of a removed mapping or
-    // public IP (so natd needs it at runtime too); the tests read and write the kernel's
-    // connection table with it.
+    // The `conntrack` tool: the tests read and write the kernel's connection table with it
+    // (natd speaks ctnetlink itself).
     "conntrack",
     "iproute2",
     "iputils-ping",

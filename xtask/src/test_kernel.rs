@@ -5,8 +5,8 @@
 //! sees the host's root read-only (writes go to a tmpfs) and runs the test binaries built
 //! here: every program through the verifier (`tests/tests/verifier.rs`), a subset of the
 //! `BPF_PROG_TEST_RUN` differential and golden tests (`--full`: all of them), natd's ctnetlink
-//! updates of the kernel's connection table and its reading of the kernel's destroy events, and
-//! one end-to-end test with natd. Each step's exit code comes back on the serial console.
+//! updates and deletions of the kernel's connection table and its reading of the kernel's
+//! destroy events, and one end-to-end test with natd. Each step's exit code comes back on the serial console.
 mod fetch;
 mod initramfs;
 mod qemu;
@@ -47,11 +47,12 @@ const TESTRUN_SUBSET: &[&str] = &[
 /// Needs the clock to be past 200 s since boot (it writes flows last seen that long ago): run
 /// last, and only in a full run, when the guest has been up long enough.
 const NEEDS_UPTIME: &str = "conntrack::flows_expire_after_their_idle_timeout";
-/// natd's ctnetlink updates of the kernel's connection table and its reading of the kernel's
-/// destroy events (`--policy kernel`), against this kernel's ctnetlink.
+/// natd's ctnetlink updates and deletions of the kernel's connection table and its reading of
+/// the kernel's destroy events, against this kernel's ctnetlink.
 const CTNETLINK_TESTS: &[&str] = &[
     "kernel_conntrack::tests::updates_the_kernels_entries_and_finds_the_ended_ones",
     "kernel_conntrack::tests::the_kernels_destroy_events_name_the_flows_it_ended",
+    "kernel_conntrack::tests::deletes_the_kernels_entries_a_selection_names",
 ];
 /// The end-to-end test: natd loads every program, attaches XDP and tc, and translates.
 const E2E_TEST: &str = "inbound_traffic_reaches_the_guest_from_the_clients_address";
