@@ -699,6 +699,30 @@ fn orig_tuple(attrs: &[u8]) -> Option<KernelFlow> {
 mod tests {
     use super::*;
 
+    /// Runs `test` on a thread of its own moved into a new network namespace (gone with the
+    /// thread), so that the kernel's connection table it sees is its own.
+    fn in_own_netns(test: impl FnOnce() + Send + 'static) {
+        let run = std::thread::spawn(|| {
+            // SAFETY: moves this thread alone into a new network namespace.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+            test();
+        });
+        if let Err(e) = run.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    /// The conntrack tool's output, in the calling thread's network namespace.
+    fn conntrack(args: &str) -> String {
+        let out = std::process::Command::new("conntrack")
+            .args(args.split_whitespace())
+            .output()
+            .expect("the conntrack tool");
+        assert!(out.status.success(), "conntrack {args}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     #[test]
     fn takes_the_kernels_timeouts() {
         let dir = std::env::temp_dir().join(format!("kct-timeouts-{}", std::process::id()));
@@ -836,18 +860,7 @@ mod tests {
     /// root and `nf_conntrack`, as natd `--policy kernel`.
     #[test]
     fn updates_the_kernels_entries_and_finds_the_ended_ones() {
-        let run = std::thread::spawn(|| {
-            // SAFETY: moves this thread alone into a new network namespace.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
-            let conntrack = |args: &str| {
-                let out = std::process::Command::new("conntrack")
-                    .args(args.split_whitespace())
-                    .output()
-                    .expect("the conntrack tool");
-                assert!(out.status.success(), "conntrack {args}: {out:?}");
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            };
+        in_own_netns(|| {
             let flow = |proto, last: u8, sport, dport| KernelFlow {
                 proto,
                 src: Ipv4Addr::new(10, 0, 0, last),
@@ -920,9 +933,6 @@ mod tests {
             let answers = update(&flows[..3]).expect("ctnetlink");
             assert_eq!(answers.gone, [1], "{answers:?}");
         });
-        if let Err(e) = run.join() {
-            std::panic::resume_unwind(e);
-        }
     }
 
     /// Against the kernel, in a network namespace of the test's own thread: the destroy
@@ -930,17 +940,7 @@ mod tests {
     /// keys them (UDP ports, an echo's identifier and type); nothing is queued before.
     #[test]
     fn the_kernels_destroy_events_name_the_flows_it_ended() {
-        let run = std::thread::spawn(|| {
-            // SAFETY: moves this thread alone into a new network namespace.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
-            let conntrack = |args: &str| {
-                let out = std::process::Command::new("conntrack")
-                    .args(args.split_whitespace())
-                    .output()
-                    .expect("the conntrack tool");
-                assert!(out.status.success(), "conntrack {args}: {out:?}");
-            };
+        in_own_netns(|| {
             let mut ended = Ended::subscribe().expect("subscribing");
             conntrack("-I -p udp -s 10.0.0.10 -d 192.0.2.7 --sport 5353 --dport 53 -t 100");
             conntrack(
@@ -961,9 +961,6 @@ mod tests {
             };
             assert_eq!(got, [flow(1, 77, 8), flow(17, 5353, 53)]);
         });
-        if let Err(e) = run.join() {
-            std::panic::resume_unwind(e);
-        }
     }
 
     /// Against the kernel, in a network namespace of the test's own thread: a deletion takes
@@ -972,18 +969,7 @@ mod tests {
     /// destination) and leaves every other; an empty selection deletes nothing.
     #[test]
     fn deletes_the_kernels_entries_a_selection_names() {
-        let run = std::thread::spawn(|| {
-            // SAFETY: moves this thread alone into a new network namespace.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
-            let conntrack = |args: &str| {
-                let out = std::process::Command::new("conntrack")
-                    .args(args.split_whitespace())
-                    .output()
-                    .expect("the conntrack tool");
-                assert!(out.status.success(), "conntrack {args}: {out:?}");
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            };
+        in_own_netns(|| {
             let udp = "-p udp --sport 5000 --dport 53 -t 100";
             // Outbound from V 10.0.0.10; inbound to P 203.0.113.10; SNATed to P; another V's.
             conntrack(&format!("-I -s 10.0.0.10 -d 192.0.2.7 {udp}"));
@@ -1019,8 +1005,5 @@ mod tests {
             assert_eq!(delete(&public).ok(), Some(1));
             assert_eq!(left(), ["src=10.0.0.11"]);
         });
-        if let Err(e) = run.join() {
-            std::panic::resume_unwind(e);
-        }
     }
 }
