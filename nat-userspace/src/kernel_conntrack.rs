@@ -190,14 +190,16 @@ fn assured_status(expected: bool) -> Status {
     if expected { s | Status::Expected } else { s }
 }
 
-/// The `IPCTNL_MSG_CT_NEW` request (without `NLM_F_CREATE`: an update of the entry whose
-/// original tuple is `f`'s, `ENOENT` if the kernel has none) for `update`, numbered `seq`.
-fn request(
-    f: &KernelFlow,
-    update: Update,
-    expected: bool,
-    seq: u32,
-) -> NetlinkMessage<NetfilterMessage> {
+/// Protocols the kernel tracks by ports or keys the fast path does not key their flows by (it
+/// translates them at the IP header only): SCTP and GRE. A fast-path flow of one stands for
+/// every kernel entry of its protocol and addresses, found by a dump.
+fn keyed_by_address(proto: u8) -> bool {
+    matches!(proto, 47 | 132)
+}
+
+/// The kernel's original tuple of the fast path's flow `f` (not for [`keyed_by_address`]
+/// protocols, whose entries have more).
+fn tuple_of(f: &KernelFlow) -> Vec<Tuple> {
     let mut proto = vec![ProtoTuple::Protocol(Protocol::from(f.proto))];
     match f.proto {
         6 | 17 | 33 | 136 => {
@@ -214,13 +216,32 @@ fn request(
         }
         _ => {}
     }
-    let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(vec![
+    vec![
         Tuple::Ip(vec![
             IPTuple::SourceAddress(f.src.into()),
             IPTuple::DestinationAddress(f.dst.into()),
         ]),
         Tuple::Proto(proto),
-    ])];
+    ]
+}
+
+/// One update a round sends: the kernel entry's original tuple, what to do, and the index of
+/// the round's flow it is for.
+struct Request {
+    tuple: Vec<Tuple>,
+    update: Update,
+    flow: usize,
+}
+
+/// The `IPCTNL_MSG_CT_NEW` request (without `NLM_F_CREATE`: an update of the entry whose
+/// original tuple is `tuple`, `ENOENT` if the kernel has none) for `update`, numbered `seq`.
+fn request(
+    tuple: &[Tuple],
+    update: Update,
+    expected: bool,
+    seq: u32,
+) -> NetlinkMessage<NetfilterMessage> {
+    let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple.to_vec())];
     if let Update::Refresh { secs, assured } = update {
         attrs.push(ConntrackAttribute::CtaTimeout(
             u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
@@ -248,9 +269,8 @@ fn message(body: ConntrackMessage, seq: u32, flags: u16) -> NetlinkMessage<Netfi
     msg
 }
 
-/// Sends the kernel one update per flow (`flows[i]` numbered `i + 1`, or `retry`'s numbers
-/// for a second pass), in batches, and collects the errors they drew: only a failed update
-/// is answered (no `NLM_F_ACK`).
+/// A ctnetlink socket: requests go in batches, and only a failed one is answered (no
+/// `NLM_F_ACK`); requests are numbered so that an error names its request.
 struct Ctnetlink {
     socket: Socket,
     buf: Vec<u8>,
@@ -273,20 +293,19 @@ impl Ctnetlink {
         })
     }
 
-    /// Sends the requests of `batch` (index into `flows`, and whether it is sent as an
+    /// Sends the requests of `batch` (index into `reqs`, and whether it is sent as an
     /// expected flow's), then reads every answer they drew: `(index, errno)`.
     fn send(
         &mut self,
-        flows: &[(KernelFlow, Update)],
+        reqs: &[Request],
         batch: &[(usize, bool)],
         answers: &mut Answers,
         errors: &mut Vec<(usize, i32)>,
     ) -> Result<(), KernelConntrackError> {
-        let msgs = batch.iter().map(|&(i, expected)| {
-            let (f, update) = &flows[i];
-            request(f, *update, expected, i as u32 + 1)
-        });
-        self.send_messages(msgs, flows.len(), answers, errors)
+        let msgs = batch
+            .iter()
+            .map(|&(i, expected)| request(&reqs[i].tuple, reqs[i].update, expected, i as u32 + 1));
+        self.send_messages(msgs, reqs.len(), answers, errors)
     }
 
     /// Sends `msgs` (numbered from 1 up to `count`) in one system call, then reads every
@@ -348,8 +367,12 @@ impl Ctnetlink {
 }
 
 impl Ctnetlink {
-    /// Dumps the kernel's IPv4 entries; returns the original tuples of those `sel` selects.
-    fn dump_selected(&mut self, sel: &Selection) -> Result<Vec<Vec<Tuple>>, KernelConntrackError> {
+    /// Dumps the kernel's IPv4 entries; returns the original tuples of those `keep` keeps
+    /// (given their original and reply tuples).
+    fn dump(
+        &mut self,
+        mut keep: impl FnMut(&[Tuple], &[Tuple]) -> bool,
+    ) -> Result<Vec<Vec<Tuple>>, KernelConntrackError> {
         let msg = message(
             ConntrackMessage::Get(Vec::new()),
             1,
@@ -390,7 +413,7 @@ impl Ctnetlink {
                         if let (Some(orig), Some(reply)) = (
                             tuple_attr(attrs, CTA_TUPLE_ORIG),
                             tuple_attr(attrs, CTA_TUPLE_REPLY),
-                        ) && sel.selects(&addrs(&orig), &addrs(&reply))
+                        ) && keep(&orig, &reply)
                         {
                             selected.push(orig);
                         }
@@ -405,43 +428,83 @@ impl Ctnetlink {
     }
 }
 
-/// Applies `flows`' updates to the kernel's entries over ctnetlink, a batch of
-/// [`BATCH`] requests per system call; an assured update the kernel refuses as busy goes
-/// again as an expected flow's.
+/// Applies `flows`' updates to the kernel's entries over ctnetlink, a batch of [`BATCH`]
+/// requests per system call; an assured update the kernel refuses as busy goes again as an
+/// expected flow's. A flow of a [`keyed_by_address`] protocol updates every kernel entry of
+/// its protocol and addresses (one dump finds them), and is gone if there is none.
 pub fn update(flows: &[(KernelFlow, Update)]) -> Result<Answers, KernelConntrackError> {
     let mut answers = Answers::default();
     if flows.is_empty() {
         return Ok(answers);
     }
     let mut nl = Ctnetlink::open()?;
-    let first: Vec<(usize, bool)> = (0..flows.len()).map(|i| (i, false)).collect();
+    let mut reqs = Vec::with_capacity(flows.len());
+    let mut by_address = std::collections::HashMap::new();
+    for (i, (f, update)) in flows.iter().enumerate() {
+        if keyed_by_address(f.proto) {
+            by_address.insert((f.proto, f.src, f.dst), i);
+        } else {
+            reqs.push(Request {
+                tuple: tuple_of(f),
+                update: *update,
+                flow: i,
+            });
+        }
+    }
+    // Updates of entries a dump found are not ended by an `ENOENT`: the entry went between
+    // the dump and the update, others of the flow may be there.
+    let direct = reqs.len();
+    if !by_address.is_empty() {
+        let key_of = |t: &[Tuple]| {
+            let a = addrs(t);
+            Some((proto_of(t)?, a.src?, a.dst?))
+        };
+        let found = nl.dump(|orig, _| key_of(orig).is_some_and(|k| by_address.contains_key(&k)))?;
+        let mut kept = HashSet::new();
+        for tuple in found {
+            if let Some(&i) = key_of(&tuple).and_then(|k| by_address.get(&k)) {
+                kept.insert(i);
+                reqs.push(Request {
+                    tuple,
+                    update: flows[i].1,
+                    flow: i,
+                });
+            }
+        }
+        answers
+            .gone
+            .extend(by_address.values().filter(|i| !kept.contains(*i)));
+    }
+    let first: Vec<(usize, bool)> = (0..reqs.len()).map(|r| (r, false)).collect();
     let mut errors = Vec::new();
     for batch in first.chunks(BATCH) {
-        nl.send(flows, batch, &mut answers, &mut errors)?;
+        nl.send(&reqs, batch, &mut answers, &mut errors)?;
     }
     let mut again = Vec::new();
-    let refused = |answers: &mut Answers, i: usize, errno: i32| {
+    let refused = |answers: &mut Answers, r: usize, errno: i32| {
         answers.refused += 1;
         if answers.first_refusal.is_none() {
-            answers.first_refusal = Some((flows[i].0, errno));
+            answers.first_refusal = Some((flows[reqs[r].flow].0, errno));
         }
     };
-    for (i, errno) in errors.drain(..) {
+    for (r, errno) in errors.drain(..) {
         match errno {
-            libc::ENOENT => answers.gone.push(i),
-            libc::EBUSY if matches!(flows[i].1, Update::Refresh { assured: true, .. }) => {
-                again.push((i, true))
+            libc::ENOENT if r < direct => answers.gone.push(reqs[r].flow),
+            libc::ENOENT => {}
+            libc::EBUSY if matches!(reqs[r].update, Update::Refresh { assured: true, .. }) => {
+                again.push((r, true))
             }
-            _ => refused(&mut answers, i, errno),
+            _ => refused(&mut answers, r, errno),
         }
     }
     for batch in again.chunks(BATCH) {
-        nl.send(flows, batch, &mut answers, &mut errors)?;
+        nl.send(&reqs, batch, &mut answers, &mut errors)?;
     }
-    for (i, errno) in errors {
+    for (r, errno) in errors {
         match errno {
-            libc::ENOENT => answers.gone.push(i),
-            _ => refused(&mut answers, i, errno),
+            libc::ENOENT if r < direct => answers.gone.push(reqs[r].flow),
+            libc::ENOENT => {}
+            _ => refused(&mut answers, r, errno),
         }
     }
     answers.gone.sort_unstable();
@@ -493,6 +556,17 @@ fn addrs(tuple: &[Tuple]) -> Addrs {
     a
 }
 
+/// A tuple's protocol number.
+fn proto_of(tuple: &[Tuple]) -> Option<u8> {
+    tuple.iter().find_map(|t| match t {
+        Tuple::Proto(ps) => ps.iter().find_map(|p| match p {
+            ProtoTuple::Protocol(p) => Some(u8::from(*p)),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 /// The nested tuple attribute `kind` (`CTA_TUPLE_ORIG`, `CTA_TUPLE_REPLY`) among `attrs`.
 fn tuple_attr(attrs: &[u8], kind: u16) -> Option<Vec<Tuple>> {
     let nla = NlasIterator::new(attrs)
@@ -511,7 +585,7 @@ pub fn delete(sel: &Selection) -> Result<usize, KernelConntrackError> {
         return Ok(0);
     }
     let mut nl = Ctnetlink::open()?;
-    let selected = nl.dump_selected(sel)?;
+    let selected = nl.dump(|orig, reply| sel.selects(&addrs(orig), &addrs(reply)))?;
     let mut answers = Answers::default();
     let mut errors = Vec::new();
     let mut sent = 0;
@@ -680,7 +754,11 @@ fn orig_tuple(attrs: &[u8]) -> Option<KernelFlow> {
         }
     }
     let proto = proto?;
-    // As [`request`] writes them: ports, or an echo's identifier and type.
+    // One fast-path flow stands for many kernel entries of these: the rounds judge it.
+    if keyed_by_address(proto) {
+        return None;
+    }
+    // As [`tuple_of`] writes them: ports, or an echo's identifier and type.
     let (sport, dport) = match proto {
         6 | 17 | 33 | 136 => (sport?, dport?),
         1 => (icmp_id?, icmp_type?),
@@ -770,7 +848,7 @@ mod tests {
             dport: 53,
         };
         let bytes = |f: &KernelFlow, u: Update, expected: bool| {
-            let m = request(f, u, expected, 9);
+            let m = request(&tuple_of(f), u, expected, 9);
             let mut b = vec![0; m.buffer_len()];
             m.serialize(&mut b);
             b
@@ -932,6 +1010,57 @@ mod tests {
             conntrack("-D -p icmp -s 10.0.0.10");
             let answers = update(&flows[..3]).expect("ctnetlink");
             assert_eq!(answers.gone, [1], "{answers:?}");
+        });
+    }
+
+    /// SCTP and GRE, which the fast path keys by addresses alone: a flow's update reaches
+    /// every kernel entry of its protocol and addresses (two SCTP associations, a GRE
+    /// tunnel), a flow with none is gone, and their destroy events name no flow (one fast-path
+    /// flow stands for all of them: the rounds judge it).
+    #[test]
+    fn flows_keyed_by_address_update_every_entry_of_their_addresses() {
+        in_own_netns(|| {
+            let mut ended = Ended::subscribe().expect("subscribing");
+            let sctp = "-I -p sctp -s 10.0.0.10 -d 192.0.2.7 --state ESTABLISHED -t 100";
+            conntrack(&format!(
+                "{sctp} --sport 2905 --dport 2905 --orig-vtag 1 --reply-vtag 2"
+            ));
+            conntrack(&format!(
+                "{sctp} --sport 3868 --dport 3868 --orig-vtag 3 --reply-vtag 4"
+            ));
+            conntrack("-I -p gre -s 10.0.0.10 -d 192.0.2.7 --srckey 0 --dstkey 0 -t 100");
+            let flow = |proto, last| KernelFlow {
+                proto,
+                src: Ipv4Addr::new(10, 0, 0, last),
+                dst: Ipv4Addr::new(192, 0, 2, 7),
+                sport: 0,
+                dport: 0,
+            };
+            let refresh = Update::Refresh {
+                secs: 7,
+                assured: true,
+            };
+            let flows = [
+                (flow(132, 10), refresh),
+                (flow(47, 10), refresh),
+                (flow(132, 11), Update::Probe),
+            ];
+            let answers = update(&flows).expect("ctnetlink");
+            assert_eq!(answers.gone, [2], "{answers:?}");
+            assert_eq!((answers.refused, answers.lost), (0, false), "{answers:?}");
+            let listed = conntrack("-L");
+            assert_eq!(listed.lines().count(), 3, "{listed}");
+            for line in listed.lines() {
+                let t: Option<u64> = line.split_whitespace().nth(2).and_then(|t| t.parse().ok());
+                assert!(
+                    t.is_some_and(|t| t <= 7) && line.contains("[ASSURED]"),
+                    "{line}"
+                );
+            }
+            conntrack("-D -s 10.0.0.10");
+            let mut got = Vec::new();
+            assert_eq!(ended.read(&mut got).ok(), Some(false));
+            assert!(got.is_empty(), "{got:?}");
         });
     }
 

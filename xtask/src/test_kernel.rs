@@ -53,6 +53,7 @@ const CTNETLINK_TESTS: &[&str] = &[
     "kernel_conntrack::tests::updates_the_kernels_entries_and_finds_the_ended_ones",
     "kernel_conntrack::tests::the_kernels_destroy_events_name_the_flows_it_ended",
     "kernel_conntrack::tests::deletes_the_kernels_entries_a_selection_names",
+    "kernel_conntrack::tests::flows_keyed_by_address_update_every_entry_of_their_addresses",
 ];
 /// The end-to-end test: natd loads every program, attaches XDP and tc, and translates.
 const E2E_TEST: &str = "inbound_traffic_reaches_the_guest_from_the_clients_address";
