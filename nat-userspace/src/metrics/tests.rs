@@ -24,7 +24,7 @@ fn conntrack() -> ConntrackStats {
         expired_seen: 0,
         collected: 0,
         flushed: 0,
-        ended: 0,
+        ended: 4,
         evictions: 0,
     }
 }
@@ -92,6 +92,10 @@ fn exposition_names_types_and_labels() {
         "{t}"
     );
     assert!(t.contains("xdp_nat_conntrack_capacity 10\n"), "{t}");
+    assert!(
+        t.contains("xdp_nat_conntrack_removed_total{cause=\"kernel_ended\"} 4\n"),
+        "{t}"
+    );
     assert!(
         t.contains("xdp_nat_conntrack_lookups_total{result=\"miss\"} 3\n"),
         "{t}"
