@@ -321,7 +321,8 @@ fn report(runs: &[Vec<Vec<Vec<Run>>>], p: &Params) -> Section {
          copy in their flow's slot of the flow cache (`slot_hit`; the others looked their \
          flow up in `FLOWS`: a slot another flow holds, or a copy older than its refill \
          time). The table's last column is natd's own CPU time during the run (user and \
-         system, from `/proc/PID/stat`, the `conntrack` tool it runs included) as a share of \
+         system, from `/proc/PID/stat`: the kernel's work for its ctnetlink requests is its \
+         system time) as a share of \
          one CPU: its collector walks the flow tables every 10 s and, with `--policy kernel`, \
          a round reads them and refreshes the kernel's entries every 5 s, so a run holds a \
          walk or not. Delivered = frames counted by an XDP sink \

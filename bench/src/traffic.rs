@@ -235,7 +235,7 @@ pub struct Run {
     /// per run, ns.
     pub prog_ns: Option<f64>,
     /// natd only: the CPU time natd used during the run (user + system, its waited-for
-    /// children such as the `conntrack` tool included), seconds.
+    /// children included), seconds.
     pub natd_cpu_secs: Option<f64>,
 }
 
