@@ -183,22 +183,9 @@ impl Dataplane {
     /// Attaches the tc egress learner to `name` (after XDP), so flows the kernel forwards are
     /// known to the fast path.
     pub fn attach_learner(&mut self, name: &str) -> Result<(), DataplaneError> {
-        if let Err(e) = aya::programs::tc::qdisc_add_clsact(name) {
-            // Already there, or not needed with tcx (kernel >= 6.6).
-            log::debug!("clsact on {name}: {e}");
-        }
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(LEARNER)
-            .ok_or(DataplaneError::MissingProgram)?
-            .try_into()
-            .map_err(DataplaneError::Program)?;
-        let id =
-            prog.attach(name, TcAttachType::Egress)
-                .map_err(|source| DataplaneError::Learner {
-                    iface: name.to_string(),
-                    source,
-                })?;
+        let id = self.attach_tc(name, LEARNER, TcAttachType::Egress, |iface, source| {
+            DataplaneError::Learner { iface, source }
+        })?;
         self.learners.retain(|(n, _)| n != name);
         self.learners.push((name.to_string(), id));
         Ok(())
@@ -207,24 +194,35 @@ impl Dataplane {
     /// Attaches the tc ingress marker to `name`, so the kernel accepts what XDP passes it of
     /// the flows the fast path admitted (see nat-ebpf/src/mark.rs).
     pub fn attach_marker(&mut self, name: &str) -> Result<(), DataplaneError> {
+        let id = self.attach_tc(name, MARKER, TcAttachType::Ingress, |iface, source| {
+            DataplaneError::Marker { iface, source }
+        })?;
+        self.markers.retain(|(n, _)| n != name);
+        self.markers.push((name.to_string(), id));
+        Ok(())
+    }
+
+    /// Attaches the tc program `program` to `name` at `at`, the interface's clsact qdisc
+    /// added first where needed; `failed` names what went wrong.
+    fn attach_tc(
+        &mut self,
+        name: &str,
+        program: &str,
+        at: TcAttachType,
+        failed: fn(String, ProgramError) -> DataplaneError,
+    ) -> Result<SchedClassifierLinkId, DataplaneError> {
         if let Err(e) = aya::programs::tc::qdisc_add_clsact(name) {
+            // Already there, or not needed with tcx (kernel >= 6.6).
             log::debug!("clsact on {name}: {e}");
         }
         let prog: &mut SchedClassifier = self
             .ebpf
-            .program_mut(MARKER)
+            .program_mut(program)
             .ok_or(DataplaneError::MissingProgram)?
             .try_into()
             .map_err(DataplaneError::Program)?;
-        let id =
-            prog.attach(name, TcAttachType::Ingress)
-                .map_err(|source| DataplaneError::Marker {
-                    iface: name.to_string(),
-                    source,
-                })?;
-        self.markers.retain(|(n, _)| n != name);
-        self.markers.push((name.to_string(), id));
-        Ok(())
+        prog.attach(name, at)
+            .map_err(|source| failed(name.to_string(), source))
     }
 
     fn detach_learners(&mut self) {
