@@ -113,6 +113,8 @@ pub struct KernelFlow {
 pub enum KernelConntrackError {
     #[error("ctnetlink (is nf_conntrack_netlink available?): {0}")]
     Socket(#[source] std::io::Error),
+    #[error("ctnetlink: {0}")]
+    Kernel(String),
     #[error("{path} (is nf_conntrack loaded?): {source}")]
     Sysctl {
         path: String,
@@ -328,8 +330,9 @@ impl Ctnetlink {
             .send(&out, 0)
             .map_err(KernelConntrackError::Socket)?;
         if sent != out.len() {
-            return Err(KernelConntrackError::Socket(std::io::Error::other(
-                format!("sent {sent} of {} bytes", out.len()),
+            return Err(KernelConntrackError::Kernel(format!(
+                "sent {sent} of {} bytes",
+                out.len()
             )));
         }
         // The kernel handled every request before `send` returned: what they drew is queued.
@@ -392,7 +395,7 @@ impl Ctnetlink {
             let mut at = 0;
             while at < n {
                 let msg = NetlinkBuffer::new_checked(&self.buf[at..n])
-                    .map_err(|e| KernelConntrackError::Socket(std::io::Error::other(e)))?;
+                    .map_err(|e| KernelConntrackError::Kernel(format!("a dump message: {e}")))?;
                 let len = msg.length() as usize;
                 match msg.message_type() {
                     NLMSG_DONE => return Ok(selected),
@@ -602,12 +605,10 @@ pub fn delete(sel: &Selection) -> Result<usize, KernelConntrackError> {
     }
     let failed = errors.iter().filter(|(_, e)| *e != libc::ENOENT).count();
     if let Some((_, errno)) = errors.iter().find(|(_, e)| *e != libc::ENOENT) {
-        return Err(KernelConntrackError::Socket(std::io::Error::other(
-            format!(
-                "the kernel refused {failed} of {} deletions: {}",
-                selected.len(),
-                std::io::Error::from_raw_os_error(*errno)
-            ),
+        return Err(KernelConntrackError::Kernel(format!(
+            "the kernel refused {failed} of {} deletions: {}",
+            selected.len(),
+            std::io::Error::from_raw_os_error(*errno)
         )));
     }
     Ok(selected.len() - errors.len())
