@@ -25,8 +25,8 @@ use std::{collections::HashSet, net::Ipv4Addr, path::Path};
 
 use nat_common::{TIMEOUT_SLOTS, conntrack::Timeout};
 use netlink_packet_core::{
-    DefaultNla, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, Nla as _, NlasIterator, Parseable as _,
+    DecodeError, DefaultNla, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _, NlasIterator, Parseable as _,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterProtoFamily, NetfilterSubsystem,
@@ -271,6 +271,32 @@ fn message(body: ConntrackMessage, seq: u32, flags: u16) -> NetlinkMessage<Netfi
     msg
 }
 
+/// The netlink messages of one datagram the kernel sent (each padded to 4 bytes), up to and
+/// including the first that cannot be read.
+fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<NetlinkBuffer<&[u8]>, DecodeError>> {
+    let mut at = Some(0);
+    std::iter::from_fn(move || {
+        let from = at.filter(|&a| a < datagram.len())?;
+        let msg = NetlinkBuffer::new_checked(&datagram[from..]);
+        at = match &msg {
+            Ok(m) if m.length() > 0 => Some(from + ((m.length() as usize + 3) & !3)),
+            _ => None,
+        };
+        Some(msg)
+    })
+}
+
+/// The error number an `NLMSG_ERROR` message carries (`None` for an acknowledgment or
+/// another message).
+fn errno_of(msg: &NetlinkBuffer<&[u8]>) -> Option<i32> {
+    if msg.message_type() != NLMSG_ERROR {
+        return None;
+    }
+    let c = msg.payload().get(..4)?;
+    let code = i32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+    (code != 0).then_some(-code)
+}
+
 /// A ctnetlink socket: requests go in batches, and only a failed one is answered (no
 /// `NLM_F_ACK`); requests are numbered so that an error names its request.
 struct Ctnetlink {
@@ -346,24 +372,13 @@ impl Ctnetlink {
                 }
                 Err(e) => return Err(KernelConntrackError::Socket(e)),
             };
-            let mut at = 0;
-            while at < n {
-                let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[at..n])
-                else {
-                    break;
-                };
-                let len = msg.header.length as usize;
-                if let NetlinkPayload::Error(e) = &msg.payload
-                    && let Some(code) = e.code
-                    && let Some(i) = (msg.header.sequence_number as usize).checked_sub(1)
+            for msg in messages(&self.buf[..n]).map_while(Result::ok) {
+                if let Some(errno) = errno_of(&msg)
+                    && let Some(i) = (msg.sequence_number() as usize).checked_sub(1)
                     && i < count
                 {
-                    errors.push((i, -code.get()));
+                    errors.push((i, errno));
                 }
-                if len == 0 {
-                    break;
-                }
-                at += (len + 3) & !3;
             }
         }
     }
@@ -392,24 +407,18 @@ impl Ctnetlink {
                 .socket
                 .recv(&mut &mut self.buf[..], 0)
                 .map_err(KernelConntrackError::Socket)?;
-            let mut at = 0;
-            while at < n {
-                let msg = NetlinkBuffer::new_checked(&self.buf[at..n])
-                    .map_err(|e| KernelConntrackError::Kernel(format!("a dump message: {e}")))?;
-                let len = msg.length() as usize;
+            for msg in messages(&self.buf[..n]) {
+                let msg =
+                    msg.map_err(|e| KernelConntrackError::Kernel(format!("a dump message: {e}")))?;
                 match msg.message_type() {
                     NLMSG_DONE => return Ok(selected),
                     NLMSG_ERROR => {
-                        let code = msg
-                            .payload()
-                            .get(..4)
-                            .map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
-                        if code == 0 {
-                            return Ok(selected);
-                        }
-                        return Err(KernelConntrackError::Socket(
-                            std::io::Error::from_raw_os_error(-code),
-                        ));
+                        return match errno_of(&msg) {
+                            Some(errno) => Err(KernelConntrackError::Socket(
+                                std::io::Error::from_raw_os_error(errno),
+                            )),
+                            None => Ok(selected),
+                        };
                     }
                     _ => {
                         let attrs = msg.payload().get(4..).unwrap_or_default();
@@ -422,10 +431,6 @@ impl Ctnetlink {
                         }
                     }
                 }
-                if len == 0 {
-                    break;
-                }
-                at += (len + 3) & !3;
             }
         }
     }
@@ -683,81 +688,53 @@ impl Ended {
 /// The flows the destroy events in `datagram` name: IPv4 ones, by their original tuples. An
 /// event that cannot be read is skipped (the rounds find its flow).
 fn ended_flows(datagram: &[u8]) -> Vec<KernelFlow> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < datagram.len() {
-        let Ok(msg) = NetlinkBuffer::new_checked(&datagram[at..]) else {
-            break;
-        };
-        let len = msg.length() as usize;
-        let delete = (u16::from(u8::from(NetfilterSubsystem::Conntrack)) << 8)
-            | u16::from(u8::from(ConntrackMessageType::Delete));
-        // nfgenmsg: the family first (AF_INET), then the attributes.
-        let payload = msg.payload();
-        if msg.message_type() == delete
-            && payload.len() >= 4
-            && payload[0] == u8::from(NetfilterProtoFamily::IPv4)
-            && let Some(f) = orig_tuple(&payload[4..])
-        {
-            out.push(f);
-        }
-        if len == 0 {
-            break;
-        }
-        at += (len + 3) & !3;
-    }
-    out
+    let delete = (u16::from(u8::from(NetfilterSubsystem::Conntrack)) << 8)
+        | u16::from(u8::from(ConntrackMessageType::Delete));
+    messages(datagram)
+        .map_while(Result::ok)
+        .filter(|msg| msg.message_type() == delete)
+        .filter_map(|msg| {
+            // nfgenmsg: the family first (AF_INET), then the attributes.
+            let payload = msg.payload();
+            (payload.len() >= 4 && payload[0] == u8::from(NetfilterProtoFamily::IPv4))
+                .then(|| orig_tuple(&payload[4..]))?
+        })
+        .collect()
 }
 
 /// The flow of the `CTA_TUPLE_ORIG` among `attrs` (an event's attributes).
 fn orig_tuple(attrs: &[u8]) -> Option<KernelFlow> {
-    let orig = NlasIterator::new(attrs)
-        .filter_map(Result::ok)
-        .find(|a| a.kind() & NLA_TYPE_MASK == CTA_TUPLE_ORIG)?;
-    let (mut src, mut dst, mut proto) = (None, None, None);
+    let orig = tuple_attr(attrs, CTA_TUPLE_ORIG)?;
+    let proto = proto_of(&orig)?;
+    // One fast-path flow stands for many kernel entries of these: the rounds judge it.
+    if keyed_by_address(proto) {
+        return None;
+    }
     let (mut sport, mut dport, mut icmp_id, mut icmp_type) = (None, None, None, None);
-    for t in NlasIterator::new(orig.value()) {
-        match Tuple::parse(&t.ok()?).ok()? {
-            Tuple::Ip(ips) => {
-                for ip in ips {
-                    match ip {
-                        IPTuple::SourceAddress(std::net::IpAddr::V4(a)) => src = Some(a),
-                        IPTuple::DestinationAddress(std::net::IpAddr::V4(a)) => dst = Some(a),
-                        _ => {}
+    let parts = orig.iter().filter_map(|t| match t {
+        Tuple::Proto(ps) => Some(ps),
+        _ => None,
+    });
+    for p in parts.flatten() {
+        match p {
+            ProtoTuple::SourcePort(v) => sport = Some(*v),
+            ProtoTuple::DestinationPort(v) => dport = Some(*v),
+            ProtoTuple::Other(nla) => {
+                let mut v = [0u8; 2];
+                match (nla.kind(), nla.value_len()) {
+                    (CTA_PROTO_ICMP_ID, 2) => {
+                        nla.emit_value(&mut v);
+                        icmp_id = Some(u16::from_be_bytes(v));
                     }
-                }
-            }
-            Tuple::Proto(ps) => {
-                for p in ps {
-                    match p {
-                        ProtoTuple::Protocol(p) => proto = Some(u8::from(p)),
-                        ProtoTuple::SourcePort(v) => sport = Some(v),
-                        ProtoTuple::DestinationPort(v) => dport = Some(v),
-                        ProtoTuple::Other(nla) => {
-                            let mut v = [0u8; 2];
-                            match (nla.kind(), nla.value_len()) {
-                                (CTA_PROTO_ICMP_ID, 2) => {
-                                    nla.emit_value(&mut v);
-                                    icmp_id = Some(u16::from_be_bytes(v));
-                                }
-                                (CTA_PROTO_ICMP_TYPE, 1) => {
-                                    nla.emit_value(&mut v[..1]);
-                                    icmp_type = Some(u16::from(v[0]));
-                                }
-                                _ => {}
-                            }
-                        }
-                        _ => {}
+                    (CTA_PROTO_ICMP_TYPE, 1) => {
+                        nla.emit_value(&mut v[..1]);
+                        icmp_type = Some(u16::from(v[0]));
                     }
+                    _ => {}
                 }
             }
             _ => {}
         }
-    }
-    let proto = proto?;
-    // One fast-path flow stands for many kernel entries of these: the rounds judge it.
-    if keyed_by_address(proto) {
-        return None;
     }
     // As [`tuple_of`] writes them: ports, or an echo's identifier and type.
     let (sport, dport) = match proto {
@@ -765,10 +742,11 @@ fn orig_tuple(attrs: &[u8]) -> Option<KernelFlow> {
         1 => (icmp_id?, icmp_type?),
         _ => (0, 0),
     };
+    let a = addrs(&orig);
     Some(KernelFlow {
         proto,
-        src: src?,
-        dst: dst?,
+        src: a.src?,
+        dst: a.dst?,
         sport,
         dport,
     })
