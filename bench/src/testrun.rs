@@ -21,7 +21,7 @@
 //! flows, opened by a three-way handshake (see [`tcp`]). Every measurement checks with
 //! `STATS` and `EVENTS` that the intended path ran on every repetition.
 pub mod measure;
-mod report;
+pub mod report;
 pub mod runs;
 pub mod setup;
 mod tcp;
