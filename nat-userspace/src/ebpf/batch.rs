@@ -9,26 +9,10 @@ use std::{
 };
 
 use aya::Pod;
+use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 /// Entries asked for per call; more when one bucket holds more (`ENOSPC`).
 const CHUNK: usize = 4096;
-
-/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h); the kernel reads this
-/// many bytes of it, and takes any it knows beyond them as zero.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Every entry of the hash map `fd` (keys `K`, values `V`, as the map declares them), read in
 /// batches. Entries added or removed while it reads may be missed or not, as with any walk
@@ -42,27 +26,31 @@ pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
     loop {
         let mut keys: Vec<K> = Vec::with_capacity(chunk);
         let mut values: Vec<V> = Vec::with_capacity(chunk);
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &raw const at as u64 },
-            out_batch: &raw mut next as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the kernel writes
-        // at most `count` keys and values into buffers of that capacity, `next`, and `count`.
+        // SAFETY: `bpf_attr` is a union of plain integers; all zero is the kernel's default
+        // for every member.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing the `batch` member of a zeroed union.
+        let b = unsafe { &mut attr.batch };
+        b.in_batch = if first { 0 } else { &raw const at as u64 };
+        b.out_batch = &raw mut next as u64;
+        b.keys = keys.as_mut_ptr() as u64;
+        b.values = values.as_mut_ptr() as u64;
+        b.count = chunk as u32;
+        b.map_fd = fd.as_raw_fd() as u32;
+        // SAFETY: `attr` is a `bpf_attr` of the size passed (its members beyond the batch's
+        // zero, as the kernel requires); the kernel writes at most `count` keys and values
+        // into buffers of that capacity, `next`, and `count`.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
+                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
                 &raw mut attr,
-                size_of::<BatchAttr>() as libc::c_uint,
+                size_of::<bpf_attr>() as libc::c_uint,
             )
         };
         let err = (rc < 0).then(io::Error::last_os_error);
-        let n = (attr.count as usize).min(chunk);
+        // SAFETY: the `batch` member, which the kernel wrote back.
+        let n = (unsafe { attr.batch.count } as usize).min(chunk);
         // SAFETY: the kernel initialised the first `n` keys and values (it reports how many
         // it copied in `count`, also on `ENOENT`), and both are plain data.
         unsafe {
