@@ -678,7 +678,10 @@ mod tests {
         assert!(line.contains("add up to 300.0 (260.0–340.0) ns"), "{line}");
         assert!(line.contains("in some runs only"), "{line}");
         let line = new_flow_floor(&[150.0, 140.0], &[80.0, 100.0], 300.0).unwrap();
-        assert!(line.contains("more than the whole target in every run"), "{line}");
+        assert!(
+            line.contains("more than the whole target in every run"),
+            "{line}"
+        );
         let line = new_flow_floor(&[50.0, 40.0], &[80.0, 100.0], 300.0).unwrap();
         assert!(line.contains("within the target in every run"), "{line}");
         assert_eq!(new_flow_floor(&[], &[], 300.0), None);
