@@ -66,6 +66,54 @@ fn timed_natctl(topo: &Topo, args: &[&str]) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// The kernel memory of each map natd pinned (`memlock` of its fdinfo, as natd logs it at
+/// start), largest first.
+fn map_memory(topo: &Topo) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let natd = topo.natd()?;
+    let mut out = Vec::new();
+    for m in nat_common::maps::MAPS {
+        let path = natd.pinned_map(m.name);
+        if !path.exists() {
+            continue;
+        }
+        let map = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let bytes = nat_userspace::ebpf::memlock(&map)
+            .with_context(|| format!("{}: no memlock in its fdinfo", m.name))?;
+        out.push((m.name, bytes));
+    }
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    Ok(out)
+}
+
+/// The memory table and its summary line.
+fn memory_report(maps: &[(&'static str, u64)]) -> (Table, String) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let total: u64 = maps.iter().map(|(_, b)| b).sum();
+    let mut t = Table::new(&["map", "MiB"]);
+    for (name, b) in maps {
+        t.row(vec![format!("`{name}`"), format!("{:.1}", *b as f64 / MIB)]);
+    }
+    t.row(vec![
+        format!("all {} pinned maps", maps.len()),
+        format!("{:.1}", total as f64 / MIB),
+    ]);
+    let largest: Vec<String> = maps
+        .iter()
+        .take(3)
+        .map(|(name, b)| format!("`{name}` {:.1}", *b as f64 / MIB))
+        .collect();
+    let line = format!(
+        "- natd's maps at its default sizes ({} flows, {} mappings) take {:.1} MiB of kernel \
+         memory as the kernel counts it, the largest {} MiB.",
+        nat_common::DEFAULT_CONNTRACK_SIZE,
+        nat_common::DEFAULT_MAPPINGS,
+        total as f64 / MIB,
+        largest.join(", ")
+    );
+    (t, line)
+}
+
 pub fn section(quick: bool) -> anyhow::Result<Section> {
     let (repeats, sizes, loop_secs): (usize, &[u32], f64) = if quick {
         (2, &[10_000], 10.0)
@@ -73,6 +121,7 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         (5, &[10_000, 100_000], 45.0)
     };
     let mut topo = Topo::new(Setup::Natd)?;
+    let (memory, memory_line) = memory_report(&map_memory(&topo)?);
     let mut t = Table::new(&[
         "operation",
         "mappings",
@@ -238,9 +287,26 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
                 ),
                 t2,
             ),
+            (
+                format!(
+                    "Kernel memory of natd's maps, natd started at its default sizes \
+                     (`[conntrack] size` {} flows, `[limits] mappings` {}): each pinned map's \
+                     `memlock` in its fdinfo, what the kernel charges for it (natd logs the \
+                     same at start):",
+                    nat_common::DEFAULT_CONNTRACK_SIZE,
+                    nat_common::DEFAULT_MAPPINGS
+                ),
+                memory,
+            ),
         ],
-        notes: target.join("\n") + "\n\n" + &failures + &loop_note + &shutdown_note,
-        summary: target,
+        notes: target.join("\n")
+            + "\n"
+            + &memory_line
+            + "\n\n"
+            + &failures
+            + &loop_note
+            + &shutdown_note,
+        summary: target.into_iter().chain([memory_line]).collect(),
         charts: vec![Chart {
             file: "control.svg".into(),
             title: "Time to apply N mappings with one natctl apply".into(),

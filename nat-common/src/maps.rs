@@ -47,6 +47,10 @@ pub enum Resize {
     /// A counter array: a pinned one of another size is re-created, its counts carried over
     /// slot by slot as far as both reach.
     Counters,
+    /// A cache natd sizes when it creates it (config): a pinned one of another capacity (a
+    /// power of two) is kept as it is, since its contents are not all in the table it caches
+    /// yet; the configured capacity applies when natd next creates the maps.
+    Keep,
 }
 
 /// One map of the program.
@@ -245,11 +249,26 @@ pub const CONFIG: MapSpec = MapSpec {
     flags: 0,
     resize: Resize::Fixed,
 };
-/// Slots of the one-line flow cache in front of [`FLOWS`] (a power of two; 64 MiB).
+/// Most slots of the one-line flow cache in front of [`FLOWS`] (a power of two; 64 MiB): the
+/// count at the default flow table size ([`slots_for`]).
 pub const SLOT_COUNT: u32 = 1 << 19;
-/// The program's global holding `SLOTS`' slot count minus one ([`SLOT_COUNT`] `- 1` unless
-/// the loader overrides it together with the map's capacity, as the tests do to make flows
-/// share slots).
+/// Fewest slots natd gives the flow cache.
+pub const MIN_SLOTS: u32 = 1 << 10;
+
+/// The flow cache's slot count for a flow table of `flows` flows: one slot per entry (two per
+/// flow), a power of two, from [`MIN_SLOTS`] to [`SLOT_COUNT`] (128 bytes each).
+pub const fn slots_for(flows: u32) -> u32 {
+    let entries = flows.saturating_mul(2);
+    if entries >= SLOT_COUNT {
+        return SLOT_COUNT;
+    }
+    let n = entries.next_power_of_two();
+    if n < MIN_SLOTS { MIN_SLOTS } else { n }
+}
+const _: () = assert!(slots_for(DEFAULT_CONNTRACK_SIZE) == SLOT_COUNT);
+/// The program's global holding `SLOTS`' slot count minus one: natd sets it with the map's
+/// capacity ([`slots_for`] its flow table, or a pinned cache's), as the tests do to make flows
+/// share slots; [`SLOT_COUNT`] `- 1` if no loader does.
 pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";
 /// The program's global that turns the flow cache on (1, the default) or off (0). Its
 /// sequence lock re-reads the sequence word with a plain load, which orders the copy before
@@ -257,7 +276,8 @@ pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";
 /// other architectures, where every packet then takes `FLOWS`.
 pub const SLOT_CACHE_GLOBAL: &str = "SLOT_CACHE";
 /// Slot index -> [`Slot`]: a copy of a `FLOWS` entry where its key hashes to, for the
-/// established path (see [`Slot`]). Written by the program only.
+/// established path (see [`Slot`]). Written by the program only. Sized by natd from the flow
+/// table ([`slots_for`]; its slot mask, [`SLOT_MASK_GLOBAL`], set to match).
 pub const SLOTS: MapSpec = MapSpec {
     name: "SLOTS",
     kind: MapKind::Array,
@@ -265,7 +285,7 @@ pub const SLOTS: MapSpec = MapSpec {
     value_size: size::<Slot>(),
     max_entries: SLOT_COUNT,
     flags: BPF_F_MMAPABLE,
-    resize: Resize::Fixed,
+    resize: Resize::Keep,
 };
 /// Index 0 -> [`LAYOUT_VERSION`] of the natd that created the pins. Never read by the
 /// program.
@@ -560,4 +580,30 @@ mod pod {
     unsafe impl aya::Pod for super::FwSvcData {}
     unsafe impl aya::Pod for super::EgSvcData {}
     unsafe impl aya::Pod for super::NatConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_cache_has_a_slot_per_flow_entry_within_its_bounds() {
+        assert_eq!(slots_for(DEFAULT_CONNTRACK_SIZE), SLOT_COUNT);
+        assert_eq!(slots_for(u32::MAX), SLOT_COUNT);
+        assert_eq!(slots_for(1 << 20), SLOT_COUNT);
+        assert_eq!(slots_for(16_384), 32_768);
+        assert_eq!(slots_for(20_000), 65_536);
+        assert_eq!(slots_for(100), MIN_SLOTS);
+        assert_eq!(slots_for(0), MIN_SLOTS);
+        for f in [
+            0, 1, 511, 512, 513, 65_535, 65_536, 200_000, 262_144, 262_145,
+        ] {
+            let n = slots_for(f);
+            assert!(
+                n.is_power_of_two() && (MIN_SLOTS..=SLOT_COUNT).contains(&n),
+                "{f}"
+            );
+            assert!(n >= f.saturating_mul(2).min(SLOT_COUNT), "{f}");
+        }
+    }
 }

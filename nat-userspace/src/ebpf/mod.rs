@@ -45,8 +45,8 @@ use nat_common::{
     Counter, EG_SVC_BASE_BITS, EgSvcData, Event, FW_SRC_BASE_BITS, FW_SVC_BASE_BITS, FlowEntry,
     FlowKey, FlowTuple, FwSrcData, FwSvcData, IfaceConfig, MAP_CONFIG, MAP_DEVMAP, MAP_EG_DST,
     MAP_EG_SRC, MAP_EG_SVC, MAP_EVENTS, MAP_FLOWS, MAP_FW_SRC, MAP_FW_SVC, MAP_IFACES,
-    MAP_MAPPING_STATS, MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_STATS, MappingStats,
-    NatConfig, NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
+    MAP_MAPPING_STATS, MAP_META, MAP_NAT_IN, MAP_NAT_OUT, MAP_PENDING, MAP_SLOTS, MAP_STATS,
+    MappingStats, NatConfig, NatValue, ROLE_GUEST, ROLE_PUBLIC, Reason, RuleBits, maps as spec,
 };
 
 use crate::{
@@ -79,6 +79,11 @@ pub enum DataplaneError {
     },
     #[error("the XDP object has no program {PROGRAM}")]
     MissingProgram,
+    #[error(
+        "the flow cache SLOTS has {map} slots, but the program was loaded to use {loaded}; \
+         natd does not run a cache it would use in part"
+    )]
+    SlotCount { map: u32, loaded: u32 },
     #[error(transparent)]
     Slots(#[from] SlotViewError),
     #[error("map {map}: {source}")]
@@ -247,6 +252,7 @@ impl Sizes {
             MAP_FLOWS => self.flows.saturating_mul(2),
             MAP_PENDING => self.flows.max(2),
             MAP_NAT_IN | MAP_NAT_OUT | MAP_MAPPING_STATS => self.mappings,
+            MAP_SLOTS => spec::slots_for(self.flows),
             _ => return None,
         })
     }
@@ -302,6 +308,16 @@ pub fn all_subnets() -> Vec<(String, (std::net::Ipv4Addr, u32))> {
     .collect()
 }
 
+/// The `memlock` line of the map's fdinfo: the bytes the kernel charges for it.
+pub fn memlock(map: &MapData) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The error of a map operation on `map`.
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
@@ -335,6 +351,12 @@ impl Dataplane {
                  looks its flow up in FLOWS"
             );
         }
+        let mut plan = Vec::new();
+        if let Some(p) = &pins {
+            plan = adopt::read_pins(p, &sizes)?;
+            migrate::check_fit(p, &plan)?;
+            migrate::clear_staging(p)?;
+        }
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(spec::SLOT_CACHE_GLOBAL, &cache, true);
         for m in spec::MAPS {
@@ -342,11 +364,23 @@ impl Dataplane {
                 loader.map_max_entries(m.name, n);
             }
         }
-        let mut plan = Vec::new();
+        // The flow cache's slot mask matches the map the program gets: the configured one,
+        // or a pinned one kept at its capacity.
+        let slots = match plan.iter().find(|(m, _)| m.name == MAP_SLOTS) {
+            Some((_, plan::Action::Keep { kept, wanted })) => {
+                log::info!(
+                    "kept the pinned SLOTS at {kept} slots ([conntrack] size asks for \
+                     {wanted}): the flow cache takes the configured size when natd next \
+                     creates the fast path's maps"
+                );
+                *kept
+            }
+            _ => spec::slots_for(sizes.flows),
+        };
+        let slot_mask = slots - 1;
+        loader.map_max_entries(MAP_SLOTS, slots);
+        loader.override_global(spec::SLOT_MASK_GLOBAL, &slot_mask, true);
         if let Some(p) = &pins {
-            plan = adopt::read_pins(p, &sizes)?;
-            migrate::check_fit(p, &plan)?;
-            migrate::clear_staging(p)?;
             for (m, action) in &plan {
                 loader.map_pin_path(m.name, migrate::pin_path(p, m.name, *action));
             }
@@ -357,6 +391,17 @@ impl Dataplane {
             Some(p) if plan.iter().any(|(_, a)| a.migrates()) => migrate::finish(loaded, p, &plan)?,
             _ => loaded?,
         };
+        // The program masks slot indices by what natd told it: the map must be that size.
+        let map = match dp.map(MAP_SLOTS)? {
+            aya::maps::Map::Array(d) => d.info().map_err(map_err(MAP_SLOTS))?.max_entries(),
+            _ => return Err(DataplaneError::MissingMap(MAP_SLOTS)),
+        };
+        if map.checked_sub(1) != Some(slot_mask) {
+            return Err(DataplaneError::SlotCount {
+                map,
+                loaded: slot_mask.wrapping_add(1),
+            });
+        }
         dp.stamp_layout()?;
         Ok(dp)
     }
@@ -406,6 +451,33 @@ impl Dataplane {
     /// The capacities the maps were loaded with.
     pub fn sizes(&self) -> Sizes {
         self.sizes
+    }
+
+    /// The kernel memory each of the program's maps takes, as the kernel counts it (the
+    /// `memlock` of its fdinfo: an estimate from the map's sizes before Linux 6.4, the
+    /// map's own account from 6.4), largest first; maps the kernel says nothing of are left
+    /// out.
+    pub fn memory(&self) -> Vec<(String, u64)> {
+        use aya::maps::Map;
+        let mut out: Vec<(String, u64)> = self
+            .ebpf
+            .maps()
+            .filter_map(|(name, m)| {
+                let data = match m {
+                    Map::Array(d)
+                    | Map::PerCpuArray(d)
+                    | Map::HashMap(d)
+                    | Map::LruHashMap(d)
+                    | Map::LpmTrie(d)
+                    | Map::DevMapHash(d)
+                    | Map::Unsupported(d) => d,
+                    _ => return None,
+                };
+                Some((name.to_string(), memlock(data)?))
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     /// Whether the maps were adopted from pins left by an earlier natd.

@@ -59,6 +59,9 @@ pub enum Action {
     /// A table natd sizes at load, of another capacity: re-created with room for `to`
     /// entries, the entries copied.
     Entries { from: u32, to: u32 },
+    /// A cache of another capacity ([`Resize::Keep`]): used as it is, with its `kept`
+    /// capacity; the configured `wanted` one applies when natd next creates the maps.
+    Keep { kept: u32, wanted: u32 },
     /// A table of the earlier layout `layout` whose values changed: re-created with room for
     /// `to` entries (`from` pinned), each entry converted `how`.
     Convert {
@@ -201,6 +204,15 @@ pub fn decide(m: &MapSpec, found: Shape, want_max: u32) -> Result<Action, Vec<Mi
     if from != to && m.resize == Resize::Fixed {
         differ("capacity", from.to_string(), to.to_string());
     }
+    // A cache's slot is its key's hash masked: any power of two up to the layout's most.
+    if from != to && m.resize == Resize::Keep && !(from.is_power_of_two() && from <= m.max_entries)
+    {
+        differ(
+            "capacity",
+            from.to_string(),
+            format!("{to}, or a power of two up to {}", m.max_entries),
+        );
+    }
     if !out.is_empty() {
         return Err(out);
     }
@@ -208,6 +220,10 @@ pub fn decide(m: &MapSpec, found: Shape, want_max: u32) -> Result<Action, Vec<Mi
         _ if from == to => Action::Adopt,
         Resize::Counters => Action::Counters { from, to },
         Resize::Copy => Action::Entries { from, to },
+        Resize::Keep => Action::Keep {
+            kept: from,
+            wanted: to,
+        },
         Resize::Fixed => unreachable!("a fixed capacity that differs is a mismatch"),
     })
 }

@@ -267,7 +267,7 @@ fn layout_3_gets_the_flow_cache_created_its_events_resized_and_the_rest_adopted(
     // A SLOTS of another shape is not this layout's: refused.
     let pins = with(layout_3(), "SLOTS", |p| {
         p.found = Some(Shape {
-            max_entries: 1024,
+            max_entries: 1000,
             ..shape(&spec::SLOTS)
         })
     });
@@ -275,10 +275,55 @@ fn layout_3_gets_the_flow_cache_created_its_events_resized_and_the_rest_adopted(
     assert_eq!(
         texts(&r),
         [format!(
-            "SLOTS: capacity found 1024, wanted {}",
+            "SLOTS: capacity found 1000, wanted {0}, or a power of two up to {0}",
             spec::SLOT_COUNT
         )]
     );
+}
+
+#[test]
+fn a_flow_cache_of_another_capacity_is_kept_as_pinned_if_the_program_can_mask_it() {
+    // Smaller or larger than a new `[conntrack] size` asks for: kept, not re-created (its
+    // slots hold what `FLOWS` does not yet).
+    for (found, want) in [(1024, spec::SLOT_COUNT), (spec::SLOT_COUNT, 32_768)] {
+        let pins = with(all_as_wanted(), "SLOTS", |p| {
+            p.found.as_mut().unwrap().max_entries = found;
+            p.want_max = want;
+        });
+        let p = plan(&pins, V).unwrap();
+        assert_eq!(
+            actions(&p),
+            [(
+                "SLOTS",
+                Action::Keep {
+                    kept: found,
+                    wanted: want
+                }
+            )]
+        );
+        assert!(
+            !Action::Keep {
+                kept: found,
+                wanted: want
+            }
+            .migrates()
+        );
+    }
+    // A capacity the slot mask cannot cover, or beyond the layout's most: refused.
+    for found in [3000, 2 * spec::SLOT_COUNT] {
+        let pins = with(all_as_wanted(), "SLOTS", |p| {
+            p.found.as_mut().unwrap().max_entries = found;
+            p.want_max = 32_768;
+        });
+        let r = plan(&pins, V).unwrap_err();
+        assert_eq!(
+            texts(&r),
+            [format!(
+                "SLOTS: capacity found {found}, wanted 32768, or a power of two up to {}",
+                spec::SLOT_COUNT
+            )]
+        );
+    }
 }
 
 #[test]

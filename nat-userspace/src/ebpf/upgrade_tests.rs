@@ -368,8 +368,57 @@ fn pinned_slots(pins: &TmpPins) -> (u32, u32, u32) {
     (info.max_entries(), info.value_size(), info.map_flags())
 }
 
-const SLOTS_AS_WANTED: (u32, u32, u32) =
-    (spec::SLOT_COUNT, spec::SLOTS.value_size, spec::SLOTS.flags);
+/// `SLOTS` as natd creates it for a flow table of `flows` flows.
+const fn slots_as_wanted(flows: u32) -> (u32, u32, u32) {
+    (
+        spec::slots_for(flows),
+        spec::SLOTS.value_size,
+        spec::SLOTS.flags,
+    )
+}
+
+/// Writes `e` keyed `t` into its slot of the pinned `SLOTS` (of `count` slots), as the
+/// program fills a slot: what fast packets change lives there until merged.
+fn put_in_slot(pins: &TmpPins, count: u32, t: &FlowTuple, e: FlowEntry) {
+    let m = aya::maps::Map::Array(MapData::from_pin(pins.0.map(MAP_SLOTS)).unwrap());
+    let mut slots = Array::<_, nat_common::Slot>::try_from(m).unwrap();
+    let slot = nat_common::Slot { key: *t, entry: e };
+    slots
+        .set(nat_common::slot_index(t, count - 1), slot, 0)
+        .unwrap();
+}
+
+#[test]
+fn the_flow_cache_is_sized_by_the_flow_table_and_kept_at_its_pinned_size() {
+    let pins = TmpPins::new("slots");
+    let mut dp = pins.open(16, 8).unwrap();
+    insert_flow(&mut dp, 1);
+    drop(dp);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(16));
+    let small = spec::slots_for(16);
+    // A fast packet's later last-seen time, in the flow's slot only.
+    let mut e = flow_table(&mut pins.open(16, 8).unwrap(), MAP_FLOWS)[&tuple(1)];
+    e.last_seen = 5000;
+    put_in_slot(&pins, small, &tuple(1), e);
+
+    // A larger flow table asks for more slots: the pinned cache is kept, and read with its
+    // own slot count (the slot still merges into its flow).
+    assert!(spec::slots_for(4096) > small);
+    let mut dp = pins.open(4096, 8).unwrap();
+    assert_eq!(pins.capacity(MAP_FLOWS), 8192);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(16));
+    assert_eq!(
+        dp.flow_entry(&tuple(1)).unwrap().map(|e| e.last_seen),
+        Some(5000)
+    );
+    drop(dp);
+    drop(pins);
+    // Created afresh, the cache has the flow table's size.
+    let pins = TmpPins::new("slots-fresh");
+    drop(pins.open(4096, 8).unwrap());
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(4096));
+    assert_eq!(spec::slots_for(4096), 8192);
+}
 
 #[test]
 fn layout_3_pins_are_adopted_and_the_flow_cache_created() {
@@ -399,7 +448,7 @@ fn layout_3_pins_are_adopted_and_the_flow_cache_created() {
     assert_eq!(flow_keys(&mut dp), [1, 2, 1001, 1002]);
     assert_eq!(dp.nat_map(MAP_NAT_IN).unwrap().get(&9, 0).unwrap(), v);
     assert_eq!(pinned_events(&pins), upgraded_events());
-    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(16));
     assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
     assert!(
         !pins.pins().iter().any(|p| p.ends_with("_migrating")),
@@ -411,7 +460,7 @@ fn layout_3_pins_are_adopted_and_the_flow_cache_created() {
     let mut dp = pins.open(16, 8).unwrap();
     assert_eq!(flow_table(&mut dp, MAP_FLOWS), flows);
     assert_eq!(pinned_events(&pins), upgraded_events());
-    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(16));
 }
 
 #[test]
@@ -453,7 +502,7 @@ fn layout_2_flows_are_converted_and_the_other_maps_adopted() {
     assert_eq!(dp.nat_map(MAP_NAT_IN).unwrap().get(&9, 0).unwrap(), v);
     assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
     assert_eq!(pinned_events(&pins), upgraded_events());
-    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(2));
     assert_eq!(
         (pins.capacity(MAP_FLOWS), pins.capacity(MAP_PENDING)),
         (4, 2)
@@ -492,7 +541,7 @@ fn an_upgrade_that_stopped_midway_is_completed() {
         pending.iter().map(|(k, e)| (*k, as_v3(e))).collect();
     assert_eq!(flow_table(&mut dp, MAP_PENDING), want);
     assert_eq!(pinned_events(&pins), upgraded_events());
-    assert_eq!(pinned_slots(&pins), SLOTS_AS_WANTED);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(16));
     assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
 }
 

@@ -82,6 +82,18 @@ pub(super) async fn start(opts: Options) -> Result<Natd, StartError> {
     raise_memlock();
     let pins = PinDir::prepare(&opts.bpffs)?;
     let mut dataplane = Dataplane::open(crate::EBPF_OBJECT, sizes, Some(pins))?;
+    let maps = dataplane.memory();
+    info!("{}", memory_line(&maps));
+    let taken: u64 = maps.iter().map(|(_, b)| b).sum();
+    if let Some(total) = mem_total()
+        && taken > total / 4
+    {
+        warn!(
+            "the fast path's maps take more than a quarter of this machine's {} MiB of memory: \
+             a smaller `[conntrack] size` (or `[limits] mappings`) leaves the rest more room",
+            total / (1024 * 1024)
+        );
+    }
     let adopted = dataplane.adopted();
     let (installed, tables) = if adopted {
         // An adopted fast path is left as it runs whatever fails from here.
@@ -329,5 +341,60 @@ fn abandon(ctl: &mut NatController) {
         && let Err(e) = p.remove_all()
     {
         warn!("removing the pins: {e}");
+    }
+}
+
+/// What the fast path's maps take of the kernel's memory (`(map, bytes)`, largest first):
+/// the total and the three largest maps.
+fn memory_line(maps: &[(String, u64)]) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let total: u64 = maps.iter().map(|(_, b)| b).sum();
+    let largest: Vec<String> = maps
+        .iter()
+        .take(3)
+        .map(|(name, b)| format!("{name} {:.1} MiB", *b as f64 / MIB))
+        .collect();
+    format!(
+        "the fast path's {} maps take {:.1} MiB of kernel memory ({}; `[conntrack] size` sizes \
+         FLOWS, PENDING and SLOTS)",
+        maps.len(),
+        total as f64 / MIB,
+        largest.join(", ")
+    )
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo).
+fn mem_total() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_line_names_the_total_and_the_largest_maps() {
+        let mib = 1024 * 1024;
+        let maps = [
+            ("FLOWS".to_string(), 96 * mib),
+            ("SLOTS".to_string(), 64 * mib),
+            ("PENDING".to_string(), 48 * mib),
+            ("CONFIG".to_string(), mib / 2),
+        ];
+        assert_eq!(
+            memory_line(&maps),
+            "the fast path's 4 maps take 208.5 MiB of kernel memory (FLOWS 96.0 MiB, SLOTS 64.0 \
+             MiB, PENDING 48.0 MiB; `[conntrack] size` sizes FLOWS, PENDING and SLOTS)"
+        );
+        assert!(mem_total().is_some_and(|b| b > 0));
     }
 }

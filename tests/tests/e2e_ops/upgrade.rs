@@ -27,6 +27,14 @@ fn pin(topo: &Topology, name: &str) -> PathBuf {
     Natd::pin_dir(topo).join("maps").join(name)
 }
 
+/// The program's slot hits so far (`Event::SlotHit` in the pinned `EVENTS`, all CPUs).
+fn slot_hits(topo: &Topology) -> anyhow::Result<u64> {
+    let events = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
+        MapData::from_pin(pin(topo, "EVENTS"))?,
+    ))?;
+    Ok(events.get(&(Event::SlotHit as u32), 0)?.iter().sum())
+}
+
 /// Starts natd with `config`, leaving its fast path behind when it stops, and stops it.
 fn leave_pins(topo: &Topology, config: &str) -> anyhow::Result<()> {
     let mut natd = Natd::start_with(
@@ -90,7 +98,8 @@ fn pins_and_programs(topo: &Topology) -> anyhow::Result<BTreeMap<String, String>
 /// natd stopped (fast path left running) while pings stream to P and a TCP connection sends,
 /// then started with more mappings and a larger connection table: `NAT_IN`, `NAT_OUT`,
 /// `MAPPING_STATS`, `FLOWS` and `PENDING` are re-created at the new sizes with their entries
-/// and counts. No echo request goes unanswered, the connection delivers every byte, its flow
+/// and counts; the flow cache (`SLOTS`) is kept at the size the first natd gave it, and
+/// its slots serve the echoes. No echo request goes unanswered, the connection delivers every byte, its flow
 /// is still listed and no flow was created again (the copies carried the traffic), the
 /// mapping's counters and the forwarded counts went on from where they were by at least what
 /// crossed since, through XDP (no pass reason grew).
@@ -139,11 +148,31 @@ fn other_mapping_and_connection_table_sizes_are_migrated_with_flows_and_counts()
         "migrated the pinned MAPPING_STATS: 256 -> 512 slots, the counts of 256 carried over",
         "migrated the pinned FLOWS: 2048 -> 4096 entries",
         "migrated the pinned PENDING: 1024 -> 2048 entries",
+        "kept the pinned SLOTS at 2048 slots ([conntrack] size asks for 4096)",
     ] {
         assert!(log.contains(line), "the log lacks {line:?}:\n{log}");
     }
+    assert!(
+        log.contains("maps take") && log.contains("MiB of kernel memory (FLOWS"),
+        "natd does not say what its maps take (the flow table the largest):\n{log}"
+    );
+    let slots = MapInfo::from_pin(pin(&topo, "SLOTS"))?.max_entries();
+    assert_eq!(
+        slots,
+        nat_common::maps::slots_for(1024),
+        "the flow cache the first natd made for its table"
+    );
     let natctl = second.natctl()?;
+    let (replied0, hits0) = (pings.replied(), slot_hits(&topo)?);
     progress(&pings, &transfer)?;
+    // Each echo answered since crossed the fast path twice, request and reply, each from its
+    // slot of the kept cache but once per refill.
+    let replied = pings.replied() - replied0;
+    let hits = slot_hits(&topo)? - hits0;
+    assert!(
+        hits >= replied,
+        "{hits} slot hits while {replied} echo requests were answered"
+    );
     assert_eq!(status(&natctl)?["flow_capacity"], 2048);
     let flow_after = transfer_flow(&natctl.flows()?.flows, client_port)
         .context("the transfer's flow is not tracked after the upgrade")?;
