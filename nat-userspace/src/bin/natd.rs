@@ -121,6 +121,12 @@ fn flag_hint(e: &StartError) -> Option<&'static str> {
         StartError::Dataplane(DataplaneError::AttachNative { .. }) => {
             Some("if its driver has no native XDP support, run natd with --xdp-mode generic")
         }
+        StartError::Dataplane(DataplaneError::Load(aya::EbpfError::MapError(
+            aya::maps::MapError::CreateError { io_error, .. },
+        ))) if io_error.raw_os_error() == Some(libc::ENOMEM) => Some(
+            "the fast path's tables are allocated whole when natd creates them: a smaller \
+             `[conntrack] size` (or `[limits] mappings`) needs less memory",
+        ),
         StartError::CloudstackDir { .. } => Some("(--cloudstack-dir)"),
         StartError::MetricsAddress { .. } => Some("(--metrics-addr)"),
         StartError::KernelTracking(_) => Some("(--policy kernel)"),
@@ -209,4 +215,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!("(--detach-on-exit would remove the fast path instead)");
     }
     Ok(natd.stop(exit).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_the_kernel_has_no_memory_for_names_the_setting_that_sizes_it() {
+        let create = |errno| {
+            StartError::Dataplane(DataplaneError::Load(aya::EbpfError::MapError(
+                aya::maps::MapError::CreateError {
+                    name: "FLOWS".into(),
+                    io_error: std::io::Error::from_raw_os_error(errno),
+                },
+            )))
+        };
+        let msg = exit_message(&anyhow::Error::new(create(libc::ENOMEM)));
+        assert!(
+            msg.starts_with(
+                "cannot load the XDP object: map error: failed to create map `FLOWS`: Cannot \
+                 allocate memory"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(
+                "a smaller `[conntrack] size` (or `[limits] mappings`) needs less memory"
+            ),
+            "{msg}"
+        );
+        assert_eq!(flag_hint(&create(libc::EPERM)), None);
+    }
 }
