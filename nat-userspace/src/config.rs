@@ -23,7 +23,7 @@
 //! mappings = 65536              # counter slots and translation-map capacity
 //!
 //! [conntrack]
-//! size = 262144                 # assured flows; half as many more may be pending
+//! size = 262144                 # assured flows; half as many more may be pending (unset: `default_flows`)
 //! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
 //!
@@ -240,12 +240,21 @@ impl Config {
     }
 
     /// Connection table size and idle timeouts (ns, by timer slot), netfilter's defaults where unset.
-    pub fn conntrack(&self, path: &Path) -> Result<(u32, [u64; TIMEOUT_SLOTS]), ConfigError> {
+    /// The flow table's size and the timeouts; without `[conntrack] size`, the size for a
+    /// machine of `mem_total` bytes ([`default_flows`]).
+    pub fn conntrack(
+        &self,
+        path: &Path,
+        mem_total: Option<u64>,
+    ) -> Result<(u32, [u64; TIMEOUT_SLOTS]), ConfigError> {
         let setting = |what: String| ConfigError::Setting {
             path: path.into(),
             what,
         };
-        let size = self.conntrack.size.unwrap_or(DEFAULT_CONNTRACK_SIZE);
+        let size = self
+            .conntrack
+            .size
+            .unwrap_or_else(|| default_flows(mem_total));
         if size == 0 {
             return Err(setting("conntrack.size must be at least 1".into()));
         }
@@ -272,6 +281,42 @@ impl Config {
     }
 }
 
+/// Fewest flows [`default_flows`] gives a small machine.
+pub const MIN_DEFAULT_FLOWS: u32 = 4096;
+/// The kernel's header of each preallocated LRU hash element (`struct htab_elem` and its LRU
+/// node), rounded up: an estimate, for [`flow_table_bytes`].
+const HTAB_ELEM_OVERHEAD: u64 = 64;
+
+/// About what the flow tables of `flows` flows take of the kernel's memory: `FLOWS` and
+/// `PENDING` (preallocated, key, value and the kernel's element header) and `SLOTS`.
+pub fn flow_table_bytes(flows: u32) -> u64 {
+    use nat_common::{MAP_FLOWS, MAP_PENDING, MAP_SLOTS, maps};
+    let sizes = crate::ebpf::Sizes {
+        flows,
+        mappings: nat_common::DEFAULT_MAPPINGS,
+    };
+    let count = |m| u64::from(sizes.of(m).unwrap_or(0));
+    let elem = u64::from(maps::FLOWS.key_size + maps::FLOWS.value_size) + HTAB_ELEM_OVERHEAD;
+    (count(MAP_FLOWS) + count(MAP_PENDING)) * elem
+        + count(MAP_SLOTS) * u64::from(maps::SLOTS.value_size)
+}
+
+/// `[conntrack] size` when the config does not set it: [`DEFAULT_CONNTRACK_SIZE`] flows, halved
+/// (down to [`MIN_DEFAULT_FLOWS`]) while their tables would take more than a sixteenth of the
+/// machine's `mem_total` bytes, as netfilter sizes its own table by the machine's memory (a
+/// router of 1 GiB gets 65,536 flows, as netfilter's own default there); the default itself
+/// when the memory is unknown.
+pub fn default_flows(mem_total: Option<u64>) -> u32 {
+    let Some(mem) = mem_total else {
+        return DEFAULT_CONNTRACK_SIZE;
+    };
+    let mut flows = DEFAULT_CONNTRACK_SIZE;
+    while flows > MIN_DEFAULT_FLOWS && flow_table_bytes(flows) > mem / 16 {
+        flows /= 2;
+    }
+    flows
+}
+
 /// netfilter's default idle timeouts, in ns, by timer slot.
 pub fn default_timeouts() -> [u64; TIMEOUT_SLOTS] {
     Timeout::ALL.map(|t| t.default_secs() * 1_000_000_000)
@@ -280,6 +325,30 @@ pub fn default_timeouts() -> [u64; TIMEOUT_SLOTS] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_size_the_flow_table_follows_the_machines_memory() {
+        const GIB: u64 = 1 << 30;
+        // Unknown memory, or plenty: the default.
+        assert_eq!(default_flows(None), DEFAULT_CONNTRACK_SIZE);
+        assert_eq!(default_flows(Some(24 * GIB)), DEFAULT_CONNTRACK_SIZE);
+        assert_eq!(default_flows(Some(4 * GIB)), DEFAULT_CONNTRACK_SIZE);
+        // netfilter's own count on a router of 1 GiB, and smaller routers less.
+        assert_eq!(default_flows(Some(GIB)), 65_536);
+        assert_eq!(default_flows(Some(GIB / 2)), 32_768);
+        assert_eq!(default_flows(Some(GIB / 4)), 16_384);
+        assert_eq!(default_flows(Some(1 << 20)), MIN_DEFAULT_FLOWS);
+        for mem in [GIB / 4, GIB / 2, GIB, 2 * GIB, 4 * GIB] {
+            let f = default_flows(Some(mem));
+            assert!(flow_table_bytes(f) <= mem / 16, "{mem}: {f}");
+            assert!(f == DEFAULT_CONNTRACK_SIZE || flow_table_bytes(2 * f) > mem / 16);
+        }
+        // A size the file sets is kept whatever the memory.
+        let c = Config::parse(p(), "[conntrack]\nsize = 262144\n").unwrap();
+        assert_eq!(c.conntrack(p(), Some(GIB / 4)).unwrap().0, 262_144);
+        let c = Config::parse(p(), "").unwrap();
+        assert_eq!(c.conntrack(p(), Some(GIB / 4)).unwrap().0, 16_384);
+    }
 
     fn p() -> &'static Path {
         Path::new("natd.toml")
@@ -365,7 +434,7 @@ mod tests {
             e.to_string().contains("rule #2") && e.to_string().contains("source CIDRs"),
             "{e}"
         );
-        let (size, t) = c.conntrack(p()).unwrap();
+        let (size, t) = c.conntrack(p(), Some(1 << 28)).unwrap();
         assert_eq!(size, 1024);
         assert_eq!(t[Timeout::UdpUnreplied as usize], 5_000_000_000);
         assert_eq!(t[Timeout::TcpEstablished as usize], 432_000_000_000_000);
@@ -385,7 +454,7 @@ mod tests {
         assert!(
             Config::parse(p(), &bad)
                 .unwrap()
-                .conntrack(p())
+                .conntrack(p(), None)
                 .unwrap_err()
                 .to_string()
                 .contains("udp_forever")

@@ -38,7 +38,16 @@ pub(super) async fn start(opts: Options) -> Result<Natd, StartError> {
         None => Config::default(),
     };
     let path = opts.config.clone().unwrap_or_default();
-    let (ct_size, timeouts_ns) = config.conntrack(&path)?;
+    let mem = mem_total();
+    let (ct_size, timeouts_ns) = config.conntrack(&path, mem)?;
+    if config.conntrack.size.is_none() && ct_size < nat_common::DEFAULT_CONNTRACK_SIZE {
+        info!(
+            "no `[conntrack] size` set: the flow table holds {ct_size} flows, the default {} \
+             halved until its tables take at most a sixteenth of this machine's {} MiB",
+            nat_common::DEFAULT_CONNTRACK_SIZE,
+            mem.unwrap_or(0) / (1024 * 1024)
+        );
+    }
     let sizes = Sizes {
         flows: ct_size,
         mappings: config.mappings(&path)?,
@@ -85,7 +94,7 @@ pub(super) async fn start(opts: Options) -> Result<Natd, StartError> {
     let maps = dataplane.memory();
     info!("{}", memory_line(&maps));
     let taken: u64 = maps.iter().map(|(_, b)| b).sum();
-    if let Some(total) = mem_total()
+    if let Some(total) = mem
         && taken > total / 4
     {
         warn!(
