@@ -23,7 +23,7 @@
 //! mappings = 65536              # counter slots and translation-map capacity
 //!
 //! [conntrack]
-//! size = 262144                 # assured flows; half as many more may be pending (unset: `default_flows`)
+//! size = 262144                 # assured flows (unset: by memory, `default_flows`)
 //! timeouts = { tcp_established = 432000, udp_unreplied = 30 }
 //! ```
 //!
