@@ -86,8 +86,16 @@ fn map_memory(topo: &Topo) -> anyhow::Result<Vec<(&'static str, u64)>> {
     Ok(out)
 }
 
-/// The memory table and its summary line.
-fn memory_report(maps: &[(&'static str, u64)]) -> (Table, String) {
+/// natd's flow table size (`natctl status`): the default it chose for this machine.
+fn flow_capacity(topo: &Topo) -> anyhow::Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(&topo.natd()?.natctl(&["status", "--json"])?)?;
+    v["flow_capacity"]
+        .as_u64()
+        .context("natctl status: no flow_capacity")
+}
+
+/// The memory table and its summary line (`flows`: natd's flow table size).
+fn memory_report(maps: &[(&'static str, u64)], flows: u64) -> (Table, String) {
     const MIB: f64 = 1024.0 * 1024.0;
     let total: u64 = maps.iter().map(|(_, b)| b).sum();
     let mut t = Table::new(&["map", "MiB"]);
@@ -104,9 +112,8 @@ fn memory_report(maps: &[(&'static str, u64)]) -> (Table, String) {
         .map(|(name, b)| format!("`{name}` {:.1}", *b as f64 / MIB))
         .collect();
     let line = format!(
-        "- natd's maps at its default sizes ({} flows, {} mappings) take {:.1} MiB of kernel \
-         memory as the kernel counts it, the largest {} MiB.",
-        nat_common::DEFAULT_CONNTRACK_SIZE,
+        "- natd's maps at its default sizes ({flows} flows, {} mappings) take {:.1} MiB of \
+         kernel memory as the kernel counts it, the largest {} MiB.",
         nat_common::DEFAULT_MAPPINGS,
         total as f64 / MIB,
         largest.join(", ")
@@ -121,7 +128,8 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         (5, &[10_000, 100_000], 45.0)
     };
     let mut topo = Topo::new(Setup::Natd)?;
-    let (memory, memory_line) = memory_report(&map_memory(&topo)?);
+    let flows = flow_capacity(&topo)?;
+    let (memory, memory_line) = memory_report(&map_memory(&topo)?, flows);
     let mut t = Table::new(&[
         "operation",
         "mappings",
@@ -289,11 +297,10 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
             ),
             (
                 format!(
-                    "Kernel memory of natd's maps, natd started at its default sizes \
-                     (`[conntrack] size` {} flows, `[limits] mappings` {}): each pinned map's \
-                     `memlock` in its fdinfo, what the kernel charges for it (natd logs the \
-                     same at start):",
-                    nat_common::DEFAULT_CONNTRACK_SIZE,
+                    "Kernel memory of natd's maps, natd started at its default sizes (a flow \
+                     table of {flows} flows, as `natctl status` reports it on this machine; \
+                     `[limits] mappings` {}): each pinned map's `memlock` in its fdinfo, what \
+                     the kernel charges for it (natd logs the same at start):",
                     nat_common::DEFAULT_MAPPINGS
                 ),
                 memory,
