@@ -54,9 +54,16 @@ fn limits(n: u32) -> String {
     format!("[limits]\nmappings = {cap}\n")
 }
 
-fn mapping_count(topo: &Topo) -> anyhow::Result<u64> {
+/// A number `natctl status --json` reports.
+fn status_figure(topo: &Topo, field: &str) -> anyhow::Result<u64> {
     let v: serde_json::Value = serde_json::from_str(&topo.natd()?.natctl(&["status", "--json"])?)?;
-    v["mappings"].as_u64().context("natctl status: no mappings")
+    v[field]
+        .as_u64()
+        .with_context(|| format!("natctl status: no {field}"))
+}
+
+fn mapping_count(topo: &Topo) -> anyhow::Result<u64> {
+    status_figure(topo, "mappings")
 }
 
 /// Seconds one natctl command took (spawn to exit), or its error.
@@ -84,14 +91,6 @@ fn map_memory(topo: &Topo) -> anyhow::Result<Vec<(&'static str, u64)>> {
     }
     out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     Ok(out)
-}
-
-/// natd's flow table size (`natctl status`): the default it chose for this machine.
-fn flow_capacity(topo: &Topo) -> anyhow::Result<u64> {
-    let v: serde_json::Value = serde_json::from_str(&topo.natd()?.natctl(&["status", "--json"])?)?;
-    v["flow_capacity"]
-        .as_u64()
-        .context("natctl status: no flow_capacity")
 }
 
 /// The memory table and its summary line (`flows`: natd's flow table size).
@@ -128,7 +127,8 @@ pub fn section(quick: bool) -> anyhow::Result<Section> {
         (5, &[10_000, 100_000], 45.0)
     };
     let mut topo = Topo::new(Setup::Natd)?;
-    let flows = flow_capacity(&topo)?;
+    // natd's flow table size: the default it chose for this machine.
+    let flows = status_figure(&topo, "flow_capacity")?;
     let (memory, memory_line) = memory_report(&map_memory(&topo)?, flows);
     let mut t = Table::new(&[
         "operation",

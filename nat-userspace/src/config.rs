@@ -239,9 +239,9 @@ impl Config {
         Ok(n)
     }
 
-    /// Connection table size and idle timeouts (ns, by timer slot), netfilter's defaults where unset.
-    /// The flow table's size and the timeouts; without `[conntrack] size`, the size for a
-    /// machine of `mem_total` bytes ([`default_flows`]).
+    /// The flow table's size and the idle timeouts (ns, by timer slot), netfilter's timeouts
+    /// where unset; without `[conntrack] size`, the size for a machine of `mem_total` bytes
+    /// ([`default_flows`]).
     pub fn conntrack(
         &self,
         path: &Path,
@@ -303,9 +303,9 @@ pub fn flow_table_bytes(flows: u32) -> u64 {
 
 /// `[conntrack] size` when the config does not set it: [`DEFAULT_CONNTRACK_SIZE`] flows, halved
 /// (down to [`MIN_DEFAULT_FLOWS`]) while their tables would take more than a sixteenth of the
-/// machine's `mem_total` bytes, as netfilter sizes its own table by the machine's memory (a
-/// router of 1 GiB gets 65,536 flows, as netfilter's own default there); the default itself
-/// when the memory is unknown.
+/// machine's `mem_total` bytes (a router of 1 GiB gets 65,536 flows), as netfilter sizes its
+/// own table by the machine's memory (`nf_conntrack_max`: 262,144 above 4 GiB, 65,536 above
+/// 1 GiB, less below); the default itself when the memory is unknown.
 pub fn default_flows(mem_total: Option<u64>) -> u32 {
     let Some(mem) = mem_total else {
         return DEFAULT_CONNTRACK_SIZE;
@@ -333,7 +333,7 @@ mod tests {
         assert_eq!(default_flows(None), DEFAULT_CONNTRACK_SIZE);
         assert_eq!(default_flows(Some(24 * GIB)), DEFAULT_CONNTRACK_SIZE);
         assert_eq!(default_flows(Some(4 * GIB)), DEFAULT_CONNTRACK_SIZE);
-        // netfilter's own count on a router of 1 GiB, and smaller routers less.
+        // A router of 1 GiB, and smaller routers less.
         assert_eq!(default_flows(Some(GIB)), 65_536);
         assert_eq!(default_flows(Some(GIB / 2)), 32_768);
         assert_eq!(default_flows(Some(GIB / 4)), 16_384);
