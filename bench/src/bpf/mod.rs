@@ -130,16 +130,7 @@ pub fn value_size(ebpf: &Ebpf, name: &str) -> anyhow::Result<u32> {
 
 fn map_data<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a MapData> {
     let map = ebpf.map(name).with_context(|| format!("no map {name}"))?;
-    Ok(match map {
-        Map::Array(m)
-        | Map::HashMap(m)
-        | Map::LruHashMap(m)
-        | Map::PerCpuHashMap(m)
-        | Map::PerCpuArray(m)
-        | Map::LpmTrie(m)
-        | Map::DevMapHash(m) => m,
-        _ => anyhow::bail!("map {name}: unexpected type"),
-    })
+    nat_userspace::ebpf::map_data(map).with_context(|| format!("map {name}: unexpected type"))
 }
 
 /// Number of possible CPUs (the value count of per-CPU maps).

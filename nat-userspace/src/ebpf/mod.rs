@@ -308,6 +308,22 @@ pub fn all_subnets() -> Vec<(String, (std::net::Ipv4Addr, u32))> {
     .collect()
 }
 
+/// The map behind `map`, for the kinds natd's and the bench's programs declare.
+pub fn map_data(map: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::HashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::LruHashMap(d)
+        | Map::LpmTrie(d)
+        | Map::DevMapHash(d)
+        | Map::Unsupported(d) => Some(d),
+        _ => None,
+    }
+}
+
 /// The `memlock` line of the map's fdinfo: the bytes the kernel charges for it.
 pub fn memlock(map: &MapData) -> Option<u64> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -458,23 +474,10 @@ impl Dataplane {
     /// map's own account from 6.4), largest first; maps the kernel says nothing of are left
     /// out.
     pub fn memory(&self) -> Vec<(String, u64)> {
-        use aya::maps::Map;
         let mut out: Vec<(String, u64)> = self
             .ebpf
             .maps()
-            .filter_map(|(name, m)| {
-                let data = match m {
-                    Map::Array(d)
-                    | Map::PerCpuArray(d)
-                    | Map::HashMap(d)
-                    | Map::LruHashMap(d)
-                    | Map::LpmTrie(d)
-                    | Map::DevMapHash(d)
-                    | Map::Unsupported(d) => d,
-                    _ => return None,
-                };
-                Some((name.to_string(), memlock(data)?))
-            })
+            .filter_map(|(name, m)| Some((name.to_string(), memlock(map_data(m)?)?)))
             .collect();
         out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         out
