@@ -448,7 +448,8 @@ mod pod {
 }
 
 /// Value of [`crate::maps::SLOTS`]: a copy of one [`FlowEntry`] of `FLOWS` and its key, in
-/// the slot its key hashes to ([`slot_index`]), so that an established packet reads one
+/// the slot its key hashes to ([`slot_index`]) or the other of that pair ([`other_slot`]),
+/// so that an established packet reads one
 /// 128-byte, line-aligned slot instead of the hash table's bucket and then its element.
 ///
 /// The program alone writes slots, under [`Slot::seq`] (a sequence lock: odd while a CPU
@@ -477,10 +478,19 @@ impl Slot {
     /// flow's `FLOWS` entry is touched that often (the LRU sees it used), and a slot whose
     /// entry the LRU evicted anyway outlives it that long at most.
     pub const REFILL_SECS: u64 = 8;
+    /// Refresh intervals the flow in a slot must have been idle (its `seen` that old) before
+    /// another flow of the slot takes the slot over. Two, not one: a busy flow's `seen` moves
+    /// only with its first packet a whole interval after the last move, so a flow with a
+    /// packet at least once an interval shows a `seen` up to two intervals old, and with one
+    /// interval two such flows of one slot took it from each other over and over (each time
+    /// two `FLOWS` lookups and the slot rewritten).
+    pub const TAKEOVER_REFRESHES: u64 = 2;
 }
 
-/// The slot of [`crate::maps::SLOTS`] a key lives in (`mask`: the slot count minus one):
-/// splitmix64's finaliser over the key's words.
+/// The slot of [`crate::maps::SLOTS`] a key belongs in (`mask`: the slot count minus one):
+/// splitmix64's finaliser over the key's words. The key lives there or in the other slot of
+/// its pair ([`other_slot`]): two flows whose keys hash to one slot each keep a slot.
+/// (`Slot::TAKEOVER_REFRESHES` says when a third one takes one of them.)
 #[inline(always)]
 pub fn slot_index(t: &FlowTuple, mask: u32) -> u32 {
     let a = ((t.saddr as u64) << 32) | t.daddr as u64;
@@ -490,6 +500,12 @@ pub fn slot_index(t: &FlowTuple, mask: u32) -> u32 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^= x >> 31;
     (x as u32) & mask
+}
+
+/// The other slot of slot `i`'s pair (slots `2n` and `2n + 1`, one 256-byte block).
+#[inline(always)]
+pub const fn other_slot(i: u32) -> u32 {
+    i ^ 1
 }
 
 impl Slot {

@@ -249,7 +249,7 @@ pub const CONFIG: MapSpec = MapSpec {
     flags: 0,
     resize: Resize::Fixed,
 };
-/// Most slots of the one-line flow cache in front of [`FLOWS`] (a power of two; 64 MiB): the
+/// Most slots of the flow cache in front of [`FLOWS`] (a power of two; 64 MiB): the
 /// count at the default flow table size ([`slots_for`]).
 pub const SLOT_COUNT: u32 = 1 << 19;
 /// Fewest slots natd gives the flow cache.
@@ -275,7 +275,8 @@ pub const SLOT_MASK_GLOBAL: &str = "SLOT_MASK";
 /// it only where loads are not reordered with loads (x86-64): natd turns the cache off on
 /// other architectures, where every packet then takes `FLOWS`.
 pub const SLOT_CACHE_GLOBAL: &str = "SLOT_CACHE";
-/// Slot index -> [`Slot`]: a copy of a `FLOWS` entry where its key hashes to, for the
+/// Slot index -> [`Slot`]: a copy of a `FLOWS` entry where its key hashes to (or the other
+/// slot of that pair, [`crate::other_slot`]), for the
 /// established path (see [`Slot`]). Written by the program only. Sized by natd from the flow
 /// table ([`slots_for`]; its slot mask, [`SLOT_MASK_GLOBAL`], set to match).
 pub const SLOTS: MapSpec = MapSpec {

@@ -1,6 +1,7 @@
-//! The one-line flow cache in front of `FLOWS` (see [`nat_common::Slot`]): an established
-//! packet whose key sits in its slot is forwarded from a copy of the slot's entry, one
-//! 128-byte read instead of the hash table's bucket and then its element.
+//! The flow cache in front of `FLOWS` (see [`nat_common::Slot`]): an established packet
+//! whose key sits in its slot (its own, or the other of its pair) is forwarded from a copy of
+//! the slot's entry, one 128-byte read instead of the hash table's bucket and then its
+//! element.
 //!
 //! Every write to a slot holds its sequence lock (odd while written), so a reader on another
 //! CPU never uses a mix of two entries: it copies the entry and keeps the copy only if the
@@ -12,7 +13,7 @@
 use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::Global;
-use nat_common::{FlowEntry, FlowTuple, Slot, maps::SLOT_COUNT, slot_index};
+use nat_common::{FlowEntry, FlowTuple, Slot, maps::SLOT_COUNT, other_slot, slot_index};
 
 use crate::{
     SLOTS,
@@ -33,12 +34,19 @@ static SLOT_MASK: Global<u32> = Global::new(SLOT_COUNT - 1);
 #[unsafe(no_mangle)]
 static SLOT_CACHE: Global<u32> = Global::new(1);
 
+/// The index of `t`'s own slot; the other slot of its pair (`nat_common::other_slot`) may
+/// hold it instead.
 #[inline(always)]
-fn slot_of(t: &FlowTuple) -> Option<*mut Slot> {
+fn home(t: &FlowTuple) -> Option<u32> {
     if SLOT_CACHE.load() == 0 {
         return None;
     }
-    SLOTS.get_ptr_mut(slot_index(t, SLOT_MASK.load()))
+    Some(slot_index(t, SLOT_MASK.load()))
+}
+
+#[inline(always)]
+fn at(i: u32) -> Option<*mut Slot> {
+    SLOTS.get_ptr_mut(i)
 }
 
 /// The slot's sequence word (the eBPF target has 64-bit atomics only, and no atomic types:
@@ -83,6 +91,21 @@ fn holds(s: *mut Slot, t: &FlowTuple) -> bool {
     differ == 0
 }
 
+/// The slot of its pair holding `t`, and its sequence word, even, read before the key was:
+/// its own slot first, then the other one.
+#[inline(always)]
+fn locate(t: &FlowTuple) -> Option<(*mut Slot, u64)> {
+    let i = home(t)?;
+    let s = at(i)?;
+    let s1 = seq_load(s);
+    if s1 & 1 == 0 && holds(s, t) {
+        return Some((s, s1));
+    }
+    let s = at(other_slot(i))?;
+    let s1 = seq_load(s);
+    (s1 & 1 == 0 && holds(s, t)).then_some((s, s1))
+}
+
 /// Claims the slot for writing: its sequence goes from the even `s1` to odd.
 #[inline(always)]
 fn claim(s: *mut Slot, s1: u64) -> bool {
@@ -121,11 +144,7 @@ impl Copied {
 /// `FLOWS`, which refills the slot).
 #[inline(always)]
 pub fn copy(t: &FlowTuple) -> Option<Copied> {
-    let s = slot_of(t)?;
-    let s1 = seq_load(s);
-    if s1 & 1 != 0 || !holds(s, t) {
-        return None;
-    }
+    let (s, s1) = locate(t)?;
     let jps = flows::refresh_jiffies_in(flows::config());
     // SAFETY: an aligned word of a live map value.
     let filled = unsafe { core::ptr::read_volatile(filled(s)) };
@@ -192,23 +211,18 @@ fn write_back(s: *mut Slot, s1: u64, copy: &FlowEntry) {
     release(s);
 }
 
-/// Copies the `FLOWS` entry keyed `t` into its slot (after the full path's lookup forwarded
-/// a packet by it), unless a CPU is writing the slot. The slot's occupant, if another key,
-/// is merged into its own entry first.
-#[inline(always)]
+/// Copies the `FLOWS` entry keyed `t` into a slot of its pair (after the full path's lookup
+/// forwarded a packet by it), unless a CPU is writing the slot. The slot's occupant, if
+/// another key, is merged into its own entry first.
+///
+/// A function of its own, for the verifier, as [`take`].
+#[inline(never)]
 pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
-    let Some(s) = slot_of(t) else { return };
+    let Some(s) = free_slot(t) else { return };
     let s1 = seq_load(s);
     // SAFETY: a live map value.
-    let (occupant, seen) = unsafe { ((*s).key, (*s).entry.seen) };
+    let occupant = unsafe { (*s).key };
     let s1 = if occupant.proto != 0 && occupant != *t {
-        // Another flow's slot: taken over only once that flow was idle for a refresh
-        // interval, so two busy flows of one slot do not evict each other on every packet
-        // (the later one stays on `FLOWS`).
-        let cfg = flows::config();
-        if flows::jiffies().wrapping_sub(seen) < flows::refresh_jiffies_in(cfg) {
-            return;
-        }
         take(
             &occupant,
             flows::flows_entry(&occupant).unwrap_or(core::ptr::null_mut()),
@@ -235,6 +249,39 @@ pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
     release(s);
 }
 
+/// The slot of `t`'s pair to fill with `t`: one holding `t` already, else an empty one, else
+/// one whose flow was idle for `Slot::TAKEOVER_REFRESHES` refresh intervals (its own slot
+/// first each time), so that two busy flows of one pair each keep a slot and a third stays
+/// on `FLOWS` rather than evict one of them on every packet.
+#[inline(always)]
+fn free_slot(t: &FlowTuple) -> Option<*mut Slot> {
+    let i = home(t)?;
+    let (own, other) = (at(i)?, at(other_slot(i))?);
+    // SAFETY: live map values; a key torn by a writer only misleads the choice (the fill
+    // claims the slot before writing it).
+    let (k_own, k_other) = unsafe { ((*own).key, (*other).key) };
+    if k_own == *t {
+        return Some(own);
+    }
+    if k_other == *t {
+        return Some(other);
+    }
+    if k_own.proto == 0 {
+        return Some(own);
+    }
+    if k_other.proto == 0 {
+        return Some(other);
+    }
+    let idle = Slot::TAKEOVER_REFRESHES * flows::refresh_jiffies_in(flows::config());
+    let now = flows::jiffies();
+    // SAFETY: as above.
+    let (seen_own, seen_other) = unsafe { ((*own).entry.seen, (*other).entry.seen) };
+    if now.wrapping_sub(seen_own) >= idle {
+        return Some(own);
+    }
+    (now.wrapping_sub(seen_other) >= idle).then_some(other)
+}
+
 /// Empties the slot holding `t`, if one does, after merging what fast packets changed into
 /// `t`'s `FLOWS` entry `e` (null: it has none; a raw pointer, as `Option<*mut _>` would be
 /// two registers, one left unset for `None`, which the verifier refuses to read). Every
@@ -246,11 +293,10 @@ pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
 /// equal and pruned.
 #[inline(never)]
 pub fn take(t: &FlowTuple, e: *mut FlowEntry) {
-    let Some(s) = slot_of(t) else { return };
-    let s1 = seq_load(s);
+    let Some((s, s1)) = locate(t) else { return };
     // Claimed at the sequence read before the key: no write ended between them, so the key
     // read is the slot's.
-    if !holds(s, t) || !claim(s, s1) {
+    if !claim(s, s1) {
         return;
     }
     if !e.is_null() {

@@ -1,4 +1,4 @@
-//! `SLOTS`, the program's one-line flow cache (see `nat_common::Slot`), mapped into our
+//! `SLOTS`, the program's flow cache (see `nat_common::Slot`), mapped into our
 //! memory (the array is `BPF_F_MMAPABLE`): how natd, the tests and the bench read a `FLOWS`
 //! entry with what fast packets wrote to its slot merged in, without a system call per flow.
 //! The program writes slots; a reader copies a slot under its sequence lock, and natd empties
@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::maps::{MapData, MapError};
-use nat_common::{FlowEntry, FlowTuple, Slot, slot_index};
+use nat_common::{FlowEntry, FlowTuple, Slot, other_slot, slot_index};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 /// Tries at copying a slot that CPUs keep writing before its changes are left out.
@@ -77,26 +77,45 @@ impl SlotView {
         })
     }
 
-    /// The index `k`'s slot has in this array.
+    /// The index of `k`'s own slot in this array; the other slot of its pair
+    /// ([`other_slot`]) may hold `k` instead.
     pub fn index(&self, k: &FlowTuple) -> u32 {
         slot_index(k, self.mask)
     }
 
-    /// The slot `k` hashes to and its sequence word.
-    fn at(&self, k: &FlowTuple) -> (*mut Slot, &AtomicU64) {
-        // SAFETY: `index` is below the slot count; the mapping covers every slot.
-        let p = unsafe { self.base.as_ptr().add(self.index(k) as usize) };
+    /// The index of the slot of `k`'s pair that holds `k`, if one does (a plain read: a
+    /// slot being written may be missed).
+    pub fn holding(&self, k: &FlowTuple) -> Option<u32> {
+        let i = self.index(k);
+        [i, other_slot(i)].into_iter().find(|&i| {
+            let (p, _) = self.at(i);
+            // SAFETY: within the mapping; a key a writer may tear, as said above.
+            unsafe { std::ptr::read_volatile(&raw const (*p).key) == *k }
+        })
+    }
+
+    /// Slot `i` (below the slot count) and its sequence word.
+    fn at(&self, i: u32) -> (*mut Slot, &AtomicU64) {
+        // SAFETY: `i` is below the slot count (an index of `index` or its pair's other);
+        // the mapping covers every slot.
+        let p = unsafe { self.base.as_ptr().add(i as usize) };
         // SAFETY: the slot's 8-aligned sequence word, valid while the mapping is (the
         // program changes it with atomic instructions only, as we do).
         let seq = unsafe { &*(p.cast::<u8>().add(Slot::SEQ_OFFSET).cast::<AtomicU64>()) };
         (p, seq)
     }
 
-    /// Empties the slot holding `k`, if one does (natd removed `k`'s `FLOWS` entry). Returns
-    /// whether it did; `false` also when CPUs kept writing the slot, whose copy then lives
-    /// until its refill (`Slot::REFILL_SECS`) at most.
+    /// Empties the slot holding `k`, if one of its pair does (natd removed `k`'s `FLOWS`
+    /// entry). Returns whether it did; `false` also when CPUs kept writing the slot, whose
+    /// copy then lives until its refill (`Slot::REFILL_SECS`) at most.
     pub fn evict(&self, k: &FlowTuple) -> bool {
-        let (p, seq) = self.at(k);
+        let i = self.index(k);
+        self.evict_at(i, k) || self.evict_at(other_slot(i), k)
+    }
+
+    /// Empties slot `i` if it holds `k`.
+    fn evict_at(&self, i: u32, k: &FlowTuple) -> bool {
+        let (p, seq) = self.at(i);
         for _ in 0..TRIES {
             let Some(s1) = even(seq) else { continue };
             // SAFETY: within the mapping; read after the sequence word, checked by the claim.
@@ -119,9 +138,19 @@ impl SlotView {
         false
     }
 
-    /// A consistent copy of the slot `k` hashes to, or `None` if CPUs kept writing it.
+    /// A consistent copy of the slot of `k`'s pair that holds `k`, else of `k`'s own slot;
+    /// `None` if CPUs kept writing the slot.
     pub fn slot(&self, k: &FlowTuple) -> Option<Slot> {
-        let (p, seq) = self.at(k);
+        let i = self.index(k);
+        match self.copy_at(other_slot(i)) {
+            Some(s) if s.key == *k => Some(s),
+            _ => self.copy_at(i),
+        }
+    }
+
+    /// A consistent copy of slot `i`, or `None` if CPUs kept writing it.
+    fn copy_at(&self, i: u32) -> Option<Slot> {
+        let (p, seq) = self.at(i);
         for _ in 0..TRIES {
             let Some(s1) = even(seq) else { continue };
             // SAFETY: within the mapping; a copy a writer may tear, which the sequence
@@ -159,7 +188,7 @@ impl Drop for SlotView {
 #[cfg(test)]
 mod tests {
     use aya::maps::{Array, HashMap};
-    use nat_common::{ENTRY_ORIG, ENTRY_SEQ, MAP_FLOWS, MAP_SLOTS, proto};
+    use nat_common::{ENTRY_ORIG, ENTRY_SEQ, MAP_FLOWS, MAP_SLOTS, other_slot, proto};
 
     use super::*;
     use crate::ebpf::{Dataplane, Sizes};
@@ -229,6 +258,75 @@ mod tests {
             left.key,
             FlowTuple::default(),
             "the removed flow's slot still holds it"
+        );
+    }
+
+    /// A flow the program put in the other slot of its pair (its own held another busy
+    /// flow) is read merged and emptied alike, and the flow in its own slot is left there.
+    #[test]
+    fn natd_finds_a_flow_in_the_other_slot_of_its_pair() {
+        let sizes = Sizes {
+            flows: 1024,
+            mappings: 256,
+        };
+        let mut dp = Dataplane::load(sizes).unwrap_or_else(|e| panic!("{}", crate::report(&e)));
+        let (k, r, other) = (tuple(1), tuple(1001), tuple(2));
+        let orig = FlowEntry {
+            flags: ENTRY_ORIG,
+            last_seen: 100,
+            peer: r,
+            ..FlowEntry::default()
+        };
+        {
+            let mut m: HashMap<_, FlowTuple, FlowEntry> =
+                HashMap::try_from(dp.map(MAP_FLOWS).unwrap()).unwrap();
+            m.insert(k, orig, 0).unwrap();
+            m.insert(
+                r,
+                FlowEntry {
+                    peer: k,
+                    ..FlowEntry::default()
+                },
+                0,
+            )
+            .unwrap();
+        }
+        let view = dp.slot_view().unwrap();
+        let own = view.index(&k);
+        let pair = other_slot(own);
+        {
+            let mut slots: Array<_, Slot> = Array::try_from(dp.map(MAP_SLOTS).unwrap()).unwrap();
+            // k's own slot holds another flow; k sits in the other slot of the pair.
+            slots
+                .set(
+                    own,
+                    Slot {
+                        key: other,
+                        entry: orig,
+                    },
+                    0,
+                )
+                .unwrap();
+            let entry = FlowEntry {
+                last_seen: 900,
+                ..orig
+            };
+            slots.set(pair, Slot { key: k, entry }, 0).unwrap();
+        }
+        assert_eq!(view.holding(&k), Some(pair));
+        let e = dp.flow_entry(&k).unwrap().expect("the flow's entry");
+        assert_eq!(e.last_seen, 900, "the other slot's last-seen time");
+        assert_eq!(dp.remove_flows(|_| true).unwrap(), (1, 1));
+        assert_eq!(
+            view.holding(&k),
+            None,
+            "the removed flow's slot still holds it"
+        );
+        let slots: Array<_, Slot> = Array::try_from(dp.map(MAP_SLOTS).unwrap()).unwrap();
+        assert_eq!(
+            slots.get(&own, 0).unwrap().key,
+            other,
+            "the flow in the own slot lost it"
         );
     }
 }

@@ -146,10 +146,8 @@ pub fn read_entries(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<FlowTuple, (Flow
 /// Empties the slot holding `k`, if one does (a test writing or removing `k`'s entry: the
 /// program never sees a slot outlive its entry's change).
 fn drop_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<()> {
-    let i = slot_view(ebpf)?.index(k);
-    let mut slots = slots(ebpf)?;
-    if slots.get(&i, 0)?.key == *k {
-        slots.set(i, Slot::default(), 0)?;
+    if let Some(i) = slot_view(ebpf)?.holding(k) {
+        slots(ebpf)?.set(i, Slot::default(), 0)?;
     }
     Ok(())
 }
@@ -196,7 +194,8 @@ pub fn slot_hits(ebpf: &Ebpf) -> anyhow::Result<u64> {
     Ok(m.get(&(Event::SlotHit as u32), 0)?.iter().sum())
 }
 
-/// The key held by the slot `k` hashes to (`proto` 0: empty).
+/// The key held by the slot of `k`'s pair that holds `k`, else by `k`'s own slot (`proto`
+/// 0: empty).
 pub fn slot_key(ebpf: &Ebpf, k: &FlowTuple) -> anyhow::Result<FlowTuple> {
     slot_view(ebpf)?
         .slot(k)
@@ -208,12 +207,11 @@ pub fn slot_key(ebpf: &Ebpf, k: &FlowTuple) -> anyhow::Result<FlowTuple> {
 /// and refills it: half the jiffies clock's range away (the tests' second is `u32::MAX`
 /// jiffies, so that nothing is refreshed by time). Returns whether a slot held `k`.
 pub fn age_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<bool> {
-    let i = slot_view(ebpf)?.index(k);
+    let Some(i) = slot_view(ebpf)?.holding(k) else {
+        return Ok(false);
+    };
     let mut slots = slots(ebpf)?;
     let s = slots.get(&i, 0)?;
-    if s.key != *k {
-        return Ok(false);
-    }
     let mut bytes = [0u8; size_of::<Slot>()];
     // SAFETY: `Slot` is plain `#[repr(C)]` data of exactly this size.
     unsafe { std::ptr::write_unaligned(bytes.as_mut_ptr().cast::<Slot>(), s) };
@@ -225,16 +223,16 @@ pub fn age_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Makes the flow whose key the slot of `k` holds look idle for longer than a refresh
-/// interval (its `seen` pushed 2^40 jiffies back; the tests' interval is `u32::MAX`), so
-/// that another flow of the slot may take it over. Returns whether a slot held `k`.
+/// Makes the flow `k` in its slot look idle for longer than `Slot::TAKEOVER_REFRESHES`
+/// refresh intervals (its `seen` pushed 2^40 jiffies back; the tests' interval is
+/// `u32::MAX`), so that another flow of the pair may take the slot over. Returns whether a
+/// slot held `k`.
 pub fn idle_slot(ebpf: &mut Ebpf, k: &FlowTuple) -> anyhow::Result<bool> {
-    let i = slot_view(ebpf)?.index(k);
+    let Some(i) = slot_view(ebpf)?.holding(k) else {
+        return Ok(false);
+    };
     let mut slots = slots(ebpf)?;
     let mut s = slots.get(&i, 0)?;
-    if s.key != *k {
-        return Ok(false);
-    }
     s.entry.seen = s.entry.seen.wrapping_sub(1 << 40);
     slots.set(i, s, 0)?;
     Ok(true)

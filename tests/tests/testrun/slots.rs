@@ -1,7 +1,8 @@
-//! The flow cache (`SLOTS`, see `nat_common::Slot`) with the tests' 16 slots: an established
-//! flow's packets are served from its slot; two flows sharing a slot are translated as the
-//! model says (which knows no cache) while one of them holds it, and once it is idle the other
-//! takes the slot over with the first's segment notes kept in `FLOWS`; a slot past its refill time
+//! The flow cache (`SLOTS`, see `nat_common::Slot`) with the tests' 16 slots (8 pairs): an
+//! established flow's packets are served from its slot; three flows sharing a pair of slots
+//! are translated as the model says (which knows no cache) while two of them hold the slots,
+//! and once one is idle the third takes its slot over with the first's segment notes kept in
+//! `FLOWS`; a slot past its refill time
 //! sends its next packet to `FLOWS`, which refills it; with the cache off (as natd loads the
 //! program off x86-64), the same packets are forwarded alike from `FLOWS`. Every frame is also
 //! compared with the model, and the flow table read merged with the slots (as natd reads it)
@@ -97,12 +98,49 @@ fn assert_fast(o: &Outcome, name: &str) {
     );
 }
 
-/// The first source port from `from` whose flow's two keys are in different slots.
+/// The pair of slots a key may live in (its own slot and the other of its pair).
+fn pair(k: &FlowTuple) -> u32 {
+    Harness::slot_index(k) / 2
+}
+
+/// The first source port from `from` whose flow's two keys are in different pairs of slots.
 fn apart(from: u16) -> Flow {
     (from..)
         .map(flow)
-        .find(|f| Harness::slot_index(&f.out) != Harness::slot_index(&f.reply))
+        .find(|f| pair(&f.out) != pair(&f.reply))
         .expect("some port")
+}
+
+/// The first `N` flows from source port `from` on whose outgoing keys share one pair of
+/// slots, each with its reply key in another pair (`by`: a flow's outgoing and reply keys).
+fn sharing<F, const N: usize>(
+    from: u16,
+    make: impl Fn(u16) -> F,
+    by: impl Fn(&F) -> (FlowTuple, FlowTuple),
+) -> [F; N] {
+    let first = (from..)
+        .map(&make)
+        .find(|f| {
+            let (o, r) = by(f);
+            pair(&o) != pair(&r)
+        })
+        .expect("some port");
+    let (o, _) = by(&first);
+    let shared = pair(&o);
+    let mut found = vec![first];
+    let mut sport = from;
+    while found.len() < N {
+        sport += 1;
+        let f = make(sport);
+        let (o, r) = by(&f);
+        if pair(&o) == shared && pair(&r) != shared && found.iter().all(|g| by(g).0 != o) {
+            found.push(f);
+        }
+    }
+    match found.try_into() {
+        Ok(all) => all,
+        Err(_) => unreachable!("N flows found"),
+    }
 }
 
 #[test]
@@ -125,38 +163,36 @@ fn an_established_flow_is_served_from_its_slot() {
 }
 
 #[test]
-fn flows_sharing_a_slot_are_translated_alike_and_the_busy_one_keeps_it() {
+fn flows_sharing_a_pair_of_slots_are_translated_alike_and_the_busy_ones_keep_them() {
     let h = open_harness();
-    let a = apart(5353);
-    let slot = Harness::slot_index(&a.out);
-    let b = (a.sport + 1..)
-        .map(flow)
-        .find(|f| {
-            Harness::slot_index(&f.out) == slot
-                && Harness::slot_index(&f.reply) != slot
-                && Harness::slot_index(&f.reply) != Harness::slot_index(&a.reply)
-        })
-        .expect("some port");
+    let [a, c, b] = sharing(5353, flow, |f| (f.out, f.reply));
     warm_up(&h, &a);
-    out(&h, &a, "a fills the slot");
+    out(&h, &a, "a fills a slot");
+    warm_up(&h, &c);
+    out(&h, &c, "c fills the other slot");
     warm_up(&h, &b);
     let before = h.slot_hits().expect("EVENTS");
     const N: u64 = 10;
     for i in 0..N {
         assert_fast(&out(&h, &a, &format!("a {i}")), "a");
+        assert_fast(&out(&h, &c, &format!("c {i}")), "c");
         assert_fast(&out(&h, &b, &format!("b {i}")), "b");
     }
     let hits = h.slot_hits().expect("EVENTS") - before;
-    // A holds the slot from its warm-up on: a slot is taken over only from a flow idle for a
-    // second, and the tests' second is `u32::MAX` jiffies. B stays on `FLOWS`.
+    // A and C hold the pair's slots from their warm-ups on: a slot is taken over only from
+    // a flow idle for `Slot::TAKEOVER_REFRESHES` seconds, and the tests' second is
+    // `u32::MAX` jiffies. B stays on `FLOWS`.
     assert_eq!(
         hits,
-        N,
-        "{} packets of two flows in one slot, {hits} served from it",
-        2 * N
+        2 * N,
+        "{} packets of three flows in one pair of slots, {hits} served from them",
+        3 * N
     );
     assert_eq!(h.slot_key(&a.out).expect("SLOTS"), a.out);
+    assert_eq!(h.slot_key(&c.out).expect("SLOTS"), c.out);
+    assert_ne!(h.slot_key(&b.out).expect("SLOTS"), b.out, "b has a slot");
 }
+
 #[test]
 fn a_slot_past_its_refill_time_is_refilled_from_flows() {
     let h = open_harness();
@@ -274,29 +310,25 @@ impl Tcp {
 #[test]
 fn an_idle_flows_slot_is_taken_over_and_its_segment_notes_stay_with_its_flow() {
     let h = open_harness();
-    let mut a = (40000..)
-        .map(Tcp::new)
-        .find(|f| Harness::slot_index(&f.out) != Harness::slot_index(&f.reply))
-        .expect("some port");
-    let slot = Harness::slot_index(&a.out);
-    let mut b = (a.sport + 1..)
-        .map(Tcp::new)
-        .find(|f| {
-            Harness::slot_index(&f.out) == slot
-                && Harness::slot_index(&f.reply) != slot
-                && Harness::slot_index(&f.reply) != Harness::slot_index(&a.reply)
-        })
-        .expect("some port");
+    let [mut a, mut c, mut b] = sharing(40000, Tcp::new, |f| (f.out, f.reply));
     a.open(&h);
     // The first segment fills A's slot; the next ones are noted there only (the tables are
     // compared with the model merged with the slots after each).
     a.send(&h, 4, "a");
     assert_eq!(h.slot_key(&a.out).expect("SLOTS"), a.out);
+    c.open(&h);
+    c.send(&h, 2, "c fills the other slot");
+    assert_eq!(h.slot_key(&c.out).expect("SLOTS"), c.out);
     b.open(&h);
-    b.send(&h, 2, "b while a is busy");
+    b.send(&h, 2, "b while a and c are busy");
     assert_eq!(
         h.slot_key(&a.out).expect("SLOTS"),
         a.out,
+        "a busy flow lost its slot"
+    );
+    assert_eq!(
+        h.slot_key(&c.out).expect("SLOTS"),
+        c.out,
         "a busy flow lost its slot"
     );
 
@@ -312,6 +344,11 @@ fn an_idle_flows_slot_is_taken_over_and_its_segment_notes_stay_with_its_flow() {
     );
     b.send(&h, 3, "b from its slot");
     assert_eq!(h.slot_hits().expect("EVENTS") - before, 3);
+    assert_eq!(
+        h.slot_key(&c.out).expect("SLOTS"),
+        c.out,
+        "the busy flow lost its slot"
+    );
     // A's next segment finds its flow whole in `FLOWS` (its window notes as it left them).
     a.send(&h, 1, "a after losing its slot");
 }
