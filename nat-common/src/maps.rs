@@ -9,7 +9,7 @@ use crate::flow::{FlowEntry, FlowTuple, Slot};
 
 /// Version of this layout, stamped in the pins (`META`): bumped whenever a key, a value or the
 /// meaning of a field changes, so a natd never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Kernel map types (`enum bpf_map_type`) the program uses.
 #[repr(u32)]

@@ -8,10 +8,15 @@
 //! The layouts, and what each bump changed:
 //! - 2 -> 3: `FLOWS` and `PENDING` values gained the TCP window fields (`seq_end`,
 //!   `max_ack`): entries converted ([`FlowEntryV2`]).
-//! - 3 -> 4: `SLOTS` added (the one-line flow cache in front of `FLOWS`, written by the
+//! - 3 -> 4: `SLOTS` added (the flow cache in front of `FLOWS`, written by the
 //!   program only: created empty, its slots fill as packets come); `EVENTS` one counter longer
 //!   (`slot_hit`, appended), which its [`nat_common::maps::Resize::Counters`] migration
 //!   re-creates with the pinned counts carried over, as for any build with other events.
+//! - 4 -> 5: a key may live in the other slot of its pair in `SLOTS` (`nat_common::other_slot`).
+//!   Nothing to convert: a layout-4 program fills only a key's own slot, which this layout
+//!   reads first. The bump keeps a layout-4 natd from adopting this layout's pins: its
+//!   program would never empty a key's copy in the other slot, which this layout's program
+//!   would later merge into `FLOWS` over the newer state.
 //!
 //! Adding a bump: describe the old values here (a `#[repr(C)]` struct with a size assertion and
 //! a conversion to the new one), add a [`Convert`] variant read by
@@ -82,6 +87,11 @@ pub const EARLIER: &[Earlier] = &[
         version: 3,
         changed: &[],
         added: &[MAP_SLOTS],
+    },
+    Earlier {
+        version: 4,
+        changed: &[],
+        added: &[],
     },
 ];
 

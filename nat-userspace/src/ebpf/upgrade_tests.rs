@@ -388,6 +388,31 @@ fn put_in_slot(pins: &TmpPins, count: u32, t: &FlowTuple, e: FlowEntry) {
         .unwrap();
 }
 
+/// Layout 4's pins (each key in its own slot only) are adopted as they are, the slots with
+/// them, and stamped with this layout.
+#[test]
+fn layout_4_pins_are_adopted_with_their_slots() {
+    let pins = TmpPins::new("layout4");
+    let mut dp = pins.open(16, 8).unwrap();
+    insert_flow(&mut dp, 1);
+    let flows = flow_table(&mut dp, MAP_FLOWS);
+    drop(dp);
+    let mut e = flows[&tuple(1)];
+    e.last_seen = 5000;
+    put_in_slot(&pins, spec::slots_for(16), &tuple(1), e);
+    set_layout_version(&pins, 4);
+
+    let mut dp = pins.open(16, 8).unwrap();
+    assert!(dp.adopted());
+    assert_eq!(layout_version(&pins), spec::LAYOUT_VERSION);
+    assert_eq!(pinned_slots(&pins), slots_as_wanted(16));
+    assert_eq!(
+        dp.flow_entry(&tuple(1)).unwrap().map(|e| e.last_seen),
+        Some(5000),
+        "the slot's last-seen time"
+    );
+}
+
 #[test]
 fn the_flow_cache_is_sized_by_the_flow_table_and_kept_at_its_pinned_size() {
     let pins = TmpPins::new("slots");
