@@ -479,11 +479,11 @@ impl Slot {
     /// entry the LRU evicted anyway outlives it that long at most.
     pub const REFILL_SECS: u64 = 8;
     /// Refresh intervals the flow in a slot must have been idle (its `seen` that old) before
-    /// another flow of the slot takes the slot over. Two, not one: a busy flow's `seen` moves
+    /// another flow of the pair takes the slot over. Two, not one: a busy flow's `seen` moves
     /// only with its first packet a whole interval after the last move, so a flow with a
-    /// packet at least once an interval shows a `seen` up to two intervals old, and with one
-    /// interval two such flows of one slot took it from each other over and over (each time
-    /// two `FLOWS` lookups and the slot rewritten).
+    /// packet at least once an interval shows a `seen` up to two intervals old; with one
+    /// interval, such flows could take a slot from each other again and again (each time two
+    /// `FLOWS` lookups and the slot rewritten).
     pub const TAKEOVER_REFRESHES: u64 = 2;
 }
 

@@ -197,11 +197,9 @@ mod tests {
         FlowTuple::new(1, 2, n, 80, proto::TCP)
     }
 
-    /// natd (its collector, `conntrack list`, the keep-alive of `--policy kernel`) reads what
-    /// fast packets wrote to a slot, and a flow it removes leaves no copy in a slot. Loads
-    /// the program's maps: needs root, as the other kernel tests of this crate.
-    #[test]
-    fn natd_reads_flows_merged_with_their_slots_and_empties_the_slots_of_flows_it_removes() {
+    /// The program's maps, loaded, with one flow in `FLOWS`: its original key and entry
+    /// (last seen at 100; its reply entry at 50).
+    fn one_flow() -> (Dataplane, FlowTuple, FlowEntry) {
         let sizes = Sizes {
             flows: 1024,
             mappings: 256,
@@ -225,6 +223,15 @@ mod tests {
             m.insert(k, orig, 0).unwrap();
             m.insert(r, reply, 0).unwrap();
         }
+        (dp, k, orig)
+    }
+
+    /// natd (its collector, `conntrack list`, the keep-alive of `--policy kernel`) reads what
+    /// fast packets wrote to a slot, and a flow it removes leaves no copy in a slot. Loads
+    /// the program's maps: needs root, as the other kernel tests of this crate.
+    #[test]
+    fn natd_reads_flows_merged_with_their_slots_and_empties_the_slots_of_flows_it_removes() {
+        let (mut dp, k, orig) = one_flow();
         // What fast packets of the original direction left in its slot: a later packet and
         // a noted segment.
         let slot = Slot {
@@ -265,32 +272,8 @@ mod tests {
     /// flow) is read merged and emptied alike, and the flow in its own slot is left there.
     #[test]
     fn natd_finds_a_flow_in_the_other_slot_of_its_pair() {
-        let sizes = Sizes {
-            flows: 1024,
-            mappings: 256,
-        };
-        let mut dp = Dataplane::load(sizes).unwrap_or_else(|e| panic!("{}", crate::report(&e)));
-        let (k, r, other) = (tuple(1), tuple(1001), tuple(2));
-        let orig = FlowEntry {
-            flags: ENTRY_ORIG,
-            last_seen: 100,
-            peer: r,
-            ..FlowEntry::default()
-        };
-        {
-            let mut m: HashMap<_, FlowTuple, FlowEntry> =
-                HashMap::try_from(dp.map(MAP_FLOWS).unwrap()).unwrap();
-            m.insert(k, orig, 0).unwrap();
-            m.insert(
-                r,
-                FlowEntry {
-                    peer: k,
-                    ..FlowEntry::default()
-                },
-                0,
-            )
-            .unwrap();
-        }
+        let (mut dp, k, orig) = one_flow();
+        let other = tuple(2);
         let view = dp.slot_view().unwrap();
         let own = view.index(&k);
         let pair = other_slot(own);

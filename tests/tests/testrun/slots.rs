@@ -111,7 +111,7 @@ fn apart(from: u16) -> Flow {
         .expect("some port")
 }
 
-/// The first `N` flows from source port `from` on whose outgoing keys share one pair of
+/// The first `N` flows from source port `from` whose outgoing keys share one pair of
 /// slots, each with its reply key in another pair (`by`: a flow's outgoing and reply keys).
 fn sharing<F, const N: usize>(
     from: u16,
