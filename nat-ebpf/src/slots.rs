@@ -44,11 +44,6 @@ fn home(t: &FlowTuple) -> Option<u32> {
     Some(slot_index(t, SLOT_MASK.load()))
 }
 
-#[inline(always)]
-fn at(i: u32) -> Option<*mut Slot> {
-    SLOTS.get_ptr_mut(i)
-}
-
 /// The slot's sequence word (the eBPF target has 64-bit atomics only, and no atomic types:
 /// the intrinsics are what its `lock` instructions are reached by).
 #[inline(always)]
@@ -96,12 +91,12 @@ fn holds(s: *mut Slot, t: &FlowTuple) -> bool {
 #[inline(always)]
 fn locate(t: &FlowTuple) -> Option<(*mut Slot, u64)> {
     let i = home(t)?;
-    let s = at(i)?;
+    let s = SLOTS.get_ptr_mut(i)?;
     let s1 = seq_load(s);
     if s1 & 1 == 0 && holds(s, t) {
         return Some((s, s1));
     }
-    let s = at(other_slot(i))?;
+    let s = SLOTS.get_ptr_mut(other_slot(i))?;
     let s1 = seq_load(s);
     (s1 & 1 == 0 && holds(s, t)).then_some((s, s1))
 }
@@ -256,7 +251,7 @@ pub fn fill(t: &FlowTuple, e: *mut FlowEntry) {
 #[inline(always)]
 fn free_slot(t: &FlowTuple) -> Option<*mut Slot> {
     let i = home(t)?;
-    let (own, other) = (at(i)?, at(other_slot(i))?);
+    let (own, other) = (SLOTS.get_ptr_mut(i)?, SLOTS.get_ptr_mut(other_slot(i))?);
     // SAFETY: live map values; a key torn by a writer only misleads the choice (the fill
     // claims the slot before writing it).
     let (k_own, k_other) = unsafe { ((*own).key, (*other).key) };

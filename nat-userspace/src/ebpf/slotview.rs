@@ -83,11 +83,16 @@ impl SlotView {
         slot_index(k, self.mask)
     }
 
+    /// The slots `k` may live in: its own, then the other of its pair.
+    fn pair(&self, k: &FlowTuple) -> [u32; 2] {
+        let i = self.index(k);
+        [i, other_slot(i)]
+    }
+
     /// The index of the slot of `k`'s pair that holds `k`, if one does (a plain read: a
     /// slot being written may be missed).
     pub fn holding(&self, k: &FlowTuple) -> Option<u32> {
-        let i = self.index(k);
-        [i, other_slot(i)].into_iter().find(|&i| {
+        self.pair(k).into_iter().find(|&i| {
             let (p, _) = self.at(i);
             // SAFETY: within the mapping; a key a writer may tear, as said above.
             unsafe { std::ptr::read_volatile(&raw const (*p).key) == *k }
@@ -96,7 +101,7 @@ impl SlotView {
 
     /// Slot `i` (below the slot count) and its sequence word.
     fn at(&self, i: u32) -> (*mut Slot, &AtomicU64) {
-        // SAFETY: `i` is below the slot count (an index of `index` or its pair's other);
+        // SAFETY: `i` is below the slot count (an index of `pair`);
         // the mapping covers every slot.
         let p = unsafe { self.base.as_ptr().add(i as usize) };
         // SAFETY: the slot's 8-aligned sequence word, valid while the mapping is (the
@@ -109,8 +114,7 @@ impl SlotView {
     /// entry). Returns whether it did; `false` also when CPUs kept writing the slot, whose
     /// copy then lives until its refill (`Slot::REFILL_SECS`) at most.
     pub fn evict(&self, k: &FlowTuple) -> bool {
-        let i = self.index(k);
-        self.evict_at(i, k) || self.evict_at(other_slot(i), k)
+        self.pair(k).into_iter().any(|i| self.evict_at(i, k))
     }
 
     /// Empties slot `i` if it holds `k`.
@@ -141,10 +145,14 @@ impl SlotView {
     /// A consistent copy of the slot of `k`'s pair that holds `k`, else of `k`'s own slot;
     /// `None` if CPUs kept writing the slot.
     pub fn slot(&self, k: &FlowTuple) -> Option<Slot> {
-        let i = self.index(k);
-        match self.copy_at(other_slot(i)) {
+        let [own, other] = self.pair(k);
+        let first = self.copy_at(own);
+        if first.is_some_and(|s| s.key == *k) {
+            return first;
+        }
+        match self.copy_at(other) {
             Some(s) if s.key == *k => Some(s),
-            _ => self.copy_at(i),
+            _ => first,
         }
     }
 
