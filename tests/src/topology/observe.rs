@@ -1,7 +1,8 @@
 //! What the ends of the topology observe: UDP and TCP exchanges whose sockets record the peer
 //! address each side saw, a raw ICMP socket recording the addresses of ICMP packets a namespace
 //! received (and sending single echo requests), and `ping`'s own account. Every wait is
-//! bounded; nothing here sleeps to let something happen.
+//! bounded; nothing here sleeps to let something happen (a bind waits for its port, see
+//! [`udp_bind`]).
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
@@ -34,10 +35,22 @@ pub struct UdpSeen {
     pub client_len: usize,
 }
 
-/// Binds a UDP socket to `addr` in `ns`.
+/// Binds a UDP socket to `addr` in `ns`. A port a test's socket just closed may still be held
+/// for a moment: a child process another test's thread forked keeps a copy of every
+/// descriptor until its exec closes them (the tests run in parallel threads of one process).
+/// So `EADDRINUSE` is tried again, every 10 ms for [`ARRIVAL`] at most.
 pub fn udp_bind(ns: &Netns, addr: SocketAddrV4) -> anyhow::Result<UdpSocket> {
-    ns.run(|| UdpSocket::bind(addr))?
-        .with_context(|| format!("binding UDP {addr} in {}", ns.name()))
+    let start = Instant::now();
+    loop {
+        match ns.run(|| UdpSocket::bind(addr))? {
+            Err(e) if e.kind() == ErrorKind::AddrInUse && start.elapsed() < ARRIVAL => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            bound => {
+                return bound.with_context(|| format!("binding UDP {addr} in {}", ns.name()));
+            }
+        }
+    }
 }
 
 /// A fresh UDP socket in `client_ns` sends `len` bytes to `target`; a socket bound to `listen`
